@@ -1,0 +1,18 @@
+//! flowipc: zero-copy messaging between processes on one Linux machine.
+//!
+//! The Rust answer to Flow-IPC: Cap'n Proto messages whose segments live in a shared-memory arena
+//! that sender and receiver both map, so sending a 1 GiB message costs what a 1 KiB one does.
+//!
+//! Layers, bottom up (each knows nothing of the ones above):
+//! * [`shm`]: memfd pools, the lock-free cross-process allocator, ref-counted handles.
+//! * transport, structured messages and sessions arrive in later releases.
+//!
+//! `unsafe` code lives only in [`shm`] and in the crate-private syscall module.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs, missing_debug_implementations)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod shm;
+mod sync;
+#[cfg(not(flowipc_loom))]
+pub mod sys;

@@ -1,0 +1,344 @@
+//! The lock-free allocator inside one pool.
+//!
+//! * **Small requests** (block ≤ 64 KiB + 16) go to one of [`NUM_CLASSES`] size classes. Each
+//!   class has a tagged free list. When it is empty, a *span* of pages is taken from the page
+//!   allocator, carved into blocks, and all but one are pushed with a single CAS.
+//! * **Large requests** get an extent of exactly `ceil((size + 16) / 4096)` pages. Freed extents go
+//!   to one of [`NUM_BUCKETS`] free lists by `floor(log2(pages))`; a request pops from its own
+//!   bucket (if the head fits) or from any larger one (which always fits) and splits off the
+//!   excess as a new free extent. Only then is fresh space taken from the bump pointer.
+//! * Extents are not coalesced: two adjacent free 256 MiB extents do not serve a 512 MiB
+//!   request (the arena adds a pool instead). Lock-free coalescing would need a lock-free
+//!   ordered structure; the simple policy is predictable and crash-safe.
+//! * **Zeroing.** Fresh memfd pages are zero. A block carries a CLEAN flag meaning "payload all
+//!   zero": it is set on fresh space, on a free that zeroed what it wrote
+//!   ([`Block::release_zeroed_prefix`](super::Block::release_zeroed_prefix): capnp knows how many
+//!   words it wrote), and on a trimmed extent. A zeroed allocation clears the payload only when
+//!   the block is not clean.
+//! * **Statistics** are counted before a block is taken and after it is given back, so a process
+//!   killed in between makes them over-count (a visible leak), never under-count.
+
+use super::error::{Error, Result};
+use super::layout::*;
+use super::lockfree::{pop, push, push_chain, Words};
+use super::pool::Pool;
+use crate::sync::Ordering;
+
+/// Where a block came from, as the allocator hands it out.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Grant {
+    /// Block offset (its header); the payload is at `off + BLOCK_HDR`.
+    pub(crate) off: u64,
+    /// Usable payload bytes (the class or extent size less the header).
+    pub(crate) capacity: u64,
+    /// Payload known to be all zeros.
+    pub(crate) clean: bool,
+    /// Generation of this life of the block.
+    pub(crate) generation: u32,
+}
+
+impl Pool {
+    /// Allocates a block with `size` payload bytes, or `Ok(None)` if this pool has no room.
+    /// `flags` (e.g. [`FLAG_HANDLE`]) are recorded in the block's info word.
+    pub(crate) fn alloc_block(&self, size: usize, flags: u64) -> Result<Option<Grant>> {
+        match class_for(size) {
+            Some(c) => self.alloc_small(c, flags),
+            None => self.alloc_large(size, flags),
+        }
+    }
+
+    fn alloc_small(&self, c: usize, flags: u64) -> Result<Option<Grant>> {
+        let cs = &self.hdr().classes[c].0;
+        cs.in_use.fetch_add(1, Ordering::Relaxed);
+        let off = match pop(self, &cs.head) {
+            Some(off) => {
+                if !self.is_heap_block(off) {
+                    cs.in_use.fetch_sub(1, Ordering::Relaxed);
+                    return Err(Error::Corrupt("free list holds an offset outside the heap"));
+                }
+                off
+            }
+            None => match self.refill(c) {
+                Ok(Some(off)) => off,
+                other => {
+                    cs.in_use.fetch_sub(1, Ordering::Relaxed);
+                    return other.map(|_| None);
+                }
+            },
+        };
+        Ok(Some(self.take(off, c as u64, CLASS_SIZES[c] as u64, flags)))
+    }
+
+    /// Marks a block we own as allocated and describes it.
+    fn take(&self, off: u64, class: u64, block: u64, flags: u64) -> Grant {
+        let info = self.word(off);
+        let old = info.load(Ordering::Relaxed);
+        let generation = info_generation(old);
+        info.store(
+            super::layout::info(STATE_ALLOC, class, flags, generation),
+            Ordering::Relaxed,
+        );
+        Grant {
+            off,
+            capacity: block - BLOCK_HDR,
+            clean: old & FLAG_CLEAN != 0,
+            generation,
+        }
+    }
+
+    fn is_heap_block(&self, off: u64) -> bool {
+        off >= self.heap_off() && off % 16 == 0 && off + BLOCK_HDR <= self.capacity()
+    }
+
+    /// Takes a span for class `c`: returns its first block (ours) and frees the others.
+    fn refill(&self, c: usize) -> Result<Option<u64>> {
+        let pages = span_pages(c);
+        let Some((span, clean)) = self.alloc_pages(pages)? else {
+            return Ok(None);
+        };
+        let first_page = (span - self.heap_off()) / PAGE;
+        for i in 0..pages {
+            self.page_entry(first_page + i)
+                .store(pm_small(c as u64, i), Ordering::Relaxed);
+        }
+        let size = CLASS_SIZES[c] as u64;
+        let n = pages * PAGE / size;
+        let free_info = info(STATE_FREE, c as u64, if clean { FLAG_CLEAN } else { 0 }, 0);
+        for i in 0..n {
+            let b = span + i * size;
+            self.word(b).store(free_info, Ordering::Relaxed);
+            let next = if i + 1 < n { b + size } else { 0 };
+            self.word(b + super::lockfree::LINK)
+                .store(next, Ordering::Relaxed);
+        }
+        if n > 1 {
+            let head = &self.hdr().classes[c].0.head;
+            push_chain(self, head, span + size, span + (n - 1) * size);
+        }
+        Ok(Some(span))
+    }
+
+    /// Takes `n` contiguous pages: from a free extent (split to size) or from fresh space.
+    /// Returns the offset and whether the pages are known to be zero.
+    fn alloc_pages(&self, n: u64) -> Result<Option<(u64, bool)>> {
+        let h = self.hdr();
+        let b0 = bucket_of(n);
+        if let Some(off) = pop(self, &h.buckets[b0]) {
+            let pages = self.extent_pages(off)?;
+            if pages >= n {
+                return Ok(Some(self.split(off, pages, n)));
+            }
+            push(self, &h.buckets[b0], off);
+        }
+        for b in b0 + 1..NUM_BUCKETS {
+            if h.buckets[b].load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            if let Some(off) = pop(self, &h.buckets[b]) {
+                let pages = self.extent_pages(off)?;
+                if pages < n {
+                    return Err(Error::Corrupt("extent smaller than its bucket"));
+                }
+                return Ok(Some(self.split(off, pages, n)));
+            }
+        }
+        let bump = &h.bump.0;
+        let mut cur = bump.load(Ordering::Relaxed);
+        loop {
+            let end = match cur.checked_add(n * PAGE) {
+                Some(end) if end <= self.capacity() => end,
+                _ => return Ok(None),
+            };
+            match bump.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
+                // Fresh memfd pages read as zero, and nobody has touched these yet.
+                Ok(_) => return Ok(Some((cur, true))),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Length in pages of the free extent at `off` (validated: a popped offset is untrusted).
+    fn extent_pages(&self, off: u64) -> Result<u64> {
+        if !self.is_heap_block(off) || (off - self.heap_off()) % PAGE != 0 {
+            return Err(Error::Corrupt("extent list holds a bad offset"));
+        }
+        let page = (off - self.heap_off()) / PAGE;
+        let e = self.page_entry(page).load(Ordering::Relaxed);
+        let pages = pm_value(e);
+        if pm_kind(e) != PM_LARGE || pages == 0 || page + pages > self.heap_pages() {
+            return Err(Error::Corrupt("extent page-map entry is bad"));
+        }
+        Ok(pages)
+    }
+
+    /// Keeps the first `n` of `pages` pages of the free extent at `off` (ours) and frees the rest
+    /// as a new extent.
+    fn split(&self, off: u64, pages: u64, n: u64) -> (u64, bool) {
+        let clean = self.word(off).load(Ordering::Relaxed) & FLAG_CLEAN != 0;
+        if pages > n {
+            let tail = off + n * PAGE;
+            let tail_pages = pages - n;
+            let flags = if clean { FLAG_CLEAN } else { 0 };
+            self.word(tail)
+                .store(info(STATE_FREE, CLASS_LARGE, flags, 0), Ordering::Relaxed);
+            self.page_entry((tail - self.heap_off()) / PAGE)
+                .store(pm_large(tail_pages), Ordering::Relaxed);
+            push(self, &self.hdr().buckets[bucket_of(tail_pages)], tail);
+        }
+        (off, clean)
+    }
+
+    fn alloc_large(&self, size: usize, flags: u64) -> Result<Option<Grant>> {
+        let max = self.capacity() - self.heap_off();
+        let pages = match large_pages(size) {
+            Some(p) if p * PAGE <= max => p,
+            _ => return Ok(None),
+        };
+        let stats = &self.hdr().large.0;
+        stats.bytes.fetch_add(pages * PAGE, Ordering::Relaxed);
+        stats.blocks.fetch_add(1, Ordering::Relaxed);
+        let off = match self.alloc_pages(pages) {
+            Ok(Some((off, clean))) => {
+                if clean {
+                    // Fresh space or a clean extent: make sure the header says so.
+                    let w = self.word(off);
+                    w.store(w.load(Ordering::Relaxed) | FLAG_CLEAN, Ordering::Relaxed);
+                }
+                off
+            }
+            other => {
+                stats.bytes.fetch_sub(pages * PAGE, Ordering::Relaxed);
+                stats.blocks.fetch_sub(1, Ordering::Relaxed);
+                return other.map(|_| None);
+            }
+        };
+        self.page_entry((off - self.heap_off()) / PAGE)
+            .store(pm_large(pages), Ordering::Relaxed);
+        Ok(Some(self.take(off, CLASS_LARGE, pages * PAGE, flags)))
+    }
+
+    /// Frees the block at `off`, which the caller owns. `zeroed` says the payload is all zeros
+    /// (the caller cleared what it wrote).
+    pub(crate) fn free_block(&self, off: u64, zeroed: bool) -> Result<()> {
+        let info_w = self.word(off);
+        let old = info_w.load(Ordering::Relaxed);
+        if info_state(old) != STATE_ALLOC {
+            return Err(Error::Corrupt("freeing a block that is not allocated"));
+        }
+        let class = info_class(old);
+        let mut clean = zeroed;
+        let h = self.hdr();
+        if class == CLASS_LARGE {
+            let page = (off - self.heap_off()) / PAGE;
+            let pages = pm_value(self.page_entry(page).load(Ordering::Relaxed));
+            if !clean && self.trims() && pages > 1 {
+                clean = self.trim_extent(off, pages);
+            }
+            let new = info(
+                STATE_FREE,
+                class,
+                if clean { FLAG_CLEAN } else { 0 },
+                info_generation(old).wrapping_add(1),
+            );
+            // The CAS makes a double free (through a forged raw reference) an error, not a
+            // corrupt list.
+            info_w
+                .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)
+                .map_err(|_| Error::Corrupt("block freed twice"))?;
+            push(self, &h.buckets[bucket_of(pages)], off);
+            h.large.0.bytes.fetch_sub(pages * PAGE, Ordering::Relaxed);
+            h.large.0.blocks.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            let c = class as usize;
+            if c >= NUM_CLASSES {
+                return Err(Error::Corrupt("block header has a bad class"));
+            }
+            let new = info(
+                STATE_FREE,
+                class,
+                if clean { FLAG_CLEAN } else { 0 },
+                info_generation(old).wrapping_add(1),
+            );
+            info_w
+                .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)
+                .map_err(|_| Error::Corrupt("block freed twice"))?;
+            let cs = &h.classes[c].0;
+            push(self, &cs.head, off);
+            cs.in_use.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Gives the pages of a freed extent back to the kernel, keeping the header page mapped, and
+    /// zeroes the rest of the header page: afterwards the whole payload reads as zeros.
+    fn trim_extent(&self, off: u64, pages: u64) -> bool {
+        if crate::sys::punch_hole(self.file(), off + PAGE, (pages - 1) * PAGE).is_err() {
+            return false;
+        }
+        self.zero(off + BLOCK_HDR, PAGE - BLOCK_HDR);
+        true
+    }
+
+    /// Zeroes `len` payload bytes at `off`. Callers own those bytes.
+    pub(crate) fn zero(&self, off: u64, len: u64) {
+        debug_assert!(off >= self.heap_off() && off + len <= self.capacity());
+        // SAFETY: callers pass a range inside the payload of a block they own (allocated to them
+        // and not yet shared, or being freed by its last owner), which lies within the mapping;
+        // no other thread or process accesses those bytes while it is owned.
+        unsafe { std::ptr::write_bytes(self.ptr(off), 0, len as usize) }
+    }
+
+    /// Validates that `off` is the start of a block and returns its info word's value. Reads only
+    /// the page map and block headers (atomics), never user bytes.
+    pub(crate) fn block_at(&self, off: u64) -> Result<u64> {
+        if off < self.heap_off() || off >= self.capacity() - BLOCK_HDR {
+            return Err(Error::OutOfBounds {
+                pool: self.id(),
+                offset: off,
+            });
+        }
+        if off % 16 != 0 {
+            return Err(Error::Misaligned(off));
+        }
+        let rel = off - self.heap_off();
+        let page = rel / PAGE;
+        let e = self.page_entry(page).load(Ordering::Relaxed);
+        let ok = match pm_kind(e) {
+            PM_SMALL => {
+                let (c, idx) = (pm_class(e) as usize, pm_value(e));
+                if c >= NUM_CLASSES || idx > page {
+                    false
+                } else {
+                    let span = (page - idx) * PAGE;
+                    let size = CLASS_SIZES[c] as u64;
+                    let k = (rel - span) / size;
+                    (rel - span) % size == 0 && k < span_pages(c) * PAGE / size
+                }
+            }
+            PM_LARGE => rel % PAGE == 0,
+            _ => false,
+        };
+        if !ok {
+            return Err(Error::NotABlock(off));
+        }
+        Ok(self.word(off).load(Ordering::Acquire))
+    }
+
+    /// Bytes and blocks in use in this pool.
+    pub(crate) fn usage(&self) -> (u64, u64) {
+        let h = self.hdr();
+        let mut bytes = h.large.0.bytes.load(Ordering::Relaxed);
+        let mut blocks = h.large.0.blocks.load(Ordering::Relaxed);
+        for (c, cs) in h.classes.iter().enumerate() {
+            let n = cs.0.in_use.load(Ordering::Relaxed);
+            bytes += n * CLASS_SIZES[c] as u64;
+            blocks += n;
+        }
+        (bytes, blocks)
+    }
+
+    /// Bytes of heap handed out by the bump pointer so far (spans and extents, used or free).
+    pub(crate) fn reserved(&self) -> u64 {
+        self.hdr().bump.0.load(Ordering::Relaxed) - self.heap_off()
+    }
+}

@@ -1,0 +1,629 @@
+//! The arena: a set of pools addressed as (pool id, offset), and the owned [`Block`] it hands out.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashSet;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::error::{Error, Result};
+use super::layout::*;
+use super::lockfree::{head_off, Words, LINK};
+use super::pool::Pool;
+
+/// How an arena is built. All knobs have defaults that let a 1 GiB block be allocated.
+///
+/// ```
+/// use flowipc::shm::{Arena, ArenaConfig};
+/// let arena = Arena::create(ArenaConfig::new().pool_size(64 << 20).max_pools(4))?;
+/// assert_eq!(arena.pool_ids(), vec![0]);
+/// # Ok::<(), flowipc::shm::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct ArenaConfig {
+    pool_size: u64,
+    max_pools: u32,
+    trim: bool,
+}
+
+impl Default for ArenaConfig {
+    fn default() -> Self {
+        ArenaConfig {
+            pool_size: 1 << 30,
+            max_pools: 64,
+            trim: false,
+        }
+    }
+}
+
+impl ArenaConfig {
+    /// The defaults: 1 GiB pools (sparse: only touched pages cost RAM), up to 64 pools, no
+    /// trimming.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes of each new pool (rounded up to pages). A request larger than a pool gets a pool of
+    /// its own, sized to fit.
+    pub fn pool_size(mut self, bytes: u64) -> Self {
+        self.pool_size = bytes;
+        self
+    }
+
+    /// Most pools the arena may have (1..=1024). When all are full, allocation fails with
+    /// [`Error::OutOfMemory`].
+    pub fn max_pools(mut self, n: u32) -> Self {
+        self.max_pools = n;
+        self
+    }
+
+    /// Whether freed large extents (more than one page) give their pages back to the kernel
+    /// (`fallocate` punch-hole). Saves RAM; costs a page fault per page when the space is
+    /// reused (about 2.7 µs per 4 KiB page on the project's machines), so it is off by default.
+    pub fn trim_freed_extents(mut self, on: bool) -> Self {
+        self.trim = on;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(1..=1024).contains(&self.max_pools) {
+            return Err(Error::BadConfig("max_pools must be in 1..=1024"));
+        }
+        if self.pool_size < MIN_POOL_BYTES || self.pool_size > MAX_POOL_BYTES {
+            return Err(Error::BadConfig("pool_size must be in 84 KiB..=1 TiB"));
+        }
+        Ok(())
+    }
+}
+
+/// A shared-memory arena: one or more memfd pools that several processes map, with a lock-free
+/// allocator inside that every thread of every process may use at once.
+///
+/// `Arena` is a cheap handle (`Clone` shares it). One process [creates](Arena::create) the arena
+/// and sends the pools' fds ([`Arena::pool_fd`]) to others, which [join](Arena::join) it. Any
+/// process may allocate and free, and a block allocated in one process may be freed in another.
+///
+/// ```
+/// use flowipc::shm::{Arena, ArenaConfig};
+/// let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20))?;
+/// let mut block = arena.alloc_zeroed(1000)?;
+/// assert!(block.as_slice().iter().all(|&b| b == 0));
+/// block.as_mut_slice()[..5].copy_from_slice(b"hello");
+/// assert_eq!(arena.stats().blocks_in_use, 1);
+/// drop(block);
+/// assert_eq!(arena.stats().blocks_in_use, 0);
+/// # Ok::<(), flowipc::shm::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Arena {
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    id: u64,
+    config: ArenaConfig,
+    pools: Box<[OnceLock<Pool>]>,
+    /// One more than the highest pool id known here (bounds the scans).
+    known: AtomicU32,
+    /// Pool that served the last allocation: tried first.
+    hint: AtomicU32,
+    /// Serializes growth within this process (allocation itself never takes it).
+    grow: Mutex<()>,
+}
+
+impl fmt::Debug for Arena {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Arena")
+            .field("id", &format_args!("{:#x}", self.shared.id))
+            .field("pools", &self.pool_ids())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Usage figures of an arena, summed over the pools this process knows. They live in shared
+/// memory, so every process reads the same numbers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes of blocks in use (block sizes, headers included).
+    pub bytes_in_use: u64,
+    /// Blocks in use.
+    pub blocks_in_use: u64,
+    /// Heap bytes ever carved from fresh space (in use, free-listed, or leaked).
+    pub bytes_reserved: u64,
+    /// Total bytes of the pools (virtual; pages cost RAM only once touched).
+    pub capacity: u64,
+    /// Pools known to this process.
+    pub pools: u32,
+}
+
+/// Result of [`Arena::verify`]: what the free lists hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verification {
+    /// Small blocks on free lists.
+    pub free_small_blocks: u64,
+    /// Free large extents.
+    pub free_extents: u64,
+    /// Small blocks carved but neither free nor counted in use: held by a process that died.
+    pub leaked_small_blocks: u64,
+}
+
+/// Where a block lives: pool id and payload offset in that pool, plus the generation of this
+/// life of the block. The same in every process, whatever address each maps the pool at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockRef {
+    /// Pool id.
+    pub pool: u32,
+    /// Byte offset of the payload within the pool.
+    pub offset: u64,
+    /// Generation of the block (changes every time the block is freed).
+    pub generation: u32,
+}
+
+fn random_id() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() | 1
+}
+
+impl Arena {
+    /// Creates an arena with one pool (id 0).
+    pub fn create(config: ArenaConfig) -> Result<Arena> {
+        config.validate()?;
+        let arena = Arena::empty(random_id(), config);
+        let pool = Pool::create(
+            0,
+            arena.shared.id,
+            arena.shared.config.pool_size,
+            arena.shared.config.trim,
+        )?;
+        arena.insert(pool)?;
+        Ok(arena)
+    }
+
+    /// Joins an arena created by another process from its pools' fds (which must include pool
+    /// 0). Every fd is validated: a sealed memfd with a flowipc header of this layout version, all
+    /// of one arena, no id twice.
+    pub fn join(fds: impl IntoIterator<Item = OwnedFd>, config: ArenaConfig) -> Result<Arena> {
+        config.validate()?;
+        let mut pools = Vec::new();
+        for fd in fds {
+            pools.push(Pool::open(fd, config.trim)?);
+        }
+        let Some(first) = pools.iter().find(|p| p.id() == 0) else {
+            return Err(Error::UnknownPool(0));
+        };
+        let arena = Arena::empty(first.arena_id(), config);
+        for pool in pools {
+            arena.insert(pool)?;
+        }
+        Ok(arena)
+    }
+
+    /// Adds a pool another process created (after growing the arena) from its fd. Returns its id.
+    pub fn add_pool(&self, fd: OwnedFd) -> Result<u32> {
+        let pool = Pool::open(fd, self.shared.config.trim)?;
+        let id = pool.id();
+        self.insert(pool)?;
+        Ok(id)
+    }
+
+    fn empty(id: u64, config: ArenaConfig) -> Arena {
+        let pools = (0..config.max_pools).map(|_| OnceLock::new()).collect();
+        Arena {
+            shared: Arc::new(Shared {
+                id,
+                config,
+                pools,
+                known: AtomicU32::new(0),
+                hint: AtomicU32::new(0),
+                grow: Mutex::new(()),
+            }),
+        }
+    }
+
+    fn insert(&self, pool: Pool) -> Result<()> {
+        if pool.arena_id() != self.shared.id {
+            return Err(Error::WrongArena {
+                expected: self.shared.id,
+                found: pool.arena_id(),
+            });
+        }
+        let id = pool.id();
+        let slot = self
+            .shared
+            .pools
+            .get(id as usize)
+            .ok_or(Error::BadConfig("pool id beyond max_pools"))?;
+        slot.set(pool).map_err(|_| Error::DuplicatePool(id))?;
+        self.shared.known.fetch_max(id + 1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Random id of this arena, recorded in each of its pools.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The pool with this id, if this process knows it.
+    pub fn pool(&self, id: u32) -> Option<&Pool> {
+        self.shared.pools.get(id as usize)?.get()
+    }
+
+    /// Ids of the pools this process knows, ascending.
+    pub fn pool_ids(&self) -> Vec<u32> {
+        self.pools().map(|p| p.id()).collect()
+    }
+
+    /// The fd of pool `id`, to send to a process that joins the arena.
+    pub fn pool_fd(&self, id: u32) -> Option<BorrowedFd<'_>> {
+        self.pool(id).map(Pool::fd)
+    }
+
+    fn pools(&self) -> impl Iterator<Item = &Pool> {
+        let n = self.shared.known.load(Ordering::Acquire) as usize;
+        self.shared.pools[..n].iter().filter_map(OnceLock::get)
+    }
+
+    /// Largest payload a single block can have.
+    pub fn max_block_size(&self) -> usize {
+        let cap = MAX_POOL_BYTES - heap_off(MAX_POOL_BYTES);
+        (cap - BLOCK_HDR) as usize
+    }
+
+    /// Allocates `size` bytes. The contents are unspecified (not necessarily zero).
+    ///
+    /// Fails with [`Error::OutOfMemory`] when no pool has room and the arena may not grow, and
+    /// with [`Error::TooLarge`] when no pool could ever hold the request. Never panics.
+    pub fn alloc(&self, size: usize) -> Result<Block<'_>> {
+        let (pool, grant) = self.grant(size, 0)?;
+        Ok(Block {
+            pool,
+            grant,
+            len: size,
+        })
+    }
+
+    /// Allocates `size` zeroed bytes. Cheap when the block is known clean (fresh memory, or
+    /// released with [`Block::release_zeroed_prefix`]): only dirty blocks are cleared.
+    pub fn alloc_zeroed(&self, size: usize) -> Result<Block<'_>> {
+        let (pool, grant) = self.grant(size, 0)?;
+        if !grant.clean {
+            pool.zero(grant.off + BLOCK_HDR, grant.capacity);
+        }
+        Ok(Block {
+            pool,
+            grant,
+            len: size,
+        })
+    }
+
+    pub(crate) fn grant(&self, size: usize, flags: u64) -> Result<(&Pool, super::alloc::Grant)> {
+        if size > self.max_block_size() {
+            return Err(Error::TooLarge {
+                requested: size,
+                max: self.max_block_size(),
+            });
+        }
+        let hint = self.shared.hint.load(Ordering::Relaxed);
+        if let Some(pool) = self.pool(hint) {
+            if let Some(g) = pool.alloc_block(size, flags)? {
+                return Ok((pool, g));
+            }
+        }
+        for pool in self.pools() {
+            if pool.id() != hint {
+                if let Some(g) = pool.alloc_block(size, flags)? {
+                    self.shared.hint.store(pool.id(), Ordering::Relaxed);
+                    return Ok((pool, g));
+                }
+            }
+        }
+        self.grow_and_grant(size, flags)
+    }
+
+    #[cold]
+    fn grow_and_grant(&self, size: usize, flags: u64) -> Result<(&Pool, super::alloc::Grant)> {
+        let _guard = self.shared.grow.lock().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have grown the arena while we waited.
+        let known = self.shared.known.load(Ordering::Acquire);
+        if let Some(pool) = known.checked_sub(1).and_then(|id| self.pool(id)) {
+            if let Some(g) = pool.alloc_block(size, flags)? {
+                return Ok((pool, g));
+            }
+        }
+        let pool0 = self.pool(0).ok_or(Error::UnknownPool(0))?;
+        let max = self.shared.config.max_pools;
+        // Claim an id arena-wide (all processes draw from pool 0's counter), without ever letting
+        // the counter run past the limit.
+        let next = &pool0.hdr().next_pool_id;
+        let mut id = next.load(std::sync::atomic::Ordering::Relaxed);
+        loop {
+            if id >= max {
+                return Err(Error::OutOfMemory { requested: size });
+            }
+            match next.compare_exchange_weak(
+                id,
+                id + 1,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => id = now,
+            }
+        }
+        let need = match class_for(size) {
+            Some(c) => span_pages(c) * PAGE,
+            None => large_pages(size).ok_or(Error::OutOfMemory { requested: size })? * PAGE,
+        };
+        let mut capacity = self.shared.config.pool_size.max(need + HEADER_BYTES);
+        while capacity - heap_off(capacity) < need {
+            capacity += page_map_bytes(capacity) + PAGE;
+        }
+        let pool = Pool::create(
+            id,
+            self.shared.id,
+            capacity.min(MAX_POOL_BYTES),
+            self.shared.config.trim,
+        )?;
+        self.insert(pool)?;
+        let pool = self.pool(id).ok_or(Error::UnknownPool(id))?;
+        self.shared.hint.store(id, Ordering::Relaxed);
+        match pool.alloc_block(size, flags)? {
+            Some(g) => Ok((pool, g)),
+            None => Err(Error::OutOfMemory { requested: size }),
+        }
+    }
+
+    /// Usage figures, read from shared memory (the same in every process that knows the same
+    /// pools).
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        for pool in self.pools() {
+            let (bytes, blocks) = pool.usage();
+            s.bytes_in_use += bytes;
+            s.blocks_in_use += blocks;
+            s.bytes_reserved += pool.reserved();
+            s.capacity += pool.capacity();
+            s.pools += 1;
+        }
+        s
+    }
+
+    /// Walks every free list of every known pool and checks it: each entry is a real block start
+    /// of the right class, marked free, listed once, and the walk ends. Also counts small blocks
+    /// that are neither free nor in use (held by a process that died).
+    ///
+    /// Meant for tests and diagnostics while the arena is quiescent: with concurrent allocation
+    /// the lists move under the walk and it may report spurious corruption (it reads only
+    /// atomics, so it is memory-safe either way).
+    pub fn verify(&self) -> Result<Verification> {
+        let mut v = Verification::default();
+        for pool in self.pools() {
+            verify_pool(pool, &mut v)?;
+        }
+        Ok(v)
+    }
+
+    /// Re-adopts a block that [`Block::into_raw`] turned into a [`BlockRef`].
+    ///
+    /// The reference is validated (known pool, block start, allocated, same generation) and
+    /// refused with the specific error otherwise.
+    ///
+    /// # Safety
+    /// The block must be owned by no one else: `r` came from `into_raw` of a block of this arena
+    /// (in this or another process), and this is the only `from_raw` of it. Otherwise two owners
+    /// would write the same bytes, or one would free what the other still uses.
+    pub unsafe fn block_from_raw(&self, r: BlockRef, len: usize) -> Result<Block<'_>> {
+        let pool = self.pool(r.pool).ok_or(Error::UnknownPool(r.pool))?;
+        let off = r.offset.checked_sub(BLOCK_HDR).ok_or(Error::OutOfBounds {
+            pool: r.pool,
+            offset: r.offset,
+        })?;
+        let info = pool.block_at(off)?;
+        if info_state(info) != STATE_ALLOC || info_generation(info) != r.generation {
+            return Err(Error::Stale);
+        }
+        let capacity = block_capacity(pool, off, info);
+        if len as u64 > capacity {
+            return Err(Error::OutOfBounds {
+                pool: r.pool,
+                offset: r.offset + len as u64,
+            });
+        }
+        let grant = super::alloc::Grant {
+            off,
+            capacity,
+            clean: false,
+            generation: r.generation,
+        };
+        Ok(Block { pool, grant, len })
+    }
+}
+
+/// Usable payload bytes of the block at `off` whose info word is `info`.
+pub(crate) fn block_capacity(pool: &Pool, off: u64, info: u64) -> u64 {
+    let class = info_class(info);
+    if class == CLASS_LARGE {
+        let e = pool
+            .page_entry((off - pool.heap_off()) / PAGE)
+            .load(crate::sync::Ordering::Relaxed);
+        pm_value(e) * PAGE - BLOCK_HDR
+    } else {
+        CLASS_SIZES[class as usize] as u64 - BLOCK_HDR
+    }
+}
+
+fn verify_pool(pool: &Pool, v: &mut Verification) -> Result<()> {
+    use crate::sync::Ordering::Relaxed;
+    let h = pool.hdr();
+    let mut seen = HashSet::new();
+    let limit = pool.capacity() / 16;
+    // Carved blocks per class, from the page map: one span starts at each index-0 entry.
+    let mut carved = [0u64; NUM_CLASSES];
+    let bump_pages = pool.reserved() / PAGE;
+    for page in 0..bump_pages {
+        let e = pool.page_entry(page).load(Relaxed);
+        if pm_kind(e) == PM_SMALL && pm_value(e) == 0 {
+            let c = pm_class(e) as usize;
+            if c >= NUM_CLASSES {
+                return Err(Error::Corrupt("page map names a bad class"));
+            }
+            carved[c] += span_pages(c) * PAGE / CLASS_SIZES[c] as u64;
+        }
+    }
+    for (c, cs) in h.classes.iter().enumerate() {
+        let mut off = head_off(cs.0.head.load(Relaxed));
+        let mut free = 0;
+        while off != 0 {
+            let info = pool
+                .block_at(off)
+                .map_err(|_| Error::Corrupt("free list entry is not a block"))?;
+            if info_state(info) != STATE_FREE || info_class(info) as usize != c {
+                return Err(Error::Corrupt(
+                    "free list entry is not a free block of its class",
+                ));
+            }
+            if !seen.insert(off) || seen.len() as u64 > limit {
+                return Err(Error::Corrupt("free list has a cycle or a duplicate"));
+            }
+            free += 1;
+            off = pool.word(off + LINK).load(Relaxed);
+        }
+        let in_use = cs.0.in_use.load(Relaxed);
+        if free + in_use > carved[c] {
+            return Err(Error::Corrupt("more blocks free and in use than carved"));
+        }
+        v.free_small_blocks += free;
+        v.leaked_small_blocks += carved[c] - free - in_use;
+    }
+    for (b, head) in h.buckets.iter().enumerate() {
+        let mut off = head_off(head.load(Relaxed));
+        while off != 0 {
+            let info = pool
+                .block_at(off)
+                .map_err(|_| Error::Corrupt("extent list entry is not a block"))?;
+            let pages = pm_value(
+                pool.page_entry((off - pool.heap_off()) / PAGE)
+                    .load(Relaxed),
+            );
+            if info_state(info) != STATE_FREE
+                || info_class(info) != CLASS_LARGE
+                || bucket_of(pages.max(1)) != b
+            {
+                return Err(Error::Corrupt(
+                    "extent list entry is not a free extent of its bucket",
+                ));
+            }
+            if !seen.insert(off) || seen.len() as u64 > limit {
+                return Err(Error::Corrupt("extent list has a cycle or a duplicate"));
+            }
+            v.free_extents += 1;
+            off = pool.word(off + LINK).load(Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// A block of an arena, owned by this process: freed when dropped (unless handed on with
+/// [`Block::into_raw`]). Dereferences to its bytes.
+pub struct Block<'a> {
+    pool: &'a Pool,
+    grant: super::alloc::Grant,
+    len: usize,
+}
+
+impl fmt::Debug for Block<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Block")
+            .field("at", &self.block_ref())
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl<'a> Block<'a> {
+    /// Requested length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the requested length is 0.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Usable bytes of the block (at least [`len`](Block::len): the size class or page-rounded
+    /// extent, less the header).
+    pub fn capacity(&self) -> usize {
+        self.grant.capacity as usize
+    }
+
+    /// Where the block lives, valid in every process of the arena.
+    pub fn block_ref(&self) -> BlockRef {
+        BlockRef {
+            pool: self.pool.id(),
+            offset: self.grant.off + BLOCK_HDR,
+            generation: self.grant.generation,
+        }
+    }
+
+    /// Pointer to the first byte (16-byte aligned), valid while the block lives.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.pool.ptr(self.grant.off + BLOCK_HDR)
+    }
+
+    /// Mutable pointer to the first byte (16-byte aligned), valid while the block lives.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.pool.ptr(self.grant.off + BLOCK_HDR)
+    }
+
+    /// The block's `len` bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the payload [off+16, off+16+len) lies inside the mapping (len <= capacity,
+        // checked at allocation or in block_from_raw) which lives as long as 'a. The block is
+        // owned by this `Block` alone (popped off a free list, or adopted once through the
+        // unsafe `block_from_raw`), so no one writes it while we hand out `&`. Bytes are plain
+        // u8: any value is valid.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+
+    /// The block's `len` bytes, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), self.len) }
+    }
+
+    /// Gives up ownership without freeing: the block stays allocated until some process adopts
+    /// it with [`Arena::block_from_raw`] and drops it (or until the arena's pools go away).
+    pub fn into_raw(self) -> BlockRef {
+        let r = self.block_ref();
+        std::mem::forget(self);
+        r
+    }
+
+    /// Frees the block, promising that only its first `written` bytes may be non-zero: those are
+    /// cleared now, and the block is then known clean, so the next zeroed allocation of it costs
+    /// nothing. This is how a capnp segment (which reports the words it used) is recycled cheaply.
+    ///
+    /// # Safety
+    /// Every byte of the block's capacity at or after `written` must be zero. A false promise
+    /// hands a later [`Arena::alloc_zeroed`] dirty memory.
+    pub unsafe fn release_zeroed_prefix(self, written: usize) {
+        let written = (written as u64).min(self.grant.capacity);
+        self.pool.zero(self.grant.off + BLOCK_HDR, written);
+        let (pool, off) = (self.pool, self.grant.off);
+        std::mem::forget(self);
+        let freed = pool.free_block(off, true);
+        debug_assert!(freed.is_ok(), "{freed:?}");
+    }
+}
+
+impl Drop for Block<'_> {
+    fn drop(&mut self) {
+        let freed = self.pool.free_block(self.grant.off, false);
+        debug_assert!(freed.is_ok(), "{freed:?}");
+    }
+}

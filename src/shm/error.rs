@@ -1,0 +1,150 @@
+use std::fmt;
+use std::io;
+
+/// Everything that can go wrong in the shared-memory layer. Matchable: each bad input has its own
+/// variant, so callers (and tests) can tell a stale blob from a forged one.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system call failed.
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The fd is not sealed against shrinking and growing (or cannot be sealed at all, as a
+    /// socket or a regular file on most file systems): a peer could truncate it under our
+    /// mapping and crash us with SIGBUS, so we refuse it.
+    NotSealed,
+    /// The fd is sealed but is not a flowipc pool, or its header is corrupt. The text says which
+    /// check failed.
+    NotAPool(&'static str),
+    /// The pool was created with another layout version of this crate.
+    VersionMismatch {
+        /// Version found in the pool header.
+        found: u32,
+        /// Version this build understands.
+        expected: u32,
+    },
+    /// The pool belongs to another arena than the one it is being added to.
+    WrongArena {
+        /// Id of the arena adding the pool.
+        expected: u64,
+        /// Id recorded in the pool.
+        found: u64,
+    },
+    /// A pool with this id is already part of the arena.
+    DuplicatePool(u32),
+    /// The pool id is not (or not yet) known to this process.
+    UnknownPool(u32),
+    /// The arena has no room for the request and may not grow further.
+    OutOfMemory {
+        /// Requested payload bytes.
+        requested: usize,
+    },
+    /// The request exceeds what one pool can ever hold.
+    TooLarge {
+        /// Requested payload bytes.
+        requested: usize,
+        /// Largest payload one pool can hold.
+        max: usize,
+    },
+    /// A configuration value is out of range.
+    BadConfig(&'static str),
+    /// A lend blob has the wrong length (it is exactly [`LendBlob::LEN`](crate::shm::LendBlob::LEN)
+    /// bytes).
+    BlobLength(usize),
+    /// A lend blob does not start with the blob magic: not a blob, or garbage.
+    BlobMagic,
+    /// A lend blob names an offset outside the pool's heap.
+    OutOfBounds {
+        /// Pool id of the blob.
+        pool: u32,
+        /// Offset of the blob.
+        offset: u64,
+    },
+    /// A lend blob names an offset that is not 16-byte aligned.
+    Misaligned(u64),
+    /// A lend blob names an aligned in-bounds offset at which no block starts.
+    NotABlock(u64),
+    /// The block the blob names has been freed (and maybe reused) since the blob was made, or
+    /// the blob was already borrowed as many times as it was lent.
+    Stale,
+    /// The block holds an object of another type than the one asked for.
+    TypeMismatch {
+        /// Type tag of the requested type.
+        expected: u64,
+        /// Type tag recorded in the block.
+        found: u64,
+    },
+    /// A lend blob of another arena.
+    ForeignBlob,
+    /// Shared allocator metadata failed a consistency check (a peer scribbled over it).
+    Corrupt(&'static str),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, source: impl Into<io::Error>) -> Self {
+        Error::Io {
+            op,
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { op, source } => write!(f, "{op} failed: {source}"),
+            Error::NotSealed => f.write_str("fd is not a sealed memfd (shrink/grow seals missing)"),
+            Error::NotAPool(why) => write!(f, "not a flowipc pool: {why}"),
+            Error::VersionMismatch { found, expected } => {
+                write!(
+                    f,
+                    "pool layout version {found}, this build speaks {expected}"
+                )
+            }
+            Error::WrongArena { expected, found } => {
+                write!(f, "pool of arena {found:#x}, expected arena {expected:#x}")
+            }
+            Error::DuplicatePool(id) => write!(f, "pool {id} is already in the arena"),
+            Error::UnknownPool(id) => write!(f, "pool {id} is not known to this process"),
+            Error::OutOfMemory { requested } => {
+                write!(f, "arena exhausted: no room for {requested} bytes")
+            }
+            Error::TooLarge { requested, max } => {
+                write!(
+                    f,
+                    "{requested} bytes exceed the largest possible block ({max} bytes)"
+                )
+            }
+            Error::BadConfig(why) => write!(f, "bad arena configuration: {why}"),
+            Error::BlobLength(n) => write!(f, "lend blob of {n} bytes, expected 32"),
+            Error::BlobMagic => f.write_str("not a lend blob (bad magic)"),
+            Error::OutOfBounds { pool, offset } => {
+                write!(f, "offset {offset:#x} is outside the heap of pool {pool}")
+            }
+            Error::Misaligned(o) => write!(f, "offset {o:#x} is not block-aligned"),
+            Error::NotABlock(o) => write!(f, "no block starts at offset {o:#x}"),
+            Error::Stale => f.write_str("stale blob: the block was freed or the blob already used"),
+            Error::TypeMismatch { expected, found } => {
+                write!(f, "type tag {found:#x} where {expected:#x} was expected")
+            }
+            Error::ForeignBlob => f.write_str("lend blob of another arena"),
+            Error::Corrupt(why) => write!(f, "corrupt allocator metadata: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Result of the shared-memory layer.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

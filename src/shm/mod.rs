@@ -1,0 +1,71 @@
+//! SHM-classic: memfd pools, a lock-free allocator inside them, and cross-process ref-counted
+//! handles.
+//!
+//! An [`Arena`] is a set of [`Pool`]s. Each pool is a `memfd_create` file, sealed against
+//! shrinking and growing and mapped `MAP_SHARED`; its fd is what other processes receive (over
+//! `SCM_RIGHTS`) to map the same RAM. There are no names in `/dev/shm`: the kernel frees a pool
+//! when its last fd and mapping are gone, even if every process using it was SIGKILLed.
+//!
+//! Inside, everything refers to everything by offset, so each process may map a pool at its own
+//! address. The allocator is lock-free (size-class free lists with ABA-tagged heads, a bump
+//! pointer for fresh space, exact page-rounded extents for large blocks), so a process killed at
+//! any instant can leak what it held but never leave a lock held or a list cut.
+//!
+//! * [`Block`]: an owned allocation (like `Box<[u8]>`), freed on drop.
+//! * [`ShmHandle<T>`]: a ref-counted `T` (like `Arc<T>`, for [`ShmSafe`] plain data) whose count
+//!   lives in shared memory. [`ShmHandle::lend`] packs one reference into a 32-byte
+//!   [`LendBlob`] for another process; [`Arena::borrow`] validates and adopts it there.
+//!
+//! # Trust model
+//! Peers are cooperating processes (the same application suite), not adversaries: a peer can
+//! write any byte of a pool it maps. What flowipc guarantees is that *values that cross the
+//! socket* — pool fds, lend blobs, offsets — are validated, so that a forged, stale, truncated or
+//! mistyped one is an [`Error`], never undefined behaviour or a crash, and that allocator metadata
+//! is read only through atomics (a scribbled free list is reported as [`Error::Corrupt`]).
+//!
+//! # Example: two mappings of one arena
+//! ```
+//! use flowipc::shm::{Arena, ArenaConfig, ShmHandle};
+//! use std::os::fd::AsFd;
+//!
+//! let a = Arena::create(ArenaConfig::new().pool_size(16 << 20))?;
+//! // Another process would receive this fd over a Unix socket; here we just duplicate it.
+//! let fd = a.pool_fd(0).unwrap().try_clone_to_owned().unwrap();
+//! let b = Arena::join([fd], ArenaConfig::new())?;
+//!
+//! let h: ShmHandle<[u64; 4]> = a.construct([1, 2, 3, 4])?;
+//! let blob = h.lend();
+//! drop(h); // the lent reference keeps the object alive
+//! let there: ShmHandle<[u64; 4]> = b.borrow(&blob)?;
+//! assert_eq!(*there, [1, 2, 3, 4]);
+//! drop(there); // last reference: freed, through the other mapping
+//! assert_eq!(a.stats().blocks_in_use, 0);
+//! # Ok::<(), flowipc::shm::Error>(())
+//! ```
+
+#[cfg(not(flowipc_loom))]
+mod alloc;
+#[cfg(not(flowipc_loom))]
+mod arena;
+#[cfg(not(flowipc_loom))]
+mod error;
+#[cfg(not(flowipc_loom))]
+mod handle;
+#[cfg(not(flowipc_loom))]
+mod layout;
+#[cfg(not(flowipc_loom))]
+mod pool;
+
+#[cfg(flowipc_loom)]
+pub mod lockfree;
+#[cfg(not(flowipc_loom))]
+pub(crate) mod lockfree;
+
+#[cfg(not(flowipc_loom))]
+pub use arena::{Arena, ArenaConfig, Block, BlockRef, Stats, Verification};
+#[cfg(not(flowipc_loom))]
+pub use error::{Error, Result};
+#[cfg(not(flowipc_loom))]
+pub use handle::{type_tag, LendBlob, ShmHandle, ShmSafe};
+#[cfg(not(flowipc_loom))]
+pub use pool::Pool;

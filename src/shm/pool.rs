@@ -1,0 +1,260 @@
+//! One pool: a sealed memfd mapped shared, with its header, page map and heap.
+
+use std::fmt;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use memmap2::{MmapOptions, MmapRaw};
+use static_assertions::const_assert;
+
+use super::error::{Error, Result};
+use super::layout::*;
+use super::lockfree::Words;
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+
+/// One cache line (128 bytes covers the adjacent-line prefetcher too), so that the hot words of
+/// different size classes never share a line. `repr(C)` because this is a cross-process layout.
+#[repr(C, align(128))]
+pub(crate) struct Line<T>(pub(crate) T);
+
+/// Per-class state: free-list head and blocks in use, on one line (the CAS on the head brings the
+/// line in exclusive, so the counter update after it is cheap).
+#[repr(C)]
+pub(crate) struct ClassState {
+    pub(crate) head: AtomicU64,
+    pub(crate) in_use: AtomicU64,
+}
+
+/// Large-extent statistics.
+#[repr(C)]
+pub(crate) struct LargeStats {
+    pub(crate) bytes: AtomicU64,
+    pub(crate) blocks: AtomicU64,
+}
+
+/// The pool header at offset 0. Only atomics, so any process may read or write any field at any
+/// time without a data race; the immutable fields are written before the fd is shared.
+#[repr(C)]
+pub(crate) struct PoolHeader {
+    pub(crate) magic: AtomicU64,
+    pub(crate) version: AtomicU32,
+    pub(crate) pool_id: AtomicU32,
+    pub(crate) capacity: AtomicU64,
+    pub(crate) heap_off: AtomicU64,
+    pub(crate) arena_id: AtomicU64,
+    /// Next pool id of the arena (used in pool 0 only): ids are unique across processes.
+    pub(crate) next_pool_id: AtomicU32,
+    _reserved: AtomicU32,
+    /// Where a corrupt offset is redirected so that it still names an atomic word (see `word`).
+    pub(crate) scratch: AtomicU64,
+    pub(crate) bump: Line<AtomicU64>,
+    pub(crate) large: Line<LargeStats>,
+    pub(crate) classes: [Line<ClassState>; NUM_CLASSES],
+    pub(crate) buckets: [AtomicU64; NUM_BUCKETS],
+}
+
+const_assert!(std::mem::size_of::<PoolHeader>() as u64 <= HEADER_BYTES);
+const_assert!(std::mem::align_of::<PoolHeader>() as u64 <= PAGE);
+const_assert!(std::mem::size_of::<AtomicU64>() == 8 && std::mem::align_of::<AtomicU64>() == 8);
+const SCRATCH_OFF: u64 = std::mem::offset_of!(PoolHeader, scratch) as u64;
+
+/// A memfd pool mapped into this process.
+///
+/// Created by one process ([`Pool::create`]) and opened by others from its fd ([`Pool::open`]),
+/// at whatever address each process maps it: everything inside refers to everything else by
+/// offset. The memfd has no name in any file system, and is sealed against shrinking and growing
+/// so a peer cannot truncate it under our mapping.
+pub struct Pool {
+    file: File,
+    map: MmapRaw,
+    id: u32,
+    capacity: u64,
+    heap_off: u64,
+    arena_id: u64,
+    trim: bool,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("id", &self.id)
+            .field("capacity", &self.capacity)
+            .field("arena_id", &format_args!("{:#x}", self.arena_id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// Creates a pool of `capacity` bytes (rounded up to pages). The memory is sparse: pages cost
+    /// RAM only once touched.
+    pub(crate) fn create(id: u32, arena_id: u64, capacity: u64, trim: bool) -> Result<Pool> {
+        let capacity = capacity.div_ceil(PAGE) * PAGE;
+        if capacity < MIN_POOL_BYTES {
+            return Err(Error::BadConfig("pool smaller than the minimum pool size"));
+        }
+        if capacity > MAX_POOL_BYTES {
+            return Err(Error::BadConfig("pool larger than 1 TiB"));
+        }
+        let file =
+            crate::sys::memfd_sealable("flowipc-pool").map_err(|e| Error::io("memfd_create", e))?;
+        file.set_len(capacity)
+            .map_err(|e| Error::io("ftruncate", e))?;
+        crate::sys::seal_size(&file).map_err(|e| Error::io("seal", e))?;
+        let map = MmapOptions::new()
+            .len(capacity as usize)
+            .map_raw(&file)
+            .map_err(|e| Error::io("mmap", e))?;
+        let pool = Pool {
+            file,
+            map,
+            id,
+            capacity,
+            heap_off: heap_off(capacity),
+            arena_id,
+            trim,
+        };
+        let h = pool.hdr();
+        h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        h.pool_id.store(id, Ordering::Relaxed);
+        h.capacity.store(capacity, Ordering::Relaxed);
+        h.heap_off.store(pool.heap_off, Ordering::Relaxed);
+        h.arena_id.store(arena_id, Ordering::Relaxed);
+        h.next_pool_id.store(1, Ordering::Relaxed);
+        h.bump.0.store(pool.heap_off, Ordering::Relaxed);
+        // Release: a process that sees the magic sees the fields above.
+        h.magic.store(MAGIC, Ordering::Release);
+        Ok(pool)
+    }
+
+    /// Opens a pool from an fd received from another process, validating it: a sealed memfd,
+    /// the magic, the layout version, and header fields that agree with the file's size.
+    pub(crate) fn open(fd: OwnedFd, trim: bool) -> Result<Pool> {
+        if !crate::sys::is_size_sealed(fd.as_fd()) {
+            return Err(Error::NotSealed);
+        }
+        let file = File::from(fd);
+        let size = file.metadata().map_err(|e| Error::io("fstat", e))?.len();
+        if !(MIN_POOL_BYTES..=MAX_POOL_BYTES).contains(&size) || size % PAGE != 0 {
+            return Err(Error::NotAPool("file size is not a pool size"));
+        }
+        let map = MmapOptions::new()
+            .len(size as usize)
+            .map_raw(&file)
+            .map_err(|e| Error::io("mmap", e))?;
+        let mut pool = Pool {
+            file,
+            map,
+            id: 0,
+            capacity: size,
+            heap_off: heap_off(size),
+            arena_id: 0,
+            trim,
+        };
+        let h = pool.hdr();
+        if h.magic.load(Ordering::Acquire) != MAGIC {
+            return Err(Error::NotAPool("bad magic"));
+        }
+        let version = h.version.load(Ordering::Relaxed);
+        if version != LAYOUT_VERSION {
+            return Err(Error::VersionMismatch {
+                found: version,
+                expected: LAYOUT_VERSION,
+            });
+        }
+        if h.capacity.load(Ordering::Relaxed) != size {
+            return Err(Error::NotAPool("capacity field disagrees with file size"));
+        }
+        if h.heap_off.load(Ordering::Relaxed) != pool.heap_off {
+            return Err(Error::NotAPool("heap offset field is wrong"));
+        }
+        let bump = h.bump.0.load(Ordering::Relaxed);
+        if bump < pool.heap_off || bump > size || bump % PAGE != 0 {
+            return Err(Error::NotAPool("bump pointer out of range"));
+        }
+        let (id, arena_id) = (
+            h.pool_id.load(Ordering::Relaxed),
+            h.arena_id.load(Ordering::Relaxed),
+        );
+        pool.id = id;
+        pool.arena_id = arena_id;
+        Ok(pool)
+    }
+
+    /// This pool's id within its arena.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Bytes of the pool (header, page map and heap).
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Id of the arena the pool belongs to.
+    pub fn arena_id(&self) -> u64 {
+        self.arena_id
+    }
+
+    /// Offset of the first heap byte.
+    pub(crate) fn heap_off(&self) -> u64 {
+        self.heap_off
+    }
+
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub(crate) fn trims(&self) -> bool {
+        self.trim
+    }
+
+    pub(crate) fn hdr(&self) -> &PoolHeader {
+        // SAFETY: the mapping is at least MIN_POOL_BYTES > size_of::<PoolHeader>() long (checked
+        // in create/open), page-aligned (mmap), and lives as long as `self`. PoolHeader is
+        // repr(C) and made only of atomics, for which every bit pattern (including the zeros of
+        // a fresh memfd) is a valid value, and all access to it is atomic, in every process.
+        unsafe { &*(self.map.as_ptr() as *const PoolHeader) }
+    }
+
+    /// The page-map word of heap page `page` (callers check `page` is below `heap_pages`).
+    pub(crate) fn page_entry(&self, page: u64) -> &AtomicU64 {
+        self.word(HEADER_BYTES + page * 8)
+    }
+
+    /// Number of pages in the heap.
+    pub(crate) fn heap_pages(&self) -> u64 {
+        (self.capacity - self.heap_off) / PAGE
+    }
+
+    /// Raw pointer to byte `off` of the mapping. Callers keep `off` within the pool.
+    pub(crate) fn ptr(&self, off: u64) -> *mut u8 {
+        debug_assert!(off <= self.capacity);
+        self.map.as_mut_ptr().wrapping_add(off as usize)
+    }
+
+    /// The fd, to send to another process.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl Words for Pool {
+    #[inline]
+    fn word(&self, off: u64) -> &AtomicU64 {
+        // A corrupt free list (a peer scribbled over it) may hand us any offset. Instead of
+        // trusting it, redirect out-of-range or misaligned offsets to the scratch word: the
+        // algorithms then read a harmless value and the allocator's own checks of popped offsets
+        // report the corruption.
+        let off = if off % 8 == 0 && off <= self.capacity - 8 {
+            off
+        } else {
+            SCRATCH_OFF
+        };
+        // SAFETY: `off` is 8-aligned and `off + 8 <= capacity`, so the word lies inside the
+        // mapping, which is page-aligned and lives as long as `&self`. AtomicU64 has the size and
+        // alignment of u64 and every bit pattern is valid. The words handed to the lock-free
+        // algorithms are header words (pool header, page map, block headers), which flowipc
+        // accesses only atomically in every process; payload bytes never overlap them.
+        unsafe { &*(self.map.as_mut_ptr().add(off as usize) as *const AtomicU64) }
+    }
+}

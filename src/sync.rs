@@ -1,0 +1,17 @@
+//! Crate-private synchronization primitives.
+//!
+//! Every atomic used by a lock-free algorithm of this crate comes from here, so the loom models
+//! (`--cfg flowipc_loom`) check the very code that runs in production. The cfg is crate-specific
+//! so that a downstream `--cfg loom` build does not flip us.
+//!
+//! Loom atomics are handles into loom's model state, not integers: they are never layout-compatible
+//! with std atomics. Code that casts bytes of a shared mapping to atomics (the pool and block
+//! headers) therefore exists only without the loom cfg; the algorithms themselves take
+//! `&AtomicU64` through the [`Words`](crate::shm::lockfree::Words) trait and run on heap memory
+//! under loom.
+
+#[cfg(not(flowipc_loom))]
+pub(crate) use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+
+#[cfg(flowipc_loom)]
+pub(crate) use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};

@@ -1,0 +1,123 @@
+//! Thin wrappers over the Linux system calls flowipc needs beyond `std`: sealed memfds, hole
+//! punching and fd passing (`SCM_RIGHTS`). This is the crate's one syscall module; together with
+//! `shm` it is the only place allowed `unsafe`.
+//!
+//! Everything returns `std::io::Result`, and every received fd comes back as an [`OwnedFd`], so
+//! nothing received can leak.
+
+use std::fs::File;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, fcntl, FallocateFlags, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+/// Most fds one message may carry (a bound, so a peer cannot make us allocate without limit).
+pub const MAX_FDS_PER_MSG: usize = 8;
+
+fn io_err(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// Creates an anonymous, close-on-exec memfd that allows sealing. It has no name in any file
+/// system: the kernel frees it when the last fd and mapping are gone, whatever happens to us.
+///
+/// # References
+/// memfd_create(2)
+pub fn memfd_sealable(name: &str) -> io::Result<File> {
+    let fd =
+        memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).map_err(io_err)?;
+    Ok(File::from(fd))
+}
+
+/// Seals the file's size: no shrinking (a shrink would SIGBUS every process mapping it), no
+/// growing, and no further seals.
+pub fn seal_size(file: &File) -> io::Result<()> {
+    let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+    fcntl(file, FcntlArg::F_ADD_SEALS(seals))
+        .map(drop)
+        .map_err(io_err)
+}
+
+/// Whether the fd is sealed against both shrinking and growing. Fds that cannot carry seals
+/// (sockets, most regular files) report `false`.
+pub fn is_size_sealed(fd: BorrowedFd<'_>) -> bool {
+    match fcntl(fd, FcntlArg::F_GET_SEALS) {
+        Ok(bits) => {
+            let seals = SealFlag::from_bits_truncate(bits);
+            seals.contains(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW)
+        }
+        Err(_) => false,
+    }
+}
+
+/// Gives the pages of `[off, off + len)` back to the kernel; they read as zeros afterwards.
+///
+/// # References
+/// fallocate(2), `FALLOC_FL_PUNCH_HOLE`
+pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
+    let to_off = |v: u64| libc_off(v).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput));
+    fallocate(
+        file,
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        to_off(off)?,
+        to_off(len)?,
+    )
+    .map_err(io_err)
+}
+
+fn libc_off(v: u64) -> Option<i64> {
+    i64::try_from(v).ok()
+}
+
+/// Sends `data` with `fds` attached to its first byte (`SCM_RIGHTS`). Returns the bytes sent
+/// (the fds ride with the first byte, so a short send still delivered them).
+pub fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(data)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io_err)
+}
+
+/// Receives into `buf`, collecting any fds that came with the bytes (close-on-exec). Returns the
+/// bytes read (0 at end of stream) and the fds. Fds beyond [`MAX_FDS_PER_MSG`] are cut off by
+/// the kernel (`MSG_CTRUNC`), reported as `InvalidData` after closing those that did arrive.
+pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS_PER_MSG]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg_buf),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io_err)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(io_err)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: the kernel installed `fd` in our table for this message alone
+                // (SCM_RIGHTS); nothing else in the process knows it, so taking ownership here
+                // is the only ownership it will ever have and it is closed exactly once.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "too many fds with one message",
+        ));
+    }
+    Ok((msg.bytes, fds))
+}
