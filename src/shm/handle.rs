@@ -5,6 +5,7 @@ use std::marker::PhantomData;
 use std::ops::Deref;
 use std::ptr::NonNull;
 
+use super::alloc::Grant;
 use super::arena::{block_capacity, Arena, BlockRef};
 use super::error::{Error, Result};
 use super::layout::*;
@@ -127,6 +128,27 @@ unsafe impl<T: ShmSafe> Sync for ShmHandle<T> {}
 impl Arena {
     /// Constructs `value` in the arena and returns the first handle to it (count 1).
     pub fn construct<T: ShmSafe>(&self, value: T) -> Result<ShmHandle<T>> {
+        let (pool, g, value_ptr) = self.grant_object::<T>(false)?;
+        // SAFETY: the block is ours (just allocated, not yet published) and has room for a `T`
+        // at `value_ptr`, which is 16-aligned (payloads are 16-aligned, the object header is 16
+        // bytes, align_of::<T>() <= 16 checked in grant_object). `write` neither reads nor drops
+        // the old bytes.
+        unsafe { value_ptr.write(value) };
+        Ok(self.publish(pool, g, value_ptr))
+    }
+
+    /// Constructs an all-zero `T` in the arena without building it on the stack first (for big
+    /// objects: `construct_zeroed::<[u8; 1 << 30]>()` is fine). Every `ShmSafe` type is valid
+    /// for every bit pattern, so zero is a valid `T`. Fill it through
+    /// [`get_mut`](ShmHandle::get_mut) before sharing it.
+    pub fn construct_zeroed<T: ShmSafe>(&self) -> Result<ShmHandle<T>> {
+        let (pool, g, value_ptr) = self.grant_object::<T>(true)?;
+        Ok(self.publish(pool, g, value_ptr))
+    }
+
+    /// Allocates a block for a `T` and initializes its object header (count 1, type tag, no
+    /// tickets); the value is the caller's to write (already zero if `zeroed`).
+    fn grant_object<T: ShmSafe>(&self, zeroed: bool) -> Result<(&Pool, Grant, *mut T)> {
         const {
             assert!(
                 std::mem::align_of::<T>() <= 16,
@@ -140,21 +162,24 @@ impl Arena {
         let size = VALUE_AT as usize + std::mem::size_of::<T>();
         let (pool, g) = self.grant(size, 0)?;
         let payload = g.off + BLOCK_HDR;
+        if zeroed && !g.clean {
+            pool.zero(payload + VALUE_AT, std::mem::size_of::<T>() as u64);
+        }
         pool.word(g.off + LINK).store(1, Ordering::Relaxed);
         pool.word(payload + TAG_AT)
             .store(type_tag::<T>(), Ordering::Relaxed);
         pool.word(payload + TICKETS_AT).store(0, Ordering::Relaxed);
-        let value_ptr = pool.ptr(payload + VALUE_AT) as *mut T;
-        // SAFETY: the block is ours (just allocated) and has room for the object header and a
-        // `T` at payload + 16, which is 16-aligned (payloads are 16-aligned, align_of::<T>() <=
-        // 16 checked above). `write` does not read or drop the old bytes.
-        unsafe { value_ptr.write(value) };
-        // Publish: only now may a borrow accept this block (Release pairs with the Acquire load
-        // in `Pool::block_at`, so a borrower sees the tag and tickets initialized).
+        Ok((pool, g, pool.ptr(payload + VALUE_AT) as *mut T))
+    }
+
+    /// Marks an initialized object block as borrowable and returns its first handle.
+    fn publish<T: ShmSafe>(&self, pool: &Pool, g: Grant, value_ptr: *mut T) -> ShmHandle<T> {
+        // Only now may a borrow accept this block (Release pairs with the Acquire load in
+        // `Pool::block_at`, so a borrower sees the tag and tickets initialized).
         let info_w = pool.word(g.off);
         let info = info_w.load(Ordering::Relaxed);
         info_w.store(info | FLAG_HANDLE, Ordering::Release);
-        Ok(ShmHandle {
+        ShmHandle {
             arena: self.clone(),
             pool: pool.id(),
             off: g.off,
@@ -162,7 +187,7 @@ impl Arena {
             // SAFETY: `pool.ptr` of an in-bounds offset of a live mapping is never null.
             value: unsafe { NonNull::new_unchecked(value_ptr) },
             _owns: PhantomData,
-        })
+        }
     }
 
     /// Adopts the reference a [`LendBlob`] carries, after validating it: a blob of this arena,

@@ -1,0 +1,224 @@
+//! Test support: child processes and fd passing.
+//!
+//! A test spawns a child by re-executing its own test binary, running only the ignored test
+//! `child_entry` with a role name in the environment. Parent and child talk over a Unix socket
+//! with an *abstract* address (unique per spawn): nothing is created in any file system, so a
+//! killed test leaves nothing behind. Pool fds cross that socket with `SCM_RIGHTS`.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use flowipc::shm::{Arena, ArenaConfig, LendBlob};
+use flowipc::sys;
+
+const ROLE_ENV: &str = "FLOWIPC_TEST_ROLE";
+const SOCK_ENV: &str = "FLOWIPC_TEST_SOCK";
+
+/// The role this process was spawned for, if it is a child.
+pub fn child_role() -> Option<String> {
+    std::env::var(ROLE_ENV).ok()
+}
+
+/// A spawned child and the socket to it. Kills the child on drop if it is still running.
+pub struct Peer {
+    pub child: Child,
+    pub sock: UnixStream,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn unique_name() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "flowipc-test-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Spawns this test binary's `child_entry` with `role`, and sends it every pool fd of `arena`.
+pub fn spawn(role: &str, arena: &Arena) -> Peer {
+    let name = unique_name();
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let listener = UnixListener::bind_addr(&addr).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "child_entry",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ROLE_ENV, role)
+        .env(SOCK_ENV, &name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let sock = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!("child {role} exited before connecting: {status}");
+                }
+                assert!(Instant::now() < deadline, "child {role} never connected");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    sock.set_nonblocking(false).unwrap();
+    let mut peer = Peer { child, sock };
+    send_pools(&mut peer.sock, arena);
+    peer
+}
+
+/// Sends the pool fds of `arena`: a count, then one fd per message.
+pub fn send_pools(sock: &mut UnixStream, arena: &Arena) {
+    let ids = arena.pool_ids();
+    send_u64(sock, ids.len() as u64);
+    for id in ids {
+        let fd = arena.pool_fd(id).unwrap();
+        let n = sys::send_with_fds(sock, &[1], &[fd.as_fd()]).unwrap();
+        assert_eq!(n, 1);
+    }
+}
+
+/// Receives pool fds sent by [`send_pools`].
+pub fn recv_pools(sock: &mut UnixStream) -> Vec<OwnedFd> {
+    let n = recv_u64(sock);
+    (0..n)
+        .map(|_| {
+            let mut b = [0u8; 1];
+            let (got, mut fds) = sys::recv_with_fds(sock, &mut b).unwrap();
+            assert_eq!((got, fds.len()), (1, 1));
+            fds.pop().unwrap()
+        })
+        .collect()
+}
+
+/// In a child: connects to the parent and joins its arena.
+pub fn child_connect() -> (UnixStream, Arena) {
+    let name = std::env::var(SOCK_ENV).expect("spawned by common::spawn");
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let mut sock = UnixStream::connect_addr(&addr).unwrap();
+    let fds = recv_pools(&mut sock);
+    let arena = Arena::join(fds, ArenaConfig::new()).unwrap();
+    (sock, arena)
+}
+
+pub fn send_u64(sock: &mut UnixStream, v: u64) {
+    sock.write_all(&v.to_le_bytes()).unwrap();
+}
+
+pub fn recv_u64(sock: &mut UnixStream) -> u64 {
+    let mut b = [0u8; 8];
+    sock.read_exact(&mut b).unwrap();
+    u64::from_le_bytes(b)
+}
+
+pub fn send_blob(sock: &mut UnixStream, blob: &LendBlob) {
+    sock.write_all(blob.as_bytes()).unwrap();
+}
+
+pub fn recv_blob(sock: &mut UnixStream) -> LendBlob {
+    let mut b = [0u8; LendBlob::LEN];
+    sock.read_exact(&mut b).unwrap();
+    LendBlob::from_bytes(&b).unwrap()
+}
+
+/// Waits for the child to exit and asserts it succeeded.
+pub fn wait_ok(mut peer: Peer) {
+    let status = peer.child.wait().unwrap();
+    assert!(status.success(), "child failed: {status}");
+}
+
+/// A small deterministic PRNG (xorshift64*), so tests need no extra crate.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// A size: mostly small, sometimes medium, rarely large (exercises classes and extents).
+    pub fn size(&mut self) -> usize {
+        match self.below(100) {
+            0..=69 => self.below(512) as usize,
+            70..=94 => self.below(64 << 10) as usize,
+            95..=98 => self.below(512 << 10) as usize,
+            _ => (1 << 20) + self.below(1 << 20) as usize,
+        }
+    }
+}
+
+/// Fills `buf` with a pattern derived from `tag`.
+pub fn fill(buf: &mut [u8], tag: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (tag.wrapping_mul(31).wrapping_add(i as u64 / 7)) as u8;
+    }
+}
+
+/// Checks the pattern written by [`fill`].
+pub fn check(buf: &[u8], tag: u64) -> bool {
+    buf.iter()
+        .enumerate()
+        .all(|(i, &b)| b == (tag.wrapping_mul(31).wrapping_add(i as u64 / 7)) as u8)
+}
+
+/// Runs `f` on a thread and fails the test if it does not finish within `secs` (a hang).
+pub fn within<T: Send + 'static>(
+    secs: u64,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: did not finish within {secs} s (hang?)"),
+    }
+}
+
+/// Names in /dev/shm that look like ours (there should never be any: pools are memfds).
+pub fn dev_shm_leftovers() -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains("flowipc"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
