@@ -4,9 +4,11 @@
 //!   class has a tagged free list. When it is empty, a *span* of pages is taken from the page
 //!   allocator, carved into blocks, and all but one are pushed with a single CAS.
 //! * **Large requests** get an extent of exactly `ceil((size + 16) / 4096)` pages. Freed extents go
-//!   to one of [`NUM_BUCKETS`] free lists by `floor(log2(pages))`; a request pops from its own
-//!   bucket (if the head fits) or from any larger one (which always fits) and splits off the
-//!   excess as a new free extent. Only then is fresh space taken from the bump pointer.
+//!   to one of [`NUM_BUCKETS`] free lists (four per doubling of the page count); a request looks
+//!   at a few extents of its own bucket for one that fits, else pops from any larger bucket
+//!   (which always fits), and splits off the excess as a new free extent unless it is under
+//!   64 KiB (then the request keeps it: a 256 MiB request takes at most 256 MiB + 64 KiB, never
+//!   512 MiB). Only then is fresh space taken from the bump pointer, exactly page-rounded.
 //! * Extents are not coalesced: two adjacent free 256 MiB extents do not serve a 512 MiB
 //!   request (the arena adds a pool instead). Lock-free coalescing would need a lock-free
 //!   ordered structure; the simple policy is predictable and crash-safe.
@@ -23,6 +25,13 @@ use super::layout::*;
 use super::lockfree::{pop, push, push_chain, Words};
 use super::pool::Pool;
 use crate::sync::Ordering;
+
+/// Free extents this many pages longer than a large request are taken whole rather than split:
+/// a tail under 64 KiB could only ever serve another request of under 64 KiB, which small
+/// classes serve, so it would sit on a list forever.
+const MAX_SLACK_PAGES: u64 = 16;
+/// Entries of a request's own bucket examined for a fit before moving up a bucket.
+const OWN_BUCKET_TRIES: usize = 4;
 
 /// Where a block came from, as the allocator hands it out.
 #[derive(Clone, Copy, Debug)]
@@ -93,7 +102,7 @@ impl Pool {
     /// Takes a span for class `c`: returns its first block (ours) and frees the others.
     fn refill(&self, c: usize) -> Result<Option<u64>> {
         let pages = span_pages(c);
-        let Some((span, clean)) = self.alloc_pages(pages)? else {
+        let Some((span, _, clean)) = self.alloc_pages(pages, false)? else {
             return Ok(None);
         };
         let first_page = (span - self.heap_off()) / PAGE;
@@ -118,18 +127,37 @@ impl Pool {
         Ok(Some(span))
     }
 
-    /// Takes `n` contiguous pages: from a free extent (split to size) or from fresh space.
-    /// Returns the offset and whether the pages are known to be zero.
-    fn alloc_pages(&self, n: u64) -> Result<Option<(u64, bool)>> {
+    /// Takes at least `n` contiguous pages: from a free extent (split to size) or from fresh
+    /// space. With `slack`, a free extent up to [`MAX_SLACK_PAGES`] longer than asked is taken
+    /// whole rather than leaving a tail too small to be useful. Returns the offset, the pages
+    /// taken and whether they are known to be zero.
+    fn alloc_pages(&self, n: u64, slack: bool) -> Result<Option<(u64, u64, bool)>> {
         let h = self.hdr();
+        let keep = if slack { MAX_SLACK_PAGES } else { 0 };
+        // The own bucket holds extents on both sides of `n`: look at a few of them.
         let b0 = bucket_of(n);
-        if let Some(off) = pop(self, &h.buckets[b0]) {
+        let mut misfits = [0u64; OWN_BUCKET_TRIES];
+        let mut found = None;
+        let mut tried = 0;
+        while tried < OWN_BUCKET_TRIES {
+            let Some(off) = pop(self, &h.buckets[b0]) else {
+                break;
+            };
             let pages = self.extent_pages(off)?;
             if pages >= n {
-                return Ok(Some(self.split(off, pages, n)));
+                found = Some((off, pages));
+                break;
             }
+            misfits[tried] = off;
+            tried += 1;
+        }
+        for &off in &misfits[..tried] {
             push(self, &h.buckets[b0], off);
         }
+        if let Some((off, pages)) = found {
+            return Ok(Some(self.split(off, pages, n, keep)));
+        }
+        // Every extent in a higher bucket is big enough.
         for b in b0 + 1..NUM_BUCKETS {
             if h.buckets[b].load(Ordering::Relaxed) == 0 {
                 continue;
@@ -139,7 +167,7 @@ impl Pool {
                 if pages < n {
                     return Err(Error::Corrupt("extent smaller than its bucket"));
                 }
-                return Ok(Some(self.split(off, pages, n)));
+                return Ok(Some(self.split(off, pages, n, keep)));
             }
         }
         let bump = &h.bump.0;
@@ -151,7 +179,7 @@ impl Pool {
             };
             match bump.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
                 // Fresh memfd pages read as zero, and nobody has touched these yet.
-                Ok(_) => return Ok(Some((cur, true))),
+                Ok(_) => return Ok(Some((cur, n, true))),
                 Err(now) => cur = now,
             }
         }
@@ -172,20 +200,22 @@ impl Pool {
     }
 
     /// Keeps the first `n` of `pages` pages of the free extent at `off` (ours) and frees the rest
-    /// as a new extent.
-    fn split(&self, off: u64, pages: u64, n: u64) -> (u64, bool) {
+    /// as a new extent, unless the rest is at most `keep` pages: then the whole extent is kept.
+    /// Returns the offset, the pages kept and whether they are known to be zero.
+    fn split(&self, off: u64, pages: u64, n: u64, keep: u64) -> (u64, u64, bool) {
         let clean = self.word(off).load(Ordering::Relaxed) & FLAG_CLEAN != 0;
-        if pages > n {
-            let tail = off + n * PAGE;
-            let tail_pages = pages - n;
-            let flags = if clean { FLAG_CLEAN } else { 0 };
-            self.word(tail)
-                .store(info(STATE_FREE, CLASS_LARGE, flags, 0), Ordering::Relaxed);
-            self.page_entry((tail - self.heap_off()) / PAGE)
-                .store(pm_large(tail_pages), Ordering::Relaxed);
-            push(self, &self.hdr().buckets[bucket_of(tail_pages)], tail);
+        if pages - n <= keep {
+            return (off, pages, clean);
         }
-        (off, clean)
+        let tail = off + n * PAGE;
+        let tail_pages = pages - n;
+        let flags = if clean { FLAG_CLEAN } else { 0 };
+        self.word(tail)
+            .store(info(STATE_FREE, CLASS_LARGE, flags, 0), Ordering::Relaxed);
+        self.page_entry((tail - self.heap_off()) / PAGE)
+            .store(pm_large(tail_pages), Ordering::Relaxed);
+        push(self, &self.hdr().buckets[bucket_of(tail_pages)], tail);
+        (off, n, clean)
     }
 
     fn alloc_large(&self, size: usize, flags: u64) -> Result<Option<Grant>> {
@@ -195,16 +225,20 @@ impl Pool {
             _ => return Ok(None),
         };
         let stats = &self.hdr().large.0;
+        // Count the exact size first (see the module docs), then any slack the extent came with.
         stats.bytes.fetch_add(pages * PAGE, Ordering::Relaxed);
         stats.blocks.fetch_add(1, Ordering::Relaxed);
-        let off = match self.alloc_pages(pages) {
-            Ok(Some((off, clean))) => {
+        let (off, got) = match self.alloc_pages(pages, true) {
+            Ok(Some((off, got, clean))) => {
+                stats
+                    .bytes
+                    .fetch_add((got - pages) * PAGE, Ordering::Relaxed);
                 if clean {
                     // Fresh space or a clean extent: make sure the header says so.
                     let w = self.word(off);
                     w.store(w.load(Ordering::Relaxed) | FLAG_CLEAN, Ordering::Relaxed);
                 }
-                off
+                (off, got)
             }
             other => {
                 stats.bytes.fetch_sub(pages * PAGE, Ordering::Relaxed);
@@ -213,8 +247,8 @@ impl Pool {
             }
         };
         self.page_entry((off - self.heap_off()) / PAGE)
-            .store(pm_large(pages), Ordering::Relaxed);
-        Ok(Some(self.take(off, CLASS_LARGE, pages * PAGE, flags)))
+            .store(pm_large(got), Ordering::Relaxed);
+        Ok(Some(self.take(off, CLASS_LARGE, got * PAGE, flags)))
     }
 
     /// Frees the block at `off`, which the caller owns. `zeroed` says the payload is all zeros

@@ -107,9 +107,8 @@ pub const CLASS_SIZES: [u32; NUM_CLASSES] = class_sizes();
 pub const NUM_CLASSES: usize = 53;
 /// Largest small block (header included); bigger requests get page-rounded extents.
 pub const MAX_SMALL_BLOCK: u64 = CLASS_SIZES[NUM_CLASSES - 1] as u64;
-/// Number of large-extent free lists: list `b` holds extents of `[2^b, 2^(b+1))` pages.
-pub const NUM_BUCKETS: usize = 40;
-
+/// Number of large-extent free lists (see [`bucket_of`]).
+pub const NUM_BUCKETS: usize = 112;
 const fn class_sizes() -> [u32; NUM_CLASSES] {
     let mut out = [0u32; NUM_CLASSES];
     let mut n = 0;
@@ -180,10 +179,17 @@ pub fn large_pages(size: usize) -> Option<u64> {
     Some((size as u64).checked_add(BLOCK_HDR)?.div_ceil(PAGE))
 }
 
-/// Free-list bucket of an extent of `pages` pages (`floor(log2(pages))`).
+/// Free-list bucket of an extent of `pages` pages: 1, 2 and 3 pages have buckets of their own;
+/// above, four buckets per doubling (by the two bits after the leading one). Every extent in a
+/// bucket above `bucket_of(n)` has more than `n` pages.
 #[inline]
 pub fn bucket_of(pages: u64) -> usize {
-    (63 - pages.leading_zeros()) as usize
+    debug_assert!(pages > 0);
+    if pages < 4 {
+        return pages as usize;
+    }
+    let l = 63 - pages.leading_zeros() as u64;
+    (4 * (l - 1) + ((pages >> (l - 2)) & 3)) as usize
 }
 
 /// Bytes of the page map of a pool of `capacity` bytes (page-rounded).
@@ -227,9 +233,18 @@ mod tests {
     fn large_extents_are_exact_page_rounded() {
         // 256 MiB + 8 bytes takes 256 MiB + one page, never 512 MiB.
         assert_eq!(large_pages((256 << 20) + 8), Some((256 << 20) / PAGE + 1));
-        assert_eq!(bucket_of(1), 0);
-        assert_eq!(bucket_of(3), 1);
-        assert_eq!(bucket_of(1 << 20), 20);
+        assert_eq!(bucket_of(1), 1);
+        assert_eq!(bucket_of(3), 3);
+        assert_eq!(bucket_of(4), 4);
+        assert_eq!(bucket_of(7), 7);
+        assert_eq!(bucket_of(8), 8);
+        assert_eq!(bucket_of(11), 9);
+        assert_eq!(bucket_of(MAX_POOL_BYTES / PAGE), NUM_BUCKETS - 4);
+        assert!(bucket_of(MAX_POOL_BYTES / PAGE * 2 - 1) < NUM_BUCKETS);
+        // Monotonic, so "any bucket above mine" means "bigger than me".
+        for p in 1..100_000u64 {
+            assert!(bucket_of(p) <= bucket_of(p + 1));
+        }
     }
 
     #[test]

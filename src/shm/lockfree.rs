@@ -40,10 +40,13 @@ pub const OFF_BITS: u32 = 36;
 const OFF_MASK: u64 = (1 << OFF_BITS) - 1;
 
 /// Packs a block offset (a multiple of 16, below 2^40; 0 means "empty") and an ABA tag.
+///
+/// Other values are truncated rather than refused: a pop that lost a race may read garbage as
+/// `next` (the link word of a block someone else now owns), and packs it only for a CAS that is
+/// bound to fail.
 #[inline]
 pub fn pack(off: u64, tag: u64) -> u64 {
-    debug_assert!(off % 16 == 0 && (off >> 4) <= OFF_MASK);
-    (tag << OFF_BITS) | (off >> 4)
+    (tag << OFF_BITS) | ((off >> 4) & OFF_MASK)
 }
 
 /// The block offset of a tagged head (0 when the list is empty).
@@ -76,6 +79,7 @@ pub fn push<W: Words + ?Sized>(mem: &W, head: &AtomicU64, off: u64) {
 /// a single CAS. The caller owns every block of the chain.
 #[inline]
 pub fn push_chain<W: Words + ?Sized>(mem: &W, head: &AtomicU64, first: u64, last: u64) {
+    debug_assert!(first != 0 && first % 16 == 0 && (first >> 4) <= OFF_MASK);
     let link = mem.word(last + LINK);
     let mut cur = head.load(Ordering::Relaxed);
     loop {
