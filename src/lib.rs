@@ -16,3 +16,8 @@ pub mod shm;
 mod sync;
 #[cfg(not(flowipc_loom))]
 pub mod sys;
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,29 @@
+//! The auto traits of every public type, checked at compile time (a regression here is an API
+//! break), and the size of what crosses the socket.
+
+use flowipc::shm::{Arena, ArenaConfig, Block, BlockRef, Error, LendBlob, Pool, ShmHandle, Stats};
+use static_assertions::{assert_impl_all, assert_not_impl_any};
+use std::sync::atomic::AtomicU64;
+
+assert_impl_all!(Arena: Send, Sync, Clone, std::fmt::Debug);
+assert_impl_all!(Pool: Send, Sync, std::fmt::Debug);
+assert_impl_all!(Block<'static>: Send, Sync, std::fmt::Debug);
+assert_not_impl_any!(Block<'static>: Clone);
+assert_impl_all!(ShmHandle<AtomicU64>: Send, Sync, Clone, std::fmt::Debug);
+assert_impl_all!(LendBlob: Send, Sync, Copy, Eq, std::hash::Hash, std::fmt::Debug);
+assert_impl_all!(BlockRef: Send, Sync, Copy, Eq, std::hash::Hash);
+assert_impl_all!(Stats: Send, Sync, Copy, Eq);
+assert_impl_all!(Error: Send, Sync, std::error::Error);
+
+#[test]
+fn a_lend_blob_is_32_bytes_and_errors_read_well() {
+    assert_eq!(std::mem::size_of::<LendBlob>(), 32);
+    let arena = Arena::create(ArenaConfig::new().pool_size(1 << 20)).unwrap();
+    let e = arena.alloc(usize::MAX).unwrap_err();
+    assert!(
+        e.to_string().contains("exceed the largest possible block"),
+        "{e}"
+    );
+    let e = LendBlob::from_bytes(&[0; 3]).unwrap_err();
+    assert_eq!(e.to_string(), "lend blob of 3 bytes, expected 32");
+}
