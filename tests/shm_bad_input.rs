@@ -215,11 +215,12 @@ fn fds_that_are_not_pools() {
 #[test]
 fn corrupt_pool_headers() {
     // Each case corrupts one field of a pool's header through the file (as a buggy peer could).
-    let cases: [(u64, &[u8], fn(&Error) -> bool); 4] = [
-        (0, b"NOTFLOW\0", |e| {
+    type Case = (u64, Vec<u8>, fn(&Error) -> bool);
+    let cases: [Case; 4] = [
+        (0, b"NOTFLOW\0".to_vec(), |e| {
             matches!(e, Error::NotAPool("bad magic"))
         }),
-        (8, &99u32.to_le_bytes(), |e| {
+        (8, 99u32.to_le_bytes().to_vec(), |e| {
             matches!(
                 e,
                 Error::VersionMismatch {
@@ -228,17 +229,17 @@ fn corrupt_pool_headers() {
                 }
             )
         }),
-        (16, &12345u64.to_le_bytes(), |e| {
+        (16, 12345u64.to_le_bytes().to_vec(), |e| {
             matches!(e, Error::NotAPool(_))
         }),
-        (24, &4096u64.to_le_bytes(), |e| {
+        (24, 4096u64.to_le_bytes().to_vec(), |e| {
             matches!(e, Error::NotAPool(_))
         }),
     ];
     for (at, bytes, expect) in cases {
         let victim = arena();
         let file = std::fs::File::from(dup(&victim));
-        file.write_all_at(bytes, at).unwrap();
+        file.write_all_at(&bytes, at).unwrap();
         let e = Arena::join([dup(&victim)], ArenaConfig::new()).unwrap_err();
         assert!(expect(&e), "field at {at}: {e:?}");
     }
