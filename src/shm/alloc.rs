@@ -61,9 +61,17 @@ impl Pool {
         cs.in_use.fetch_add(1, Ordering::Relaxed);
         let off = match pop(self, &cs.head) {
             Some(off) => {
-                if !self.is_heap_block(off) {
+                // A popped block must be a free block of this class: anything else means the
+                // list was scribbled on (or, astronomically rarely, an ABA tag wrapped).
+                let ok = self.is_heap_block(off) && {
+                    let i = self.word(off).load(Ordering::Relaxed);
+                    info_state(i) == STATE_FREE && info_class(i) == c as u64
+                };
+                if !ok {
                     cs.in_use.fetch_sub(1, Ordering::Relaxed);
-                    return Err(Error::Corrupt("free list holds an offset outside the heap"));
+                    return Err(Error::Corrupt(
+                        "free list holds something not a free block of its class",
+                    ));
                 }
                 off
             }
@@ -106,19 +114,29 @@ impl Pool {
             return Ok(None);
         };
         let first_page = (span - self.heap_off()) / PAGE;
-        for i in 0..pages {
-            self.page_entry(first_page + i)
-                .store(pm_small(c as u64, i), Ordering::Relaxed);
-        }
         let size = CLASS_SIZES[c] as u64;
         let n = pages * PAGE / size;
-        let free_info = info(STATE_FREE, c as u64, if clean { FLAG_CLEAN } else { 0 }, 0);
+        let flags = if clean { FLAG_CLEAN } else { 0 };
+        // Block 0 sits where the recycled extent's header was (if it was recycled): it continues
+        // that position's generations, so a stale blob of the extent cannot match it. Every other
+        // block start is a position that was never a block start before (see `lockfree`).
+        let gen0 = info_generation(self.word(span).load(Ordering::Relaxed));
         for i in 0..n {
             let b = span + i * size;
-            self.word(b).store(free_info, Ordering::Relaxed);
+            let generation = if i == 0 { gen0 } else { 0 };
+            self.word(b).store(
+                info(STATE_FREE, c as u64, flags, generation),
+                Ordering::Relaxed,
+            );
             let next = if i + 1 < n { b + size } else { 0 };
             self.word(b + super::lockfree::LINK)
                 .store(next, Ordering::Relaxed);
+        }
+        // Release: a validation that finds these entries (Acquire in `block_at`) sees the block
+        // headers written above.
+        for i in 0..pages {
+            self.page_entry(first_page + i)
+                .store(pm_small(c as u64, i), Ordering::Release);
         }
         if n > 1 {
             let head = &self.hdr().classes[c].0.head;
@@ -139,20 +157,32 @@ impl Pool {
         let mut misfits = [0u64; OWN_BUCKET_TRIES];
         let mut found = None;
         let mut tried = 0;
+        let mut bad = None;
         while tried < OWN_BUCKET_TRIES {
             let Some(off) = pop(self, &h.buckets[b0]) else {
                 break;
             };
-            let pages = self.extent_pages(off)?;
-            if pages >= n {
-                found = Some((off, pages));
-                break;
+            match self.extent_pages(off) {
+                Ok(pages) if pages >= n => {
+                    found = Some((off, pages));
+                    break;
+                }
+                Ok(_) => {
+                    misfits[tried] = off;
+                    tried += 1;
+                }
+                // A bad entry is dropped from the list (it cannot be trusted), the rest kept.
+                Err(e) => {
+                    bad = Some(e);
+                    break;
+                }
             }
-            misfits[tried] = off;
-            tried += 1;
         }
         for &off in &misfits[..tried] {
             push(self, &h.buckets[b0], off);
+        }
+        if let Some(e) = bad {
+            return Err(e);
         }
         if let Some((off, pages)) = found {
             return Ok(Some(self.split(off, pages, n, keep)));
@@ -173,6 +203,9 @@ impl Pool {
         let bump = &h.bump.0;
         let mut cur = bump.load(Ordering::Relaxed);
         loop {
+            if cur < self.heap_off() || cur % PAGE != 0 {
+                return Err(Error::Corrupt("bump pointer outside the heap"));
+            }
             let end = match cur.checked_add(n * PAGE) {
                 Some(end) if end <= self.capacity() => end,
                 _ => return Ok(None),
@@ -185,16 +218,29 @@ impl Pool {
         }
     }
 
-    /// Length in pages of the free extent at `off` (validated: a popped offset is untrusted).
-    fn extent_pages(&self, off: u64) -> Result<u64> {
+    /// Length in pages of the extent at `off`, from the page map, validated (the entry is
+    /// peer-writable and must not send us outside the heap).
+    fn extent_len(&self, off: u64) -> Result<u64> {
         if !self.is_heap_block(off) || (off - self.heap_off()) % PAGE != 0 {
-            return Err(Error::Corrupt("extent list holds a bad offset"));
+            return Err(Error::Corrupt("extent at a bad offset"));
         }
         let page = (off - self.heap_off()) / PAGE;
-        let e = self.page_entry(page).load(Ordering::Relaxed);
+        let e = self.page_entry(page).load(Ordering::Acquire);
         let pages = pm_value(e);
-        if pm_kind(e) != PM_LARGE || pages == 0 || page + pages > self.heap_pages() {
+        if pm_kind(e) != PM_LARGE || pages == 0 || pages > self.heap_pages() - page {
             return Err(Error::Corrupt("extent page-map entry is bad"));
+        }
+        Ok(pages)
+    }
+
+    /// Length in pages of the free extent at `off` (validated: a popped offset is untrusted).
+    fn extent_pages(&self, off: u64) -> Result<u64> {
+        let pages = self.extent_len(off)?;
+        let i = self.word(off).load(Ordering::Relaxed);
+        if info_state(i) != STATE_FREE || info_class(i) != CLASS_LARGE {
+            return Err(Error::Corrupt(
+                "extent list holds something not a free extent",
+            ));
         }
         Ok(pages)
     }
@@ -213,7 +259,7 @@ impl Pool {
         self.word(tail)
             .store(info(STATE_FREE, CLASS_LARGE, flags, 0), Ordering::Relaxed);
         self.page_entry((tail - self.heap_off()) / PAGE)
-            .store(pm_large(tail_pages), Ordering::Relaxed);
+            .store(pm_large(tail_pages), Ordering::Release);
         push(self, &self.hdr().buckets[bucket_of(tail_pages)], tail);
         (off, n, clean)
     }
@@ -247,56 +293,52 @@ impl Pool {
             }
         };
         self.page_entry((off - self.heap_off()) / PAGE)
-            .store(pm_large(got), Ordering::Relaxed);
+            .store(pm_large(got), Ordering::Release);
         Ok(Some(self.take(off, CLASS_LARGE, got * PAGE, flags)))
     }
 
     /// Frees the block at `off`, which the caller owns. `zeroed` says the payload is all zeros
     /// (the caller cleared what it wrote).
     pub(crate) fn free_block(&self, off: u64, zeroed: bool) -> Result<()> {
+        if !self.is_heap_block(off) {
+            return Err(Error::Corrupt("freeing an offset outside the heap"));
+        }
         let info_w = self.word(off);
         let old = info_w.load(Ordering::Relaxed);
-        if info_state(old) != STATE_ALLOC {
+        let class = info_class(old);
+        if info_state(old) != STATE_ALLOC || (class as usize >= NUM_CLASSES && class != CLASS_LARGE)
+        {
             return Err(Error::Corrupt("freeing a block that is not allocated"));
         }
-        let class = info_class(old);
-        let mut clean = zeroed;
+        let pages = if class == CLASS_LARGE {
+            self.extent_len(off)?
+        } else {
+            0
+        };
         let h = self.hdr();
+        let flags = if zeroed { FLAG_CLEAN } else { 0 };
+        let new = info(
+            STATE_FREE,
+            class,
+            flags,
+            info_generation(old).wrapping_add(1),
+        );
+        // The CAS makes a double free (two owners of one block: a forged raw reference) an
+        // error, not a corrupt list. It also moves the generation on, so from here every lent
+        // blob of this life of the block is stale.
+        info_w
+            .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)
+            .map_err(|_| Error::Corrupt("block freed twice"))?;
         if class == CLASS_LARGE {
-            let page = (off - self.heap_off()) / PAGE;
-            let pages = pm_value(self.page_entry(page).load(Ordering::Relaxed));
-            if !clean && self.trims() && pages > 1 {
-                clean = self.trim_extent(off, pages);
+            if !zeroed && self.trims() && pages > 1 && self.trim_extent(off, pages) {
+                // Still ours (not yet pushed): record that it is clean now.
+                info_w.store(new | FLAG_CLEAN, Ordering::Relaxed);
             }
-            let new = info(
-                STATE_FREE,
-                class,
-                if clean { FLAG_CLEAN } else { 0 },
-                info_generation(old).wrapping_add(1),
-            );
-            // The CAS makes a double free (through a forged raw reference) an error, not a
-            // corrupt list.
-            info_w
-                .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)
-                .map_err(|_| Error::Corrupt("block freed twice"))?;
             push(self, &h.buckets[bucket_of(pages)], off);
             h.large.0.bytes.fetch_sub(pages * PAGE, Ordering::Relaxed);
             h.large.0.blocks.fetch_sub(1, Ordering::Relaxed);
         } else {
-            let c = class as usize;
-            if c >= NUM_CLASSES {
-                return Err(Error::Corrupt("block header has a bad class"));
-            }
-            let new = info(
-                STATE_FREE,
-                class,
-                if clean { FLAG_CLEAN } else { 0 },
-                info_generation(old).wrapping_add(1),
-            );
-            info_w
-                .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)
-                .map_err(|_| Error::Corrupt("block freed twice"))?;
-            let cs = &h.classes[c].0;
+            let cs = &h.classes[class as usize].0;
             push(self, &cs.head, off);
             cs.in_use.fetch_sub(1, Ordering::Relaxed);
         }
@@ -322,9 +364,10 @@ impl Pool {
         unsafe { std::ptr::write_bytes(self.ptr(off), 0, len as usize) }
     }
 
-    /// Validates that `off` is the start of a block and returns its info word's value. Reads only
-    /// the page map and block headers (atomics), never user bytes.
-    pub(crate) fn block_at(&self, off: u64) -> Result<u64> {
+    /// Validates that `off` is the start of a block and returns its info word's value and its
+    /// payload capacity. Reads only the page map and block headers (atomics), never user bytes,
+    /// and does only overflow-free arithmetic on them, whatever they hold.
+    pub(crate) fn block_at(&self, off: u64) -> Result<(u64, u64)> {
         if off < self.heap_off() || off >= self.capacity() - BLOCK_HDR {
             return Err(Error::OutOfBounds {
                 pool: self.id(),
@@ -336,43 +379,56 @@ impl Pool {
         }
         let rel = off - self.heap_off();
         let page = rel / PAGE;
-        let e = self.page_entry(page).load(Ordering::Relaxed);
-        let ok = match pm_kind(e) {
+        // Acquire pairs with the Release stores of refill/split/alloc_large: the block headers
+        // those wrote before publishing the entry are visible.
+        let e = self.page_entry(page).load(Ordering::Acquire);
+        let not_a_block = Error::NotABlock(off);
+        let (class, capacity) = match pm_kind(e) {
             PM_SMALL => {
                 let (c, idx) = (pm_class(e) as usize, pm_value(e));
                 if c >= NUM_CLASSES || idx > page {
-                    false
-                } else {
-                    let span = (page - idx) * PAGE;
-                    let size = CLASS_SIZES[c] as u64;
-                    let k = (rel - span) / size;
-                    (rel - span) % size == 0 && k < span_pages(c) * PAGE / size
+                    return Err(not_a_block);
                 }
+                let at = rel - (page - idx) * PAGE;
+                let size = CLASS_SIZES[c] as u64;
+                if at % size != 0 || at / size >= span_pages(c) * PAGE / size {
+                    return Err(not_a_block);
+                }
+                (c as u64, size - BLOCK_HDR)
             }
-            PM_LARGE => rel % PAGE == 0,
-            _ => false,
+            PM_LARGE => {
+                let pages = pm_value(e);
+                if rel % PAGE != 0 || pages == 0 || pages > self.heap_pages() - page {
+                    return Err(not_a_block);
+                }
+                (CLASS_LARGE, pages * PAGE - BLOCK_HDR)
+            }
+            _ => return Err(not_a_block),
         };
-        if !ok {
-            return Err(Error::NotABlock(off));
+        let info = self.word(off).load(Ordering::Acquire);
+        if info_class(info) != class {
+            return Err(not_a_block);
         }
-        Ok(self.word(off).load(Ordering::Acquire))
+        Ok((info, capacity))
     }
 
     /// Bytes and blocks in use in this pool.
     pub(crate) fn usage(&self) -> (u64, u64) {
         let h = self.hdr();
+        // Wrapping: the counters are peer-writable; a scribbled one must not panic us.
         let mut bytes = h.large.0.bytes.load(Ordering::Relaxed);
         let mut blocks = h.large.0.blocks.load(Ordering::Relaxed);
         for (c, cs) in h.classes.iter().enumerate() {
             let n = cs.0.in_use.load(Ordering::Relaxed);
-            bytes += n * CLASS_SIZES[c] as u64;
-            blocks += n;
+            bytes = bytes.wrapping_add(n.wrapping_mul(CLASS_SIZES[c] as u64));
+            blocks = blocks.wrapping_add(n);
         }
         (bytes, blocks)
     }
 
     /// Bytes of heap handed out by the bump pointer so far (spans and extents, used or free).
     pub(crate) fn reserved(&self) -> u64 {
-        self.hdr().bump.0.load(Ordering::Relaxed) - self.heap_off()
+        let bump = self.hdr().bump.0.load(Ordering::Relaxed);
+        bump.clamp(self.heap_off(), self.capacity()) - self.heap_off()
     }
 }

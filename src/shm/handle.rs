@@ -6,11 +6,12 @@ use std::ops::Deref;
 use std::ptr::NonNull;
 
 use super::alloc::Grant;
-use super::arena::{block_capacity, Arena, BlockRef};
+use super::arena::{Arena, BlockRef};
 use super::error::{Error, Result};
 use super::layout::*;
 use super::lockfree::{
-    rc_acquire, rc_release, ticket_issue, ticket_return, ticket_take, Words, LINK,
+    handle_word, rc_acquire, rc_release, refs, ticket_issue, ticket_return, ticket_take, tickets,
+    Words, LINK,
 };
 use super::pool::Pool;
 use crate::sync::{AtomicU64, Ordering};
@@ -84,9 +85,10 @@ pub fn type_tag<T: 'static>() -> u64 {
     h
 }
 
-/// Offset within the payload of the object header `{type tag, lend tickets}`, then the value.
+/// Offset within the payload of the type tag (written once, before the object is published);
+/// the value follows at 16 so that it is 16-aligned. Count, tickets, liveness and generation are
+/// in the block header's link word (see [`handle_word`]).
 const TAG_AT: u64 = 0;
-const TICKETS_AT: u64 = 8;
 const VALUE_AT: u64 = 16;
 
 /// A reference-counted `T` in an arena, shared across processes.
@@ -146,8 +148,8 @@ impl Arena {
         Ok(self.publish(pool, g, value_ptr))
     }
 
-    /// Allocates a block for a `T` and initializes its object header (count 1, type tag, no
-    /// tickets); the value is the caller's to write (already zero if `zeroed`).
+    /// Allocates a block for a `T` and writes its type tag; the value is the caller's to write
+    /// (already zero if `zeroed`). Not yet borrowable: see `publish`.
     fn grant_object<T: ShmSafe>(&self, zeroed: bool) -> Result<(&Pool, Grant, *mut T)> {
         const {
             assert!(
@@ -165,20 +167,22 @@ impl Arena {
         if zeroed && !g.clean {
             pool.zero(payload + VALUE_AT, std::mem::size_of::<T>() as u64);
         }
-        pool.word(g.off + LINK).store(1, Ordering::Relaxed);
         pool.word(payload + TAG_AT)
             .store(type_tag::<T>(), Ordering::Relaxed);
-        pool.word(payload + TICKETS_AT).store(0, Ordering::Relaxed);
         Ok((pool, g, pool.ptr(payload + VALUE_AT) as *mut T))
     }
 
     /// Marks an initialized object block as borrowable and returns its first handle.
     fn publish<T: ShmSafe>(&self, pool: &Pool, g: Grant, value_ptr: *mut T) -> ShmHandle<T> {
-        // Only now may a borrow accept this block (Release pairs with the Acquire load in
-        // `Pool::block_at`, so a borrower sees the tag and tickets initialized).
+        // Only now may a borrow accept this block. The flag is a fast pre-check for borrowers;
+        // the handle word is what counts: a borrower's ticket CAS (Acquire) reads-from the
+        // lender's `ticket_issue` (Release), which follows this store in the lender's thread, so
+        // the borrower sees the tag and value written above.
         let info_w = pool.word(g.off);
         let info = info_w.load(Ordering::Relaxed);
-        info_w.store(info | FLAG_HANDLE, Ordering::Release);
+        info_w.store(info | FLAG_HANDLE, Ordering::Relaxed);
+        pool.word(g.off + LINK)
+            .store(handle_word(g.generation), Ordering::Release);
         ShmHandle {
             arena: self.clone(),
             pool: pool.id(),
@@ -229,6 +233,11 @@ impl Arena {
 
     /// Validation shared by `borrow` and `release_blob`; on success the caller owns one
     /// reference to the block at the returned offset.
+    ///
+    /// Everything before the ticket CAS reads header words only (atomics, positions that are
+    /// block starts forever), so a stale blob racing a free and reuse of its block touches
+    /// nothing of the block's new life. The CAS itself checks liveness, generation and an
+    /// outstanding ticket in one step; only then, owning a reference, do we read the payload.
     fn adopt(&self, blob: &LendBlob, typed: Option<(u64, u64)>) -> Result<(&Pool, u64)> {
         if blob.arena_tag() != self.id() as u32 {
             return Err(Error::ForeignBlob);
@@ -243,40 +252,27 @@ impl Arena {
                 pool: blob.pool(),
                 offset: blob.offset(),
             })?;
-        let info = pool.block_at(off)?;
-        let live = |i: u64| {
-            info_state(i) == STATE_ALLOC
-                && i & FLAG_HANDLE != 0
-                && info_generation(i) == blob.generation()
-        };
-        if !live(info) {
+        let (info, capacity) = pool.block_at(off)?;
+        if info_state(info) != STATE_ALLOC
+            || info & FLAG_HANDLE == 0
+            || info_generation(info) != blob.generation()
+        {
             return Err(Error::Stale);
         }
-        let payload = off + BLOCK_HDR;
+        let link = pool.word(off + LINK);
+        if !ticket_take(link, blob.generation()) {
+            return Err(Error::Stale);
+        }
+        // From here the block is ours to read: the ticket's reference keeps it alive.
         if let Some((tag, need)) = typed {
-            if block_capacity(pool, off, info) < need {
-                return Err(Error::TypeMismatch {
-                    expected: tag,
-                    found: 0,
-                });
-            }
-            let found = pool.word(payload + TAG_AT).load(Ordering::Relaxed);
-            if found != tag {
+            let found = pool.word(off + BLOCK_HDR + TAG_AT).load(Ordering::Relaxed);
+            if capacity < need || found != tag {
+                ticket_return(link);
                 return Err(Error::TypeMismatch {
                     expected: tag,
                     found,
                 });
             }
-        }
-        let tickets = pool.word(payload + TICKETS_AT);
-        if !ticket_take(tickets) {
-            return Err(Error::Stale);
-        }
-        // The block cannot have been freed while a ticket was outstanding (the ticket's reference
-        // kept it alive); re-check anyway, so that a replayed blob racing a free is refused.
-        if !live(pool.word(off).load(Ordering::Acquire)) {
-            ticket_return(tickets);
-            return Err(Error::Stale);
         }
         Ok((pool, off))
     }
@@ -284,8 +280,9 @@ impl Arena {
 
 fn release(pool: &Pool, off: u64) {
     if rc_release(pool.word(off + LINK)) {
-        let freed = pool.free_block(off, false);
-        debug_assert!(freed.is_ok(), "{freed:?}");
+        // An error here means a peer scribbled on the block's header; the block is then leaked
+        // rather than freed into a list it could corrupt. Nothing to report it to from a drop.
+        let _ = pool.free_block(off, false);
     }
 }
 
@@ -305,8 +302,7 @@ impl<T: ShmSafe> ShmHandle<T> {
     /// blob, and the receiver adopts the reference with [`Arena::borrow`]. A blob that is never
     /// borrowed keeps the object alive: give it back with [`Arena::release_blob`].
     pub fn lend(&self) -> LendBlob {
-        rc_acquire(self.rc());
-        ticket_issue(self.pool().word(self.off + BLOCK_HDR + TICKETS_AT));
+        ticket_issue(self.rc());
         LendBlob::new(
             self.arena.id() as u32,
             self.pool,
@@ -319,7 +315,7 @@ impl<T: ShmSafe> ShmHandle<T> {
     /// Current number of references (handles in all processes plus lent blobs not yet
     /// borrowed). A snapshot: other processes may change it at any time.
     pub fn ref_count(&self) -> u64 {
-        self.rc().load(Ordering::Relaxed)
+        refs(self.rc().load(Ordering::Relaxed))
     }
 
     /// Where the object lives (pool, payload offset, generation).
@@ -339,7 +335,8 @@ impl<T: ShmSafe> ShmHandle<T> {
     /// Mutable access if this is the only reference anywhere (like `Arc::get_mut`).
     pub fn get_mut(&mut self) -> Option<&mut T> {
         // Acquire: if another holder just released, its writes are visible before we write.
-        if self.rc().load(Ordering::Acquire) != 1 {
+        let word = self.rc().load(Ordering::Acquire);
+        if refs(word) != 1 || tickets(word) != 0 {
             return None;
         }
         // SAFETY: count 1 is our own reference: no handle and no unborrowed lend exists in any

@@ -14,7 +14,21 @@
 //!   shared memory. The last release, in any thread of any process, observes every write made by
 //!   the other holders before it frees the block.
 //! * **Lend tickets** ([`ticket_issue`], [`ticket_take`]): how many lent references are still
-//!   waiting to be adopted by a borrower, so that a replayed blob cannot adopt a reference twice.
+//!   waiting to be adopted by a borrower, kept in the same word as the count, the liveness bit
+//!   and the generation (see [`handle_word`]), so that a stale or replayed blob is refused
+//!   atomically and never adopts a reference that was not lent.
+//!
+//! The invariant all of this rests on: **a header word stays a header word.** Once a position is
+//! a block start it stays one for the life of the pool (spans are never returned to the page
+//! allocator and extents are never coalesced), so a thread holding a stale offset only ever
+//! touches atomic header words, never a payload someone writes non-atomically. Coalescing, if it
+//! is ever added, must keep this.
+//!
+//! ABA: tags are [`64 - OFF_BITS`](OFF_BITS) = 32 bits. A pop that stalls between reading the
+//! head and its CAS could be fooled only if exactly a multiple of 2^32 operations hit the same
+//! list meanwhile (over a minute of nothing else at full speed) *and* the list came back to the
+//! same head; even then the allocator's check of the block's state reports the double hand-out
+//! as corruption.
 //!
 //! Crash safety: every step that changes shared state is one atomic instruction, and no step
 //! waits for another process. A process killed between two steps leaves at worst a block that
@@ -35,11 +49,11 @@ pub trait Words {
 /// free list; the reference count while it is an allocated ref-counted object.
 pub const LINK: u64 = 8;
 
-/// Bits of a tagged head that hold the block offset in 16-byte units (so offsets < 1 TiB).
-pub const OFF_BITS: u32 = 36;
+/// Bits of a tagged head that hold the block offset in 16-byte units (so offsets < 64 GiB).
+pub const OFF_BITS: u32 = 32;
 const OFF_MASK: u64 = (1 << OFF_BITS) - 1;
 
-/// Packs a block offset (a multiple of 16, below 2^40; 0 means "empty") and an ABA tag.
+/// Packs a block offset (a multiple of 16, below 2^36; 0 means "empty") and an ABA tag.
 ///
 /// Other values are truncated rather than refused: a pop that lost a race may read garbage as
 /// `next` (the link word of a block someone else now owns), and packs it only for a CAS that is
@@ -124,16 +138,55 @@ pub fn pop<W: Words + ?Sized>(mem: &W, head: &AtomicU64) -> Option<u64> {
     }
 }
 
-/// Reference counts above this are treated as a leak of handles gone wild: we abort rather than
-/// let the count wrap and free a block that is still in use (the same policy as `Arc`).
-pub const RC_MAX: u64 = 1 << 62;
+/// The link word of a live ref-counted object ("handle word"):
+///
+/// ```text
+/// bit 63      62..48          47..32    31..0
+/// LIVE        generation      tickets   references
+///             (low 15 bits)
+/// ```
+///
+/// Liveness, generation, outstanding lend tickets and the reference count share one word so that
+/// a borrower checks "this is still the object the blob was made for" and takes its ticket in a
+/// single CAS: a blob replayed after the object died can never touch a word of the block's next
+/// life (the link word of a free block is a free-list offset, which never has bit 63 set).
+/// Tickets are counted in the references too (a lent, not yet borrowed reference keeps the
+/// object alive), so the last release always finds no ticket left.
+pub const LIVE: u64 = 1 << 63;
+const GEN_SHIFT: u32 = 48;
+const GEN_MASK: u64 = 0x7FFF;
+const TICKET_ONE: u64 = 1 << 32;
+const TICKET_MASK: u64 = 0xFFFF << 32;
+const RC_MASK: u64 = 0xFFFF_FFFF;
+/// Most references (or outstanding tickets) before we abort rather than overflow into the next
+/// field, like `Arc` does on overflow.
+pub const RC_MAX: u64 = RC_MASK / 2;
+const TICKETS_MAX: u64 = 0xFFFF / 2;
 
-/// Adds one reference (clone or lend). The caller already holds one, so nothing needs ordering:
-/// the new reference can only be released after it is handed over by synchronizing means.
+/// The handle word of a new object of generation `generation`: live, one reference, no ticket.
 #[inline]
-pub fn rc_acquire(rc: &AtomicU64) {
-    let old = rc.fetch_add(1, Ordering::Relaxed);
-    if old > RC_MAX {
+pub fn handle_word(generation: u32) -> u64 {
+    LIVE | ((generation as u64 & GEN_MASK) << GEN_SHIFT) | 1
+}
+
+/// References held (handles plus unborrowed lends) in a handle word.
+#[inline]
+pub fn refs(word: u64) -> u64 {
+    word & RC_MASK
+}
+
+/// Outstanding lend tickets in a handle word.
+#[inline]
+pub fn tickets(word: u64) -> u64 {
+    (word & TICKET_MASK) >> 32
+}
+
+/// Adds one reference (a clone). The caller already holds one, so nothing needs ordering: the
+/// new reference can only be released after it is handed over by synchronizing means.
+#[inline]
+pub fn rc_acquire(word: &AtomicU64) {
+    let old = word.fetch_add(1, Ordering::Relaxed);
+    if refs(old) >= RC_MAX {
         std::process::abort();
     }
 }
@@ -141,9 +194,9 @@ pub fn rc_acquire(rc: &AtomicU64) {
 /// Drops one reference; returns `true` if it was the last one, in which case the caller frees the
 /// object and every write any holder made to it happens-before that free.
 #[inline]
-pub fn rc_release(rc: &AtomicU64) -> bool {
+pub fn rc_release(word: &AtomicU64) -> bool {
     // Release: our writes to the object happen-before the decrement that the last holder sees.
-    if rc.fetch_sub(1, Ordering::Release) != 1 {
+    if refs(word.fetch_sub(1, Ordering::Release)) != 1 {
         return false;
     }
     // Acquire: synchronize with every other holder's Release decrement before freeing.
@@ -151,31 +204,45 @@ pub fn rc_release(rc: &AtomicU64) -> bool {
     true
 }
 
-/// Records one more lent reference waiting to be borrowed. Release: the object's contents as the
-/// lender sees them are visible to the borrower whose [`ticket_take`] observes this ticket.
+/// Lends: adds one reference and one ticket for it, in one step. Release: the object's contents
+/// as the lender sees them are visible to the borrower whose [`ticket_take`] observes this.
 #[inline]
-pub fn ticket_issue(tickets: &AtomicU64) {
-    tickets.fetch_add(1, Ordering::Release);
+pub fn ticket_issue(word: &AtomicU64) {
+    let old = word.fetch_add(TICKET_ONE | 1, Ordering::Release);
+    if refs(old) >= RC_MAX || tickets(old) >= TICKETS_MAX {
+        std::process::abort();
+    }
 }
 
-/// Takes one outstanding lent reference, if any. A replayed blob finds no ticket and is refused,
-/// so a reference is never adopted twice.
+/// Borrows: if the word is still the live object of `generation` and a ticket is outstanding,
+/// takes the ticket (its reference becomes the caller's). Otherwise (the object died, the block
+/// was reused, or every lent reference was already borrowed: a replay) changes nothing.
+///
+/// Tickets are per object, not per blob: with two lends outstanding, the same blob bytes can be
+/// borrowed twice (the blobs are identical), and the third attempt is refused.
 #[inline]
-pub fn ticket_take(tickets: &AtomicU64) -> bool {
-    let mut cur = tickets.load(Ordering::Acquire);
+pub fn ticket_take(word: &AtomicU64, generation: u32) -> bool {
+    let want = LIVE | ((generation as u64 & GEN_MASK) << GEN_SHIFT);
+    let mut cur = word.load(Ordering::Acquire);
     loop {
-        if cur == 0 {
+        if cur & (LIVE | (GEN_MASK << GEN_SHIFT)) != want || tickets(cur) == 0 {
             return false;
         }
-        match tickets.compare_exchange_weak(cur, cur - 1, Ordering::Acquire, Ordering::Acquire) {
+        match word.compare_exchange_weak(
+            cur,
+            cur - TICKET_ONE,
+            Ordering::Acquire,
+            Ordering::Acquire,
+        ) {
             Ok(_) => return true,
             Err(now) => cur = now,
         }
     }
 }
 
-/// Gives a ticket back (a borrow that took one and then failed a later check).
+/// Gives a taken ticket back (a borrow that took one and then failed a later check). The caller
+/// holds the ticket's reference, so the object is alive.
 #[inline]
-pub fn ticket_return(tickets: &AtomicU64) {
-    tickets.fetch_add(1, Ordering::Relaxed);
+pub fn ticket_return(word: &AtomicU64) {
+    word.fetch_add(TICKET_ONE, Ordering::Relaxed);
 }

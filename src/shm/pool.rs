@@ -252,9 +252,14 @@ impl Words for Pool {
         };
         // SAFETY: `off` is 8-aligned and `off + 8 <= capacity`, so the word lies inside the
         // mapping, which is page-aligned and lives as long as `&self`. AtomicU64 has the size and
-        // alignment of u64 and every bit pattern is valid. The words handed to the lock-free
-        // algorithms are header words (pool header, page map, block headers), which flowipc
-        // accesses only atomically in every process; payload bytes never overlap them.
+        // alignment of u64 and every bit pattern is valid, so the reference is valid to create.
+        // No data race follows from it: flowipc asks only for header words (pool header, page
+        // map, the two words of a block header, and an object's type tag while a reference to
+        // the object is held), all of which every process accesses only atomically, and a block
+        // header position stays one for the pool's life (spans are never freed, extents never
+        // coalesced; see `lockfree`), so a stale offset still names a header word. Offsets read
+        // from a list a peer scribbled on are checked before use as blocks (the trust model in
+        // the module docs: a peer that writes arbitrary bytes is outside what can be defended).
         unsafe { &*(self.map.as_mut_ptr().add(off as usize) as *const AtomicU64) }
     }
 }
