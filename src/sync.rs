@@ -13,5 +13,6 @@
 #[cfg(not(flowipc_loom))]
 pub(crate) use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
+// Under loom only the lock-free algorithms are compiled, and they need no 32-bit atomics.
 #[cfg(flowipc_loom)]
-pub(crate) use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicU64, Ordering};
