@@ -5,13 +5,14 @@
 //! Everything returns `std::io::Result`, and every received fd comes back as an [`OwnedFd`], so
 //! nothing received can leak.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, fcntl, FallocateFlags, FcntlArg, SealFlag};
+use nix::libc;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
@@ -71,6 +72,50 @@ pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
 
 fn libc_off(v: u64) -> Option<i64> {
     i64::try_from(v).ok()
+}
+
+/// Opens a new, independent open file description of the file behind `fd` (through
+/// `/proc/self/fd`), close-on-exec. Locks taken through it with [`try_lock_byte`] belong to it
+/// alone: the kernel drops them when it is closed, including when this process dies.
+pub fn reopen(fd: BorrowedFd<'_>) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn byte_lock(kind: libc::c_int, index: u64) -> io::Result<libc::flock> {
+    Ok(libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: libc_off(index).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?,
+        l_len: 1,
+        l_pid: 0,
+    })
+}
+
+/// Tries to take an exclusive open-file-description lock on byte `index` of `file` (locks are
+/// advisory: the byte's contents are not affected, and it may lie beyond the end of the file).
+/// Returns `false` if another open file description holds it. A description never conflicts
+/// with itself.
+///
+/// # References
+/// fcntl(2), "Open file description locks"
+pub fn try_lock_byte(file: &File, index: u64) -> io::Result<bool> {
+    let lock = byte_lock(libc::F_WRLCK, index)?;
+    match fcntl(file, FcntlArg::F_OFD_SETLK(&lock)) {
+        Ok(_) => Ok(true),
+        Err(Errno::EAGAIN | Errno::EACCES) => Ok(false),
+        Err(e) => Err(io_err(e)),
+    }
+}
+
+/// Releases a lock taken with [`try_lock_byte`].
+pub fn unlock_byte(file: &File, index: u64) -> io::Result<()> {
+    let lock = byte_lock(libc::F_UNLCK, index)?;
+    fcntl(file, FcntlArg::F_OFD_SETLK(&lock))
+        .map(drop)
+        .map_err(io_err)
 }
 
 /// Sends `data` with `fds` attached to its first byte (`SCM_RIGHTS`). Returns the bytes sent

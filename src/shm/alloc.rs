@@ -20,9 +20,9 @@
 //! * **Statistics** are counted before a block is taken and after it is given back, so a process
 //!   killed in between makes them over-count (a visible leak), never under-count.
 
-use super::error::{Error, Result};
+use super::error::Error;
 use super::layout::*;
-use super::lockfree::{pop, push, push_chain, Words};
+use super::lockfree::{pop, push, push_chain, Words, LINK};
 use super::pool::Pool;
 use crate::sync::Ordering;
 
@@ -40,53 +40,107 @@ pub(crate) struct Grant {
     pub(crate) off: u64,
     /// Usable payload bytes (the class or extent size less the header).
     pub(crate) capacity: u64,
-    /// Payload known to be all zeros.
-    pub(crate) clean: bool,
-    /// Generation of this life of the block.
-    pub(crate) generation: u32,
+    /// The block's info word as it was while free (one word, so that a `Grant` is copied with
+    /// whole-word moves: a bool and a u32 side by side cost a store-forwarding stall here).
+    pub(crate) was: u64,
 }
 
+impl Grant {
+    /// Payload known to be all zeros.
+    #[inline]
+    pub(crate) fn clean(&self) -> bool {
+        self.was & FLAG_CLEAN != 0
+    }
+
+    /// Generation of this life of the block.
+    #[inline]
+    pub(crate) fn generation(&self) -> u32 {
+        info_generation(self.was)
+    }
+}
+
+/// Why a pool could not serve a request: it is full, or its shared metadata failed a check. Kept
+/// small (the public [`Error`] is made at the arena level) so that results pass in registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fail {
+    /// No room in this pool.
+    Full,
+    /// A peer scribbled over allocator metadata (the text says which check failed).
+    Corrupt(&'static str),
+}
+
+impl From<Fail> for Error {
+    fn from(f: Fail) -> Error {
+        match f {
+            Fail::Full => Error::OutOfMemory { requested: 0 },
+            Fail::Corrupt(why) => Error::Corrupt(why),
+        }
+    }
+}
+
+type Res<T> = std::result::Result<T, Fail>;
+
 impl Pool {
-    /// Allocates a block with `size` payload bytes, or `Ok(None)` if this pool has no room.
+    /// Allocates a block with `size` payload bytes.
     /// `flags` (e.g. [`FLAG_HANDLE`]) are recorded in the block's info word.
-    pub(crate) fn alloc_block(&self, size: usize, flags: u64) -> Result<Option<Grant>> {
+    #[inline(always)]
+    pub(crate) fn alloc_block(&self, size: usize, flags: u64) -> Res<Grant> {
         match class_for(size) {
             Some(c) => self.alloc_small(c, flags),
             None => self.alloc_large(size, flags),
         }
     }
 
-    fn alloc_small(&self, c: usize, flags: u64) -> Result<Option<Grant>> {
-        let cs = &self.hdr().classes[c].0;
-        cs.in_use.fetch_add(1, Ordering::Relaxed);
-        let off = match pop(self, &cs.head) {
-            Some(off) => {
-                // A popped block must be a free block of this class: anything else means the
-                // list was scribbled on (or, astronomically rarely, an ABA tag wrapped).
-                let ok = self.is_heap_block(off) && {
-                    let i = self.word(off).load(Ordering::Relaxed);
-                    info_state(i) == STATE_FREE && info_class(i) == c as u64
-                };
-                if !ok {
-                    cs.in_use.fetch_sub(1, Ordering::Relaxed);
-                    return Err(Error::Corrupt(
-                        "free list holds something not a free block of its class",
-                    ));
+    #[inline(always)]
+    fn alloc_small(&self, c: usize, flags: u64) -> Res<Grant> {
+        let size = CLASS_SIZES[c] as u64;
+        // Fast path: this thread's private list, and its own counters (see `tcache`).
+        let mut cached = None;
+        let counted = self
+            .with_slot(|slot, counts| {
+                super::tcache::add(&slot.usage, size as i64, 1);
+                if counts[c] > 0 {
+                    let head = &slot.heads[c];
+                    let off = head.load(Ordering::Relaxed);
+                    head.store(
+                        self.word(off + LINK).load(Ordering::Relaxed),
+                        Ordering::Relaxed,
+                    );
+                    counts[c] -= 1;
+                    cached = Some(off);
                 }
-                off
-            }
-            None => match self.refill(c) {
-                Ok(Some(off)) => off,
-                other => {
-                    cs.in_use.fetch_sub(1, Ordering::Relaxed);
-                    return other.map(|_| None);
-                }
+            })
+            .is_some();
+        if !counted {
+            self.account(size as i64, 1);
+        }
+        let off = match cached {
+            Some(off) => off,
+            None => match pop(self, &self.hdr().classes[c].0.head) {
+                Some(off) => off,
+                None => match self.refill(c) {
+                    Ok(off) => off,
+                    Err(f) => {
+                        self.account(-(size as i64), -1);
+                        return Err(f);
+                    }
+                },
             },
         };
-        Ok(Some(self.take(off, c as u64, CLASS_SIZES[c] as u64, flags)))
+        // A block from a list must be a free block of this class: anything else means a list
+        // was scribbled on (or, astronomically rarely, an ABA tag wrapped). A fresh span's first
+        // block is one too.
+        if !self.is_cached_block(off, c) {
+            self.account(-(size as i64), -1);
+            return Err(Fail::Corrupt(
+                "free list holds something not a free block of its class",
+            ));
+        }
+        Ok(self.take(off, c as u64, size, flags))
     }
 
     /// Marks a block we own as allocated and describes it.
+    #[inline(always)]
     fn take(&self, off: u64, class: u64, block: u64, flags: u64) -> Grant {
         let info = self.word(off);
         let old = info.load(Ordering::Relaxed);
@@ -98,21 +152,20 @@ impl Pool {
         Grant {
             off,
             capacity: block - BLOCK_HDR,
-            clean: old & FLAG_CLEAN != 0,
-            generation,
+            was: old,
         }
     }
 
-    fn is_heap_block(&self, off: u64) -> bool {
+    #[inline]
+    pub(crate) fn is_heap_block(&self, off: u64) -> bool {
         off >= self.heap_off() && off % 16 == 0 && off + BLOCK_HDR <= self.capacity()
     }
 
     /// Takes a span for class `c`: returns its first block (ours) and frees the others.
-    fn refill(&self, c: usize) -> Result<Option<u64>> {
+    #[inline(never)]
+    fn refill(&self, c: usize) -> Res<u64> {
         let pages = span_pages(c);
-        let Some((span, _, clean)) = self.alloc_pages(pages, false)? else {
-            return Ok(None);
-        };
+        let (span, _, clean) = self.alloc_pages(pages, false)?;
         let first_page = (span - self.heap_off()) / PAGE;
         let size = CLASS_SIZES[c] as u64;
         let n = pages * PAGE / size;
@@ -129,8 +182,7 @@ impl Pool {
                 Ordering::Relaxed,
             );
             let next = if i + 1 < n { b + size } else { 0 };
-            self.word(b + super::lockfree::LINK)
-                .store(next, Ordering::Relaxed);
+            self.word(b + LINK).store(next, Ordering::Relaxed);
         }
         // Release: a validation that finds these entries (Acquire in `block_at`) sees the block
         // headers written above.
@@ -142,14 +194,14 @@ impl Pool {
             let head = &self.hdr().classes[c].0.head;
             push_chain(self, head, span + size, span + (n - 1) * size);
         }
-        Ok(Some(span))
+        Ok(span)
     }
 
     /// Takes at least `n` contiguous pages: from a free extent (split to size) or from fresh
     /// space. With `slack`, a free extent up to [`MAX_SLACK_PAGES`] longer than asked is taken
     /// whole rather than leaving a tail too small to be useful. Returns the offset, the pages
     /// taken and whether they are known to be zero.
-    fn alloc_pages(&self, n: u64, slack: bool) -> Result<Option<(u64, u64, bool)>> {
+    fn alloc_pages(&self, n: u64, slack: bool) -> Res<(u64, u64, bool)> {
         let h = self.hdr();
         let keep = if slack { MAX_SLACK_PAGES } else { 0 };
         // The own bucket holds extents on both sides of `n`: look at a few of them.
@@ -185,7 +237,7 @@ impl Pool {
             return Err(e);
         }
         if let Some((off, pages)) = found {
-            return Ok(Some(self.split(off, pages, n, keep)));
+            return Ok(self.split(off, pages, n, keep));
         }
         // Every extent in a higher bucket is big enough.
         for b in b0 + 1..NUM_BUCKETS {
@@ -195,24 +247,24 @@ impl Pool {
             if let Some(off) = pop(self, &h.buckets[b]) {
                 let pages = self.extent_pages(off)?;
                 if pages < n {
-                    return Err(Error::Corrupt("extent smaller than its bucket"));
+                    return Err(Fail::Corrupt("extent smaller than its bucket"));
                 }
-                return Ok(Some(self.split(off, pages, n, keep)));
+                return Ok(self.split(off, pages, n, keep));
             }
         }
         let bump = &h.bump.0;
         let mut cur = bump.load(Ordering::Relaxed);
         loop {
             if cur < self.heap_off() || cur % PAGE != 0 {
-                return Err(Error::Corrupt("bump pointer outside the heap"));
+                return Err(Fail::Corrupt("bump pointer outside the heap"));
             }
             let end = match cur.checked_add(n * PAGE) {
                 Some(end) if end <= self.capacity() => end,
-                _ => return Ok(None),
+                _ => return Err(Fail::Full),
             };
             match bump.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
                 // Fresh memfd pages read as zero, and nobody has touched these yet.
-                Ok(_) => return Ok(Some((cur, n, true))),
+                Ok(_) => return Ok((cur, n, true)),
                 Err(now) => cur = now,
             }
         }
@@ -220,25 +272,25 @@ impl Pool {
 
     /// Length in pages of the extent at `off`, from the page map, validated (the entry is
     /// peer-writable and must not send us outside the heap).
-    fn extent_len(&self, off: u64) -> Result<u64> {
+    fn extent_len(&self, off: u64) -> Res<u64> {
         if !self.is_heap_block(off) || (off - self.heap_off()) % PAGE != 0 {
-            return Err(Error::Corrupt("extent at a bad offset"));
+            return Err(Fail::Corrupt("extent at a bad offset"));
         }
         let page = (off - self.heap_off()) / PAGE;
         let e = self.page_entry(page).load(Ordering::Acquire);
         let pages = pm_value(e);
         if pm_kind(e) != PM_LARGE || pages == 0 || pages > self.heap_pages() - page {
-            return Err(Error::Corrupt("extent page-map entry is bad"));
+            return Err(Fail::Corrupt("extent page-map entry is bad"));
         }
         Ok(pages)
     }
 
     /// Length in pages of the free extent at `off` (validated: a popped offset is untrusted).
-    fn extent_pages(&self, off: u64) -> Result<u64> {
+    fn extent_pages(&self, off: u64) -> Res<u64> {
         let pages = self.extent_len(off)?;
         let i = self.word(off).load(Ordering::Relaxed);
         if info_state(i) != STATE_FREE || info_class(i) != CLASS_LARGE {
-            return Err(Error::Corrupt(
+            return Err(Fail::Corrupt(
                 "extent list holds something not a free extent",
             ));
         }
@@ -264,84 +316,91 @@ impl Pool {
         (off, n, clean)
     }
 
-    fn alloc_large(&self, size: usize, flags: u64) -> Result<Option<Grant>> {
+    #[inline(never)]
+    fn alloc_large(&self, size: usize, flags: u64) -> Res<Grant> {
         let max = self.capacity() - self.heap_off();
         let pages = match large_pages(size) {
-            Some(p) if p * PAGE <= max => p,
-            _ => return Ok(None),
+            Some(p) if p <= max / PAGE => p,
+            _ => return Err(Fail::Full),
         };
-        let stats = &self.hdr().large.0;
-        // Count the exact size first (see the module docs), then any slack the extent came with.
-        stats.bytes.fetch_add(pages * PAGE, Ordering::Relaxed);
-        stats.blocks.fetch_add(1, Ordering::Relaxed);
-        let (off, got) = match self.alloc_pages(pages, true) {
-            Ok(Some((off, got, clean))) => {
-                stats
-                    .bytes
-                    .fetch_add((got - pages) * PAGE, Ordering::Relaxed);
-                if clean {
-                    // Fresh space or a clean extent: make sure the header says so.
-                    let w = self.word(off);
-                    w.store(w.load(Ordering::Relaxed) | FLAG_CLEAN, Ordering::Relaxed);
-                }
-                (off, got)
-            }
-            other => {
-                stats.bytes.fetch_sub(pages * PAGE, Ordering::Relaxed);
-                stats.blocks.fetch_sub(1, Ordering::Relaxed);
-                return other.map(|_| None);
-            }
-        };
+        let (off, got, clean) = self.alloc_pages(pages, true)?;
+        if clean {
+            // Fresh space or a clean extent: make sure the header says so.
+            let w = self.word(off);
+            w.store(w.load(Ordering::Relaxed) | FLAG_CLEAN, Ordering::Relaxed);
+        }
+        self.account((got * PAGE) as i64, 1);
         self.page_entry((off - self.heap_off()) / PAGE)
             .store(pm_large(got), Ordering::Release);
-        Ok(Some(self.take(off, CLASS_LARGE, got * PAGE, flags)))
+        Ok(self.take(off, CLASS_LARGE, got * PAGE, flags))
     }
 
     /// Frees the block at `off`, which the caller owns. `zeroed` says the payload is all zeros
     /// (the caller cleared what it wrote).
-    pub(crate) fn free_block(&self, off: u64, zeroed: bool) -> Result<()> {
+    #[inline]
+    pub(crate) fn free_block(&self, off: u64, zeroed: bool) -> Res<()> {
         if !self.is_heap_block(off) {
-            return Err(Error::Corrupt("freeing an offset outside the heap"));
+            return Err(Fail::Corrupt("freeing an offset outside the heap"));
         }
         let info_w = self.word(off);
         let old = info_w.load(Ordering::Relaxed);
         let class = info_class(old);
         if info_state(old) != STATE_ALLOC || (class as usize >= NUM_CLASSES && class != CLASS_LARGE)
         {
-            return Err(Error::Corrupt("freeing a block that is not allocated"));
+            return Err(Fail::Corrupt("freeing a block that is not allocated"));
         }
-        let pages = if class == CLASS_LARGE {
-            self.extent_len(off)?
-        } else {
-            0
-        };
-        let h = self.hdr();
-        let flags = if zeroed { FLAG_CLEAN } else { 0 };
         let new = info(
             STATE_FREE,
             class,
-            flags,
+            if zeroed { FLAG_CLEAN } else { 0 },
             info_generation(old).wrapping_add(1),
         );
-        // The CAS makes a double free (two owners of one block: a forged raw reference) an
-        // error, not a corrupt list. It also moves the generation on, so from here every lent
-        // blob of this life of the block is stale.
+        if class == CLASS_LARGE {
+            return self.free_extent(off, old, new, zeroed);
+        }
+        // The caller owns the block: a plain store marks it free and moves the generation on,
+        // so from here every lent blob of this life of the block is stale. (A double free is a
+        // bug of an unsafe caller; the state check above catches the sequential kind.)
+        info_w.store(new, Ordering::Relaxed);
+        let c = class as usize;
+        let size = CLASS_SIZES[c] as i64;
+        let mut cached = false;
+        let counted = self
+            .with_slot(|slot, counts| {
+                super::tcache::add(&slot.usage, -size, -1);
+                if counts[c] < super::tcache::cache_cap(c) {
+                    let head = &slot.heads[c];
+                    self.word(off + LINK)
+                        .store(head.load(Ordering::Relaxed), Ordering::Relaxed);
+                    head.store(off, Ordering::Relaxed);
+                    counts[c] += 1;
+                    cached = true;
+                }
+            })
+            .is_some();
+        if !counted {
+            self.account(-size, -1);
+        }
+        if !cached {
+            push(self, &self.hdr().classes[c].0.head, off);
+        }
+        Ok(())
+    }
+
+    #[cold]
+    fn free_extent(&self, off: u64, old: u64, new: u64, zeroed: bool) -> Res<()> {
+        let pages = self.extent_len(off)?;
+        // The CAS makes a concurrent double free an error rather than a corrupt list.
+        let info_w = self.word(off);
         info_w
             .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)
-            .map_err(|_| Error::Corrupt("block freed twice"))?;
-        if class == CLASS_LARGE {
-            if !zeroed && self.trims() && pages > 1 && self.trim_extent(off, pages) {
-                // Still ours (not yet pushed): record that it is clean now.
-                info_w.store(new | FLAG_CLEAN, Ordering::Relaxed);
-            }
-            push(self, &h.buckets[bucket_of(pages)], off);
-            h.large.0.bytes.fetch_sub(pages * PAGE, Ordering::Relaxed);
-            h.large.0.blocks.fetch_sub(1, Ordering::Relaxed);
-        } else {
-            let cs = &h.classes[class as usize].0;
-            push(self, &cs.head, off);
-            cs.in_use.fetch_sub(1, Ordering::Relaxed);
+            .map_err(|_| Fail::Corrupt("block freed twice"))?;
+        if !zeroed && self.trims() && pages > 1 && self.trim_extent(off, pages) {
+            // Still ours (not yet pushed): record that it is clean now.
+            info_w.store(new | FLAG_CLEAN, Ordering::Relaxed);
         }
+        push(self, &self.hdr().buckets[bucket_of(pages)], off);
+        self.account(-((pages * PAGE) as i64), -1);
         Ok(())
     }
 
@@ -367,7 +426,7 @@ impl Pool {
     /// Validates that `off` is the start of a block and returns its info word's value and its
     /// payload capacity. Reads only the page map and block headers (atomics), never user bytes,
     /// and does only overflow-free arithmetic on them, whatever they hold.
-    pub(crate) fn block_at(&self, off: u64) -> Result<(u64, u64)> {
+    pub(crate) fn block_at(&self, off: u64) -> Result<(u64, u64), Error> {
         if off < self.heap_off() || off >= self.capacity() - BLOCK_HDR {
             return Err(Error::OutOfBounds {
                 pool: self.id(),
@@ -412,16 +471,15 @@ impl Pool {
         Ok((info, capacity))
     }
 
-    /// Bytes and blocks in use in this pool.
+    /// Bytes and blocks in use in this pool: the base counters plus every slot's.
     pub(crate) fn usage(&self) -> (u64, u64) {
+        // Wrapping: the counters are peer-writable (and one slot's may be "negative").
         let h = self.hdr();
-        // Wrapping: the counters are peer-writable; a scribbled one must not panic us.
-        let mut bytes = h.large.0.bytes.load(Ordering::Relaxed);
-        let mut blocks = h.large.0.blocks.load(Ordering::Relaxed);
-        for (c, cs) in h.classes.iter().enumerate() {
-            let n = cs.0.in_use.load(Ordering::Relaxed);
-            bytes = bytes.wrapping_add(n.wrapping_mul(CLASS_SIZES[c] as u64));
-            blocks = blocks.wrapping_add(n);
+        let mut bytes = h.base.0.bytes.load(Ordering::Relaxed);
+        let mut blocks = h.base.0.blocks.load(Ordering::Relaxed);
+        for slot in &h.slots {
+            bytes = bytes.wrapping_add(slot.0.usage.bytes.load(Ordering::Relaxed));
+            blocks = blocks.wrapping_add(slot.0.usage.blocks.load(Ordering::Relaxed));
         }
         (bytes, blocks)
     }

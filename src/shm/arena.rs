@@ -8,6 +8,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::alloc::{Fail, Grant};
 use super::error::{Error, Result};
 use super::layout::*;
 use super::lockfree::{head_off, Words, LINK};
@@ -103,6 +104,8 @@ pub struct Arena {
 
 pub(crate) struct Shared {
     id: u64,
+    /// Process-unique number of this instance (keys the thread caches).
+    instance: u64,
     config: ArenaConfig,
     pools: Box<[OnceLock<Pool>]>,
     /// One more than the highest pool id known here (bounds the scans).
@@ -111,6 +114,23 @@ pub(crate) struct Shared {
     hint: AtomicU32,
     /// Serializes growth within this process (allocation itself never takes it).
     grow: Mutex<()>,
+}
+
+impl Shared {
+    #[inline]
+    pub(crate) fn pool(&self, id: u32) -> Option<&Pool> {
+        self.pools.get(id as usize)?.get()
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Hand this thread's caches back while the pools are still mapped. Other threads' slots
+        // become reclaimable by other processes when the pools' lock files close just after.
+        for pool in self.pools.iter().filter_map(OnceLock::get) {
+            pool.release_thread_slot();
+        }
+    }
 }
 
 impl fmt::Debug for Arena {
@@ -142,13 +162,12 @@ pub struct Stats {
 /// Result of [`Arena::verify`]: what the free lists hold.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Verification {
-    /// Small blocks on free lists.
+    /// Small blocks on the shared free lists.
     pub free_small_blocks: u64,
+    /// Small blocks on threads' private free lists (thread caches).
+    pub cached_blocks: u64,
     /// Free large extents.
     pub free_extents: u64,
-    /// Small blocks carved but neither free nor counted in use (a lower bound of what dead
-    /// processes leaked: blocks they held are still counted in use).
-    pub leaked_small_blocks: u64,
 }
 
 /// Where a block lives: pool id and payload offset in that pool, plus the generation of this
@@ -216,6 +235,7 @@ impl Arena {
         Arena {
             shared: Arc::new(Shared {
                 id,
+                instance: super::tcache::next_instance(),
                 config,
                 pools,
                 known: AtomicU32::new(0),
@@ -225,7 +245,7 @@ impl Arena {
         }
     }
 
-    fn insert(&self, pool: Pool) -> Result<()> {
+    fn insert(&self, mut pool: Pool) -> Result<()> {
         if pool.arena_id() != self.shared.id {
             return Err(Error::WrongArena {
                 expected: self.shared.id,
@@ -233,6 +253,8 @@ impl Arena {
             });
         }
         let id = pool.id();
+        pool.owner = Arc::downgrade(&self.shared);
+        pool.instance = self.shared.instance;
         let slot = self
             .shared
             .pools
@@ -249,8 +271,9 @@ impl Arena {
     }
 
     /// The pool with this id, if this process knows it.
+    #[inline]
     pub fn pool(&self, id: u32) -> Option<&Pool> {
-        self.shared.pools.get(id as usize)?.get()
+        self.shared.pool(id)
     }
 
     /// Ids of the pools this process knows, ascending.
@@ -274,10 +297,27 @@ impl Arena {
         (cap - BLOCK_HDR) as usize
     }
 
+    /// Gives the calling thread's cached free blocks back to the shared free lists (and its usage
+    /// counters to the pools' base counters). Threads do this by themselves when they exit; call
+    /// it to return a thread's cache early, e.g. before the thread goes idle for long.
+    pub fn flush_thread_cache(&self) {
+        for pool in self.pools() {
+            pool.release_thread_slot();
+        }
+    }
+
+    /// Reclaims the thread caches of processes that are gone (killed, or exited without
+    /// dropping the arena): their cached blocks go back to the shared free lists. Returns how
+    /// many caches were reclaimed. Also happens by itself when a thread claims a cache slot.
+    pub fn reclaim_dead_caches(&self) -> usize {
+        self.pools().map(Pool::reclaim_dead_slots).sum()
+    }
+
     /// Allocates `size` bytes. The contents are unspecified (not necessarily zero).
     ///
     /// Fails with [`Error::OutOfMemory`] when no pool has room and the arena may not grow, and
     /// with [`Error::TooLarge`] when no pool could ever hold the request. Never panics.
+    #[inline]
     pub fn alloc(&self, size: usize) -> Result<Block<'_>> {
         let (pool, grant) = self.grant(size, 0)?;
         Ok(Block {
@@ -291,7 +331,7 @@ impl Arena {
     /// released with [`Block::release_zeroed_prefix`]): only dirty blocks are cleared.
     pub fn alloc_zeroed(&self, size: usize) -> Result<Block<'_>> {
         let (pool, grant) = self.grant(size, 0)?;
-        if !grant.clean {
+        if !grant.clean() {
             pool.zero(grant.off + BLOCK_HDR, grant.capacity);
         }
         Ok(Block {
@@ -301,38 +341,66 @@ impl Arena {
         })
     }
 
-    pub(crate) fn grant(&self, size: usize, flags: u64) -> Result<(&Pool, super::alloc::Grant)> {
+    #[inline(always)]
+    pub(crate) fn grant(&self, size: usize, flags: u64) -> Result<(&Pool, Grant)> {
+        self.grant_with(size, flags, |pool, g| (pool, g))
+    }
+
+    /// Allocates and hands the block to `make`, which builds the result in place (going
+    /// through an intermediate `(pool, grant)` pair costs a store-forwarding stall on the fast
+    /// path).
+    #[inline(always)]
+    pub(crate) fn grant_with<'s, R>(
+        &'s self,
+        size: usize,
+        flags: u64,
+        make: impl FnOnce(&'s Pool, Grant) -> R,
+    ) -> Result<R> {
+        let hint = self.shared.hint.load(Ordering::Relaxed);
+        if let Some(pool) = self.pool(hint) {
+            match pool.alloc_block(size, flags) {
+                Ok(g) => return Ok(make(pool, g)),
+                Err(Fail::Full) => {}
+                Err(f) => return Err(f.into()),
+            }
+        }
+        let (pool, g) = self.grant_elsewhere(size, flags, hint)?;
+        Ok(make(pool, g))
+    }
+
+    /// The hinted pool is full: try the others, then grow.
+    #[inline(never)]
+    fn grant_elsewhere(&self, size: usize, flags: u64, hint: u32) -> Result<(&Pool, Grant)> {
         if size > self.max_block_size() {
             return Err(Error::TooLarge {
                 requested: size,
                 max: self.max_block_size(),
             });
         }
-        let hint = self.shared.hint.load(Ordering::Relaxed);
-        if let Some(pool) = self.pool(hint) {
-            if let Some(g) = pool.alloc_block(size, flags)? {
-                return Ok((pool, g));
-            }
-        }
         for pool in self.pools() {
             if pool.id() != hint {
-                if let Some(g) = pool.alloc_block(size, flags)? {
-                    self.shared.hint.store(pool.id(), Ordering::Relaxed);
-                    return Ok((pool, g));
+                match pool.alloc_block(size, flags) {
+                    Ok(g) => {
+                        self.shared.hint.store(pool.id(), Ordering::Relaxed);
+                        return Ok((pool, g));
+                    }
+                    Err(Fail::Full) => {}
+                    Err(f) => return Err(f.into()),
                 }
             }
         }
         self.grow_and_grant(size, flags)
     }
 
-    #[cold]
-    fn grow_and_grant(&self, size: usize, flags: u64) -> Result<(&Pool, super::alloc::Grant)> {
+    fn grow_and_grant(&self, size: usize, flags: u64) -> Result<(&Pool, Grant)> {
         let _guard = self.shared.grow.lock().unwrap_or_else(|e| e.into_inner());
         // Another thread may have grown the arena while we waited.
         let known = self.shared.known.load(Ordering::Acquire);
         if let Some(pool) = known.checked_sub(1).and_then(|id| self.pool(id)) {
-            if let Some(g) = pool.alloc_block(size, flags)? {
-                return Ok((pool, g));
+            match pool.alloc_block(size, flags) {
+                Ok(g) => return Ok((pool, g)),
+                Err(Fail::Full) => {}
+                Err(f) => return Err(f.into()),
             }
         }
         let pool0 = self.pool(0).ok_or(Error::UnknownPool(0))?;
@@ -340,17 +408,12 @@ impl Arena {
         // Claim an id arena-wide (all processes draw from pool 0's counter), without ever letting
         // the counter run past the limit.
         let next = &pool0.hdr().next_pool_id;
-        let mut id = next.load(std::sync::atomic::Ordering::Relaxed);
+        let mut id = next.load(Ordering::Relaxed);
         loop {
             if id >= max {
                 return Err(Error::OutOfMemory { requested: size });
             }
-            match next.compare_exchange_weak(
-                id,
-                id + 1,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-            ) {
+            match next.compare_exchange_weak(id, id + 1, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => break,
                 Err(now) => id = now,
             }
@@ -372,9 +435,10 @@ impl Arena {
         self.insert(pool)?;
         let pool = self.pool(id).ok_or(Error::UnknownPool(id))?;
         self.shared.hint.store(id, Ordering::Relaxed);
-        match pool.alloc_block(size, flags)? {
-            Some(g) => Ok((pool, g)),
-            None => Err(Error::OutOfMemory { requested: size }),
+        match pool.alloc_block(size, flags) {
+            Ok(g) => Ok((pool, g)),
+            Err(Fail::Full) => Err(Error::OutOfMemory { requested: size }),
+            Err(f) => Err(f.into()),
         }
     }
 
@@ -433,11 +497,10 @@ impl Arena {
                 offset: r.offset.saturating_add(len as u64),
             });
         }
-        let grant = super::alloc::Grant {
+        let grant = Grant {
             off,
             capacity,
-            clean: false,
-            generation: r.generation,
+            was: info,
         };
         Ok(Block { pool, grant, len })
     }
@@ -448,46 +511,34 @@ fn verify_pool(pool: &Pool, v: &mut Verification) -> Result<()> {
     let h = pool.hdr();
     let mut seen = HashSet::new();
     let limit = pool.capacity() / 16;
-    // Carved blocks per class, from the page map: one span starts at each index-0 entry.
-    let mut carved = [0u64; NUM_CLASSES];
-    let bump_pages = pool.reserved() / PAGE; // clamped to the heap, whatever the bump word holds
-    for page in 0..bump_pages {
-        let e = pool.page_entry(page).load(Relaxed);
-        if pm_kind(e) == PM_SMALL && pm_value(e) == 0 {
-            let c = pm_class(e) as usize;
-            if c >= NUM_CLASSES {
-                return Err(Error::Corrupt("page map names a bad class"));
-            }
-            carved[c] += span_pages(c) * PAGE / CLASS_SIZES[c] as u64;
-        }
-    }
-    for (c, cs) in h.classes.iter().enumerate() {
-        let mut off = head_off(cs.0.head.load(Relaxed));
-        let mut free = 0;
+    // Walks a small-class list (shared or private), checking every entry.
+    let mut walk = |first: u64, class: u64, what: &'static str| -> Result<u64> {
+        let mut off = first;
+        let mut n = 0;
         while off != 0 {
-            let (info, _) = pool
-                .block_at(off)
-                .map_err(|_| Error::Corrupt("free list entry is not a block"))?;
-            if info_state(info) != STATE_FREE || info_class(info) as usize != c {
-                return Err(Error::Corrupt(
-                    "free list entry is not a free block of its class",
-                ));
+            let (info, _) = pool.block_at(off).map_err(|_| Error::Corrupt(what))?;
+            if info_state(info) != STATE_FREE || info_class(info) != class {
+                return Err(Error::Corrupt(what));
             }
             if !seen.insert(off) || seen.len() as u64 > limit {
-                return Err(Error::Corrupt("free list has a cycle or a duplicate"));
+                return Err(Error::Corrupt(
+                    "a free list has a cycle or lists a block twice",
+                ));
             }
-            free += 1;
+            n += 1;
             off = pool.word(off + LINK).load(Relaxed);
         }
-        if free > carved[c] {
-            return Err(Error::Corrupt("more blocks free than carved"));
+        Ok(n)
+    };
+    for (c, cs) in h.classes.iter().enumerate() {
+        let first = head_off(cs.0.head.load(Relaxed));
+        v.free_small_blocks += walk(first, c as u64, "a free list holds a non-free block")?;
+    }
+    for slot in &h.slots {
+        for (c, head) in slot.0.heads.iter().enumerate() {
+            let first = head.load(Relaxed);
+            v.cached_blocks += walk(first, c as u64, "a thread cache holds a non-free block")?;
         }
-        // A process killed between counting a block and taking it (or between giving it back
-        // and uncounting it) leaves the count one too high: the count may over-state use, so
-        // the leak estimate saturates instead of failing.
-        let in_use = cs.0.in_use.load(Relaxed);
-        v.free_small_blocks += free;
-        v.leaked_small_blocks += carved[c].saturating_sub(free + in_use);
     }
     for (b, head) in h.buckets.iter().enumerate() {
         let mut off = head_off(head.load(Relaxed));
@@ -521,7 +572,7 @@ fn verify_pool(pool: &Pool, v: &mut Verification) -> Result<()> {
 /// [`Block::into_raw`]). Dereferences to its bytes.
 pub struct Block<'a> {
     pool: &'a Pool,
-    grant: super::alloc::Grant,
+    grant: Grant,
     len: usize,
 }
 
@@ -556,7 +607,7 @@ impl<'a> Block<'a> {
         BlockRef {
             pool: self.pool.id(),
             offset: self.grant.off + BLOCK_HDR,
-            generation: self.grant.generation,
+            generation: self.grant.generation(),
         }
     }
 
@@ -612,6 +663,7 @@ impl<'a> Block<'a> {
 }
 
 impl Drop for Block<'_> {
+    #[inline]
     fn drop(&mut self) {
         // An error means a peer scribbled on the header: the block is leaked, not freed into a
         // list it could corrupt. A drop has no one to report it to.
@@ -638,13 +690,13 @@ mod tests {
         unsafe { b.release_zeroed_prefix(100) };
         let (pool, g) = arena.grant(8192, 0).unwrap();
         assert_eq!(g.off + BLOCK_HDR, at.offset);
-        assert!(g.clean, "the block was released clean");
+        assert!(g.clean(), "the block was released clean");
         pool.free_block(g.off, false).unwrap();
         // A plain drop leaves it dirty.
         let b = arena.alloc(8192).unwrap();
         drop(b);
         let (pool, g) = arena.grant(8192, 0).unwrap();
-        assert!(!g.clean);
+        assert!(!g.clean());
         pool.free_block(g.off, false).unwrap();
         assert_eq!(arena.stats().blocks_in_use, 0);
     }
@@ -681,6 +733,7 @@ mod tests {
         let arena = arena();
         let c = class_for(100).unwrap();
         drop(arena.alloc(100).unwrap()); // carve a span: the class list is non-empty
+        arena.flush_thread_cache(); // so that the next allocation goes to the shared list
         let pool = arena.pool(0).unwrap();
         let head = &pool.hdr().classes[c].0.head;
         let good = head.load(Relaxed);

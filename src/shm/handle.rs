@@ -164,7 +164,7 @@ impl Arena {
         let size = VALUE_AT as usize + std::mem::size_of::<T>();
         let (pool, g) = self.grant(size, 0)?;
         let payload = g.off + BLOCK_HDR;
-        if zeroed && !g.clean {
+        if zeroed && !g.clean() {
             pool.zero(payload + VALUE_AT, std::mem::size_of::<T>() as u64);
         }
         pool.word(payload + TAG_AT)
@@ -182,12 +182,12 @@ impl Arena {
         let info = info_w.load(Ordering::Relaxed);
         info_w.store(info | FLAG_HANDLE, Ordering::Relaxed);
         pool.word(g.off + LINK)
-            .store(handle_word(g.generation), Ordering::Release);
+            .store(handle_word(g.generation()), Ordering::Release);
         ShmHandle {
             arena: self.clone(),
             pool: pool.id(),
             off: g.off,
-            generation: g.generation,
+            generation: g.generation(),
             // SAFETY: `pool.ptr` of an in-bounds offset of a live mapping is never null.
             value: unsafe { NonNull::new_unchecked(value_ptr) },
             _owns: PhantomData,

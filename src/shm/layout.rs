@@ -19,8 +19,10 @@
 pub const PAGE: u64 = 4096;
 /// Bytes of the block header that precedes every payload.
 pub const BLOCK_HDR: u64 = 16;
-/// Bytes reserved at the start of each pool for the pool header.
-pub const HEADER_BYTES: u64 = 16 * 1024;
+/// Bytes reserved at the start of each pool for the pool header (with its thread-cache slots).
+pub const HEADER_BYTES: u64 = 64 * 1024;
+/// Thread-cache slots per pool (see `tcache`): threads beyond this use the shared lists only.
+pub const NUM_SLOTS: usize = 64;
 /// Identifies a flowipc pool ("FLOWIPC" + NUL, little-endian).
 pub const MAGIC: u64 = u64::from_le_bytes(*b"FLOWIPC\0");
 /// Version of this layout; pools of another version are refused.

@@ -55,6 +55,8 @@ mod handle;
 mod layout;
 #[cfg(not(flowipc_loom))]
 mod pool;
+#[cfg(not(flowipc_loom))]
+mod tcache;
 
 #[cfg(flowipc_loom)]
 pub mod lockfree;

@@ -3,10 +3,12 @@
 use std::fmt;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Mutex, OnceLock, Weak};
 
 use memmap2::{MmapOptions, MmapRaw};
 use static_assertions::const_assert;
 
+use super::arena::Shared;
 use super::error::{Error, Result};
 use super::layout::*;
 use super::lockfree::Words;
@@ -17,19 +19,30 @@ use crate::sync::{AtomicU32, AtomicU64, Ordering};
 #[repr(C, align(128))]
 pub(crate) struct Line<T>(pub(crate) T);
 
-/// Per-class state: free-list head and blocks in use, on one line (the CAS on the head brings the
-/// line in exclusive, so the counter update after it is cheap).
+/// Per-class shared state: the free-list head, alone on its line.
 #[repr(C)]
 pub(crate) struct ClassState {
     pub(crate) head: AtomicU64,
-    pub(crate) in_use: AtomicU64,
 }
 
-/// Large-extent statistics.
+/// Usage counters: bytes and blocks in use (wrapping: counts added through one slot may be
+/// subtracted through another, so a single slot's values can be "negative").
 #[repr(C)]
-pub(crate) struct LargeStats {
+pub(crate) struct Counters {
     pub(crate) bytes: AtomicU64,
     pub(crate) blocks: AtomicU64,
+}
+
+/// A thread-cache slot (see `tcache`): claimed by one thread of one process at a time, which
+/// alone writes it (plain atomic loads and stores, no read-modify-write on the hot path).
+#[repr(C)]
+pub(crate) struct Slot {
+    /// Process token of the owner, 0 when free. Liveness comes from an OFD byte lock, not this.
+    pub(crate) owner: AtomicU64,
+    /// Usage counted by the owning thread.
+    pub(crate) usage: Counters,
+    /// Private free lists, one per class: plain block offsets chained through link words.
+    pub(crate) heads: [AtomicU64; NUM_CLASSES],
 }
 
 /// The pool header at offset 0. Only atomics, so any process may read or write any field at any
@@ -48,9 +61,11 @@ pub(crate) struct PoolHeader {
     /// Where a corrupt offset is redirected so that it still names an atomic word (see `word`).
     pub(crate) scratch: AtomicU64,
     pub(crate) bump: Line<AtomicU64>,
-    pub(crate) large: Line<LargeStats>,
+    /// Usage counted by threads without a slot, and folded in from released slots.
+    pub(crate) base: Line<Counters>,
     pub(crate) classes: [Line<ClassState>; NUM_CLASSES],
     pub(crate) buckets: [AtomicU64; NUM_BUCKETS],
+    pub(crate) slots: [Line<Slot>; NUM_SLOTS],
 }
 
 const_assert!(std::mem::size_of::<PoolHeader>() as u64 <= HEADER_BYTES);
@@ -72,6 +87,15 @@ pub struct Pool {
     heap_off: u64,
     arena_id: u64,
     trim: bool,
+    /// The arena instance (in this process) that holds the pool; set when it is added.
+    pub(crate) owner: Weak<Shared>,
+    /// Process-unique number of that arena instance (thread caches are keyed by it).
+    pub(crate) instance: u64,
+    /// Our own open file description of the pool, for the thread-cache slot locks (lazily).
+    pub(crate) lock_file: OnceLock<Option<File>>,
+    /// Serializes slot claims and releases within this process (OFD locks do not conflict
+    /// between threads of one process).
+    pub(crate) slot_mutex: Mutex<()>,
 }
 
 impl fmt::Debug for Pool {
@@ -112,6 +136,10 @@ impl Pool {
             heap_off: heap_off(capacity),
             arena_id,
             trim,
+            owner: Weak::new(),
+            instance: 0,
+            lock_file: OnceLock::new(),
+            slot_mutex: Mutex::new(()),
         };
         let h = pool.hdr();
         h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
@@ -149,6 +177,10 @@ impl Pool {
             heap_off: heap_off(size),
             arena_id: 0,
             trim,
+            owner: Weak::new(),
+            instance: 0,
+            lock_file: OnceLock::new(),
+            slot_mutex: Mutex::new(()),
         };
         let h = pool.hdr();
         if h.magic.load(Ordering::Acquire) != MAGIC {

@@ -1,0 +1,319 @@
+//! Per-thread caches of free small blocks, kept in shared memory so that nothing is lost when a
+//! thread or process goes away.
+//!
+//! A thread that allocates from a pool claims one of the pool's [`NUM_SLOTS`] slots. The slot
+//! holds the thread's usage counters and one private free list per size class. Small frees push
+//! onto the private list (up to [`cache_cap`] blocks), small allocations pop from it: plain
+//! atomic loads and stores of words only this thread writes, no read-modify-write, no contended
+//! cache line. Only when the private list is empty (or full) does the thread touch the shared
+//! lock-free lists.
+//!
+//! Because the slot lives in the pool, a cached block is never out of reach:
+//! * a thread that exits (or calls [`Arena::flush_thread_cache`](super::Arena::flush_thread_cache))
+//!   pushes its private lists onto the shared ones, folds its counters into the pool's base
+//!   counters and frees the slot;
+//! * a process that dies (SIGKILL, or `exit` without running thread-local destructors) loses
+//!   nothing either: each slot is guarded by an open-file-description lock on one byte of the
+//!   pool file, which the kernel drops with the process. Any process that finds a claimed slot
+//!   whose lock it can take knows the owner is gone and reclaims the slot's lists and counters
+//!   (when it claims a slot of its own, or in
+//!   [`Arena::reclaim_dead_caches`](super::Arena::reclaim_dead_caches)).
+//!
+//! Usage statistics are the pool's base counters plus every slot's counters, so they are exact at
+//! all times (up to a block in flight when a process is killed), in every process.
+//!
+//! Crash safety of the hand-overs: a private list is detached (its head zeroed) *before* it is
+//! pushed onto a shared list, and counters are added to the base *before* the slot's are zeroed,
+//! so a process killed in between leaks a chain or over-counts, and never lists a block twice.
+
+use std::cell::RefCell;
+use std::sync::atomic::AtomicU64 as StdAtomicU64;
+use std::sync::{OnceLock, Weak};
+
+use super::arena::Shared;
+use super::layout::*;
+use super::lockfree::{push_chain, Words, LINK};
+use super::pool::{Pool, Slot};
+use crate::sync::Ordering;
+
+/// Most blocks of class `c` one thread keeps cached: 32, and at most 64 KiB worth (at least 2).
+#[inline]
+pub(crate) fn cache_cap(c: usize) -> u16 {
+    CACHE_CAP[c]
+}
+
+static CACHE_CAP: [u16; NUM_CLASSES] = {
+    let mut caps = [0u16; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        let n = (64 * 1024) / CLASS_SIZES[c];
+        caps[c] = if n < 2 {
+            2
+        } else if n > 32 {
+            32
+        } else {
+            n as u16
+        };
+        c += 1;
+    }
+    caps
+};
+
+/// This process's token, recorded as the owner of the slots it claims: the pid and a random
+/// number (so a recycled pid is not mistaken for us). Never 0.
+pub(crate) fn process_token() -> u64 {
+    static TOKEN: OnceLock<u64> = OnceLock::new();
+    *TOKEN.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        ((std::process::id() as u64) << 32) | (h.finish() & 0xFFFF_FFFF) | 1
+    })
+}
+
+/// A process-unique number for each arena instance (keys the thread-local entries, so an entry
+/// of a dropped arena can never be taken for one of a later arena).
+pub(crate) fn next_instance() -> u64 {
+    static NEXT: StdAtomicU64 = StdAtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// This thread's slot in one pool.
+struct Entry {
+    instance: u64,
+    pool: u32,
+    /// `None`: no slot could be had (all taken, or no lock file); use the shared lists.
+    slot: Option<u32>,
+    /// Blocks on each private list (the lists themselves are in shared memory).
+    counts: [u16; NUM_CLASSES],
+    arena: Weak<Shared>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        // Thread exit: hand the cache back, if the arena is still alive in this process.
+        if let (Some(slot), Some(shared)) = (self.slot.take(), self.arena.upgrade()) {
+            if let Some(pool) = shared.pool(self.pool) {
+                pool.release_slot(slot, Some(&self.counts));
+            }
+        }
+    }
+}
+
+thread_local! {
+    static ENTRIES: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Pool {
+    fn slot(&self, i: u32) -> &Slot {
+        &self.hdr().slots[i as usize].0
+    }
+
+    /// Runs `f` on this thread's slot in this pool (claiming one on first use) and its private
+    /// list lengths. `None` if the thread has no slot (or is being torn down): the caller then
+    /// uses the shared lists and base counters. `f` must not allocate from the arena.
+    #[inline]
+    pub(crate) fn with_slot<R>(
+        &self,
+        f: impl FnOnce(&Slot, &mut [u16; NUM_CLASSES]) -> R,
+    ) -> Option<R> {
+        ENTRIES
+            .try_with(|entries| {
+                let mut entries = entries.try_borrow_mut().ok()?;
+                let i = match entries
+                    .iter()
+                    .position(|e| e.instance == self.instance && e.pool == self.id())
+                {
+                    Some(i) => i,
+                    None => {
+                        // Forget entries of arenas dropped since (their slots were released or
+                        // are reclaimable: the lock file closed with the pool).
+                        entries.retain(|e| e.arena.strong_count() > 0);
+                        entries.push(Entry {
+                            instance: self.instance,
+                            pool: self.id(),
+                            slot: self.claim_slot(),
+                            counts: [0; NUM_CLASSES],
+                            arena: self.owner.clone(),
+                        });
+                        entries.len() - 1
+                    }
+                };
+                let e = &mut entries[i];
+                let slot = e.slot?;
+                Some(f(self.slot(slot), &mut e.counts))
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Adds to the usage counters: through this thread's slot (no RMW) when it has one, else the
+    /// pool's base counters.
+    #[inline]
+    pub(crate) fn account(&self, bytes: i64, blocks: i64) {
+        if self
+            .with_slot(|slot, _| add(&slot.usage, bytes, blocks))
+            .is_none()
+        {
+            let base = &self.hdr().base.0;
+            base.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            base.blocks.fetch_add(blocks as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn lock_file(&self) -> Option<&std::fs::File> {
+        self.lock_file
+            .get_or_init(|| crate::sys::reopen(self.fd()).ok())
+            .as_ref()
+    }
+
+    /// Claims a free slot, or reclaims one whose owner process is gone.
+    fn claim_slot(&self) -> Option<u32> {
+        let file = self.lock_file()?;
+        let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
+        let me = process_token();
+        for i in 0..NUM_SLOTS as u32 {
+            let owner = self.slot(i).owner.load(Ordering::Acquire);
+            if owner == me {
+                continue; // another thread of ours
+            }
+            // The lock is free for a free slot and for one whose owner died; a live owner holds
+            // it. (Another process may be claiming this slot right now: then it holds the lock.)
+            if !matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)) {
+                continue;
+            }
+            let slot = self.slot(i);
+            if slot
+                .owner
+                .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                let _ = crate::sys::unlock_byte(file, i as u64);
+                continue;
+            }
+            if owner != 0 {
+                self.drain_slot(slot, None);
+            }
+            return Some(i);
+        }
+        None
+    }
+
+    /// Hands slot `i` back: its private lists to the shared lists, its counters to the base.
+    pub(crate) fn release_slot(&self, i: u32, counts: Option<&[u16; NUM_CLASSES]>) {
+        let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = self.slot(i);
+        self.drain_slot(slot, counts);
+        slot.owner.store(0, Ordering::Release);
+        if let Some(file) = self.lock_file.get().and_then(Option::as_ref) {
+            let _ = crate::sys::unlock_byte(file, i as u64);
+        }
+    }
+
+    /// Reclaims every slot whose owner process is gone. Returns how many.
+    pub(crate) fn reclaim_dead_slots(&self) -> usize {
+        let Some(file) = self.lock_file() else {
+            return 0;
+        };
+        let mut n = 0;
+        let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
+        let me = process_token();
+        for i in 0..NUM_SLOTS as u32 {
+            let slot = self.slot(i);
+            let owner = slot.owner.load(Ordering::Acquire);
+            if owner == 0 || owner == me {
+                continue;
+            }
+            if !matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)) {
+                continue;
+            }
+            if slot
+                .owner
+                .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.drain_slot(slot, None);
+                slot.owner.store(0, Ordering::Release);
+                n += 1;
+            }
+            let _ = crate::sys::unlock_byte(file, i as u64);
+        }
+        n
+    }
+
+    /// Moves a slot's private lists onto the shared lists and its counters into the base. The
+    /// caller has exclusive use of the slot. `counts` are the list lengths when the caller is the
+    /// owner; a reclaimer does not know them and walks at most [`cache_cap`] blocks per list,
+    /// validating each (a dead owner may have been killed mid-push: a chain that does not check
+    /// out is cut, leaking its rest rather than listing anything twice).
+    fn drain_slot(&self, slot: &Slot, counts: Option<&[u16; NUM_CLASSES]>) {
+        for c in 0..NUM_CLASSES {
+            let head = slot.heads[c].load(Ordering::Relaxed);
+            if head == 0 {
+                continue;
+            }
+            let bound = counts.map_or(cache_cap(c), |k| k[c]).max(1) as u64;
+            // Detach first: a crash from here on leaks the chain instead of listing it twice.
+            slot.heads[c].store(0, Ordering::Relaxed);
+            if !self.is_cached_block(head, c) {
+                continue;
+            }
+            let mut tail = head;
+            for _ in 1..bound {
+                let next = self.word(tail + LINK).load(Ordering::Relaxed);
+                if next == 0 || !self.is_cached_block(next, c) {
+                    break;
+                }
+                tail = next;
+            }
+            self.word(tail + LINK).store(0, Ordering::Relaxed);
+            push_chain(self, &self.hdr().classes[c].0.head, head, tail);
+        }
+        let base = &self.hdr().base.0;
+        base.bytes
+            .fetch_add(slot.usage.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        base.blocks
+            .fetch_add(slot.usage.blocks.load(Ordering::Relaxed), Ordering::Relaxed);
+        slot.usage.bytes.store(0, Ordering::Relaxed);
+        slot.usage.blocks.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether `off` looks like a free block of class `c` (a cache entry worth trusting).
+    #[inline]
+    pub(crate) fn is_cached_block(&self, off: u64, c: usize) -> bool {
+        self.is_heap_block(off) && {
+            let i = self.word(off).load(Ordering::Relaxed);
+            info_state(i) == STATE_FREE && info_class(i) == c as u64
+        }
+    }
+
+    /// Releases this thread's slot in this pool, if it has one (the arena is being dropped, or
+    /// the user asked).
+    pub(crate) fn release_thread_slot(&self) {
+        let _ = ENTRIES.try_with(|entries| {
+            let Ok(mut entries) = entries.try_borrow_mut() else {
+                return;
+            };
+            if let Some(i) = entries
+                .iter()
+                .position(|e| e.instance == self.instance && e.pool == self.id())
+            {
+                let mut e = entries.swap_remove(i);
+                if let Some(slot) = e.slot.take() {
+                    self.release_slot(slot, Some(&e.counts));
+                }
+            }
+        });
+    }
+}
+
+/// Adds to counters only this thread writes: load and store, no read-modify-write.
+#[inline]
+pub(crate) fn add(c: &super::pool::Counters, bytes: i64, blocks: i64) {
+    let b = c.bytes.load(Ordering::Relaxed);
+    c.bytes
+        .store(b.wrapping_add(bytes as u64), Ordering::Relaxed);
+    let n = c.blocks.load(Ordering::Relaxed);
+    c.blocks
+        .store(n.wrapping_add(blocks as u64), Ordering::Relaxed);
+}
