@@ -272,3 +272,28 @@ fn pools_of_other_arenas_duplicates_and_missing_pool_zero() {
     assert_sane(&a, 0);
     assert_sane(&b, 0);
 }
+
+#[test]
+fn a_stale_blob_never_touches_the_next_life_of_its_block() {
+    let arena = arena();
+    let h = arena.construct([1u64; 2]).unwrap();
+    let blob = h.lend();
+    let b: ShmHandle<[u64; 2]> = arena.borrow(&blob).unwrap();
+    drop((h, b));
+    // The same block, reused as plain bytes and as a new object of the same type.
+    let mut raw = arena.alloc(32).unwrap();
+    assert_eq!(raw.block_ref().offset, blob.offset());
+    raw.as_mut_slice().fill(0x11);
+    assert!(matches!(arena.release_blob(&blob), Err(Error::Stale)));
+    assert!(matches!(arena.borrow::<[u64; 2]>(&blob), Err(Error::Stale)));
+    assert!(raw.as_slice().iter().all(|&x| x == 0x11), "bytes untouched");
+    drop(raw);
+    let again = arena.construct([2u64; 2]).unwrap();
+    assert_eq!(again.block_ref().offset, blob.offset());
+    let lent = again.lend();
+    assert!(matches!(arena.release_blob(&blob), Err(Error::Stale)));
+    assert_eq!(again.ref_count(), 2, "the new life's count is untouched");
+    arena.release_blob(&lent).unwrap();
+    drop(again);
+    assert_sane(&arena, 0);
+}

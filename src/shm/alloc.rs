@@ -1,8 +1,10 @@
 //! The lock-free allocator inside one pool.
 //!
-//! * **Small requests** (block ≤ 64 KiB + 16) go to one of [`NUM_CLASSES`] size classes. Each
-//!   class has a tagged free list. When it is empty, a *span* of pages is taken from the page
-//!   allocator, carved into blocks, and all but one are pushed with a single CAS.
+//! * **Small requests** (block ≤ 64 KiB + 16) go to one of [`NUM_CLASSES`] size classes. A thread
+//!   first uses its own cache of free blocks of the class (see `tcache`: no read-modify-write,
+//!   no shared cache line), then the class's shared tagged free list. When that is empty, a
+//!   *span* of pages is taken from the page allocator, carved into blocks, and all but one are
+//!   pushed with a single CAS.
 //! * **Large requests** get an extent of exactly `ceil((size + 16) / 4096)` pages. Freed extents go
 //!   to one of [`NUM_BUCKETS`] free lists (four per doubling of the page count); a request looks
 //!   at a few extents of its own bucket for one that fits, else pops from any larger bucket
@@ -17,13 +19,13 @@
 //!   ([`Block::release_zeroed_prefix`](super::Block::release_zeroed_prefix): capnp knows how many
 //!   words it wrote), and on a trimmed extent. A zeroed allocation clears the payload only when
 //!   the block is not clean.
-//! * **Statistics** are counted before a block is taken and after it is given back, so a process
-//!   killed in between makes them over-count (a visible leak), never under-count.
+//! * **Statistics** are kept per thread-cache slot (one plain counter per operation) plus the
+//!   pool's base counters, and summed on demand; see `tcache`.
 
 use super::error::Error;
 use super::layout::*;
 use super::lockfree::{pop, push, push_chain, Words, LINK};
-use super::pool::Pool;
+use super::pool::{Pool, Slot};
 use crate::sync::Ordering;
 
 /// Free extents this many pages longer than a large request are taken whole rather than split:
@@ -98,7 +100,7 @@ impl Pool {
         let mut cached = None;
         let counted = self
             .with_slot(|slot, counts| {
-                super::tcache::add(&slot.usage, size as i64, 1);
+                super::tcache::bump(&slot.in_use[c], 1);
                 if counts[c] > 0 {
                     let head = &slot.heads[c];
                     let off = head.load(Ordering::Relaxed);
@@ -112,7 +114,7 @@ impl Pool {
             })
             .is_some();
         if !counted {
-            self.account(size as i64, 1);
+            self.count_small(c, 1);
         }
         let off = match cached {
             Some(off) => off,
@@ -121,7 +123,7 @@ impl Pool {
                 None => match self.refill(c) {
                     Ok(off) => off,
                     Err(f) => {
-                        self.account(-(size as i64), -1);
+                        self.count_small(c, -1);
                         return Err(f);
                     }
                 },
@@ -131,7 +133,7 @@ impl Pool {
         // was scribbled on (or, astronomically rarely, an ABA tag wrapped). A fresh span's first
         // block is one too.
         if !self.is_cached_block(off, c) {
-            self.account(-(size as i64), -1);
+            self.count_small(c, -1);
             return Err(Fail::Corrupt(
                 "free list holds something not a free block of its class",
             ));
@@ -329,7 +331,7 @@ impl Pool {
             let w = self.word(off);
             w.store(w.load(Ordering::Relaxed) | FLAG_CLEAN, Ordering::Relaxed);
         }
-        self.account((got * PAGE) as i64, 1);
+        self.count_large((got * PAGE) as i64, 1);
         self.page_entry((off - self.heap_off()) / PAGE)
             .store(pm_large(got), Ordering::Release);
         Ok(self.take(off, CLASS_LARGE, got * PAGE, flags))
@@ -363,11 +365,10 @@ impl Pool {
         // bug of an unsafe caller; the state check above catches the sequential kind.)
         info_w.store(new, Ordering::Relaxed);
         let c = class as usize;
-        let size = CLASS_SIZES[c] as i64;
         let mut cached = false;
         let counted = self
             .with_slot(|slot, counts| {
-                super::tcache::add(&slot.usage, -size, -1);
+                super::tcache::bump(&slot.in_use[c], -1);
                 if counts[c] < super::tcache::cache_cap(c) {
                     let head = &slot.heads[c];
                     self.word(off + LINK)
@@ -379,7 +380,7 @@ impl Pool {
             })
             .is_some();
         if !counted {
-            self.account(-size, -1);
+            self.count_small(c, -1);
         }
         if !cached {
             push(self, &self.hdr().classes[c].0.head, off);
@@ -400,7 +401,7 @@ impl Pool {
             info_w.store(new | FLAG_CLEAN, Ordering::Relaxed);
         }
         push(self, &self.hdr().buckets[bucket_of(pages)], off);
-        self.account(-((pages * PAGE) as i64), -1);
+        self.count_large(-((pages * PAGE) as i64), -1);
         Ok(())
     }
 
@@ -478,8 +479,9 @@ impl Pool {
         let mut bytes = h.base.0.bytes.load(Ordering::Relaxed);
         let mut blocks = h.base.0.blocks.load(Ordering::Relaxed);
         for slot in &h.slots {
-            bytes = bytes.wrapping_add(slot.0.usage.bytes.load(Ordering::Relaxed));
-            blocks = blocks.wrapping_add(slot.0.usage.blocks.load(Ordering::Relaxed));
+            let (b, n) = slot_usage(&slot.0);
+            bytes = bytes.wrapping_add(b);
+            blocks = blocks.wrapping_add(n);
         }
         (bytes, blocks)
     }
@@ -489,4 +491,16 @@ impl Pool {
         let bump = self.hdr().bump.0.load(Ordering::Relaxed);
         bump.clamp(self.heap_off(), self.capacity()) - self.heap_off()
     }
+}
+
+/// Bytes and blocks a slot's counters say are in use (wrapping).
+pub(crate) fn slot_usage(slot: &Slot) -> (u64, u64) {
+    let mut bytes = slot.large.bytes.load(Ordering::Relaxed);
+    let mut blocks = slot.large.blocks.load(Ordering::Relaxed);
+    for (c, n) in slot.in_use.iter().enumerate() {
+        let n = n.load(Ordering::Relaxed);
+        bytes = bytes.wrapping_add(n.wrapping_mul(CLASS_SIZES[c] as u64));
+        blocks = blocks.wrapping_add(n);
+    }
+    (bytes, blocks)
 }

@@ -20,7 +20,7 @@ pub const PAGE: u64 = 4096;
 /// Bytes of the block header that precedes every payload.
 pub const BLOCK_HDR: u64 = 16;
 /// Bytes reserved at the start of each pool for the pool header (with its thread-cache slots).
-pub const HEADER_BYTES: u64 = 64 * 1024;
+pub const HEADER_BYTES: u64 = 128 * 1024;
 /// Thread-cache slots per pool (see `tcache`): threads beyond this use the shared lists only.
 pub const NUM_SLOTS: usize = 64;
 /// Identifies a flowipc pool ("FLOWIPC" + NUL, little-endian).

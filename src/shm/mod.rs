@@ -9,7 +9,11 @@
 //! Inside, everything refers to everything by offset, so each process may map a pool at its own
 //! address. The allocator is lock-free (size-class free lists with ABA-tagged heads, a bump
 //! pointer for fresh space, exact page-rounded extents for large blocks), so a process killed at
-//! any instant can leak what it held but never leave a lock held or a list cut.
+//! any instant can leak what it held but never leave a lock held or a list cut. In front of the
+//! shared lists, each thread has a cache of free small blocks whose lists live in the pool too,
+//! so a small allocation and free cost no atomic read-modify-write, and the cache of a thread or
+//! process that is gone is handed back (on thread exit) or reclaimed (after the process died:
+//! [`Arena::reclaim_dead_caches`]).
 //!
 //! * [`Block`]: an owned allocation (like `Box<[u8]>`), freed on drop.
 //! * [`ShmHandle<T>`]: a ref-counted `T` (like `Arc<T>`, for [`ShmSafe`] plain data) whose count

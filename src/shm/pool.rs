@@ -39,8 +39,11 @@ pub(crate) struct Counters {
 pub(crate) struct Slot {
     /// Process token of the owner, 0 when free. Liveness comes from an OFD byte lock, not this.
     pub(crate) owner: AtomicU64,
-    /// Usage counted by the owning thread.
-    pub(crate) usage: Counters,
+    /// Small blocks of each class in use, as counted by the owning thread (wrapping: a block
+    /// allocated through one slot may be freed through another). One counter per operation.
+    pub(crate) in_use: [AtomicU64; NUM_CLASSES],
+    /// Large extents in use, as counted by the owning thread.
+    pub(crate) large: Counters,
     /// Private free lists, one per class: plain block offsets chained through link words.
     pub(crate) heads: [AtomicU64; NUM_CLASSES],
 }
@@ -75,7 +78,8 @@ const SCRATCH_OFF: u64 = std::mem::offset_of!(PoolHeader, scratch) as u64;
 
 /// A memfd pool mapped into this process.
 ///
-/// Created by one process ([`Pool::create`]) and opened by others from its fd ([`Pool::open`]),
+/// Created by one process ([`Arena::create`](super::Arena::create)) and opened by others from its
+/// fd ([`Arena::join`](super::Arena::join), [`Arena::add_pool`](super::Arena::add_pool)),
 /// at whatever address each process maps it: everything inside refers to everything else by
 /// offset. The memfd has no name in any file system, and is sealed against shrinking and growing
 /// so a peer cannot truncate it under our mapping.

@@ -147,18 +147,32 @@ impl Pool {
             .flatten()
     }
 
-    /// Adds to the usage counters: through this thread's slot (no RMW) when it has one, else the
-    /// pool's base counters.
-    #[inline]
-    pub(crate) fn account(&self, bytes: i64, blocks: i64) {
+    /// Counts `delta` small blocks of class `c` in (or out of) use: through this thread's slot
+    /// (no RMW) when it has one, else in the pool's base counters.
+    pub(crate) fn count_small(&self, c: usize, delta: i64) {
         if self
-            .with_slot(|slot, _| add(&slot.usage, bytes, blocks))
+            .with_slot(|slot, _| bump(&slot.in_use[c], delta))
             .is_none()
         {
-            let base = &self.hdr().base.0;
-            base.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-            base.blocks.fetch_add(blocks as u64, Ordering::Relaxed);
+            self.count_base(delta * CLASS_SIZES[c] as i64, delta);
         }
+    }
+
+    /// Counts a large extent of `bytes` in (`delta` 1) or out of (`delta` -1) use.
+    pub(crate) fn count_large(&self, bytes: i64, delta: i64) {
+        let counted = self.with_slot(|slot, _| {
+            bump(&slot.large.bytes, bytes);
+            bump(&slot.large.blocks, delta);
+        });
+        if counted.is_none() {
+            self.count_base(bytes, delta);
+        }
+    }
+
+    fn count_base(&self, bytes: i64, blocks: i64) {
+        let base = &self.hdr().base.0;
+        base.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        base.blocks.fetch_add(blocks as u64, Ordering::Relaxed);
     }
 
     fn lock_file(&self) -> Option<&std::fs::File> {
@@ -269,13 +283,13 @@ impl Pool {
             self.word(tail + LINK).store(0, Ordering::Relaxed);
             push_chain(self, &self.hdr().classes[c].0.head, head, tail);
         }
-        let base = &self.hdr().base.0;
-        base.bytes
-            .fetch_add(slot.usage.bytes.load(Ordering::Relaxed), Ordering::Relaxed);
-        base.blocks
-            .fetch_add(slot.usage.blocks.load(Ordering::Relaxed), Ordering::Relaxed);
-        slot.usage.bytes.store(0, Ordering::Relaxed);
-        slot.usage.blocks.store(0, Ordering::Relaxed);
+        let (bytes, blocks) = super::alloc::slot_usage(slot);
+        self.count_base(bytes as i64, blocks as i64);
+        for n in &slot.in_use {
+            n.store(0, Ordering::Relaxed);
+        }
+        slot.large.bytes.store(0, Ordering::Relaxed);
+        slot.large.blocks.store(0, Ordering::Relaxed);
     }
 
     /// Whether `off` looks like a free block of class `c` (a cache entry worth trusting).
@@ -307,13 +321,9 @@ impl Pool {
     }
 }
 
-/// Adds to counters only this thread writes: load and store, no read-modify-write.
+/// Adds to a counter only this thread writes: load and store, no read-modify-write.
 #[inline]
-pub(crate) fn add(c: &super::pool::Counters, bytes: i64, blocks: i64) {
-    let b = c.bytes.load(Ordering::Relaxed);
-    c.bytes
-        .store(b.wrapping_add(bytes as u64), Ordering::Relaxed);
-    let n = c.blocks.load(Ordering::Relaxed);
-    c.blocks
-        .store(n.wrapping_add(blocks as u64), Ordering::Relaxed);
+pub(crate) fn bump(counter: &crate::sync::AtomicU64, delta: i64) {
+    let n = counter.load(Ordering::Relaxed);
+    counter.store(n.wrapping_add(delta as u64), Ordering::Relaxed);
 }
