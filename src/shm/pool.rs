@@ -128,23 +128,7 @@ impl Pool {
         file.set_len(capacity)
             .map_err(|e| Error::io("ftruncate", e))?;
         crate::sys::seal_size(&file).map_err(|e| Error::io("seal", e))?;
-        let map = MmapOptions::new()
-            .len(capacity as usize)
-            .map_raw(&file)
-            .map_err(|e| Error::io("mmap", e))?;
-        let pool = Pool {
-            file,
-            map,
-            id,
-            capacity,
-            heap_off: heap_off(capacity),
-            arena_id,
-            trim,
-            owner: Weak::new(),
-            instance: 0,
-            lock_file: OnceLock::new(),
-            slot_mutex: Mutex::new(()),
-        };
+        let pool = Pool::map(file, capacity, id, arena_id, trim)?;
         let h = pool.hdr();
         h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
         h.pool_id.store(id, Ordering::Relaxed);
@@ -158,6 +142,27 @@ impl Pool {
         Ok(pool)
     }
 
+    /// Maps a pool file of `capacity` bytes, shared and read-write.
+    fn map(file: File, capacity: u64, id: u32, arena_id: u64, trim: bool) -> Result<Pool> {
+        let map = MmapOptions::new()
+            .len(capacity as usize)
+            .map_raw(&file)
+            .map_err(|e| Error::io("mmap", e))?;
+        Ok(Pool {
+            file,
+            map,
+            id,
+            capacity,
+            heap_off: heap_off(capacity),
+            arena_id,
+            trim,
+            owner: Weak::new(),
+            instance: 0,
+            lock_file: OnceLock::new(),
+            slot_mutex: Mutex::new(()),
+        })
+    }
+
     /// Opens a pool from an fd received from another process, validating it: a sealed memfd,
     /// the magic, the layout version, and header fields that agree with the file's size.
     pub(crate) fn open(fd: OwnedFd, trim: bool) -> Result<Pool> {
@@ -169,23 +174,8 @@ impl Pool {
         if !(MIN_POOL_BYTES..=MAX_POOL_BYTES).contains(&size) || size % PAGE != 0 {
             return Err(Error::NotAPool("file size is not a pool size"));
         }
-        let map = MmapOptions::new()
-            .len(size as usize)
-            .map_raw(&file)
-            .map_err(|e| Error::io("mmap", e))?;
-        let mut pool = Pool {
-            file,
-            map,
-            id: 0,
-            capacity: size,
-            heap_off: heap_off(size),
-            arena_id: 0,
-            trim,
-            owner: Weak::new(),
-            instance: 0,
-            lock_file: OnceLock::new(),
-            slot_mutex: Mutex::new(()),
-        };
+        // Id and arena id are read from the header once it is validated.
+        let mut pool = Pool::map(file, size, 0, 0, trim)?;
         let h = pool.hdr();
         if h.magic.load(Ordering::Acquire) != MAGIC {
             return Err(Error::NotAPool("bad magic"));
