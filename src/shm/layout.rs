@@ -111,7 +111,7 @@ pub const NUM_CLASSES: usize = 53;
 /// Largest small block (header included); bigger requests get page-rounded extents.
 pub const MAX_SMALL_BLOCK: u64 = CLASS_SIZES[NUM_CLASSES - 1] as u64;
 /// Number of large-extent free lists (see [`bucket_of`]): enough for a 64 GiB pool.
-pub const NUM_BUCKETS: usize = 96;
+pub const NUM_BUCKETS: usize = 352;
 const fn class_sizes() -> [u32; NUM_CLASSES] {
     let mut out = [0u32; NUM_CLASSES];
     let mut n = 0;
@@ -182,17 +182,17 @@ pub fn large_pages(size: usize) -> Option<u64> {
     Some((size as u64).checked_add(BLOCK_HDR)?.div_ceil(PAGE))
 }
 
-/// Free-list bucket of an extent of `pages` pages: 1, 2 and 3 pages have buckets of their own;
-/// above, four buckets per doubling (by the two bits after the leading one). Every extent in a
-/// bucket above `bucket_of(n)` has more than `n` pages.
+/// Free-list bucket of an extent of `pages` pages: below 16 pages one bucket per length; above,
+/// sixteen buckets per doubling (by the four bits after the leading one), so the lengths in one
+/// bucket differ by less than 6.25%. Monotonic in `pages`.
 #[inline]
 pub fn bucket_of(pages: u64) -> usize {
     debug_assert!(pages > 0);
-    if pages < 4 {
+    if pages < 16 {
         return pages as usize;
     }
     let l = 63 - pages.leading_zeros() as u64;
-    (4 * (l - 1) + ((pages >> (l - 2)) & 3)) as usize
+    (16 + 16 * (l - 4) + ((pages >> (l - 4)) & 15)) as usize
 }
 
 /// Bytes of the page map of a pool of `capacity` bytes (page-rounded).
@@ -237,11 +237,11 @@ mod tests {
         // 256 MiB + 8 bytes takes 256 MiB + one page, never 512 MiB.
         assert_eq!(large_pages((256 << 20) + 8), Some((256 << 20) / PAGE + 1));
         assert_eq!(bucket_of(1), 1);
-        assert_eq!(bucket_of(3), 3);
-        assert_eq!(bucket_of(4), 4);
-        assert_eq!(bucket_of(7), 7);
-        assert_eq!(bucket_of(8), 8);
-        assert_eq!(bucket_of(11), 9);
+        assert_eq!(bucket_of(15), 15);
+        assert_eq!(bucket_of(16), 16);
+        assert_eq!(bucket_of(17), 17);
+        assert_eq!(bucket_of(32), 32);
+        assert_eq!(bucket_of(34), 33);
         assert!(bucket_of(MAX_POOL_BYTES / PAGE * 2 - 1) < NUM_BUCKETS);
         // Monotonic, so "any bucket above mine" means "bigger than me".
         for p in 1..100_000u64 {

@@ -27,6 +27,11 @@
 //! mistyped one is an [`Error`], never undefined behaviour or a crash, and that allocator metadata
 //! is read only through atomics (a scribbled free list is reported as [`Error::Corrupt`]).
 //!
+//! # Processes
+//! Share an arena by sending its pools' fds ([`Arena::pool_fd`]) over a Unix socket and
+//! [joining](Arena::join) it. Do not `fork()` a process that uses an arena and keep using it on
+//! both sides: the child would inherit the parent's thread-cache slots.
+//!
 //! # Example: two mappings of one arena
 //! ```
 //! use flowipc::shm::{Arena, ArenaConfig, ShmHandle};

@@ -195,20 +195,38 @@ pub fn check(buf: &[u8], tag: u64) -> bool {
         .all(|(i, &b)| b == (tag.wrapping_mul(31).wrapping_add(i as u64 / 7)) as u8)
 }
 
-/// Runs `f` on a thread and fails the test if it does not finish within `secs` (a hang).
+/// Runs `f` on a thread and fails the test if it does not finish within `secs` (a hang). Joins
+/// the thread when it does, so that its thread-local destructors (which hand its arena cache
+/// back) have run when this returns.
 pub fn within<T: Send + 'static>(
     secs: u64,
     what: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let _ = tx.send(f());
     });
     match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(v) => v,
+        Ok(v) => {
+            thread.join().unwrap();
+            v
+        }
         Err(_) => panic!("{what}: did not finish within {secs} s (hang?)"),
     }
+}
+
+/// Runs `f(i)` for `i` in `0..n` on scoped threads and joins each one explicitly: unlike the
+/// implicit join at the end of `std::thread::scope`, an explicit join waits for the thread's
+/// thread-local destructors, which hand its arena cache back (rust-lang/rust#116237).
+pub fn on_threads<F: Fn(u64) + Sync>(n: u64, f: F) {
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n).map(|i| s.spawn(move || f(i))).collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    });
 }
 
 /// Names in /dev/shm that look like ours (there should never be any: pools are memfds).
