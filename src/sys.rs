@@ -118,6 +118,21 @@ pub fn unlock_byte(file: &File, index: u64) -> io::Result<()> {
         .map_err(io_err)
 }
 
+/// Registers `handler` to run in the child after every `fork()` of this process.
+///
+/// # References
+/// pthread_atfork(3)
+pub fn on_fork_child(handler: extern "C" fn()) -> io::Result<()> {
+    // SAFETY: pthread_atfork only records the three function pointers (two of them null, which
+    // it allows); `handler` is a plain `extern "C" fn` that lives for the whole program.
+    let rc = unsafe { libc::pthread_atfork(None, None, Some(handler)) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
 /// Sends `data` with `fds` attached to its first byte (`SCM_RIGHTS`). Returns the bytes sent
 /// (the fds ride with the first byte, so a short send still delivered them).
 pub fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
@@ -165,4 +180,35 @@ pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Ve
         ));
     }
     Ok((msg.bytes, fds))
+}
+
+/// Test support: forks, runs `f` in the child and `_exit`s with its success, and returns whether
+/// the child succeeded (or `false` if it did not finish within 30 s).
+#[cfg(test)]
+pub(crate) fn fork_and_wait(f: impl FnOnce()) -> bool {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use nix::unistd::{fork, ForkResult};
+    // SAFETY: the child runs only `f` and `_exit`; the callers' `f` takes no lock another thread
+    // could hold across the fork other than ones of its own objects, and allocates nothing.
+    match unsafe { fork() }.expect("fork") {
+        ForkResult::Child => {
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_ok();
+            // SAFETY: `_exit` ends the child at once, running nothing inherited from the parent.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+        }
+        ForkResult::Parent { child } => {
+            for _ in 0..3000 {
+                match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(_, code)) => return code == 0,
+                    Ok(WaitStatus::StillAlive) => {
+                        std::thread::sleep(std::time::Duration::from_millis(10))
+                    }
+                    _ => return false,
+                }
+            }
+            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(child, None);
+            false
+        }
+    }
 }

@@ -110,7 +110,7 @@ impl Pool {
                     let head = &slot.heads[c];
                     let off = head.load(Ordering::Relaxed);
                     head.store(
-                        self.word(off + LINK).load(Ordering::Relaxed),
+                        self.word(off.wrapping_add(LINK)).load(Ordering::Relaxed),
                         Ordering::Relaxed,
                     );
                     counts[c] -= 1;
@@ -165,7 +165,7 @@ impl Pool {
 
     #[inline]
     pub(crate) fn is_heap_block(&self, off: u64) -> bool {
-        off >= self.heap_off() && off % 16 == 0 && off + BLOCK_HDR <= self.capacity()
+        off >= self.heap_off() && off % 16 == 0 && off <= self.capacity() - BLOCK_HDR
     }
 
     /// Takes a span for class `c`: returns its first block (ours) and frees the others.
@@ -444,9 +444,13 @@ impl Pool {
         Ok((info, capacity))
     }
 
-    /// Bytes and blocks in use in this pool: the base counters plus every slot's.
+    /// Bytes and blocks in use in this pool: the base counters plus every slot's. A block
+    /// allocated through one slot and freed through another makes the first count up and the
+    /// second down, so a reader racing them can see a total that is transiently too low (or
+    /// negative: clamped to 0). Exact when the pool is quiescent.
     pub(crate) fn usage(&self) -> (u64, u64) {
-        // Wrapping: the counters are peer-writable (and one slot's may be "negative").
+        // Wrapping, then read as signed: the counters are peer-writable, and one slot's may be
+        // "negative".
         let h = self.hdr();
         let mut bytes = h.base.0.bytes.load(Ordering::Relaxed);
         let mut blocks = h.base.0.blocks.load(Ordering::Relaxed);
@@ -455,7 +459,7 @@ impl Pool {
             bytes = bytes.wrapping_add(b);
             blocks = blocks.wrapping_add(n);
         }
-        (bytes, blocks)
+        ((bytes as i64).max(0) as u64, (blocks as i64).max(0) as u64)
     }
 
     /// Bytes of heap handed out by the bump pointer so far (spans and extents, used or free).

@@ -125,10 +125,11 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        // Hand this thread's caches back while the pools are still mapped. Other threads' slots
-        // become reclaimable by other processes when the pools' lock files close just after.
+        // Hand every cache of this instance back while the pools are still mapped: this thread's
+        // and those of threads that outlive the arena (which can no longer use them).
         for pool in self.pools.iter().filter_map(OnceLock::get) {
             pool.release_thread_slot();
+            pool.release_all_slots();
         }
     }
 }
@@ -235,7 +236,10 @@ impl Arena {
         Arena {
             shared: Arc::new(Shared {
                 id,
-                instance: super::tcache::next_instance(),
+                instance: {
+                    super::tcache::watch_forks();
+                    super::tcache::next_instance()
+                },
                 config,
                 pools,
                 known: AtomicU32::new(0),
@@ -286,7 +290,7 @@ impl Arena {
         self.pool(id).map(Pool::fd)
     }
 
-    fn pools(&self) -> impl Iterator<Item = &Pool> {
+    pub(crate) fn pools(&self) -> impl Iterator<Item = &Pool> {
         let n = self.shared.known.load(Ordering::Acquire) as usize;
         self.shared.pools[..n].iter().filter_map(OnceLock::get)
     }
@@ -443,13 +447,14 @@ impl Arena {
     }
 
     /// Usage figures, read from shared memory (the same in every process that knows the same
-    /// pools).
+    /// pools). Exact while no thread allocates or frees; a snapshot otherwise (a free counted
+    /// before the matching allocation can make it transiently low).
     pub fn stats(&self) -> Stats {
         let mut s = Stats::default();
         for pool in self.pools() {
             let (bytes, blocks) = pool.usage();
-            s.bytes_in_use += bytes;
-            s.blocks_in_use += blocks;
+            s.bytes_in_use = s.bytes_in_use.saturating_add(bytes);
+            s.blocks_in_use = s.blocks_in_use.saturating_add(blocks);
             s.bytes_reserved += pool.reserved();
             s.capacity += pool.capacity();
             s.pools += 1;
@@ -783,5 +788,71 @@ mod tests {
         // SAFETY: refused before adoption.
         let e = unsafe { arena.block_from_raw(b.block_ref(), usize::MAX) }.unwrap_err();
         assert!(matches!(e, Error::OutOfBounds { .. }), "{e:?}");
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn an_arena_dropped_while_its_threads_live_hands_their_caches_back() {
+        let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+        let joiner = Arena::join(
+            [arena.pool_fd(0).unwrap().try_clone_to_owned().unwrap()],
+            ArenaConfig::new(),
+        )
+        .unwrap();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (done, parked) = std::sync::mpsc::channel::<()>();
+        let worker = {
+            let joiner = joiner.clone();
+            std::thread::spawn(move || {
+                drop(joiner.alloc(64).unwrap()); // now cached in this thread's slot
+                drop(joiner);
+                done.send(()).unwrap();
+                let _ = wait.recv(); // outlives the arena instance
+            })
+        };
+        parked.recv().unwrap();
+        assert_eq!(arena.verify().unwrap().cached_blocks, 1);
+        drop(joiner); // the last handle of that instance: it releases the parked thread's slot
+        assert_eq!(arena.verify().unwrap().cached_blocks, 0);
+        let in_use = arena.pool(0).unwrap().hdr().slots.iter();
+        assert_eq!(
+            in_use
+                .filter(|s| s.0.owner.load(crate::sync::Ordering::Relaxed) != 0)
+                .count(),
+            0
+        );
+        go.send(()).unwrap();
+        worker.join().unwrap();
+    }
+
+    #[test]
+    fn a_forked_child_that_lets_go_of_the_arena_leaves_the_parents_cache_alone() {
+        let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+        let blocks: Vec<_> = (0..10).map(|_| arena.alloc(64).unwrap()).collect();
+        drop(blocks);
+        assert_eq!(arena.verify().unwrap().cached_blocks, 10);
+        // In the child, what its thread exiting and its last arena handle going would do (without
+        // the heap frees, which are not safe after fork in a multi-threaded test process).
+        let ok = crate::sys::fork_and_wait(|| {
+            arena.flush_thread_cache();
+            for pool in arena.pools() {
+                pool.release_all_slots();
+            }
+        });
+        assert!(ok, "child failed");
+        assert_eq!(
+            arena.verify().unwrap().cached_blocks,
+            10,
+            "parent's cache intact"
+        );
+        let again: Vec<_> = (0..10).map(|_| arena.alloc(64).unwrap()).collect();
+        assert!(again.iter().all(|b| b.capacity() >= 64));
+        drop(again);
+        arena.verify().unwrap();
+        assert_eq!(arena.stats().blocks_in_use, 0);
     }
 }

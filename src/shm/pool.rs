@@ -95,8 +95,11 @@ pub struct Pool {
     pub(crate) owner: Weak<Shared>,
     /// Process-unique number of that arena instance (thread caches are keyed by it).
     pub(crate) instance: u64,
-    /// Our own open file description of the pool, for the thread-cache slot locks (lazily).
-    pub(crate) lock_file: OnceLock<Option<File>>,
+    /// Our own open file description of the pool, for the thread-cache slot locks (lazily),
+    /// with the pid that opened it.
+    pub(crate) lock_file: OnceLock<(u32, Option<File>)>,
+    /// Slots claimed through this instance (bit i: slot i), released when it is dropped.
+    pub(crate) claimed: std::sync::atomic::AtomicU64,
     /// Serializes slot claims and releases within this process (OFD locks do not conflict
     /// between threads of one process).
     pub(crate) slot_mutex: Mutex<()>,
@@ -159,6 +162,7 @@ impl Pool {
             owner: Weak::new(),
             instance: 0,
             lock_file: OnceLock::new(),
+            claimed: std::sync::atomic::AtomicU64::new(0),
             slot_mutex: Mutex::new(()),
         })
     }

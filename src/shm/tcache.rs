@@ -19,8 +19,14 @@
 //!   (when it claims a slot of its own, or in
 //!   [`Arena::reclaim_dead_caches`](super::Arena::reclaim_dead_caches)).
 //!
-//! Usage statistics are the pool's base counters plus every slot's counters, so they are exact at
-//! all times (up to a block in flight when a process is killed), in every process.
+//! Usage statistics are the pool's base counters plus every slot's counters: exact whenever no
+//! thread is allocating or freeing (up to a block in flight when a process is killed), in every
+//! process.
+//!
+//! `fork()`: a child inherits its parent's thread-local entries, process token and lock files,
+//! all of which its parent keeps using. A fork handler moves the child to a new generation: it
+//! neither uses nor releases what it inherited, and uses no cache for pools whose lock file its
+//! parent opened (the shared lists still serve it).
 //!
 //! Crash safety of the hand-overs: a private list is detached (its head zeroed) *before* it is
 //! pushed onto a shared list, and counters are added to the base *before* the slot's are zeroed,
@@ -60,15 +66,41 @@ static CACHE_CAP: [u16; NUM_CLASSES] = {
 };
 
 /// This process's token, recorded as the owner of the slots it claims: the pid and a random
-/// number (so a recycled pid is not mistaken for us). Never 0.
+/// number (so a recycled pid is not mistaken for us). Never 0. A forked child gets its own.
 pub(crate) fn process_token() -> u64 {
-    static TOKEN: OnceLock<u64> = OnceLock::new();
-    *TOKEN.get_or_init(|| {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        ((std::process::id() as u64) << 32) | (h.finish() & 0xFFFF_FFFF) | 1
-    })
+    let t = TOKEN.load(std::sync::atomic::Ordering::Relaxed);
+    if t != 0 {
+        return t;
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let t = ((std::process::id() as u64) << 32) | (h.finish() & 0xFFFF_FFFF) | 1;
+    TOKEN.store(t, std::sync::atomic::Ordering::Relaxed);
+    t
+}
+
+static TOKEN: StdAtomicU64 = StdAtomicU64::new(0);
+
+/// Bumped in the child after every fork: thread-cache entries, the token and the lock files a
+/// child inherits belong to its parent, which still uses them. The child must neither use nor
+/// release them (releasing would drain the parent's live cache under it).
+static FORK_GEN: StdAtomicU64 = StdAtomicU64::new(0);
+
+extern "C" fn forked_child() {
+    // Only atomic stores: async-signal-safe, as a fork handler must be.
+    FORK_GEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    TOKEN.store(0, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Installs the fork handler (once per process).
+pub(crate) fn watch_forks() {
+    static ONCE: OnceLock<bool> = OnceLock::new();
+    ONCE.get_or_init(|| crate::sys::on_fork_child(forked_child).is_ok());
+}
+
+fn fork_gen() -> u64 {
+    FORK_GEN.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A process-unique number for each arena instance (keys the thread-local entries, so an entry
@@ -82,6 +114,8 @@ pub(crate) fn next_instance() -> u64 {
 struct Entry {
     instance: u64,
     pool: u32,
+    /// Fork generation the entry was made in; an entry from before a fork is the parent's.
+    fork_gen: u64,
     /// `None`: no slot could be had (all taken, or no lock file); use the shared lists.
     slot: Option<u32>,
     /// Blocks on each private list (the lists themselves are in shared memory).
@@ -91,7 +125,11 @@ struct Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        // Thread exit: hand the cache back, if the arena is still alive in this process.
+        // Thread exit: hand the cache back, if the arena is still alive in this process (and the
+        // slot is ours, not our parent's from before a fork).
+        if self.fork_gen != fork_gen() {
+            return;
+        }
         if let (Some(slot), Some(shared)) = (self.slot.take(), self.arena.upgrade()) {
             if let Some(pool) = shared.pool(self.pool) {
                 pool.release_slot(slot, Some(&self.counts));
@@ -120,18 +158,20 @@ impl Pool {
         ENTRIES
             .try_with(|entries| {
                 let mut entries = entries.try_borrow_mut().ok()?;
-                let i = match entries
-                    .iter()
-                    .position(|e| e.instance == self.instance && e.pool == self.id())
-                {
+                let gen = fork_gen();
+                let i = match entries.iter().position(|e| {
+                    e.instance == self.instance && e.pool == self.id() && e.fork_gen == gen
+                }) {
                     Some(i) => i,
                     None => {
                         // Forget entries of arenas dropped since (their slots were released or
-                        // are reclaimable: the lock file closed with the pool).
-                        entries.retain(|e| e.arena.strong_count() > 0);
+                        // are reclaimable: the lock file closed with the pool) and entries
+                        // inherited through a fork (the parent's).
+                        entries.retain(|e| e.arena.strong_count() > 0 && e.fork_gen == gen);
                         entries.push(Entry {
                             instance: self.instance,
                             pool: self.id(),
+                            fork_gen: gen,
                             slot: self.claim_slot(),
                             counts: [0; NUM_CLASSES],
                             arena: self.owner.clone(),
@@ -175,10 +215,16 @@ impl Pool {
         base.blocks.fetch_add(blocks as u64, Ordering::Relaxed);
     }
 
+    /// Our own open file description of the pool, opened by this process (a forked child
+    /// inherits its parent's, whose locks it must not touch: then no caching in the child).
     fn lock_file(&self) -> Option<&std::fs::File> {
-        self.lock_file
-            .get_or_init(|| crate::sys::reopen(self.fd()).ok())
-            .as_ref()
+        let (pid, file) = self
+            .lock_file
+            .get_or_init(|| (std::process::id(), crate::sys::reopen(self.fd()).ok()));
+        if *pid != std::process::id() {
+            return None;
+        }
+        file.as_ref()
     }
 
     /// Claims a free slot, or reclaims one whose owner process is gone.
@@ -208,6 +254,8 @@ impl Pool {
             if owner != 0 {
                 self.drain_slot(slot, None);
             }
+            self.claimed
+                .fetch_or(1 << i, std::sync::atomic::Ordering::Relaxed);
             return Some(i);
         }
         None
@@ -216,11 +264,37 @@ impl Pool {
     /// Hands slot `i` back: its private lists to the shared lists, its counters to the base.
     pub(crate) fn release_slot(&self, i: u32, counts: Option<&[u16; NUM_CLASSES]>) {
         let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
+        self.release_locked(i, counts);
+    }
+
+    fn release_locked(&self, i: u32, counts: Option<&[u16; NUM_CLASSES]>) {
         let slot = self.slot(i);
         self.drain_slot(slot, counts);
+        self.claimed
+            .fetch_and(!(1 << i), std::sync::atomic::Ordering::Relaxed);
         slot.owner.store(0, Ordering::Release);
-        if let Some(file) = self.lock_file.get().and_then(Option::as_ref) {
+        if let Some(file) = self.lock_file() {
             let _ = crate::sys::unlock_byte(file, i as u64);
+        }
+    }
+
+    /// Releases every slot this arena instance still holds. Only when the instance is being
+    /// dropped: then no thread can be using any of them (no `Arena`, `Block` or handle of it is
+    /// left), whatever threads that used them are doing. Without this, slots of threads that
+    /// outlive the arena would stay claimed by this process, unreclaimable by it.
+    pub(crate) fn release_all_slots(&self) {
+        if self.lock_file().is_none() {
+            return;
+        }
+        let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
+        let claimed = self.claimed.load(std::sync::atomic::Ordering::Relaxed);
+        for i in 0..NUM_SLOTS as u32 {
+            if claimed & (1 << i) != 0
+                && self.slot(i).owner.load(Ordering::Acquire) == process_token()
+            {
+                // The counts are unknown here: the drain walks the lists with its bound.
+                self.release_locked(i, None);
+            }
         }
     }
 
@@ -308,10 +382,10 @@ impl Pool {
             let Ok(mut entries) = entries.try_borrow_mut() else {
                 return;
             };
-            if let Some(i) = entries
-                .iter()
-                .position(|e| e.instance == self.instance && e.pool == self.id())
-            {
+            let gen = fork_gen();
+            if let Some(i) = entries.iter().position(|e| {
+                e.instance == self.instance && e.pool == self.id() && e.fork_gen == gen
+            }) {
                 let mut e = entries.swap_remove(i);
                 if let Some(slot) = e.slot.take() {
                     self.release_slot(slot, Some(&e.counts));
