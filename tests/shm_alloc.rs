@@ -321,7 +321,8 @@ fn a_thread_caches_freed_blocks_and_hands_them_back_when_it_exits() {
             let held: Vec<_> = (0..10).map(|_| arena.alloc(64).unwrap()).collect();
             drop(held);
             to_main.send(()).unwrap();
-            from_main.recv().unwrap();
+            // (Bounded, so that a failing check in the main thread cannot hang the test.)
+            let _ = from_main.recv_timeout(std::time::Duration::from_secs(30));
         });
         from_thread.recv().unwrap();
         // The thread is alive: its blocks sit in its cache, free in the stats.
