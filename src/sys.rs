@@ -188,8 +188,12 @@ pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Ve
 pub(crate) fn fork_and_wait(f: impl FnOnce()) -> bool {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     use nix::unistd::{fork, ForkResult};
-    // SAFETY: the child runs only `f` and `_exit`; the callers' `f` takes no lock another thread
-    // could hold across the fork other than ones of its own objects, and allocates nothing.
+    // SAFETY: after fork in a multi-threaded process the child may deadlock on any lock another
+    // thread held at the fork (notably malloc's), and must not rely on other threads. The child
+    // runs only `f` and then `_exit`, which runs nothing inherited. Callers' `f` allocates and
+    // frees nothing and takes only locks of objects private to the calling test (no other thread
+    // can hold them across the fork), so it cannot deadlock; memory-wise the child is a copy and
+    // whatever it does cannot affect the parent's address space.
     match unsafe { fork() }.expect("fork") {
         ForkResult::Child => {
             let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_ok();

@@ -183,7 +183,8 @@ pub struct BlockRef {
     pub generation: u32,
 }
 
-fn random_id() -> u64 {
+/// A random, non-zero 64-bit id (arena ids, process tokens).
+pub(crate) fn random_id() -> u64 {
     let mut h = RandomState::new().build_hasher();
     h.write_u32(std::process::id());
     h.finish() | 1
@@ -718,15 +719,17 @@ mod tests {
         assert!(b.as_slice().iter().all(|&x| x == 3));
         drop(b);
         let stale = BlockRef { ..r };
-        // SAFETY: the reference is stale, which block_from_raw detects and refuses.
+        // SAFETY: the block was freed (stale generation), so validation refuses the call and
+        // nothing is adopted: no second owner can arise.
         let e = unsafe { arena.block_from_raw(stale, 500) }.unwrap_err();
         assert!(matches!(e, Error::Stale), "{e:?}");
         let b = arena.alloc(500).unwrap();
         let r = b.block_ref();
-        // SAFETY: refused before adoption: longer than the block.
+        // SAFETY: the contract (sole ownership of what is adopted) holds trivially: the length
+        // exceeds the block, so validation refuses the call and nothing is adopted.
         let e = unsafe { arena.block_from_raw(r, 1 << 20) }.unwrap_err();
         assert!(matches!(e, Error::OutOfBounds { .. }), "{e:?}");
-        // SAFETY: refused before adoption: unknown pool.
+        // SAFETY: as above: the pool is unknown, so nothing is adopted.
         let e = unsafe { arena.block_from_raw(BlockRef { pool: 9, ..r }, 1) }.unwrap_err();
         assert!(matches!(e, Error::UnknownPool(9)), "{e:?}");
         drop(b);
@@ -785,7 +788,7 @@ mod tests {
         arena.verify().unwrap();
         // block_from_raw with an absurd length is refused without overflow.
         let b = arena.alloc(64).unwrap();
-        // SAFETY: refused before adoption.
+        // SAFETY: the length overflows, so validation refuses the call and nothing is adopted.
         let e = unsafe { arena.block_from_raw(b.block_ref(), usize::MAX) }.unwrap_err();
         assert!(matches!(e, Error::OutOfBounds { .. }), "{e:?}");
     }

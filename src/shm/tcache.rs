@@ -68,15 +68,12 @@ static CACHE_CAP: [u16; NUM_CLASSES] = {
 /// This process's token, recorded as the owner of the slots it claims: the pid and a random
 /// number (so a recycled pid is not mistaken for us). Never 0. A forked child gets its own.
 pub(crate) fn process_token() -> u64 {
-    let t = TOKEN.load(std::sync::atomic::Ordering::Relaxed);
+    let t = TOKEN.load(Ordering::Relaxed);
     if t != 0 {
         return t;
     }
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    let t = ((std::process::id() as u64) << 32) | (h.finish() & 0xFFFF_FFFF) | 1;
-    TOKEN.store(t, std::sync::atomic::Ordering::Relaxed);
+    let t = ((std::process::id() as u64) << 32) | (super::arena::random_id() & 0xFFFF_FFFF);
+    TOKEN.store(t, Ordering::Relaxed);
     t
 }
 
@@ -89,8 +86,8 @@ static FORK_GEN: StdAtomicU64 = StdAtomicU64::new(0);
 
 extern "C" fn forked_child() {
     // Only atomic stores: async-signal-safe, as a fork handler must be.
-    FORK_GEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    TOKEN.store(0, std::sync::atomic::Ordering::Relaxed);
+    FORK_GEN.fetch_add(1, Ordering::Relaxed);
+    TOKEN.store(0, Ordering::Relaxed);
 }
 
 /// Installs the fork handler (once per process).
@@ -100,14 +97,14 @@ pub(crate) fn watch_forks() {
 }
 
 fn fork_gen() -> u64 {
-    FORK_GEN.load(std::sync::atomic::Ordering::Relaxed)
+    FORK_GEN.load(Ordering::Relaxed)
 }
 
 /// A process-unique number for each arena instance (keys the thread-local entries, so an entry
 /// of a dropped arena can never be taken for one of a later arena).
 pub(crate) fn next_instance() -> u64 {
     static NEXT: StdAtomicU64 = StdAtomicU64::new(1);
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// This thread's slot in one pool.
@@ -142,6 +139,14 @@ thread_local! {
     static ENTRIES: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Index of this thread's current-generation entry for `pool`, if any.
+fn find(entries: &[Entry], pool: &Pool) -> Option<usize> {
+    let gen = fork_gen();
+    entries
+        .iter()
+        .position(|e| e.instance == pool.instance && e.pool == pool.id() && e.fork_gen == gen)
+}
+
 impl Pool {
     fn slot(&self, i: u32) -> &Slot {
         &self.hdr().slots[i as usize].0
@@ -158,12 +163,10 @@ impl Pool {
         ENTRIES
             .try_with(|entries| {
                 let mut entries = entries.try_borrow_mut().ok()?;
-                let gen = fork_gen();
-                let i = match entries.iter().position(|e| {
-                    e.instance == self.instance && e.pool == self.id() && e.fork_gen == gen
-                }) {
+                let i = match find(&entries, self) {
                     Some(i) => i,
                     None => {
+                        let gen = fork_gen();
                         // Forget entries of arenas dropped since (their slots were released or
                         // are reclaimable: the lock file closed with the pool) and entries
                         // inherited through a fork (the parent's).
@@ -227,36 +230,45 @@ impl Pool {
         file.as_ref()
     }
 
+    /// Takes slot `i` over if nobody alive holds it: a free slot (if `free_too`) or one whose
+    /// owner process is gone. Returns the previous owner token (0: it was free). On success the
+    /// slot is ours and its OFD lock held by our file description. Call with `slot_mutex` held:
+    /// our own locks never conflict with each other, so threads of one process are kept apart
+    /// by the mutex, and slots owned by this process are skipped.
+    fn take_over(&self, i: u32, file: &std::fs::File, free_too: bool) -> Option<u64> {
+        let slot = self.slot(i);
+        let owner = slot.owner.load(Ordering::Acquire);
+        if owner == process_token() || (owner == 0 && !free_too) {
+            return None;
+        }
+        // The lock is free for a free slot and for one whose owner died; a live owner holds
+        // it. (Another process may be claiming this slot right now: then it holds the lock.)
+        if !matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)) {
+            return None;
+        }
+        if slot
+            .owner
+            .compare_exchange(owner, process_token(), Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            let _ = crate::sys::unlock_byte(file, i as u64);
+            return None;
+        }
+        Some(owner)
+    }
+
     /// Claims a free slot, or reclaims one whose owner process is gone.
     fn claim_slot(&self) -> Option<u32> {
         let file = self.lock_file()?;
         let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
-        let me = process_token();
         for i in 0..NUM_SLOTS as u32 {
-            let owner = self.slot(i).owner.load(Ordering::Acquire);
-            if owner == me {
-                continue; // another thread of ours
+            if let Some(previous) = self.take_over(i, file, true) {
+                if previous != 0 {
+                    self.drain_slot(self.slot(i), None);
+                }
+                self.claimed.fetch_or(1 << i, Ordering::Relaxed);
+                return Some(i);
             }
-            // The lock is free for a free slot and for one whose owner died; a live owner holds
-            // it. (Another process may be claiming this slot right now: then it holds the lock.)
-            if !matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)) {
-                continue;
-            }
-            let slot = self.slot(i);
-            if slot
-                .owner
-                .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
-                let _ = crate::sys::unlock_byte(file, i as u64);
-                continue;
-            }
-            if owner != 0 {
-                self.drain_slot(slot, None);
-            }
-            self.claimed
-                .fetch_or(1 << i, std::sync::atomic::Ordering::Relaxed);
-            return Some(i);
         }
         None
     }
@@ -270,8 +282,7 @@ impl Pool {
     fn release_locked(&self, i: u32, counts: Option<&[u16; NUM_CLASSES]>) {
         let slot = self.slot(i);
         self.drain_slot(slot, counts);
-        self.claimed
-            .fetch_and(!(1 << i), std::sync::atomic::Ordering::Relaxed);
+        self.claimed.fetch_and(!(1 << i), Ordering::Relaxed);
         slot.owner.store(0, Ordering::Release);
         if let Some(file) = self.lock_file() {
             let _ = crate::sys::unlock_byte(file, i as u64);
@@ -287,7 +298,7 @@ impl Pool {
             return;
         }
         let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
-        let claimed = self.claimed.load(std::sync::atomic::Ordering::Relaxed);
+        let claimed = self.claimed.load(Ordering::Relaxed);
         for i in 0..NUM_SLOTS as u32 {
             if claimed & (1 << i) != 0
                 && self.slot(i).owner.load(Ordering::Acquire) == process_token()
@@ -303,28 +314,13 @@ impl Pool {
         let Some(file) = self.lock_file() else {
             return 0;
         };
-        let mut n = 0;
         let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
-        let me = process_token();
+        let mut n = 0;
         for i in 0..NUM_SLOTS as u32 {
-            let slot = self.slot(i);
-            let owner = slot.owner.load(Ordering::Acquire);
-            if owner == 0 || owner == me {
-                continue;
-            }
-            if !matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)) {
-                continue;
-            }
-            if slot
-                .owner
-                .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                self.drain_slot(slot, None);
-                slot.owner.store(0, Ordering::Release);
+            if self.take_over(i, file, false).is_some() {
+                self.release_locked(i, None);
                 n += 1;
             }
-            let _ = crate::sys::unlock_byte(file, i as u64);
         }
         n
     }
@@ -382,10 +378,7 @@ impl Pool {
             let Ok(mut entries) = entries.try_borrow_mut() else {
                 return;
             };
-            let gen = fork_gen();
-            if let Some(i) = entries.iter().position(|e| {
-                e.instance == self.instance && e.pool == self.id() && e.fork_gen == gen
-            }) {
+            if let Some(i) = find(&entries, self) {
                 let mut e = entries.swap_remove(i);
                 if let Some(slot) = e.slot.take() {
                     self.release_slot(slot, Some(&e.counts));
