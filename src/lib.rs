@@ -12,8 +12,10 @@
 #![warn(missing_docs, missing_debug_implementations)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod schemas;
 pub mod shm;
 mod sync;
+pub mod transport;
 #[cfg(not(flowipc_loom))]
 pub mod sys;
 

@@ -1,0 +1,1 @@
+//! Generated Cap'n Proto code for the bundled schemas (being written).

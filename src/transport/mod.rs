@@ -1,0 +1,1 @@
+//! Unix-socket transport: the unstructured channel (being written).
