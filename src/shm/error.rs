@@ -91,6 +91,56 @@ impl Error {
             source: source.into(),
         }
     }
+
+    /// A copy, for an error that is recorded and reported later (an `io::Error` is rebuilt
+    /// from its kind and text).
+    pub(crate) fn duplicate(&self) -> Self {
+        use Error::*;
+        match self {
+            Io { op, source } => Io {
+                op,
+                source: match source.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            NotSealed => NotSealed,
+            NotAPool(s) => NotAPool(s),
+            VersionMismatch { found, expected } => VersionMismatch {
+                found: *found,
+                expected: *expected,
+            },
+            WrongArena { expected, found } => WrongArena {
+                expected: *expected,
+                found: *found,
+            },
+            DuplicatePool(p) => DuplicatePool(*p),
+            UnknownPool(p) => UnknownPool(*p),
+            OutOfMemory { requested } => OutOfMemory {
+                requested: *requested,
+            },
+            TooLarge { requested, max } => TooLarge {
+                requested: *requested,
+                max: *max,
+            },
+            BadConfig(s) => BadConfig(s),
+            BlobLength(n) => BlobLength(*n),
+            BlobMagic => BlobMagic,
+            OutOfBounds { pool, offset } => OutOfBounds {
+                pool: *pool,
+                offset: *offset,
+            },
+            Misaligned(o) => Misaligned(*o),
+            NotABlock(o) => NotABlock(*o),
+            Stale => Stale,
+            TypeMismatch { expected, found } => TypeMismatch {
+                expected: *expected,
+                found: *found,
+            },
+            ForeignBlob => ForeignBlob,
+            Corrupt(s) => Corrupt(s),
+        }
+    }
 }
 
 impl fmt::Display for Error {

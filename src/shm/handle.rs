@@ -238,7 +238,11 @@ impl Arena {
     /// block starts forever), so a stale blob racing a free and reuse of its block touches
     /// nothing of the block's new life. The CAS itself checks liveness, generation and an
     /// outstanding ticket in one step; only then, owning a reference, do we read the payload.
-    fn adopt(&self, blob: &LendBlob, typed: Option<(u64, u64)>) -> Result<(&Pool, u64)> {
+    pub(super) fn adopt(
+        &self,
+        blob: &LendBlob,
+        typed: Option<(u64, u64)>,
+    ) -> Result<(&Pool, u64)> {
         if blob.arena_tag() != self.id() as u32 {
             return Err(Error::ForeignBlob);
         }
@@ -278,7 +282,7 @@ impl Arena {
     }
 }
 
-fn release(pool: &Pool, off: u64) {
+pub(super) fn release(pool: &Pool, off: u64) {
     if rc_release(pool.word(off + LINK)) {
         // An error here means a peer scribbled on the block's header; the block is then leaked
         // rather than freed into a list it could corrupt. Nothing to report it to from a drop.
@@ -400,7 +404,13 @@ impl LendBlob {
     /// Size of a blob in bytes.
     pub const LEN: usize = 32;
 
-    fn new(arena_tag: u32, pool: u32, offset: u64, generation: u32, type_tag: u64) -> Self {
+    pub(super) fn new(
+        arena_tag: u32,
+        pool: u32,
+        offset: u64,
+        generation: u32,
+        type_tag: u64,
+    ) -> Self {
         let mut b = [0u8; Self::LEN];
         b[0..4].copy_from_slice(&BLOB_MAGIC);
         b[4..8].copy_from_slice(&pool.to_le_bytes());
@@ -451,7 +461,7 @@ impl LendBlob {
         self.u32_at(16)
     }
 
-    fn arena_tag(&self) -> u32 {
+    pub(crate) fn arena_tag(&self) -> u32 {
         self.u32_at(20)
     }
 

@@ -64,6 +64,7 @@ mod handle;
 mod layout;
 #[cfg(not(flowipc_loom))]
 mod pool;
+pub(crate) mod segments;
 #[cfg(not(flowipc_loom))]
 mod tcache;
 

@@ -1,0 +1,369 @@
+//! [`MsgChannel`]: messages over an unstructured [`Channel`].
+//!
+//! Every frame's payload starts with a 24-byte header: kind (1 byte), 7 reserved bytes (zero),
+//! message id (u64), id of the message answered (u64, 0 for none), all little-endian. The
+//! header travels inline in the socket frame: a small message costs no shared memory for
+//! metadata. After it:
+//! * `POOL`: arena id (u64), pool id (u32), 4 zero bytes, and the pool's memfd as the frame's fd.
+//!   Sent once per pool, before the first handle that points into it.
+//! * `SHM`: a 32-byte lend blob naming the message's segment table in the arena.
+//! * `HEAP`: the message in capnp's standard stream framing (segment count - 1, sizes in words,
+//!   padding to 8 bytes, then the segments).
+//!
+//! A `SHM` or `HEAP` frame may carry one fd of the user's.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capnp::traits::Owned;
+
+use super::{Error, InSegs, MsgIn, MsgOut};
+use crate::shm::segments::MAX_SEGMENTS;
+use crate::shm::{Arena, ArenaConfig, LendBlob};
+use crate::transport::{AlignedBuf, Channel, Frame, SharedBytes};
+
+/// Bytes of the per-message header.
+pub(crate) const HEADER_LEN: usize = 24;
+const KIND_POOL: u8 = 1;
+const KIND_SHM: u8 = 2;
+const KIND_HEAP: u8 = 3;
+
+/// Where a channel's new messages keep their segments.
+#[derive(Clone, Debug)]
+pub enum Backing {
+    /// Private heap memory; messages are copied through the socket.
+    Heap,
+    /// An arena both processes map; messages are sent in place (a handle crosses the socket).
+    Shm(Arena),
+}
+
+/// A channel of capnp messages of root type `M`, over an unstructured [`Channel`] (sync_io: no
+/// threads; put [`as_fd`](AsFd::as_fd) in your poll loop, or use the blocking helpers).
+///
+/// It receives both kinds of message whatever its own backing: in-place ones from any arena
+/// whose pools the peer announced (joined on first sight), and copied ones.
+pub struct MsgChannel<M: Owned> {
+    chan: Channel,
+    backing: Backing,
+    /// Per arena id: pools 0..n already announced to the peer.
+    announced: HashMap<u64, u32>,
+    /// Arenas whose handles we accept, by the 32-bit tag blobs carry.
+    arenas: HashMap<u32, Arena>,
+    next_id: u64,
+    hosed: bool,
+    _root: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<M: Owned> std::fmt::Debug for MsgChannel<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MsgChannel")
+            .field("channel", &self.chan)
+            .field("backing", &self.backing)
+            .field("hosed", &self.hosed)
+            .finish()
+    }
+}
+
+impl<M: Owned> MsgChannel<M> {
+    /// Takes over `chan`; new messages use `backing`.
+    pub fn new(chan: Channel, backing: Backing) -> Self {
+        let mut arenas = HashMap::new();
+        if let Backing::Shm(a) = &backing {
+            arenas.insert(a.id() as u32, a.clone());
+        }
+        MsgChannel {
+            chan,
+            backing,
+            announced: HashMap::new(),
+            arenas,
+            next_id: 1,
+            hosed: false,
+            _root: std::marker::PhantomData,
+        }
+    }
+
+    /// A new, empty message with this channel's backing.
+    pub fn create_msg(&self) -> MsgOut<M> {
+        match &self.backing {
+            Backing::Heap => MsgOut::new_heap(),
+            Backing::Shm(a) => MsgOut::new_in(a),
+        }
+    }
+
+    /// The backing new messages use.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// The unstructured channel underneath (to flush, check the queue, set timers).
+    pub fn channel(&mut self) -> &mut Channel {
+        &mut self.chan
+    }
+
+    /// Whether a hosing error has been reported.
+    pub fn is_hosed(&self) -> bool {
+        self.hosed
+    }
+
+    fn hose_on<T>(&mut self, r: Result<T, Error>) -> Result<T, Error> {
+        if let Err(e) = &r {
+            if e.is_hosing() {
+                self.hosed = true;
+            }
+        }
+        r
+    }
+
+    /// Sends `msg` (and `fd`, if given). Never blocks: what the socket does not take now is
+    /// queued (see [`Channel::send`]).
+    ///
+    /// An arena-backed message is frozen and sent in place: a handle crosses the socket, and
+    /// `msg` stays usable (re-sending it unchanged costs one reference; writing to it copies it
+    /// first while a receiver holds it). If it cannot be placed in the arena, this returns
+    /// [`Error::Shm`] (not hosing), sends nothing, and leaves `msg` intact.
+    pub fn send(&mut self, msg: &mut MsgOut<M>, fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
+        let r = self.send_inner(msg, fd);
+        self.hose_on(r)
+    }
+
+    fn header(&mut self, kind: u8) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0] = kind;
+        h[8..16].copy_from_slice(&self.next_id.to_le_bytes());
+        self.next_id += 1;
+        h
+    }
+
+    fn send_inner(&mut self, msg: &mut MsgOut<M>, fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
+        let out = msg.inner_mut();
+        let Some(arena) = out.arena().cloned() else {
+            // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen
+            // while queued) rather than copying.
+            let parts = out.share_heap().map_err(|source| Error::Shm {
+                source,
+                from_peer: false,
+            })?;
+            let mut head = self.header(KIND_HEAP).to_vec();
+            head.extend_from_slice(&((parts.len() as u32).wrapping_sub(1)).to_le_bytes());
+            for (_, used) in &parts {
+                head.extend_from_slice(&((used / 8) as u32).to_le_bytes());
+            }
+            if parts.len() % 2 == 0 {
+                head.extend_from_slice(&[0; 4]);
+            }
+            let mut shared = Vec::with_capacity(parts.len() + 1);
+            shared.push(SharedBytes::from(head));
+            for (seg, used) in parts {
+                let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = seg;
+                shared.push(
+                    SharedBytes::new(owner, 0..used)
+                        .map_err(|_| Error::BadMessage("segment shorter than its used bytes"))?,
+                );
+            }
+            let fd = match fd {
+                Some(fd) => Some(fd.try_clone_to_owned().map_err(|e| {
+                    Error::Transport(crate::transport::Error::Io(e))
+                })?),
+                None => None,
+            };
+            return Ok(self.chan.send_shared(shared, fd)?);
+        };
+        self.arenas.entry(arena.id() as u32).or_insert(arena.clone());
+        let blob = out.share_shm().map_err(|source| Error::Shm {
+            source,
+            from_peer: false,
+        })?;
+        let r = self
+            .announce_pools(&arena)
+            .and_then(|()| {
+                let mut frame = [0u8; HEADER_LEN + LendBlob::LEN];
+                frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_SHM));
+                frame[HEADER_LEN..].copy_from_slice(blob.as_bytes());
+                self.chan.send(&frame, fd).map_err(Error::from)
+            });
+        if r.is_err() {
+            // The handle never left: give its reference back.
+            let _ = arena.release_blob(&blob);
+        }
+        r
+    }
+
+    /// Sends the fd of every pool of `arena` the peer has not been told of yet.
+    fn announce_pools(&mut self, arena: &Arena) -> Result<(), Error> {
+        let known = arena.known_pools();
+        let done = self.announced.get(&arena.id()).copied().unwrap_or(0);
+        for id in done..known {
+            if let Some(fd) = arena.pool_fd(id) {
+                let mut frame = [0u8; HEADER_LEN + 16];
+                frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_POOL));
+                frame[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&arena.id().to_le_bytes());
+                frame[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&id.to_le_bytes());
+                self.chan.send(&frame, Some(fd))?;
+            }
+            self.announced.insert(arena.id(), id + 1);
+        }
+        Ok(())
+    }
+
+    /// Receives the next message if one is ready (non-blocking). `Ok(None)`: nothing yet.
+    pub fn try_recv(&mut self) -> Result<Option<MsgIn<M>>, Error> {
+        loop {
+            if self.hosed {
+                return Err(Error::Hosed);
+            }
+            let r = self.chan.try_recv().map_err(Error::from);
+            let frame = match self.hose_on(r)? {
+                Some(f) => f,
+                None => return Ok(None),
+            };
+            let r = self.accept(frame);
+            if let Some(m) = self.hose_on(r)? {
+                return Ok(Some(m));
+            }
+        }
+    }
+
+    /// Waits up to `timeout` (forever if `None`) for the next message, flushing queued sends
+    /// meanwhile. `Ok(None)` on timeout.
+    pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<MsgIn<M>>, Error> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            if let Some(m) = self.try_recv()? {
+                return Ok(Some(m));
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
+                    Some(left) => Some(left),
+                    None => return Ok(None),
+                },
+                None => None,
+            };
+            let r = self.chan.recv_blocking(left).map_err(Error::from);
+            match self.hose_on(r)? {
+                Some(frame) => {
+                    let r = self.accept(frame);
+                    if let Some(m) = self.hose_on(r)? {
+                        return Ok(Some(m));
+                    }
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Handles one frame: a message, or a pool announcement (`None`).
+    fn accept(&mut self, frame: Frame) -> Result<Option<MsgIn<M>>, Error> {
+        let (buf, fd) = frame.into_parts();
+        if buf.len() < HEADER_LEN {
+            return Err(Error::BadMessage("frame shorter than the message header"));
+        }
+        if buf[1..8] != [0; 7] {
+            return Err(Error::BadMessage("reserved header bytes are not zero"));
+        }
+        match buf[0] {
+            KIND_POOL => {
+                self.add_pool(&buf[HEADER_LEN..], fd)?;
+                Ok(None)
+            }
+            KIND_SHM => {
+                let blob = LendBlob::from_bytes(&buf[HEADER_LEN..]).map_err(peer)?;
+                let arena = self
+                    .arenas
+                    .get(&blob.arena_tag())
+                    .ok_or(peer(crate::shm::Error::ForeignBlob))?;
+                let segs = arena.borrow_segments(&blob).map_err(peer)?;
+                Ok(Some(MsgIn::new(InSegs::Shm(segs), fd)))
+            }
+            KIND_HEAP => {
+                let segs = heap_segments(&buf)?;
+                Ok(Some(MsgIn::new(InSegs::Heap { buf, segs }, fd)))
+            }
+            _ => Err(Error::BadMessage("unknown message kind")),
+        }
+    }
+
+    fn add_pool(&mut self, body: &[u8], fd: Option<OwnedFd>) -> Result<(), Error> {
+        let Some(fd) = fd else {
+            return Err(Error::BadMessage("pool announcement without its fd"));
+        };
+        if body.len() != 16 {
+            return Err(Error::BadMessage("pool announcement of the wrong length"));
+        }
+        let arena_id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+        let pool_id = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes"));
+        match self.arenas.get(&(arena_id as u32)) {
+            Some(arena) if arena.id() == arena_id => {
+                match arena.add_pool(fd) {
+                    // Our own pool (a shared arena), or one we already know: nothing to do.
+                    Ok(_) | Err(crate::shm::Error::DuplicatePool(_)) => Ok(()),
+                    Err(e) => Err(peer(e)),
+                }
+            }
+            Some(_) => Err(Error::BadMessage("two arenas with the same tag")),
+            None if pool_id == 0 => {
+                let arena = Arena::join([fd], ArenaConfig::new().max_pools(1024)).map_err(peer)?;
+                if arena.id() != arena_id {
+                    return Err(Error::BadMessage("pool announced for another arena"));
+                }
+                self.arenas.insert(arena_id as u32, arena);
+                Ok(())
+            }
+            None => Err(Error::BadMessage("pool announced before its arena's pool 0")),
+        }
+    }
+}
+
+fn peer(source: crate::shm::Error) -> Error {
+    Error::Shm {
+        source,
+        from_peer: true,
+    }
+}
+
+/// Parses capnp's stream framing after the header: where each segment is in `buf`.
+fn heap_segments(buf: &AlignedBuf) -> Result<Vec<(usize, usize)>, Error> {
+    let body = &buf[HEADER_LEN..];
+    let word = |i: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(body.get(i * 4..i * 4 + 4)?.try_into().ok()?))
+    };
+    let count = word(0)
+        .ok_or(Error::BadMessage("heap message without a segment table"))?
+        .wrapping_add(1) as usize;
+    if count == 0 || count > MAX_SEGMENTS {
+        return Err(Error::BadMessage("heap message with a bad segment count"));
+    }
+    let table = (4 * (count + 1)).next_multiple_of(8);
+    let mut at = HEADER_LEN + table;
+    let mut segs = Vec::with_capacity(count);
+    for i in 0..count {
+        let words = word(1 + i).ok_or(Error::BadMessage("segment table cut short"))? as usize;
+        let len = words * 8;
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= buf.len())
+            .ok_or(Error::BadMessage("segment sizes exceed the frame"))?;
+        segs.push((at, len));
+        at = end;
+    }
+    if at != buf.len() {
+        return Err(Error::BadMessage("bytes after the last segment"));
+    }
+    Ok(segs)
+}
+
+impl<M: Owned> AsFd for MsgChannel<M> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.chan.as_fd()
+    }
+}
+
+impl<M: Owned> AsRawFd for MsgChannel<M> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.chan.as_raw_fd()
+    }
+}

@@ -1,0 +1,273 @@
+//! Cap'n Proto messages whose segments live in a shared-memory arena: [`MsgOut`] to build and
+//! send, [`MsgIn`] to read in place, and [`MsgChannel`] to carry them over a Unix-socket
+//! [`Channel`](crate::transport::Channel).
+//!
+//! Sending an arena-backed message writes only a 24-byte header and a 32-byte handle into the
+//! socket, whatever the message's size: the receiver reads the very same segments. The sender's
+//! `MsgOut` and every receiver's `MsgIn` hold references to a segment table in shared memory;
+//! the last one dropped, in whichever process, frees every segment.
+//!
+//! A sent message is *frozen* while a receiver holds it: writing to the `MsgOut` again copies it
+//! first (copy-on-write, like [`Arc::make_mut`](std::sync::Arc::make_mut)), so a `MsgIn` never
+//! sees bytes change under it. Re-sending an unchanged `MsgOut` adds one reference and copies
+//! nothing.
+//!
+//! The heap-backed (copying) mode has the same API: the segments are written into the socket and
+//! read back. It needs no shared memory and is the baseline the benchmarks compare against.
+//!
+//! ```
+//! use flowipc::msg::{Backing, MsgChannel};
+//! use flowipc::schemas::perf_demo_capnp::body;
+//! use flowipc::shm::{Arena, ArenaConfig};
+//! use flowipc::transport::{Channel, ChannelConfig};
+//!
+//! let (a, b) = Channel::pair(ChannelConfig::new())?;
+//! let arena = Arena::create(ArenaConfig::new().pool_size(64 << 20))?;
+//! let mut tx = MsgChannel::<body::Owned>::new(a, Backing::Shm(arena));
+//! let mut rx = MsgChannel::<body::Owned>::new(b, Backing::Heap);
+//!
+//! let mut msg = tx.create_msg();
+//! msg.init_root().init_get_cache_req().set_file_name("/etc/motd");
+//! tx.send(&mut msg, None)?;
+//!
+//! let got = rx.recv_blocking(None)?.expect("a message");
+//! assert!(got.is_zero_copy());
+//! match got.root()?.which()? {
+//!     body::GetCacheReq(req) => assert_eq!(req?.get_file_name()?.to_str()?, "/etc/motd"),
+//!     _ => unreachable!(),
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod channel;
+mod error;
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
+
+use capnp::message::{Reader, ReaderOptions, ReaderSegments};
+use capnp::traits::Owned;
+
+pub use self::channel::{Backing, MsgChannel};
+pub use self::error::Error;
+pub use crate::shm::segments::{SegAlloc, SegmentSizes};
+use crate::shm::segments::{OutMsg, ShmSegments};
+use crate::shm::Arena;
+use crate::transport::AlignedBuf;
+
+/// Longest capnp `Data`, `Text` or `List` (elements): capnp panics on longer ones, after
+/// allocating. Split bigger payloads into a list of chunks.
+pub const MAX_LIST_LEN: usize = (1 << 29) - 1;
+
+/// Checks a length before `init_*`: capnp panics (after allocating) on lists longer than
+/// [`MAX_LIST_LEN`]; this returns [`Error::ListTooLong`] instead.
+///
+/// ```
+/// use flowipc::msg::{check_list_len, Error};
+/// assert_eq!(check_list_len(1000).unwrap(), 1000);
+/// assert!(matches!(check_list_len(1 << 29), Err(Error::ListTooLong { len }) if len == 1 << 29));
+/// ```
+pub fn check_list_len(len: usize) -> Result<u32, Error> {
+    if len > MAX_LIST_LEN {
+        return Err(Error::ListTooLong { len });
+    }
+    Ok(len as u32)
+}
+
+/// An out-message: a capnp builder of root type `M` (e.g. `my_schema_capnp::my_root::Owned`)
+/// whose segments come from an arena (zero-copy) or the heap (copying).
+pub struct MsgOut<M: Owned> {
+    inner: OutMsg,
+    _root: PhantomData<fn() -> M>,
+}
+
+impl<M: Owned> MsgOut<M> {
+    /// An empty message with segments in `arena`.
+    pub fn new_in(arena: &Arena) -> Self {
+        Self::with_sizes(Some(arena.clone()), SegmentSizes::default())
+    }
+
+    /// An empty heap-backed (copying) message.
+    pub fn new_heap() -> Self {
+        Self::with_sizes(None, SegmentSizes::default())
+    }
+
+    /// An empty message with explicit segment sizing.
+    pub fn with_sizes(arena: Option<Arena>, sizes: SegmentSizes) -> Self {
+        MsgOut {
+            inner: OutMsg::new(arena, sizes),
+            _root: PhantomData,
+        }
+    }
+
+    /// Clears the root and returns its builder (copy-on-write if the message is shared).
+    pub fn init_root(&mut self) -> M::Builder<'_> {
+        self.inner.builder_mut().init_root::<M::Builder<'_>>()
+    }
+
+    /// The root's builder, to modify an existing message (copy-on-write if shared).
+    pub fn get_root(&mut self) -> capnp::Result<M::Builder<'_>> {
+        self.inner.builder_mut().get_root::<M::Builder<'_>>()
+    }
+
+    /// Reads the message (never copies).
+    pub fn root(&self) -> capnp::Result<M::Reader<'_>> {
+        self.inner.builder().get_root_as_reader::<M::Reader<'_>>()
+    }
+
+    /// The underlying capnp builder, for orphanage and other advanced use (copy-on-write if
+    /// shared).
+    pub fn builder_mut(&mut self) -> &mut capnp::message::Builder<SegAlloc> {
+        self.inner.builder_mut()
+    }
+
+    /// Whether the segments are in shared memory (sent in place).
+    pub fn is_shm(&self) -> bool {
+        self.inner.is_shm()
+    }
+
+    /// Whether a receiver (or a queued send) still holds this message, so the next write will
+    /// copy it first.
+    pub fn is_shared(&self) -> bool {
+        self.inner.is_frozen_by_others()
+    }
+
+    /// References to the frozen segment table, if the message was sent in place: 1 means only
+    /// this `MsgOut`; every receiver's `MsgIn` (and every handle in flight) adds one.
+    pub fn shared_refs(&self) -> Option<u64> {
+        self.inner.table_refs()
+    }
+
+    /// Words the message uses (what a copy would move).
+    pub fn size_in_words(&self) -> usize {
+        self.inner.size_in_words()
+    }
+
+    /// Words its segments reserve, used or not (growth is capped, see [`SegmentSizes`]).
+    pub fn reserved_words(&self) -> u64 {
+        self.inner.reserved_words()
+    }
+
+    /// The arena allocation failure that left part of the message on the heap, if any: such a
+    /// message cannot be sent in place until the arena has room again (`send` retries the copy).
+    pub fn alloc_failure(&self) -> Option<crate::shm::Error> {
+        self.inner.alloc_failure()
+    }
+
+    pub(crate) fn inner_mut(&mut self) -> &mut OutMsg {
+        &mut self.inner
+    }
+}
+
+impl<M: Owned> fmt::Debug for MsgOut<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MsgOut")
+            .field("shm", &self.is_shm())
+            .field("words", &self.size_in_words())
+            .field("shared_refs", &self.shared_refs())
+            .finish()
+    }
+}
+
+/// Segments of a received message: in place in shared memory, or copied out of the socket.
+pub(crate) enum InSegs {
+    Shm(ShmSegments),
+    Heap {
+        buf: AlignedBuf,
+        /// (start, len) of each segment in `buf`.
+        segs: Vec<(usize, usize)>,
+    },
+}
+
+impl ReaderSegments for InSegs {
+    fn get_segment(&self, idx: u32) -> Option<&[u8]> {
+        match self {
+            InSegs::Shm(s) => s.get_segment(idx),
+            InSegs::Heap { buf, segs } => {
+                let &(start, len) = segs.get(idx as usize)?;
+                buf.get(start..start + len)
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            InSegs::Shm(s) => s.len(),
+            InSegs::Heap { segs, .. } => segs.len(),
+        }
+    }
+}
+
+/// An in-message: a capnp reader of root type `M` over the received segments, in place.
+///
+/// The reader's traversal limit is sized to the message (eight times its words, at least
+/// capnp's default of 64 MiB), so reading a 1 GiB message works and re-reading is allowed.
+pub struct MsgIn<M: Owned> {
+    reader: Reader<InSegs>,
+    fd: Option<OwnedFd>,
+    words: usize,
+    _root: PhantomData<fn() -> M>,
+}
+
+impl<M: Owned> MsgIn<M> {
+    pub(crate) fn new(segs: InSegs, fd: Option<OwnedFd>) -> Self {
+        let words: usize = (0..segs.len() as u32)
+            .filter_map(|i| segs.get_segment(i))
+            .map(|s| s.len() / 8)
+            .sum();
+        let mut opts = ReaderOptions::new();
+        opts.traversal_limit_in_words(Some(words.saturating_mul(8).max(8 << 20)));
+        MsgIn {
+            reader: Reader::new(segs, opts),
+            fd,
+            words,
+            _root: PhantomData,
+        }
+    }
+
+    /// The root, read in place.
+    pub fn root(&self) -> capnp::Result<M::Reader<'_>> {
+        self.reader.get_root::<M::Reader<'_>>()
+    }
+
+    /// Whether the segments are read in place in shared memory.
+    pub fn is_zero_copy(&self) -> bool {
+        matches!(self.reader.get_segments(), InSegs::Shm(_))
+    }
+
+    /// Words in the message.
+    pub fn size_in_words(&self) -> usize {
+        self.words
+    }
+
+    /// Number of segments.
+    pub fn segment_count(&self) -> usize {
+        self.reader.get_segments().len()
+    }
+
+    /// References to the shared segment table (in place only): the sender's `MsgOut` if it still
+    /// exists, plus every `MsgIn` of it.
+    pub fn shared_refs(&self) -> Option<u64> {
+        match self.reader.get_segments() {
+            InSegs::Shm(s) => Some(s.table().ref_count()),
+            InSegs::Heap { .. } => None,
+        }
+    }
+
+    /// The fd that came with the message, if any (the caller owns it).
+    pub fn take_fd(&mut self) -> Option<OwnedFd> {
+        self.fd.take()
+    }
+}
+
+impl<M: Owned> fmt::Debug for MsgIn<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MsgIn")
+            .field("zero_copy", &self.is_zero_copy())
+            .field("words", &self.words)
+            .field("segments", &self.segment_count())
+            .field("fd", &self.fd)
+            .finish()
+    }
+}

@@ -1,0 +1,847 @@
+//! Cap'n Proto segments in the arena: the allocator a message builder uses, the ref-counted
+//! segment table a sent message becomes, and the reader segments over it in another process.
+//!
+//! This is the only capnp-aware part of `shm`. It lives here (rather than in the message layer)
+//! because capnp's [`Allocator`] is an `unsafe` trait and reading segments in place means making
+//! slices from raw pointers into shared memory: `unsafe` code is kept to `shm` and `sys`.
+//!
+//! # The protocol that keeps readers sound
+//! * A message under construction is an [`OutMsg`]: a capnp builder whose segments are arena
+//!   blocks (or, in heap mode, private heap buffers). Only its owner writes them.
+//! * To send it in place, [`OutMsg::share_shm`] *freezes* it: it writes a segment table (pool,
+//!   offset, generation and used bytes of each segment) into a ref-counted arena block that from
+//!   then on owns the segments, and lends one reference per receiver. Heap mode instead hands out
+//!   `Arc`s of the segment buffers ([`OutMsg::share_heap`]).
+//! * Writing again ([`OutMsg::builder_mut`]) first *thaws*: if the table (or a heap buffer) is
+//!   still referenced by anyone else, the message is copied into fresh segments and the shared
+//!   ones are left to their readers (copy-on-write); if not, the table is dissolved and the
+//!   builder owns its segments again. So a receiver never sees a byte change under it.
+//! * The last reference to a table, dropped in any process, zeroes each segment's used prefix
+//!   and frees it, then frees the table.
+
+use std::alloc::Layout;
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use capnp::message::{Allocator, Builder, ReaderSegments};
+
+use super::arena::{Arena, BlockRef};
+use super::error::{Error, Result};
+use super::handle::LendBlob;
+use super::layout::*;
+use super::lockfree::{handle_word, rc_release, refs, ticket_issue, tickets, Words, LINK};
+use super::pool::Pool;
+use crate::sync::Ordering;
+
+/// Type tag of a segment table block (recorded like an object's, checked by borrowers).
+const TABLE_TAG: u64 = 0x5345_4754_4142_4c31; // "SEGTABL1"
+/// Payload offsets in a table block: tag, segment count, then 3 words per segment.
+const T_TAG: u64 = 0;
+const T_COUNT: u64 = 8;
+const T_ENTRIES: u64 = 16;
+const T_ENTRY: u64 = 24;
+/// Most segments a table may list (a 1 GiB message with 4 MiB segments has ~260).
+pub const MAX_SEGMENTS: usize = 1 << 16;
+
+/// How a message's segments are sized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentSizes {
+    /// Words of the first segment (capnp suggests 1024 = 8 KiB).
+    pub first_words: u32,
+    /// Cap on the heuristic growth of later segments, in words. A single object larger than
+    /// this still gets a segment of its own, sized exactly (page-rounded), so the cap bounds the
+    /// over-reservation of a big message (a 1 GiB message reserves at most this much extra)
+    /// without limiting object sizes.
+    pub max_growth_words: u32,
+}
+
+impl Default for SegmentSizes {
+    fn default() -> Self {
+        SegmentSizes {
+            first_words: 1024,
+            max_growth_words: 512 * 1024, // 4 MiB
+        }
+    }
+}
+
+/// A zeroed heap buffer used as a segment: heap-mode messages, and the fallback when the arena
+/// is exhausted. Shared with the transport's send queue through `Arc` while frozen.
+pub struct HeapSeg {
+    ptr: NonNull<u64>,
+    words: usize,
+}
+
+// SAFETY: a HeapSeg is an owned buffer (like a `Box<[u64]>`); the pointer is not aliased by any
+// other owner, so moving it to another thread is fine.
+unsafe impl Send for HeapSeg {}
+// SAFETY: `&HeapSeg` only gives `&[u8]` (AsRef). Writes go through the capnp builder of the
+// `OutMsg` that allocated it, which writes only while it holds the sole `Arc` (checked with
+// `Arc::get_mut`, which synchronizes with the other holders' drops), so shared readers never
+// race a writer.
+unsafe impl Sync for HeapSeg {}
+
+impl HeapSeg {
+    fn zeroed(words: usize) -> HeapSeg {
+        let words = words.max(1);
+        let layout = Layout::array::<u64>(words).unwrap_or_else(|_| Layout::new::<u64>());
+        // SAFETY: the layout has non-zero size (words >= 1).
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(raw.cast::<u64>()) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        HeapSeg { ptr, words }
+    }
+
+    fn layout(&self) -> Layout {
+        Layout::array::<u64>(self.words).unwrap_or_else(|_| Layout::new::<u64>())
+    }
+}
+
+impl Drop for HeapSeg {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this very layout, freed once (here).
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout()) }
+    }
+}
+
+impl AsRef<[u8]> for HeapSeg {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: the buffer is `words * 8` initialized (zeroed, then written) bytes, alive as
+        // long as `self`. No one writes it while this borrow lives: see the `Sync` argument.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast(), self.words * 8) }
+    }
+}
+
+impl fmt::Debug for HeapSeg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HeapSeg({} words)", self.words)
+    }
+}
+
+/// One segment the allocator handed to capnp.
+enum Mem {
+    Shm(BlockRef),
+    Heap(Arc<HeapSeg>),
+}
+
+struct Seg {
+    ptr: NonNull<u8>,
+    words: u32,
+    mem: Mem,
+    /// Handed back by capnp (`deallocate_segment` ran).
+    gone: bool,
+}
+
+/// What the allocator and its message share.
+struct SegList {
+    segs: Vec<Seg>,
+    /// A segment table owns the SHM segments: the builder must not free them.
+    published: bool,
+    /// The arena could not serve a segment; a heap buffer stands in for it.
+    failed: Option<Error>,
+}
+
+// SAFETY: the raw pointers in `segs` point into arena mappings (kept alive by the allocator's
+// `Arena`) or into `HeapSeg`s owned through the `Arc`s beside them; the list itself is only
+// used under its mutex.
+unsafe impl Send for SegList {}
+
+/// capnp's allocator over an arena (or the heap). Crate-internal: users see `MsgOut`.
+pub struct SegAlloc {
+    arena: Option<Arena>,
+    list: Arc<Mutex<SegList>>,
+    next_words: u32,
+    sizes: SegmentSizes,
+}
+
+impl fmt::Debug for SegAlloc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SegAlloc")
+            .field("shm", &self.arena.is_some())
+            .field("next_words", &self.next_words)
+            .finish()
+    }
+}
+
+fn lock(list: &Mutex<SegList>) -> MutexGuard<'_, SegList> {
+    list.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SegAlloc {
+    fn grant(&mut self, words: u32) -> (NonNull<u8>, u32, Mem) {
+        if let Some(arena) = &self.arena {
+            match arena.alloc_zeroed(words as usize * 8) {
+                Ok(mut block) => {
+                    let cap = (block.capacity() / 8).min(u32::MAX as usize) as u32;
+                    let ptr = block.as_mut_ptr();
+                    let r = block.into_raw();
+                    // A live mapping's address is never null.
+                    if let Some(ptr) = NonNull::new(ptr) {
+                        return (ptr, cap, Mem::Shm(r));
+                    }
+                }
+                Err(e) => {
+                    let mut list = lock(&self.list);
+                    if list.failed.is_none() {
+                        list.failed = Some(e);
+                    }
+                }
+            }
+        }
+        let seg = Arc::new(HeapSeg::zeroed(words as usize));
+        let ptr = seg.ptr.cast::<u8>();
+        (ptr, words, Mem::Heap(seg))
+    }
+}
+
+// SAFETY: (1) SHM segments come from `alloc_zeroed`, heap ones from `alloc_zeroed`: all zero.
+// (2) a segment stays allocated until `deallocate_segment` (or, once published, until its
+// table's last reference goes, which the protocol above orders after the builder's last use).
+// (3) each is a distinct block or buffer: no overlap. (4) payloads are 16-aligned, heap buffers
+// 8-aligned.
+unsafe impl Allocator for SegAlloc {
+    fn allocate_segment(&mut self, minimum_size: u32) -> (NonNull<u8>, u32) {
+        let words = minimum_size.max(self.next_words);
+        self.next_words = words
+            .saturating_mul(2)
+            .min(self.sizes.max_growth_words)
+            .max(self.sizes.first_words);
+        let (ptr, words, mem) = self.grant(words);
+        lock(&self.list).segs.push(Seg {
+            ptr,
+            words,
+            mem,
+            gone: false,
+        });
+        (ptr, words)
+    }
+
+    unsafe fn deallocate_segment(&mut self, ptr: NonNull<u8>, _word_size: u32, words_used: u32) {
+        let mut list = lock(&self.list);
+        let published = list.published;
+        let Some(seg) = list.segs.iter_mut().find(|s| s.ptr == ptr && !s.gone) else {
+            return;
+        };
+        seg.gone = true;
+        let mem = std::mem::replace(&mut seg.mem, Mem::Heap(Arc::new(HeapSeg::zeroed(0))));
+        drop(list);
+        match mem {
+            // A table owns it now; its last reference frees it.
+            Mem::Shm(_) if published => {}
+            Mem::Shm(r) => {
+                if let Some(arena) = &self.arena {
+                    // SAFETY: the block was allocated for this segment and turned into `r` by
+                    // `into_raw`; this is its only re-adoption (the segment is marked gone).
+                    if let Ok(block) = unsafe { arena.block_from_raw(r, 0) } {
+                        // SAFETY: capnp wrote at most `words_used` words of a zeroed block.
+                        unsafe { block.release_zeroed_prefix(words_used as usize * 8) };
+                    }
+                }
+            }
+            Mem::Heap(seg) => drop(seg),
+        }
+    }
+}
+
+/// The ref-counted segment table of a frozen message, in an arena block. Dropping the last
+/// reference (in any process) frees every segment and the table.
+pub struct SegTable {
+    arena: Arena,
+    pool: u32,
+    /// Block offset (header), not payload.
+    off: u64,
+    generation: u32,
+}
+
+impl fmt::Debug for SegTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SegTable")
+            .field("pool", &self.pool)
+            .field("offset", &(self.off + BLOCK_HDR))
+            .field("refs", &self.ref_count())
+            .finish()
+    }
+}
+
+impl SegTable {
+    fn pool(&self) -> &Pool {
+        // Pools are never removed from an arena, and this one was known when the table was made.
+        self.arena.pool(self.pool).expect("a table's pool is part of its arena")
+    }
+
+    fn payload(&self) -> u64 {
+        self.off + BLOCK_HDR
+    }
+
+    /// Writes a table for `entries` (segment, used bytes) and returns its first reference.
+    fn create(arena: &Arena, entries: &[(BlockRef, u64)]) -> Result<SegTable> {
+        let size = T_ENTRIES as usize + entries.len() * T_ENTRY as usize;
+        let (pool, g) = arena.grant(size, 0)?;
+        let p = g.off + BLOCK_HDR;
+        pool.word(p + T_TAG).store(TABLE_TAG, Ordering::Relaxed);
+        pool.word(p + T_COUNT)
+            .store(entries.len() as u64, Ordering::Relaxed);
+        for (i, (r, used)) in entries.iter().enumerate() {
+            let e = p + T_ENTRIES + i as u64 * T_ENTRY;
+            pool.word(e)
+                .store(r.pool as u64 | (r.generation as u64) << 32, Ordering::Relaxed);
+            pool.word(e + 8).store(r.offset, Ordering::Relaxed);
+            pool.word(e + 16).store(*used, Ordering::Relaxed);
+        }
+        // Publish like an object (see `Arena::publish`): the flag lets borrowers pre-check, the
+        // Release store of the handle word orders the entries before any ticket taken on it.
+        let info_w = pool.word(g.off);
+        let info = info_w.load(Ordering::Relaxed);
+        info_w.store(info | FLAG_HANDLE, Ordering::Relaxed);
+        pool.word(g.off + LINK)
+            .store(handle_word(g.generation()), Ordering::Release);
+        Ok(SegTable {
+            arena: arena.clone(),
+            pool: pool.id(),
+            off: g.off,
+            generation: g.generation(),
+        })
+    }
+
+    /// Adds a reference for a receiver and packs it in a blob.
+    pub fn lend(&self) -> LendBlob {
+        ticket_issue(self.pool().word(self.off + LINK));
+        LendBlob::new(
+            self.arena.id() as u32,
+            self.pool,
+            self.payload(),
+            self.generation,
+            TABLE_TAG,
+        )
+    }
+
+    /// References (holders in every process plus lent blobs not yet borrowed). A snapshot.
+    pub fn ref_count(&self) -> u64 {
+        refs(self.pool().word(self.off + LINK).load(Ordering::Relaxed))
+    }
+
+    /// If this is the only reference anywhere, frees the table block alone and returns true:
+    /// the segments are then the builder's again. Otherwise returns false (and keeps `self`).
+    fn dissolve_if_sole(&mut self) -> bool {
+        // Acquire pairs with the Release of every other holder's drop: their reads of the
+        // segments happen before the builder writes them again.
+        let w = self.pool().word(self.off + LINK).load(Ordering::Acquire);
+        if refs(w) != 1 || tickets(w) != 0 {
+            return false;
+        }
+        // No other holder and no outstanding ticket: no one can reach the table any more.
+        let _ = self.pool().free_block(self.off, false);
+        true
+    }
+
+    /// Validates every entry and returns where each segment's used bytes are.
+    fn segment_slices(&self) -> Result<Vec<(NonNull<u8>, usize)>> {
+        let pool = self.pool();
+        let p = self.payload();
+        let (_, capacity) = pool.block_at(self.off)?;
+        let n = pool.word(p + T_COUNT).load(Ordering::Relaxed);
+        if n as usize > MAX_SEGMENTS || T_ENTRIES + n * T_ENTRY > capacity {
+            return Err(Error::Corrupt("segment table longer than its block"));
+        }
+        let mut out = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let e = p + T_ENTRIES + i * T_ENTRY;
+            let (seg_pool, at, used) = read_entry(pool, e);
+            let (ptr, _) = segment(&self.arena, seg_pool, at, used)?;
+            out.push((ptr, used as usize));
+        }
+        Ok(out)
+    }
+}
+
+fn read_entry(pool: &Pool, e: u64) -> (BlockRef, u64, u64) {
+    let w0 = pool.word(e).load(Ordering::Relaxed);
+    let r = BlockRef {
+        pool: w0 as u32,
+        offset: pool.word(e + 8).load(Ordering::Relaxed),
+        generation: (w0 >> 32) as u32,
+    };
+    let used = pool.word(e + 16).load(Ordering::Relaxed);
+    (r, r.offset, used)
+}
+
+/// Validates one segment: a known pool, an allocated block of that generation, `used` within
+/// its capacity and a whole number of words. Returns the payload pointer and the block offset.
+fn segment(arena: &Arena, r: BlockRef, _at: u64, used: u64) -> Result<(NonNull<u8>, u64)> {
+    let pool = arena.pool(r.pool).ok_or(Error::UnknownPool(r.pool))?;
+    let off = r.offset.checked_sub(BLOCK_HDR).ok_or(Error::OutOfBounds {
+        pool: r.pool,
+        offset: r.offset,
+    })?;
+    let (info, capacity) = pool.block_at(off)?;
+    if info_state(info) != STATE_ALLOC || info_generation(info) != r.generation {
+        return Err(Error::Stale);
+    }
+    if used > capacity || used % 8 != 0 || used / 8 > u32::MAX as u64 {
+        return Err(Error::OutOfBounds {
+            pool: r.pool,
+            offset: r.offset.saturating_add(used),
+        });
+    }
+    let ptr = NonNull::new(pool.ptr(r.offset)).ok_or(Error::Corrupt("null mapping"))?;
+    Ok((ptr, off))
+}
+
+impl Drop for SegTable {
+    fn drop(&mut self) {
+        let pool = self.pool();
+        if !rc_release(pool.word(self.off + LINK)) {
+            return;
+        }
+        // Last reference: free every segment (zeroing its used prefix), then the table. A
+        // corrupt entry is skipped (leaked) rather than freed into a list it could damage.
+        let p = self.payload();
+        let n = pool.word(p + T_COUNT).load(Ordering::Relaxed) as usize;
+        let cap = pool.block_at(self.off).map(|(_, c)| c).unwrap_or(0);
+        if n <= MAX_SEGMENTS && T_ENTRIES + n as u64 * T_ENTRY <= cap {
+            for i in 0..n as u64 {
+                let (r, at, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
+                if let Ok((_, off)) = segment(&self.arena, r, at, used) {
+                    if let Some(seg_pool) = self.arena.pool(r.pool) {
+                        seg_pool.zero(r.offset, used);
+                        let _ = seg_pool.free_block(off, true);
+                    }
+                }
+            }
+        }
+        let _ = pool.free_block(self.off, false);
+    }
+}
+
+impl Arena {
+    /// Adopts the reference a segment-table blob carries (validated like any lend blob, plus its
+    /// table tag), and the table's entries (each a live block of a known pool).
+    pub(crate) fn borrow_segments(&self, blob: &LendBlob) -> Result<ShmSegments> {
+        if blob.type_tag() != TABLE_TAG {
+            return Err(Error::TypeMismatch {
+                expected: TABLE_TAG,
+                found: blob.type_tag(),
+            });
+        }
+        let (pool, off) = self.adopt(blob, Some((TABLE_TAG, T_ENTRIES)))?;
+        let table = SegTable {
+            arena: self.clone(),
+            pool: pool.id(),
+            off,
+            generation: blob.generation(),
+        };
+        // On error `table` drops its reference again (as the last one, it frees the message).
+        let segs = table.segment_slices()?;
+        Ok(ShmSegments { table, segs })
+    }
+
+    /// One more than the highest pool id this process knows (pools 0..n may need announcing).
+    pub(crate) fn known_pools(&self) -> u32 {
+        self.pools().map(|p| p.id() + 1).max().unwrap_or(0)
+    }
+}
+
+/// A received message's segments, read in place. Holds a table reference: the segments stay
+/// allocated and unchanged (frozen) until this is dropped.
+pub struct ShmSegments {
+    table: SegTable,
+    segs: Vec<(NonNull<u8>, usize)>,
+}
+
+// SAFETY: the pointers are into arena mappings kept alive by `table.arena`; the bytes are frozen
+// (no process writes them while a table reference exists), so reading them from any thread is
+// fine; the table reference itself is released with atomics.
+unsafe impl Send for ShmSegments {}
+// SAFETY: as for Send: only shared reads of frozen bytes.
+unsafe impl Sync for ShmSegments {}
+
+impl fmt::Debug for ShmSegments {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShmSegments")
+            .field("table", &self.table)
+            .field("segments", &self.segs.len())
+            .finish()
+    }
+}
+
+impl ShmSegments {
+    /// Total bytes of all segments.
+    pub fn total_bytes(&self) -> usize {
+        self.segs.iter().map(|s| s.1).sum()
+    }
+
+    /// The table, e.g. for its reference count.
+    pub fn table(&self) -> &SegTable {
+        &self.table
+    }
+}
+
+impl ReaderSegments for ShmSegments {
+    fn get_segment(&self, idx: u32) -> Option<&[u8]> {
+        let &(ptr, len) = self.segs.get(idx as usize)?;
+        // SAFETY: `segment` validated that [ptr, ptr+len) is inside a live block of a mapped
+        // pool; the table reference we hold keeps the block allocated, and the freeze protocol
+        // (module docs) guarantees no process writes it until the reference is gone, which
+        // cannot happen while `&self` is borrowed.
+        Some(unsafe { std::slice::from_raw_parts(ptr.as_ptr(), len) })
+    }
+
+    fn len(&self) -> usize {
+        self.segs.len()
+    }
+}
+
+/// A message being built (or already frozen and shared): a capnp builder over [`SegAlloc`].
+pub struct OutMsg {
+    // Field order matters: the builder (whose drop hands segments back) goes before the table
+    // (whose last reference frees the segments it owns).
+    builder: Builder<SegAlloc>,
+    list: Arc<Mutex<SegList>>,
+    table: Option<SegTable>,
+    arena: Option<Arena>,
+    sizes: SegmentSizes,
+}
+
+impl fmt::Debug for OutMsg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutMsg")
+            .field("shm", &self.arena.is_some())
+            .field("segments", &lock(&self.list).segs.len())
+            .field("shared", &self.table)
+            .finish()
+    }
+}
+
+impl OutMsg {
+    /// An empty message whose segments come from `arena` (or the heap when `None`).
+    pub fn new(arena: Option<Arena>, sizes: SegmentSizes) -> OutMsg {
+        let sizes = SegmentSizes {
+            first_words: sizes.first_words.max(1),
+            max_growth_words: sizes.max_growth_words.max(sizes.first_words.max(1)),
+        };
+        let list = Arc::new(Mutex::new(SegList {
+            segs: Vec::new(),
+            published: false,
+            failed: None,
+        }));
+        let alloc = SegAlloc {
+            arena: arena.clone(),
+            list: list.clone(),
+            next_words: sizes.first_words,
+            sizes,
+        };
+        OutMsg {
+            builder: Builder::new(alloc),
+            list,
+            table: None,
+            arena,
+            sizes,
+        }
+    }
+
+    /// Whether segments come from an arena.
+    pub fn is_shm(&self) -> bool {
+        self.arena.is_some()
+    }
+
+    /// The arena segments come from.
+    pub fn arena(&self) -> Option<&Arena> {
+        self.arena.as_ref()
+    }
+
+    /// Read-only access (never copies).
+    pub fn builder(&self) -> &Builder<SegAlloc> {
+        &self.builder
+    }
+
+    /// Write access: thaws a shared message first (copy-on-write if anyone else holds it).
+    pub fn builder_mut(&mut self) -> &mut Builder<SegAlloc> {
+        if self.is_frozen_by_others() {
+            self.copy_into_fresh();
+        } else if let Some(mut t) = self.table.take() {
+            if t.dissolve_if_sole() {
+                std::mem::forget(t);
+                lock(&self.list).published = false;
+            } else {
+                // Someone borrowed it between the check and now: copy after all.
+                self.table = Some(t);
+                self.copy_into_fresh();
+            }
+        }
+        &mut self.builder
+    }
+
+    /// Whether some other holder (a receiver, a queued send) still references the segments.
+    pub fn is_frozen_by_others(&self) -> bool {
+        if let Some(t) = &self.table {
+            let w = t.pool().word(t.off + LINK).load(Ordering::Acquire);
+            if refs(w) != 1 || tickets(w) != 0 {
+                return true;
+            }
+        }
+        lock(&self.list)
+            .segs
+            .iter()
+            .any(|s| matches!(&s.mem, Mem::Heap(a) if Arc::strong_count(a) > 1))
+    }
+
+    /// Replaces the message by a private deep copy (its old segments stay with their readers).
+    fn copy_into_fresh(&mut self) {
+        let mut fresh = OutMsg::new(self.arena.clone(), self.sizes);
+        if !lock(&self.list).segs.is_empty() {
+            let copied = self
+                .builder
+                .get_root_as_reader::<capnp::any_pointer::Reader<'_>>()
+                .and_then(|root| fresh.builder.set_root(root));
+            if copied.is_err() {
+                lock(&fresh.list).failed = Some(Error::Corrupt("message could not be copied"));
+            }
+        }
+        *self = fresh;
+        // Also make heap segments exclusive: `fresh` has only new ones.
+    }
+
+    /// The allocation failure that left part of the message on the heap, if any.
+    pub fn alloc_failure(&self) -> Option<Error> {
+        lock(&self.list).failed.as_ref().map(Error::duplicate)
+    }
+
+    fn check_failure(&mut self) -> Result<()> {
+        if lock(&self.list).failed.is_none() {
+            return Ok(());
+        }
+        // The arena was full while building: try again now by copying into fresh segments
+        // (if that also fails, the error stays and nothing is sent).
+        if self.table.is_none() {
+            self.copy_into_fresh();
+        }
+        match lock(&self.list).failed.as_ref().map(Error::duplicate) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Freezes the message into a segment table (once; an unchanged message reuses it) and
+    /// lends one reference for a receiver. Fails (sending nothing, the message intact) if the
+    /// message is heap-backed or part of it could not be allocated in the arena.
+    pub fn share_shm(&mut self) -> Result<LendBlob> {
+        let Some(arena) = self.arena.clone() else {
+            return Err(Error::BadConfig("a heap-backed message cannot be shared in place"));
+        };
+        if self.table.is_none() {
+            self.check_failure()?;
+            // Make sure there is a root pointer (an empty message still has one segment).
+            if lock(&self.list).segs.is_empty() {
+                let _ = self.builder.get_root::<capnp::any_pointer::Builder<'_>>();
+            }
+            let out = self.builder.get_segments_for_output();
+            let list = lock(&self.list);
+            let live: Vec<&Seg> = list.segs.iter().filter(|s| !s.gone).collect();
+            if live.len() != out.len() || out.len() > MAX_SEGMENTS {
+                return Err(Error::Corrupt("segment list out of step with the builder"));
+            }
+            let mut entries = Vec::with_capacity(out.len());
+            for (seg, bytes) in live.iter().zip(out.iter()) {
+                match &seg.mem {
+                    Mem::Shm(r) if seg.ptr.as_ptr() as *const u8 == bytes.as_ptr() => {
+                        entries.push((*r, bytes.len() as u64))
+                    }
+                    _ => return Err(Error::Corrupt("segment not in the arena")),
+                }
+            }
+            drop(list);
+            let table = SegTable::create(&arena, &entries)?;
+            lock(&self.list).published = true;
+            self.table = Some(table);
+        }
+        let table = self.table.as_ref().expect("table set above");
+        Ok(table.lend())
+    }
+
+    /// The message's references as shared heap buffers (frozen while any is held), with the
+    /// number of used bytes of each, in segment order.
+    pub fn share_heap(&mut self) -> Result<Vec<(Arc<HeapSeg>, usize)>> {
+        if self.arena.is_some() {
+            return Err(Error::BadConfig("an arena-backed message is sent in place"));
+        }
+        if lock(&self.list).segs.is_empty() {
+            let _ = self.builder.get_root::<capnp::any_pointer::Builder<'_>>();
+        }
+        let out = self.builder.get_segments_for_output();
+        let list = lock(&self.list);
+        let mut parts = Vec::with_capacity(out.len());
+        for (seg, bytes) in list.segs.iter().filter(|s| !s.gone).zip(out.iter()) {
+            match &seg.mem {
+                Mem::Heap(a) => parts.push((a.clone(), bytes.len())),
+                Mem::Shm(_) => return Err(Error::Corrupt("heap message with an arena segment")),
+            }
+        }
+        Ok(parts)
+    }
+
+    /// Total words in use (what a copy would transfer).
+    pub fn size_in_words(&self) -> usize {
+        self.builder.size_in_words()
+    }
+
+    /// Words the segments were given (used or not).
+    pub fn reserved_words(&self) -> u64 {
+        lock(&self.list)
+            .segs
+            .iter()
+            .filter(|s| !s.gone)
+            .map(|s| s.words as u64)
+            .sum()
+    }
+
+    /// Current references to the shared table (1 = only this message), if frozen.
+    pub fn table_refs(&self) -> Option<u64> {
+        self.table.as_ref().map(SegTable::ref_count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shm::ArenaConfig;
+    use capnp::message::Reader;
+
+    fn arena() -> Arena {
+        Arena::create(ArenaConfig::new().pool_size(64 << 20)).unwrap()
+    }
+
+    fn fill(msg: &mut OutMsg, n: u32, byte: u8) {
+        let b = msg.builder_mut();
+        let mut list = b.initn_root::<capnp::data_list::Builder<'_>>(1);
+        list.set(0, &vec![byte; n as usize]);
+    }
+
+    fn read_first(segs: ShmSegments) -> Vec<u8> {
+        let r = Reader::new(segs, Default::default());
+        let list = r.get_root::<capnp::data_list::Reader<'_>>().unwrap();
+        list.get(0).unwrap().to_vec()
+    }
+
+    #[test]
+    fn shared_in_place_then_freed_by_the_last_holder() {
+        let arena = arena();
+        let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut msg, 100_000, 7);
+        let blob = msg.share_shm().unwrap();
+        assert_eq!(msg.table_refs(), Some(2));
+        let segs = arena.borrow_segments(&blob).unwrap();
+        let seg0 = segs.get_segment(0).unwrap().as_ptr();
+        assert!(msg
+            .builder()
+            .get_segments_for_output()
+            .iter()
+            .any(|s| s.as_ptr() == seg0));
+        assert_eq!(read_first(segs), vec![7; 100_000]);
+        assert_eq!(msg.table_refs(), Some(1));
+        let in_use = arena.stats().blocks_in_use;
+        drop(msg);
+        assert_eq!(arena.stats().blocks_in_use, 0, "had {in_use}");
+        // Replaying the blob now fails: stale.
+        assert!(matches!(arena.borrow_segments(&blob), Err(Error::Stale)));
+    }
+
+    #[test]
+    fn receiver_outlives_sender() {
+        let arena = arena();
+        let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut msg, 5000, 3);
+        let blob = msg.share_shm().unwrap();
+        drop(msg);
+        assert!(arena.stats().blocks_in_use > 0);
+        let segs = arena.borrow_segments(&blob).unwrap();
+        assert_eq!(read_first(segs), vec![3; 5000]);
+        assert_eq!(arena.stats().blocks_in_use, 0);
+    }
+
+    #[test]
+    fn write_while_shared_copies_and_unshared_reuses() {
+        let arena = arena();
+        let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut msg, 1000, 1);
+        let blob = msg.share_shm().unwrap();
+        let held = arena.borrow_segments(&blob).unwrap();
+        let p_before = held.get_segment(0).unwrap().as_ptr();
+        // Re-send unchanged: one more reference, same table.
+        let blob2 = msg.share_shm().unwrap();
+        assert_eq!(msg.table_refs(), Some(3));
+        arena.release_blob(&blob2).unwrap();
+        // Write while `held` reads: copy-on-write.
+        fill(&mut msg, 1000, 2);
+        assert_eq!(msg.table_refs(), None);
+        assert_ne!(
+            msg.builder().get_segments_for_output()[0].as_ptr(),
+            p_before
+        );
+        assert_eq!(read_first(held), vec![1; 1000]);
+        // Now nobody else holds the new one: share, release, write in place.
+        let blob3 = msg.share_shm().unwrap();
+        arena.release_blob(&blob3).unwrap();
+        let p = msg.builder().get_segments_for_output()[0].as_ptr();
+        fill(&mut msg, 1000, 4);
+        assert_eq!(msg.builder().get_segments_for_output()[0].as_ptr(), p);
+        drop(msg);
+        assert_eq!(arena.stats().blocks_in_use, 0);
+        arena.verify().unwrap();
+    }
+
+    #[test]
+    fn growth_is_capped_and_big_objects_get_exact_segments() {
+        let arena = Arena::create(ArenaConfig::new()).unwrap();
+        let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        {
+            let b = msg.builder_mut();
+            let root = b.initn_root::<capnp::data_list::Builder<'_>>(3);
+            let _ = root;
+        }
+        let big = 200 << 20;
+        {
+            let b = msg.builder_mut();
+            let mut list = b.get_root::<capnp::data_list::Builder<'_>>().unwrap();
+            list.set(0, &vec![9u8; big]);
+        }
+        let reserved = msg.reserved_words() * 8;
+        assert!(reserved < big as u64 + (8 << 20), "reserved {reserved}");
+        drop(msg);
+        assert_eq!(arena.stats().blocks_in_use, 0);
+    }
+
+    #[test]
+    fn exhausted_arena_falls_back_to_heap_and_refuses_to_share() {
+        let arena = Arena::create(ArenaConfig::new().pool_size(1 << 20).max_pools(1)).unwrap();
+        let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut msg, 4 << 20, 5);
+        assert!(matches!(msg.alloc_failure(), Some(Error::OutOfMemory { .. } | Error::TooLarge { .. })));
+        assert!(matches!(msg.share_shm(), Err(Error::OutOfMemory { .. } | Error::TooLarge { .. })));
+        // The message is intact and readable.
+        let r = msg
+            .builder()
+            .get_root_as_reader::<capnp::data_list::Reader<'_>>()
+            .unwrap();
+        assert_eq!(r.get(0).unwrap().len(), 4 << 20);
+        drop(msg);
+        assert_eq!(arena.stats().blocks_in_use, 0);
+    }
+
+    #[test]
+    fn heap_mode_freezes_while_parts_are_held() {
+        let mut msg = OutMsg::new(None, SegmentSizes::default());
+        fill(&mut msg, 100, 1);
+        let parts = msg.share_heap().unwrap();
+        assert!(msg.is_frozen_by_others());
+        let held = parts[0].0.clone();
+        drop(parts);
+        fill(&mut msg, 100, 2);
+        // The held buffer still has the old bytes.
+        let old: &[u8] = (*held).as_ref();
+        assert!(old.windows(100).any(|w| w == [1u8; 100]));
+        assert!(!old.windows(100).any(|w| w == [2u8; 100]));
+        drop(held);
+        assert!(!msg.is_frozen_by_others());
+    }
+}
