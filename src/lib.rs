@@ -5,19 +5,25 @@
 //!
 //! Layers, bottom up (each knows nothing of the ones above):
 //! * [`shm`]: memfd pools, the lock-free cross-process allocator, ref-counted handles.
-//! * transport, structured messages and sessions arrive in later releases.
+//! * [`transport`]: framed Unix-socket channels with fd passing, a never-blocking send queue,
+//!   graceful end and keep-alive (sync_io [`transport::Channel`], async-I/O
+//!   [`transport::AsyncChannel`]).
+//! * structured messages and sessions arrive in later releases.
 //!
 //! `unsafe` code lives only in [`shm`] and in the crate-private syscall module.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, missing_debug_implementations)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+#[cfg(not(flowipc_loom))]
+pub mod msg;
 pub mod schemas;
 pub mod shm;
 mod sync;
-pub mod transport;
 #[cfg(not(flowipc_loom))]
 pub mod sys;
+#[cfg(not(flowipc_loom))]
+pub mod transport;
 
 /// The README's examples, compiled and run as doc tests.
 #[doc = include_str!("../README.md")]

@@ -1,20 +1,22 @@
 //! Thin wrappers over the Linux system calls flowipc needs beyond `std`: sealed memfds, hole
-//! punching and fd passing (`SCM_RIGHTS`). This is the crate's one syscall module; together with
-//! `shm` it is the only place allowed `unsafe`.
+//! punching, fd passing (`SCM_RIGHTS`), non-blocking gathered sends and `poll`, plus byte views
+//! of word buffers (8-aligned receive buffers). This is the crate's one syscall module; together
+//! with `shm` it is the only place allowed `unsafe`.
 //!
 //! Everything returns `std::io::Result`, and every received fd comes back as an [`OwnedFd`], so
 //! nothing received can leak.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, fcntl, FallocateFlags, FcntlArg, SealFlag};
 use nix::libc;
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 /// Most fds one message may carry (a bound, so a peer cannot make us allocate without limit).
 pub const MAX_FDS_PER_MSG: usize = 8;
@@ -153,33 +155,306 @@ pub fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> 
 /// bytes read (0 at end of stream) and the fds. Fds beyond [`MAX_FDS_PER_MSG`] are cut off by
 /// the kernel (`MSG_CTRUNC`), reported as `InvalidData` after closing those that did arrive.
 pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS_PER_MSG]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg_buf),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io_err)?;
-    let mut fds = Vec::new();
-    for c in msg.cmsgs().map_err(io_err)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for fd in raw {
-                // SAFETY: the kernel installed `fd` in our table for this message alone
-                // (SCM_RIGHTS); nothing else in the process knows it, so taking ownership here
-                // is the only ownership it will ever have and it is closed exactly once.
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-        }
-    }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+    let got = recv_msg(sock.as_fd(), buf, 0)?;
+    if got.fds_truncated {
+        // `got.fds` (those that did arrive) are closed here, on drop.
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "too many fds with one message",
         ));
     }
-    Ok((msg.bytes, fds))
+    Ok((got.bytes, got.fds))
+}
+
+/// What one `recvmsg` call delivered: see [`try_recv_with_fds`].
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes read into the buffer (0 at end of stream).
+    pub bytes: usize,
+    /// The fds that came with the bytes (`SCM_RIGHTS`), close-on-exec, owned: nothing leaks.
+    pub fds: Vec<OwnedFd>,
+    /// The kernel cut control data off (`MSG_CTRUNC`): more than [`MAX_FDS_PER_MSG`] fds were
+    /// attached. Those beyond the limit were closed by the kernel; those in `fds` are ours.
+    pub fds_truncated: bool,
+}
+
+/// Receives into `buf` without blocking (`MSG_DONTWAIT`), collecting any fds (close-on-exec,
+/// `MSG_CMSG_CLOEXEC`) that came with the bytes. With no data available it fails with
+/// [`io::ErrorKind::WouldBlock`]; at end of stream it returns 0 bytes. Retries on `EINTR`.
+///
+/// On a Unix stream socket, one call returns bytes of possibly several `sendmsg` calls of the
+/// peer, but stops right after the bytes of a kernel buffer that carried fds (Linux
+/// `unix_stream_read_generic`): the fds belong to the last bytes returned.
+///
+/// Unlike nix's `recvmsg` wrapper, this takes ownership of every fd the kernel installed even
+/// when the control data was truncated, so none leaks.
+///
+/// # References
+/// recvmsg(2), unix(7) "SCM_RIGHTS", cmsg(3)
+pub fn try_recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    recv_msg(sock, buf, libc::MSG_DONTWAIT)
+}
+
+/// Bytes of control buffer for [`MAX_FDS_PER_MSG`] fds.
+const CMSG_BYTES: usize = {
+    let fds_len = MAX_FDS_PER_MSG * std::mem::size_of::<libc::c_int>();
+    // SAFETY: `CMSG_SPACE` is the C macro's arithmetic on its argument (alignment rounding and a
+    // header size); it dereferences nothing, and `fds_len` (32) is far from overflowing c_uint.
+    unsafe { libc::CMSG_SPACE(fds_len as libc::c_uint) as usize }
+};
+
+fn recv_msg(sock: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<Received> {
+    // Words, so the buffer is aligned for `cmsghdr` (8 bytes on 64-bit Linux, 4 on 32-bit).
+    let mut control = [0u64; CMSG_BYTES.div_ceil(8)];
+    let control_len = std::mem::size_of_val(&control);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `msghdr` is a plain C struct of integers and raw pointers (plus, on some libcs,
+    // private padding integers); all zeros is a valid value of every field (null pointers, zero
+    // lengths, no flags).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control_len as _;
+    let control_start = msg.msg_control as usize;
+    let bytes = loop {
+        // SAFETY: `msg` points at one live iovec describing `buf` (exclusively borrowed for this
+        // call, so the kernel may write its `buf.len()` bytes) and at `control`, a live, aligned
+        // buffer of `msg_controllen` bytes; the kernel writes within those bounds only and
+        // updates `msg_controllen`/`msg_flags`, which are fields of our own `msg`.
+        let n =
+            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags | libc::MSG_CMSG_CLOEXEC) };
+        if let Ok(n) = usize::try_from(n) {
+            break n;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    // The end of what the kernel wrote into `control` (it set `msg_controllen` to that).
+    let control_end = control_start + (msg.msg_controllen as usize).min(control_len);
+    let mut fds = Vec::new();
+    // SAFETY: `msg` is the header the kernel just filled; CMSG_FIRSTHDR only reads its
+    // `msg_control`/`msg_controllen` and returns null or a pointer to a whole `cmsghdr` within
+    // the control buffer.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` is non-null, so CMSG_FIRSTHDR/CMSG_NXTHDR checked that a whole,
+        // aligned `cmsghdr` lies inside `control` (alive until the end of this function and not
+        // otherwise borrowed since we handed its pointer to `msg`); the kernel initialised it.
+        let hdr = unsafe { cmsg.read() };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_DATA only offsets `cmsg` by the aligned header size; the result
+            // stays within (or one past) the control buffer, which is checked below.
+            let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<libc::c_int>();
+            let data_end = (cmsg as usize)
+                .saturating_add(hdr.cmsg_len as usize)
+                .min(control_end);
+            let count = data_end.saturating_sub(data as usize) / std::mem::size_of::<libc::c_int>();
+            for i in 0..count {
+                // SAFETY: entry `i` lies within `data..data_end`, which is inside the control
+                // bytes the kernel wrote (bounded by `control_end` above); `read_unaligned`
+                // needs no alignment.
+                let raw = unsafe { data.add(i).read_unaligned() };
+                // SAFETY: the kernel installed `raw` in our fd table for this message alone
+                // (SCM_RIGHTS, close-on-exec); nothing else in the process knows it, so this is
+                // the only ownership it will ever have and it is closed exactly once.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        // SAFETY: `cmsg` is a valid header inside `msg`'s control buffer (see above);
+        // CMSG_NXTHDR returns the next whole header within `msg_controllen`, or null.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Ok(Received {
+        bytes,
+        fds,
+        fds_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
+}
+
+/// Sends the bytes of `bufs` (gathered, in order) without blocking (`MSG_DONTWAIT`) and
+/// without `SIGPIPE` (`MSG_NOSIGNAL`), with `fd` attached to the first byte (`SCM_RIGHTS`).
+/// Returns how many bytes the kernel took (possibly fewer than offered; if any, the fd went with
+/// them). With no room at all it fails with [`io::ErrorKind::WouldBlock`] and nothing (fd
+/// included) was sent. A peer that closed gives `EPIPE` (or `ECONNRESET`). Retries on `EINTR`.
+/// At most `IOV_MAX` (1024) slices are passed; callers pass no more than that.
+///
+/// # References
+/// sendmsg(2), unix(7)
+pub fn try_send_vectored(
+    sock: BorrowedFd<'_>,
+    bufs: &[IoSlice<'_>],
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<usize> {
+    let raw: [RawFd; 1] = [fd.map_or(-1, |f| f.as_raw_fd())];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if fd.is_some() { &cmsg } else { &[] };
+    let bufs = &bufs[..bufs.len().min(IOV_MAX)];
+    loop {
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            bufs,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Err(Errno::EINTR) => continue,
+            r => return r.map_err(io_err),
+        }
+    }
+}
+
+/// Most slices one [`try_send_vectored`] call passes to the kernel (Linux's `UIO_MAXIOV`).
+pub const IOV_MAX: usize = 1024;
+
+/// What to wait for on one fd in [`poll`], and what was found.
+#[derive(Debug, Clone, Copy)]
+pub struct PollFd<'fd> {
+    /// The fd to watch.
+    pub fd: BorrowedFd<'fd>,
+    /// Wait until it is readable (`POLLIN`).
+    pub read: bool,
+    /// Wait until it is writable (`POLLOUT`).
+    pub write: bool,
+    /// Set by [`poll`]: what the fd is ready for.
+    pub ready: Readiness,
+}
+
+impl<'fd> PollFd<'fd> {
+    /// Watches `fd` for the given readiness.
+    pub fn new(fd: BorrowedFd<'fd>, read: bool, write: bool) -> Self {
+        PollFd {
+            fd,
+            read,
+            write,
+            ready: Readiness::default(),
+        }
+    }
+}
+
+/// Readiness reported by [`poll`] for one fd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// `POLLIN`: a read will not block (data, or end of stream).
+    pub readable: bool,
+    /// `POLLOUT`: a write will take at least some bytes.
+    pub writable: bool,
+    /// `POLLHUP`: the peer hung up (reads will reach end of stream).
+    pub hangup: bool,
+    /// `POLLERR` or `POLLNVAL`: an error is pending, or the fd is not open.
+    pub error: bool,
+}
+
+impl Readiness {
+    /// Whether anything at all was reported.
+    pub fn any(&self) -> bool {
+        self.readable || self.writable || self.hangup || self.error
+    }
+}
+
+/// Waits until one of `fds` is ready as asked, or `timeout` passes (`None`: no limit; the
+/// timeout is rounded up to whole milliseconds, so a short wait never becomes a busy loop).
+/// Returns how many fds are ready and sets each one's `ready`. An interrupting signal (`EINTR`)
+/// returns `Ok(0)`, like a timeout: callers re-check their deadlines and call again.
+///
+/// # References
+/// poll(2)
+pub fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usize> {
+    let mut raw: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|p| {
+            let mut events = 0;
+            if p.read {
+                events |= libc::POLLIN;
+            }
+            if p.write {
+                events |= libc::POLLOUT;
+            }
+            libc::pollfd {
+                fd: p.fd.as_raw_fd(),
+                events,
+                revents: 0,
+            }
+        })
+        .collect();
+    let ms: libc::c_int = match timeout {
+        None => -1,
+        Some(d) => {
+            let ms = d.as_nanos().div_ceil(1_000_000);
+            libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+        }
+    };
+    // SAFETY: `raw` is a live, initialised array of `raw.len()` pollfd entries; the kernel reads
+    // them and writes only their `revents` fields. The fds are borrowed, so open for the call
+    // (a closed one would be reported as POLLNVAL, not misbehave).
+    let n = unsafe { libc::poll(raw.as_mut_ptr(), raw.len() as libc::nfds_t, ms) };
+    for p in fds.iter_mut() {
+        p.ready = Readiness::default();
+    }
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(0)
+        } else {
+            Err(e)
+        };
+    }
+    for (p, r) in fds.iter_mut().zip(&raw) {
+        p.ready = Readiness {
+            readable: r.revents & libc::POLLIN != 0,
+            writable: r.revents & libc::POLLOUT != 0,
+            hangup: r.revents & libc::POLLHUP != 0,
+            error: r.revents & (libc::POLLERR | libc::POLLNVAL) != 0,
+        };
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// The bytes of a word buffer (native byte order), for reading 8-aligned data as bytes.
+pub fn words_as_bytes(words: &[u64]) -> &[u8] {
+    // SAFETY: the byte slice covers exactly the memory of `words` (`size_of_val` bytes, which
+    // fits in isize because the word slice exists), with the same lifetime and a shared borrow;
+    // u64 has no padding, so every byte is initialised, and u8's alignment (1) divides u64's.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), std::mem::size_of_val(words)) }
+}
+
+/// The bytes of a word buffer, writable: for receiving into 8-aligned storage.
+pub fn words_as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
+    // SAFETY: as in `words_as_bytes`, and the exclusive borrow of `words` moves to the result,
+    // so nothing else can observe the words while the bytes are written; every bit pattern is a
+    // valid u64, so any bytes written leave valid words.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            words.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(words),
+        )
+    }
+}
+
+/// A vector of `n` zero words, or `None` if the allocation fails (instead of aborting the
+/// process, as `vec![0; n]` would). The memory comes from `alloc_zeroed`, so a large buffer is
+/// fresh zero pages the kernel has not materialised yet: nothing is written before the caller
+/// fills it (a received 1 GiB frame is written once, by `recvmsg`).
+pub fn try_zeroed_words(n: usize) -> Option<Vec<u64>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u64>(n).ok()?;
+    // SAFETY: `layout` has a non-zero size (n > 0 words of 8 bytes), as `alloc_zeroed` requires.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<u64>();
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` was just allocated by the global allocator with `Layout::array::<u64>(n)`,
+    // which is exactly the layout a `Vec<u64>` of capacity `n` deallocates with; all `n` words
+    // are initialised (zero bytes are a valid u64) and the length `n` does not exceed the
+    // capacity; nothing else owns the allocation.
+    Some(unsafe { Vec::from_raw_parts(ptr, n, n) })
 }
 
 /// Test support: forks, runs `f` in the child and `_exit`s with its success, and returns whether

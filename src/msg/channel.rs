@@ -166,26 +166,27 @@ impl<M: Owned> MsgChannel<M> {
                 );
             }
             let fd = match fd {
-                Some(fd) => Some(fd.try_clone_to_owned().map_err(|e| {
-                    Error::Transport(crate::transport::Error::Io(e))
-                })?),
+                Some(fd) => Some(
+                    fd.try_clone_to_owned()
+                        .map_err(|e| Error::Transport(crate::transport::Error::Io(e)))?,
+                ),
                 None => None,
             };
             return Ok(self.chan.send_shared(shared, fd)?);
         };
-        self.arenas.entry(arena.id() as u32).or_insert(arena.clone());
+        self.arenas
+            .entry(arena.id() as u32)
+            .or_insert(arena.clone());
         let blob = out.share_shm().map_err(|source| Error::Shm {
             source,
             from_peer: false,
         })?;
-        let r = self
-            .announce_pools(&arena)
-            .and_then(|()| {
-                let mut frame = [0u8; HEADER_LEN + LendBlob::LEN];
-                frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_SHM));
-                frame[HEADER_LEN..].copy_from_slice(blob.as_bytes());
-                self.chan.send(&frame, fd).map_err(Error::from)
-            });
+        let r = self.announce_pools(&arena).and_then(|()| {
+            let mut frame = [0u8; HEADER_LEN + LendBlob::LEN];
+            frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_SHM));
+            frame[HEADER_LEN..].copy_from_slice(blob.as_bytes());
+            self.chan.send(&frame, fd).map_err(Error::from)
+        });
         if r.is_err() {
             // The handle never left: give its reference back.
             let _ = arena.release_blob(&blob);
@@ -233,25 +234,18 @@ impl<M: Owned> MsgChannel<M> {
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<MsgIn<M>>, Error> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
-            if let Some(m) = self.try_recv()? {
-                return Ok(Some(m));
+            if self.hosed {
+                return Err(Error::Hosed);
             }
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(std::time::Instant::now()) {
-                    Some(left) => Some(left),
-                    None => return Ok(None),
-                },
-                None => None,
-            };
+            // The transport's wait tries a (buffered or non-blocking) read first.
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
             let r = self.chan.recv_blocking(left).map_err(Error::from);
-            match self.hose_on(r)? {
-                Some(frame) => {
-                    let r = self.accept(frame);
-                    if let Some(m) = self.hose_on(r)? {
-                        return Ok(Some(m));
-                    }
-                }
-                None => return Ok(None),
+            let Some(frame) = self.hose_on(r)? else {
+                return Ok(None);
+            };
+            let r = self.accept(frame);
+            if let Some(m) = self.hose_on(r)? {
+                return Ok(Some(m));
             }
         }
     }
@@ -313,7 +307,9 @@ impl<M: Owned> MsgChannel<M> {
                 self.arenas.insert(arena_id as u32, arena);
                 Ok(())
             }
-            None => Err(Error::BadMessage("pool announced before its arena's pool 0")),
+            None => Err(Error::BadMessage(
+                "pool announced before its arena's pool 0",
+            )),
         }
     }
 }
@@ -329,7 +325,9 @@ fn peer(source: crate::shm::Error) -> Error {
 fn heap_segments(buf: &AlignedBuf) -> Result<Vec<(usize, usize)>, Error> {
     let body = &buf[HEADER_LEN..];
     let word = |i: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(body.get(i * 4..i * 4 + 4)?.try_into().ok()?))
+        Some(u32::from_le_bytes(
+            body.get(i * 4..i * 4 + 4)?.try_into().ok()?,
+        ))
     };
     let count = word(0)
         .ok_or(Error::BadMessage("heap message without a segment table"))?

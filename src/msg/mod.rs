@@ -51,8 +51,8 @@ use capnp::traits::Owned;
 
 pub use self::channel::{Backing, MsgChannel};
 pub use self::error::Error;
-pub use crate::shm::segments::{SegAlloc, SegmentSizes};
 use crate::shm::segments::{OutMsg, ShmSegments};
+pub use crate::shm::segments::{SegAlloc, SegmentSizes};
 use crate::shm::Arena;
 use crate::transport::AlignedBuf;
 

@@ -238,11 +238,7 @@ impl Arena {
     /// block starts forever), so a stale blob racing a free and reuse of its block touches
     /// nothing of the block's new life. The CAS itself checks liveness, generation and an
     /// outstanding ticket in one step; only then, owning a reference, do we read the payload.
-    pub(super) fn adopt(
-        &self,
-        blob: &LendBlob,
-        typed: Option<(u64, u64)>,
-    ) -> Result<(&Pool, u64)> {
+    pub(super) fn adopt(&self, blob: &LendBlob, typed: Option<(u64, u64)>) -> Result<(&Pool, u64)> {
         if blob.arena_tag() != self.id() as u32 {
             return Err(Error::ForeignBlob);
         }

@@ -64,6 +64,7 @@ mod handle;
 mod layout;
 #[cfg(not(flowipc_loom))]
 mod pool;
+#[cfg(not(flowipc_loom))]
 pub(crate) mod segments;
 #[cfg(not(flowipc_loom))]
 mod tcache;

@@ -267,7 +267,9 @@ impl fmt::Debug for SegTable {
 impl SegTable {
     fn pool(&self) -> &Pool {
         // Pools are never removed from an arena, and this one was known when the table was made.
-        self.arena.pool(self.pool).expect("a table's pool is part of its arena")
+        self.arena
+            .pool(self.pool)
+            .expect("a table's pool is part of its arena")
     }
 
     fn payload(&self) -> u64 {
@@ -284,8 +286,10 @@ impl SegTable {
             .store(entries.len() as u64, Ordering::Relaxed);
         for (i, (r, used)) in entries.iter().enumerate() {
             let e = p + T_ENTRIES + i as u64 * T_ENTRY;
-            pool.word(e)
-                .store(r.pool as u64 | (r.generation as u64) << 32, Ordering::Relaxed);
+            pool.word(e).store(
+                r.pool as u64 | (r.generation as u64) << 32,
+                Ordering::Relaxed,
+            );
             pool.word(e + 8).store(r.offset, Ordering::Relaxed);
             pool.word(e + 16).store(*used, Ordering::Relaxed);
         }
@@ -466,11 +470,6 @@ impl fmt::Debug for ShmSegments {
 }
 
 impl ShmSegments {
-    /// Total bytes of all segments.
-    pub fn total_bytes(&self) -> usize {
-        self.segs.iter().map(|s| s.1).sum()
-    }
-
     /// The table, e.g. for its reference count.
     pub fn table(&self) -> &SegTable {
         &self.table
@@ -627,7 +626,9 @@ impl OutMsg {
     /// message is heap-backed or part of it could not be allocated in the arena.
     pub fn share_shm(&mut self) -> Result<LendBlob> {
         let Some(arena) = self.arena.clone() else {
-            return Err(Error::BadConfig("a heap-backed message cannot be shared in place"));
+            return Err(Error::BadConfig(
+                "a heap-backed message cannot be shared in place",
+            ));
         };
         if self.table.is_none() {
             self.check_failure()?;
@@ -644,7 +645,7 @@ impl OutMsg {
             let mut entries = Vec::with_capacity(out.len());
             for (seg, bytes) in live.iter().zip(out.iter()) {
                 match &seg.mem {
-                    Mem::Shm(r) if seg.ptr.as_ptr() as *const u8 == bytes.as_ptr() => {
+                    Mem::Shm(r) if std::ptr::eq(seg.ptr.as_ptr(), bytes.as_ptr()) => {
                         entries.push((*r, bytes.len() as u64))
                     }
                     _ => return Err(Error::Corrupt("segment not in the arena")),
@@ -816,8 +817,14 @@ mod tests {
         let arena = Arena::create(ArenaConfig::new().pool_size(1 << 20).max_pools(1)).unwrap();
         let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
         fill(&mut msg, 4 << 20, 5);
-        assert!(matches!(msg.alloc_failure(), Some(Error::OutOfMemory { .. } | Error::TooLarge { .. })));
-        assert!(matches!(msg.share_shm(), Err(Error::OutOfMemory { .. } | Error::TooLarge { .. })));
+        assert!(matches!(
+            msg.alloc_failure(),
+            Some(Error::OutOfMemory { .. } | Error::TooLarge { .. })
+        ));
+        assert!(matches!(
+            msg.share_shm(),
+            Err(Error::OutOfMemory { .. } | Error::TooLarge { .. })
+        ));
         // The message is intact and readable.
         let r = msg
             .builder()

@@ -1,1 +1,118 @@
-//! Unix-socket transport: the unstructured channel (being written).
+//! The unstructured transport: framed byte messages, each optionally carrying one fd, over a
+//! connected Unix-domain stream socket.
+//!
+//! * [`Channel`] is the sync_io core: non-blocking, no threads; it exposes its fd, and the owner
+//!   polls it and calls [`try_recv`](Channel::try_recv), [`flush`](Channel::flush) and
+//!   [`on_timer`](Channel::on_timer). [`recv_blocking`](Channel::recv_blocking) and
+//!   [`flush_blocking`](Channel::flush_blocking) run that loop for blocking users.
+//! * [`AsyncChannel`] is the async-I/O face built on it: a library thread runs the loop and
+//!   calls the user's handlers; sends work from any thread.
+//!
+//! # Example
+//!
+//! ```
+//! use std::io::{Read, Seek, Write};
+//! use std::os::fd::AsFd;
+//! use flowipc::transport::{Channel, ChannelConfig, Error};
+//!
+//! let (mut a, mut b) = Channel::pair(ChannelConfig::new())?;
+//!
+//! // A frame with an fd: a memfd whose contents the receiver reads.
+//! let mut file = flowipc::sys::memfd_sealable("example").map_err(Error::Io)?;
+//! file.write_all(b"behind the fd").map_err(Error::Io)?;
+//! a.send(b"look at this", Some(file.as_fd()))?;
+//! // Frames without fds, one gathered from parts.
+//! a.send_parts(&[b"two ", b"parts"], None)?;
+//! a.end_sending()?;
+//!
+//! let first = b.recv_blocking(None)?.expect("no timeout given");
+//! assert_eq!(&*first.payload, b"look at this");
+//! let mut there = std::fs::File::from(first.fd.expect("the frame carried an fd"));
+//! let mut text = String::new();
+//! there.rewind().map_err(Error::Io)?; // same open file: shares the offset
+//! there.read_to_string(&mut text).map_err(Error::Io)?;
+//! assert_eq!(text, "behind the fd");
+//!
+//! assert_eq!(&*b.recv_blocking(None)?.unwrap().payload, b"two parts");
+//! // The peer ended its sending: reported once, then the channel is hosed.
+//! assert!(matches!(b.recv_blocking(None), Err(Error::EndOfStream)));
+//! assert!(matches!(b.try_recv(), Err(Error::Hosed)));
+//! # Ok::<(), Error>(())
+//! ```
+//!
+//! # Wire format
+//!
+//! Each frame is a 16-byte header, then the payload:
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 0..4 | magic [`MAGIC`] (`b"FIPC"`) |
+//! | 4..8 | flags, u32 little-endian: bit 0 [`FLAG_HAS_FD`], bit 1 [`FLAG_PING`], bit 2 [`FLAG_END`]; other bits must be 0 |
+//! | 8..16 | payload length, u64 little-endian |
+//!
+//! Pings and the END frame have no payload and no fd. At most one fd travels per frame, with
+//! `SCM_RIGHTS` attached to the frame's first byte: a frame with an fd is always sent by a
+//! `sendmsg` that starts at its first byte and holds no byte of any other frame, so the kernel
+//! buffer carrying the fd starts at that frame. Linux's stream-socket `recvmsg` stops right
+//! after a buffer that carried fds, so the receiver gives the fds of one `recvmsg` to the *last*
+//! frame that starts inside the bytes it returned. Anything else is an error:
+//! [`Error::UnexpectedFd`] (no frame starts in those bytes, or the frame is not flagged),
+//! [`Error::MissingFd`] (flagged, no fd came), [`Error::TooManyFds`] (more than one). Every fd
+//! that is not delivered is closed; received fds are close-on-exec.
+//!
+//! # Sending
+//!
+//! Sends never block and never fail because the peer is slow. With an empty send queue a frame
+//! is written at once (header, payload parts and fd in one vectored `sendmsg`); whatever the
+//! socket does not take is queued (borrowed bytes copied, [`SharedBytes`] kept by reference, a
+//! borrowed fd duplicated), and later frames queue behind it, in order. [`Channel::flush`]
+//! (or the async thread) writes the queue when the socket is writable, coalescing queued frames
+//! into large vectored writes; a frame with an fd always starts its own write. A high-water
+//! mark ([`ChannelConfig::high_water`]) bounds the queue: a frame that would pass it is refused
+//! with [`Error::HighWater`], and nothing of it is sent (see [`Channel::send`] for the exact
+//! rule). `SIGPIPE` is never raised (`MSG_NOSIGNAL`).
+//!
+//! # Receiving
+//!
+//! Payloads up to 64 KiB are read through a reusable buffer, many frames per `recvmsg`, and
+//! copied out into their own [`AlignedBuf`] (8-byte aligned, as Cap'n Proto readers need).
+//! Larger payloads are read by the kernel straight into their `AlignedBuf`: only the bytes of one
+//! that arrived in the same `recvmsg` as the small frames before it pass through the buffer
+//! (after a large frame the next header is read alone, so a run of large frames is never
+//! copied). A header announcing more than [`ChannelConfig::max_frame`] fails before anything is
+//! allocated.
+//!
+//! # Errors
+//!
+//! A *hosing* error ([`Error::is_hosing`]: the peer vanished or reset, bad input, idle timeout,
+//! I/O failure, the peer's graceful end) ends the channel. It is reported exactly once, by the
+//! call that ran into it; every later call returns [`Error::Hosed`] and makes no system call.
+//! The send queue and receive buffers are dropped at that point (the socket stays open until the
+//! channel is dropped). Refusals ([`Error::HighWater`], [`Error::FrameTooLarge`] on send,
+//! [`Error::SendingEnded`]) leave the channel untouched.
+//!
+//! # Graceful end, keep-alive
+//!
+//! [`Channel::end_sending`] queues an END frame; once it and everything before it are written,
+//! the socket is shut down for writing. The peer delivers every earlier frame and then reports
+//! [`Error::EndOfStream`] (which, like every receive error, ends the channel on that side; the
+//! ending side keeps receiving until the peer closes). End of stream without an END frame is
+//! [`Error::PeerGone`]; in the middle of a frame, [`Error::Truncated`].
+//!
+//! With [`ChannelConfig::auto_ping`], a ping frame is sent whenever nothing was sent for the
+//! period; with [`ChannelConfig::idle_timeout`], the channel fails with [`Error::IdleTimeout`]
+//! when nothing at all arrived for that long. Both run from [`Channel::on_timer`], due at
+//! [`Channel::next_deadline`]: the sync_io way, with no threads.
+
+mod async_io;
+mod buf;
+mod channel;
+mod error;
+
+pub use async_io::AsyncChannel;
+pub use buf::{AlignedBuf, SharedBytes, SharedOwner};
+pub use channel::{
+    Channel, ChannelConfig, Frame, DEFAULT_MAX_FRAME, FLAG_END, FLAG_HAS_FD, FLAG_PING, HEADER_LEN,
+    MAGIC,
+};
+pub use error::Error;

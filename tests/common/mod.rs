@@ -55,6 +55,14 @@ fn unique_name() -> String {
 
 /// Spawns this test binary's `child_entry` with `role`, and sends it every pool fd of `arena`.
 pub fn spawn(role: &str, arena: &Arena) -> Peer {
+    let mut peer = spawn_plain(role);
+    send_pools(&mut peer.sock, arena);
+    peer
+}
+
+/// Spawns this test binary's `child_entry` with `role`, connected by a blocking socket (the
+/// child gets its end from [`child_socket`]).
+pub fn spawn_plain(role: &str) -> Peer {
     let name = unique_name();
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let listener = UnixListener::bind_addr(&addr).unwrap();
@@ -88,9 +96,7 @@ pub fn spawn(role: &str, arena: &Arena) -> Peer {
         }
     };
     sock.set_nonblocking(false).unwrap();
-    let mut peer = Peer { child, sock };
-    send_pools(&mut peer.sock, arena);
-    peer
+    Peer { child, sock }
 }
 
 /// Sends the pool fds of `arena`: a count, then one fd per message.
@@ -119,12 +125,17 @@ pub fn recv_pools(sock: &mut UnixStream) -> Vec<OwnedFd> {
 
 /// In a child: connects to the parent and joins its arena.
 pub fn child_connect() -> (UnixStream, Arena) {
-    let name = std::env::var(SOCK_ENV).expect("spawned by common::spawn");
-    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-    let mut sock = UnixStream::connect_addr(&addr).unwrap();
+    let mut sock = child_socket();
     let fds = recv_pools(&mut sock);
     let arena = Arena::join(fds, ArenaConfig::new()).unwrap();
     (sock, arena)
+}
+
+/// In a child: connects to the parent (spawned by [`spawn`] or [`spawn_plain`]).
+pub fn child_socket() -> UnixStream {
+    let name = std::env::var(SOCK_ENV).expect("spawned by common::spawn");
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    UnixStream::connect_addr(&addr).unwrap()
 }
 
 pub fn send_u64(sock: &mut UnixStream, v: u64) {

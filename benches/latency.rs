@@ -1,0 +1,70 @@
+//! Request -> response round trips between two processes (criterion; timing inside
+//! `iter_custom`).
+//!
+//! One group, `rtt`, holds every figure so that ratios come from one run: the raw 64-byte
+//! Unix-socket ping-pong (the floor), and for 1 KiB, 64 KiB, 1 MiB, 64 MiB and 1 GiB responses
+//! the zero-copy (arena) and copying (heap) modes. The server is this bench binary re-executed
+//! once (see `peer/mod.rs`); both processes are pinned alike (`FLOWIPC_PIN`, default `same`).
+//!
+//! Run: `cargo bench --bench latency` (`-- rtt/zero_copy` for a subset).
+
+mod peer;
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, BenchmarkId, Criterion, SamplingMode};
+
+fn label(size: usize) -> String {
+    match size {
+        s if s >= 1 << 30 => format!("{}GiB", s >> 30),
+        s if s >= 1 << 20 => format!("{}MiB", s >> 20),
+        s => format!("{}KiB", s >> 10),
+    }
+}
+
+fn rtt(c: &mut Criterion) {
+    let mut client = peer::start();
+    let mut g = c.benchmark_group("rtt");
+    g.sampling_mode(SamplingMode::Flat);
+    g.sample_size(20);
+    g.warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(3));
+    g.bench_function("raw_uds_64B", |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                client.raw_rtt();
+            }
+            t.elapsed()
+        })
+    });
+    for size in [1 << 10, 64 << 10, 1 << 20, 64 << 20, 1 << 30] {
+        for (mode, zero_copy) in [("zero_copy", true), ("copying", false)] {
+            if size >= 64 << 20 && !zero_copy {
+                // A copy of 64 MiB+ takes 10+ ms: few, long samples.
+                g.sample_size(10);
+                g.measurement_time(Duration::from_secs(if size >= 1 << 30 { 20 } else { 5 }));
+            }
+            g.bench_with_input(BenchmarkId::new(mode, label(size)), &size, |b, &size| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        std::hint::black_box(client.rtt(zero_copy, size));
+                    }
+                    t.elapsed()
+                })
+            });
+            g.sample_size(20);
+            g.measurement_time(Duration::from_secs(3));
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, rtt);
+
+fn main() {
+    peer::serve_if_peer();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

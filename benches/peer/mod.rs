@@ -1,0 +1,252 @@
+//! The two-process harness shared by `benches/latency.rs` and `examples/perf_demo.rs`.
+//!
+//! The measuring process (client) binds an abstract Unix socket and re-executes its own binary
+//! with [`PEER_ENV`] set; that process (server) connects three times: a raw socket for the
+//! ping-pong floor, a zero-copy (arena-backed) message channel and a heap (copying) one. Like
+//! Flow-IPC's perf_demo, a request names a size and the response carries that many bytes in
+//! 16 KiB parts (`GetCacheRsp.fileParts`). The server builds each size's response once and
+//! re-sends it unchanged (a cached file): in place that costs a reference, on the heap a copy
+//! through the socket.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flowipc::msg::{Backing, MsgChannel, MsgOut};
+use flowipc::schemas::perf_demo_capnp::body;
+use flowipc::shm::{Arena, ArenaConfig};
+use flowipc::transport::{Channel, ChannelConfig};
+
+/// Set in the server process: the abstract socket name to connect to.
+pub const PEER_ENV: &str = "FLOWIPC_PERF_PEER";
+/// Bytes per response part.
+pub const PART: usize = 16 * 1024;
+/// Bytes of the raw ping-pong.
+pub const RAW: usize = 64;
+
+/// How both processes are pinned (`FLOWIPC_PIN`): `same` (default: both on vCPU 0, so every
+/// wake-up is a same-core switch), `split` (0 and 1: every wake-up crosses vCPUs, ~35 µs each
+/// way on the project's machines) or `none`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pin {
+    Same,
+    Split,
+    None,
+}
+
+impl Pin {
+    pub fn from_env() -> Pin {
+        match std::env::var("FLOWIPC_PIN").as_deref() {
+            Ok("split") => Pin::Split,
+            Ok("none") => Pin::None,
+            _ => Pin::Same,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Pin::Same => "same",
+            Pin::Split => "split",
+            Pin::None => "none",
+        }
+    }
+
+    /// Pins the calling process (all its future threads) to its vCPU.
+    pub fn apply(self, server: bool) {
+        let cpu = match (self, server) {
+            (Pin::None, _) => return,
+            (Pin::Same, _) | (Pin::Split, false) => 0,
+            (Pin::Split, true) => 1,
+        };
+        let mut set = nix::sched::CpuSet::new();
+        if set.set(cpu).is_ok() {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+        }
+    }
+}
+
+/// The client's ends of the three connections, and the server process.
+pub struct Client {
+    pub raw: UnixStream,
+    pub shm: MsgChannel<body::Owned>,
+    pub heap: MsgChannel<body::Owned>,
+    server: Child,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// If this process is the server, serves until the client goes away and exits; otherwise
+/// returns. Call first thing in `main`.
+pub fn serve_if_peer() {
+    let Ok(name) = std::env::var(PEER_ENV) else {
+        return;
+    };
+    Pin::from_env().apply(true);
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("socket name");
+    let connect = || UnixStream::connect_addr(&addr).expect("connect to the client");
+    let raw = connect();
+    let shm = connect();
+    let heap = connect();
+    let arena = Arena::create(ArenaConfig::new()).expect("arena");
+    let threads = [
+        std::thread::spawn(move || serve_raw(raw)),
+        std::thread::spawn(move || serve_msgs(shm, Backing::Shm(arena))),
+        std::thread::spawn(move || serve_msgs(heap, Backing::Heap)),
+    ];
+    for t in threads {
+        let _ = t.join();
+    }
+    std::process::exit(0);
+}
+
+fn serve_raw(mut s: UnixStream) {
+    let mut buf = [0u8; RAW];
+    while s.read_exact(&mut buf).is_ok() {
+        if s.write_all(&buf).is_err() {
+            break;
+        }
+    }
+}
+
+fn serve_msgs(s: UnixStream, backing: Backing) {
+    let chan = Channel::from_stream(s, config()).expect("channel");
+    let mut chan = MsgChannel::<body::Owned>::new(chan, backing);
+    let mut cache: HashMap<usize, MsgOut<body::Owned>> = HashMap::new();
+    while let Ok(Some(req)) = chan.recv_blocking(None) {
+        let size = match req.root().and_then(|r| r.which().map_err(Into::into)) {
+            Ok(body::GetCacheReq(Ok(r))) => r
+                .get_file_name()
+                .ok()
+                .and_then(|n| n.to_str().ok()?.parse::<usize>().ok()),
+            _ => None,
+        };
+        drop(req);
+        let Some(size) = size else { break };
+        let rsp = cache.entry(size).or_insert_with(|| {
+            let mut m = chan.create_msg();
+            build_response(&mut m, size);
+            m
+        });
+        if let Err(e) = chan.send(rsp, None) {
+            eprintln!("perf server: sending the {size}-byte response failed: {e}");
+            break;
+        }
+    }
+}
+
+/// Fills `msg` with a `GetCacheRsp` of `size` bytes in [`PART`]-byte parts (a recognisable
+/// pattern: part `i` is filled with `i as u8`).
+pub fn build_response(msg: &mut MsgOut<body::Owned>, size: usize) {
+    let parts = size.div_ceil(PART);
+    let rsp = msg.init_root().init_get_cache_rsp();
+    let mut list = rsp.init_file_parts(parts as u32);
+    for i in 0..parts {
+        let len = PART.min(size - i * PART);
+        let mut part = list.reborrow().get(i as u32);
+        part.set_data_size_to_verify(len as u64);
+        part.set_data_hash_to_verify(i as u64);
+        part.init_data(len as u32).fill(i as u8);
+    }
+}
+
+/// Spawns the server (this binary again) and connects the three channels.
+pub fn start() -> Client {
+    let pin = Pin::from_env();
+    pin.apply(false);
+    let name = format!("flowipc-perf-{}-{}", std::process::id(), nanos());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("socket name");
+    let listener = UnixListener::bind_addr(&addr).expect("bind");
+    let server = Command::new(std::env::current_exe().expect("own path"))
+        .env(PEER_ENV, &name)
+        .env("FLOWIPC_PIN", pin.name())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn the server");
+    let accept = || listener.accept().expect("accept").0;
+    let raw = accept();
+    let shm = accept();
+    let heap = accept();
+    let arena = Arena::create(ArenaConfig::new().pool_size(64 << 20)).expect("arena");
+    let chan = |s| Channel::from_stream(s, config()).expect("channel");
+    Client {
+        raw,
+        shm: MsgChannel::new(chan(shm), Backing::Shm(arena)),
+        heap: MsgChannel::new(chan(heap), Backing::Heap),
+        server,
+    }
+}
+
+/// Room for the 1 GiB response copied whole through the socket (1 GiB plus capnp's framing).
+fn config() -> ChannelConfig {
+    ChannelConfig::new().max_frame(2 << 30)
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+impl Client {
+    /// One raw 64-byte round trip.
+    pub fn raw_rtt(&mut self) {
+        let mut buf = [7u8; RAW];
+        self.raw.write_all(&buf).expect("raw write");
+        self.raw.read_exact(&mut buf).expect("raw read");
+    }
+
+    /// One request/response round trip for `size` bytes, ending after the response's first
+    /// part was touched. Returns the first byte (so the touch is not optimized away).
+    pub fn rtt(&mut self, zero_copy: bool, size: usize) -> u8 {
+        let chan = if zero_copy {
+            &mut self.shm
+        } else {
+            &mut self.heap
+        };
+        let mut req = chan.create_msg();
+        req.init_root()
+            .init_get_cache_req()
+            .set_file_name(size.to_string().as_str());
+        chan.send(&mut req, None).expect("send request");
+        let rsp = chan
+            .recv_blocking(Some(Duration::from_secs(120)))
+            .expect("receive response")
+            .expect("response within 120 s");
+        let root = rsp.root().expect("root");
+        let Ok(body::GetCacheRsp(Ok(rsp))) = root.which() else {
+            panic!("not a GetCacheRsp");
+        };
+        let parts = rsp.get_file_parts().expect("parts");
+        assert_eq!(parts.len() as usize, size.div_ceil(PART), "part count");
+        let first = parts.get(0).get_data().expect("data");
+        assert_eq!(first.len(), PART.min(size));
+        first[0]
+    }
+
+    /// Times `n` round trips; returns each one's duration.
+    pub fn sample(&mut self, zero_copy: Option<bool>, size: usize, n: usize) -> Vec<Duration> {
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                match zero_copy {
+                    None => self.raw_rtt(),
+                    Some(z) => {
+                        std::hint::black_box(self.rtt(z, size));
+                    }
+                }
+                t.elapsed()
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,429 @@
+//! The async-I/O face: [`AsyncChannel`], a [`Channel`] driven by a library thread that runs the
+//! user's handlers.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle, ThreadId};
+use std::time::Instant;
+
+use super::{Channel, Error, Frame, SharedBytes};
+use crate::sys::{self, PollFd};
+
+/// Frames read per hold of the lock before handlers run (and other threads get the lock).
+const BATCH: usize = 64;
+
+type EndHandler = Box<dyn FnOnce(Result<(), Error>) + Send>;
+
+struct State {
+    chan: Channel,
+    /// The library thread is (or is about to be) polling for writability: senders that queue
+    /// need not wake it.
+    polling_out: bool,
+    /// `async_end_sending` handlers waiting for the END frame to be written.
+    end_waiters: Vec<EndHandler>,
+    /// Handlers whose result is known, to run on the library thread.
+    ready: Vec<(EndHandler, Result<(), Error>)>,
+    stop: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Write end of the wake-up socket pair (non-blocking); the library thread polls the other.
+    waker: UnixStream,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Handlers never run under the lock and the core does not panic, so a poisoned lock
+        // can only come from a bug; the state is still consistent enough to shut down with.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self) {
+        // A full pipe already holds a pending wake-up; any other failure leaves the thread to
+        // its next timer or socket event, which is all it could do anyway.
+        let _ = (&self.waker).write(&[1]);
+    }
+}
+
+/// A [`Channel`] whose receiving, flushing and timers run on a library thread.
+///
+/// [`start`](AsyncChannel::start) hands the channel to a thread that polls its socket (and a
+/// wake-up socket), runs `on_frame` for each received frame, in order, and `on_error` once
+/// with the hosing error (including [`Error::EndOfStream`], which is how the user learns that
+/// the peer ended its sending), after which it reads no more. Sends are made from any thread:
+/// they take a lock around the core, write directly when the socket takes the bytes, and
+/// otherwise queue them and wake the thread to write them when the socket is writable.
+///
+/// A hosing error is reported exactly once: to the send (or
+/// [`async_end_sending`](AsyncChannel::async_end_sending)) call that ran into it, or else to
+/// `on_error`. Handlers run on the library thread, never under the lock, so they may call
+/// [`send`](AsyncChannel::send) (give them a `Weak<AsyncChannel>`: a strong `Arc` inside a
+/// handler is a reference cycle through the library thread, and the channel would never be
+/// dropped). Handlers should not block for long (they hold up receiving) and should not panic
+/// (a panicking handler ends the library thread: nothing more is received or flushed).
+///
+/// Dropping the `AsyncChannel` stops and joins the thread (it is only detached when dropped
+/// from one of its own handlers); end-sending handlers still pending get [`Error::Aborted`].
+/// Queued bytes not yet written are discarded.
+///
+/// ```
+/// use std::sync::mpsc;
+/// use flowipc::transport::{AsyncChannel, Channel, ChannelConfig, Error};
+///
+/// let (a, mut b) = Channel::pair(ChannelConfig::new())?;
+/// let (tx, rx) = mpsc::channel();
+/// let a = AsyncChannel::start(a, move |frame| tx.send(frame.payload.to_vec()).unwrap(), |_err| {})?;
+/// b.send(b"hello", None)?;
+/// assert_eq!(rx.recv().unwrap(), b"hello");
+/// a.send(b"back", None)?;
+/// let got = b.recv_blocking(None)?.unwrap();
+/// assert_eq!(&*got.payload, b"back");
+/// # Ok::<(), Error>(())
+/// ```
+pub struct AsyncChannel {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    thread_id: ThreadId,
+}
+
+impl fmt::Debug for AsyncChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let st = self.shared.lock();
+        f.debug_struct("AsyncChannel")
+            .field("channel", &st.chan)
+            .field("pending_end_handlers", &st.end_waiters.len())
+            .field("thread", &self.thread_id)
+            .finish()
+    }
+}
+
+impl AsyncChannel {
+    /// Starts the library thread for `channel` (see the type's docs).
+    pub fn start(
+        channel: Channel,
+        on_frame: impl FnMut(Frame) + Send + 'static,
+        on_error: impl FnOnce(Error) + Send + 'static,
+    ) -> Result<AsyncChannel, Error> {
+        let (waker, wake_rx) = UnixStream::pair().map_err(Error::Io)?;
+        waker.set_nonblocking(true).map_err(Error::Io)?;
+        wake_rx.set_nonblocking(true).map_err(Error::Io)?;
+        // The thread polls its own descriptor of the socket, so it needs no lock to wait.
+        let sock = channel.as_fd().try_clone_to_owned().map_err(Error::Io)?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                chan: channel,
+                polling_out: false,
+                end_waiters: Vec::new(),
+                ready: Vec::new(),
+                stop: false,
+            }),
+            waker,
+        });
+        let s = shared.clone();
+        let thread = thread::Builder::new()
+            .name("flowipc-channel".into())
+            .spawn(move || run(s, sock, wake_rx, on_frame, on_error))
+            .map_err(Error::Io)?;
+        let thread_id = thread.thread().id();
+        Ok(AsyncChannel {
+            shared,
+            thread: Some(thread),
+            thread_id,
+        })
+    }
+
+    /// Runs `f` on the core under the lock, then wakes the thread if it has to write (or see a
+    /// hosing error) and does not know yet.
+    fn with_core<R>(&self, f: impl FnOnce(&mut Channel) -> Result<R, Error>) -> Result<R, Error> {
+        let mut st = self.shared.lock();
+        let r = f(&mut st.chan);
+        let hosed_now = matches!(&r, Err(e) if e.is_hosing());
+        let wake = hosed_now || (st.chan.wants_write() && !st.polling_out);
+        if wake {
+            st.polling_out = true;
+        }
+        drop(st);
+        if wake {
+            self.shared.wake();
+        }
+        r
+    }
+
+    /// [`Channel::send`] from any thread.
+    pub fn send(&self, payload: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
+        self.with_core(|c| c.send(payload, fd))
+    }
+
+    /// [`Channel::send_parts`] from any thread.
+    pub fn send_parts(&self, parts: &[&[u8]], fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
+        self.with_core(|c| c.send_parts(parts, fd))
+    }
+
+    /// [`Channel::send_shared`] from any thread.
+    pub fn send_shared(&self, parts: Vec<SharedBytes>, fd: Option<OwnedFd>) -> Result<(), Error> {
+        self.with_core(|c| c.send_shared(parts, fd))
+    }
+
+    /// Ends sending ([`Channel::end_sending`]); `on_done` runs on the library thread once the
+    /// END frame (and everything sent before it) is written, with `Ok(())`, or with the error
+    /// that prevented it ([`Error::Hosed`] if the channel was or got hosed, the hosing error
+    /// itself if ending ran into it, [`Error::Aborted`] if the `AsyncChannel` is dropped
+    /// first). Calling it again adds another handler for the same END frame.
+    pub fn async_end_sending(&self, on_done: impl FnOnce(Result<(), Error>) + Send + 'static) {
+        let h: EndHandler = Box::new(on_done);
+        let mut st = self.shared.lock();
+        let r = if st.chan.is_sending_ended() && !st.chan.is_hosed() {
+            Ok(())
+        } else {
+            st.chan.end_sending()
+        };
+        match r {
+            Ok(()) if st.chan.is_send_done() => st.ready.push((h, Ok(()))),
+            Ok(()) => st.end_waiters.push(h),
+            Err(e) => st.ready.push((h, Err(e))),
+        }
+        st.polling_out = true;
+        drop(st);
+        self.shared.wake();
+    }
+
+    /// Whether the channel was hosed.
+    pub fn is_hosed(&self) -> bool {
+        self.shared.lock().chan.is_hosed()
+    }
+
+    /// Bytes waiting in the send queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.lock().chan.queued_bytes()
+    }
+}
+
+impl Drop for AsyncChannel {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake();
+        if let Some(t) = self.thread.take() {
+            if thread::current().id() != self.thread_id {
+                // A panicked handler ended the thread early; nothing more to do about it here.
+                let _ = t.join();
+            }
+            // Dropped from one of its own handlers: the thread sees `stop` when the handler
+            // returns, runs the pending completions and exits.
+        }
+    }
+}
+
+fn drain(wake_rx: &mut UnixStream) {
+    let mut b = [0u8; 64];
+    while matches!(wake_rx.read(&mut b), Ok(n) if n > 0) {}
+}
+
+/// The library thread.
+fn run(
+    shared: Arc<Shared>,
+    sock: OwnedFd,
+    mut wake_rx: UnixStream,
+    mut on_frame: impl FnMut(Frame),
+    on_error: impl FnOnce(Error),
+) {
+    let mut on_error = Some(on_error);
+    let mut frames: Vec<Frame> = Vec::with_capacity(BATCH);
+    // After the hosing error: no more socket work, only completions until stopped.
+    let mut dead = false;
+    loop {
+        let mut err = None;
+        let mut done: Vec<(EndHandler, Result<(), Error>)>;
+        let (want_out, deadline, more) = {
+            let mut st = shared.lock();
+            if st.stop {
+                let ready = std::mem::take(&mut st.ready);
+                let waiters = std::mem::take(&mut st.end_waiters);
+                drop(st);
+                for (h, r) in ready {
+                    h(r);
+                }
+                for h in waiters {
+                    h(Err(Error::Aborted));
+                }
+                return;
+            }
+            if !dead {
+                let chan = &mut st.chan;
+                let now = Instant::now();
+                if chan.next_deadline().is_some_and(|d| d <= now) {
+                    err = chan.on_timer(now).err();
+                }
+                if err.is_none() && chan.wants_write() {
+                    err = chan.flush().err();
+                }
+                while err.is_none() && frames.len() < BATCH {
+                    match chan.try_recv() {
+                        Ok(Some(f)) => frames.push(f),
+                        Ok(None) => break,
+                        Err(e) => err = Some(e),
+                    }
+                }
+            }
+            done = std::mem::take(&mut st.ready);
+            if st.chan.is_send_done() {
+                done.extend(st.end_waiters.drain(..).map(|h| (h, Ok(()))));
+            } else if st.chan.is_hosed() {
+                done.extend(st.end_waiters.drain(..).map(|h| (h, Err(Error::Hosed))));
+            }
+            dead |= err.is_some() || st.chan.is_hosed();
+            let want_out = !dead && st.chan.wants_write();
+            st.polling_out = want_out;
+            (want_out, st.chan.next_deadline(), frames.len() == BATCH)
+        };
+        // Handlers, outside the lock, in order: frames received before the error first.
+        for f in frames.drain(..) {
+            on_frame(f);
+        }
+        for (h, r) in done.drain(..) {
+            h(r);
+        }
+        if let Some(e) = err {
+            // `Hosed`: the error was reported to the send call that ran into it.
+            if e.is_hosing() {
+                if let Some(cb) = on_error.take() {
+                    cb(e);
+                }
+            }
+        }
+        if more {
+            continue;
+        }
+        let mut fds = [
+            PollFd::new(wake_rx.as_fd(), true, false),
+            PollFd::new(sock.as_fd(), !dead, want_out),
+        ];
+        let n_fds = if dead { 1 } else { 2 };
+        let timeout = if dead {
+            None
+        } else {
+            deadline.map(|d| d.saturating_duration_since(Instant::now()))
+        };
+        match sys::poll(&mut fds[..n_fds], timeout) {
+            Ok(_) => {
+                if fds[0].ready.readable {
+                    drain(&mut wake_rx);
+                }
+            }
+            Err(e) => {
+                if dead {
+                    // Only the wake-up socket is polled; should even that fail, check for
+                    // `stop` now and then.
+                    thread::sleep(std::time::Duration::from_millis(10));
+                } else {
+                    // poll itself failed (no memory for its tables): that ends the channel,
+                    // reported once like any hosing error.
+                    dead = true;
+                    let mut st = shared.lock();
+                    let first = !st.chan.is_hosed();
+                    let e = st.chan.hose(Error::Io(e));
+                    drop(st);
+                    if first {
+                        if let Some(cb) = on_error.take() {
+                            cb(e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::ChannelConfig;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn a_hosing_error_is_reported_once_to_the_sender_or_the_handler() {
+        for round in 0..20 {
+            let (a, b) = Channel::pair(ChannelConfig::new()).unwrap();
+            let handler_calls = Arc::new(AtomicUsize::new(0));
+            let h = handler_calls.clone();
+            let a = AsyncChannel::start(
+                a,
+                |_| {},
+                move |_| {
+                    h.fetch_add(1, Ordering::SeqCst);
+                },
+            )
+            .unwrap();
+            // Data for `b` that it never reads makes closing it a reset, reported either to
+            // one of our sends or to the handler.
+            a.send(&[0; 1000], None).unwrap();
+            if round % 2 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(b);
+            let mut send_reports = 0;
+            for _ in 0..100_000 {
+                match a.send(&[1; 1000], None) {
+                    Ok(()) => std::thread::yield_now(),
+                    Err(Error::Hosed) => break,
+                    Err(e) => {
+                        assert!(e.is_hosing(), "{e:?}");
+                        send_reports += 1;
+                    }
+                }
+            }
+            assert!(a.is_hosed());
+            let (tx, rx) = mpsc::channel();
+            a.async_end_sending(move |r| tx.send(r).unwrap());
+            let r = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+            assert!(matches!(r, Err(Error::Hosed)), "{r:?}");
+            drop(a); // joins: no handler runs after this
+            assert_eq!(send_reports + handler_calls.load(Ordering::SeqCst), 1);
+        }
+    }
+
+    #[test]
+    fn drop_aborts_pending_end_sending_and_handlers_may_send() {
+        let (a, mut b) = Channel::pair(ChannelConfig::new()).unwrap();
+        // The handler holds a weak reference: a strong one would be a cycle (channel -> thread
+        // -> handler -> channel) and the channel would never drop.
+        let me: Arc<std::sync::OnceLock<std::sync::Weak<AsyncChannel>>> = Arc::default();
+        let me2 = me.clone();
+        let a = Arc::new(
+            AsyncChannel::start(
+                a,
+                move |f| {
+                    if let Some(a) = me2.get().and_then(|w| w.upgrade()) {
+                        a.send(&f.payload, None).unwrap();
+                    }
+                },
+                |_| {},
+            )
+            .unwrap(),
+        );
+        me.set(Arc::downgrade(&a)).unwrap();
+        b.send(b"ping", None).unwrap();
+        let f = b
+            .recv_blocking(Some(Duration::from_secs(20)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(&*f.payload, b"ping");
+        // Fill `b`'s receive side so the END frame cannot be written, then drop.
+        let big = vec![0u8; 1 << 20];
+        while a.queued_bytes() == 0 {
+            a.send(&big, None).unwrap();
+        }
+        let (tx, rx) = mpsc::channel();
+        a.async_end_sending(move |r| tx.send(r).unwrap());
+        let a = Arc::try_unwrap(a).ok();
+        assert!(a.is_some(), "only this test holds the channel now");
+        drop(a);
+        let r = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert!(matches!(r, Err(Error::Aborted)), "{r:?}");
+    }
+}

@@ -1,0 +1,762 @@
+//! The unstructured transport across real processes: fd passing, floods in both directions, a
+//! peer SIGKILLed mid-stream, bad input, high-water, graceful end, keep-alive and the async-I/O
+//! face.
+
+mod common;
+
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use common::*;
+use flowipc::sys;
+use flowipc::transport::{
+    AsyncChannel, Channel, ChannelConfig, Error, Frame, SharedBytes, FLAG_HAS_FD, HEADER_LEN, MAGIC,
+};
+
+// The auto traits of the public types (a regression is an API break).
+static_assertions::assert_impl_all!(Channel: Send, Sync, std::fmt::Debug);
+static_assertions::assert_impl_all!(AsyncChannel: Send, Sync, std::fmt::Debug);
+static_assertions::assert_impl_all!(Frame: Send, Sync, std::fmt::Debug);
+static_assertions::assert_impl_all!(SharedBytes: Send, Sync, Clone, std::fmt::Debug);
+static_assertions::assert_impl_all!(flowipc::transport::AlignedBuf: Send, Sync, Clone, Eq);
+static_assertions::assert_impl_all!(ChannelConfig: Send, Sync, Clone, Eq, Default);
+static_assertions::assert_impl_all!(Error: Send, Sync, std::error::Error);
+
+/// Bound on any single wait in these tests (a hang fails instead of blocking forever).
+const WAIT: Option<Duration> = Some(Duration::from_secs(60));
+
+/// Entry point of every child process of this file (run by `common::spawn_plain`, never
+/// directly).
+#[test]
+#[ignore = "child-process entry point, spawned by the other tests of this file"]
+fn child_entry() {
+    let Some(role) = child_role() else { return };
+    match role.as_str() {
+        "fd_echo" | "echo" => child_echo(),
+        "flood" => child_flood(),
+        "duplex" => child_duplex(),
+        "stream" => child_stream(),
+        "raw_garbage" => child_raw(b"this is not a frame at all".to_vec()),
+        "raw_truncated" => child_raw(raw_frame(0, 100, &[7; 10])),
+        "end_async" => child_end_async(),
+        "pinger" => child_keepalive(Some(Duration::from_millis(50))),
+        "silent" => child_keepalive(None),
+        "async_echo" => child_async_echo(),
+        other => panic!("unknown role {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn child_channel(cfg: ChannelConfig) -> Channel {
+    Channel::from_stream(child_socket(), cfg).unwrap()
+}
+
+/// Takes the socket out of `peer` (so dropping the channel really closes it) as a channel.
+fn parent_channel(peer: &mut Peer, cfg: ChannelConfig) -> Channel {
+    let dummy = UnixStream::pair().unwrap().0;
+    let sock = std::mem::replace(&mut peer.sock, dummy);
+    Channel::from_stream(sock, cfg).unwrap()
+}
+
+fn recv(c: &mut Channel) -> Frame {
+    c.recv_blocking(WAIT)
+        .unwrap()
+        .expect("no frame within the bound")
+}
+
+/// The error the channel reports next (frames before it are skipped), checking that it is
+/// reported once: the next call says `Hosed`.
+fn next_error(c: &mut Channel) -> Error {
+    let e = loop {
+        match c.recv_blocking(WAIT) {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("no error within the bound"),
+            Err(e) => break e,
+        }
+    };
+    assert!(e.is_hosing(), "{e:?}");
+    assert!(c.is_hosed());
+    assert!(matches!(c.try_recv(), Err(Error::Hosed)));
+    assert!(matches!(c.recv_blocking(WAIT), Err(Error::Hosed)));
+    assert!(matches!(c.send(b"x", None), Err(Error::Hosed)));
+    assert!(matches!(c.flush(), Err(Error::Hosed)));
+    e
+}
+
+/// Length of flood frame `i`: 0..=2048 bytes.
+fn flood_len(i: u64) -> usize {
+    (i.wrapping_mul(7919) % 2049) as usize
+}
+
+fn flood_payload(i: u64) -> Vec<u8> {
+    let mut v = vec![0u8; flood_len(i)];
+    fill(&mut v, i);
+    v
+}
+
+fn check_flood(f: &Frame, i: u64) {
+    assert_eq!(f.payload.len(), flood_len(i), "length of frame {i}");
+    assert!(check(&f.payload, i), "content of frame {i}");
+    assert!(f.fd.is_none());
+}
+
+fn raw_frame(flags: u32, len: u64, body: &[u8]) -> Vec<u8> {
+    let mut v = MAGIC.to_vec();
+    v.extend_from_slice(&flags.to_le_bytes());
+    v.extend_from_slice(&len.to_le_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn memfd_with(text: &str) -> std::fs::File {
+    let mut f = sys::memfd_sealable("transport-test").unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn read_all(fd: OwnedFd) -> String {
+    let mut f = std::fs::File::from(fd);
+    f.rewind().unwrap();
+    let mut s = String::new();
+    f.read_to_string(&mut s).unwrap();
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. fd passing
+
+/// Echoes every frame; a frame with an fd is answered with the payload, `|`, and the fd's
+/// contents, and a new memfd holding the contents reversed. Ends at the peer's end or death.
+fn child_echo() {
+    let mut c = child_channel(ChannelConfig::new());
+    loop {
+        match c.recv_blocking(None) {
+            Ok(Some(f)) => {
+                let (payload, fd) = f.into_parts();
+                match fd {
+                    Some(fd) => {
+                        let text = read_all(fd);
+                        let back = memfd_with(&text.chars().rev().collect::<String>());
+                        c.send_parts(&[&payload, b"|", text.as_bytes()], Some(back.as_fd()))
+                            .unwrap();
+                    }
+                    None => c.send(&payload, None).unwrap(),
+                }
+            }
+            Err(Error::EndOfStream | Error::PeerGone | Error::Reset) => break,
+            Err(e) => panic!("echo child: {e}"),
+            Ok(None) => unreachable!("no timeout"),
+        }
+    }
+}
+
+#[test]
+fn fds_travel_with_their_frames_across_processes() {
+    within(120, "fd passing", || {
+        let mut peer = spawn_plain("fd_echo");
+        let mut c = parent_channel(&mut peer, ChannelConfig::new());
+        let n = 60u64;
+        for i in 0..n {
+            let payload = format!("frame {i}");
+            if i % 3 == 1 {
+                let file = memfd_with(&format!("contents of {i}"));
+                c.send(payload.as_bytes(), Some(file.as_fd())).unwrap();
+                // Our copy may go at once: the kernel (or the queue's duplicate) holds it.
+            } else {
+                c.send(payload.as_bytes(), None).unwrap();
+            }
+        }
+        for i in 0..n {
+            let f = recv(&mut c);
+            let payload = format!("frame {i}");
+            if i % 3 == 1 {
+                let text = format!("contents of {i}");
+                assert_eq!(&*f.payload, format!("{payload}|{text}").as_bytes());
+                let back = read_all(f.fd.expect("the echo carries an fd"));
+                assert_eq!(back, text.chars().rev().collect::<String>());
+            } else {
+                assert_eq!(&*f.payload, payload.as_bytes());
+                assert!(f.fd.is_none(), "frame {i} has no fd");
+            }
+        }
+        c.end_sending().unwrap();
+        assert!(c.flush_blocking(WAIT).unwrap());
+        // The child saw the end and exited: its side closed without an END of its own.
+        assert!(matches!(next_error(&mut c), Error::PeerGone));
+        wait_ok(peer);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. floods
+
+const FLOOD: u64 = 100_000;
+
+/// Sends FLOOD frames to a parent that is not reading (it waits for our word on a second
+/// channel, whose fd came in the first frame), reports its queue, then flushes and ends.
+fn child_flood() {
+    let mut c = child_channel(ChannelConfig::new());
+    let first = recv(&mut c);
+    assert_eq!(&*first.payload, b"control");
+    let control = UnixStream::from(first.fd.expect("control socket"));
+    let mut control = Channel::from_stream(control, ChannelConfig::new()).unwrap();
+    let mut max_queued = 0;
+    for i in 0..FLOOD {
+        c.send(&flood_payload(i), None).unwrap();
+        max_queued = max_queued.max(c.queued_bytes());
+    }
+    control
+        .send(&(max_queued as u64).to_le_bytes(), None)
+        .unwrap();
+    assert!(control.flush_blocking(WAIT).unwrap());
+    c.end_sending().unwrap();
+    assert!(c.flush_blocking(Some(Duration::from_secs(120))).unwrap());
+    assert!(c.is_send_done());
+}
+
+#[test]
+fn a_flood_to_a_reader_that_is_away_is_queued_then_delivered_in_order() {
+    within(300, "flood", || {
+        let mut peer = spawn_plain("flood");
+        let mut c = parent_channel(&mut peer, ChannelConfig::new());
+        let (mut control, theirs) = Channel::pair(ChannelConfig::new()).unwrap();
+        c.send(b"control", Some(theirs.as_fd())).unwrap();
+        drop(theirs);
+        // Not reading `c` until the child says every send returned.
+        let word = recv(&mut control);
+        let max_queued = u64::from_le_bytes(word.payload[..8].try_into().unwrap());
+        // About 100 MB went into a socket that holds a few hundred KB: it was queued.
+        assert!(max_queued > 16 << 20, "max queued {max_queued}");
+        for i in 0..FLOOD {
+            check_flood(&recv(&mut c), i);
+        }
+        assert!(matches!(next_error(&mut c), Error::EndOfStream));
+        wait_ok(peer);
+    });
+}
+
+const DUPLEX: u64 = 30_000;
+
+/// Both sides queue DUPLEX frames, then receive the other's while their own queue drains.
+fn duplex_side(c: &mut Channel) {
+    for i in 0..DUPLEX {
+        c.send(&flood_payload(i), None).unwrap();
+    }
+    for i in 0..DUPLEX {
+        check_flood(&recv(c), i);
+    }
+    assert!(c.flush_blocking(WAIT).unwrap());
+}
+
+fn child_duplex() {
+    let mut c = child_channel(ChannelConfig::new());
+    duplex_side(&mut c);
+    // Wait for the parent to finish too (it closes).
+    assert!(matches!(
+        c.recv_blocking(WAIT),
+        Err(Error::PeerGone | Error::EndOfStream)
+    ));
+}
+
+#[test]
+fn two_peers_flooding_each_other_do_not_deadlock() {
+    within(300, "duplex flood", || {
+        let mut peer = spawn_plain("duplex");
+        let mut c = parent_channel(&mut peer, ChannelConfig::new());
+        duplex_side(&mut c);
+        assert_eq!(c.queued_bytes(), 0);
+        c.end_sending().unwrap();
+        drop(c);
+        wait_ok(peer);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. SIGKILL
+
+/// Streams numbered frames forever (until killed).
+fn child_stream() {
+    let mut c = child_channel(ChannelConfig::new());
+    for i in 0.. {
+        let mut p = vec![0u8; 512];
+        fill(&mut p, i);
+        if c.send(&p, None).is_err() {
+            break;
+        }
+        if c.wants_write() && c.flush_blocking(WAIT).is_err() {
+            break;
+        }
+    }
+}
+
+#[test]
+fn a_peer_killed_mid_stream_is_reported_once_and_others_go_on() {
+    within(120, "sigkill", || {
+        let mut a = spawn_plain("stream");
+        let mut b = spawn_plain("echo");
+        let mut ca = parent_channel(&mut a, ChannelConfig::new());
+        let mut cb = parent_channel(&mut b, ChannelConfig::new());
+        for i in 0..500 {
+            let f = recv(&mut ca);
+            assert!(check(&f.payload, i), "frame {i} from the streamer");
+        }
+        a.child.kill().unwrap();
+        a.child.wait().unwrap();
+        // Frames still in flight may arrive first; then the error, once. Killed between
+        // frames it is PeerGone (or Reset, if our side still had data for it); killed while
+        // its queue held half a frame, Truncated.
+        let e = next_error(&mut ca);
+        assert!(
+            matches!(e, Error::PeerGone | Error::Reset | Error::Truncated { .. }),
+            "{e:?}"
+        );
+        // The other child is unaffected.
+        for i in 0..50u64 {
+            let p = i.to_le_bytes();
+            cb.send(&p, None).unwrap();
+            assert_eq!(&*recv(&mut cb).payload, &p);
+        }
+        cb.end_sending().unwrap();
+        assert!(cb.flush_blocking(WAIT).unwrap());
+        assert!(matches!(next_error(&mut cb), Error::PeerGone));
+        wait_ok(b);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. bad input
+
+/// Connects and writes `bytes` raw, then exits.
+fn child_raw(bytes: Vec<u8>) {
+    let mut s = child_socket();
+    s.write_all(&bytes).unwrap();
+}
+
+#[test]
+fn bad_input_from_another_process() {
+    within(120, "bad input across processes", || {
+        let mut p = spawn_plain("raw_garbage");
+        let mut c = parent_channel(&mut p, ChannelConfig::new());
+        assert!(matches!(next_error(&mut c), Error::BadFrame("bad magic")));
+        wait_ok(p);
+
+        let mut p = spawn_plain("raw_truncated");
+        let mut c = parent_channel(&mut p, ChannelConfig::new());
+        let e = next_error(&mut c);
+        assert!(
+            matches!(
+                e,
+                Error::Truncated {
+                    expected: 116,
+                    got: 26
+                }
+            ),
+            "{e:?}"
+        );
+        wait_ok(p);
+    });
+}
+
+/// A channel fed raw bytes (and fds) by a plain socket, which is then closed.
+fn fed(bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>], cfg: ChannelConfig) -> Channel {
+    let (raw, theirs) = UnixStream::pair().unwrap();
+    let c = Channel::from_stream(theirs, cfg).unwrap();
+    assert_eq!(sys::send_with_fds(&raw, bytes, fds).unwrap(), bytes.len());
+    c
+}
+
+/// Whether the other end of `probe` is closed everywhere: a write fails with EPIPE (SIGPIPE is
+/// ignored in Rust programs). A child being spawned by another test may hold a copy for an
+/// instant (between fork and exec), so this retries for a while.
+fn closed_everywhere(probe: &mut UnixStream) -> bool {
+    probe.set_nonblocking(true).unwrap();
+    for _ in 0..500 {
+        match probe.write(&[1]) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return true,
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    false
+}
+
+#[test]
+fn bad_input_gets_its_specific_error_once() {
+    within(120, "bad input", || {
+        // Truncated, then the writer closes.
+        let (mut raw, theirs) = UnixStream::pair().unwrap();
+        let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
+        raw.write_all(&raw_frame(0, 100, &[1; 10])).unwrap();
+        assert!(c.try_recv().unwrap().is_none());
+        drop(raw);
+        assert!(matches!(
+            next_error(&mut c),
+            Error::Truncated {
+                expected: 116,
+                got: 26
+            }
+        ));
+
+        // Oversized: refused from the header alone, whatever the allocator could do.
+        let mut c = fed(&raw_frame(0, u64::MAX - 20, &[]), &[], ChannelConfig::new());
+        assert!(matches!(
+            next_error(&mut c),
+            Error::FrameTooLarge {
+                len: 0xFFFF_FFFF_FFFF_FFEB,
+                received: true,
+                ..
+            }
+        ));
+        let mut c = fed(
+            &raw_frame(0, 4097, &[]),
+            &[],
+            ChannelConfig::new().max_frame(4096),
+        );
+        assert!(matches!(
+            next_error(&mut c),
+            Error::FrameTooLarge {
+                len: 4097,
+                max: 4096,
+                received: true
+            }
+        ));
+
+        // Garbage, and headers with flags that are not allowed.
+        let mut c = fed(&[0xEE; 40], &[], ChannelConfig::new());
+        assert!(matches!(next_error(&mut c), Error::BadFrame("bad magic")));
+        let mut c = fed(&raw_frame(1 << 9, 0, &[]), &[], ChannelConfig::new());
+        assert!(matches!(
+            next_error(&mut c),
+            Error::BadFrame("unknown flag bits")
+        ));
+
+        // A good frame, then one flagged with an fd that did not come.
+        let mut bytes = raw_frame(0, 3, b"abc");
+        bytes.extend(raw_frame(FLAG_HAS_FD, 2, b"de"));
+        let mut c = fed(&bytes, &[], ChannelConfig::new());
+        assert_eq!(&*recv(&mut c).payload, b"abc");
+        assert!(matches!(next_error(&mut c), Error::MissingFd));
+
+        // An fd with a frame not flagged for one: an error, and the fd is closed.
+        let (mut probe, victim) = UnixStream::pair().unwrap();
+        let mut c = fed(
+            &raw_frame(0, 1, b"x"),
+            &[victim.as_fd()],
+            ChannelConfig::new(),
+        );
+        drop(victim);
+        assert!(matches!(next_error(&mut c), Error::UnexpectedFd));
+        assert!(closed_everywhere(&mut probe), "the unexpected fd leaked");
+
+        // Two fds with one frame: an error, and both are closed.
+        let (mut p1, v1) = UnixStream::pair().unwrap();
+        let (mut p2, v2) = UnixStream::pair().unwrap();
+        let mut c = fed(
+            &raw_frame(FLAG_HAS_FD, 1, b"x"),
+            &[v1.as_fd(), v2.as_fd()],
+            ChannelConfig::new(),
+        );
+        drop((v1, v2));
+        assert!(matches!(next_error(&mut c), Error::TooManyFds));
+        assert!(closed_everywhere(&mut p1) && closed_everywhere(&mut p2));
+
+        // More fds than the kernel will hand over (cut off): same, nothing leaks.
+        let pairs: Vec<_> = (0..12).map(|_| UnixStream::pair().unwrap()).collect();
+        let victims: Vec<_> = pairs.iter().map(|(_, v)| v.as_fd()).collect();
+        let mut c = fed(
+            &raw_frame(FLAG_HAS_FD, 1, b"x"),
+            &victims,
+            ChannelConfig::new(),
+        );
+        drop(victims);
+        let mut probes: Vec<UnixStream> = pairs.into_iter().map(|(p, _v)| p).collect();
+        assert!(matches!(next_error(&mut c), Error::TooManyFds));
+        assert!(probes.iter_mut().all(closed_everywhere));
+
+        // An fd sent with bytes where no frame starts (the middle of a payload).
+        let (mut probe, victim) = UnixStream::pair().unwrap();
+        let (raw, theirs) = UnixStream::pair().unwrap();
+        let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
+        let mut head = raw_frame(0, 10, b"12345");
+        head.truncate(HEADER_LEN + 5);
+        sys::send_with_fds(&raw, &head, &[]).unwrap();
+        assert!(c.try_recv().unwrap().is_none());
+        sys::send_with_fds(&raw, b"67890", &[victim.as_fd()]).unwrap();
+        drop(victim);
+        assert!(matches!(next_error(&mut c), Error::UnexpectedFd));
+        assert!(closed_everywhere(&mut probe));
+        drop(raw);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. high-water
+
+#[test]
+fn high_water_refuses_without_hosing_and_recovers() {
+    within(120, "high water", || {
+        let limit = 1 << 20;
+        let (mut a, mut b) = Channel::pair(ChannelConfig::new().high_water(Some(limit))).unwrap();
+        let frame = |i: u64| {
+            let mut v = vec![0u8; 8 << 10];
+            fill(&mut v, i);
+            v
+        };
+        let mut sent = 0u64;
+        let refused = loop {
+            match a.send(&frame(sent), None) {
+                Ok(()) => sent += 1,
+                Err(Error::HighWater { queued, limit: l }) => {
+                    assert_eq!(l, limit);
+                    assert!(queued <= limit && queued + (8 << 10) + HEADER_LEN > limit);
+                    break frame(sent);
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+            assert!(sent < 100_000, "never reached the high-water mark");
+        };
+        assert!(!a.is_hosed());
+        assert!(a.queued_bytes() <= limit);
+        // Refused again while nothing drained; still not hosed.
+        assert!(matches!(
+            a.send(&refused, None),
+            Err(Error::HighWater { .. })
+        ));
+        // The peer drains; we flush as it does.
+        for i in 0..sent {
+            let f = b.recv_blocking(Some(Duration::from_millis(1))).unwrap();
+            let f = match f {
+                Some(f) => f,
+                None => {
+                    a.flush().unwrap();
+                    recv(&mut b)
+                }
+            };
+            assert!(check(&f.payload, i), "frame {i}");
+        }
+        assert!(a.flush().unwrap());
+        a.send(b"after", None).unwrap();
+        assert_eq!(&*recv(&mut b).payload, b"after");
+        // The refused frame never arrived.
+        assert!(b.try_recv().unwrap().is_none());
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. graceful end
+
+const END_FRAMES: u64 = 2_000;
+
+/// Sends END_FRAMES frames and ends, through the async-I/O face; checks that the end-sending
+/// handler ran exactly once (the exit code tells the parent).
+fn child_end_async() {
+    let (err_tx, err_rx) = mpsc::channel();
+    let c = AsyncChannel::start(
+        child_channel(ChannelConfig::new()),
+        |_f| panic!("the parent sends nothing"),
+        move |e| err_tx.send(e).unwrap(),
+    )
+    .unwrap();
+    for i in 0..END_FRAMES {
+        c.send(&flood_payload(i), None).unwrap();
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (done_tx, done_rx) = mpsc::channel();
+    let k = calls.clone();
+    c.async_end_sending(move |r| {
+        k.fetch_add(1, Ordering::SeqCst);
+        done_tx.send(r).unwrap();
+    });
+    assert!(matches!(c.send(b"late", None), Err(Error::SendingEnded)));
+    done_rx.recv_timeout(WAIT.unwrap()).unwrap().unwrap();
+    // The parent closes once it has seen the end.
+    let e = err_rx.recv_timeout(WAIT.unwrap()).unwrap();
+    assert!(matches!(e, Error::PeerGone | Error::Reset), "{e:?}");
+    drop(c); // joins the library thread: no handler can run after this
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn end_sending_delivers_everything_then_end_of_stream_once() {
+    within(120, "end sending", || {
+        let mut peer = spawn_plain("end_async");
+        let mut c = parent_channel(&mut peer, ChannelConfig::new());
+        for i in 0..END_FRAMES {
+            check_flood(&recv(&mut c), i);
+        }
+        assert!(matches!(next_error(&mut c), Error::EndOfStream));
+        drop(c);
+        wait_ok(peer);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. keep-alive
+
+/// Receives (which also runs the timers: pings with `ping`) until the parent goes.
+fn child_keepalive(ping: Option<Duration>) {
+    let mut c = child_channel(ChannelConfig::new().auto_ping(ping));
+    loop {
+        match c.recv_blocking(None) {
+            Ok(Some(_)) => {}
+            Ok(None) => unreachable!("no timeout"),
+            Err(Error::EndOfStream | Error::PeerGone | Error::Reset) => break,
+            Err(e) => panic!("keep-alive child: {e}"),
+        }
+    }
+}
+
+#[test]
+fn pings_keep_an_idle_channel_alive_and_silence_times_out() {
+    within(120, "keep-alive", || {
+        // The idle timeout is 20 ping periods (a loaded machine may delay a ping; the test
+        // asserts no timing, only that pings arrive at all within it), and we watch for 2.5 of
+        // them: without pings it would fire.
+        let idle = Duration::from_secs(1);
+        let mut peer = spawn_plain("pinger");
+        let mut c = parent_channel(&mut peer, ChannelConfig::new().idle_timeout(Some(idle)));
+        let until = Instant::now() + idle * 5 / 2;
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            // Pings are consumed silently: no frame, and no error.
+            assert!(c.recv_blocking(Some(until - now)).unwrap().is_none());
+        }
+        assert!(!c.is_hosed());
+        c.end_sending().unwrap();
+        assert!(c.flush_blocking(WAIT).unwrap());
+        drop(c);
+        wait_ok(peer);
+
+        let mut peer = spawn_plain("silent");
+        let mut c = parent_channel(
+            &mut peer,
+            ChannelConfig::new().idle_timeout(Some(Duration::from_millis(300))),
+        );
+        assert!(matches!(next_error(&mut c), Error::IdleTimeout));
+        assert_eq!(c.next_deadline(), None);
+        assert!(matches!(c.on_timer(Instant::now()), Err(Error::Hosed)));
+        drop(c);
+        wait_ok(peer);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. async-I/O face
+
+/// Echoes every frame (fd included) from within the frame handler, until the parent goes.
+fn child_async_echo() {
+    // Weak: a strong reference in the handler would be a cycle through the library thread.
+    let me: Arc<OnceLock<Weak<AsyncChannel>>> = Arc::new(OnceLock::new());
+    let me2 = me.clone();
+    let (err_tx, err_rx) = mpsc::channel();
+    let c = AsyncChannel::start(
+        child_channel(ChannelConfig::new()),
+        move |f| {
+            let Some(c) = me2.get().and_then(Weak::upgrade) else {
+                return; // shutting down
+            };
+            let (payload, fd) = f.into_parts();
+            c.send_shared(vec![SharedBytes::from(payload.to_vec())], fd)
+                .unwrap();
+        },
+        move |e| err_tx.send(e).unwrap(),
+    )
+    .unwrap();
+    let c = Arc::new(c);
+    me.set(Arc::downgrade(&c)).unwrap();
+    // Ready: the parent waits for this before sending.
+    c.send(b"ready", None).unwrap();
+    let e = err_rx.recv().unwrap();
+    assert!(
+        matches!(e, Error::PeerGone | Error::Reset | Error::EndOfStream),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn async_channels_echo_across_processes_and_report_death_once() {
+    within(120, "async echo", || {
+        let mut peer = spawn_plain("async_echo");
+        let chan = parent_channel(&mut peer, ChannelConfig::new());
+        let (tx, rx) = mpsc::channel::<Frame>();
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let errs = errors.clone();
+        let c = Arc::new(
+            AsyncChannel::start(
+                chan,
+                move |f| tx.send(f).unwrap(),
+                move |e| errs.lock().unwrap().push(e),
+            )
+            .unwrap(),
+        );
+        let t = WAIT.unwrap();
+        assert_eq!(&*rx.recv_timeout(t).unwrap().payload, b"ready");
+
+        // Four threads send concurrently; each thread's frames come back in its order.
+        let per = 1000u32;
+        on_threads(4, |th| {
+            for i in 0..per {
+                let mut p = (th as u32).to_le_bytes().to_vec();
+                p.extend_from_slice(&i.to_le_bytes());
+                p.resize(8 + (i as usize % 300), th as u8);
+                if i % 100 == 7 {
+                    let file = memfd_with(&format!("{th}/{i}"));
+                    c.send(&p, Some(file.as_fd())).unwrap();
+                } else {
+                    c.send_parts(&[&p[..4], &p[4..]], None).unwrap();
+                }
+            }
+        });
+        let mut next = [0u32; 4];
+        for _ in 0..4 * per {
+            let f = rx.recv_timeout(t).expect("echo");
+            let th = u32::from_le_bytes(f.payload[..4].try_into().unwrap()) as usize;
+            let i = u32::from_le_bytes(f.payload[4..8].try_into().unwrap());
+            assert_eq!(i, next[th], "thread {th} order");
+            next[th] += 1;
+            assert_eq!(f.payload.len(), 8 + (i as usize % 300));
+            assert!(f.payload[8..].iter().all(|&b| b == th as u8));
+            match f.fd {
+                Some(fd) => {
+                    assert_eq!(i % 100, 7);
+                    assert_eq!(read_all(fd), format!("{th}/{i}"));
+                }
+                None => assert_ne!(i % 100, 7),
+            }
+        }
+        assert_eq!(next, [per; 4]);
+        assert!(errors.lock().unwrap().is_empty());
+
+        // The peer dies: on_error, once.
+        peer.child.kill().unwrap();
+        peer.child.wait().unwrap();
+        let deadline = Instant::now() + t;
+        while errors.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "on_error never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(matches!(c.send(b"x", None), Err(Error::Hosed)));
+        let (done_tx, done_rx) = mpsc::channel();
+        c.async_end_sending(move |r| done_tx.send(r).unwrap());
+        assert!(matches!(
+            done_rx.recv_timeout(t).unwrap(),
+            Err(Error::Hosed)
+        ));
+        drop(Arc::try_unwrap(c).expect("only the test holds it")); // joins the thread
+        let errors = errors.lock().unwrap();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            matches!(errors[0], Error::PeerGone | Error::Reset),
+            "{:?}",
+            errors[0]
+        );
+    });
+}
