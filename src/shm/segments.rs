@@ -41,7 +41,7 @@ const T_TAG: u64 = 0;
 const T_COUNT: u64 = 8;
 const T_ENTRIES: u64 = 16;
 const T_ENTRY: u64 = 24;
-/// Most segments a table may list (a 1 GiB message with 4 MiB segments has ~260).
+/// Most segments a table may list (a 1 GiB message of small objects has about 70).
 pub const MAX_SEGMENTS: usize = 1 << 16;
 
 /// How a message's segments are sized.
@@ -60,7 +60,7 @@ impl Default for SegmentSizes {
     fn default() -> Self {
         SegmentSizes {
             first_words: 1024,
-            max_growth_words: 512 * 1024, // 4 MiB
+            max_growth_words: 2 << 20, // 16 MiB
         }
     }
 }
@@ -276,22 +276,36 @@ impl SegTable {
         self.off + BLOCK_HDR
     }
 
-    /// Writes a table for `entries` (segment, used bytes) and returns its first reference.
-    fn create(arena: &Arena, entries: &[(BlockRef, u64)]) -> Result<SegTable> {
-        let size = T_ENTRIES as usize + entries.len() * T_ENTRY as usize;
+    /// Writes a table for `n` entries (segment, used bytes) and returns its first reference. If
+    /// an entry is an error, the table is freed and the error returned.
+    fn create(
+        arena: &Arena,
+        n: usize,
+        entries: &mut dyn Iterator<Item = Result<(BlockRef, u64)>>,
+    ) -> Result<SegTable> {
+        let size = T_ENTRIES as usize + n * T_ENTRY as usize;
         let (pool, g) = arena.grant(size, 0)?;
         let p = g.off + BLOCK_HDR;
         pool.word(p + T_TAG).store(TABLE_TAG, Ordering::Relaxed);
-        pool.word(p + T_COUNT)
-            .store(entries.len() as u64, Ordering::Relaxed);
-        for (i, (r, used)) in entries.iter().enumerate() {
+        pool.word(p + T_COUNT).store(n as u64, Ordering::Relaxed);
+        for i in 0..n {
+            let entry = entries
+                .next()
+                .unwrap_or(Err(Error::Corrupt("fewer segments than counted")));
+            let (r, used) = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = pool.free_block(g.off, false);
+                    return Err(e);
+                }
+            };
             let e = p + T_ENTRIES + i as u64 * T_ENTRY;
             pool.word(e).store(
                 r.pool as u64 | (r.generation as u64) << 32,
                 Ordering::Relaxed,
             );
             pool.word(e + 8).store(r.offset, Ordering::Relaxed);
-            pool.word(e + 16).store(*used, Ordering::Relaxed);
+            pool.word(e + 16).store(used, Ordering::Relaxed);
         }
         // Publish like an object (see `Arena::publish`): the flag lets borrowers pre-check, the
         // Release store of the handle word orders the entries before any ticket taken on it.
@@ -638,21 +652,20 @@ impl OutMsg {
             }
             let out = self.builder.get_segments_for_output();
             let list = lock(&self.list);
-            let live: Vec<&Seg> = list.segs.iter().filter(|s| !s.gone).collect();
-            if live.len() != out.len() || out.len() > MAX_SEGMENTS {
-                return Err(Error::Corrupt("segment list out of step with the builder"));
+            let mut live = list.segs.iter().filter(|s| !s.gone);
+            if out.len() > MAX_SEGMENTS {
+                return Err(Error::Corrupt("too many segments"));
             }
-            let mut entries = Vec::with_capacity(out.len());
-            for (seg, bytes) in live.iter().zip(out.iter()) {
-                match &seg.mem {
-                    Mem::Shm(r) if std::ptr::eq(seg.ptr.as_ptr(), bytes.as_ptr()) => {
-                        entries.push((*r, bytes.len() as u64))
-                    }
-                    _ => return Err(Error::Corrupt("segment not in the arena")),
-                }
-            }
+            let mut entries = out.iter().map(|bytes| match live.next() {
+                Some(Seg {
+                    mem: Mem::Shm(r),
+                    ptr,
+                    ..
+                }) if std::ptr::eq(ptr.as_ptr(), bytes.as_ptr()) => Ok((*r, bytes.len() as u64)),
+                _ => Err(Error::Corrupt("segment list out of step with the builder")),
+            });
+            let table = SegTable::create(&arena, out.len(), &mut entries)?;
             drop(list);
-            let table = SegTable::create(&arena, &entries)?;
             lock(&self.list).published = true;
             self.table = Some(table);
         }

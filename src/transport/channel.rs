@@ -675,9 +675,15 @@ impl Channel {
         ))
     }
 
-    /// Wraps a connected Unix stream socket (made non-blocking here).
+    /// Wraps a connected Unix stream socket.
+    ///
+    /// The socket is put in *blocking* mode, yet no call but [`recv_blocking`]
+    /// (Channel::recv_blocking) ever waits: every other read and write passes `MSG_DONTWAIT`.
+    /// That lets `recv_blocking` with no time limit wait inside one `recvmsg` (one system call
+    /// per frame, like a plain blocking read) instead of a failed read, `poll` and a read. Put the
+    /// fd in your own poll loop as usual: readiness is the same in either mode.
     pub fn from_stream(stream: UnixStream, config: ChannelConfig) -> Result<Channel, Error> {
-        stream.set_nonblocking(true).map_err(Error::Io)?;
+        stream.set_nonblocking(false).map_err(Error::Io)?;
         let now = Instant::now();
         Ok(Channel {
             sock: stream,
@@ -1054,13 +1060,20 @@ impl Channel {
         if self.hosed {
             return Err(Error::Hosed);
         }
-        match self.recv_inner() {
+        match self.recv_inner(false) {
             Ok(f) => Ok(f),
             Err(e) => Err(self.hose(e)),
         }
     }
 
-    fn recv_inner(&mut self) -> Result<Option<Frame>, Error> {
+    /// Reads until a frame is complete; with `wait`, reads block (the socket is in blocking
+    /// mode, see [`from_stream`](Channel::from_stream)), so `Ok(None)` is never returned.
+    fn recv_inner(&mut self, wait: bool) -> Result<Option<Frame>, Error> {
+        let recv = if wait {
+            sys::recv_with_fds_waiting
+        } else {
+            sys::try_recv_with_fds
+        };
         loop {
             if let Some(big) = self.rx.big.as_mut() {
                 if big.filled >= big.payload.len() {
@@ -1073,7 +1086,7 @@ impl Channel {
                     }));
                 }
                 let dst = &mut big.payload[big.filled..];
-                match sys::try_recv_with_fds(self.sock.as_fd(), dst) {
+                match recv(self.sock.as_fd(), dst) {
                     Ok(r) => {
                         if r.bytes == 0 {
                             return Err(self.rx.eof_error());
@@ -1103,7 +1116,7 @@ impl Channel {
             let want = self.rx.make_room();
             let rx = &mut self.rx;
             let hi = rx.end.saturating_add(want).min(rx.buf.len());
-            match sys::try_recv_with_fds(self.sock.as_fd(), &mut rx.buf[rx.end..hi]) {
+            match recv(self.sock.as_fd(), &mut rx.buf[rx.end..hi]) {
                 Ok(r) => {
                     if r.bytes == 0 {
                         return Err(rx.eof_error());
@@ -1186,6 +1199,17 @@ impl Channel {
     /// peers that flood each other while receiving this way never deadlock.
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<Frame>, Error> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        if deadline.is_none() && timeout.is_none() && !self.hosed {
+            // Nothing to flush and no timer to run: wait in `recvmsg` itself.
+            if self.next_deadline().is_none() && !self.wants_write() {
+                match self.recv_inner(true) {
+                    Ok(Some(f)) => return Ok(Some(f)),
+                    // Someone made the socket non-blocking after all: wait with poll below.
+                    Ok(None) => {}
+                    Err(e) => return Err(self.hose(e)),
+                }
+            }
+        }
         loop {
             // Timers run even while frames keep coming (our pings must go out regardless).
             self.run_due_timers()?;
