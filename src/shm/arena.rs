@@ -488,15 +488,7 @@ impl Arena {
     /// (in this or another process), and this is the only `from_raw` of it. Otherwise two owners
     /// would write the same bytes, or one would free what the other still uses.
     pub unsafe fn block_from_raw(&self, r: BlockRef, len: usize) -> Result<Block<'_>> {
-        let pool = self.pool(r.pool).ok_or(Error::UnknownPool(r.pool))?;
-        let off = r.offset.checked_sub(BLOCK_HDR).ok_or(Error::OutOfBounds {
-            pool: r.pool,
-            offset: r.offset,
-        })?;
-        let (info, capacity) = pool.block_at(off)?;
-        if info_state(info) != STATE_ALLOC || info_generation(info) != r.generation {
-            return Err(Error::Stale);
-        }
+        let (pool, off, info, capacity) = self.live_block(r)?;
         if len as u64 > capacity {
             return Err(Error::OutOfBounds {
                 pool: r.pool,
@@ -509,6 +501,24 @@ impl Arena {
             was: info,
         };
         Ok(Block { pool, grant, len })
+    }
+}
+
+impl Arena {
+    /// Validates that `r` names a block that is allocated in its generation: a known pool, a
+    /// block start, state allocated. Returns the pool, the block (header) offset, its info word
+    /// and its payload capacity. Reads only atomics (page map, block header).
+    pub(crate) fn live_block(&self, r: BlockRef) -> Result<(&Pool, u64, u64, u64)> {
+        let pool = self.pool(r.pool).ok_or(Error::UnknownPool(r.pool))?;
+        let off = r.offset.checked_sub(BLOCK_HDR).ok_or(Error::OutOfBounds {
+            pool: r.pool,
+            offset: r.offset,
+        })?;
+        let (info, capacity) = pool.block_at(off)?;
+        if info_state(info) != STATE_ALLOC || info_generation(info) != r.generation {
+            return Err(Error::Stale);
+        }
+        Ok((pool, off, info, capacity))
     }
 }
 

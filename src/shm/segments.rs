@@ -365,15 +365,15 @@ impl SegTable {
         let mut out = Vec::with_capacity(n as usize);
         for i in 0..n {
             let e = p + T_ENTRIES + i * T_ENTRY;
-            let (seg_pool, at, used) = read_entry(pool, e);
-            let (ptr, _) = segment(&self.arena, seg_pool, at, used)?;
+            let (seg, used) = read_entry(pool, e);
+            let (ptr, _) = segment(&self.arena, seg, used)?;
             out.push((ptr, used as usize));
         }
         Ok(out)
     }
 }
 
-fn read_entry(pool: &Pool, e: u64) -> (BlockRef, u64, u64) {
+fn read_entry(pool: &Pool, e: u64) -> (BlockRef, u64) {
     let w0 = pool.word(e).load(Ordering::Relaxed);
     let r = BlockRef {
         pool: w0 as u32,
@@ -381,21 +381,13 @@ fn read_entry(pool: &Pool, e: u64) -> (BlockRef, u64, u64) {
         generation: (w0 >> 32) as u32,
     };
     let used = pool.word(e + 16).load(Ordering::Relaxed);
-    (r, r.offset, used)
+    (r, used)
 }
 
-/// Validates one segment: a known pool, an allocated block of that generation, `used` within
-/// its capacity and a whole number of words. Returns the payload pointer and the block offset.
-fn segment(arena: &Arena, r: BlockRef, _at: u64, used: u64) -> Result<(NonNull<u8>, u64)> {
-    let pool = arena.pool(r.pool).ok_or(Error::UnknownPool(r.pool))?;
-    let off = r.offset.checked_sub(BLOCK_HDR).ok_or(Error::OutOfBounds {
-        pool: r.pool,
-        offset: r.offset,
-    })?;
-    let (info, capacity) = pool.block_at(off)?;
-    if info_state(info) != STATE_ALLOC || info_generation(info) != r.generation {
-        return Err(Error::Stale);
-    }
+/// Validates one segment: a live block (see [`Arena::live_block`]) whose capacity holds `used`,
+/// a whole number of words. Returns the payload pointer and the block offset.
+fn segment(arena: &Arena, r: BlockRef, used: u64) -> Result<(NonNull<u8>, u64)> {
+    let (pool, off, _, capacity) = arena.live_block(r)?;
     if used > capacity || used % 8 != 0 || used / 8 > u32::MAX as u64 {
         return Err(Error::OutOfBounds {
             pool: r.pool,
@@ -419,8 +411,8 @@ impl Drop for SegTable {
         let cap = pool.block_at(self.off).map(|(_, c)| c).unwrap_or(0);
         if n <= MAX_SEGMENTS && T_ENTRIES + n as u64 * T_ENTRY <= cap {
             for i in 0..n as u64 {
-                let (r, at, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
-                if let Ok((_, off)) = segment(&self.arena, r, at, used) {
+                let (r, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
+                if let Ok((_, off)) = segment(&self.arena, r, used) {
                     if let Some(seg_pool) = self.arena.pool(r.pool) {
                         seg_pool.zero(r.offset, used);
                         let _ = seg_pool.free_block(off, true);
