@@ -151,8 +151,9 @@ pub fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> 
     .map_err(io_err)
 }
 
-/// Receives into `buf`, collecting any fds that came with the bytes (close-on-exec). Returns the
-/// bytes read (0 at end of stream) and the fds. Fds beyond [`MAX_FDS_PER_MSG`] are cut off by
+/// Receives into `buf`, collecting any fds that came with the bytes (close-on-exec). Waits for
+/// data if `sock` is in blocking mode (as a transport channel's socket is). Returns the bytes
+/// read (0 at end of stream) and the fds. Fds beyond [`MAX_FDS_PER_MSG`] are cut off by
 /// the kernel (`MSG_CTRUNC`), reported as `InvalidData` after closing those that did arrive.
 pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let got = recv_msg(sock.as_fd(), buf, 0)?;

@@ -574,3 +574,121 @@ fn the_sender_sees_the_socket_end_not_a_panic() {
     assert_eq!(arena.stats().blocks_in_use, 0);
     let _ = std::io::stdout().flush();
 }
+
+fn hello(msg: &mut MsgOut<cool_msg::Owned>, num: i64) {
+    let mut h = msg.init_root().init_hello_there();
+    h.set_greeting("hi");
+    h.set_num(num);
+}
+
+#[test]
+fn a_receiver_dropped_unread_gives_the_references_back() {
+    let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+    let (mut tx, rx) = pair(&arena);
+    let mut msg = tx.create_msg();
+    hello(&mut msg, 1);
+    for _ in 0..10 {
+        tx.send(&mut msg, None).unwrap();
+    }
+    assert_eq!(msg.shared_refs(), Some(11));
+    drop(rx);
+    assert_eq!(
+        msg.shared_refs(),
+        Some(1),
+        "the receiver's drop took in and dropped them"
+    );
+    assert!(!msg.is_shared());
+    drop((msg, tx));
+    assert_eq!(arena.stats().blocks_in_use, 0);
+}
+
+#[test]
+fn handles_that_never_left_the_send_queue_are_given_back() {
+    let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+    let (a, b) = Channel::pair(ChannelConfig::new()).unwrap();
+    let mut tx = Chan::new(a, Backing::Shm(arena.clone()));
+    let mut msg = tx.create_msg();
+    hello(&mut msg, 1);
+    // The peer does not read: the socket fills and later frames wait in the send queue.
+    let n = 20_000;
+    for _ in 0..n {
+        tx.send(&mut msg, None).unwrap();
+    }
+    assert!(tx.channel().queued_bytes() > 0, "the socket never filled");
+    assert_eq!(msg.shared_refs(), Some(n + 1));
+    drop(tx);
+    // The queued ones are back; those in the socket are the reader's to take (or not).
+    let in_socket = msg.shared_refs().unwrap() - 1;
+    assert!(in_socket > 0 && in_socket < n, "{in_socket}");
+    let mut rx = Chan::new(b, Backing::Heap);
+    for _ in 0..in_socket {
+        drop(rx.recv_blocking(T).unwrap().unwrap());
+    }
+    assert!(matches!(
+        rx.recv_blocking(T),
+        Err(Error::Transport(flowipc::transport::Error::PeerGone))
+    ));
+    assert_eq!(msg.shared_refs(), Some(1));
+    drop(msg);
+    assert_eq!(arena.stats().blocks_in_use, 0);
+}
+
+#[test]
+fn a_pool_learned_late_is_still_announced_before_use() {
+    // Three processes' views of one arena (one process here): a3 and a2 grow it in turn, so a1
+    // learns pool 2 before pool 1.
+    let cfg = || ArenaConfig::new().pool_size(1 << 20).max_pools(8);
+    let a1 = Arena::create(cfg()).unwrap();
+    let fd = || a1.pool_fd(0).unwrap().try_clone_to_owned().unwrap();
+    let a2 = Arena::join([fd()], cfg()).unwrap();
+    let a3 = Arena::join([fd()], cfg()).unwrap();
+    let fill = |a: &Arena, until: u32, keep: &mut Vec<_>| loop {
+        let b = a.alloc(64 << 10).unwrap();
+        let p = b.block_ref().pool;
+        keep.push(b.into_raw());
+        if p == until {
+            break;
+        }
+    };
+    let mut keep = Vec::new();
+    fill(&a3, 1, &mut keep);
+    fill(&a2, 2, &mut keep);
+    let pair = |x: &Arena, y: &Arena| {
+        let (s, r) = Channel::pair(ChannelConfig::new()).unwrap();
+        (
+            Chan::new(s, Backing::Shm(x.clone())),
+            Chan::new(r, Backing::Shm(y.clone())),
+        )
+    };
+    let (mut p2_to_p1, mut p1_from_p2) = pair(&a2, &a1);
+    let (mut p1_to_p2, mut p2_from_p1) = pair(&a1, &a2);
+    let (mut p3_to_p1, mut p1_from_p3) = pair(&a3, &a1);
+    let send = |tx: &mut Chan, rx: &mut Chan, arena: &Arena, n: i64| {
+        let mut m = MsgOut::new_in(arena);
+        hello(&mut m, n);
+        tx.send(&mut m, None).unwrap();
+        let got = rx.recv_blocking(T).unwrap().unwrap();
+        assert!(
+            matches!(got.root().unwrap().which(), Ok(cool_msg::HelloThere(Ok(h))) if h.get_num() == n)
+        );
+    };
+    send(&mut p2_to_p1, &mut p1_from_p2, &a2, 1); // a1 learns pool 2
+    send(&mut p1_to_p2, &mut p2_from_p1, &a1, 2); // a1 announces 0 and 2
+    send(&mut p3_to_p1, &mut p1_from_p3, &a3, 3); // a1 learns pool 1
+    let mut keep1 = Vec::new();
+    fill(&a1, 1, &mut keep1); // a1 allocates in pool 1 now
+    send(&mut p1_to_p2, &mut p2_from_p1, &a1, 4); // pool 1 must be announced first
+}
+
+#[test]
+fn set_root_copies_a_received_message_to_forward_it() {
+    let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+    let (mut tx, mut rx) = pair(&arena);
+    let mut msg = tx.create_msg();
+    build_blob(&mut msg, 2, 50_000, 3);
+    tx.send(&mut msg, None).unwrap();
+    let got = rx.recv_blocking(T).unwrap().unwrap();
+    let mut fwd = MsgOut::<cool_msg::Owned>::new_heap();
+    fwd.set_root(got.root().unwrap()).unwrap();
+    assert_eq!(check_blob(fwd.root().unwrap()), (2, 100_000, 3));
+}

@@ -12,7 +12,7 @@
 //!
 //! A `SHM` or `HEAP` frame may carry one fd of the user's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,8 +47,12 @@ pub enum Backing {
 pub struct MsgChannel<M: Owned> {
     chan: Channel,
     backing: Backing,
-    /// Per arena id: pools 0..n already announced to the peer.
-    announced: HashMap<u64, u32>,
+    /// Per arena id: which pool ids have been announced to the peer (a bit each).
+    announced: HashMap<u64, Vec<u64>>,
+    /// Handles lent for frames not yet wholly written to the socket: (stream position where the
+    /// frame ends, the handle, its arena). If the channel is hosed or dropped before a frame is
+    /// written, the peer can never borrow it: its reference is given back.
+    inflight: VecDeque<(u64, LendBlob, Arena)>,
     /// Arenas whose handles we accept, by the 32-bit tag blobs carry.
     arenas: HashMap<u32, Arena>,
     next_id: u64,
@@ -77,6 +81,7 @@ impl<M: Owned> MsgChannel<M> {
             chan,
             backing,
             announced: HashMap::new(),
+            inflight: VecDeque::new(),
             arenas,
             next_id: 1,
             hosed: false,
@@ -111,9 +116,27 @@ impl<M: Owned> MsgChannel<M> {
         if let Err(e) = &r {
             if e.is_hosing() {
                 self.hosed = true;
+                self.release_unwritten();
             }
         }
         r
+    }
+
+    /// Forgets the handles whose frames are now wholly written (the peer holds them).
+    fn prune_written(&mut self) {
+        let written = self.chan.bytes_written();
+        while self.inflight.front().is_some_and(|f| f.0 <= written) {
+            self.inflight.pop_front();
+        }
+    }
+
+    /// Gives back the references of handles whose frames never (wholly) left: the peer cannot
+    /// borrow them any more.
+    fn release_unwritten(&mut self) {
+        self.prune_written();
+        for (_, blob, arena) in self.inflight.drain(..) {
+            let _ = arena.release_blob(&blob);
+        }
     }
 
     /// Sends `msg` (and `fd`, if given). Never blocks: what the socket does not take now is
@@ -127,6 +150,7 @@ impl<M: Owned> MsgChannel<M> {
         if self.hosed {
             return Err(Error::Hosed);
         }
+        self.prune_written();
         let r = self.send_inner(msg, fd);
         self.hose_on(r)
     }
@@ -160,10 +184,10 @@ impl<M: Owned> MsgChannel<M> {
             shared.push(SharedBytes::from(head));
             for (seg, used) in parts {
                 let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = seg;
-                shared.push(
-                    SharedBytes::new(owner, 0..used)
-                        .map_err(|_| Error::BadMessage("segment shorter than its used bytes"))?,
-                );
+                shared.push(SharedBytes::new(owner, 0..used).map_err(|_| Error::Shm {
+                    source: crate::shm::Error::Corrupt("segment shorter than its used bytes"),
+                    from_peer: false,
+                })?);
             }
             let fd = match fd {
                 Some(fd) => Some(
@@ -174,9 +198,22 @@ impl<M: Owned> MsgChannel<M> {
             };
             return Ok(self.chan.send_shared(shared, fd)?);
         };
-        self.arenas
-            .entry(arena.id() as u32)
-            .or_insert(arena.clone());
+        match self.arenas.get(&(arena.id() as u32)) {
+            // Handles carry 32 bits of the arena id: two arenas alike in those cannot share a
+            // channel (a 1 in 2^31 chance per pair).
+            Some(known) if known.id() != arena.id() => {
+                return Err(Error::Shm {
+                    source: crate::shm::Error::BadConfig(
+                        "another arena on this channel has the same 32-bit tag",
+                    ),
+                    from_peer: false,
+                });
+            }
+            Some(_) => {}
+            None => {
+                self.arenas.insert(arena.id() as u32, arena.clone());
+            }
+        }
         let blob = out.share_shm().map_err(|source| Error::Shm {
             source,
             from_peer: false,
@@ -187,26 +224,48 @@ impl<M: Owned> MsgChannel<M> {
             frame[HEADER_LEN..].copy_from_slice(blob.as_bytes());
             self.chan.send(&frame, fd).map_err(Error::from)
         });
-        if r.is_err() {
-            // The handle never left: give its reference back.
-            let _ = arena.release_blob(&blob);
+        match r {
+            Ok(()) => {
+                let end = self.chan.bytes_written() + self.chan.queued_bytes() as u64;
+                if end > self.chan.bytes_written() {
+                    self.inflight.push_back((end, blob, arena));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The handle never left: give its reference back.
+                let _ = arena.release_blob(&blob);
+                Err(e)
+            }
         }
-        r
     }
 
-    /// Sends the fd of every pool of `arena` the peer has not been told of yet.
+    /// Sends the fd of every pool of `arena` this process knows and the peer has not been told
+    /// of yet (so every pool a handle of ours can point into), before the handle.
     fn announce_pools(&mut self, arena: &Arena) -> Result<(), Error> {
-        let known = arena.known_pools();
-        let done = self.announced.get(&arena.id()).copied().unwrap_or(0);
-        for id in done..known {
-            if let Some(fd) = arena.pool_fd(id) {
-                let mut frame = [0u8; HEADER_LEN + 16];
-                frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_POOL));
-                frame[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&arena.id().to_le_bytes());
-                frame[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&id.to_le_bytes());
-                self.chan.send(&frame, Some(fd))?;
+        let bits = self.announced.entry(arena.id()).or_default();
+        let announced: u32 = bits.iter().map(|w| w.count_ones()).sum();
+        if announced == arena.pool_count() {
+            return Ok(());
+        }
+        for id in arena.pool_ids() {
+            let (word, bit) = (id as usize / 64, 1u64 << (id % 64));
+            let bits = self.announced.entry(arena.id()).or_default();
+            if bits.len() <= word {
+                bits.resize(word + 1, 0);
             }
-            self.announced.insert(arena.id(), id + 1);
+            if bits[word] & bit != 0 {
+                continue;
+            }
+            let Some(fd) = arena.pool_fd(id) else {
+                continue;
+            };
+            let mut frame = [0u8; HEADER_LEN + 16];
+            frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_POOL));
+            frame[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&arena.id().to_le_bytes());
+            frame[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&id.to_le_bytes());
+            self.chan.send(&frame, Some(fd))?;
+            self.announced.entry(arena.id()).or_default()[word] |= bit;
         }
         Ok(())
     }
@@ -314,6 +373,23 @@ impl<M: Owned> MsgChannel<M> {
     }
 }
 
+impl<M: Owned> Drop for MsgChannel<M> {
+    fn drop(&mut self) {
+        // Handles the peer sent that will never be read here hold references: take in what has
+        // arrived (bounded) and drop it, so the peer's memory is freed. Then give back the
+        // references of our own handles that never left.
+        if !self.hosed {
+            for _ in 0..100_000 {
+                match self.try_recv() {
+                    Ok(Some(msg)) => drop(msg),
+                    _ => break,
+                }
+            }
+        }
+        self.release_unwritten();
+    }
+}
+
 fn peer(source: crate::shm::Error) -> Error {
     Error::Shm {
         source,
@@ -337,6 +413,9 @@ fn heap_segments(buf: &AlignedBuf) -> Result<Vec<(usize, usize)>, Error> {
     }
     let table = (4 * (count + 1)).next_multiple_of(8);
     let mut at = HEADER_LEN + table;
+    if at > buf.len() {
+        return Err(Error::BadMessage("segment table cut short"));
+    }
     let mut segs = Vec::with_capacity(count);
     for i in 0..count {
         let words = word(1 + i).ok_or(Error::BadMessage("segment table cut short"))? as usize;

@@ -51,8 +51,8 @@ use capnp::traits::Owned;
 
 pub use self::channel::{Backing, MsgChannel};
 pub use self::error::Error;
+pub use crate::shm::segments::SegmentSizes;
 use crate::shm::segments::{OutMsg, ShmSegments};
-pub use crate::shm::segments::{SegAlloc, SegmentSizes};
 use crate::shm::Arena;
 use crate::transport::AlignedBuf;
 
@@ -116,10 +116,12 @@ impl<M: Owned> MsgOut<M> {
         self.inner.builder().get_root_as_reader::<M::Reader<'_>>()
     }
 
-    /// The underlying capnp builder, for orphanage and other advanced use (copy-on-write if
-    /// shared).
-    pub fn builder_mut(&mut self) -> &mut capnp::message::Builder<SegAlloc> {
-        self.inner.builder_mut()
+    /// Sets the root to a deep copy of `value` (copy-on-write if shared).
+    pub fn set_root(&mut self, value: M::Reader<'_>) -> capnp::Result<()>
+    where
+        for<'a> M::Reader<'a>: capnp::traits::SetterInput<M>,
+    {
+        self.inner.builder_mut().set_root::<M>(value)
     }
 
     /// Whether the segments are in shared memory (sent in place).

@@ -70,6 +70,7 @@ impl Default for SegmentSizes {
 pub struct HeapSeg {
     ptr: NonNull<u64>,
     words: usize,
+    layout: Layout,
 }
 
 // SAFETY: a HeapSeg is an owned buffer (like a `Box<[u64]>`); the pointer is not aliased by any
@@ -84,24 +85,24 @@ unsafe impl Sync for HeapSeg {}
 impl HeapSeg {
     fn zeroed(words: usize) -> HeapSeg {
         let words = words.max(1);
-        let layout = Layout::array::<u64>(words).unwrap_or_else(|_| Layout::new::<u64>());
+        let Ok(layout) = Layout::array::<u64>(words) else {
+            // Unreachable on 64-bit (capnp asks for at most 2^32 words); like a failed
+            // allocation elsewhere, it ends the process rather than hand out a short buffer.
+            std::alloc::handle_alloc_error(Layout::new::<u64>())
+        };
         // SAFETY: the layout has non-zero size (words >= 1).
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw.cast::<u64>()) else {
             std::alloc::handle_alloc_error(layout)
         };
-        HeapSeg { ptr, words }
-    }
-
-    fn layout(&self) -> Layout {
-        Layout::array::<u64>(self.words).unwrap_or_else(|_| Layout::new::<u64>())
+        HeapSeg { ptr, words, layout }
     }
 }
 
 impl Drop for HeapSeg {
     fn drop(&mut self) {
         // SAFETY: allocated in `zeroed` with this very layout, freed once (here).
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout()) }
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) }
     }
 }
 
@@ -128,9 +129,14 @@ enum Mem {
 struct Seg {
     ptr: NonNull<u8>,
     words: u32,
-    mem: Mem,
-    /// Handed back by capnp (`deallocate_segment` ran).
-    gone: bool,
+    /// `None` once capnp handed the segment back (`deallocate_segment` ran).
+    mem: Option<Mem>,
+}
+
+impl Seg {
+    fn live(&self) -> bool {
+        self.mem.is_some()
+    }
 }
 
 /// What the allocator and its message share.
@@ -211,8 +217,7 @@ unsafe impl Allocator for SegAlloc {
         lock(&self.list).segs.push(Seg {
             ptr,
             words,
-            mem,
-            gone: false,
+            mem: Some(mem),
         });
         (ptr, words)
     }
@@ -220,11 +225,14 @@ unsafe impl Allocator for SegAlloc {
     unsafe fn deallocate_segment(&mut self, ptr: NonNull<u8>, _word_size: u32, words_used: u32) {
         let mut list = lock(&self.list);
         let published = list.published;
-        let Some(seg) = list.segs.iter_mut().find(|s| s.ptr == ptr && !s.gone) else {
+        let Some(mem) = list
+            .segs
+            .iter_mut()
+            .find(|s| s.ptr == ptr && s.live())
+            .and_then(|s| s.mem.take())
+        else {
             return;
         };
-        seg.gone = true;
-        let mem = std::mem::replace(&mut seg.mem, Mem::Heap(Arc::new(HeapSeg::zeroed(0))));
         drop(list);
         match mem {
             // A table owns it now; its last reference frees it.
@@ -412,6 +420,10 @@ impl Drop for SegTable {
         if n <= MAX_SEGMENTS && T_ENTRIES + n as u64 * T_ENTRY <= cap {
             for i in 0..n as u64 {
                 let (r, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
+                // An entry naming the table itself (corrupt) must not free it mid-walk.
+                if r.pool == self.pool && r.offset == p {
+                    continue;
+                }
                 if let Ok((_, off)) = segment(&self.arena, r, used) {
                     if let Some(seg_pool) = self.arena.pool(r.pool) {
                         seg_pool.zero(r.offset, used);
@@ -446,9 +458,9 @@ impl Arena {
         Ok(ShmSegments { table, segs })
     }
 
-    /// One more than the highest pool id this process knows (pools 0..n may need announcing).
-    pub(crate) fn known_pools(&self) -> u32 {
-        self.pools().map(|p| p.id() + 1).max().unwrap_or(0)
+    /// Number of pools this process knows (cheap: a scan of at most the known range).
+    pub(crate) fn pool_count(&self) -> u32 {
+        self.pools().count() as u32
     }
 }
 
@@ -585,10 +597,12 @@ impl OutMsg {
                 return true;
             }
         }
-        lock(&self.list)
-            .segs
-            .iter()
-            .any(|s| matches!(&s.mem, Mem::Heap(a) if Arc::strong_count(a) > 1))
+        // `Arc::get_mut` (unlike `strong_count`) synchronizes with the other holders' drops, so
+        // their reads happen before any write the caller makes after seeing `false`.
+        lock(&self.list).segs.iter_mut().any(|s| match &mut s.mem {
+            Some(Mem::Heap(a)) => Arc::get_mut(a).is_none(),
+            _ => false,
+        })
     }
 
     /// Replaces the message by a private deep copy (its old segments stay with their readers).
@@ -644,19 +658,24 @@ impl OutMsg {
             }
             let out = self.builder.get_segments_for_output();
             let list = lock(&self.list);
-            let mut live = list.segs.iter().filter(|s| !s.gone);
+            let mut live = list.segs.iter().filter(|s| s.live());
             if out.len() > MAX_SEGMENTS {
                 return Err(Error::Corrupt("too many segments"));
             }
             let mut entries = out.iter().map(|bytes| match live.next() {
                 Some(Seg {
-                    mem: Mem::Shm(r),
+                    mem: Some(Mem::Shm(r)),
                     ptr,
                     ..
                 }) if std::ptr::eq(ptr.as_ptr(), bytes.as_ptr()) => Ok((*r, bytes.len() as u64)),
                 _ => Err(Error::Corrupt("segment list out of step with the builder")),
             });
             let table = SegTable::create(&arena, out.len(), &mut entries)?;
+            drop(entries);
+            if live.next().is_some() {
+                drop(table);
+                return Err(Error::Corrupt("segment list out of step with the builder"));
+            }
             drop(list);
             lock(&self.list).published = true;
             self.table = Some(table);
@@ -676,12 +695,22 @@ impl OutMsg {
         }
         let out = self.builder.get_segments_for_output();
         let list = lock(&self.list);
+        let mut live = list.segs.iter().filter(|s| s.live());
         let mut parts = Vec::with_capacity(out.len());
-        for (seg, bytes) in list.segs.iter().filter(|s| !s.gone).zip(out.iter()) {
-            match &seg.mem {
-                Mem::Heap(a) => parts.push((a.clone(), bytes.len())),
-                Mem::Shm(_) => return Err(Error::Corrupt("heap message with an arena segment")),
+        for bytes in out.iter() {
+            match live.next() {
+                Some(Seg {
+                    mem: Some(Mem::Heap(a)),
+                    ptr,
+                    ..
+                }) if std::ptr::eq(ptr.as_ptr(), bytes.as_ptr()) => {
+                    parts.push((a.clone(), bytes.len()))
+                }
+                _ => return Err(Error::Corrupt("segment list out of step with the builder")),
             }
+        }
+        if live.next().is_some() {
+            return Err(Error::Corrupt("segment list out of step with the builder"));
         }
         Ok(parts)
     }
@@ -696,7 +725,7 @@ impl OutMsg {
         lock(&self.list)
             .segs
             .iter()
-            .filter(|s| !s.gone)
+            .filter(|s| s.live())
             .map(|s| s.words as u64)
             .sum()
     }

@@ -634,6 +634,8 @@ pub struct Channel {
     ended: bool,
     /// The END frame is written and the socket shut down for writing.
     send_done: bool,
+    /// Bytes written to the socket so far (headers included).
+    written: u64,
     last_tx: Instant,
     last_rx: Instant,
 }
@@ -693,6 +695,7 @@ impl Channel {
             hosed: false,
             ended: false,
             send_done: false,
+            written: 0,
             last_tx: now,
             last_rx: now,
         })
@@ -845,6 +848,7 @@ impl Channel {
                 Ok(0) => break,
                 Ok(n) => {
                     written += n;
+                    self.written += n as u64;
                     cur.advance(&all, n);
                     done = written >= total;
                     self.note_tx();
@@ -1000,6 +1004,7 @@ impl Channel {
                     if n > 0 {
                         self.note_tx();
                     }
+                    self.written += n as u64;
                     if self.tx.consume(n) {
                         self.finish_sending();
                     }
@@ -1013,6 +1018,14 @@ impl Channel {
     /// Bytes waiting in the send queue (pings and the end frame included).
     pub fn queued_bytes(&self) -> usize {
         self.tx.bytes
+    }
+
+    /// Bytes written to the socket since the channel was made (frame headers included). Right
+    /// after a frame is accepted by a send, it ends at `bytes_written() + queued_bytes()`: once
+    /// `bytes_written()` reaches that position, the whole frame is in the kernel's hands. (A
+    /// layer above uses this to know which of its frames never left.)
+    pub fn bytes_written(&self) -> u64 {
+        self.written
     }
 
     /// Whether the send queue is not empty: poll for writability and call
