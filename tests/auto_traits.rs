@@ -15,6 +15,14 @@ assert_impl_all!(BlockRef: Send, Sync, Copy, Eq, std::hash::Hash);
 assert_impl_all!(Stats: Send, Sync, Copy, Eq);
 assert_impl_all!(Error: Send, Sync, std::error::Error);
 
+// Messages: an out-message and a channel move between threads; an in-message too (its capnp
+// reader counts traversal in a `Cell`, so it is not `Sync`).
+type Root = flowipc::schemas::test_msgs_capnp::cool_msg::Owned;
+assert_impl_all!(flowipc::msg::MsgOut<Root>: Send, Sync, std::fmt::Debug);
+assert_impl_all!(flowipc::msg::MsgIn<Root>: Send, std::fmt::Debug);
+assert_impl_all!(flowipc::msg::MsgChannel<Root>: Send, std::fmt::Debug);
+assert_impl_all!(flowipc::msg::Error: Send, Sync, std::error::Error);
+
 #[test]
 fn a_lend_blob_is_32_bytes_and_errors_read_well() {
     assert_eq!(std::mem::size_of::<LendBlob>(), 32);

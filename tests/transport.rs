@@ -760,3 +760,43 @@ fn async_channels_echo_across_processes_and_report_death_once() {
         );
     });
 }
+
+/// A channel over a socket bound at a file-system path (in a directory of this test's own,
+/// removed afterwards even if the test fails).
+#[test]
+fn channels_connect_to_a_path() {
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(format!(
+        "flowipc-transport-path-{}-{:?}",
+        std::process::id(),
+        Instant::now()
+    )));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let path = dir.0.join("sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut client = Channel::connect(&path, ChannelConfig::new()).unwrap();
+    let (stream, _) = listener.accept().unwrap();
+    let mut server = Channel::from_stream(stream, ChannelConfig::new()).unwrap();
+    client.send(b"over a path", None).unwrap();
+    assert_eq!(
+        &*server.recv_blocking(WAIT).unwrap().unwrap().payload,
+        b"over a path"
+    );
+    server.send(b"and back", None).unwrap();
+    assert_eq!(
+        &*client.recv_blocking(WAIT).unwrap().unwrap().payload,
+        b"and back"
+    );
+    // Connecting where no one listens is an error value, not a panic.
+    drop(listener);
+    std::fs::remove_file(&path).unwrap();
+    assert!(matches!(
+        Channel::connect(&path, ChannelConfig::new()),
+        Err(Error::Io(_))
+    ));
+}
