@@ -310,16 +310,7 @@ pub fn try_send_vectored(
                 flat[at..at + b.len()].copy_from_slice(b);
                 at += b.len();
             }
-            loop {
-                match nix::sys::socket::send(
-                    sock.as_raw_fd(),
-                    &flat[..total],
-                    MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-                ) {
-                    Err(Errno::EINTR) => continue,
-                    r => return r.map_err(io_err),
-                }
-            }
+            return try_send(sock, &flat[..total]);
         }
     }
     let raw: [RawFd; 1] = [fd.map_or(-1, |f| f.as_raw_fd())];
@@ -341,7 +332,23 @@ pub fn try_send_vectored(
 }
 
 /// Frames up to this many bytes without an fd are copied into one buffer and sent with `send`.
-const SMALL_SEND: usize = 256;
+pub const SMALL_SEND: usize = 256;
+
+/// Sends `buf` without blocking (`MSG_DONTWAIT`) and without `SIGPIPE` (`MSG_NOSIGNAL`).
+/// Returns the bytes sent; fails with [`io::ErrorKind::WouldBlock`] if none could be. Retries
+/// on `EINTR`.
+pub fn try_send(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        match nix::sys::socket::send(
+            sock.as_raw_fd(),
+            buf,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Err(Errno::EINTR) => continue,
+            r => return r.map_err(io_err),
+        }
+    }
+}
 
 /// Most slices one [`try_send_vectored`] call passes to the kernel (Linux's `UIO_MAXIOV`).
 pub const IOV_MAX: usize = 1024;

@@ -12,7 +12,7 @@
 //!
 //! A `SHM` or `HEAP` frame may carry one fd of the user's.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,13 +48,13 @@ pub struct MsgChannel<M: Owned> {
     chan: Channel,
     backing: Backing,
     /// Per arena id: which pool ids have been announced to the peer (a bit each).
-    announced: HashMap<u64, Vec<u64>>,
+    announced: SmallMap<u64, Vec<u64>>,
     /// Handles lent for frames not yet wholly written to the socket: (stream position where the
     /// frame ends, the handle, its arena). If the channel is hosed or dropped before a frame is
     /// written, the peer can never borrow it: its reference is given back.
     inflight: VecDeque<(u64, LendBlob, Arena)>,
     /// Arenas whose handles we accept, by the 32-bit tag blobs carry.
-    arenas: HashMap<u32, Arena>,
+    arenas: SmallMap<u32, Arena>,
     next_id: u64,
     hosed: bool,
     _root: std::marker::PhantomData<fn() -> M>,
@@ -73,14 +73,14 @@ impl<M: Owned> std::fmt::Debug for MsgChannel<M> {
 impl<M: Owned> MsgChannel<M> {
     /// Takes over `chan`; new messages use `backing`.
     pub fn new(chan: Channel, backing: Backing) -> Self {
-        let mut arenas = HashMap::new();
+        let mut arenas = SmallMap::default();
         if let Backing::Shm(a) = &backing {
             arenas.insert(a.id() as u32, a.clone());
         }
         MsgChannel {
             chan,
             backing,
-            announced: HashMap::new(),
+            announced: SmallMap::default(),
             inflight: VecDeque::new(),
             arenas,
             next_id: 1,
@@ -243,14 +243,14 @@ impl<M: Owned> MsgChannel<M> {
     /// Sends the fd of every pool of `arena` this process knows and the peer has not been told
     /// of yet (so every pool a handle of ours can point into), before the handle.
     fn announce_pools(&mut self, arena: &Arena) -> Result<(), Error> {
-        let bits = self.announced.entry(arena.id()).or_default();
+        let bits = self.announced.get_or_default(arena.id());
         let announced: u32 = bits.iter().map(|w| w.count_ones()).sum();
         if announced == arena.pool_count() {
             return Ok(());
         }
         for id in arena.pool_ids() {
             let (word, bit) = (id as usize / 64, 1u64 << (id % 64));
-            let bits = self.announced.entry(arena.id()).or_default();
+            let bits = self.announced.get_or_default(arena.id());
             if bits.len() <= word {
                 bits.resize(word + 1, 0);
             }
@@ -265,7 +265,7 @@ impl<M: Owned> MsgChannel<M> {
             frame[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&arena.id().to_le_bytes());
             frame[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&id.to_le_bytes());
             self.chan.send(&frame, Some(fd))?;
-            self.announced.entry(arena.id()).or_default()[word] |= bit;
+            self.announced.get_or_default(arena.id())[word] |= bit;
         }
         Ok(())
     }
@@ -387,6 +387,44 @@ impl<M: Owned> Drop for MsgChannel<M> {
             }
         }
         self.release_unwritten();
+    }
+}
+
+/// A map for the handful of arenas one channel sees: a scan of a few entries costs less than
+/// hashing on every message.
+#[derive(Debug)]
+struct SmallMap<K, V>(Vec<(K, V)>);
+
+impl<K, V> Default for SmallMap<K, V> {
+    fn default() -> Self {
+        SmallMap(Vec::new())
+    }
+}
+
+impl<K: PartialEq + Copy, V> SmallMap<K, V> {
+    fn get(&self, key: &K) -> Option<&V> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        match self.0.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => *v = value,
+            None => self.0.push((key, value)),
+        }
+    }
+
+    fn get_or_default(&mut self, key: K) -> &mut V
+    where
+        V: Default,
+    {
+        let i = match self.0.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                self.0.push((key, V::default()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[i].1
     }
 }
 

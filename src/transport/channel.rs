@@ -823,6 +823,47 @@ impl Channel {
         }
 
         // The queue is empty: write right away (usually one `sendmsg`).
+        let small = match &payload {
+            Payload::Borrowed(parts) if fd.is_none() && total <= sys::SMALL_SEND => Some(*parts),
+            _ => None,
+        };
+        if let Some(parts) = small {
+            // Small and fd-less (the common control message): one contiguous copy on the stack,
+            // one `send`, no allocation.
+            let mut flat = [0u8; sys::SMALL_SEND];
+            flat[..HEADER_LEN].copy_from_slice(&header);
+            let mut at = HEADER_LEN;
+            for p in parts {
+                flat[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            match sys::try_send(self.sock.as_fd(), &flat[..total]) {
+                Ok(n) => {
+                    self.written += n as u64;
+                    if n > 0 {
+                        self.note_tx();
+                    }
+                    if n == total {
+                        if kind == Kind::End {
+                            self.finish_sending();
+                        }
+                        return Ok(());
+                    }
+                    if n > 0 {
+                        // Partly out: the rest is queued (it can no longer be refused).
+                        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+                        all.push(&header);
+                        all.extend_from_slice(parts);
+                        let mut cur = Cursor::default();
+                        cur.advance(&all, n);
+                        drop(all);
+                        return self.enqueue(header, payload, None, cur, kind);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(self.hose(Error::from_io(e))),
+            }
+        }
         let mut all: Vec<&[u8]> = Vec::with_capacity(1 + payload.count());
         all.push(&header);
         match &payload {
