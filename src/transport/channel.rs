@@ -679,8 +679,9 @@ impl Channel {
 
     /// Wraps a connected Unix stream socket.
     ///
-    /// The socket is put in *blocking* mode, yet no call but [`recv_blocking`]
-    /// (Channel::recv_blocking) ever waits: every other read and write passes `MSG_DONTWAIT`.
+    /// The socket is put in *blocking* mode, yet no call but
+    /// [`recv_blocking`](Channel::recv_blocking) ever waits: every other read and write passes
+    /// `MSG_DONTWAIT`.
     /// That lets `recv_blocking` with no time limit wait inside one `recvmsg` (one system call
     /// per frame, like a plain blocking read) instead of a failed read, `poll` and a read. Put the
     /// fd in your own poll loop as usual: readiness is the same in either mode.
