@@ -214,10 +214,10 @@ pub struct MsgIn<M: Owned> {
 
 impl<M: Owned> MsgIn<M> {
     pub(crate) fn new(segs: InSegs, fd: Option<OwnedFd>) -> Self {
-        let words: usize = (0..segs.len() as u32)
-            .filter_map(|i| segs.get_segment(i))
-            .map(|s| s.len() / 8)
-            .sum();
+        let words = match &segs {
+            InSegs::Shm(s) => s.total_words(),
+            InSegs::Heap { segs, .. } => segs.iter().map(|s| s.1 / 8).sum(),
+        };
         let mut opts = ReaderOptions::new();
         opts.traversal_limit_in_words(Some(words.saturating_mul(8).max(8 << 20)));
         MsgIn {
