@@ -7,6 +7,9 @@
 //! re-sends it (a cached file): zero-copy, that costs a handle on the socket; copying, all N
 //! bytes go through the socket.
 //!
+//! Zero-copy sizes and the raw floor are sampled in round-robin blocks after a warm-up of every
+//! size; copying is measured after them.
+//!
 //! Run: `cargo run --release --example perf_demo` (both processes are pinned to vCPU 0 by
 //! default; `FLOWIPC_PIN=split` puts them on different vCPUs, `none` leaves them to the
 //! scheduler; `FLOWIPC_DEMO_QUICK=1` runs fewer rounds).
@@ -46,70 +49,84 @@ fn main() {
         "flowipc perf demo: request -> response of N bytes in 16 KiB parts (pinning: {:?})",
         peer::Pin::from_env()
     );
-    // The floor and the small zero-copy round trip are sampled in alternating blocks, so that
-    // a noisy neighbour (this is a shared VM) hits both alike.
-    client.sample(Some(true), 1 << 10, 100);
-    let (mut raw, mut small) = (Vec::new(), Vec::new());
-    for _ in 0..if quick { 4 } else { 20 } {
-        raw.extend(client.sample(None, 0, 200));
-        small.extend(client.sample(Some(true), 1 << 10, 200));
+    let sizes = [1 << 10, 64 << 10, 1 << 20, 64 << 20, 1 << 30];
+    // Zero-copy first: warm every size up (the server builds and caches each response, pages
+    // get mapped), then sample the floor and every size in round-robin blocks, so that a noisy
+    // neighbour (this is a shared VM) and the memory churn of building 1 GiB hit all alike.
+    for &size in &sizes {
+        client.sample(Some(true), size, 3);
+    }
+    let rounds = if quick { 4 } else { 20 };
+    let mut raw = Vec::new();
+    let mut zc: Vec<Vec<Duration>> = vec![Vec::new(); sizes.len()];
+    for _ in 0..rounds {
+        raw.extend(client.sample(None, 0, 100));
+        for (i, &size) in sizes.iter().enumerate() {
+            zc[i].extend(client.sample(Some(true), size, 100));
+        }
     }
     let raw = median(raw);
-    let small = median(small);
+    let zc: Vec<Duration> = zc.into_iter().map(median).collect();
+    // Then copying, which moves every byte through the socket (few rounds at the big sizes).
+    let heap: Vec<Duration> = sizes
+        .iter()
+        .map(|&size| {
+            let n = match size {
+                s if s <= 1 << 20 => {
+                    if quick {
+                        50
+                    } else {
+                        300
+                    }
+                }
+                s if s <= 64 << 20 => {
+                    if quick {
+                        3
+                    } else {
+                        15
+                    }
+                }
+                _ => {
+                    if quick {
+                        2
+                    } else {
+                        5
+                    }
+                }
+            };
+            client.sample(Some(false), size, 1);
+            median(client.sample(Some(false), size, n))
+        })
+        .collect();
+
     println!("raw 64 B Unix-socket ping-pong (the floor): {}\n", fmt(raw));
     println!(
         "{:>8} | {:>12} | {:>12} | {:>16} | {:>12}",
         "size", "zero-copy", "copying", "copying/zero-copy", "zc/raw floor"
     );
     println!("{}", "-".repeat(74));
-    let sizes = [1 << 10, 64 << 10, 1 << 20, 64 << 20, 1 << 30];
-    let mut zc_small = None;
-    let mut zc_big = None;
-    let mut ratio_big = None;
-    for &size in &sizes {
-        let (zn, hn) = match size {
-            s if s <= 1 << 20 => (if quick { 100 } else { 1000 }, if quick { 50 } else { 300 }),
-            s if s <= 64 << 20 => (if quick { 50 } else { 300 }, if quick { 3 } else { 15 }),
-            _ => (if quick { 20 } else { 100 }, if quick { 2 } else { 5 }),
-        };
-        // Each mode warms up right before it is sampled (the server builds and caches its
-        // response, pages get mapped), so that the aftermath of a big copy (freeing a 1 GiB
-        // buffer) does not land in the zero-copy samples.
-        let zc = if size == 1 << 10 {
-            small
-        } else {
-            client.sample(Some(true), size, 3);
-            median(client.sample(Some(true), size, zn))
-        };
-        client.sample(Some(false), size, 1);
-        let heap = median(client.sample(Some(false), size, hn));
-        let ratio = heap.as_secs_f64() / zc.as_secs_f64();
+    for (i, &size) in sizes.iter().enumerate() {
         println!(
             "{:>8} | {:>12} | {:>12} | {:>16} | {:>12}",
             label(size),
-            fmt(zc),
-            fmt(heap),
-            format!("{ratio:.1}x"),
-            format!("{:.2}x", zc.as_secs_f64() / raw.as_secs_f64())
-        );
-        if size == 1 << 10 {
-            zc_small = Some(zc);
-        }
-        if size == 1 << 30 {
-            zc_big = Some(zc);
-            ratio_big = Some(ratio);
-        }
-    }
-    if let (Some(small), Some(big), Some(ratio)) = (zc_small, zc_big, ratio_big) {
-        println!();
-        println!(
-            "zero-copy RTT, 1 GiB vs 1 KiB: {:.2}x (goal <= 1.5x)",
-            big.as_secs_f64() / small.as_secs_f64()
-        );
-        println!("copying vs zero-copy at 1 GiB: {ratio:.0}x (goal >= 1000x)");
-        println!(
-            "zero-copy 1 KiB vs raw 64 B ping-pong: {:.2}x (goal <= 1.2x)",
-            small.as_secs_f64() / raw.as_secs_f64()
+            fmt(zc[i]),
+            fmt(heap[i]),
+            format!("{:.1}x", heap[i].as_secs_f64() / zc[i].as_secs_f64()),
+            format!("{:.2}x", zc[i].as_secs_f64() / raw.as_secs_f64())
         );
     }
+    let last = sizes.len() - 1;
+    println!();
+    println!(
+        "zero-copy RTT, 1 GiB vs 1 KiB: {:.2}x (goal <= 1.5x)",
+        zc[last].as_secs_f64() / zc[0].as_secs_f64()
+    );
+    println!(
+        "copying vs zero-copy at 1 GiB: {:.0}x (goal >= 1000x)",
+        heap[last].as_secs_f64() / zc[last].as_secs_f64()
+    );
+    println!(
+        "zero-copy 1 KiB vs raw 64 B ping-pong: {:.2}x (goal <= 1.2x)",
+        zc[0].as_secs_f64() / raw.as_secs_f64()
+    );
 }
