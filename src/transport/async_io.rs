@@ -420,6 +420,11 @@ mod tests {
         }
         let (tx, rx) = mpsc::channel();
         a.async_end_sending(move |r| tx.send(r).unwrap());
+        // The handler may still hold the reference it upgraded to answer "ping" for a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while Arc::strong_count(&a) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let a = Arc::try_unwrap(a).ok();
         assert!(a.is_some(), "only this test holds the channel now");
         drop(a);

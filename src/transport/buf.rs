@@ -10,16 +10,45 @@ use crate::sys;
 
 /// Bytes whose start is 8-byte aligned: a received frame's payload.
 ///
-/// The bytes live in a `Vec<u64>`, so [`as_words`](AlignedBuf::as_words) can hand them to
+/// The bytes live in `u64` words, so [`as_words`](AlignedBuf::as_words) can hand them to
 /// readers that need aligned words (a Cap'n Proto reader over a segment does). The last word is
-/// zero-padded past [`len`](AlignedBuf::len).
-#[derive(Clone, Default, PartialEq, Eq)]
+/// zero-padded past [`len`](AlignedBuf::len). Up to [`AlignedBuf::INLINE`] bytes are kept inline
+/// (a message handle or a small control frame costs no allocation).
+#[derive(Clone)]
 pub struct AlignedBuf {
-    words: Vec<u64>,
+    store: Store,
     len: usize,
 }
 
+#[derive(Clone)]
+enum Store {
+    Inline([u64; INLINE_WORDS]),
+    Heap(Vec<u64>),
+}
+
+const INLINE_WORDS: usize = 8;
+
+impl Default for AlignedBuf {
+    fn default() -> Self {
+        AlignedBuf {
+            store: Store::Inline([0; INLINE_WORDS]),
+            len: 0,
+        }
+    }
+}
+
+impl PartialEq for AlignedBuf {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for AlignedBuf {}
+
 impl AlignedBuf {
+    /// Bytes kept inline, without a heap allocation.
+    pub const INLINE: usize = INLINE_WORDS * 8;
+
     /// An empty buffer (allocates nothing).
     pub fn new() -> Self {
         Self::default()
@@ -28,18 +57,34 @@ impl AlignedBuf {
     /// `len` zero bytes, or `None` if the memory cannot be allocated. Large buffers are fresh
     /// zero pages: nothing is written until the caller writes.
     pub fn try_zeroed(len: usize) -> Option<Self> {
+        if len <= Self::INLINE {
+            return Some(AlignedBuf {
+                store: Store::Inline([0; INLINE_WORDS]),
+                len,
+            });
+        }
         let words = sys::try_zeroed_words(len.div_ceil(8))?;
-        Some(AlignedBuf { words, len })
+        Some(AlignedBuf {
+            store: Store::Heap(words),
+            len,
+        })
     }
 
     /// A copy of `bytes`, aligned.
     pub fn from_slice(bytes: &[u8]) -> Self {
-        let mut words = vec![0u64; bytes.len().div_ceil(8)];
-        sys::words_as_bytes_mut(&mut words)[..bytes.len()].copy_from_slice(bytes);
-        AlignedBuf {
-            words,
-            len: bytes.len(),
-        }
+        let mut buf = if bytes.len() <= Self::INLINE {
+            AlignedBuf {
+                store: Store::Inline([0; INLINE_WORDS]),
+                len: bytes.len(),
+            }
+        } else {
+            AlignedBuf {
+                store: Store::Heap(vec![0u64; bytes.len().div_ceil(8)]),
+                len: bytes.len(),
+            }
+        };
+        buf.as_bytes_mut().copy_from_slice(bytes);
+        buf
     }
 
     /// Length in bytes.
@@ -55,22 +100,36 @@ impl AlignedBuf {
     /// The bytes as native-endian words; the last one is zero-padded when the length is not a
     /// multiple of 8.
     pub fn as_words(&self) -> &[u64] {
-        &self.words
+        match &self.store {
+            Store::Inline(w) => &w[..self.len.div_ceil(8)],
+            Store::Heap(w) => w,
+        }
+    }
+
+    fn as_words_mut(&mut self) -> &mut [u64] {
+        match &mut self.store {
+            Store::Inline(w) => &mut w[..self.len.div_ceil(8)],
+            Store::Heap(w) => w,
+        }
     }
 
     /// The bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &sys::words_as_bytes(&self.words)[..self.len]
+        &sys::words_as_bytes(self.as_words())[..self.len]
     }
 
     /// The bytes, writable.
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
-        &mut sys::words_as_bytes_mut(&mut self.words)[..self.len]
+        let len = self.len;
+        &mut sys::words_as_bytes_mut(self.as_words_mut())[..len]
     }
 
     /// The words, giving up the byte length (see [`as_words`](AlignedBuf::as_words)).
     pub fn into_words(self) -> Vec<u64> {
-        self.words
+        match self.store {
+            Store::Inline(w) => w[..self.len.div_ceil(8)].to_vec(),
+            Store::Heap(w) => w,
+        }
     }
 }
 
