@@ -362,7 +362,7 @@ impl SegTable {
     }
 
     /// Copies the entries out of the table (one sequential read), unvalidated.
-    fn entries(&self) -> Result<Vec<SegSlot>> {
+    fn entries(&self) -> Result<Slots> {
         let pool = self.pool();
         let p = self.payload();
         let (_, capacity) = pool.block_at(self.off)?;
@@ -372,16 +372,20 @@ impl SegTable {
                 "segment table empty or longer than its block",
             ));
         }
-        Ok((0..n)
-            .map(|i| {
-                let (at, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
-                SegSlot {
-                    at,
-                    used,
-                    resolved: OnceLock::new(),
-                }
-            })
-            .collect())
+        let slot = |i: u64| {
+            let (at, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
+            SegSlot {
+                at,
+                used,
+                resolved: OnceLock::new(),
+            }
+        };
+        Ok(if n == 1 {
+            // The common small message: no allocation.
+            Slots::One([slot(0)])
+        } else {
+            Slots::Many((0..n).map(slot).collect())
+        })
     }
 }
 
@@ -479,7 +483,23 @@ impl Arena {
 /// segment that fails validation reads as missing, which capnp reports as an error.
 pub struct ShmSegments {
     table: SegTable,
-    segs: Vec<SegSlot>,
+    segs: Slots,
+}
+
+/// The slots of a received message: inline for one segment.
+enum Slots {
+    One([SegSlot; 1]),
+    Many(Vec<SegSlot>),
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [SegSlot];
+    fn deref(&self) -> &[SegSlot] {
+        match self {
+            Slots::One(s) => s,
+            Slots::Many(v) => v,
+        }
+    }
 }
 
 /// One table entry as received, and where it resolved to (address and length), once checked.
