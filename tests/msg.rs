@@ -502,7 +502,7 @@ fn handle_of_an_arena_never_announced() {
 
 #[test]
 fn garbage_message_frames() {
-    let cases: [(&[u8], &str); 5] = [
+    let cases: [(&[u8], &str); 6] = [
         (b"short", "frame shorter than the message header"),
         (&[9; 24], "reserved header bytes are not zero"),
         (
@@ -513,9 +513,15 @@ fn garbage_message_frames() {
         ),
         (
             &[
-                1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
             ],
             "pool announcement without its fd",
+        ),
+        (
+            &[
+                2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ],
+            "message id 0, or a control frame with an id",
         ),
         (
             &[

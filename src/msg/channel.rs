@@ -29,6 +29,17 @@ pub(crate) const HEADER_LEN: usize = 24;
 const KIND_POOL: u8 = 1;
 const KIND_SHM: u8 = 2;
 const KIND_HEAP: u8 = 3;
+const KIND_NOTICE: u8 = 4;
+
+/// What a frame turned out to be, for the layers that care about more than messages.
+#[derive(Debug)]
+pub(crate) enum Incoming<M: Owned> {
+    /// A message.
+    Msg(MsgIn<M>),
+    /// The peer's notice that a message we sent, with this id, arrived as a response nobody
+    /// expected.
+    UnexpectedResponse(u64),
+}
 
 /// Where a channel's new messages keep their segments.
 #[derive(Clone, Debug)]
@@ -150,20 +161,55 @@ impl<M: Owned> MsgChannel<M> {
         if self.hosed {
             return Err(Error::Hosed);
         }
+        self.send_answering(msg, fd, 0).map(|_| ())
+    }
+
+    /// Sends `msg` as the answer to the peer's message `answers` (0: none); returns the id the
+    /// message instance got (1, 2, 3... per channel and direction).
+    pub(crate) fn send_answering(
+        &mut self,
+        msg: &mut MsgOut<M>,
+        fd: Option<BorrowedFd<'_>>,
+        answers: u64,
+    ) -> Result<u64, Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
         self.prune_written();
-        let r = self.send_inner(msg, fd);
+        let r = self.send_inner(msg, fd, answers);
         self.hose_on(r)
     }
 
-    fn header(&mut self, kind: u8) -> [u8; HEADER_LEN] {
+    /// Tells the peer that its message `id` arrived as a response nobody expected.
+    pub(crate) fn send_unexpected_notice(&mut self, id: u64) -> Result<(), Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
+        let frame = self.header(KIND_NOTICE, id);
+        let r = self.chan.send(&frame, None).map_err(Error::from);
+        self.hose_on(r)
+    }
+
+    /// A frame header. Messages get the next id (1, 2, 3...); control frames (pool
+    /// announcements, notices) carry id 0 and take none.
+    fn header(&mut self, kind: u8, answers: u64) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0] = kind;
-        h[8..16].copy_from_slice(&self.next_id.to_le_bytes());
-        self.next_id += 1;
+        if kind == KIND_SHM || kind == KIND_HEAP {
+            h[8..16].copy_from_slice(&self.next_id.to_le_bytes());
+            self.next_id += 1;
+        }
+        h[16..24].copy_from_slice(&answers.to_le_bytes());
         h
     }
 
-    fn send_inner(&mut self, msg: &mut MsgOut<M>, fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
+    /// Sends; returns the id of the message frame.
+    fn send_inner(
+        &mut self,
+        msg: &mut MsgOut<M>,
+        fd: Option<BorrowedFd<'_>>,
+        answers: u64,
+    ) -> Result<u64, Error> {
         let out = msg.inner_mut();
         let Some(arena) = out.arena().cloned() else {
             // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen
@@ -172,7 +218,8 @@ impl<M: Owned> MsgChannel<M> {
                 source,
                 from_peer: false,
             })?;
-            let mut head = self.header(KIND_HEAP).to_vec();
+            let id = self.next_id;
+            let mut head = self.header(KIND_HEAP, answers).to_vec();
             head.extend_from_slice(&((parts.len() as u32).wrapping_sub(1)).to_le_bytes());
             for (_, used) in &parts {
                 head.extend_from_slice(&((used / 8) as u32).to_le_bytes());
@@ -196,7 +243,8 @@ impl<M: Owned> MsgChannel<M> {
                 ),
                 None => None,
             };
-            return Ok(self.chan.send_shared(shared, fd)?);
+            self.chan.send_shared(shared, fd)?;
+            return Ok(id);
         };
         match self.arenas.get(&(arena.id() as u32)) {
             // Handles carry 32 bits of the arena id: two arenas alike in those cannot share a
@@ -219,18 +267,19 @@ impl<M: Owned> MsgChannel<M> {
             from_peer: false,
         })?;
         let r = self.announce_pools(&arena).and_then(|()| {
+            let id = self.next_id;
             let mut frame = [0u8; HEADER_LEN + LendBlob::LEN];
-            frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_SHM));
+            frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_SHM, answers));
             frame[HEADER_LEN..].copy_from_slice(blob.as_bytes());
-            self.chan.send(&frame, fd).map_err(Error::from)
+            self.chan.send(&frame, fd).map_err(Error::from).map(|()| id)
         });
         match r {
-            Ok(()) => {
+            Ok(id) => {
                 let end = self.chan.bytes_written() + self.chan.queued_bytes() as u64;
                 if end > self.chan.bytes_written() {
                     self.inflight.push_back((end, blob, arena));
                 }
-                Ok(())
+                Ok(id)
             }
             Err(e) => {
                 // The handle never left: give its reference back.
@@ -261,7 +310,7 @@ impl<M: Owned> MsgChannel<M> {
                 continue;
             };
             let mut frame = [0u8; HEADER_LEN + 16];
-            frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_POOL));
+            frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_POOL, 0));
             frame[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&arena.id().to_le_bytes());
             frame[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&id.to_le_bytes());
             self.chan.send(&frame, Some(fd))?;
@@ -273,17 +322,10 @@ impl<M: Owned> MsgChannel<M> {
     /// Receives the next message if one is ready (non-blocking). `Ok(None)`: nothing yet.
     pub fn try_recv(&mut self) -> Result<Option<MsgIn<M>>, Error> {
         loop {
-            if self.hosed {
-                return Err(Error::Hosed);
-            }
-            let r = self.chan.try_recv().map_err(Error::from);
-            let frame = match self.hose_on(r)? {
-                Some(f) => f,
+            match self.next_event(Some(Duration::ZERO))? {
+                Some(Incoming::Msg(m)) => return Ok(Some(m)),
+                Some(Incoming::UnexpectedResponse(_)) => continue,
                 None => return Ok(None),
-            };
-            let r = self.accept(frame);
-            if let Some(m) = self.hose_on(r)? {
-                return Ok(Some(m));
             }
         }
     }
@@ -293,24 +335,45 @@ impl<M: Owned> MsgChannel<M> {
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<MsgIn<M>>, Error> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            match self.next_event(left)? {
+                Some(Incoming::Msg(m)) => return Ok(Some(m)),
+                Some(Incoming::UnexpectedResponse(_)) => continue,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// The next message or notice: without waiting if `timeout` is zero, else waiting up to
+    /// `timeout` (forever if `None`). `Ok(None)`: nothing within the time.
+    pub(crate) fn next_event(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<Option<Incoming<M>>, Error> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
             if self.hosed {
                 return Err(Error::Hosed);
             }
-            // The transport's wait tries a (buffered or non-blocking) read first.
-            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-            let r = self.chan.recv_blocking(left).map_err(Error::from);
-            let Some(frame) = self.hose_on(r)? else {
+            let r = if timeout == Some(Duration::ZERO) {
+                self.chan.try_recv()
+            } else {
+                // The transport's wait tries a (buffered or non-blocking) read first.
+                let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+                self.chan.recv_blocking(left)
+            };
+            let Some(frame) = self.hose_on(r.map_err(Error::from))? else {
                 return Ok(None);
             };
             let r = self.accept(frame);
-            if let Some(m) = self.hose_on(r)? {
-                return Ok(Some(m));
+            if let Some(ev) = self.hose_on(r)? {
+                return Ok(Some(ev));
             }
         }
     }
 
     /// Handles one frame: a message, or a pool announcement (`None`).
-    fn accept(&mut self, frame: Frame) -> Result<Option<MsgIn<M>>, Error> {
+    fn accept(&mut self, frame: Frame) -> Result<Option<Incoming<M>>, Error> {
         let (buf, fd) = frame.into_parts();
         if buf.len() < HEADER_LEN {
             return Err(Error::BadMessage("frame shorter than the message header"));
@@ -318,7 +381,23 @@ impl<M: Owned> MsgChannel<M> {
         if buf[1..8] != [0; 7] {
             return Err(Error::BadMessage("reserved header bytes are not zero"));
         }
+        let word = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
+        let (id, answers) = (word(8), word(16));
+        let is_msg = buf[0] == KIND_SHM || buf[0] == KIND_HEAP;
+        let known = matches!(buf[0], KIND_POOL | KIND_SHM | KIND_HEAP | KIND_NOTICE);
+        if known && is_msg == (id == 0) {
+            return Err(Error::BadMessage(
+                "message id 0, or a control frame with an id",
+            ));
+        }
+        let msg = |m: MsgIn<M>| Some(Incoming::Msg(m.with_ids(id, answers)));
         match buf[0] {
+            KIND_NOTICE => {
+                if buf.len() != HEADER_LEN || fd.is_some() || answers == 0 {
+                    return Err(Error::BadMessage("malformed unexpected-response notice"));
+                }
+                Ok(Some(Incoming::UnexpectedResponse(answers)))
+            }
             KIND_POOL => {
                 self.add_pool(&buf[HEADER_LEN..], fd)?;
                 Ok(None)
@@ -330,11 +409,11 @@ impl<M: Owned> MsgChannel<M> {
                     .get(&blob.arena_tag())
                     .ok_or(peer(crate::shm::Error::ForeignBlob))?;
                 let segs = arena.borrow_segments(&blob).map_err(peer)?;
-                Ok(Some(MsgIn::new(InSegs::Shm(segs), fd)))
+                Ok(msg(MsgIn::new(InSegs::Shm(segs), fd)))
             }
             KIND_HEAP => {
                 let segs = heap_segments(&buf)?;
-                Ok(Some(MsgIn::new(InSegs::Heap { buf, segs }, fd)))
+                Ok(msg(MsgIn::new(InSegs::Heap { buf, segs }, fd)))
             }
             _ => Err(Error::BadMessage("unknown message kind")),
         }

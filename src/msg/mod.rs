@@ -39,7 +39,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod channel;
+pub(crate) mod channel;
 mod error;
 
 use std::fmt;
@@ -209,6 +209,8 @@ pub struct MsgIn<M: Owned> {
     reader: Reader<InSegs>,
     fd: Option<OwnedFd>,
     words: usize,
+    id: u64,
+    answers: u64,
     _root: PhantomData<fn() -> M>,
 }
 
@@ -224,8 +226,27 @@ impl<M: Owned> MsgIn<M> {
             reader: Reader::new(segs, opts),
             fd,
             words,
+            id: 0,
+            answers: 0,
             _root: PhantomData,
         }
+    }
+
+    pub(crate) fn with_ids(mut self, id: u64, answers: u64) -> Self {
+        self.id = id;
+        self.answers = answers;
+        self
+    }
+
+    /// The id the sender's channel gave this message instance (1, 2, 3... per channel and
+    /// direction).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The id of our message this one answers, or 0 if it answers none (unsolicited).
+    pub fn answers(&self) -> u64 {
+        self.answers
     }
 
     /// The root, read in place.

@@ -1,0 +1,473 @@
+//! The structured channel's sync_io core.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use capnp::dynamic_struct;
+use capnp::dynamic_value;
+use capnp::introspect::Introspect;
+use capnp::traits::Owned;
+
+use super::{root_schema, Error, MsgType};
+use crate::msg::channel::Incoming;
+use crate::msg::{Backing, MsgChannel, MsgIn, MsgOut};
+use crate::transport;
+
+/// How long a request's expectation lasts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Until the first response (later ones are unexpected).
+    OneOff,
+    /// Until [`undo_expect_responses`](Channel::undo_expect_responses).
+    Indefinite,
+}
+
+/// Identifies an [`async_request`](Channel::async_request) (its message instance's id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReqId(pub u64);
+
+type Handler<M> = Box<dyn FnMut(&mut Channel<M>, MsgIn<M>) + Send>;
+type OneOff<M> = Box<dyn FnOnce(&mut Channel<M>, MsgIn<M>) + Send>;
+
+/// A structured channel of root type `M` (see the [module docs](super)).
+pub struct Channel<M: Owned> {
+    msgs: MsgChannel<M>,
+    started: bool,
+    hosed: bool,
+    on_error: Option<Box<dyn FnOnce(Error) + Send>>,
+    expect_one: HashMap<u16, OneOff<M>>,
+    /// `None` while the handler runs (taken out so it can get `&mut Channel`).
+    expect_many: HashMap<u16, Option<Handler<M>>>,
+    cache: HashMap<u16, VecDeque<MsgIn<M>>>,
+    /// Pending async requests by id: how long they last and the handler (`None` while running).
+    requests: HashMap<u64, (Expect, Option<Handler<M>>)>,
+    /// The request a `sync_request` waits on, and its response once here.
+    sync_waiting: Option<u64>,
+    sync_response: Option<MsgIn<M>>,
+    /// Requests whose `sync_request` timed out: their late responses are dropped quietly.
+    timed_out: HashSet<u64>,
+    on_unexpected: Option<Handler<M>>,
+    on_remote_unexpected: Option<Box<dyn FnMut(u64) + Send>>,
+}
+
+impl<M: Owned> fmt::Debug for Channel<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("struc::Channel")
+            .field("msgs", &self.msgs)
+            .field("started", &self.started)
+            .field("hosed", &self.hosed)
+            .field("pending_requests", &self.requests.len())
+            .field(
+                "cached",
+                &self.cache.values().map(VecDeque::len).sum::<usize>(),
+            )
+            .finish()
+    }
+}
+
+impl<M> Channel<M>
+where
+    M: Owned + Introspect,
+    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
+{
+    /// Takes over an unstructured channel; new messages use `backing`. Fails with
+    /// [`Error::NoRootUnion`] if `M` has no anonymous union at its root.
+    pub fn new(chan: transport::Channel, backing: Backing) -> Result<Self, Error> {
+        root_schema::<M>()?;
+        Ok(Channel {
+            msgs: MsgChannel::new(chan, backing),
+            started: false,
+            hosed: false,
+            on_error: None,
+            expect_one: HashMap::new(),
+            expect_many: HashMap::new(),
+            cache: HashMap::new(),
+            requests: HashMap::new(),
+            sync_waiting: None,
+            sync_response: None,
+            timed_out: HashSet::new(),
+            on_unexpected: None,
+            on_remote_unexpected: None,
+        })
+    }
+
+    /// A new, empty message with the channel's backing.
+    pub fn create_msg(&self) -> MsgOut<M> {
+        self.msgs.create_msg()
+    }
+
+    /// Starts receiving. Before this, sends work and expectations may be registered, but
+    /// nothing is received. `on_error` gets the hosing error if it happens while receiving (an
+    /// error hit by a call is returned by that call instead): at most once.
+    pub fn start(&mut self, on_error: impl FnOnce(Error) + Send + 'static) -> Result<(), Error> {
+        self.check()?;
+        if self.started {
+            return Err(Error::AlreadyStarted);
+        }
+        self.started = true;
+        self.on_error = Some(Box::new(on_error));
+        Ok(())
+    }
+
+    /// Whether a hosing error has been reported.
+    pub fn is_hosed(&self) -> bool {
+        self.hosed
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        if self.hosed {
+            Err(Error::Hosed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Marks the channel hosed if `e` hoses it; returns `e` for the caller to report.
+    fn hose(&mut self, e: Error) -> Error {
+        if e.is_hosing() {
+            self.hosed = true;
+            self.on_error = None;
+            self.expect_one.clear();
+            self.expect_many.clear();
+            self.requests.clear();
+            self.on_unexpected = None;
+            self.on_remote_unexpected = None;
+        }
+        e
+    }
+
+    /// Sends a notification, or a response if `originating` is the message it answers.
+    pub fn send(
+        &mut self,
+        msg: &mut MsgOut<M>,
+        originating: Option<&MsgIn<M>>,
+    ) -> Result<(), Error> {
+        self.send_with_fd(msg, originating, None).map(|_| ())
+    }
+
+    /// [`send`](Channel::send) with an fd riding along (the receiver gets its own copy).
+    pub fn send_with_fd(
+        &mut self,
+        msg: &mut MsgOut<M>,
+        originating: Option<&MsgIn<M>>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<u64, Error> {
+        self.check()?;
+        let answers = originating.map_or(0, MsgIn::id);
+        match self.msgs.send_answering(msg, fd, answers) {
+            Ok(id) => Ok(id),
+            Err(e) => Err(self.hose(e.into())),
+        }
+    }
+
+    /// Sends a request and blocks for its one response (up to `timeout`; `None`: no limit),
+    /// handling other incoming messages meanwhile. [`Error::Timeout`] is not hosing; a response
+    /// arriving later is dropped quietly (not an unexpected response).
+    pub fn sync_request(
+        &mut self,
+        msg: &mut MsgOut<M>,
+        originating: Option<&MsgIn<M>>,
+        timeout: Option<Duration>,
+    ) -> Result<MsgIn<M>, Error> {
+        self.check()?;
+        if !self.started {
+            return Err(Error::NotStarted);
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let id = self.send_with_fd(msg, originating, None)?;
+        let outer = self.sync_waiting.replace(id);
+        let outer_rsp = self.sync_response.take();
+        let r = loop {
+            if let Some(rsp) = self.sync_response.take() {
+                break Ok(rsp);
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => {
+                        self.timed_out.insert(id);
+                        break Err(Error::Timeout);
+                    }
+                },
+                None => None,
+            };
+            if let Err(e) = self.step(left) {
+                break Err(e);
+            }
+        };
+        self.sync_waiting = outer;
+        self.sync_response = outer_rsp;
+        r
+    }
+
+    /// Sends a request; `handler` gets its response(s): the first only ([`Expect::OneOff`]) or
+    /// every one until [`undo_expect_responses`](Channel::undo_expect_responses).
+    pub fn async_request(
+        &mut self,
+        msg: &mut MsgOut<M>,
+        originating: Option<&MsgIn<M>>,
+        expect: Expect,
+        handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
+    ) -> Result<ReqId, Error> {
+        let id = self.send_with_fd(msg, originating, None)?;
+        self.requests.insert(id, (expect, Some(Box::new(handler))));
+        Ok(ReqId(id))
+    }
+
+    /// Stops expecting responses to `req`; later ones are unexpected. Returns whether it was
+    /// expected.
+    pub fn undo_expect_responses(&mut self, req: ReqId) -> Result<bool, Error> {
+        self.check()?;
+        Ok(self.requests.remove(&req.0).is_some())
+    }
+
+    /// Expects one unsolicited message of type `which`. A cached one is handed to `handler` at
+    /// once (inside this call). Returns `Ok(false)`, registering nothing, if `which` is already
+    /// expected.
+    pub fn expect_msg(
+        &mut self,
+        which: MsgType,
+        handler: impl FnOnce(&mut Channel<M>, MsgIn<M>) + Send + 'static,
+    ) -> Result<bool, Error> {
+        self.check()?;
+        if self.is_expected(which) {
+            return Ok(false);
+        }
+        if let Some(m) = self.cache.get_mut(&which.0).and_then(VecDeque::pop_front) {
+            handler(self, m);
+        } else {
+            self.expect_one.insert(which.0, Box::new(handler));
+        }
+        Ok(true)
+    }
+
+    /// Expects every unsolicited message of type `which` until
+    /// [`undo_expect_msgs`](Channel::undo_expect_msgs). Cached ones are handed to `handler` at
+    /// once, in the order they were sent. `Ok(false)` if `which` is already expected.
+    pub fn expect_msgs(
+        &mut self,
+        which: MsgType,
+        handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
+    ) -> Result<bool, Error> {
+        self.check()?;
+        if self.is_expected(which) {
+            return Ok(false);
+        }
+        let mut handler: Handler<M> = Box::new(handler);
+        // Registered as running (None) while the cache drains, so that a handler calling
+        // `undo_expect_msgs` on its own type stops the rest.
+        self.expect_many.insert(which.0, None);
+        while let Some(m) = self.cache.get_mut(&which.0).and_then(VecDeque::pop_front) {
+            handler(self, m);
+            if self.hosed || !self.expect_many.contains_key(&which.0) {
+                return Ok(true);
+            }
+        }
+        if let Some(slot) = self.expect_many.get_mut(&which.0) {
+            *slot = Some(handler);
+        }
+        Ok(true)
+    }
+
+    /// Stops [`expect_msgs`](Channel::expect_msgs) for `which`; later ones are cached again.
+    /// Returns whether it was expected.
+    pub fn undo_expect_msgs(&mut self, which: MsgType) -> Result<bool, Error> {
+        self.check()?;
+        Ok(self.expect_many.remove(&which.0).is_some())
+    }
+
+    fn is_expected(&self, which: MsgType) -> bool {
+        self.expect_one.contains_key(&which.0) || self.expect_many.contains_key(&which.0)
+    }
+
+    /// Messages of type `which` waiting in the cache.
+    pub fn cached(&self, which: MsgType) -> usize {
+        self.cache.get(&which.0).map_or(0, VecDeque::len)
+    }
+
+    /// Called with each response nothing expected (after it is dropped from dispatch).
+    pub fn set_unexpected_response_handler(
+        &mut self,
+        handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
+    ) {
+        self.on_unexpected = Some(Box::new(handler));
+    }
+
+    /// Called with the id of each of our messages that the peer received as an unexpected
+    /// response.
+    pub fn set_remote_unexpected_response_handler(
+        &mut self,
+        handler: impl FnMut(u64) + Send + 'static,
+    ) {
+        self.on_remote_unexpected = Some(Box::new(handler));
+    }
+
+    /// Handles every message that has arrived, without waiting (call it when the fd is
+    /// readable). A hosing error goes to the `on_error` handler and is returned as
+    /// [`Error::Hosed`] (reported once, there).
+    pub fn process_ready(&mut self) -> Result<(), Error> {
+        self.check()?;
+        if !self.started {
+            return Err(Error::NotStarted);
+        }
+        loop {
+            match self.step_inner(Some(Duration::ZERO)) {
+                Ok(true) => continue,
+                Ok(false) => return Ok(()),
+                Err(e) => return Err(self.report(e)),
+            }
+        }
+    }
+
+    /// Waits for and handles messages for `duration` (a blocking user's event loop).
+    pub fn run_for(&mut self, duration: Duration) -> Result<(), Error> {
+        self.check()?;
+        if !self.started {
+            return Err(Error::NotStarted);
+        }
+        let deadline = Instant::now() + duration;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            if let Err(e) = self.step_inner(Some(left)) {
+                return Err(self.report(e));
+            }
+        }
+    }
+
+    /// A hosing error met while receiving goes to `on_error`; the caller sees `Hosed`.
+    fn report(&mut self, e: Error) -> Error {
+        if !e.is_hosing() {
+            return e;
+        }
+        let handler = self.on_error.take();
+        self.hose(Error::Hosed);
+        match handler {
+            Some(h) => {
+                h(e);
+                Error::Hosed
+            }
+            None => e,
+        }
+    }
+
+    /// One receive step for `sync_request`: its hosing error is its own to return.
+    fn step(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+        match self.step_inner(timeout) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.hose(e)),
+        }
+    }
+
+    /// Receives and dispatches one event (waiting up to `timeout`); `Ok(false)` if none came.
+    fn step_inner(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        match self.msgs.next_event(timeout) {
+            Ok(Some(Incoming::Msg(m))) => {
+                self.dispatch(m)?;
+                Ok(true)
+            }
+            Ok(Some(Incoming::UnexpectedResponse(id))) => {
+                if let Some(h) = self.on_remote_unexpected.as_mut() {
+                    h(id);
+                }
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn dispatch(&mut self, m: MsgIn<M>) -> Result<(), Error> {
+        let answers = m.answers();
+        if answers != 0 {
+            return self.dispatch_response(answers, m);
+        }
+        let which = msg_type(&m)?;
+        if let Some(h) = self.expect_one.remove(&which.0) {
+            h(self, m);
+        } else if let Some(slot) = self.expect_many.get_mut(&which.0) {
+            match slot.take() {
+                Some(mut h) => {
+                    h(self, m);
+                    // Put it back unless the handler undid (or replaced) the expectation.
+                    if let Some(slot @ None) = self.expect_many.get_mut(&which.0) {
+                        *slot = Some(h);
+                    }
+                }
+                // Its handler is running (a nested receive): keep order by caching.
+                None => self.cache.entry(which.0).or_default().push_back(m),
+            }
+        } else {
+            self.cache.entry(which.0).or_default().push_back(m);
+        }
+        Ok(())
+    }
+
+    fn dispatch_response(&mut self, answers: u64, m: MsgIn<M>) -> Result<(), Error> {
+        if self.sync_waiting == Some(answers) && self.sync_response.is_none() {
+            self.sync_waiting = None;
+            self.sync_response = Some(m);
+            return Ok(());
+        }
+        if let Some((expect, slot)) = self.requests.get_mut(&answers) {
+            let expect = *expect;
+            if let Some(mut h) = slot.take() {
+                if expect == Expect::OneOff {
+                    self.requests.remove(&answers);
+                }
+                h(self, m);
+                if expect == Expect::Indefinite {
+                    if let Some((_, slot @ None)) = self.requests.get_mut(&answers) {
+                        *slot = Some(h);
+                    }
+                }
+                return Ok(());
+            }
+        }
+        if self.timed_out.remove(&answers) {
+            return Ok(()); // a late response to a timed-out sync_request: dropped quietly
+        }
+        // Unexpected: dropped; our handler hears of it, and so does the sender.
+        let id = m.id();
+        if let Some(mut h) = self.on_unexpected.take() {
+            h(self, m);
+            if self.on_unexpected.is_none() && !self.hosed {
+                self.on_unexpected = Some(h);
+            }
+        }
+        if !self.hosed {
+            self.msgs.send_unexpected_notice(id)?;
+        }
+        Ok(())
+    }
+}
+
+/// The type of a received message: its root union's discriminant.
+fn msg_type<M>(m: &MsgIn<M>) -> Result<MsgType, Error>
+where
+    M: Owned,
+    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
+{
+    let root = m.root().map_err(Error::Decode)?;
+    let dynamic: dynamic_struct::Reader<'_> = root.into().downcast();
+    match dynamic.which() {
+        Ok(Some(field)) => Ok(MsgType(field.get_proto().get_discriminant_value())),
+        Ok(None) | Err(_) => Err(Error::UnknownMsgType),
+    }
+}
+
+impl<M: Owned> AsFd for Channel<M> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.msgs.as_fd()
+    }
+}
+
+impl<M: Owned> AsRawFd for Channel<M> {
+    fn as_raw_fd(&self) -> RawFd {
+        self.msgs.as_raw_fd()
+    }
+}

@@ -1,0 +1,83 @@
+use std::fmt;
+
+use crate::msg;
+
+/// What can go wrong on a structured channel.
+///
+/// Hosing errors ([`Error::is_hosing`]) are reported once; the channel then answers every call
+/// with [`Error::Hosed`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The message layer (transport, shared memory, framing) failed; its error says whether
+    /// that hosed the channel.
+    Msg(msg::Error),
+    /// The root schema has no anonymous union: messages would have no type to dispatch on.
+    NoRootUnion,
+    /// No union field of the root has this name.
+    NoSuchMsgType(String),
+    /// The peer sent a message whose union field this schema does not know (another schema?).
+    UnknownMsgType,
+    /// The peer's message could not be read as the channel's root type.
+    Decode(capnp::Error),
+    /// `sync_request` got no response in time (not hosing; a late response is dropped).
+    Timeout,
+    /// The channel is not started yet, so nothing can be received (see
+    /// [`start`](super::Channel::start)).
+    NotStarted,
+    /// `start` was called twice.
+    AlreadyStarted,
+    /// The channel was hosed by an error reported earlier.
+    Hosed,
+}
+
+impl Error {
+    /// Whether this error ended the channel.
+    pub fn is_hosing(&self) -> bool {
+        match self {
+            Error::Msg(e) => e.is_hosing(),
+            Error::UnknownMsgType | Error::Decode(_) | Error::Hosed => true,
+            Error::NoRootUnion
+            | Error::NoSuchMsgType(_)
+            | Error::Timeout
+            | Error::NotStarted
+            | Error::AlreadyStarted => false,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Msg(e) => e.fmt(f),
+            Error::NoRootUnion => f.write_str(
+                "the channel's root schema has no anonymous union (it gives messages their type)",
+            ),
+            Error::NoSuchMsgType(n) => write!(f, "the root union has no field named {n:?}"),
+            Error::UnknownMsgType => f.write_str(
+                "message of a type (union field) this schema does not know, from the peer",
+            ),
+            Error::Decode(e) => write!(f, "message from the peer could not be read: {e}"),
+            Error::Timeout => f.write_str("no response within the timeout"),
+            Error::NotStarted => f.write_str("channel not started: nothing can be received yet"),
+            Error::AlreadyStarted => f.write_str("channel already started"),
+            Error::Hosed => f.write_str("channel hosed by an error reported earlier"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Msg(e) => Some(e),
+            Error::Decode(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<msg::Error> for Error {
+    fn from(e: msg::Error) -> Self {
+        Error::Msg(e)
+    }
+}

@@ -1,0 +1,106 @@
+//! The structured channel: capnp messages with requests, responses and expectations over a
+//! [`MsgChannel`](crate::msg::MsgChannel), after Flow-IPC's `struc::Channel`.
+//!
+//! The root type `M` of a channel must have an anonymous union: its active field is the
+//! message's *type* ([`MsgType`]), which [`expect_msg`](Channel::expect_msg) and
+//! [`expect_msgs`](Channel::expect_msgs) dispatch on. Each message instance gets an id (1, 2,
+//! 3... per channel and direction); a response carries the id of the message it answers.
+//!
+//! * Unsolicited messages go to the expectation registered for their type, or are cached per
+//!   type and delivered, in send order, when one is registered: nothing is dropped for arriving
+//!   early.
+//! * Responses go to the request they answer ([`sync_request`](Channel::sync_request),
+//!   [`async_request`](Channel::async_request)). One that nothing expects is dropped, reported
+//!   to the local unexpected-response handler, and reported over the wire to the sender, whose
+//!   remote-unexpected-response handler fires. Neither hoses the channel.
+//! * A channel-hosing error is reported once: by the call that hit it, or to the `on_error`
+//!   handler given to [`start`](Channel::start). Afterwards every call returns
+//!   [`Error::Hosed`] and no handler fires.
+//!
+//! This is the sync_io core: no threads. Handlers run inside the channel's own calls
+//! ([`process_ready`](Channel::process_ready) when its fd is readable, or
+//! [`run_for`](Channel::run_for) for blocking users, or `expect_*` for cached messages) and get
+//! `&mut Channel` so that they can answer at once.
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//! use flowipc::msg::Backing;
+//! use flowipc::schemas::test_msgs_capnp::cool_msg;
+//! use flowipc::struc::{Channel, Expect, MsgType};
+//! use flowipc::transport::{self, ChannelConfig};
+//!
+//! let (a, b) = transport::Channel::pair(ChannelConfig::new())?;
+//! let mut client = Channel::<cool_msg::Owned>::new(a, Backing::Heap)?;
+//! let mut server = Channel::<cool_msg::Owned>::new(b, Backing::Heap)?;
+//! client.start(|e| panic!("{e}"))?;
+//! server.start(|e| panic!("{e}"))?;
+//!
+//! // The server answers every SumRequest.
+//! let sum_request = MsgType::of::<cool_msg::Owned>("sumRequest")?;
+//! server.expect_msgs(sum_request, |chan, req| {
+//!     let Ok(cool_msg::SumRequest(Ok(r))) = req.root().unwrap().which() else { return };
+//!     let sum: i64 = r.get_terms_to_add().unwrap().iter().sum();
+//!     let mut rsp = chan.create_msg();
+//!     rsp.init_root().init_sum_response().set_sum(sum * r.get_constant_factor());
+//!     chan.send(&mut rsp, Some(&req)).unwrap();
+//! })?;
+//!
+//! let mut req = client.create_msg();
+//! let mut r = req.init_root().init_sum_request();
+//! r.set_constant_factor(2);
+//! let mut terms = r.init_terms_to_add(3);
+//! for (i, t) in [1, 2, 3].into_iter().enumerate() {
+//!     terms.set(i as u32, t);
+//! }
+//! let answer = Arc::new(Mutex::new(None));
+//! let got = answer.clone();
+//! client.async_request(&mut req, None, Expect::OneOff, move |_, rsp| {
+//!     if let Ok(cool_msg::SumResponse(Ok(s))) = rsp.root().unwrap().which() {
+//!         *got.lock().unwrap() = Some(s.get_sum());
+//!     }
+//! })?;
+//! server.run_for(Duration::from_millis(20))?; // handles the request, answers
+//! client.run_for(Duration::from_millis(20))?; // handles the response
+//! assert_eq!(*answer.lock().unwrap(), Some(12));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod channel;
+mod error;
+
+pub use self::channel::{Channel, Expect, ReqId};
+pub use self::error::Error;
+
+use capnp::introspect::{Introspect, TypeVariant};
+use capnp::schema::StructSchema;
+
+/// A message type: the discriminant of the root's anonymous union (which of its fields is set).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MsgType(pub u16);
+
+impl MsgType {
+    /// The type whose union field is named `field` (as in the schema: `"helloThere"`). Fails with
+    /// [`Error::NoRootUnion`] or [`Error::NoSuchMsgType`].
+    pub fn of<M: Introspect>(field: &str) -> Result<MsgType, Error> {
+        let schema = root_schema::<M>()?;
+        let fields = schema.get_union_fields().map_err(|_| Error::NoRootUnion)?;
+        fields
+            .iter()
+            .find(|f| f.get_proto().get_name().ok().and_then(|n| n.to_str().ok()) == Some(field))
+            .map(|f| MsgType(f.get_proto().get_discriminant_value()))
+            .ok_or_else(|| Error::NoSuchMsgType(field.to_string()))
+    }
+}
+
+/// The root's struct schema, if it has an anonymous union.
+pub(crate) fn root_schema<M: Introspect>() -> Result<StructSchema, Error> {
+    let TypeVariant::Struct(raw) = M::introspect().which() else {
+        return Err(Error::NoRootUnion);
+    };
+    let schema = StructSchema::new(raw);
+    match schema.get_proto().which() {
+        Ok(capnp::schema_capnp::node::Struct(st)) if st.get_discriminant_count() > 0 => Ok(schema),
+        _ => Err(Error::NoRootUnion),
+    }
+}

@@ -1,0 +1,457 @@
+//! The structured channel: notifications, caching, requests, responses, unexpected responses,
+//! hosing; in one process (socket pairs) and across processes.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flowipc::msg::{Backing, MsgIn};
+use flowipc::schemas::perf_demo_capnp::body;
+use flowipc::schemas::test_msgs_capnp::{cool_msg, no_union};
+use flowipc::shm::{Arena, ArenaConfig};
+use flowipc::struc::{Channel, Error, Expect, MsgType};
+use flowipc::transport::{self, ChannelConfig};
+
+type Cool = Channel<cool_msg::Owned>;
+const SHORT: Duration = Duration::from_millis(30);
+
+fn ty(name: &str) -> MsgType {
+    MsgType::of::<cool_msg::Owned>(name).unwrap()
+}
+
+fn backings() -> Vec<(&'static str, Backing, Backing)> {
+    let arena = || Backing::Shm(Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap());
+    vec![
+        ("heap", Backing::Heap, Backing::Heap),
+        ("shm", arena(), arena()),
+    ]
+}
+
+fn pair(a_backing: Backing, b_backing: Backing) -> (Cool, Cool) {
+    let (a, b) = transport::Channel::pair(ChannelConfig::new()).unwrap();
+    (
+        Channel::new(a, a_backing).unwrap(),
+        Channel::new(b, b_backing).unwrap(),
+    )
+}
+
+fn started(a_backing: Backing, b_backing: Backing) -> (Cool, Cool) {
+    let (mut a, mut b) = pair(a_backing, b_backing);
+    a.start(|e| panic!("a: {e}")).unwrap();
+    b.start(|e| panic!("b: {e}")).unwrap();
+    (a, b)
+}
+
+fn hello(chan: &mut Cool, num: i64, originating: Option<&MsgIn<cool_msg::Owned>>) {
+    let mut m = chan.create_msg();
+    let mut h = m.init_root().init_hello_there();
+    h.set_greeting("hi");
+    h.set_num(num);
+    chan.send(&mut m, originating).unwrap();
+}
+
+fn num_of(m: &MsgIn<cool_msg::Owned>) -> i64 {
+    match m.root().unwrap().which().unwrap() {
+        cool_msg::HelloThere(h) => h.unwrap().get_num(),
+        cool_msg::SumResponse(s) => s.unwrap().get_sum(),
+        cool_msg::MyBestShot(s) => s.unwrap().get_num() as i64,
+        _ => -1,
+    }
+}
+
+type Log = Arc<Mutex<Vec<i64>>>;
+
+fn log() -> Log {
+    Arc::default()
+}
+
+#[test]
+fn a_root_without_a_union_is_refused() {
+    let (a, _b) = transport::Channel::pair(ChannelConfig::new()).unwrap();
+    assert!(matches!(
+        Channel::<no_union::Owned>::new(a, Backing::Heap),
+        Err(Error::NoRootUnion)
+    ));
+    assert!(matches!(
+        MsgType::of::<cool_msg::Owned>("noSuchField"),
+        Err(Error::NoSuchMsgType(n)) if n == "noSuchField"
+    ));
+    assert_eq!(ty("helloThere"), MsgType(0));
+    assert_eq!(ty("ping"), MsgType(6));
+}
+
+#[test]
+fn early_messages_are_cached_and_delivered_in_order() {
+    for (mode, ab, bb) in backings() {
+        let (mut a, mut b) = pair(ab, bb);
+        a.start(|e| panic!("{e}")).unwrap();
+        for n in 1..=3 {
+            hello(&mut a, n, None);
+        }
+        // Not started: nothing is received.
+        assert!(matches!(b.run_for(SHORT), Err(Error::NotStarted)));
+        b.start(|e| panic!("{e}")).unwrap();
+        b.run_for(SHORT).unwrap();
+        assert_eq!(b.cached(ty("helloThere")), 3, "{mode}");
+        // A one-off expectation takes the first cached one, synchronously.
+        let got = log();
+        let g = got.clone();
+        assert!(b
+            .expect_msg(ty("helloThere"), move |_, m| g
+                .lock()
+                .unwrap()
+                .push(num_of(&m)))
+            .unwrap());
+        assert_eq!(*got.lock().unwrap(), [1]);
+        // expect_msgs drains the rest in order, then gets live ones.
+        let g = got.clone();
+        assert!(b
+            .expect_msgs(ty("helloThere"), move |_, m| g
+                .lock()
+                .unwrap()
+                .push(num_of(&m)))
+            .unwrap());
+        assert_eq!(*got.lock().unwrap(), [1, 2, 3]);
+        // Already expected: refused, nothing registered.
+        assert!(!b.expect_msg(ty("helloThere"), |_, _| panic!()).unwrap());
+        hello(&mut a, 4, None);
+        b.run_for(SHORT).unwrap();
+        assert_eq!(*got.lock().unwrap(), [1, 2, 3, 4]);
+        // Undone: cached again.
+        assert!(b.undo_expect_msgs(ty("helloThere")).unwrap());
+        assert!(!b.undo_expect_msgs(ty("helloThere")).unwrap());
+        hello(&mut a, 5, None);
+        b.run_for(SHORT).unwrap();
+        assert_eq!(b.cached(ty("helloThere")), 1, "{mode}");
+        assert_eq!(got.lock().unwrap().len(), 4);
+    }
+}
+
+/// The server side of the page's example: sums, and best shots for as long as asked.
+fn serve(chan: &mut Cool) {
+    chan.expect_msgs(ty("sumRequest"), |chan, req| {
+        let Ok(cool_msg::SumRequest(Ok(r))) = req.root().unwrap().which() else {
+            panic!("not a sum request")
+        };
+        let sum: i64 = r.get_terms_to_add().unwrap().iter().sum();
+        let mut rsp = chan.create_msg();
+        rsp.init_root()
+            .init_sum_response()
+            .set_sum(sum * r.get_constant_factor());
+        chan.send(&mut rsp, Some(&req)).unwrap();
+    })
+    .unwrap();
+    chan.expect_msgs(ty("hitMeWithYourBestShot"), |chan, req| {
+        for shot in 1..=3 {
+            let mut rsp = chan.create_msg();
+            let mut s = rsp.init_root().init_my_best_shot();
+            s.set_text("take that");
+            s.set_num(shot);
+            chan.send(&mut rsp, Some(&req)).unwrap();
+        }
+    })
+    .unwrap();
+}
+
+fn sum_request(chan: &Cool, terms: &[i64], factor: i64) -> flowipc::msg::MsgOut<cool_msg::Owned> {
+    let mut m = chan.create_msg();
+    let mut r = m.init_root().init_sum_request();
+    r.set_constant_factor(factor);
+    let mut t = r.init_terms_to_add(terms.len() as u32);
+    for (i, v) in terms.iter().enumerate() {
+        t.set(i as u32, *v);
+    }
+    m
+}
+
+#[test]
+fn requests_responses_and_unexpected_responses() {
+    for (mode, ab, bb) in backings() {
+        let (mut client, mut server) = started(ab, bb);
+        serve(&mut server);
+        let remote_unexpected = log();
+        let r = remote_unexpected.clone();
+        server.set_remote_unexpected_response_handler(move |id| r.lock().unwrap().push(id as i64));
+        let server = std::thread::spawn(move || {
+            server.run_for(Duration::from_millis(1500)).unwrap();
+            server
+        });
+        // sync_request: the one response.
+        let mut req = sum_request(&client, &[1, 2, 3], 10);
+        let rsp = client
+            .sync_request(&mut req, None, Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(num_of(&rsp), 60, "{mode}");
+        assert_eq!(rsp.answers(), 1);
+        // async one-off: the first of three responses; the other two are unexpected, here and
+        // (told over the wire) there.
+        let got = log();
+        let local_unexpected = log();
+        let l = local_unexpected.clone();
+        client.set_unexpected_response_handler(move |_, m| l.lock().unwrap().push(num_of(&m)));
+        let mut hit = client.create_msg();
+        hit.init_root().init_hit_me_with_your_best_shot();
+        let g = got.clone();
+        client
+            .async_request(&mut hit, None, Expect::OneOff, move |_, m| {
+                g.lock().unwrap().push(num_of(&m))
+            })
+            .unwrap();
+        // Indefinite: all three, until undone.
+        let g = got.clone();
+        let id = client
+            .async_request(&mut hit, None, Expect::Indefinite, move |_, m| {
+                g.lock().unwrap().push(10 * num_of(&m))
+            })
+            .unwrap();
+        client.run_for(Duration::from_millis(300)).unwrap();
+        assert_eq!(*got.lock().unwrap(), [1, 10, 20, 30], "{mode}");
+        assert_eq!(*local_unexpected.lock().unwrap(), [2, 3], "{mode}");
+        assert!(client.undo_expect_responses(id).unwrap());
+        assert!(!client.undo_expect_responses(id).unwrap());
+        let mut server = server.join().unwrap();
+        server.run_for(SHORT).unwrap();
+        assert_eq!(remote_unexpected.lock().unwrap().len(), 2, "{mode}");
+        // A response to a message the client never sent as a request: unexpected, not hosing.
+        hello(&mut client, 7, None);
+        server
+            .expect_msg(ty("helloThere"), |chan, m| {
+                let mut rsp = chan.create_msg();
+                rsp.init_root().init_hello_there().set_num(8);
+                chan.send(&mut rsp, Some(&m)).unwrap();
+            })
+            .unwrap();
+        server.run_for(SHORT).unwrap();
+        client.run_for(SHORT).unwrap();
+        assert_eq!(*local_unexpected.lock().unwrap(), [2, 3, 8], "{mode}");
+        assert!(!client.is_hosed() && !server.is_hosed());
+    }
+}
+
+#[test]
+fn a_sync_request_times_out_without_hosing_and_the_late_answer_is_dropped() {
+    let (mut client, mut server) = started(Backing::Heap, Backing::Heap);
+    let unexpected = log();
+    let u = unexpected.clone();
+    client.set_unexpected_response_handler(move |_, m| u.lock().unwrap().push(num_of(&m)));
+    let mut req = sum_request(&client, &[1], 1);
+    let e = client
+        .sync_request(&mut req, None, Some(Duration::from_millis(50)))
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout));
+    assert!(!e.is_hosing() && !client.is_hosed());
+    // The server answers late: dropped quietly (not an unexpected response).
+    serve(&mut server);
+    server.run_for(SHORT).unwrap();
+    client.run_for(SHORT).unwrap();
+    assert!(unexpected.lock().unwrap().is_empty());
+    // The channel works on.
+    let server = std::thread::spawn(move || {
+        server.run_for(Duration::from_millis(500)).unwrap();
+    });
+    let mut req = sum_request(&client, &[2, 3], 1);
+    let rsp = client
+        .sync_request(&mut req, None, Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(num_of(&rsp), 5);
+    server.join().unwrap();
+}
+
+#[test]
+fn an_fd_rides_on_a_structured_message() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    let (mut a, mut b) = started(Backing::Heap, Backing::Heap);
+    let (r, mut w) = std::io::pipe().unwrap();
+    w.write_all(b"via fd").unwrap();
+    drop(w);
+    let mut m = a.create_msg();
+    m.init_root().init_hello_there().set_num(1);
+    a.send_with_fd(&mut m, None, Some(r.as_fd())).unwrap();
+    drop(r);
+    let text = Arc::new(Mutex::new(String::new()));
+    let t = text.clone();
+    b.expect_msg(ty("helloThere"), move |_, mut m| {
+        let fd = m.take_fd().expect("an fd");
+        std::fs::File::from(fd)
+            .read_to_string(&mut t.lock().unwrap())
+            .unwrap();
+    })
+    .unwrap();
+    b.run_for(SHORT).unwrap();
+    assert_eq!(*text.lock().unwrap(), "via fd");
+}
+
+#[test]
+fn a_hosing_error_is_reported_once_then_calls_answer_hosed() {
+    let (mut a, mut b) = pair(Backing::Heap, Backing::Heap);
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let e2 = errors.clone();
+    b.start(move |e| e2.lock().unwrap().push(format!("{e:?}")))
+        .unwrap();
+    a.start(|_| {}).unwrap();
+    let fired = Arc::new(Mutex::new(0));
+    let f = fired.clone();
+    b.expect_msgs(ty("helloThere"), move |_, _| *f.lock().unwrap() += 1)
+        .unwrap();
+    hello(&mut a, 1, None);
+    drop(a);
+    assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
+    assert_eq!(
+        *fired.lock().unwrap(),
+        1,
+        "the message before the end was delivered"
+    );
+    assert_eq!(
+        errors.lock().unwrap().len(),
+        1,
+        "{:?}",
+        errors.lock().unwrap()
+    );
+    assert!(errors.lock().unwrap()[0].contains("PeerGone"));
+    // Afterwards: Hosed everywhere, no handler.
+    assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
+    assert!(matches!(b.process_ready(), Err(Error::Hosed)));
+    let mut m = b.create_msg();
+    m.init_root().set_ping(());
+    assert!(matches!(b.send(&mut m, None), Err(Error::Hosed)));
+    assert!(matches!(
+        b.expect_msg(ty("ping"), |_, _| {}),
+        Err(Error::Hosed)
+    ));
+    assert_eq!(errors.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn a_message_of_another_schema_is_a_specific_error_once() {
+    // The peer speaks CoolMsg; we expect perf_demo's Body, whose union has 2 fields: a `ping`
+    // (field 6 of CoolMsg) is a type this schema does not know.
+    let (a, b) = transport::Channel::pair(ChannelConfig::new()).unwrap();
+    let mut a = Channel::<cool_msg::Owned>::new(a, Backing::Heap).unwrap();
+    let mut b = Channel::<body::Owned>::new(b, Backing::Heap).unwrap();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let e2 = errors.clone();
+    b.start(move |e| e2.lock().unwrap().push(e.to_string()))
+        .unwrap();
+    a.start(|_| {}).unwrap();
+    let mut m = a.create_msg();
+    m.init_root().set_ping(());
+    a.send(&mut m, None).unwrap();
+    assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
+    let errors = errors.lock().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].contains("does not know"), "{errors:?}");
+}
+
+#[test]
+fn garbage_from_the_peer_is_reported_once() {
+    let (mut raw, b) = transport::Channel::pair(ChannelConfig::new()).unwrap();
+    let mut b = Channel::<cool_msg::Owned>::new(b, Backing::Heap).unwrap();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let e2 = errors.clone();
+    b.start(move |e| e2.lock().unwrap().push(e.to_string()))
+        .unwrap();
+    raw.send(&[7; 40], None).unwrap();
+    raw.send(&[7; 40], None).unwrap();
+    assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
+    assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
+    let errors = errors.lock().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(errors[0].contains("reserved header bytes"), "{errors:?}");
+}
+
+// ---- Across processes: the page's scenario with the server in a child, in SHM mode. ----
+
+#[test]
+fn the_pages_scenario_across_processes() {
+    let peer = common::spawn_plain("struc_server");
+    let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+    let chan =
+        transport::Channel::from_stream(peer.sock.try_clone().unwrap(), ChannelConfig::new())
+            .unwrap();
+    let mut client = Cool::new(chan, Backing::Shm(arena.clone())).unwrap();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let e2 = errors.clone();
+    client
+        .start(move |e| e2.lock().unwrap().push(e.to_string()))
+        .unwrap();
+    let shots = log();
+    let s = shots.clone();
+    let mut hit = client.create_msg();
+    hit.init_root().init_hit_me_with_your_best_shot();
+    client
+        .async_request(&mut hit, None, Expect::Indefinite, move |_, m| {
+            s.lock().unwrap().push(num_of(&m))
+        })
+        .unwrap();
+    let mut req = sum_request(&client, &[4, 5, 6], 3);
+    let rsp = client
+        .sync_request(&mut req, None, Some(Duration::from_secs(30)))
+        .unwrap();
+    assert!(rsp.is_zero_copy());
+    assert_eq!(num_of(&rsp), 45);
+    // The server greets us unsolicited once it answered; expected after the fact: cached.
+    client.run_for(Duration::from_millis(300)).unwrap();
+    assert_eq!(*shots.lock().unwrap(), [1, 2, 3]);
+    let greeting = log();
+    let g = greeting.clone();
+    client
+        .expect_msg(ty("helloThere"), move |_, m| {
+            g.lock().unwrap().push(num_of(&m))
+        })
+        .unwrap();
+    assert_eq!(*greeting.lock().unwrap(), [99]);
+    assert!(
+        errors.lock().unwrap().is_empty(),
+        "{:?}",
+        errors.lock().unwrap()
+    );
+    // Tell the server to finish.
+    let mut bye = client.create_msg();
+    bye.init_root().set_ping(());
+    client.send(&mut bye, None).unwrap();
+    common::wait_ok(peer);
+    // The server is gone: reported once, to the handler.
+    assert!(matches!(
+        client.run_for(Duration::from_secs(5)),
+        Err(Error::Hosed)
+    ));
+    assert_eq!(errors.lock().unwrap().len(), 1);
+    drop((rsp, req, hit, bye, client));
+    assert_eq!(arena.stats().blocks_in_use, 0);
+}
+
+fn child_struc_server() {
+    let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+    let chan =
+        transport::Channel::from_stream(common::child_socket(), ChannelConfig::new()).unwrap();
+    let mut server = Cool::new(chan, Backing::Shm(arena)).unwrap();
+    server.start(|e| panic!("{e}")).unwrap();
+    serve(&mut server);
+    let done = Arc::new(Mutex::new(false));
+    let d = done.clone();
+    server
+        .expect_msg(ty("ping"), move |_, _| *d.lock().unwrap() = true)
+        .unwrap();
+    let mut greeted = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !*done.lock().unwrap() && std::time::Instant::now() < deadline {
+        server.run_for(Duration::from_millis(20)).unwrap();
+        if !greeted {
+            hello(&mut server, 99, None);
+            greeted = true;
+        }
+    }
+    assert!(*done.lock().unwrap());
+}
+
+#[test]
+#[ignore]
+fn child_entry() {
+    match common::child_role().as_deref() {
+        Some("struc_server") => child_struc_server(),
+        Some(other) => panic!("unknown role {other}"),
+        None => {}
+    }
+}
