@@ -455,3 +455,155 @@ fn child_entry() {
         None => {}
     }
 }
+
+#[test]
+fn a_message_owns_its_fd_and_it_rides_every_send() {
+    use std::io::{Read, Write};
+    let (mut a, mut b) = started(Backing::Heap, Backing::Heap);
+    let (r, mut w) = std::io::pipe().unwrap();
+    w.write_all(b"abc").unwrap();
+    drop(w);
+    let mut m = a.create_msg();
+    m.init_root().init_hello_there().set_num(1);
+    m.set_fd(r.into());
+    a.send(&mut m, None).unwrap();
+    a.send(&mut m, None).unwrap();
+    let fds = Arc::new(Mutex::new(Vec::new()));
+    let f = fds.clone();
+    b.expect_msgs(ty("helloThere"), move |_, mut m| {
+        f.lock().unwrap().push(m.take_fd().expect("an fd each time"))
+    })
+    .unwrap();
+    b.run_for(SHORT).unwrap();
+    let mut fds = std::mem::take(&mut *fds.lock().unwrap());
+    assert_eq!(fds.len(), 2);
+    // Each is the same pipe: the first read drains it.
+    let mut text = String::new();
+    std::fs::File::from(fds.remove(0))
+        .read_to_string(&mut text)
+        .unwrap();
+    assert_eq!(text, "abc");
+    assert!(m.take_fd().is_some(), "the message still owns its fd");
+}
+
+#[test]
+fn an_unchanged_message_is_resent_on_two_channels_without_a_copy() {
+    let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+    let (mut a1, mut b1) = started(Backing::Shm(arena.clone()), Backing::Heap);
+    let (mut a2, mut b2) = started(Backing::Shm(arena.clone()), Backing::Heap);
+    let mut m = a1.create_msg();
+    m.init_root().init_hello_there().set_num(5);
+    a1.send(&mut m, None).unwrap();
+    a2.send(&mut m, None).unwrap();
+    a1.send(&mut m, None).unwrap();
+    assert_eq!(m.shared_refs(), Some(4), "one table, three references lent");
+    let got = Arc::new(Mutex::new(Vec::new()));
+    for b in [&mut b1, &mut b2] {
+        let g = got.clone();
+        b.expect_msgs(ty("helloThere"), move |_, m| g.lock().unwrap().push(m))
+            .unwrap();
+        b.run_for(SHORT).unwrap();
+    }
+    let got = std::mem::take(&mut *got.lock().unwrap());
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().all(|m| m.is_zero_copy() && num_of(m) == 5));
+    // Modify while they hold it: copy-on-write; theirs stay 5.
+    m.get_root().unwrap().init_hello_there().set_num(6);
+    a1.send(&mut m, None).unwrap();
+    assert!(got.iter().all(|m| num_of(m) == 5));
+    drop(got);
+    b1.run_for(SHORT).unwrap();
+}
+
+#[test]
+fn display_is_capnp_text_cut_short() {
+    let (mut a, mut b) = started(Backing::Heap, Backing::Heap);
+    let mut m = a.create_msg();
+    m.init_root().init_hello_there().set_greeting("x".repeat(1000).as_str());
+    let shown = m.to_string();
+    assert!(shown.starts_with("(helloThere = (greeting = \"xxx"), "{shown}");
+    assert!(shown.ends_with('…') && shown.len() <= 256 + '…'.len_utf8());
+    a.send(&mut m, None).unwrap();
+    let seen = Arc::new(Mutex::new(String::new()));
+    let s = seen.clone();
+    b.expect_msg(ty("helloThere"), move |_, m| *s.lock().unwrap() = format!("{m:#}"))
+        .unwrap();
+    b.run_for(SHORT).unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(seen.contains("greeting") && seen.len() > 1000, "{seen}");
+}
+
+#[test]
+fn big_requests_and_responses_go_in_place() {
+    const BIG: usize = 256 << 20;
+    let arena = Arena::create(ArenaConfig::new()).unwrap();
+    let (mut client, mut server) = started(Backing::Shm(arena.clone()), Backing::Shm(arena.clone()));
+    server
+        .expect_msgs(ty("blob"), |chan, req| {
+            assert!(req.is_zero_copy());
+            let Ok(cool_msg::Blob(Ok(b))) = req.root().unwrap().which() else {
+                panic!()
+            };
+            let first = b.get_chunks().unwrap().get(0).get_data().unwrap();
+            assert_eq!((first.len(), first[0], first[BIG - 1]), (BIG, 1, 1));
+            let mut rsp = chan.create_msg();
+            let mut chunks = rsp.init_root().init_blob().init_chunks(1);
+            chunks.reborrow().get(0).init_data(BIG as u32).fill(2);
+            chan.send(&mut rsp, Some(&req)).unwrap();
+        })
+        .unwrap();
+    let server = std::thread::spawn(move || server.run_for(Duration::from_secs(3)).unwrap());
+    let mut req = client.create_msg();
+    let mut chunks = req.init_root().init_blob().init_chunks(1);
+    chunks.reborrow().get(0).init_data(BIG as u32).fill(1);
+    let rsp = client
+        .sync_request(&mut req, None, Some(Duration::from_secs(60)))
+        .unwrap();
+    assert!(rsp.is_zero_copy());
+    let Ok(cool_msg::Blob(Ok(b))) = rsp.root().unwrap().which() else {
+        panic!()
+    };
+    let data = b.get_chunks().unwrap().get(0).get_data().unwrap();
+    assert_eq!((data.len(), data[0], data[BIG - 1]), (BIG, 2, 2));
+    server.join().unwrap();
+}
+
+#[test]
+fn a_plain_poll_loop_drives_the_sync_io_core() {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let (mut client, mut server) = started(Backing::Heap, Backing::Heap);
+    serve(&mut server);
+    let answers = log();
+    for n in 1..=5 {
+        let mut req = sum_request(&client, &[n], 1);
+        let a = answers.clone();
+        client
+            .async_request(&mut req, None, Expect::OneOff, move |_, m| {
+                a.lock().unwrap().push(num_of(&m))
+            })
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while answers.lock().unwrap().len() < 5 {
+        assert!(std::time::Instant::now() < deadline, "hung");
+        let (c, s) = {
+            let mut fds = [
+                PollFd::new(client.as_fd(), PollFlags::POLLIN),
+                PollFd::new(server.as_fd(), PollFlags::POLLIN),
+            ];
+            poll(&mut fds, PollTimeout::from(1000u16)).unwrap();
+            (
+                fds[0].revents().unwrap_or(PollFlags::empty()),
+                fds[1].revents().unwrap_or(PollFlags::empty()),
+            )
+        };
+        if s.contains(PollFlags::POLLIN) {
+            server.process_ready().unwrap();
+        }
+        if c.contains(PollFlags::POLLIN) {
+            client.process_ready().unwrap();
+        }
+    }
+    assert_eq!(*answers.lock().unwrap(), [1, 2, 3, 4, 5]);
+}

@@ -150,7 +150,8 @@ impl<M: Owned> MsgChannel<M> {
         }
     }
 
-    /// Sends `msg` (and `fd`, if given). Never blocks: what the socket does not take now is
+    /// Sends `msg` with `fd` if given, else with the message's own fd if it has one
+    /// ([`MsgOut::set_fd`]). Never blocks: what the socket does not take now is
     /// queued (see [`Channel::send`]).
     ///
     /// An arena-backed message is frozen and sent in place: a handle crosses the socket, and
@@ -210,6 +211,15 @@ impl<M: Owned> MsgChannel<M> {
         fd: Option<BorrowedFd<'_>>,
         answers: u64,
     ) -> Result<u64, Error> {
+        // The message's own fd rides along unless the caller gives another. (A duplicate, so
+        // that the message keeps owning its own while `msg` is borrowed mutably below.)
+        let own = match (fd, msg.fd()) {
+            (None, Some(f)) => Some(f.try_clone_to_owned().map_err(|e| {
+                Error::Transport(crate::transport::Error::Io(e))
+            })?),
+            _ => None,
+        };
+        let fd = fd.or(own.as_ref().map(|f| f.as_fd()));
         let out = msg.inner_mut();
         let Some(arena) = out.arena().cloned() else {
             // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen

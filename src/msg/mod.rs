@@ -79,6 +79,7 @@ pub fn check_list_len(len: usize) -> Result<u32, Error> {
 /// whose segments come from an arena (zero-copy) or the heap (copying).
 pub struct MsgOut<M: Owned> {
     inner: OutMsg,
+    fd: Option<OwnedFd>,
     _root: PhantomData<fn() -> M>,
 }
 
@@ -97,6 +98,7 @@ impl<M: Owned> MsgOut<M> {
     pub fn with_sizes(arena: Option<Arena>, sizes: SegmentSizes) -> Self {
         MsgOut {
             inner: OutMsg::new(arena, sizes),
+            fd: None,
             _root: PhantomData,
         }
     }
@@ -155,6 +157,24 @@ impl<M: Owned> MsgOut<M> {
     /// message cannot be sent in place until the arena has room again (`send` retries the copy).
     pub fn alloc_failure(&self) -> Option<crate::shm::Error> {
         self.inner.alloc_failure()
+    }
+
+    /// Pairs an fd (native handle) with the message: it rides along every time the message is
+    /// sent (the receiver gets its own copy, see [`MsgIn::take_fd`]). The message owns it and
+    /// closes it when dropped. Returns the fd it replaces, if any.
+    pub fn set_fd(&mut self, fd: OwnedFd) -> Option<OwnedFd> {
+        self.fd.replace(fd)
+    }
+
+    /// Takes the paired fd back.
+    pub fn take_fd(&mut self) -> Option<OwnedFd> {
+        self.fd.take()
+    }
+
+    /// The paired fd, if any.
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.fd.as_ref().map(|f| f.as_fd())
     }
 
     pub(crate) fn inner_mut(&mut self) -> &mut OutMsg {
@@ -292,5 +312,86 @@ impl<M: Owned> fmt::Debug for MsgIn<M> {
             .field("segments", &self.segment_count())
             .field("fd", &self.fd)
             .finish()
+    }
+}
+
+/// Writes at most `left` bytes, then fails (which stops the formatting early: a 1 GiB message
+/// is not rendered in full to be cut).
+struct Bounded<'a> {
+    out: &'a mut String,
+    left: usize,
+    cut: bool,
+}
+
+impl fmt::Write for Bounded<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if s.len() <= self.left {
+            self.out.push_str(s);
+            self.left -= s.len();
+            return Ok(());
+        }
+        let mut end = self.left;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.out.push_str(&s[..end]);
+        self.left = 0;
+        self.cut = true;
+        Err(fmt::Error)
+    }
+}
+
+/// Renders `root` in capnp's text form: one line of at most 256 bytes, or (alternate form,
+/// `{:#}`) indented, at most 64 KiB; a cut rendering ends with `…`.
+fn render(root: capnp::Result<impl fmt::Debug>, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    let root = match root {
+        Ok(r) => r,
+        Err(e) => return write!(f, "<unreadable message: {e}>"),
+    };
+    let alternate = f.alternate();
+    let mut out = String::new();
+    let mut w = Bounded {
+        out: &mut out,
+        left: if alternate { 64 << 10 } else { 256 },
+        cut: false,
+    };
+    let _ = if alternate {
+        fmt::write(&mut w, format_args!("{root:#?}"))
+    } else {
+        fmt::write(&mut w, format_args!("{root:?}"))
+    };
+    let cut = w.cut;
+    f.write_str(&out)?;
+    if cut {
+        f.write_str("…")?;
+    }
+    Ok(())
+}
+
+impl<M: Owned> fmt::Display for MsgOut<M>
+where
+    for<'a> M::Reader<'a>: fmt::Debug,
+{
+    /// The message in capnp's text form, cut to 256 bytes (`{:#}`: indented, up to 64 KiB).
+    ///
+    /// ```
+    /// use flowipc::msg::MsgOut;
+    /// use flowipc::schemas::test_msgs_capnp::cool_msg;
+    /// let mut m = MsgOut::<cool_msg::Owned>::new_heap();
+    /// m.init_root().init_hello_there().set_num(42);
+    /// assert_eq!(m.to_string(), "(helloThere = (num = 42))");
+    /// ```
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        render(self.root(), f)
+    }
+}
+
+impl<M: Owned> fmt::Display for MsgIn<M>
+where
+    for<'a> M::Reader<'a>: fmt::Debug,
+{
+    /// As for [`MsgOut`]: capnp's text form, cut to 256 bytes (`{:#}`: indented, 64 KiB).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        render(self.root(), f)
     }
 }
