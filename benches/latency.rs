@@ -2,8 +2,9 @@
 //! `iter_custom`).
 //!
 //! One group, `rtt`, holds every figure so that ratios come from one run: the raw 64-byte
-//! Unix-socket ping-pong (the floor), and for 1 KiB, 64 KiB, 1 MiB, 64 MiB and 1 GiB responses
-//! the zero-copy (arena) and copying (heap) modes. The server is this bench binary re-executed
+//! Unix-socket ping-pong (the floor); a structured `sync_request` of a small message, arena- and
+//! heap-backed; and for 1 KiB, 64 KiB, 1 MiB, 64 MiB and 1 GiB responses the zero-copy (arena)
+//! and copying (heap) modes. The server is this bench binary re-executed
 //! once (see `peer/mod.rs`); both processes are pinned alike (`FLOWIPC_PIN`, default `same`).
 //!
 //! Run: `cargo bench --bench latency` (`-- rtt/zero_copy` for a subset).
@@ -38,6 +39,18 @@ fn rtt(c: &mut Criterion) {
             t.elapsed()
         })
     });
+    // Structured request/response (a small sumRequest; sync_request on a struc::Channel).
+    for (mode, zero_copy) in [("shm", true), ("heap", false)] {
+        g.bench_function(BenchmarkId::new("struc_sync_request", mode), |b| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    assert_eq!(client.struc_rtt(zero_copy), 42);
+                }
+                t.elapsed()
+            })
+        });
+    }
     for size in [1 << 10, 64 << 10, 1 << 20, 64 << 20, 1 << 30] {
         for (mode, zero_copy) in [("zero_copy", true), ("copying", false)] {
             if size >= 64 << 20 && !zero_copy {

@@ -471,7 +471,9 @@ fn a_message_owns_its_fd_and_it_rides_every_send() {
     let fds = Arc::new(Mutex::new(Vec::new()));
     let f = fds.clone();
     b.expect_msgs(ty("helloThere"), move |_, mut m| {
-        f.lock().unwrap().push(m.take_fd().expect("an fd each time"))
+        f.lock()
+            .unwrap()
+            .push(m.take_fd().expect("an fd each time"))
     })
     .unwrap();
     b.run_for(SHORT).unwrap();
@@ -519,15 +521,22 @@ fn an_unchanged_message_is_resent_on_two_channels_without_a_copy() {
 fn display_is_capnp_text_cut_short() {
     let (mut a, mut b) = started(Backing::Heap, Backing::Heap);
     let mut m = a.create_msg();
-    m.init_root().init_hello_there().set_greeting("x".repeat(1000).as_str());
+    m.init_root()
+        .init_hello_there()
+        .set_greeting("x".repeat(1000).as_str());
     let shown = m.to_string();
-    assert!(shown.starts_with("(helloThere = (greeting = \"xxx"), "{shown}");
+    assert!(
+        shown.starts_with("(helloThere = (greeting = \"xxx"),
+        "{shown}"
+    );
     assert!(shown.ends_with('…') && shown.len() <= 256 + '…'.len_utf8());
     a.send(&mut m, None).unwrap();
     let seen = Arc::new(Mutex::new(String::new()));
     let s = seen.clone();
-    b.expect_msg(ty("helloThere"), move |_, m| *s.lock().unwrap() = format!("{m:#}"))
-        .unwrap();
+    b.expect_msg(ty("helloThere"), move |_, m| {
+        *s.lock().unwrap() = format!("{m:#}")
+    })
+    .unwrap();
     b.run_for(SHORT).unwrap();
     let seen = seen.lock().unwrap();
     assert!(seen.contains("greeting") && seen.len() > 1000, "{seen}");
@@ -537,7 +546,8 @@ fn display_is_capnp_text_cut_short() {
 fn big_requests_and_responses_go_in_place() {
     const BIG: usize = 256 << 20;
     let arena = Arena::create(ArenaConfig::new()).unwrap();
-    let (mut client, mut server) = started(Backing::Shm(arena.clone()), Backing::Shm(arena.clone()));
+    let (mut client, mut server) =
+        started(Backing::Shm(arena.clone()), Backing::Shm(arena.clone()));
     server
         .expect_msgs(ty("blob"), |chan, req| {
             assert!(req.is_zero_copy());

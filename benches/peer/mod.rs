@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use flowipc::msg::{Backing, MsgChannel, MsgOut};
 use flowipc::schemas::perf_demo_capnp::body;
+use flowipc::schemas::test_msgs_capnp::cool_msg;
 use flowipc::shm::{Arena, ArenaConfig};
+use flowipc::struc;
 use flowipc::transport::{Channel, ChannelConfig};
 
 /// Set in the server process: the abstract socket name to connect to.
@@ -74,6 +76,9 @@ pub struct Client {
     pub raw: UnixStream,
     pub shm: MsgChannel<body::Owned>,
     pub heap: MsgChannel<body::Owned>,
+    /// Structured channels (CoolMsg), arena-backed and heap-backed.
+    pub struc_shm: struc::Channel<cool_msg::Owned>,
+    pub struc_heap: struc::Channel<cool_msg::Owned>,
     server: Child,
 }
 
@@ -96,11 +101,16 @@ pub fn serve_if_peer() {
     let raw = connect();
     let shm = connect();
     let heap = connect();
+    let struc_shm = connect();
+    let struc_heap = connect();
     let arena = Arena::create(ArenaConfig::new()).expect("arena");
+    let small = Arena::create(ArenaConfig::new().pool_size(16 << 20)).expect("arena");
     let threads = [
         std::thread::spawn(move || serve_raw(raw)),
         std::thread::spawn(move || serve_msgs(shm, Backing::Shm(arena))),
         std::thread::spawn(move || serve_msgs(heap, Backing::Heap)),
+        std::thread::spawn(move || serve_struc(struc_shm, Backing::Shm(small))),
+        std::thread::spawn(move || serve_struc(struc_heap, Backing::Heap)),
     ];
     for t in threads {
         let _ = t.join();
@@ -143,6 +153,25 @@ fn serve_msgs(s: UnixStream, backing: Backing) {
     }
 }
 
+/// Answers every `sumRequest` with its sum (the page's example), until the client goes.
+fn serve_struc(s: UnixStream, backing: Backing) {
+    let chan = Channel::from_stream(s, config()).expect("channel");
+    let mut chan = struc::Channel::<cool_msg::Owned>::new(chan, backing).expect("struc channel");
+    let sum_request = struc::MsgType::of::<cool_msg::Owned>("sumRequest").expect("type");
+    chan.start(|_| {}).expect("start");
+    chan.expect_msgs(sum_request, |chan, req| {
+        let Ok(cool_msg::SumRequest(Ok(r))) = req.root().and_then(|r| Ok(r.which()?)) else {
+            return;
+        };
+        let sum: i64 = r.get_terms_to_add().map(|t| t.iter().sum()).unwrap_or(0);
+        let mut rsp = chan.create_msg();
+        rsp.init_root().init_sum_response().set_sum(sum);
+        let _ = chan.send(&mut rsp, Some(&req));
+    })
+    .expect("expect");
+    let _ = chan.run();
+}
+
 /// Fills `msg` with a `GetCacheRsp` of `size` bytes in [`PART`]-byte parts (a recognisable
 /// pattern: part `i` is filled with `i as u8`).
 pub fn build_response(msg: &mut MsgOut<body::Owned>, size: usize) {
@@ -176,12 +205,22 @@ pub fn start() -> Client {
     let raw = accept();
     let shm = accept();
     let heap = accept();
+    let struc_shm = accept();
+    let struc_heap = accept();
     let arena = Arena::create(ArenaConfig::new().pool_size(64 << 20)).expect("arena");
     let chan = |s| Channel::from_stream(s, config()).expect("channel");
+    let structured = |s, backing| {
+        let mut c = struc::Channel::new(chan(s), backing).expect("struc channel");
+        c.start(|e| panic!("structured channel: {e}"))
+            .expect("start");
+        c
+    };
     Client {
         raw,
-        shm: MsgChannel::new(chan(shm), Backing::Shm(arena)),
+        shm: MsgChannel::new(chan(shm), Backing::Shm(arena.clone())),
         heap: MsgChannel::new(chan(heap), Backing::Heap),
+        struc_shm: structured(struc_shm, Backing::Shm(arena)),
+        struc_heap: structured(struc_heap, Backing::Heap),
         server,
     }
 }
@@ -232,6 +271,24 @@ impl Client {
         let first = parts.get(0).get_data().expect("data");
         assert_eq!(first.len(), PART.min(size));
         first[0]
+    }
+
+    /// One structured `sync_request` (a small `sumRequest`) and its `sumResponse`.
+    pub fn struc_rtt(&mut self, zero_copy: bool) -> i64 {
+        let chan = if zero_copy {
+            &mut self.struc_shm
+        } else {
+            &mut self.struc_heap
+        };
+        let mut req = chan.create_msg();
+        let mut terms = req.init_root().init_sum_request().init_terms_to_add(2);
+        terms.set(0, 20);
+        terms.set(1, 22);
+        let rsp = chan.sync_request(&mut req, None, None).expect("response");
+        match rsp.root().expect("root").which() {
+            Ok(cool_msg::SumResponse(Ok(s))) => s.get_sum(),
+            _ => panic!("not a sumResponse"),
+        }
     }
 
     /// Times `n` round trips; returns each one's duration.

@@ -214,9 +214,10 @@ impl<M: Owned> MsgChannel<M> {
         // The message's own fd rides along unless the caller gives another. (A duplicate, so
         // that the message keeps owning its own while `msg` is borrowed mutably below.)
         let own = match (fd, msg.fd()) {
-            (None, Some(f)) => Some(f.try_clone_to_owned().map_err(|e| {
-                Error::Transport(crate::transport::Error::Io(e))
-            })?),
+            (None, Some(f)) => Some(
+                f.try_clone_to_owned()
+                    .map_err(|e| Error::Transport(crate::transport::Error::Io(e)))?,
+            ),
             _ => None,
         };
         let fd = fd.or(own.as_ref().map(|f| f.as_fd()));

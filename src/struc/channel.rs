@@ -339,6 +339,20 @@ where
         }
     }
 
+    /// Handles messages until the channel is hosed (a server's loop); returns that error the
+    /// way [`process_ready`](Channel::process_ready) does. Each wait is one blocking `recvmsg`.
+    pub fn run(&mut self) -> Result<(), Error> {
+        self.check()?;
+        if !self.started {
+            return Err(Error::NotStarted);
+        }
+        loop {
+            if let Err(e) = self.step_inner(None) {
+                return Err(self.report(e));
+            }
+        }
+    }
+
     /// A hosing error met while receiving goes to `on_error`; the caller sees `Hosed`.
     fn report(&mut self, e: Error) -> Error {
         if !e.is_hosing() {
