@@ -269,6 +269,11 @@ impl<M: Owned> MsgIn<M> {
         self.answers
     }
 
+    /// The bytes of segment 0 (where the root pointer is), if any.
+    pub(crate) fn segment0(&self) -> Option<&[u8]> {
+        self.reader.get_segments().get_segment(0)
+    }
+
     /// The root, read in place.
     pub fn root(&self) -> capnp::Result<M::Reader<'_>> {
         self.reader.get_root::<M::Reader<'_>>()

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -34,15 +35,19 @@ type OneOff<M> = Box<dyn FnOnce(&mut Channel<M>, MsgIn<M>) + Send>;
 /// A structured channel of root type `M` (see the [module docs](super)).
 pub struct Channel<M: Owned> {
     msgs: MsgChannel<M>,
+    /// Where the root union's discriminant is (in 16-bit units of the root's data section), and
+    /// how many fields the union has.
+    union_at: u32,
+    union_len: u16,
     started: bool,
     hosed: bool,
     on_error: Option<Box<dyn FnOnce(Error) + Send>>,
-    expect_one: HashMap<u16, OneOff<M>>,
+    expect_one: ByType<OneOff<M>>,
     /// `None` while the handler runs (taken out so it can get `&mut Channel`).
-    expect_many: HashMap<u16, Option<Handler<M>>>,
-    cache: HashMap<u16, VecDeque<MsgIn<M>>>,
+    expect_many: ByType<Option<Handler<M>>>,
+    cache: ByType<VecDeque<MsgIn<M>>>,
     /// Pending async requests by id: how long they last and the handler (`None` while running).
-    requests: HashMap<u64, (Expect, Option<Handler<M>>)>,
+    requests: HashMap<u64, (Expect, Option<Handler<M>>), BuildHasherDefault<IdHasher>>,
     /// The request a `sync_request` waits on, and its response once here.
     sync_waiting: Option<u64>,
     sync_response: Option<MsgIn<M>>,
@@ -61,7 +66,13 @@ impl<M: Owned> fmt::Debug for Channel<M> {
             .field("pending_requests", &self.requests.len())
             .field(
                 "cached",
-                &self.cache.values().map(VecDeque::len).sum::<usize>(),
+                &self
+                    .cache
+                    .0
+                    .iter()
+                    .flatten()
+                    .map(VecDeque::len)
+                    .sum::<usize>(),
             )
             .finish()
     }
@@ -75,16 +86,23 @@ where
     /// Takes over an unstructured channel; new messages use `backing`. Fails with
     /// [`Error::NoRootUnion`] if `M` has no anonymous union at its root.
     pub fn new(chan: transport::Channel, backing: Backing) -> Result<Self, Error> {
-        root_schema::<M>()?;
+        let (union_at, union_len) = match root_schema::<M>()?.get_proto().which() {
+            Ok(capnp::schema_capnp::node::Struct(st)) => {
+                (st.get_discriminant_offset(), st.get_discriminant_count())
+            }
+            _ => return Err(Error::NoRootUnion),
+        };
         Ok(Channel {
             msgs: MsgChannel::new(chan, backing),
+            union_at,
+            union_len,
             started: false,
             hosed: false,
             on_error: None,
-            expect_one: HashMap::new(),
-            expect_many: HashMap::new(),
-            cache: HashMap::new(),
-            requests: HashMap::new(),
+            expect_one: ByType::default(),
+            expect_many: ByType::default(),
+            cache: ByType::default(),
+            requests: HashMap::default(),
             sync_waiting: None,
             sync_response: None,
             timed_out: HashSet::new(),
@@ -400,7 +418,14 @@ where
         if answers != 0 {
             return self.dispatch_response(answers, m);
         }
-        let which = msg_type(&m)?;
+        let which = match m
+            .segment0()
+            .and_then(|s| root_discriminant(s, self.union_at))
+        {
+            Some(d) if d < self.union_len => MsgType(d),
+            Some(_) => return Err(Error::UnknownMsgType),
+            None => msg_type(&m)?,
+        };
         if let Some(h) = self.expect_one.remove(&which.0) {
             h(self, m);
         } else if let Some(slot) = self.expect_many.get_mut(&which.0) {
@@ -413,10 +438,10 @@ where
                     }
                 }
                 // Its handler is running (a nested receive): keep order by caching.
-                None => self.cache.entry(which.0).or_default().push_back(m),
+                None => self.cache.get_or_default(which.0).push_back(m),
             }
         } else {
-            self.cache.entry(which.0).or_default().push_back(m);
+            self.cache.get_or_default(which.0).push_back(m);
         }
         Ok(())
     }
@@ -460,6 +485,90 @@ where
     }
 }
 
+/// A map keyed by message type (a small union discriminant): a vector slot per type.
+struct ByType<V>(Vec<Option<V>>);
+
+impl<V> Default for ByType<V> {
+    fn default() -> Self {
+        ByType(Vec::new())
+    }
+}
+
+impl<V> ByType<V> {
+    fn get(&self, k: &u16) -> Option<&V> {
+        self.0.get(*k as usize)?.as_ref()
+    }
+    fn get_mut(&mut self, k: &u16) -> Option<&mut V> {
+        self.0.get_mut(*k as usize)?.as_mut()
+    }
+    fn contains_key(&self, k: &u16) -> bool {
+        self.get(k).is_some()
+    }
+    fn insert(&mut self, k: u16, v: V) {
+        if self.0.len() <= k as usize {
+            self.0.resize_with(k as usize + 1, || None);
+        }
+        self.0[k as usize] = Some(v);
+    }
+    fn remove(&mut self, k: &u16) -> Option<V> {
+        self.0.get_mut(*k as usize)?.take()
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+    fn get_or_default(&mut self, k: u16) -> &mut V
+    where
+        V: Default,
+    {
+        if !self.contains_key(&k) {
+            self.insert(k, V::default());
+        }
+        self.0[k as usize].get_or_insert_with(V::default)
+    }
+}
+
+/// Hasher for message ids (unique integers): one multiply, no SipHash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// The root union's discriminant read straight from segment 0 when the root pointer is a plain
+/// struct pointer there (as our builders make it), `None` otherwise (e.g. a far pointer: the
+/// caller then asks capnp's dynamic reader). Every access is bounds-checked.
+fn root_discriminant(seg0: &[u8], at: u32) -> Option<u16> {
+    let ptr = u64::from_le_bytes(seg0.get(..8)?.try_into().ok()?);
+    if ptr == 0 || ptr & 3 != 0 {
+        return None; // null root or not a struct pointer
+    }
+    // Bits 2..32: signed offset in words from the end of the pointer to the data section;
+    // bits 32..48: data section size in words.
+    let offset = i64::from((ptr as u32 as i32) >> 2);
+    let data_words = (ptr >> 32) as u16 as u64;
+    let start = 8 + offset * 8;
+    if start < 8 {
+        return None;
+    }
+    let field = u64::from(at) * 2;
+    if field + 2 > data_words * 8 {
+        return Some(0); // beyond the data section: the default, 0
+    }
+    let at = usize::try_from(start as u64 + field).ok()?;
+    Some(u16::from_le_bytes(seg0.get(at..at + 2)?.try_into().ok()?))
+}
+
 /// The type of a received message: its root union's discriminant.
 fn msg_type<M>(m: &MsgIn<M>) -> Result<MsgType, Error>
 where
@@ -483,5 +592,50 @@ impl<M: Owned> AsFd for Channel<M> {
 impl<M: Owned> AsRawFd for Channel<M> {
     fn as_raw_fd(&self) -> RawFd {
         self.msgs.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schemas::test_msgs_capnp::cool_msg;
+
+    /// The direct read of the discriminant agrees with capnp's dynamic reader for every type.
+    #[test]
+    fn root_discriminant_agrees_with_capnp() {
+        let (at, len) = match root_schema::<cool_msg::Owned>()
+            .unwrap()
+            .get_proto()
+            .which()
+        {
+            Ok(capnp::schema_capnp::node::Struct(st)) => {
+                (st.get_discriminant_offset(), st.get_discriminant_count())
+            }
+            _ => panic!(),
+        };
+        assert_eq!(len, 7);
+        for d in 0..len {
+            let mut b = capnp::message::Builder::new_default();
+            let mut root = b.init_root::<cool_msg::Builder<'_>>();
+            match d {
+                0 => drop(root.init_hello_there()),
+                1 => drop(root.init_sum_request()),
+                2 => drop(root.init_sum_response()),
+                3 => drop(root.init_hit_me_with_your_best_shot()),
+                4 => drop(root.init_my_best_shot()),
+                5 => drop(root.init_blob()),
+                _ => root.set_ping(()),
+            }
+            let seg0 = b.get_segments_for_output()[0].to_vec();
+            assert_eq!(root_discriminant(&seg0, at), Some(d));
+            let r = b.get_root_as_reader::<cool_msg::Reader<'_>>().unwrap();
+            let dynamic: dynamic_struct::Reader<'_> = dynamic_value::Reader::from(r).downcast();
+            let field = dynamic.which().unwrap().unwrap();
+            assert_eq!(field.get_proto().get_discriminant_value(), d);
+        }
+        // Garbage or short input is `None` or a value, never a panic.
+        for bytes in [&[][..], &[1u8; 3], &[0xFF; 8], &[0x04, 0, 0, 0, 1, 0, 0, 0]] {
+            let _ = root_discriminant(bytes, at);
+        }
     }
 }
