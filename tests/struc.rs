@@ -617,3 +617,135 @@ fn a_plain_poll_loop_drives_the_sync_io_core() {
     }
     assert_eq!(*answers.lock().unwrap(), [1, 2, 3, 4, 5]);
 }
+
+// ---- The async-I/O face. ----
+
+use flowipc::struc::AsyncChannel;
+
+fn async_pair(
+    a_backing: Backing,
+    b_backing: Backing,
+) -> (AsyncChannel<cool_msg::Owned>, AsyncChannel<cool_msg::Owned>) {
+    let (a, b) = pair(a_backing, b_backing);
+    (AsyncChannel::new(a).unwrap(), AsyncChannel::new(b).unwrap())
+}
+
+static_assertions::assert_impl_all!(AsyncChannel<cool_msg::Owned>: Send, Sync);
+static_assertions::assert_impl_all!(Channel<cool_msg::Owned>: Send);
+
+#[test]
+fn concurrent_sync_requests_from_several_threads() {
+    for (mode, ab, bb) in backings() {
+        let (client, server) = async_pair(ab, bb);
+        server
+            .expect_msgs(ty("sumRequest"), |chan, req| {
+                let Ok(cool_msg::SumRequest(Ok(r))) = req.root().unwrap().which() else {
+                    panic!()
+                };
+                let sum: i64 = r.get_terms_to_add().unwrap().iter().sum();
+                let mut rsp = chan.create_msg();
+                rsp.init_root().init_sum_response().set_sum(sum);
+                chan.send(&mut rsp, Some(&req)).unwrap();
+            })
+            .unwrap();
+        server.start(|e| panic!("server: {e}")).unwrap();
+        client.start(|e| panic!("client: {e}")).unwrap();
+        let client = Arc::new(client);
+        let threads: Vec<_> = (0..4i64)
+            .map(|t| {
+                let client = client.clone();
+                std::thread::spawn(move || {
+                    for i in 0..200i64 {
+                        let mut req = client.create_msg();
+                        let mut terms = req.init_root().init_sum_request().init_terms_to_add(2);
+                        terms.set(0, t * 1000);
+                        terms.set(1, i);
+                        let rsp = client
+                            .sync_request(&mut req, None, Some(Duration::from_secs(30)))
+                            .unwrap();
+                        assert_eq!(num_of(&rsp), t * 1000 + i);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(!client.is_hosed(), "{mode}");
+    }
+}
+
+#[test]
+fn async_timeout_end_sending_and_death() {
+    let (client, server) = async_pair(Backing::Heap, Backing::Heap);
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let e2 = errors.clone();
+    client
+        .start(move |e| e2.lock().unwrap().push(e.to_string()))
+        .unwrap();
+    let got = log();
+    let g = got.clone();
+    server
+        .expect_msgs(ty("helloThere"), move |_, m| {
+            g.lock().unwrap().push(num_of(&m))
+        })
+        .unwrap();
+    server.start(|_| {}).unwrap();
+    // Nobody answers sums: a timeout, not hosing.
+    let mut req = client.create_msg();
+    req.init_root().init_sum_request();
+    assert!(matches!(
+        client.sync_request(&mut req, None, Some(Duration::from_millis(50))),
+        Err(Error::Timeout)
+    ));
+    assert!(!client.is_hosed());
+    // Notifications, then a graceful end: all delivered, completion fires once.
+    for n in 1..=3 {
+        let mut m = client.create_msg();
+        m.init_root().init_hello_there().set_num(n);
+        client.send(&mut m, None).unwrap();
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    client.async_end_sending(move |r| tx.send(r.is_ok()).unwrap());
+    assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got.lock().unwrap().len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(*got.lock().unwrap(), [1, 2, 3]);
+    // The server goes away: the client hears it once.
+    drop(server);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while errors.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        errors.lock().unwrap().len(),
+        1,
+        "{:?}",
+        errors.lock().unwrap()
+    );
+    assert!(client.is_hosed());
+    let mut m = client.create_msg();
+    m.init_root().set_ping(());
+    assert!(matches!(client.send(&mut m, None), Err(Error::Hosed)));
+}
+
+#[test]
+fn dropping_aborts_a_pending_end_sending() {
+    let (client, _server) = async_pair(Backing::Heap, Backing::Heap);
+    client.start(|_| {}).unwrap();
+    // Fill the socket (the server does not read) so the end cannot be written.
+    let big = "x".repeat(1 << 20);
+    for _ in 0..64 {
+        let mut m = client.create_msg();
+        m.init_root().init_hello_there().set_greeting(big.as_str());
+        client.send(&mut m, None).unwrap();
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    client.async_end_sending(move |r| tx.send(format!("{r:?}")).unwrap());
+    drop(client);
+    let r = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(r.contains("Aborted"), "{r}");
+}

@@ -357,6 +357,46 @@ where
         }
     }
 
+    /// Ends sending gracefully: everything sent so far goes out, then the peer learns of the
+    /// end ([`transport::Error::EndOfStream`], hosing on its side, reported once). Later sends
+    /// fail with the transport's `SendingEnded`. [`is_send_done`](Channel::is_send_done) tells
+    /// when it is all written; [`flush`](Channel::flush) pushes it along.
+    pub fn end_sending(&mut self) -> Result<(), Error> {
+        self.check()?;
+        match self.msgs.channel().end_sending() {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.hose(crate::msg::Error::from(e).into())),
+        }
+    }
+
+    /// Whether the end of sending (and everything before it) has been written.
+    pub fn is_send_done(&mut self) -> bool {
+        self.msgs.channel().is_send_done()
+    }
+
+    /// Writes what the socket takes of the send queue; `Ok(true)` when it is empty. (Blocking
+    /// receives flush by themselves; a poll loop calls this when the fd is writable.)
+    pub fn flush(&mut self) -> Result<bool, Error> {
+        self.check()?;
+        match self.msgs.channel().flush() {
+            Ok(done) => Ok(done),
+            Err(e) => Err(self.hose(crate::msg::Error::from(e).into())),
+        }
+    }
+
+    /// Whether the send queue holds bytes (poll for writability, then [`flush`](Channel::flush)).
+    pub fn wants_write(&mut self) -> bool {
+        self.msgs.channel().wants_write()
+    }
+
+    /// Stops expecting responses to `req` like
+    /// [`undo_expect_responses`](Channel::undo_expect_responses), and drops any that still
+    /// arrive quietly (for a request whose waiter gave up: not unexpected responses).
+    pub(crate) fn abandon_request(&mut self, req: ReqId) {
+        self.requests.remove(&req.0);
+        self.timed_out.insert(req.0);
+    }
+
     /// Handles messages until the channel is hosed (a server's loop); returns that error the
     /// way [`process_ready`](Channel::process_ready) does. Each wait is one blocking `recvmsg`.
     pub fn run(&mut self) -> Result<(), Error> {

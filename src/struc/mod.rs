@@ -66,9 +66,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod async_io;
 mod channel;
 mod error;
 
+pub use self::async_io::AsyncChannel;
 pub use self::channel::{Channel, Expect, ReqId};
 pub use self::error::Error;
 
