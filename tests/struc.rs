@@ -749,3 +749,30 @@ fn dropping_aborts_a_pending_end_sending() {
     let r = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert!(r.contains("Aborted"), "{r}");
 }
+
+#[test]
+fn sync_io_start_and_poll_and_take_cached() {
+    let (mut a, mut b) = pair(Backing::Heap, Backing::Heap);
+    a.start(|_| {}).unwrap();
+    hello(&mut a, 1, None);
+    hello(&mut a, 2, None);
+    std::thread::sleep(Duration::from_millis(20));
+    b.start_and_poll(|e| panic!("{e}")).unwrap();
+    assert_eq!(b.cached(ty("helloThere")), 2);
+    let first = b.take_cached(ty("helloThere")).unwrap().unwrap();
+    assert_eq!(num_of(&first), 1);
+    let second = b.take_cached(ty("helloThere")).unwrap().unwrap();
+    assert_eq!(num_of(&second), 2);
+    assert!(b.take_cached(ty("helloThere")).unwrap().is_none());
+    let (r, _w) = std::io::pipe().unwrap();
+    let mut m = a.create_msg_with_fd(r.into());
+    m.init_root().set_ping(());
+    a.send(&mut m, None).unwrap();
+    b.run_for(SHORT).unwrap();
+    assert!(b
+        .take_cached(ty("ping"))
+        .unwrap()
+        .unwrap()
+        .take_fd()
+        .is_some());
+}

@@ -116,6 +116,13 @@ where
         self.msgs.create_msg()
     }
 
+    /// A new, empty message paired with `fd` (see [`MsgOut::set_fd`]).
+    pub fn create_msg_with_fd(&self, fd: std::os::fd::OwnedFd) -> MsgOut<M> {
+        let mut m = self.msgs.create_msg();
+        m.set_fd(fd);
+        m
+    }
+
     /// Starts receiving. Before this, sends work and expectations may be registered, but
     /// nothing is received. `on_error` gets the hosing error if it happens while receiving (an
     /// error hit by a call is returned by that call instead): at most once.
@@ -127,6 +134,17 @@ where
         self.started = true;
         self.on_error = Some(Box::new(on_error));
         Ok(())
+    }
+
+    /// [`start`](Channel::start), then handle whatever has already arrived
+    /// ([`process_ready`](Channel::process_ready)): for a poll loop that may have missed a
+    /// readiness edge before starting.
+    pub fn start_and_poll(
+        &mut self,
+        on_error: impl FnOnce(Error) + Send + 'static,
+    ) -> Result<(), Error> {
+        self.start(on_error)?;
+        self.process_ready()
     }
 
     /// Whether a hosing error has been reported.
@@ -298,6 +316,14 @@ where
 
     fn is_expected(&self, which: MsgType) -> bool {
         self.expect_one.contains_key(&which.0) || self.expect_many.contains_key(&which.0)
+    }
+
+    /// The sync_io way to expect one message: the oldest cached message of type `which`, if
+    /// any, handed back directly (no handler); `None` if none is cached (then register with
+    /// [`expect_msg`](Channel::expect_msg) to get the next one).
+    pub fn take_cached(&mut self, which: MsgType) -> Result<Option<MsgIn<M>>, Error> {
+        self.check()?;
+        Ok(self.cache.get_mut(&which.0).and_then(VecDeque::pop_front))
     }
 
     /// Messages of type `which` waiting in the cache.
