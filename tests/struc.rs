@@ -365,12 +365,26 @@ fn garbage_from_the_peer_is_reported_once() {
 
 #[test]
 fn the_pages_scenario_across_processes() {
-    let peer = common::spawn_plain("struc_server");
+    pages_scenario(true);
+    pages_scenario(false);
+}
+
+fn pages_scenario(shm: bool) {
+    let peer = common::spawn_plain(if shm {
+        "struc_server"
+    } else {
+        "struc_server_heap"
+    });
     let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
     let chan =
         transport::Channel::from_stream(peer.sock.try_clone().unwrap(), ChannelConfig::new())
             .unwrap();
-    let mut client = Cool::new(chan, Backing::Shm(arena.clone())).unwrap();
+    let backing = if shm {
+        Backing::Shm(arena.clone())
+    } else {
+        Backing::Heap
+    };
+    let mut client = Cool::new(chan, backing).unwrap();
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let e2 = errors.clone();
     client
@@ -389,7 +403,7 @@ fn the_pages_scenario_across_processes() {
     let rsp = client
         .sync_request(&mut req, None, Some(Duration::from_secs(30)))
         .unwrap();
-    assert!(rsp.is_zero_copy());
+    assert_eq!(rsp.is_zero_copy(), shm);
     assert_eq!(num_of(&rsp), 45);
     // The server greets us unsolicited once it answered; expected after the fact: cached.
     client.run_for(Duration::from_millis(300)).unwrap();
@@ -422,11 +436,16 @@ fn the_pages_scenario_across_processes() {
     assert_eq!(arena.stats().blocks_in_use, 0);
 }
 
-fn child_struc_server() {
+fn child_struc_server(shm: bool) {
     let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
     let chan =
         transport::Channel::from_stream(common::child_socket(), ChannelConfig::new()).unwrap();
-    let mut server = Cool::new(chan, Backing::Shm(arena)).unwrap();
+    let backing = if shm {
+        Backing::Shm(arena)
+    } else {
+        Backing::Heap
+    };
+    let mut server = Cool::new(chan, backing).unwrap();
     server.start(|e| panic!("{e}")).unwrap();
     serve(&mut server);
     let done = Arc::new(Mutex::new(false));
@@ -450,7 +469,8 @@ fn child_struc_server() {
 #[ignore]
 fn child_entry() {
     match common::child_role().as_deref() {
-        Some("struc_server") => child_struc_server(),
+        Some("struc_server") => child_struc_server(true),
+        Some("struc_server_heap") => child_struc_server(false),
         Some(other) => panic!("unknown role {other}"),
         None => {}
     }
