@@ -796,3 +796,31 @@ fn sync_io_start_and_poll_and_take_cached() {
         .take_fd()
         .is_some());
 }
+
+#[test]
+fn a_response_to_an_id_never_sent_is_a_specific_error_once() {
+    let (mut raw, b) = transport::Channel::pair(ChannelConfig::new()).unwrap();
+    let mut b = Channel::<cool_msg::Owned>::new(b, Backing::Heap).unwrap();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let e2 = errors.clone();
+    b.start(move |e| e2.lock().unwrap().push(format!("{e:?}")))
+        .unwrap();
+    // A heap-framed `ping` message (id 1) answering our message 77, which we never sent.
+    let mut m = flowipc::msg::MsgOut::<cool_msg::Owned>::new_heap();
+    m.init_root().set_ping(());
+    let (x, y) = transport::Channel::pair(ChannelConfig::new()).unwrap();
+    let mut forger = flowipc::msg::MsgChannel::<cool_msg::Owned>::new(x, Backing::Heap);
+    let mut tap = y;
+    forger.send(&mut m, None).unwrap();
+    let (mut frame, _) = tap
+        .recv_blocking(Some(Duration::from_secs(5)))
+        .unwrap()
+        .unwrap()
+        .into_parts();
+    frame[16..24].copy_from_slice(&77u64.to_le_bytes());
+    raw.send(&frame, None).unwrap();
+    assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
+    let errors = errors.lock().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].contains("BadResponseId(77)"), "{errors:?}");
+}

@@ -181,6 +181,11 @@ impl<M: Owned> MsgChannel<M> {
         self.hose_on(r)
     }
 
+    /// The id the next message will get (every id below it has been used).
+    pub(crate) fn next_message_id(&self) -> u64 {
+        self.next_id
+    }
+
     /// Tells the peer that its message `id` arrived as a response nobody expected.
     pub(crate) fn send_unexpected_notice(&mut self, id: u64) -> Result<(), Error> {
         if self.hosed {

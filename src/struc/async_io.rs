@@ -26,6 +26,9 @@ struct Shared<M: Owned> {
     stop: AtomicBool,
     /// Written to wake the library thread (something to flush, or stop).
     waker: UnixStream,
+    /// A hosing error met on the library thread, for the user's `on_error`, which runs after
+    /// the core is unlocked (so that it may call this channel).
+    error: Mutex<Option<Error>>,
 }
 
 impl<M: Owned> Shared<M> {
@@ -106,6 +109,7 @@ where
                 ending: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
                 waker: tx,
+                error: Mutex::new(None),
             }),
             waker_rx: Mutex::new(Some(rx)),
             thread: Mutex::new(None),
@@ -131,14 +135,15 @@ where
     /// Starts receiving on a library thread. `on_error` gets the hosing error met while
     /// receiving (one met by a call is returned by it instead): at most once.
     pub fn start(&self, on_error: impl FnOnce(Error) + Send + 'static) -> Result<(), Error> {
-        self.core().start(on_error)?;
+        let slot = self.shared.clone();
+        self.core().start(move |e| *lock(&slot.error) = Some(e))?;
         let Some(rx) = lock(&self.waker_rx).take() else {
             return Err(Error::AlreadyStarted);
         };
         let shared = self.shared.clone();
         let thread = std::thread::Builder::new()
             .name("flowipc-struc".into())
-            .spawn(move || run(shared, rx))
+            .spawn(move || run(shared, rx, on_error))
             .map_err(io)?;
         *lock(&self.thread) = Some(thread);
         Ok(())
@@ -165,6 +170,9 @@ where
     ) -> Result<MsgIn<M>, Error> {
         let (tx, rx) = mpsc::sync_channel(1);
         let id = self.with_core(|c| {
+            if !c.is_started() {
+                return Err(Error::NotStarted);
+            }
             c.async_request(msg, originating, Expect::OneOff, move |_, rsp| {
                 let _ = tx.try_send(rsp);
             })
@@ -180,6 +188,10 @@ where
             Err(timed_out) => {
                 let mut core = self.core();
                 core.abandon_request(id);
+                // It may have come between the timeout and the lock.
+                if let Ok(rsp) = rx.try_recv() {
+                    return Ok(rsp);
+                }
                 if timed_out && !core.is_hosed() {
                     Err(Error::Timeout)
                 } else {
@@ -269,7 +281,7 @@ where
 
 /// The library thread: waits for the channel's fd (and the waker), flushes, receives and runs
 /// handlers, completes end-sending.
-fn run<M>(shared: Arc<Shared<M>>, waker: UnixStream)
+fn run<M>(shared: Arc<Shared<M>>, waker: UnixStream, on_error: impl FnOnce(Error))
 where
     M: Owned + Introspect + 'static,
     for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
@@ -299,11 +311,16 @@ where
             return;
         }
         let mut core = lock(&shared.core);
-        let _ = core.flush();
+        core.flush_reporting();
         let _ = core.process_ready();
         let done = core.is_send_done();
         let hosed = core.is_hosed();
         drop(core);
+        let error = lock(&shared.error).take();
+        if let Some(e) = error {
+            on_error(e);
+            break;
+        }
         if done || hosed {
             let pending = std::mem::take(&mut *lock(&shared.ending));
             for f in pending {

@@ -30,6 +30,14 @@ pub enum Expect {
 pub struct ReqId(pub u64);
 
 type Handler<M> = Box<dyn FnMut(&mut Channel<M>, MsgIn<M>) + Send>;
+
+/// A pending async request: how long it lasts, its handler (`None` while it runs), and the
+/// responses that came while it ran (a nested receive), delivered right after it returns.
+struct Request<M: Owned> {
+    expect: Expect,
+    handler: Option<Handler<M>>,
+    queued: VecDeque<MsgIn<M>>,
+}
 type OneOff<M> = Box<dyn FnOnce(&mut Channel<M>, MsgIn<M>) + Send>;
 
 /// A structured channel of root type `M` (see the [module docs](super)).
@@ -46,11 +54,11 @@ pub struct Channel<M: Owned> {
     /// `None` while the handler runs (taken out so it can get `&mut Channel`).
     expect_many: ByType<Option<Handler<M>>>,
     cache: ByType<VecDeque<MsgIn<M>>>,
-    /// Pending async requests by id: how long they last and the handler (`None` while running).
-    requests: HashMap<u64, (Expect, Option<Handler<M>>), BuildHasherDefault<IdHasher>>,
-    /// The request a `sync_request` waits on, and its response once here.
-    sync_waiting: Option<u64>,
-    sync_response: Option<MsgIn<M>>,
+    /// Pending async requests by id.
+    requests: HashMap<u64, Request<M>, BuildHasherDefault<IdHasher>>,
+    /// Requests that `sync_request` calls (possibly nested) wait on, and each one's response
+    /// once here.
+    sync_waiting: HashMap<u64, Option<MsgIn<M>>, BuildHasherDefault<IdHasher>>,
     /// Requests whose `sync_request` timed out: their late responses are dropped quietly.
     timed_out: HashSet<u64>,
     on_unexpected: Option<Handler<M>>,
@@ -103,8 +111,7 @@ where
             expect_many: ByType::default(),
             cache: ByType::default(),
             requests: HashMap::default(),
-            sync_waiting: None,
-            sync_response: None,
+            sync_waiting: HashMap::default(),
             timed_out: HashSet::new(),
             on_unexpected: None,
             on_remote_unexpected: None,
@@ -152,6 +159,23 @@ where
         self.hosed
     }
 
+    /// Whether [`start`](Channel::start) was called.
+    pub fn is_started(&self) -> bool {
+        self.started
+    }
+
+    /// Flushes for the async face's library thread: a hosing error goes to `on_error` (once),
+    /// like one met while receiving, since no user call is there to return it.
+    pub(crate) fn flush_reporting(&mut self) {
+        if self.hosed {
+            return;
+        }
+        if let Err(e) = self.msgs.channel().flush() {
+            let e: Error = crate::msg::Error::from(e).into();
+            let _ = self.report(e);
+        }
+    }
+
     fn check(&self) -> Result<(), Error> {
         if self.hosed {
             Err(Error::Hosed)
@@ -168,6 +192,7 @@ where
             self.expect_one.clear();
             self.expect_many.clear();
             self.requests.clear();
+            self.sync_waiting.clear();
             self.on_unexpected = None;
             self.on_remote_unexpected = None;
         }
@@ -213,10 +238,9 @@ where
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         let id = self.send_with_fd(msg, originating, None)?;
-        let outer = self.sync_waiting.replace(id);
-        let outer_rsp = self.sync_response.take();
+        self.sync_waiting.insert(id, None);
         let r = loop {
-            if let Some(rsp) = self.sync_response.take() {
+            if let Some(rsp) = self.sync_waiting.get_mut(&id).and_then(Option::take) {
                 break Ok(rsp);
             }
             let left = match deadline {
@@ -230,11 +254,13 @@ where
                 None => None,
             };
             if let Err(e) = self.step(left) {
+                if !e.is_hosing() {
+                    self.timed_out.insert(id);
+                }
                 break Err(e);
             }
         };
-        self.sync_waiting = outer;
-        self.sync_response = outer_rsp;
+        self.sync_waiting.remove(&id);
         r
     }
 
@@ -248,7 +274,14 @@ where
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<ReqId, Error> {
         let id = self.send_with_fd(msg, originating, None)?;
-        self.requests.insert(id, (expect, Some(Box::new(handler))));
+        self.requests.insert(
+            id,
+            Request {
+                expect,
+                handler: Some(Box::new(handler)),
+                queued: VecDeque::new(),
+            },
+        );
         Ok(ReqId(id))
     }
 
@@ -301,7 +334,7 @@ where
                 return Ok(true);
             }
         }
-        if let Some(slot) = self.expect_many.get_mut(&which.0) {
+        if let Some(slot @ None) = self.expect_many.get_mut(&which.0) {
             *slot = Some(handler);
         }
         Ok(true)
@@ -442,6 +475,10 @@ where
         if !e.is_hosing() {
             return e;
         }
+        if self.hosed {
+            // Already reported (e.g. by a handler's call, or a nested receive).
+            return Error::Hosed;
+        }
         let handler = self.on_error.take();
         self.hose(Error::Hosed);
         match handler {
@@ -457,12 +494,17 @@ where
     fn step(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
         match self.step_inner(timeout) {
             Ok(_) => Ok(()),
+            Err(_) if self.hosed => Err(Error::Hosed),
             Err(e) => Err(self.hose(e)),
         }
     }
 
     /// Receives and dispatches one event (waiting up to `timeout`); `Ok(false)` if none came.
     fn step_inner(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        if self.hosed {
+            // Hosed by a handler's call or a nested receive: reported there already.
+            return Err(Error::Hosed);
+        }
         match self.msgs.next_event(timeout) {
             Ok(Some(Incoming::Msg(m))) => {
                 self.dispatch(m)?;
@@ -494,44 +536,51 @@ where
         };
         if let Some(h) = self.expect_one.remove(&which.0) {
             h(self, m);
-        } else if let Some(slot) = self.expect_many.get_mut(&which.0) {
-            match slot.take() {
-                Some(mut h) => {
-                    h(self, m);
-                    // Put it back unless the handler undid (or replaced) the expectation.
-                    if let Some(slot @ None) = self.expect_many.get_mut(&which.0) {
-                        *slot = Some(h);
-                    }
-                }
-                // Its handler is running (a nested receive): keep order by caching.
-                None => self.cache.get_or_default(which.0).push_back(m),
-            }
-        } else {
-            self.cache.get_or_default(which.0).push_back(m);
+            return Ok(());
         }
+        // Through the cache, so that order holds even when a handler's nested receive brings in
+        // more of its own type while it runs (those wait here and follow it).
+        self.cache.get_or_default(which.0).push_back(m);
+        self.deliver_cached(which);
         Ok(())
     }
 
+    /// Hands cached messages of `which` to its `expect_msgs` handler while there is one, not
+    /// already running.
+    fn deliver_cached(&mut self, which: MsgType) {
+        while !self.hosed {
+            let Some(slot) = self.expect_many.get_mut(&which.0) else {
+                return;
+            };
+            if slot.is_none() {
+                return; // running further up the stack: it will take these when it returns
+            }
+            let Some(m) = self.cache.get_mut(&which.0).and_then(VecDeque::pop_front) else {
+                return;
+            };
+            let Some(mut h) = self.expect_many.get_mut(&which.0).and_then(Option::take) else {
+                return;
+            };
+            h(self, m);
+            // Put it back unless the handler undid (or replaced) the expectation.
+            if let Some(slot @ None) = self.expect_many.get_mut(&which.0) {
+                *slot = Some(h);
+            }
+        }
+    }
+
     fn dispatch_response(&mut self, answers: u64, m: MsgIn<M>) -> Result<(), Error> {
-        if self.sync_waiting == Some(answers) && self.sync_response.is_none() {
-            self.sync_waiting = None;
-            self.sync_response = Some(m);
+        if answers >= self.msgs.next_message_id() {
+            return Err(Error::BadResponseId(answers));
+        }
+        if let Some(slot @ None) = self.sync_waiting.get_mut(&answers) {
+            *slot = Some(m);
             return Ok(());
         }
-        if let Some((expect, slot)) = self.requests.get_mut(&answers) {
-            let expect = *expect;
-            if let Some(mut h) = slot.take() {
-                if expect == Expect::OneOff {
-                    self.requests.remove(&answers);
-                }
-                h(self, m);
-                if expect == Expect::Indefinite {
-                    if let Some((_, slot @ None)) = self.requests.get_mut(&answers) {
-                        *slot = Some(h);
-                    }
-                }
-                return Ok(());
-            }
+        if let Some(req) = self.requests.get_mut(&answers) {
+            req.queued.push_back(m);
+            self.deliver_responses(answers);
+            return Ok(());
         }
         if self.timed_out.remove(&answers) {
             return Ok(()); // a late response to a timed-out sync_request: dropped quietly
@@ -545,9 +594,55 @@ where
             }
         }
         if !self.hosed {
-            self.msgs.send_unexpected_notice(id)?;
+            match self.msgs.send_unexpected_notice(id) {
+                Ok(()) => {}
+                // Not hosing (e.g. sending was ended): the notice is a courtesy, skip it.
+                Err(e) if !e.is_hosing() => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
+    }
+
+    /// Hands queued responses of request `id` to its handler (one for a one-off request) while
+    /// the handler is not already running.
+    fn deliver_responses(&mut self, id: u64) {
+        while !self.hosed {
+            let Some(req) = self.requests.get_mut(&id) else {
+                return;
+            };
+            if req.handler.is_none() {
+                return; // running further up the stack: it takes these when it returns
+            }
+            let Some(m) = req.queued.pop_front() else {
+                return;
+            };
+            let expect = req.expect;
+            let Some(mut h) = req.handler.take() else {
+                return;
+            };
+            if expect == Expect::OneOff {
+                // Done after this one; any other queued response is now unexpected.
+                let rest = self
+                    .requests
+                    .remove(&id)
+                    .map(|r| r.queued)
+                    .unwrap_or_default();
+                h(self, m);
+                for extra in rest {
+                    let _ = self.dispatch_response(extra.answers(), extra);
+                }
+                return;
+            }
+            h(self, m);
+            if let Some(Request {
+                handler: slot @ None,
+                ..
+            }) = self.requests.get_mut(&id)
+            {
+                *slot = Some(h);
+            }
+        }
     }
 }
 
@@ -627,6 +722,9 @@ fn root_discriminant(seg0: &[u8], at: u32) -> Option<u16> {
     if start < 8 {
         return None;
     }
+    if (start as u64).checked_add(data_words * 8)? > seg0.len() as u64 {
+        return None; // the struct is not (wholly) in segment 0: let capnp's reader judge it
+    }
     let field = u64::from(at) * 2;
     if field + 2 > data_words * 8 {
         return Some(0); // beyond the data section: the default, 0
@@ -699,6 +797,9 @@ mod tests {
             let field = dynamic.which().unwrap().unwrap();
             assert_eq!(field.get_proto().get_discriminant_value(), d);
         }
+        // A root pointer far beyond segment 0 is not type 0: the caller asks capnp instead.
+        let far: u64 = 0x7FFF_FFFC;
+        assert_eq!(root_discriminant(&far.to_le_bytes(), 0), None);
         // Garbage or short input is `None` or a value, never a panic.
         for bytes in [&[][..], &[1u8; 3], &[0xFF; 8], &[0x04, 0, 0, 0, 1, 0, 0, 0]] {
             let _ = root_discriminant(bytes, at);

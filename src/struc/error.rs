@@ -18,6 +18,8 @@ pub enum Error {
     NoSuchMsgType(String),
     /// The peer sent a message whose union field this schema does not know (another schema?).
     UnknownMsgType,
+    /// The peer sent a response to a message id we never sent.
+    BadResponseId(u64),
     /// The peer's message could not be read as the channel's root type.
     Decode(capnp::Error),
     /// `sync_request` got no response in time (not hosing; a late response is dropped).
@@ -36,7 +38,9 @@ impl Error {
     pub fn is_hosing(&self) -> bool {
         match self {
             Error::Msg(e) => e.is_hosing(),
-            Error::UnknownMsgType | Error::Decode(_) | Error::Hosed => true,
+            Error::UnknownMsgType | Error::BadResponseId(_) | Error::Decode(_) | Error::Hosed => {
+                true
+            }
             Error::NoRootUnion
             | Error::NoSuchMsgType(_)
             | Error::Timeout
@@ -57,6 +61,9 @@ impl fmt::Display for Error {
             Error::UnknownMsgType => f.write_str(
                 "message of a type (union field) this schema does not know, from the peer",
             ),
+            Error::BadResponseId(id) => {
+                write!(f, "the peer answered message {id}, which was never sent")
+            }
             Error::Decode(e) => write!(f, "message from the peer could not be read: {e}"),
             Error::Timeout => f.write_str("no response within the timeout"),
             Error::NotStarted => f.write_str("channel not started: nothing can be received yet"),
@@ -78,6 +85,10 @@ impl std::error::Error for Error {
 
 impl From<msg::Error> for Error {
     fn from(e: msg::Error) -> Self {
-        Error::Msg(e)
+        match e {
+            // One `Hosed` for the whole stack.
+            msg::Error::Hosed => Error::Hosed,
+            e => Error::Msg(e),
+        }
     }
 }
