@@ -824,3 +824,35 @@ fn a_response_to_an_id_never_sent_is_a_specific_error_once() {
     assert_eq!(errors.len(), 1);
     assert!(errors[0].contains("BadResponseId(77)"), "{errors:?}");
 }
+
+#[test]
+fn unexpected_response_handlers_can_be_unset() {
+    let (mut a, mut b) = started(Backing::Heap, Backing::Heap);
+    let local = log();
+    let l = local.clone();
+    a.set_unexpected_response_handler(move |_, m| l.lock().unwrap().push(num_of(&m)));
+    let remote = log();
+    let r = remote.clone();
+    b.set_remote_unexpected_response_handler(move |id| r.lock().unwrap().push(id as i64));
+    // b answers a's notification twice: both unexpected at a.
+    hello(&mut a, 1, None);
+    b.expect_msg(ty("helloThere"), |chan, m| {
+        for n in [2, 3] {
+            let mut rsp = chan.create_msg();
+            rsp.init_root().init_hello_there().set_num(n);
+            chan.send(&mut rsp, Some(&m)).unwrap();
+        }
+    })
+    .unwrap();
+    b.run_for(SHORT).unwrap();
+    a.unset_unexpected_response_handler();
+    a.run_for(SHORT).unwrap();
+    b.run_for(SHORT).unwrap();
+    assert!(local.lock().unwrap().is_empty(), "unset: not called");
+    assert_eq!(
+        remote.lock().unwrap().len(),
+        2,
+        "the sender still hears of both"
+    );
+    b.unset_remote_unexpected_response_handler();
+}

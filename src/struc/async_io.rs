@@ -257,6 +257,16 @@ where
         self.core().set_remote_unexpected_response_handler(handler)
     }
 
+    /// See [`Channel::unset_unexpected_response_handler`].
+    pub fn unset_unexpected_response_handler(&self) {
+        self.core().unset_unexpected_response_handler()
+    }
+
+    /// See [`Channel::unset_remote_unexpected_response_handler`].
+    pub fn unset_remote_unexpected_response_handler(&self) {
+        self.core().unset_remote_unexpected_response_handler()
+    }
+
     /// Whether a hosing error has been reported.
     pub fn is_hosed(&self) -> bool {
         self.core().is_hosed()

@@ -60,7 +60,7 @@ pub struct Channel<M: Owned> {
     /// once here.
     sync_waiting: HashMap<u64, Option<MsgIn<M>>, BuildHasherDefault<IdHasher>>,
     /// Requests whose `sync_request` timed out: their late responses are dropped quietly.
-    timed_out: HashSet<u64>,
+    timed_out: TimedOut,
     on_unexpected: Option<Handler<M>>,
     on_remote_unexpected: Option<Box<dyn FnMut(u64) + Send>>,
 }
@@ -112,7 +112,7 @@ where
             cache: ByType::default(),
             requests: HashMap::default(),
             sync_waiting: HashMap::default(),
-            timed_out: HashSet::new(),
+            timed_out: TimedOut::default(),
             on_unexpected: None,
             on_remote_unexpected: None,
         })
@@ -381,6 +381,17 @@ where
         self.on_remote_unexpected = Some(Box::new(handler));
     }
 
+    /// Removes the unexpected-response handler (unexpected responses are then only dropped and
+    /// reported to the sender).
+    pub fn unset_unexpected_response_handler(&mut self) {
+        self.on_unexpected = None;
+    }
+
+    /// Removes the remote-unexpected-response handler.
+    pub fn unset_remote_unexpected_response_handler(&mut self) {
+        self.on_remote_unexpected = None;
+    }
+
     /// Handles every message that has arrived, without waiting (call it when the fd is
     /// readable). A hosing error goes to the `on_error` handler and is returned as
     /// [`Error::Hosed`] (reported once, there).
@@ -643,6 +654,35 @@ where
                 *slot = Some(h);
             }
         }
+    }
+}
+
+/// Ids of requests whose waiter gave up, so that their late responses are dropped quietly.
+/// Bounded: past [`TimedOut::CAP`] the oldest are forgotten (a response that late is then
+/// treated as unexpected, which is harmless).
+#[derive(Default)]
+struct TimedOut {
+    ids: HashSet<u64, BuildHasherDefault<IdHasher>>,
+    order: VecDeque<u64>,
+}
+
+impl TimedOut {
+    const CAP: usize = 4096;
+
+    fn insert(&mut self, id: u64) {
+        if self.ids.insert(id) {
+            self.order.push_back(id);
+            while self.order.len() > Self::CAP {
+                if let Some(old) = self.order.pop_front() {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &u64) -> bool {
+        // `order` keeps the id until it ages out; harmless, as ids are never reused.
+        self.ids.remove(id)
     }
 }
 
