@@ -856,3 +856,33 @@ fn unexpected_response_handlers_can_be_unset() {
     );
     b.unset_remote_unexpected_response_handler();
 }
+
+#[test]
+fn a_bogus_handle_from_the_peer_is_a_specific_error_once() {
+    // A structured channel in SHM mode receives a message frame whose handle names a pool of
+    // an arena it never heard of.
+    let (mut raw, b) = transport::Channel::pair(ChannelConfig::new()).unwrap();
+    let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+    let mut b = Channel::<cool_msg::Owned>::new(b, Backing::Shm(arena)).unwrap();
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let e2 = errors.clone();
+    b.start(move |e| e2.lock().unwrap().push(format!("{e:?}")))
+        .unwrap();
+    let mut frame = vec![0u8; 24];
+    frame[0] = 2; // an in-place message
+    frame[8] = 1; // id 1
+    let mut blob = [0u8; 32];
+    blob[..4].copy_from_slice(b"FIPL");
+    blob[20..24].copy_from_slice(&0x1234_5678u32.to_le_bytes()); // no such arena
+    frame.extend_from_slice(&blob);
+    raw.send(&frame, None).unwrap();
+    raw.send(&frame, None).unwrap();
+    assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
+    assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
+    let errors = errors.lock().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("ForeignBlob") && errors[0].contains("from_peer: true"),
+        "{errors:?}"
+    );
+}
