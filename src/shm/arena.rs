@@ -286,6 +286,11 @@ impl Arena {
         self.pools().map(|p| p.id()).collect()
     }
 
+    /// Number of pools this process knows (a scan of the known range).
+    pub(crate) fn pool_count(&self) -> u32 {
+        self.pools().count() as u32
+    }
+
     /// The fd of pool `id`, to send to a process that joins the arena.
     pub fn pool_fd(&self, id: u32) -> Option<BorrowedFd<'_>> {
         self.pool(id).map(Pool::fd)

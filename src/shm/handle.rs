@@ -174,15 +174,7 @@ impl Arena {
 
     /// Marks an initialized object block as borrowable and returns its first handle.
     fn publish<T: ShmSafe>(&self, pool: &Pool, g: Grant, value_ptr: *mut T) -> ShmHandle<T> {
-        // Only now may a borrow accept this block. The flag is a fast pre-check for borrowers;
-        // the handle word is what counts: a borrower's ticket CAS (Acquire) reads-from the
-        // lender's `ticket_issue` (Release), which follows this store in the lender's thread, so
-        // the borrower sees the tag and value written above.
-        let info_w = pool.word(g.off);
-        let info = info_w.load(Ordering::Relaxed);
-        info_w.store(info | FLAG_HANDLE, Ordering::Relaxed);
-        pool.word(g.off + LINK)
-            .store(handle_word(g.generation()), Ordering::Release);
+        publish_block(pool, &g);
         ShmHandle {
             arena: self.clone(),
             pool: pool.id(),
@@ -276,6 +268,20 @@ impl Arena {
         }
         Ok((pool, off))
     }
+}
+
+/// Makes a freshly allocated, initialized block borrowable, with one reference (the caller's).
+///
+/// Only now may a borrow accept the block. The flag is a fast pre-check for borrowers; the
+/// handle word is what counts: a borrower's ticket CAS (Acquire) reads-from the lender's
+/// `ticket_issue` (Release), which follows this Release store in the lender's thread, so the
+/// borrower sees everything written into the block before this call.
+pub(super) fn publish_block(pool: &Pool, g: &Grant) {
+    let info_w = pool.word(g.off);
+    let info = info_w.load(Ordering::Relaxed);
+    info_w.store(info | FLAG_HANDLE, Ordering::Relaxed);
+    pool.word(g.off + LINK)
+        .store(handle_word(g.generation()), Ordering::Release);
 }
 
 pub(super) fn release(pool: &Pool, off: u64) {

@@ -28,9 +28,9 @@ use capnp::message::{Allocator, Builder, ReaderSegments};
 
 use super::arena::{Arena, BlockRef};
 use super::error::{Error, Result};
-use super::handle::LendBlob;
+use super::handle::{publish_block, LendBlob};
 use super::layout::*;
-use super::lockfree::{handle_word, rc_release, refs, ticket_issue, tickets, Words, LINK};
+use super::lockfree::{rc_release, refs, ticket_issue, tickets, Words, LINK};
 use super::pool::Pool;
 use crate::sync::Ordering;
 
@@ -315,13 +315,8 @@ impl SegTable {
             pool.word(e + 8).store(r.offset, Ordering::Relaxed);
             pool.word(e + 16).store(used, Ordering::Relaxed);
         }
-        // Publish like an object (see `Arena::publish`): the flag lets borrowers pre-check, the
-        // Release store of the handle word orders the entries before any ticket taken on it.
-        let info_w = pool.word(g.off);
-        let info = info_w.load(Ordering::Relaxed);
-        info_w.store(info | FLAG_HANDLE, Ordering::Relaxed);
-        pool.word(g.off + LINK)
-            .store(handle_word(g.generation()), Ordering::Release);
+        // Borrowable from here on; the entries written above are ordered before any borrow.
+        publish_block(pool, &g);
         Ok(SegTable {
             arena: arena.clone(),
             pool: pool.id(),
@@ -401,17 +396,16 @@ fn read_entry(pool: &Pool, e: u64) -> (BlockRef, u64) {
 }
 
 /// Validates one segment: a live block (see [`Arena::live_block`]) whose capacity holds `used`,
-/// a whole number of words. Returns the payload pointer and the block offset.
-fn segment(arena: &Arena, r: BlockRef, used: u64) -> Result<(NonNull<u8>, u64)> {
-    let (pool, off, _, capacity) = arena.live_block(r)?;
+/// a whole number of words. Returns the payload pointer.
+fn segment(arena: &Arena, r: BlockRef, used: u64) -> Result<NonNull<u8>> {
+    let (pool, _, _, capacity) = arena.live_block(r)?;
     if used > capacity || used % 8 != 0 || used / 8 > u32::MAX as u64 {
         return Err(Error::OutOfBounds {
             pool: r.pool,
             offset: r.offset.saturating_add(used),
         });
     }
-    let ptr = NonNull::new(pool.ptr(r.offset)).ok_or(Error::Corrupt("null mapping"))?;
-    Ok((ptr, off))
+    NonNull::new(pool.ptr(r.offset)).ok_or(Error::Corrupt("null mapping"))
 }
 
 impl Drop for SegTable {
@@ -432,11 +426,14 @@ impl Drop for SegTable {
                 if r.pool == self.pool && r.offset == p {
                     continue;
                 }
-                if let Ok((_, off)) = segment(&self.arena, r, used) {
-                    if let Some(seg_pool) = self.arena.pool(r.pool) {
-                        seg_pool.zero(r.offset, used);
-                        let _ = seg_pool.free_block(off, true);
-                    }
+                // SAFETY: this was the last reference to the table, which owns its segments (the
+                // builder gave them up when the table was made: `published`), so no one else
+                // holds or adopts segment `r`; each entry names a distinct block, and the
+                // self-reference is skipped above. `block_from_raw` validates `r` and `used`.
+                if let Ok(block) = unsafe { self.arena.block_from_raw(r, used as usize) } {
+                    // SAFETY: capnp wrote at most the `used` bytes the table recorded (its
+                    // output prefix) of a segment that was allocated zeroed.
+                    unsafe { block.release_zeroed_prefix(used as usize) };
                 }
             }
         }
@@ -466,11 +463,6 @@ impl Arena {
         let segs = ShmSegments { table, segs };
         segs.resolve(0)?;
         Ok(segs)
-    }
-
-    /// Number of pools this process knows (cheap: a scan of at most the known range).
-    pub(crate) fn pool_count(&self) -> u32 {
-        self.pools().count() as u32
     }
 }
 
@@ -517,7 +509,7 @@ impl ShmSegments {
             return r.ok_or(Error::Corrupt("segment failed validation"));
         }
         let r = segment(&self.table.arena, slot.at, slot.used)
-            .map(|(ptr, _)| (ptr.as_ptr() as usize, slot.used as usize));
+            .map(|ptr| (ptr.as_ptr() as usize, slot.used as usize));
         let _ = slot.resolved.set(r.as_ref().ok().copied());
         r
     }
@@ -678,7 +670,6 @@ impl OutMsg {
             }
         }
         *self = fresh;
-        // Also make heap segments exclusive: `fresh` has only new ones.
     }
 
     /// The allocation failure that left part of the message on the heap, if any.
