@@ -299,20 +299,6 @@ pub fn try_send_vectored(
     bufs: &[IoSlice<'_>],
     fd: Option<BorrowedFd<'_>>,
 ) -> io::Result<usize> {
-    if fd.is_none() {
-        // No fd: a small gathered frame goes out with plain `send` from one contiguous copy,
-        // which spares the kernel the `msghdr` and iovec imports (measurable per message).
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if total <= SMALL_SEND {
-            let mut flat = [0u8; SMALL_SEND];
-            let mut at = 0;
-            for b in bufs {
-                flat[at..at + b.len()].copy_from_slice(b);
-                at += b.len();
-            }
-            return try_send(sock, &flat[..total]);
-        }
-    }
     let raw: [RawFd; 1] = [fd.map_or(-1, |f| f.as_raw_fd())];
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if fd.is_some() { &cmsg } else { &[] };
@@ -331,7 +317,9 @@ pub fn try_send_vectored(
     }
 }
 
-/// Frames up to this many bytes without an fd are copied into one buffer and sent with `send`.
+/// Frames up to this many bytes without an fd are worth copying into one stack buffer and
+/// sending with [`try_send`]: that spares the kernel the `msghdr` and iovec imports of
+/// `sendmsg` (measurable per message). The transport's send path does it.
 pub const SMALL_SEND: usize = 256;
 
 /// Sends `buf` without blocking (`MSG_DONTWAIT`) and without `SIGPIPE` (`MSG_NOSIGNAL`).

@@ -20,6 +20,7 @@ use std::time::Duration;
 use capnp::traits::Owned;
 
 use super::{Error, InSegs, MsgIn, MsgOut};
+use crate::shm::segments::OutMsg;
 use crate::shm::segments::MAX_SEGMENTS;
 use crate::shm::{Arena, ArenaConfig, LendBlob};
 use crate::transport::{AlignedBuf, Channel, Frame, SharedBytes};
@@ -216,17 +217,27 @@ impl<M: Owned> MsgChannel<M> {
         fd: Option<BorrowedFd<'_>>,
         answers: u64,
     ) -> Result<u64, Error> {
-        // The message's own fd rides along unless the caller gives another. (A duplicate, so
-        // that the message keeps owning its own while `msg` is borrowed mutably below.)
-        let own = match (fd, msg.fd()) {
-            (None, Some(f)) => Some(
-                f.try_clone_to_owned()
-                    .map_err(|e| Error::Transport(crate::transport::Error::Io(e)))?,
-            ),
-            _ => None,
-        };
-        let fd = fd.or(own.as_ref().map(|f| f.as_fd()));
-        let out = msg.inner_mut();
+        // The message's own fd rides along unless the caller gives another: lent out of the
+        // message for the send and put back after (no duplicate).
+        let own = if fd.is_none() { msg.take_fd() } else { None };
+        let r = self.send_out(
+            msg.inner_mut(),
+            fd.or(own.as_ref().map(|f| f.as_fd())),
+            answers,
+        );
+        if let Some(own) = own {
+            msg.set_fd(own);
+        }
+        r
+    }
+
+    /// Sends the frames of one message (see `send_inner`); returns its id.
+    fn send_out(
+        &mut self,
+        out: &mut OutMsg,
+        fd: Option<BorrowedFd<'_>>,
+        answers: u64,
+    ) -> Result<u64, Error> {
         let Some(arena) = out.arena().cloned() else {
             // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen
             // while queued) rather than copying.
@@ -252,6 +263,7 @@ impl<M: Owned> MsgChannel<M> {
                     from_peer: false,
                 })?);
             }
+            // The queue may outlive this call: it gets its own copy of the fd.
             let fd = match fd {
                 Some(fd) => Some(
                     fd.try_clone_to_owned()
@@ -366,12 +378,15 @@ impl<M: Owned> MsgChannel<M> {
         &mut self,
         timeout: Option<Duration>,
     ) -> Result<Option<Incoming<M>>, Error> {
-        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let poll_only = timeout == Some(Duration::ZERO);
+        let deadline = timeout
+            .filter(|_| !poll_only)
+            .map(|t| std::time::Instant::now() + t);
         loop {
             if self.hosed {
                 return Err(Error::Hosed);
             }
-            let r = if timeout == Some(Duration::ZERO) {
+            let r = if poll_only {
                 self.chan.try_recv()
             } else {
                 // The transport's wait tries a (buffered or non-blocking) read first.

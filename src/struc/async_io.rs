@@ -39,7 +39,7 @@ impl<M: Owned> Shared<M> {
 }
 
 fn io(e: std::io::Error) -> Error {
-    Error::Msg(crate::msg::Error::Transport(crate::transport::Error::Io(e)))
+    crate::transport::Error::Io(e).into()
 }
 
 /// A structured channel whose receiving runs on a library thread (see the [module
@@ -297,18 +297,20 @@ where
     for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
 {
     let mut drain = [0u8; 64];
+    // The socket never changes: one duplicate of its fd to poll, taken once.
+    let fd = lock(&shared.core).as_fd().try_clone_to_owned();
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        let (fd, wants_write) = {
+        let wants_write = {
             let mut core = lock(&shared.core);
             if core.is_hosed() {
                 break;
             }
-            (core.as_fd().try_clone_to_owned(), core.wants_write())
+            core.wants_write()
         };
-        let Ok(fd) = fd else { break };
+        let Ok(fd) = fd.as_ref() else { break };
         let mut fds = [
             PollFd::new(fd.as_fd(), true, wants_write),
             PollFd::new(waker.as_fd(), true, false),
@@ -359,9 +361,7 @@ impl<M: Owned> Drop for AsyncChannel<M> {
         }
         let pending = std::mem::take(&mut *lock(&self.shared.ending));
         for f in pending {
-            f(Err(Error::Msg(crate::msg::Error::Transport(
-                crate::transport::Error::Aborted,
-            ))));
+            f(Err(crate::transport::Error::Aborted.into()));
         }
     }
 }

@@ -171,8 +171,7 @@ where
             return;
         }
         if let Err(e) = self.msgs.channel().flush() {
-            let e: Error = crate::msg::Error::from(e).into();
-            let _ = self.report(e);
+            let _ = self.report(e.into());
         }
     }
 
@@ -435,7 +434,7 @@ where
         self.check()?;
         match self.msgs.channel().end_sending() {
             Ok(()) => Ok(()),
-            Err(e) => Err(self.hose(crate::msg::Error::from(e).into())),
+            Err(e) => Err(self.hose(e.into())),
         }
     }
 
@@ -450,7 +449,7 @@ where
         self.check()?;
         match self.msgs.channel().flush() {
             Ok(done) => Ok(done),
-            Err(e) => Err(self.hose(crate::msg::Error::from(e).into())),
+            Err(e) => Err(self.hose(e.into())),
         }
     }
 

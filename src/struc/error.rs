@@ -92,3 +92,9 @@ impl From<msg::Error> for Error {
         }
     }
 }
+
+impl From<crate::transport::Error> for Error {
+    fn from(e: crate::transport::Error) -> Self {
+        msg::Error::from(e).into()
+    }
+}
