@@ -201,11 +201,15 @@ impl SegAlloc {
     }
 }
 
-// SAFETY: (1) SHM segments come from `alloc_zeroed`, heap ones from `alloc_zeroed`: all zero.
-// (2) a segment stays allocated until `deallocate_segment` (or, once published, until its
-// table's last reference goes, which the protocol above orders after the builder's last use).
-// (3) each is a distinct block or buffer: no overlap. (4) payloads are 16-aligned, heap buffers
-// 8-aligned.
+// SAFETY: the trait's four duties. (1) Zeroed: arena segments come from `Arena::alloc_zeroed`
+// (dirty blocks are cleared; clean ones were released with only their written prefix, which
+// `release_zeroed_prefix` cleared), heap ones from `std::alloc::alloc_zeroed`. (2) Valid until
+// `deallocate_segment`: an arena block stays allocated until that call frees it, or, once a
+// table owns it (`published`), until the table's last reference goes; `OutMsg` drops its builder
+// before its table, and a table only dissolves (handing the segments back) when it is the sole
+// reference, so neither frees a segment the builder still uses. Heap buffers are kept alive by
+// the `Arc` in the list. (3) No overlap: each segment is its own block or buffer. (4) Aligned:
+// block payloads are 16-aligned, heap buffers are `u64` arrays (8-aligned).
 unsafe impl Allocator for SegAlloc {
     fn allocate_segment(&mut self, minimum_size: u32) -> (NonNull<u8>, u32) {
         let words = minimum_size.max(self.next_words);
@@ -526,7 +530,8 @@ impl ShmSegments {
 // (no process writes them while a table reference exists), so reading them from any thread is
 // fine; the table reference itself is released with atomics.
 unsafe impl Send for ShmSegments {}
-// SAFETY: as for Send: only shared reads of frozen bytes.
+// SAFETY: `&ShmSegments` gives only shared reads of frozen bytes (as argued for Send), and the
+// one piece of interior mutability, each slot's `OnceLock`, is itself thread-safe.
 unsafe impl Sync for ShmSegments {}
 
 impl fmt::Debug for ShmSegments {
