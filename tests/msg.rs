@@ -698,3 +698,70 @@ fn set_root_copies_a_received_message_to_forward_it() {
     fwd.set_root(got.root().unwrap()).unwrap();
     assert_eq!(check_blob(fwd.root().unwrap()), (2, 100_000, 3));
 }
+
+#[test]
+fn channels_of_a_session_carry_its_token_and_refuse_others() {
+    let arena = Arena::create(ArenaConfig::new().pool_size(4 << 20)).unwrap();
+    const TOKEN: u128 = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210;
+    // Same token both ways: messages (and pool announcements) flow, in place and copied.
+    for backing in [Backing::Shm(arena.clone()), Backing::Heap] {
+        let (a, b) = Channel::pair(ChannelConfig::new()).unwrap();
+        let mut tx = Chan::new(a, backing).with_session_token(TOKEN);
+        let mut rx = Chan::new(b, Backing::Heap).with_session_token(TOKEN);
+        assert_eq!(rx.session_token(), Some(TOKEN));
+        for n in 0..3 {
+            let mut msg = tx.create_msg();
+            hello(&mut msg, n);
+            tx.send(&mut msg, None).unwrap();
+            let got = rx.recv_blocking(T).unwrap().unwrap();
+            match got.root().unwrap().which().unwrap() {
+                cool_msg::HelloThere(Ok(h)) => assert_eq!(h.get_num(), n),
+                _ => panic!("not helloThere"),
+            }
+        }
+    }
+    // Another token, a token where none is expected, none where one is: WrongSession, once.
+    let cases = [
+        (Some(TOKEN), Some(TOKEN + 1)),
+        (Some(TOKEN), None),
+        (None, Some(TOKEN)),
+    ];
+    for (sent, expected) in cases {
+        let (a, b) = Channel::pair(ChannelConfig::new()).unwrap();
+        let mut tx = Chan::new(a, Backing::Heap);
+        if let Some(t) = sent {
+            tx = tx.with_session_token(t);
+        }
+        let mut rx = Chan::new(b, Backing::Heap);
+        if let Some(t) = expected {
+            rx = rx.with_session_token(t);
+        }
+        let mut msg = tx.create_msg();
+        hello(&mut msg, 1);
+        tx.send(&mut msg, None).unwrap();
+        tx.send(&mut msg, None).unwrap();
+        let first = rx.recv_blocking(T).unwrap_err();
+        assert!(
+            matches!(first, Error::WrongSession),
+            "{sent:?}->{expected:?}: {first:?}"
+        );
+        assert_once(&first, &rx.try_recv().unwrap_err());
+    }
+    // A token flag without the token's bytes.
+    let (mut a, b) = Channel::pair(ChannelConfig::new()).unwrap();
+    let mut rx = Chan::new(b, Backing::Heap).with_session_token(TOKEN);
+    let mut frame = [0u8; 30];
+    frame[0] = 3;
+    frame[1] = 1;
+    frame[8] = 1;
+    a.send(&frame, None).unwrap();
+    let first = rx.recv_blocking(T).unwrap_err();
+    assert!(
+        matches!(
+            first,
+            Error::BadMessage("frame shorter than its session token")
+        ),
+        "{first:?}"
+    );
+    assert_eq!(arena.stats().blocks_in_use, 0);
+}

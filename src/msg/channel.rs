@@ -1,9 +1,10 @@
 //! [`MsgChannel`]: messages over an unstructured [`Channel`].
 //!
-//! Every frame's payload starts with a 24-byte header: kind (1 byte), 7 reserved bytes (zero),
-//! message id (u64), id of the message answered (u64, 0 for none), all little-endian. The
-//! header travels inline in the socket frame: a small message costs no shared memory for
-//! metadata. After it:
+//! Every frame's payload starts with a 24-byte header: kind (1 byte), flags (1 byte: bit 0 says
+//! a session token follows), 6 reserved bytes (zero), message id (u64), id of the message
+//! answered (u64, 0 for none), all little-endian; then, on a channel of a session, the 16-byte
+//! session token. The header travels inline in the socket frame: a small message costs no
+//! shared memory for metadata. After it:
 //! * `POOL`: arena id (u64), pool id (u32), 4 zero bytes, and the pool's memfd as the frame's fd.
 //!   Sent once per pool, before the first handle that points into it.
 //! * `SHM`: a 32-byte lend blob naming the message's segment table in the arena.
@@ -25,8 +26,12 @@ use crate::shm::segments::MAX_SEGMENTS;
 use crate::shm::{Arena, ArenaConfig, LendBlob};
 use crate::transport::{AlignedBuf, Channel, Frame, SharedBytes};
 
-/// Bytes of the per-message header.
+/// Bytes of the per-message header (without a session token).
 pub(crate) const HEADER_LEN: usize = 24;
+/// Bytes of a session token.
+const TOKEN_LEN: usize = 16;
+/// Header flag: a session token follows the header.
+const FLAG_TOKEN: u8 = 1;
 const KIND_POOL: u8 = 1;
 const KIND_SHM: u8 = 2;
 const KIND_HEAP: u8 = 3;
@@ -68,6 +73,8 @@ pub struct MsgChannel<M: Owned> {
     /// Arenas whose handles we accept, by the 32-bit tag blobs carry.
     arenas: SmallMap<u32, Arena>,
     next_id: u64,
+    /// The session token every frame carries (both ways), if the channel belongs to a session.
+    token: Option<u128>,
     hosed: bool,
     _root: std::marker::PhantomData<fn() -> M>,
 }
@@ -96,9 +103,27 @@ impl<M: Owned> MsgChannel<M> {
             inflight: VecDeque::new(),
             arenas,
             next_id: 1,
+            token: None,
             hosed: false,
             _root: std::marker::PhantomData,
         }
+    }
+
+    /// Makes every frame carry `token` (a session's, both sides alike) and refuses frames from
+    /// the peer that carry another or none ([`Error::WrongSession`], hosing): a channel cannot
+    /// be mixed up with another session's.
+    pub fn with_session_token(mut self, token: u128) -> Self {
+        self.set_session_token(token);
+        self
+    }
+
+    pub(crate) fn set_session_token(&mut self, token: u128) {
+        self.token = Some(token);
+    }
+
+    /// The session token frames carry, if any.
+    pub fn session_token(&self) -> Option<u128> {
+        self.token
     }
 
     /// A new, empty message with this channel's backing.
@@ -193,20 +218,28 @@ impl<M: Owned> MsgChannel<M> {
             return Err(Error::Hosed);
         }
         let frame = self.header(KIND_NOTICE, id);
-        let r = self.chan.send(&frame, None).map_err(Error::from);
+        let r = self.chan.send(frame.as_ref(), None).map_err(Error::from);
         self.hose_on(r)
     }
 
     /// A frame header. Messages get the next id (1, 2, 3...); control frames (pool
     /// announcements, notices) carry id 0 and take none.
-    fn header(&mut self, kind: u8, answers: u64) -> [u8; HEADER_LEN] {
-        let mut h = [0u8; HEADER_LEN];
-        h[0] = kind;
+    fn header(&mut self, kind: u8, answers: u64) -> Header {
+        let mut h = Header {
+            bytes: [0; HEADER_LEN + TOKEN_LEN],
+            len: HEADER_LEN,
+        };
+        h.bytes[0] = kind;
         if kind == KIND_SHM || kind == KIND_HEAP {
-            h[8..16].copy_from_slice(&self.next_id.to_le_bytes());
+            h.bytes[8..16].copy_from_slice(&self.next_id.to_le_bytes());
             self.next_id += 1;
         }
-        h[16..24].copy_from_slice(&answers.to_le_bytes());
+        h.bytes[16..24].copy_from_slice(&answers.to_le_bytes());
+        if let Some(token) = self.token {
+            h.bytes[1] = FLAG_TOKEN;
+            h.bytes[HEADER_LEN..].copy_from_slice(&token.to_le_bytes());
+            h.len += TOKEN_LEN;
+        }
         h
     }
 
@@ -246,7 +279,7 @@ impl<M: Owned> MsgChannel<M> {
                 from_peer: false,
             })?;
             let id = self.next_id;
-            let mut head = self.header(KIND_HEAP, answers).to_vec();
+            let mut head = self.header(KIND_HEAP, answers).as_ref().to_vec();
             head.extend_from_slice(&((parts.len() as u32).wrapping_sub(1)).to_le_bytes());
             for (_, used) in &parts {
                 head.extend_from_slice(&((used / 8) as u32).to_le_bytes());
@@ -296,10 +329,14 @@ impl<M: Owned> MsgChannel<M> {
         })?;
         let r = self.announce_pools(&arena).and_then(|()| {
             let id = self.next_id;
-            let mut frame = [0u8; HEADER_LEN + LendBlob::LEN];
-            frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_SHM, answers));
-            frame[HEADER_LEN..].copy_from_slice(blob.as_bytes());
-            self.chan.send(&frame, fd).map_err(Error::from).map(|()| id)
+            let h = self.header(KIND_SHM, answers);
+            let mut frame = [0u8; HEADER_LEN + TOKEN_LEN + LendBlob::LEN];
+            frame[..h.len].copy_from_slice(h.as_ref());
+            frame[h.len..h.len + LendBlob::LEN].copy_from_slice(blob.as_bytes());
+            self.chan
+                .send(&frame[..h.len + LendBlob::LEN], fd)
+                .map_err(Error::from)
+                .map(|()| id)
         });
         match r {
             Ok(id) => {
@@ -337,11 +374,12 @@ impl<M: Owned> MsgChannel<M> {
             let Some(fd) = arena.pool_fd(id) else {
                 continue;
             };
-            let mut frame = [0u8; HEADER_LEN + 16];
-            frame[..HEADER_LEN].copy_from_slice(&self.header(KIND_POOL, 0));
-            frame[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&arena.id().to_le_bytes());
-            frame[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&id.to_le_bytes());
-            self.chan.send(&frame, Some(fd))?;
+            let h = self.header(KIND_POOL, 0);
+            let mut frame = [0u8; HEADER_LEN + TOKEN_LEN + 16];
+            frame[..h.len].copy_from_slice(h.as_ref());
+            frame[h.len..h.len + 8].copy_from_slice(&arena.id().to_le_bytes());
+            frame[h.len + 8..h.len + 12].copy_from_slice(&id.to_le_bytes());
+            self.chan.send(&frame[..h.len + 16], Some(fd))?;
             self.announced.get_or_default(arena.id())[word] |= bit;
         }
         Ok(())
@@ -409,9 +447,23 @@ impl<M: Owned> MsgChannel<M> {
         if buf.len() < HEADER_LEN {
             return Err(Error::BadMessage("frame shorter than the message header"));
         }
-        if buf[1..8] != [0; 7] {
+        if buf[1] & !FLAG_TOKEN != 0 || buf[2..8] != [0; 6] {
             return Err(Error::BadMessage("reserved header bytes are not zero"));
         }
+        let hlen = if buf[1] & FLAG_TOKEN != 0 {
+            let token = buf
+                .get(HEADER_LEN..HEADER_LEN + TOKEN_LEN)
+                .ok_or(Error::BadMessage("frame shorter than its session token"))?;
+            let token = u128::from_le_bytes(token.try_into().expect("16 bytes"));
+            if self.token != Some(token) {
+                return Err(Error::WrongSession);
+            }
+            HEADER_LEN + TOKEN_LEN
+        } else if self.token.is_some() {
+            return Err(Error::WrongSession);
+        } else {
+            HEADER_LEN
+        };
         let word = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
         let (id, answers) = (word(8), word(16));
         let is_msg = buf[0] == KIND_SHM || buf[0] == KIND_HEAP;
@@ -424,17 +476,17 @@ impl<M: Owned> MsgChannel<M> {
         let msg = |m: MsgIn<M>| Some(Incoming::Msg(m.with_ids(id, answers)));
         match buf[0] {
             KIND_NOTICE => {
-                if buf.len() != HEADER_LEN || fd.is_some() || answers == 0 {
+                if buf.len() != hlen || fd.is_some() || answers == 0 {
                     return Err(Error::BadMessage("malformed unexpected-response notice"));
                 }
                 Ok(Some(Incoming::UnexpectedResponse(answers)))
             }
             KIND_POOL => {
-                self.add_pool(&buf[HEADER_LEN..], fd)?;
+                self.add_pool(&buf[hlen..], fd)?;
                 Ok(None)
             }
             KIND_SHM => {
-                let blob = LendBlob::from_bytes(&buf[HEADER_LEN..]).map_err(peer)?;
+                let blob = LendBlob::from_bytes(&buf[hlen..]).map_err(peer)?;
                 let arena = self
                     .arenas
                     .get(&blob.arena_tag())
@@ -443,7 +495,7 @@ impl<M: Owned> MsgChannel<M> {
                 Ok(msg(MsgIn::new(InSegs::Shm(segs), fd)))
             }
             KIND_HEAP => {
-                let segs = heap_segments(&buf)?;
+                let segs = heap_segments(&buf, hlen)?;
                 Ok(msg(MsgIn::new(InSegs::Heap { buf, segs }, fd)))
             }
             _ => Err(Error::BadMessage("unknown message kind")),
@@ -500,6 +552,18 @@ impl<M: Owned> Drop for MsgChannel<M> {
     }
 }
 
+/// A frame's message header, with the session token if the channel has one.
+struct Header {
+    bytes: [u8; HEADER_LEN + TOKEN_LEN],
+    len: usize,
+}
+
+impl AsRef<[u8]> for Header {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// A map for the handful of arenas one channel sees: a scan of a few entries costs less than
 /// hashing on every message.
 #[derive(Debug)]
@@ -546,8 +610,8 @@ fn peer(source: crate::shm::Error) -> Error {
 }
 
 /// Parses capnp's stream framing after the header: where each segment is in `buf`.
-fn heap_segments(buf: &AlignedBuf) -> Result<Vec<(usize, usize)>, Error> {
-    let body = &buf[HEADER_LEN..];
+fn heap_segments(buf: &AlignedBuf, hlen: usize) -> Result<Vec<(usize, usize)>, Error> {
+    let body = &buf[hlen..];
     let word = |i: usize| -> Option<u32> {
         Some(u32::from_le_bytes(
             body.get(i * 4..i * 4 + 4)?.try_into().ok()?,
@@ -560,7 +624,7 @@ fn heap_segments(buf: &AlignedBuf) -> Result<Vec<(usize, usize)>, Error> {
         return Err(Error::BadMessage("heap message with a bad segment count"));
     }
     let table = (4 * (count + 1)).next_multiple_of(8);
-    let mut at = HEADER_LEN + table;
+    let mut at = hlen + table;
     if at > buf.len() {
         return Err(Error::BadMessage("segment table cut short"));
     }

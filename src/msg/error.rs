@@ -29,6 +29,9 @@ pub enum Error {
     },
     /// The message's backing (heap or arena) does not match the channel's.
     WrongBacking,
+    /// A message from the peer carried another session's token, or none where the channel has
+    /// one (or one where it has none): it belongs to another session (hosing).
+    WrongSession,
     /// The channel was hosed by an error reported earlier.
     Hosed,
 }
@@ -39,7 +42,7 @@ impl Error {
         match self {
             Error::Transport(e) => e.is_hosing(),
             Error::Shm { from_peer, .. } => *from_peer,
-            Error::BadMessage(_) | Error::Hosed => true,
+            Error::BadMessage(_) | Error::WrongSession | Error::Hosed => true,
             Error::ListTooLong { .. } | Error::WrongBacking => false,
         }
     }
@@ -60,6 +63,9 @@ impl fmt::Display for Error {
                 "list of {len} elements exceeds capnp's limit of 2^29-1: split it in chunks"
             ),
             Error::WrongBacking => f.write_str("message backing does not match the channel's"),
+            Error::WrongSession => {
+                f.write_str("message from the peer carries another session's token")
+            }
             Error::Hosed => f.write_str("channel hosed by an error reported earlier"),
         }
     }

@@ -94,6 +94,13 @@ where
     /// Takes over an unstructured channel; new messages use `backing`. Fails with
     /// [`Error::NoRootUnion`] if `M` has no anonymous union at its root.
     pub fn new(chan: transport::Channel, backing: Backing) -> Result<Self, Error> {
+        Self::from_msg_channel(MsgChannel::new(chan, backing))
+    }
+
+    /// Takes over a message channel (e.g. one made
+    /// [`with_session_token`](MsgChannel::with_session_token)). Fails like
+    /// [`new`](Channel::new).
+    pub fn from_msg_channel(msgs: MsgChannel<M>) -> Result<Self, Error> {
         let (union_at, union_len) = match root_schema::<M>()?.get_proto().which() {
             Ok(capnp::schema_capnp::node::Struct(st)) => {
                 (st.get_discriminant_offset(), st.get_discriminant_count())
@@ -101,7 +108,7 @@ where
             _ => return Err(Error::NoRootUnion),
         };
         Ok(Channel {
-            msgs: MsgChannel::new(chan, backing),
+            msgs,
             union_at,
             union_len,
             started: false,
@@ -116,6 +123,18 @@ where
             on_unexpected: None,
             on_remote_unexpected: None,
         })
+    }
+
+    /// Makes every message carry a session's `token` and refuses the peer's messages that
+    /// carry another or none (see [`MsgChannel::with_session_token`]).
+    pub fn with_session_token(mut self, token: u128) -> Self {
+        self.msgs.set_session_token(token);
+        self
+    }
+
+    /// The session token messages carry, if any.
+    pub fn session_token(&self) -> Option<u128> {
+        self.msgs.session_token()
     }
 
     /// A new, empty message with the channel's backing.
