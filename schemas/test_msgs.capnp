@@ -56,3 +56,10 @@ struct Chunk {
 struct NoUnion {
   x @0 :UInt32;
 }
+
+# Channel-open metadata of the session tests and examples (a session's metadata is any user
+# struct; this one says what the channel is for).
+struct ChannelMdt {
+  purpose @0 :Text;
+  n @1 :UInt32;
+}

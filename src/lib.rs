@@ -20,6 +20,8 @@ pub mod msg;
 pub mod schemas;
 pub mod shm;
 #[cfg(not(flowipc_loom))]
+pub mod session;
+#[cfg(not(flowipc_loom))]
 pub mod struc;
 mod sync;
 #[cfg(not(flowipc_loom))]

@@ -520,3 +520,48 @@ pub(crate) fn fork_and_wait(f: impl FnOnce()) -> bool {
         }
     }
 }
+
+/// Credentials of the process at the other end of a connected Unix socket, as the kernel
+/// recorded them (`SO_PEERCRED`): for a connection accepted from a listening socket, the
+/// connecting process at `connect` time; for a client's socket, the listener's at `listen` time.
+/// (For a `socketpair` it is the process that created the pair, whoever holds the other end
+/// now: do not use it there.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Process id.
+    pub pid: i32,
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective group id.
+    pub gid: u32,
+}
+
+/// `getsockopt(SO_PEERCRED)` on a connected Unix socket.
+pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCred> {
+    let c = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(io_err)?;
+    Ok(PeerCred {
+        pid: c.pid(),
+        uid: c.uid(),
+        gid: c.gid(),
+    })
+}
+
+/// This process's effective user and group ids.
+pub fn effective_ids() -> (u32, u32) {
+    (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    )
+}
+
+/// Takes an exclusive `flock` on `file` without waiting: `Ok(Err(file))` if another open file
+/// description holds one. The lock lives as long as the returned guard (and dies with the
+/// process).
+pub fn try_flock(file: File) -> io::Result<Result<nix::fcntl::Flock<File>, File>> {
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Ok(lock)),
+        Err((file, Errno::EWOULDBLOCK)) => Ok(Err(file)),
+        Err((_, e)) => Err(io_err(e)),
+    }
+}

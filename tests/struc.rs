@@ -886,3 +886,40 @@ fn a_bogus_handle_from_the_peer_is_a_specific_error_once() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn a_dropped_async_channel_closes_its_socket_and_frees_its_messages() {
+    // The library thread's state must not keep itself alive: once the channel is dropped its
+    // socket is closed (the peer sees the end) and messages it held are freed.
+    let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+    let (a, mut b) = pair(Backing::Shm(arena.clone()), Backing::Heap);
+    b.start(|_| {}).unwrap();
+    let a = AsyncChannel::new(a).unwrap();
+    a.start(|_| {}).unwrap();
+    // A message from b waits in a's cache (nobody expects it); one from a is sent to b.
+    hello(&mut b, 1, None);
+    let mut m = a.create_msg();
+    m.init_root().init_hello_there().set_num(2);
+    a.send(&mut m, None).unwrap();
+    drop(m);
+    std::thread::sleep(SHORT);
+    drop(a);
+    let got = log();
+    let g = got.clone();
+    b.expect_msgs(ty("helloThere"), move |_, m| g.lock().unwrap().push(num_of(&m)))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let end = loop {
+        if let Err(e) = b.run_for(SHORT) {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dropped channel's socket is still open"
+        );
+    };
+    assert_eq!(*got.lock().unwrap(), [2]);
+    assert!(matches!(end, Error::Hosed), "{end:?}");
+    drop(b);
+    assert_eq!(arena.stats().blocks_in_use, 0);
+}

@@ -800,3 +800,23 @@ fn channels_connect_to_a_path() {
         Err(Error::Io(_))
     ));
 }
+
+#[test]
+fn a_channel_without_fds_refuses_them_both_ways() {
+    let cfg = ChannelConfig::new().fds(false);
+    let (mut a, mut b) = Channel::pair(cfg.clone()).unwrap();
+    let file = memfd_with("x");
+    // Sending one is refused, nothing goes out, the channel is fine.
+    assert!(matches!(
+        a.send(b"with fd", Some(file.as_fd())),
+        Err(Error::FdsDisabled)
+    ));
+    a.send(b"plain", None).unwrap();
+    assert_eq!(&recv(&mut b).payload[..], b"plain");
+    // One from a peer that does send fds: UnexpectedFd, once (next_error checks the once).
+    let (s1, s2) = UnixStream::pair().unwrap();
+    let mut tx = Channel::from_stream(s1, ChannelConfig::new()).unwrap();
+    let mut rx = Channel::from_stream(s2, cfg).unwrap();
+    tx.send(b"fd", Some(file.as_fd())).unwrap();
+    assert!(matches!(next_error(&mut rx), Error::UnexpectedFd));
+}

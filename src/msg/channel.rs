@@ -121,6 +121,15 @@ impl<M: Owned> MsgChannel<M> {
         self.token = Some(token);
     }
 
+    /// Reads the peer's handles into `arena` through this view of it (one the session already
+    /// shares, say) instead of joining the arena anew when its pools are announced.
+    pub fn with_arena(mut self, arena: &Arena) -> Self {
+        if self.arenas.get(&(arena.id() as u32)).is_none() {
+            self.arenas.insert(arena.id() as u32, arena.clone());
+        }
+        self
+    }
+
     /// The session token frames carry, if any.
     pub fn session_token(&self) -> Option<u128> {
         self.token

@@ -9,7 +9,11 @@
 //! * [`test_msgs_capnp`] from `schemas/test_msgs.capnp`, the messages the tests and examples of
 //!   structured channels use, modelled on Flow-IPC's `CoolMsg` example: the root `CoolMsg` (an
 //!   anonymous union of hello, sum request/response, best shot, chunked blob and ping), and
-//!   `NoUnion`, a root without an anonymous union, which structured channels must reject.
+//!   `NoUnion`, a root without an anonymous union, which structured channels must reject; and
+//!   `ChannelMdt`, the channel-open metadata of the session tests and examples.
+//! * [`session_capnp`] from `schemas/session.capnp`: the session protocol, what a client and a
+//!   server say on a session's master channel (log-in, resources, channel opening). flowipc's
+//!   [`session`](crate::session) module speaks it; you never need to.
 //!
 //! The generated code is committed, so building flowipc needs no `capnp` tool and no build
 //! script. After editing a schema, run `cargo run -p xtask -- capnp` (a pinned capnp 1.4.0,
@@ -55,3 +59,8 @@ pub mod perf_demo_capnp;
 #[allow(missing_docs, missing_debug_implementations, unused, clippy::all, clippy::pedantic)]
 #[deny(unsafe_code)]
 pub mod test_msgs_capnp;
+
+#[rustfmt::skip]
+#[allow(missing_docs, missing_debug_implementations, unused, clippy::all, clippy::pedantic)]
+#[deny(unsafe_code)]
+pub mod session_capnp;

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capnp::dynamic_value;
 use capnp::introspect::Introspect;
@@ -27,8 +27,9 @@ struct Shared<M: Owned> {
     /// Written to wake the library thread (something to flush, or stop).
     waker: UnixStream,
     /// A hosing error met on the library thread, for the user's `on_error`, which runs after
-    /// the core is unlocked (so that it may call this channel).
-    error: Mutex<Option<Error>>,
+    /// the core is unlocked (so that it may call this channel). Shared with the core's own
+    /// `on_error` (not the whole `Shared`: the core is in it, and a cycle would never be freed).
+    error: Arc<Mutex<Option<Error>>>,
 }
 
 impl<M: Owned> Shared<M> {
@@ -51,7 +52,7 @@ fn io(e: std::io::Error) -> Error {
 /// would wait for the lock it runs under): use the `&mut Channel` it is given.
 ///
 /// ```
-/// use std::time::Duration;
+/// use std::time::{Duration, Instant};
 /// use flowipc::msg::Backing;
 /// use flowipc::schemas::test_msgs_capnp::cool_msg;
 /// use flowipc::struc::{AsyncChannel, Channel, MsgType};
@@ -109,7 +110,7 @@ where
                 ending: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
                 waker: tx,
-                error: Mutex::new(None),
+                error: Arc::new(Mutex::new(None)),
             }),
             waker_rx: Mutex::new(Some(rx)),
             thread: Mutex::new(None),
@@ -135,8 +136,8 @@ where
     /// Starts receiving on a library thread. `on_error` gets the hosing error met while
     /// receiving (one met by a call is returned by it instead): at most once.
     pub fn start(&self, on_error: impl FnOnce(Error) + Send + 'static) -> Result<(), Error> {
-        let slot = self.shared.clone();
-        self.core().start(move |e| *lock(&slot.error) = Some(e))?;
+        let slot = self.shared.error.clone();
+        self.core().start(move |e| *lock(&slot) = Some(e))?;
         let Some(rx) = lock(&self.waker_rx).take() else {
             return Err(Error::AlreadyStarted);
         };
@@ -303,19 +304,20 @@ where
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        let wants_write = {
+        let (wants_write, deadline) = {
             let mut core = lock(&shared.core);
             if core.is_hosed() {
                 break;
             }
-            core.wants_write()
+            (core.wants_write(), core.next_deadline())
         };
         let Ok(fd) = fd.as_ref() else { break };
         let mut fds = [
             PollFd::new(fd.as_fd(), true, wants_write),
             PollFd::new(waker.as_fd(), true, false),
         ];
-        if sys::poll(&mut fds, None).is_err() {
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if sys::poll(&mut fds, timeout).is_err() {
             continue;
         }
         while matches!((&waker).read(&mut drain), Ok(n) if n > 0) {}
@@ -325,6 +327,9 @@ where
         let mut core = lock(&shared.core);
         core.flush_reporting();
         let _ = core.process_ready();
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            let _ = core.on_timer();
+        }
         let done = core.is_send_done();
         let hosed = core.is_hosed();
         drop(core);

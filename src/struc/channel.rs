@@ -410,6 +410,13 @@ where
         self.on_remote_unexpected = None;
     }
 
+    /// Stops receiving until the next [`start`](Channel::start) (what arrives meanwhile waits in
+    /// the socket): a session hands its log-in channel over to an `AsyncChannel` this way.
+    pub(crate) fn pause(&mut self) {
+        self.started = false;
+        self.on_error = None;
+    }
+
     /// Handles every message that has arrived, without waiting (call it when the fd is
     /// readable). A hosing error goes to the `on_error` handler and is returned as
     /// [`Error::Hosed`] (reported once, there).
@@ -469,6 +476,33 @@ where
         match self.msgs.channel().flush() {
             Ok(done) => Ok(done),
             Err(e) => Err(self.hose(e.into())),
+        }
+    }
+
+    /// When [`on_timer`](Channel::on_timer) should run next (keep-alive ping or idle timeout of
+    /// the transport's [`ChannelConfig`](transport::ChannelConfig)); `None`: no timer.
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        if self.hosed {
+            return None;
+        }
+        self.msgs.channel().next_deadline()
+    }
+
+    /// Sends a keep-alive ping if one is due and checks the idle timeout. A hosing error (the
+    /// transport's `IdleTimeout`) goes to `on_error` and is returned as [`Error::Hosed`], as
+    /// with [`process_ready`](Channel::process_ready).
+    pub fn on_timer(&mut self) -> Result<(), Error> {
+        self.check()?;
+        match self.msgs.channel().on_timer(Instant::now()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e: Error = e.into();
+                if e.is_hosing() {
+                    Err(self.report(e))
+                } else {
+                    Err(e)
+                }
+            }
         }
     }
 

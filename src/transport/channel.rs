@@ -73,6 +73,7 @@ pub struct ChannelConfig {
     high_water: Option<usize>,
     idle_timeout: Option<Duration>,
     auto_ping: Option<Duration>,
+    fds: bool,
 }
 
 impl Default for ChannelConfig {
@@ -82,6 +83,7 @@ impl Default for ChannelConfig {
             high_water: None,
             idle_timeout: None,
             auto_ping: None,
+            fds: true,
         }
     }
 }
@@ -119,6 +121,19 @@ impl ChannelConfig {
     pub fn auto_ping(mut self, period: Option<Duration>) -> Self {
         self.auto_ping = period;
         self
+    }
+
+    /// Whether frames may carry fds (default `true`). With `false`, a send with an fd is refused
+    /// with [`Error::FdsDisabled`] (non-hosing) and an fd from the peer is
+    /// [`Error::UnexpectedFd`] (hosing): a channel of blobs only.
+    pub fn fds(mut self, on: bool) -> Self {
+        self.fds = on;
+        self
+    }
+
+    /// See [`fds`](ChannelConfig::fds).
+    pub fn get_fds(&self) -> bool {
+        self.fds
     }
 
     /// See [`max_frame`](ChannelConfig::max_frame).
@@ -790,6 +805,9 @@ impl Channel {
         if kind == Kind::Data && self.ended {
             return Err(Error::SendingEnded);
         }
+        if fd.is_some() && !self.cfg.fds {
+            return Err(Error::FdsDisabled);
+        }
         let len = match &payload {
             Payload::Borrowed(p) => p.iter().try_fold(0usize, |a, s| a.checked_add(s.len())),
             Payload::Shared(p) => p
@@ -1147,6 +1165,9 @@ impl Channel {
                             return Err(self.rx.eof_error());
                         }
                         check_fd_count(&r)?;
+                    if !self.cfg.fds && !r.fds.is_empty() {
+                        return Err(Error::UnexpectedFd); // closed with `r`
+                    }
                         if !r.fds.is_empty() {
                             // No frame starts inside a big frame's payload.
                             return Err(Error::UnexpectedFd);
@@ -1177,6 +1198,9 @@ impl Channel {
                         return Err(rx.eof_error());
                     }
                     check_fd_count(&r)?;
+                    if !self.cfg.fds && !r.fds.is_empty() {
+                        return Err(Error::UnexpectedFd); // closed with `r`
+                    }
                     let from = rx.pos + (rx.end - rx.start) as u64;
                     rx.end += r.bytes;
                     if let Some(fd) = r.fds.into_iter().next() {

@@ -87,6 +87,9 @@ pub enum Error {
     },
     /// The [`AsyncChannel`](super::AsyncChannel) was dropped before the operation completed.
     Aborted,
+    /// A send with an fd on a channel configured without fds
+    /// ([`ChannelConfig::fds`](super::ChannelConfig::fds)). Nothing was sent. Non-hosing.
+    FdsDisabled,
 }
 
 impl Error {
@@ -109,7 +112,8 @@ impl Error {
             | Error::HighWater { .. }
             | Error::SendingEnded
             | Error::InvalidRange { .. }
-            | Error::Aborted => false,
+            | Error::Aborted
+            | Error::FdsDisabled => false,
         }
     }
 
@@ -153,6 +157,7 @@ impl fmt::Display for Error {
                 write!(f, "range {start}..{end} does not fit in {len} bytes")
             }
             Error::Aborted => f.write_str("channel dropped before the operation completed"),
+            Error::FdsDisabled => f.write_str("this channel is configured without fds"),
         }
     }
 }

@@ -1,0 +1,182 @@
+//! Settings of a session, both sides' (some must match, see [`SessionConfig`]).
+
+use std::time::Duration;
+
+use crate::transport::ChannelConfig;
+
+/// Where a session's structured messages live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ShmKind {
+    /// SHM-classic: a session-scope arena and an app-scope arena, each one shared-memory pool
+    /// both processes map; messages cross without copies.
+    #[default]
+    Classic,
+    /// No shared memory (the "vanilla" session): messages are copied through the sockets.
+    Heap,
+}
+
+/// What a channel of the session is made of (Flow-IPC's `MqType`: flowipc has the socket kind).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// A Unix stream socket (a `socketpair`), which may carry fds.
+    #[default]
+    SocketStream,
+}
+
+/// A session's settings. Both sides must agree on [`shm`](SessionConfig::shm),
+/// [`channel_kind`](SessionConfig::channel_kind) and
+/// [`native_handles`](SessionConfig::native_handles), or log-in fails with
+/// [`Rejection::Config`](super::Rejection::Config); the rest is each side's own.
+///
+/// ```
+/// use std::time::Duration;
+/// use flowipc::session::{SessionConfig, ShmKind};
+/// let cfg = SessionConfig::new()
+///     .shm(ShmKind::Heap)
+///     .native_handles(false)
+///     .keep_alive(Some((Duration::from_millis(500), Duration::from_secs(3))));
+/// assert_eq!(cfg.get_shm(), ShmKind::Heap);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    shm: ShmKind,
+    channel_kind: ChannelKind,
+    native_handles: bool,
+    pool_size: u64,
+    keep_alive: Option<(Duration, Duration)>,
+    log_in_timeout: Duration,
+    open_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            shm: ShmKind::Classic,
+            channel_kind: ChannelKind::SocketStream,
+            native_handles: true,
+            pool_size: 1 << 30,
+            keep_alive: Some((Duration::from_secs(1), Duration::from_secs(5))),
+            log_in_timeout: Duration::from_secs(10),
+            open_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl SessionConfig {
+    /// The defaults: SHM-classic, socket channels with fd passing, 1 GiB pools (sparse: only
+    /// touched pages cost memory), a keep-alive ping every second and a 5-second idle timeout on
+    /// the session's own channel, 10 s to log in, 60 s to open a channel.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// SHM-classic or heap (must match the peer's).
+    pub fn shm(mut self, kind: ShmKind) -> Self {
+        self.shm = kind;
+        self
+    }
+
+    /// The channels' kind (must match the peer's).
+    pub fn channel_kind(mut self, kind: ChannelKind) -> Self {
+        self.channel_kind = kind;
+        self
+    }
+
+    /// Whether channels carry fds (must match the peer's). Without, a channel refuses to send
+    /// one ([`transport::Error::FdsDisabled`](crate::transport::Error::FdsDisabled)).
+    pub fn native_handles(mut self, on: bool) -> Self {
+        self.native_handles = on;
+        self
+    }
+
+    /// Bytes of each arena's one pool (the server's setting decides). Arenas do not grow past it:
+    /// a message that does not fit fails to send with an out-of-memory error.
+    pub fn pool_size(mut self, bytes: u64) -> Self {
+        self.pool_size = bytes;
+        self
+    }
+
+    /// `(ping period, idle timeout)` of the session's own channel: a ping goes out when nothing
+    /// was sent for the period, and the session is over ([`Error::IdleTimeout`]) when nothing
+    /// came for the timeout. `None`: neither.
+    ///
+    /// [`Error::IdleTimeout`]: super::Error::IdleTimeout
+    pub fn keep_alive(mut self, k: Option<(Duration, Duration)>) -> Self {
+        self.keep_alive = k;
+        self
+    }
+
+    /// How long log-in may take.
+    pub fn log_in_timeout(mut self, t: Duration) -> Self {
+        self.log_in_timeout = t;
+        self
+    }
+
+    /// How long `open_channel` waits for the peer's answer.
+    pub fn open_timeout(mut self, t: Duration) -> Self {
+        self.open_timeout = t;
+        self
+    }
+
+    /// See [`shm`](SessionConfig::shm).
+    pub fn get_shm(&self) -> ShmKind {
+        self.shm
+    }
+
+    /// See [`channel_kind`](SessionConfig::channel_kind).
+    pub fn get_channel_kind(&self) -> ChannelKind {
+        self.channel_kind
+    }
+
+    /// See [`native_handles`](SessionConfig::native_handles).
+    pub fn get_native_handles(&self) -> bool {
+        self.native_handles
+    }
+
+    /// See [`pool_size`](SessionConfig::pool_size).
+    pub fn get_pool_size(&self) -> u64 {
+        self.pool_size
+    }
+
+    /// See [`keep_alive`](SessionConfig::keep_alive).
+    pub fn get_keep_alive(&self) -> Option<(Duration, Duration)> {
+        self.keep_alive
+    }
+
+    /// See [`log_in_timeout`](SessionConfig::log_in_timeout).
+    pub fn get_log_in_timeout(&self) -> Duration {
+        self.log_in_timeout
+    }
+
+    /// See [`open_timeout`](SessionConfig::open_timeout).
+    pub fn get_open_timeout(&self) -> Duration {
+        self.open_timeout
+    }
+
+    /// The configuration of the session's channels (init and opened ones).
+    pub fn channel_config(&self) -> ChannelConfig {
+        ChannelConfig::new().fds(self.native_handles)
+    }
+
+    /// The configuration of the session's own (master) channel.
+    pub(crate) fn master_config(&self) -> ChannelConfig {
+        let cfg = ChannelConfig::new().max_frame(4 << 20);
+        match self.keep_alive {
+            Some((ping, idle)) => cfg.auto_ping(Some(ping)).idle_timeout(Some(idle)),
+            None => cfg,
+        }
+    }
+
+    pub(crate) fn shm_code(&self) -> u8 {
+        match self.shm {
+            ShmKind::Heap => 0,
+            ShmKind::Classic => 1,
+        }
+    }
+
+    pub(crate) fn channel_code(&self) -> u8 {
+        match self.channel_kind {
+            ChannelKind::SocketStream => 0,
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Sessions: the context two applications' processes share for IPC, from which channels are
+//! opened and through which shared-memory arenas are reached (Flow-IPC's `ipc::session`).
+//!
+//! # The universe, once
+//!
+//! Describe every application in one place both sides' code share: an [`App`] per
+//! application (name, executable, user, group), a [`ClientApp`] for each in the client role
+//! (collected in a master set, [`ClientApps`]), a [`ServerApp`] for each in the server role
+//! (which clients it accepts, its run dir, its [`Permissions`]).
+//!
+//! # Server and client
+//!
+//! At most one instance of a server app runs at a time: [`SessionServer`] `flock`s the PID file
+//! `<run dir>/<app>.pid` and listens on `<run dir>/<app>.sock` (the run dir defaults to
+//! `$XDG_RUNTIME_DIR/flowipc`). A dead instance's files are taken over by the next one. Each
+//! client log-in is checked (allow-list, the connecting process's uid/gid from `SO_PEERCRED`,
+//! its executable from `/proc/<pid>/exe`, protocol version, configuration) and becomes a
+//! [`ServerSession`], usable after [`ServerSession::init_handlers`].
+//!
+//! A client makes a [`ClientSession`] and calls [`ClientSession::sync_connect`], which fails
+//! at once with [`Error::ServerAbsent`] while no server runs: retry later.
+//!
+//! Once open, both sides are a [`Session`]: [`open_channel`](Session::open_channel) (the
+//! peer's passive-open handler gets the other end), [`structured`](Session::structured)
+//! channels in the session's arena carrying its token, the session-scope and app-scope arenas,
+//! [`lend_object`](Session::lend_object) / [`borrow_object`](Session::borrow_object). The
+//! error handler fires once, when the peer is gone or silent past the keep-alive's idle timeout.
+//!
+//! # Example
+//!
+//! Both sides in one process here (a real split has two programs sharing the universe code;
+//! see `examples/session_server.rs` and `examples/session_client.rs`):
+//!
+//! ```
+//! use std::time::Duration;
+//! use flowipc::schemas::test_msgs_capnp::cool_msg;
+//! use flowipc::session::{App, ClientApp, ClientSession, ServerApp, SessionServer};
+//!
+//! // The universe (both apps are this process, for the example).
+//! let dir = std::env::temp_dir().join(format!("fipc-doc-{}", std::process::id()));
+//! let srv_app = ServerApp::new(App::current("a")?, ["b"]).run_dir(&dir);
+//! let cli_app = ClientApp::new(App::current("b")?);
+//! let clients = ClientApp::master_set([&cli_app]);
+//!
+//! let server = SessionServer::new(&srv_app, &clients)?;
+//! let mut client = ClientSession::new(&cli_app, &srv_app, |e| eprintln!("client: {e}"));
+//! client.sync_connect()?;
+//! let mut session = server.accept(Some(Duration::from_secs(10)))?;
+//! let (tx, rx) = std::sync::mpsc::channel();
+//! session.init_handlers_with_passive_open(
+//!     |e| eprintln!("server: {e}"),
+//!     move |chan, _metadata| tx.send(chan).unwrap(),
+//! )?;
+//!
+//! // The client opens a channel; both make it structured (zero-copy, in the session's arena).
+//! let mut c = client.structured::<cool_msg::Owned>(client.open_channel(None)?)?;
+//! let mut s = session.structured::<cool_msg::Owned>(rx.recv()?)?;
+//! let mut msg = c.create_msg();
+//! msg.init_root().init_hello_there().set_num(7);
+//! c.send(&mut msg, None)?;
+//! # s.start(|_| {})?;
+//! # let got = loop {
+//! #     if let Some(m) = s.take_cached(flowipc::struc::MsgType::of::<cool_msg::Owned>("helloThere")?)? { break m; }
+//! #     s.run_for(Duration::from_millis(10))?;
+//! # };
+//! # assert!(got.is_zero_copy());
+//! drop((c, s, session, client, server));
+//! # std::fs::remove_dir(&dir)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod app;
+mod client;
+mod config;
+mod core;
+mod error;
+mod metadata;
+mod proto;
+mod server;
+
+pub use app::{default_run_dir, App, ClientApp, ClientApps, Permissions, ServerApp};
+pub use client::{ClientSession, ConnectOptions};
+pub use config::{ChannelKind, SessionConfig, ShmKind};
+pub use core::{InitChannels, Scope, Session};
+pub use error::{Error, Rejection};
+pub use metadata::{Metadata, MAX_METADATA};
+pub use server::{
+    InitChannelsFn, MetadataFn, ServerSession, SessionServer, SessionServerBuilder,
+    MAX_INIT_CHANNELS,
+};

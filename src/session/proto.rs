@@ -1,0 +1,145 @@
+//! The session protocol's pieces both sides use: the log-in request, waiting for a message
+//! during log-in, the executable check.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::core::Master;
+use super::{Error, Metadata, Rejection};
+use crate::msg::MsgIn;
+use crate::schemas::session_capnp::master;
+use crate::struc::{self, MsgType};
+use crate::sys::{self, PollFd};
+
+/// The session protocol's version: both sides must speak the same.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;
+
+/// Where the log-in channel's hosing error lands (its `on_error`), to be returned by the call
+/// that met it.
+pub(crate) type Failure = Arc<Mutex<Option<struc::Error>>>;
+
+/// Starts the log-in channel with an `on_error` that keeps the error.
+pub(crate) fn start_capturing(core: &mut struc::Channel<Master>) -> Result<Failure, Error> {
+    let failure: Failure = Arc::new(Mutex::new(None));
+    let slot = failure.clone();
+    core.start(move |e| {
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    })?;
+    Ok(failure)
+}
+
+fn failed(failure: &Failure, e: struc::Error) -> Error {
+    let kept = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+    kept.unwrap_or(e).into()
+}
+
+/// Waits for a message of type `which` on the log-in channel until `deadline` (or `stop`).
+pub(crate) fn wait_for(
+    core: &mut struc::Channel<Master>,
+    which: MsgType,
+    deadline: Instant,
+    stop: &AtomicBool,
+    failure: &Failure,
+) -> Result<MsgIn<Master>, Error> {
+    loop {
+        if let Some(m) = core.take_cached(which).map_err(|e| failed(failure, e))? {
+            return Ok(m);
+        }
+        if stop.load(Ordering::Acquire) {
+            return Err(Error::Aborted);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::LogInTimeout);
+        }
+        let wants_write = core.wants_write();
+        {
+            let fd = core.as_fd();
+            let mut fds = [PollFd::new(fd, true, wants_write)];
+            let _ = sys::poll(&mut fds, Some(left.min(Duration::from_millis(100))));
+        }
+        core.flush().map_err(|e| failed(failure, e))?;
+        core.process_ready().map_err(|e| failed(failure, e))?;
+    }
+}
+
+/// Writes what the log-in channel still holds (a rejection, say) before it is dropped, until
+/// `deadline` at most.
+pub(crate) fn finish_sending(core: &mut struc::Channel<Master>, deadline: Instant) {
+    while let Ok(false) = core.flush() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let fd = core.as_fd();
+        let mut fds = [PollFd::new(fd, false, true)];
+        let _ = sys::poll(&mut fds, Some(left));
+    }
+}
+
+/// Checks that process `pid` runs the executable `exec_path` (`/proc/<pid>/exe`, compared with
+/// `exec_path` once its links are resolved). `Err`: what differs, for humans.
+pub(crate) fn check_exe(pid: i32, exec_path: &Path) -> Result<(), String> {
+    let actual = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map_err(|e| format!("cannot read /proc/{pid}/exe: {e}"))?;
+    let expected = std::fs::canonicalize(exec_path).unwrap_or_else(|_| exec_path.to_owned());
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "process {pid} runs {}, not {}",
+            actual.display(),
+            expected.display()
+        ))
+    }
+}
+
+/// A parsed log-in request.
+#[derive(Debug)]
+pub(crate) struct LogInReq {
+    pub protocol_version: u32,
+    pub client_app: String,
+    pub server_app: String,
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub shm: u8,
+    pub channel_kind: u8,
+    pub native_handles: bool,
+    pub init_channels: u32,
+    pub metadata: Option<Metadata>,
+}
+
+impl LogInReq {
+    pub(crate) fn parse(m: &MsgIn<Master>) -> Result<LogInReq, (Rejection, String)> {
+        let bad = |what: &str| (Rejection::BadRequest, format!("malformed log-in: {what}"));
+        let root = m.root().map_err(|e| bad(&e.to_string()))?;
+        let Ok(master::LogIn(Ok(l))) = root.which() else {
+            return Err(bad("not a logIn"));
+        };
+        let text = |t: capnp::Result<capnp::text::Reader<'_>>| -> Result<String, (Rejection, String)> {
+            t.ok()
+                .and_then(|t| t.to_str().ok().map(str::to_owned))
+                .ok_or_else(|| bad("names must be UTF-8 text"))
+        };
+        let config = l.get_config().map_err(|e| bad(&e.to_string()))?;
+        let metadata = Metadata::from_wire(l.get_metadata().map_err(|e| bad(&e.to_string()))?)
+            .map_err(|e| bad(&e.to_string()))?;
+        Ok(LogInReq {
+            protocol_version: l.get_protocol_version(),
+            client_app: text(l.get_client_app())?,
+            server_app: text(l.get_server_app())?,
+            pid: l.get_pid(),
+            uid: l.get_uid(),
+            gid: l.get_gid(),
+            shm: config.get_shm_kind(),
+            channel_kind: config.get_channel_kind(),
+            native_handles: config.get_native_handles(),
+            init_channels: l.get_init_channels(),
+            metadata,
+        })
+    }
+}

@@ -1,0 +1,742 @@
+//! The server side: [`SessionServer`] accepts clients, [`ServerSession`] is one session.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::ops::Deref;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::app::MAX_SOCKET_PATH;
+use super::core::{Master, OnError, PassiveOpen};
+use super::proto::{self, LogInReq};
+use super::{
+    ClientApp, ClientApps, Error, InitChannels, Metadata, Rejection, ServerApp, Session,
+    SessionConfig, ShmKind,
+};
+use crate::msg::Backing;
+use crate::shm::{Arena, ArenaConfig};
+use crate::struc::{self, MsgType};
+use crate::sys::{self, PollFd};
+use crate::transport;
+
+/// Decides how many init channels the server opens for a client: given the client app, how many
+/// the client requested, and the client's metadata.
+pub type InitChannelsFn = Box<dyn Fn(&ClientApp, u32, Option<&Metadata>) -> u32 + Send + Sync>;
+/// Makes the server's log-in metadata for a client (same arguments).
+pub type MetadataFn =
+    Box<dyn Fn(&ClientApp, u32, Option<&Metadata>) -> Option<Metadata> + Send + Sync>;
+
+/// Most init channels one log-in may make (each side's count).
+pub const MAX_INIT_CHANNELS: u32 = 64;
+
+type Accepted = Result<ServerSession, Error>;
+
+enum Waiter {
+    Call(Box<dyn FnOnce(Accepted) + Send>),
+    Chan(mpsc::SyncSender<Accepted>),
+}
+
+#[derive(Default)]
+struct Queue {
+    waiters: VecDeque<Waiter>,
+    ready: VecDeque<Accepted>,
+}
+
+struct Shared {
+    app: ServerApp,
+    clients: ClientApps,
+    config: SessionConfig,
+    init_channels: Option<InitChannelsFn>,
+    metadata: Option<MetadataFn>,
+    app_arenas: Mutex<HashMap<String, Arena>>,
+    queue: Mutex<Queue>,
+    stop: AtomicBool,
+    waker: UnixStream,
+    logins: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn wake(&self) {
+        let _ = (&self.waker).write(&[1]);
+    }
+}
+
+/// Builds a [`SessionServer`] with the advanced options: configuration, init channels decided
+/// per client, metadata for each client.
+pub struct SessionServerBuilder {
+    app: ServerApp,
+    clients: ClientApps,
+    config: SessionConfig,
+    init_channels: Option<InitChannelsFn>,
+    metadata: Option<MetadataFn>,
+}
+
+impl std::fmt::Debug for SessionServerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionServerBuilder")
+            .field("app", &self.app.name)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl SessionServerBuilder {
+    /// The session configuration (see [`SessionConfig`]; some of it must match the clients').
+    pub fn config(mut self, config: SessionConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// How many init channels the server opens at each log-in, besides those the client asks
+    /// for: `f(client app, channels the client requested, client's metadata)`, at most
+    /// [`MAX_INIT_CHANNELS`]. Default: none.
+    pub fn init_channels(
+        mut self,
+        f: impl Fn(&ClientApp, u32, Option<&Metadata>) -> u32 + Send + Sync + 'static,
+    ) -> Self {
+        self.init_channels = Some(Box::new(f));
+        self
+    }
+
+    /// The metadata the server sends each client at log-in: `f(client app, channels the client
+    /// requested, client's metadata)`. Default: none.
+    pub fn metadata(
+        mut self,
+        f: impl Fn(&ClientApp, u32, Option<&Metadata>) -> Option<Metadata> + Send + Sync + 'static,
+    ) -> Self {
+        self.metadata = Some(Box::new(f));
+        self
+    }
+
+    /// Starts serving: takes the PID file's lock ([`Error::AlreadyRunning`] if another instance
+    /// holds it; a dead instance's files are taken over), listens on the socket, and accepts
+    /// clients on a library thread.
+    pub fn build(self) -> Result<SessionServer, Error> {
+        SessionServer::start(self)
+    }
+}
+
+/// The session server of one [`ServerApp`]: at most one live instance per server app (the
+/// PID file in the run dir is `flock`ed). Clients connect to its Unix socket in the run dir;
+/// each accepted log-in becomes a [`ServerSession`]. Many sessions may be open at once.
+///
+/// Log-ins proceed as clients arrive, each on its own short-lived thread; an accept call
+/// ([`async_accept`](SessionServer::async_accept), [`accept`](SessionServer::accept)) takes the
+/// next result in order: a session, or the error of a log-in that failed (a rejected client
+/// gets [`Error::LogInRejected`] on both sides; the server goes on serving).
+///
+/// Dropping it stops accepting, completes pending accept calls with [`Error::Aborted`], and
+/// removes its socket and PID file. Sessions already accepted live on, but the app-scope arenas
+/// are released when their last session goes.
+pub struct SessionServer {
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+    lock: Option<nix::fcntl::Flock<File>>,
+    socket_path: PathBuf,
+    pid_path: PathBuf,
+}
+
+impl std::fmt::Debug for SessionServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionServer")
+            .field("app", &self.shared.app.name)
+            .field("socket", &self.socket_path)
+            .finish()
+    }
+}
+
+fn run_dir_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::RunDir {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl SessionServer {
+    /// A server with the default configuration: see [`builder`](SessionServer::builder).
+    pub fn new(app: &ServerApp, clients: &ClientApps) -> Result<SessionServer, Error> {
+        SessionServer::builder(app, clients).build()
+    }
+
+    /// A builder for a server of `app`, which knows the client apps `clients` (the universe's
+    /// master set).
+    pub fn builder(app: &ServerApp, clients: &ClientApps) -> SessionServerBuilder {
+        SessionServerBuilder {
+            app: app.clone(),
+            clients: clients.clone(),
+            config: SessionConfig::new(),
+            init_channels: None,
+            metadata: None,
+        }
+    }
+
+    fn start(b: SessionServerBuilder) -> Result<SessionServer, Error> {
+        b.app.validate()?;
+        for c in b.clients.values() {
+            c.validate()?;
+        }
+        for name in &b.app.allowed_client_apps {
+            if !b.clients.contains_key(name) {
+                return Err(Error::UnknownApp(name.clone()));
+            }
+        }
+        let dir = b.app.resolved_run_dir();
+        make_run_dir(&dir, b.app.permissions.dir_mode(), b.app.run_dir.is_none())?;
+        let socket_path = b.app.socket_path();
+        let pid_path = b.app.pid_file();
+        if socket_path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(Error::PathTooLong(socket_path));
+        }
+        let lock = lock_pid_file(&pid_path, b.app.permissions.pid_file_mode())?;
+        // The lock is ours: whatever socket is there is a dead instance's.
+        match std::fs::remove_file(&socket_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(run_dir_err(&socket_path)(e)),
+        }
+        let listener = UnixListener::bind(&socket_path).map_err(run_dir_err(&socket_path))?;
+        std::fs::set_permissions(
+            &socket_path,
+            std::fs::Permissions::from_mode(b.app.permissions.socket_mode()),
+        )
+        .map_err(run_dir_err(&socket_path))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(run_dir_err(&socket_path))?;
+        // The PID goes in once the socket listens: a client that reads it can connect.
+        let mut file: &File = &lock;
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .map_err(run_dir_err(&pid_path))?;
+        let (waker, waker_rx) = UnixStream::pair().map_err(Error::Io)?;
+        waker.set_nonblocking(true).map_err(Error::Io)?;
+        waker_rx.set_nonblocking(true).map_err(Error::Io)?;
+        let shared = Arc::new(Shared {
+            app: b.app,
+            clients: b.clients,
+            config: b.config,
+            init_channels: b.init_channels,
+            metadata: b.metadata,
+            app_arenas: Mutex::new(HashMap::new()),
+            queue: Mutex::new(Queue::default()),
+            stop: AtomicBool::new(false),
+            waker,
+            logins: Mutex::new(Vec::new()),
+        });
+        let s = shared.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("flowipc-accept".into())
+            .spawn(move || accept_loop(s, listener, waker_rx))
+            .map_err(Error::Io)?;
+        Ok(SessionServer {
+            shared,
+            acceptor: Some(acceptor),
+            lock: Some(lock),
+            socket_path,
+            pid_path,
+        })
+    }
+
+    /// Calls `handler` (on a library thread) with the next accepted session, or the error of
+    /// the next failed log-in. Handlers are served in call order, results in log-in order.
+    pub fn async_accept(&self, handler: impl FnOnce(Result<ServerSession, Error>) + Send + 'static) {
+        lock(&self.shared.queue)
+            .waiters
+            .push_back(Waiter::Call(Box::new(handler)));
+        self.shared.wake();
+    }
+
+    /// Waits (up to `timeout`; `None`: no limit) for the next accepted session or failed
+    /// log-in. [`Error::AcceptTimeout`] if none came (a later one is kept for the next call).
+    pub fn accept(&self, timeout: Option<Duration>) -> Result<ServerSession, Error> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        lock(&self.shared.queue).waiters.push_back(Waiter::Chan(tx));
+        self.shared.wake();
+        match timeout {
+            Some(t) => rx.recv_timeout(t).unwrap_or(Err(Error::AcceptTimeout)),
+            None => rx.recv().unwrap_or(Err(Error::Aborted)),
+        }
+    }
+
+    /// The app-scope arena of client app `name` (made at its first log-in; `None` before, or in
+    /// a vanilla server).
+    pub fn app_arena(&self, name: &str) -> Option<Arena> {
+        lock(&self.shared.app_arenas).get(name).cloned()
+    }
+
+    /// The socket clients connect to.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// The PID file.
+    pub fn pid_file(&self) -> &Path {
+        &self.pid_path
+    }
+}
+
+impl Drop for SessionServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake();
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+        let logins = std::mem::take(&mut *lock(&self.shared.logins));
+        for t in logins {
+            let _ = t.join();
+        }
+        let q = std::mem::take(&mut *lock(&self.shared.queue));
+        for w in q.waiters {
+            deliver(w, Err(Error::Aborted));
+        }
+        drop(q.ready);
+        // Socket first, then the PID file, then the lock: a new instance can take the lock only
+        // once our socket is gone.
+        let _ = std::fs::remove_file(&self.socket_path);
+        let _ = std::fs::remove_file(&self.pid_path);
+        drop(self.lock.take());
+    }
+}
+
+/// Creates the run dir if missing. The default one must be ours and not writable by others.
+fn make_run_dir(dir: &Path, mode: u32, is_default: bool) -> Result<(), Error> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(run_dir_err(dir))?;
+    if is_default {
+        let md = std::fs::metadata(dir).map_err(run_dir_err(dir))?;
+        if md.uid() != sys::effective_ids().0 || md.mode() & 0o022 != 0 {
+            return Err(Error::RunDir {
+                path: dir.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the default run dir belongs to another user or others may write it",
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Opens and locks the PID file: the one live instance holds the lock. A file that a previous
+/// instance removed while we opened it is not the live one: try again.
+fn lock_pid_file(path: &Path, mode: u32) -> Result<nix::fcntl::Flock<File>, Error> {
+    for _ in 0..100 {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(mode)
+            .open(path)
+            .map_err(run_dir_err(path))?;
+        match sys::try_flock(file).map_err(run_dir_err(path))? {
+            Err(mut file) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(Error::AlreadyRunning {
+                    pid: text.trim().parse().ok(),
+                });
+            }
+            Ok(lock) => {
+                let ours = lock.metadata().map_err(run_dir_err(path))?;
+                match std::fs::metadata(path) {
+                    Ok(there) if there.ino() == ours.ino() && there.dev() == ours.dev() => {
+                        return Ok(lock);
+                    }
+                    _ => continue, // unlinked under us: the next open makes a new one
+                }
+            }
+        }
+    }
+    Err(Error::RunDir {
+        path: path.to_owned(),
+        source: std::io::Error::other("the PID file keeps changing"),
+    })
+}
+
+fn deliver(w: Waiter, r: Accepted) -> Option<Accepted> {
+    match w {
+        Waiter::Call(f) => {
+            f(r);
+            None
+        }
+        Waiter::Chan(tx) => match tx.try_send(r) {
+            Ok(()) => None,
+            // The caller gave up waiting: keep the result for the next one.
+            Err(mpsc::TrySendError::Disconnected(r)) | Err(mpsc::TrySendError::Full(r)) => Some(r),
+        },
+    }
+}
+
+/// Hands results to waiters, in order, outside the lock.
+fn dispatch(shared: &Shared) {
+    loop {
+        let (w, r) = {
+            let mut q = lock(&shared.queue);
+            if q.waiters.is_empty() || q.ready.is_empty() {
+                return;
+            }
+            match (q.waiters.pop_front(), q.ready.pop_front()) {
+                (Some(w), Some(r)) => (w, r),
+                _ => return,
+            }
+        };
+        if let Some(back) = deliver(w, r) {
+            lock(&shared.queue).ready.push_front(back);
+        }
+    }
+}
+
+/// The acceptor thread: accepts connections, starts a log-in thread for each, hands results to
+/// waiters.
+fn accept_loop(shared: Arc<Shared>, listener: UnixListener, waker: UnixStream) {
+    let mut drain = [0u8; 64];
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let mut fds = [
+            PollFd::new(listener.as_fd(), true, false),
+            PollFd::new(waker.as_fd(), true, false),
+        ];
+        let _ = sys::poll(&mut fds, Some(Duration::from_secs(1)));
+        while matches!((&waker).read(&mut drain), Ok(n) if n > 0) {}
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        while let Ok((stream, _)) = listener.accept() {
+            let s = shared.clone();
+            let t = std::thread::Builder::new()
+                .name("flowipc-login".into())
+                .spawn(move || {
+                    let r = log_in(&s, stream);
+                    if s.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    lock(&s.queue).ready.push_back(r);
+                    s.wake();
+                });
+            if let Ok(t) = t {
+                let mut logins = lock(&shared.logins);
+                logins.retain(|t| !t.is_finished());
+                logins.push(t);
+            }
+        }
+        dispatch(&shared);
+    }
+}
+
+/// A 128-bit random token (the kernel's randomness; the std hasher's if that fails).
+fn random_token() -> u128 {
+    let mut b = [0u8; 16];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok()
+    {
+        return u128::from_le_bytes(b);
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let half = || {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(Instant::now().elapsed().as_nanos());
+        h.finish() as u128
+    };
+    half() << 64 | half()
+}
+
+/// Runs one client's log-in on its connection.
+fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
+    // The connecting process as the kernel saw it (a connection accepted from the listening
+    // socket: its `SO_PEERCRED` is the client's own, unlike a socketpair's).
+    let creds = sys::peer_credentials(stream.as_fd()).map_err(Error::Io)?;
+    let cfg = &shared.config;
+    let chan = transport::Channel::from_stream(stream, cfg.master_config())?;
+    let mut core = struc::Channel::<Master>::new(chan, Backing::Heap)?;
+    let failure = proto::start_capturing(&mut core)?;
+    let deadline = Instant::now() + cfg.get_log_in_timeout();
+    let log_in_type = MsgType::of::<Master>("logIn")?;
+    let req_msg = proto::wait_for(&mut core, log_in_type, deadline, &shared.stop, &failure)?;
+    let checked = LogInReq::parse(&req_msg).and_then(|req| {
+        let app = check(shared, &req, creds)?;
+        Ok((req, app))
+    });
+    let (req, client_app) = match checked {
+        Ok(x) => x,
+        Err((reason, detail)) => {
+            let mut rsp = core.create_msg();
+            {
+                let mut r = rsp.init_root().init_log_in_rsp().init_rejected();
+                r.set_reason(reason.code());
+                r.set_detail(detail.as_str());
+            }
+            let _ = core.send(&mut rsp, Some(&req_msg));
+            proto::finish_sending(&mut core, deadline);
+            return Err(Error::LogInRejected { reason, detail });
+        }
+    };
+    let reject = |core: &mut struc::Channel<Master>, detail: String| {
+        let mut rsp = core.create_msg();
+        {
+            let mut r = rsp.init_root().init_log_in_rsp().init_rejected();
+            r.set_reason(Rejection::Resources.code());
+            r.set_detail(detail.as_str());
+        }
+        let _ = core.send(&mut rsp, Some(&req_msg));
+        proto::finish_sending(core, deadline);
+        Error::LogInRejected {
+            reason: Rejection::Resources,
+            detail,
+        }
+    };
+    // Arenas: the session's own, and the client app's (made at its first session).
+    let arenas = if cfg.get_shm() == ShmKind::Classic {
+        let pool = ArenaConfig::new().pool_size(cfg.get_pool_size()).max_pools(1);
+        let session = Arena::create(pool.clone());
+        let app = {
+            let mut m = lock(&shared.app_arenas);
+            match m.get(&client_app.name) {
+                Some(a) => Ok(a.clone()),
+                None => Arena::create(pool).inspect(|a| {
+                    m.insert(client_app.name.clone(), a.clone());
+                }),
+            }
+        };
+        match (session, app) {
+            (Ok(s), Ok(a)) => (Some(s), Some(a)),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(reject(&mut core, format!("no arena: {e}")));
+            }
+        }
+    } else {
+        (None, None)
+    };
+    let n_srv = shared
+        .init_channels
+        .as_ref()
+        .map_or(0, |f| f(&client_app, req.init_channels, req.metadata.as_ref()))
+        .min(MAX_INIT_CHANNELS);
+    let srv_mdt = shared
+        .metadata
+        .as_ref()
+        .and_then(|f| f(&client_app, req.init_channels, req.metadata.as_ref()));
+    // Init channels: ours kept, theirs sent (one resource message, one fd, each).
+    let mut init = InitChannels::default();
+    let mut resources: Vec<(u8, u32, OwnedFd)> = Vec::new();
+    for (s, p) in arenas.0.iter().zip([0u8]).chain(arenas.1.iter().zip([1u8])) {
+        match s.pool_fd(0).map(|fd| fd.try_clone_to_owned()) {
+            Some(Ok(fd)) => resources.push((p, 0, fd)),
+            _ => return Err(reject(&mut core, "arena pool fd".into())),
+        }
+    }
+    for (kind, n) in [(2u8, req.init_channels), (3u8, n_srv)] {
+        for i in 0..n {
+            let (mine, theirs) = match UnixStream::pair() {
+                Ok(p) => p,
+                Err(e) => return Err(reject(&mut core, format!("socketpair: {e}"))),
+            };
+            let chan = transport::Channel::from_stream(mine, cfg.channel_config())?;
+            if kind == 2 {
+                init.by_client.push(chan);
+            } else {
+                init.by_server.push(chan);
+            }
+            resources.push((kind, i, OwnedFd::from(theirs)));
+        }
+    }
+    for (kind, index, fd) in resources {
+        let mut m = core.create_msg_with_fd(fd);
+        {
+            let mut r = m.init_root().init_resource();
+            r.set_kind(kind);
+            r.set_index(index);
+        }
+        core.send(&mut m, None)?;
+    }
+    let token = random_token();
+    let mut rsp = core.create_msg();
+    {
+        let mut a = rsp.init_root().init_log_in_rsp().init_accepted();
+        a.set_token(&token.to_le_bytes());
+        a.set_init_by_client(req.init_channels);
+        a.set_init_by_server(n_srv);
+        if let Some(m) = &srv_mdt {
+            a.set_metadata(m.as_bytes());
+        }
+        a.set_arenas(arenas.0.is_some());
+    }
+    core.send(&mut rsp, Some(&req_msg))?;
+    drop(req_msg);
+    core.pause();
+    let session = Session::open(core, token, cfg.clone(), client_app.name.clone(), arenas)?;
+    Ok(ServerSession {
+        session,
+        client_app,
+        init,
+        client_metadata: req.metadata,
+    })
+}
+
+/// The log-in checks; on failure, why (both sides are told).
+fn check(
+    shared: &Shared,
+    req: &LogInReq,
+    creds: sys::PeerCred,
+) -> Result<ClientApp, (Rejection, String)> {
+    if req.protocol_version != proto::PROTOCOL_VERSION {
+        return Err((
+            Rejection::ProtocolVersion,
+            format!(
+                "client speaks version {}, server {}",
+                req.protocol_version,
+                proto::PROTOCOL_VERSION
+            ),
+        ));
+    }
+    if req.server_app != shared.app.name {
+        return Err((
+            Rejection::WrongServerApp,
+            format!(
+                "client wants server app {:?}, this is {:?}",
+                req.server_app, shared.app.name
+            ),
+        ));
+    }
+    let Some(app) = shared.clients.get(&req.client_app) else {
+        return Err((
+            Rejection::UnknownClientApp,
+            format!("client app {:?} is not in the universe", req.client_app),
+        ));
+    };
+    if !shared.app.allowed_client_apps.contains(&req.client_app) {
+        return Err((
+            Rejection::ClientAppNotAllowed,
+            format!(
+                "client app {:?} may not open sessions with {:?}",
+                req.client_app, shared.app.name
+            ),
+        ));
+    }
+    if (creds.uid, creds.gid) != (app.uid, app.gid) {
+        return Err((
+            Rejection::Credentials,
+            format!(
+                "the connecting process runs as uid {} gid {}; app {:?} is uid {} gid {}",
+                creds.uid, creds.gid, app.name, app.uid, app.gid
+            ),
+        ));
+    }
+    if (req.pid, req.uid, req.gid) != (creds.pid, creds.uid, creds.gid) {
+        return Err((
+            Rejection::Credentials,
+            format!(
+                "the client claims pid {} uid {} gid {}; the kernel says pid {} uid {} gid {}",
+                req.pid, req.uid, req.gid, creds.pid, creds.uid, creds.gid
+            ),
+        ));
+    }
+    proto::check_exe(creds.pid, &app.exec_path).map_err(|d| (Rejection::ExecPath, d))?;
+    let ours = &shared.config;
+    let mismatch = if req.shm != ours.shm_code() {
+        Some("SHM kind")
+    } else if req.channel_kind != ours.channel_code() {
+        Some("channel kind")
+    } else if req.native_handles != ours.get_native_handles() {
+        Some("fd passing (native handles)")
+    } else {
+        None
+    };
+    if let Some(what) = mismatch {
+        return Err((
+            Rejection::Config,
+            format!("the client's {what} differs from the server's"),
+        ));
+    }
+    if req.init_channels > MAX_INIT_CHANNELS {
+        return Err((
+            Rejection::Config,
+            format!(
+                "{} init channels requested; at most {MAX_INIT_CHANNELS}",
+                req.init_channels
+            ),
+        ));
+    }
+    Ok(app.clone())
+}
+
+/// One session, server side: what [`SessionServer`] accepted. Dereferences to [`Session`],
+/// usable once [`init_handlers`](ServerSession::init_handlers) is called (before it, the
+/// session's keep-alive runs and the client's channel openings wait).
+pub struct ServerSession {
+    session: Session,
+    client_app: ClientApp,
+    init: InitChannels,
+    client_metadata: Option<Metadata>,
+}
+
+impl std::fmt::Debug for ServerSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSession")
+            .field("client_app", &self.client_app.name)
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+impl ServerSession {
+    /// The client app on the other side.
+    pub fn client_app(&self) -> &ClientApp {
+        &self.client_app
+    }
+
+    /// Opens the session for use: `on_error` fires once when it is over (the client gone, or
+    /// silent past the idle timeout). The client cannot open channels to this side.
+    pub fn init_handlers(&mut self, on_error: impl FnOnce(Error) + Send + 'static) -> Result<(), Error> {
+        self.session.install_handlers(Box::new(on_error) as OnError, None)
+    }
+
+    /// [`init_handlers`](ServerSession::init_handlers), and `on_passive_open` gets each channel
+    /// the client opens, with its metadata (on a thread of the session's).
+    pub fn init_handlers_with_passive_open(
+        &mut self,
+        on_error: impl FnOnce(Error) + Send + 'static,
+        on_passive_open: impl FnMut(transport::Channel, Option<Metadata>) + Send + 'static,
+    ) -> Result<(), Error> {
+        self.session.install_handlers(
+            Box::new(on_error),
+            Some(Box::new(on_passive_open) as PassiveOpen),
+        )
+    }
+
+    /// Takes the init channels (see [`InitChannels`]); later calls get none.
+    pub fn take_init_channels(&mut self) -> InitChannels {
+        std::mem::take(&mut self.init)
+    }
+
+    /// The client's log-in metadata, if it sent some.
+    pub fn client_metadata(&self) -> Option<&Metadata> {
+        self.client_metadata.as_ref()
+    }
+}
+
+impl Deref for ServerSession {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.session
+    }
+}
