@@ -18,9 +18,9 @@
 #[cfg(not(flowipc_loom))]
 pub mod msg;
 pub mod schemas;
-pub mod shm;
 #[cfg(not(flowipc_loom))]
 pub mod session;
+pub mod shm;
 #[cfg(not(flowipc_loom))]
 pub mod struc;
 mod sync;

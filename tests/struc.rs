@@ -906,8 +906,10 @@ fn a_dropped_async_channel_closes_its_socket_and_frees_its_messages() {
     drop(a);
     let got = log();
     let g = got.clone();
-    b.expect_msgs(ty("helloThere"), move |_, m| g.lock().unwrap().push(num_of(&m)))
-        .unwrap();
+    b.expect_msgs(ty("helloThere"), move |_, m| {
+        g.lock().unwrap().push(num_of(&m))
+    })
+    .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let end = loop {
         if let Err(e) = b.run_for(SHORT) {

@@ -54,8 +54,7 @@ impl App {
         let ok = !n.is_empty()
             && n.len() <= 64
             && !n.starts_with('.')
-            && n
-                .bytes()
+            && n.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
         if ok {
             Ok(())
@@ -190,12 +189,14 @@ impl ServerApp {
 
     /// The PID file: `<run dir>/<name>.pid`, `flock`ed by the one live server.
     pub fn pid_file(&self) -> PathBuf {
-        self.resolved_run_dir().join(format!("{}.pid", self.app.name))
+        self.resolved_run_dir()
+            .join(format!("{}.pid", self.app.name))
     }
 
     /// The Unix socket clients connect to: `<run dir>/<name>.sock`.
     pub fn socket_path(&self) -> PathBuf {
-        self.resolved_run_dir().join(format!("{}.sock", self.app.name))
+        self.resolved_run_dir()
+            .join(format!("{}.sock", self.app.name))
     }
 }
 

@@ -10,8 +10,7 @@ use std::time::Instant;
 use super::core::{Master, OnError, PassiveOpen};
 use super::proto::{self, PROTOCOL_VERSION};
 use super::{
-    ClientApp, Error, InitChannels, Metadata, Rejection, ServerApp, Session, SessionConfig,
-    ShmKind,
+    ClientApp, Error, InitChannels, Metadata, Rejection, ServerApp, Session, SessionConfig, ShmKind,
 };
 use crate::msg::Backing;
 use crate::schemas::session_capnp::{log_in_rsp, master};
@@ -206,8 +205,11 @@ impl ClientSession {
             .and_then(|t| <[u8; 16]>::try_from(t).ok())
             .map(u128::from_le_bytes)
             .ok_or(Error::Protocol("session token is not 16 bytes"))?;
-        let (n_cli, n_srv, with_arenas) =
-            (a.get_init_by_client(), a.get_init_by_server(), a.get_arenas());
+        let (n_cli, n_srv, with_arenas) = (
+            a.get_init_by_client(),
+            a.get_init_by_server(),
+            a.get_arenas(),
+        );
         let server_metadata = Metadata::from_wire(
             a.get_metadata()
                 .map_err(|_| Error::Protocol("unreadable server metadata"))?,
@@ -216,7 +218,9 @@ impl ClientSession {
             || n_srv > super::MAX_INIT_CHANNELS
             || with_arenas != (config.get_shm() == ShmKind::Classic)
         {
-            return Err(Error::Protocol("log-in response does not match the request"));
+            return Err(Error::Protocol(
+                "log-in response does not match the request",
+            ));
         }
         drop(rsp);
         // The resources came before the response: they wait in the channel's cache.
@@ -226,7 +230,9 @@ impl ClientSession {
         let expected = n_cli as usize + n_srv as usize + if with_arenas { 2 } else { 0 };
         while got.len() < expected {
             let mut m = proto::wait_for(&mut core, resource_type, deadline, &stop, &failure)?;
-            let fd = m.take_fd().ok_or(Error::Protocol("resource without its fd"))?;
+            let fd = m
+                .take_fd()
+                .ok_or(Error::Protocol("resource without its fd"))?;
             let key = match m.root().and_then(|r| Ok(r.which()?)) {
                 Ok(master::Resource(Ok(r))) => (r.get_kind(), r.get_index()),
                 _ => return Err(Error::Protocol("unreadable resource")),
@@ -272,15 +278,15 @@ impl ClientSession {
     /// Finds the live server: its PID file, its socket, and checks that the process on the
     /// socket is the server app.
     fn reach_server(&self) -> Result<UnixStream, Error> {
-        let pid_text = std::fs::read_to_string(self.server.pid_file()).map_err(Error::ServerAbsent)?;
+        let pid_text =
+            std::fs::read_to_string(self.server.pid_file()).map_err(Error::ServerAbsent)?;
         let pid: i32 = pid_text.trim().parse().map_err(|_| {
             Error::ServerAbsent(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "PID file being written or garbled",
             ))
         })?;
-        let stream =
-            UnixStream::connect(self.server.socket_path()).map_err(Error::ServerAbsent)?;
+        let stream = UnixStream::connect(self.server.socket_path()).map_err(Error::ServerAbsent)?;
         // For a connected socket, SO_PEERCRED is the listener's process.
         let creds = sys::peer_credentials(stream.as_fd()).map_err(Error::Io)?;
         if creds.pid != pid {

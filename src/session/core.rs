@@ -231,7 +231,11 @@ impl Session {
         drop(req); // our copy of the peer's end
         let accepted = match rsp.root().and_then(|r| Ok(r.which()?)) {
             Ok(master::OpenChannelRsp(Ok(r))) => r.get_accepted(),
-            _ => return Err(Error::Protocol("the answer to openChannel is not openChannelRsp")),
+            _ => {
+                return Err(Error::Protocol(
+                    "the answer to openChannel is not openChannelRsp",
+                ))
+            }
         };
         if !accepted {
             return Err(Error::PassiveOpenRejected);
@@ -329,7 +333,9 @@ impl Drop for Session {
         } = link;
         drop(master);
         drop(events);
-        let thread = handler_thread.into_inner().unwrap_or_else(|e| e.into_inner());
+        let thread = handler_thread
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(t) = thread {
             if t.thread().id() != std::thread::current().id() {
                 let _ = t.join();

@@ -33,7 +33,8 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub(crate) fn code(self) -> u16 {
+    /// The reason's code on the wire (`LogInRsp.rejected.reason` in `schemas/session.capnp`).
+    pub fn code(self) -> u16 {
         match self {
             Rejection::UnknownClientApp => 1,
             Rejection::ClientAppNotAllowed => 2,
@@ -47,7 +48,8 @@ impl Rejection {
         }
     }
 
-    pub(crate) fn from_code(c: u16) -> Option<Rejection> {
+    /// The reason a wire code stands for.
+    pub fn from_code(c: u16) -> Option<Rejection> {
         Some(match c {
             1 => Rejection::UnknownClientApp,
             2 => Rejection::ClientAppNotAllowed,

@@ -38,6 +38,9 @@
 //!
 //! // The universe (both apps are this process, for the example).
 //! let dir = std::env::temp_dir().join(format!("fipc-doc-{}", std::process::id()));
+//! # struct Gone(std::path::PathBuf);
+//! # impl Drop for Gone { fn drop(&mut self) { let _ = std::fs::remove_dir_all(&self.0); } }
+//! # let _gone = Gone(dir.clone());
 //! let srv_app = ServerApp::new(App::current("a")?, ["b"]).run_dir(&dir);
 //! let cli_app = ClientApp::new(App::current("b")?);
 //! let clients = ClientApp::master_set([&cli_app]);
@@ -65,7 +68,7 @@
 //! # };
 //! # assert!(got.is_zero_copy());
 //! drop((c, s, session, client, server));
-//! # std::fs::remove_dir(&dir)?;
+//! # assert_eq!(std::fs::read_dir(&dir)?.count(), 0, "the server's files are gone");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

@@ -120,11 +120,12 @@ impl LogInReq {
         let Ok(master::LogIn(Ok(l))) = root.which() else {
             return Err(bad("not a logIn"));
         };
-        let text = |t: capnp::Result<capnp::text::Reader<'_>>| -> Result<String, (Rejection, String)> {
-            t.ok()
-                .and_then(|t| t.to_str().ok().map(str::to_owned))
-                .ok_or_else(|| bad("names must be UTF-8 text"))
-        };
+        let text =
+            |t: capnp::Result<capnp::text::Reader<'_>>| -> Result<String, (Rejection, String)> {
+                t.ok()
+                    .and_then(|t| t.to_str().ok().map(str::to_owned))
+                    .ok_or_else(|| bad("names must be UTF-8 text"))
+            };
         let config = l.get_config().map_err(|e| bad(&e.to_string()))?;
         let metadata = Metadata::from_wire(l.get_metadata().map_err(|e| bad(&e.to_string()))?)
             .map_err(|e| bad(&e.to_string()))?;

@@ -251,7 +251,10 @@ impl SessionServer {
 
     /// Calls `handler` (on a library thread) with the next accepted session, or the error of
     /// the next failed log-in. Handlers are served in call order, results in log-in order.
-    pub fn async_accept(&self, handler: impl FnOnce(Result<ServerSession, Error>) + Send + 'static) {
+    pub fn async_accept(
+        &self,
+        handler: impl FnOnce(Result<ServerSession, Error>) + Send + 'static,
+    ) {
         lock(&self.shared.queue)
             .waiters
             .push_back(Waiter::Call(Box::new(handler)));
@@ -506,7 +509,9 @@ fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
     };
     // Arenas: the session's own, and the client app's (made at its first session).
     let arenas = if cfg.get_shm() == ShmKind::Classic {
-        let pool = ArenaConfig::new().pool_size(cfg.get_pool_size()).max_pools(1);
+        let pool = ArenaConfig::new()
+            .pool_size(cfg.get_pool_size())
+            .max_pools(1);
         let session = Arena::create(pool.clone());
         let app = {
             let mut m = lock(&shared.app_arenas);
@@ -529,7 +534,9 @@ fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
     let n_srv = shared
         .init_channels
         .as_ref()
-        .map_or(0, |f| f(&client_app, req.init_channels, req.metadata.as_ref()))
+        .map_or(0, |f| {
+            f(&client_app, req.init_channels, req.metadata.as_ref())
+        })
         .min(MAX_INIT_CHANNELS);
     let srv_mdt = shared
         .metadata
@@ -706,8 +713,12 @@ impl ServerSession {
 
     /// Opens the session for use: `on_error` fires once when it is over (the client gone, or
     /// silent past the idle timeout). The client cannot open channels to this side.
-    pub fn init_handlers(&mut self, on_error: impl FnOnce(Error) + Send + 'static) -> Result<(), Error> {
-        self.session.install_handlers(Box::new(on_error) as OnError, None)
+    pub fn init_handlers(
+        &mut self,
+        on_error: impl FnOnce(Error) + Send + 'static,
+    ) -> Result<(), Error> {
+        self.session
+            .install_handlers(Box::new(on_error) as OnError, None)
     }
 
     /// [`init_handlers`](ServerSession::init_handlers), and `on_passive_open` gets each channel

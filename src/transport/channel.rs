@@ -1165,9 +1165,9 @@ impl Channel {
                             return Err(self.rx.eof_error());
                         }
                         check_fd_count(&r)?;
-                    if !self.cfg.fds && !r.fds.is_empty() {
-                        return Err(Error::UnexpectedFd); // closed with `r`
-                    }
+                        if !self.cfg.fds && !r.fds.is_empty() {
+                            return Err(Error::UnexpectedFd); // closed with `r`
+                        }
                         if !r.fds.is_empty() {
                             // No frame starts inside a big frame's payload.
                             return Err(Error::UnexpectedFd);

@@ -63,6 +63,11 @@ pub fn spawn(role: &str, arena: &Arena) -> Peer {
 /// Spawns this test binary's `child_entry` with `role`, connected by a blocking socket (the
 /// child gets its end from [`child_socket`]).
 pub fn spawn_plain(role: &str) -> Peer {
+    spawn_env(role, &[])
+}
+
+/// [`spawn_plain`] with more environment variables for the child.
+pub fn spawn_env(role: &str, env: &[(&str, &std::ffi::OsStr)]) -> Peer {
     let name = unique_name();
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let listener = UnixListener::bind_addr(&addr).unwrap();
@@ -77,6 +82,7 @@ pub fn spawn_plain(role: &str) -> Peer {
         ])
         .env(ROLE_ENV, role)
         .env(SOCK_ENV, &name)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()

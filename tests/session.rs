@@ -1,0 +1,1020 @@
+//! Sessions: the page's whole life cycle across processes, log-in safety, server instances,
+//! keep-alive, channel opening, arenas. Every test has its own run dir (removed at the end, and
+//! checked empty where the test owns the server).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use flowipc::msg::{MsgIn, MsgOut};
+use flowipc::schemas::session_capnp::{log_in, log_in_rsp, master};
+use flowipc::schemas::test_msgs_capnp::{channel_mdt, cool_msg};
+use flowipc::session::{
+    App, ClientApp, ClientApps, ClientSession, ConnectOptions, Error, Metadata, Rejection, Scope,
+    ServerApp, SessionConfig, SessionServer, ShmKind,
+};
+use flowipc::struc::{self, MsgType};
+use flowipc::transport::{self, ChannelConfig};
+
+const T: Option<Duration> = Some(Duration::from_secs(30));
+const DIR_ENV: &str = "FLOWIPC_TEST_RUN_DIR";
+type Cool = struc::Channel<cool_msg::Owned>;
+
+// -- support ----------------------------------------------------------------------------------
+
+/// A unique run dir for one test, removed when dropped (even after a failure).
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new() -> RunDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = PathBuf::from(format!(
+            "/tmp/fipc-t{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir(&p).unwrap();
+        RunDir(p)
+    }
+
+    fn entries(&self) -> Vec<String> {
+        entries(&self.0)
+    }
+
+    fn env(&self) -> [(&'static str, &std::ffi::OsStr); 1] {
+        [(DIR_ENV, self.0.as_os_str())]
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// In a child: the run dir the parent gave.
+fn env_dir() -> PathBuf {
+    PathBuf::from(std::env::var_os(DIR_ENV).expect("run dir in the environment"))
+}
+
+/// The universe: a server app `srv` that accepts `cli` and `other`; `stranger` is known but not
+/// allowed. All are this test binary (tests cannot run as other users or programs).
+struct Universe {
+    srv: ServerApp,
+    cli: ClientApp,
+    other: ClientApp,
+    stranger: ClientApp,
+    clients: ClientApps,
+}
+
+fn universe(dir: &Path) -> Universe {
+    let srv = ServerApp::new(App::current("srv").unwrap(), ["cli", "other"]).run_dir(dir);
+    let cli = ClientApp::new(App::current("cli").unwrap());
+    let other = ClientApp::new(App::current("other").unwrap());
+    let stranger = ClientApp::new(App::current("stranger").unwrap());
+    let clients = ClientApp::master_set([&cli, &other, &stranger]);
+    Universe {
+        srv,
+        cli,
+        other,
+        stranger,
+        clients,
+    }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn fd_targets() -> Vec<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+fn ty(name: &str) -> MsgType {
+    MsgType::of::<cool_msg::Owned>(name).unwrap()
+}
+
+fn mdt(purpose: &str, n: u32) -> Metadata {
+    Metadata::build::<channel_mdt::Owned>(|mut m| {
+        m.set_purpose(purpose);
+        m.set_n(n);
+    })
+    .unwrap()
+}
+
+fn read_mdt(m: Option<&Metadata>) -> (String, u32) {
+    let r = m.expect("metadata").read::<channel_mdt::Owned>().unwrap();
+    let m = r.get().unwrap();
+    (m.get_purpose().unwrap().to_string().unwrap(), m.get_n())
+}
+
+/// Connects, retrying while the server is absent (the page's loop), for up to 30 s.
+fn connect(s: &mut ClientSession, opts: ConnectOptions) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match s.sync_connect_with(opts.clone()) {
+            Ok(()) => return,
+            Err(Error::ServerAbsent(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+}
+
+/// The next message of type `name` on a started sync_io channel.
+fn recv_type(c: &mut Cool, name: &str) -> MsgIn<cool_msg::Owned> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(m) = c.take_cached(ty(name)).unwrap() {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "no {name} in time");
+        c.run_for(Duration::from_millis(5)).unwrap();
+    }
+}
+
+fn hello(c: &Cool, num: i64) -> MsgOut<cool_msg::Owned> {
+    let mut m = c.create_msg();
+    let mut h = m.init_root().init_hello_there();
+    h.set_greeting("hi");
+    h.set_num(num);
+    m
+}
+
+fn num_of(m: &MsgIn<cool_msg::Owned>) -> i64 {
+    match m.root().unwrap().which().unwrap() {
+        cool_msg::HelloThere(Ok(h)) => h.get_num(),
+        _ => panic!("not helloThere"),
+    }
+}
+
+/// A `blob` message carrying lend blobs (one chunk each).
+fn blobs_msg(c: &Cool, blobs: &[flowipc::shm::LendBlob]) -> MsgOut<cool_msg::Owned> {
+    let mut m = c.create_msg();
+    let mut list = m.init_root().init_blob().init_chunks(blobs.len() as u32);
+    for (i, b) in blobs.iter().enumerate() {
+        list.reborrow().get(i as u32).set_data(b.as_bytes());
+    }
+    m
+}
+
+fn blobs_of(m: &MsgIn<cool_msg::Owned>) -> Vec<flowipc::shm::LendBlob> {
+    let cool_msg::Blob(Ok(b)) = m.root().unwrap().which().unwrap() else {
+        panic!("not a blob");
+    };
+    b.get_chunks()
+        .unwrap()
+        .iter()
+        .map(|c| flowipc::shm::LendBlob::from_bytes(c.get_data().unwrap()).unwrap())
+        .collect()
+}
+
+fn started(c: Cool) -> Cool {
+    let mut c = c;
+    c.start(|e| panic!("structured channel: {e}")).unwrap();
+    c
+}
+
+#[test]
+#[ignore = "a child process's entry point"]
+fn child_entry() {
+    match child_role().as_deref() {
+        Some("srv_life") => srv_life(),
+        Some("cli_life") => cli_life(),
+        Some("cli_short") => cli_short(),
+        Some("cli_retry") => cli_retry(),
+        Some("srv_idle") => srv_idle(),
+        Some("srv_other") => srv_other(),
+        Some(other) => panic!("unknown role {other}"),
+        None => {}
+    }
+}
+
+// -- the page's life cycle, across processes ----------------------------------------------------
+
+#[test]
+fn the_pages_life_cycle_across_processes() {
+    let dir = RunDir::new();
+    let mut srv = spawn_env("srv_life", &dir.env());
+    assert_eq!(recv_u64(&mut srv.sock), 1, "server ready");
+    let mut c1 = spawn_env("cli_life", &dir.env());
+    let mut done = [0u8; 8];
+    if c1.sock.read_exact(&mut done).is_err() {
+        panic!("client failed: {:?}", c1.child.wait());
+    }
+    assert_eq!(u64::from_le_bytes(done), 2, "client done");
+    assert_eq!(recv_u64(&mut srv.sock), 2, "server done with the client");
+    // The client dies without a word.
+    c1.child.kill().unwrap();
+    c1.child.wait().unwrap();
+    assert_eq!(
+        recv_u64(&mut srv.sock),
+        3,
+        "server saw the session end once"
+    );
+    let c2 = spawn_env("cli_short", &dir.env());
+    wait_ok(c2);
+    assert_eq!(recv_u64(&mut srv.sock), 4, "server clean");
+    wait_ok(srv);
+    assert_eq!(dir.entries(), Vec::<String>::new());
+    assert_eq!(dev_shm_leftovers(), Vec::<String>::new());
+}
+
+const SESSION_VALUE: u64 = 0xfeed_f00d;
+const APP_VALUE: u64 = 0xa99_a99;
+const CLIENT_VALUE: u64 = 0xbeef;
+
+fn srv_life() {
+    let mut ctl = child_socket();
+    let dir = env_dir();
+    let u = universe(&dir);
+    let fds_before = open_fds();
+    let server = SessionServer::builder(&u.srv, &u.clients)
+        // The client says in its metadata how many channels the server should open.
+        .init_channels(|app, n_cli, m| {
+            assert_eq!(app.name, "cli");
+            m.map_or(0, |m| read_mdt(Some(m)).1 * n_cli)
+        })
+        .metadata(|app, _, _| Some(mdt(&format!("welcome {}", app.name), 42)))
+        .build()
+        .unwrap();
+    assert_eq!(
+        entries(&dir),
+        ["srv.pid", "srv.sock"],
+        "the server's files in the run dir"
+    );
+    send_u64(&mut ctl, 1);
+
+    {
+        let mut s = server.accept(T).unwrap();
+        assert_eq!(s.client_app().name, "cli");
+        assert_eq!(read_mdt(s.client_metadata()), ("hello".into(), 2));
+        // Before init_handlers the session cannot be used.
+        assert!(matches!(s.open_channel(None), Err(Error::NotStarted)));
+        let (err_tx, err_rx) = mpsc::channel();
+        let (open_tx, open_rx) = mpsc::channel();
+        s.init_handlers_with_passive_open(
+            move |e| err_tx.send(e).unwrap(),
+            move |ch, m| open_tx.send((ch, m)).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            s.init_handlers(|_| {}),
+            Err(Error::AlreadyStarted)
+        ));
+        let init = s.take_init_channels();
+        assert_eq!((init.by_client.len(), init.by_server.len()), (1, 2));
+        let mut by_server = init.by_server.into_iter();
+        let (s0, mut s1) = (by_server.next().unwrap(), by_server.next().unwrap());
+
+        // 1. An init channel the client asked for: a notification, zero-copy in the session arena.
+        let mut c0 = started(
+            s.structured(init.by_client.into_iter().next().unwrap())
+                .unwrap(),
+        );
+        let m = recv_type(&mut c0, "helloThere");
+        assert!(m.is_zero_copy());
+        assert_eq!(num_of(&m), 1);
+        drop(m);
+
+        // 2. One the server decided on: a request and its response.
+        let mut s0 = started(s.structured(s0).unwrap());
+        let mut req = s0.create_msg();
+        let mut terms = req.init_root().init_sum_request().init_terms_to_add(3);
+        for (i, t) in [1, 2, 3].into_iter().enumerate() {
+            terms.set(i as u32, t);
+        }
+        let rsp = s0.sync_request(&mut req, None, T).unwrap();
+        assert!(
+            matches!(rsp.root().unwrap().which().unwrap(), cool_msg::SumResponse(Ok(r)) if r.get_sum() == 6)
+        );
+
+        // 3. An unstructured one, with an fd riding on a frame.
+        let (rd, mut wr) = std::os::unix::net::UnixStream::pair().unwrap();
+        wr.write_all(b"fd-ok").unwrap();
+        drop(wr);
+        s1.send(b"pipe", Some(rd.as_fd())).unwrap();
+        drop(rd); // our copy
+        let f = s1.recv_blocking(T).unwrap().unwrap();
+        assert_eq!(&f.payload[..], b"got fd-ok");
+
+        // 4. The client opens a channel (with metadata): our passive-open handler gets it. It
+        //    sends in the app-scope arena.
+        let (ch, m) = open_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(read_mdt(m.as_ref()), ("client-opened".into(), 7));
+        let mut opened = started(s.structured(ch).unwrap());
+        let m = recv_type(&mut opened, "helloThere");
+        assert!(m.is_zero_copy());
+        assert_eq!(num_of(&m), 3);
+        assert!(server.app_arena("cli").unwrap().stats().blocks_in_use > 0);
+        drop(m);
+
+        // 5. We open one: the client's passive-open handler gets it.
+        let mut mine = started(
+            s.structured(s.open_channel(Some(&mdt("server-opened", 8))).unwrap())
+                .unwrap(),
+        );
+        let mut h = hello(&mine, 4);
+        let rsp = mine.sync_request(&mut h, None, T).unwrap();
+        assert!(rsp.is_zero_copy());
+        assert_eq!(num_of(&rsp), 5);
+
+        // 6. Objects lent through each arena, and one lent back.
+        let obj_s = s
+            .arena(Scope::Session)
+            .unwrap()
+            .construct(SESSION_VALUE)
+            .unwrap();
+        let obj_a = s.arena(Scope::App).unwrap().construct(APP_VALUE).unwrap();
+        let blobs = [
+            s.lend_object(&obj_s).unwrap(),
+            s.lend_object(&obj_a).unwrap(),
+        ];
+        let mut msg = blobs_msg(&c0, &blobs);
+        c0.send(&mut msg, None).unwrap();
+        let back = recv_type(&mut c0, "blob");
+        let theirs = s.borrow_object::<u64>(&blobs_of(&back)[0]).unwrap();
+        assert_eq!(*theirs, CLIENT_VALUE);
+        drop((theirs, back, msg));
+        send_u64(&mut ctl, 2);
+
+        // 7. The client is killed (by the test): our error handler fires once, PeerGone.
+        let e = err_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(matches!(e, Error::PeerGone), "{e:?}");
+        assert!(err_rx.recv_timeout(Duration::from_millis(200)).is_err());
+        assert!(s.is_hosed());
+        assert!(matches!(s.open_channel(None), Err(Error::Hosed)));
+        drop((c0, s0, s1, opened, mine, rsp, obj_s, obj_a, s));
+    }
+    send_u64(&mut ctl, 3);
+
+    // 8. The next client is served.
+    {
+        let mut s2 = server.accept(T).unwrap();
+        let (err_tx, err_rx) = mpsc::channel();
+        let (open_tx, open_rx) = mpsc::channel();
+        s2.init_handlers_with_passive_open(
+            move |e| err_tx.send(e).unwrap(),
+            move |ch, _| open_tx.send(ch).unwrap(),
+        )
+        .unwrap();
+        let mut c = started(
+            s2.structured(open_rx.recv_timeout(Duration::from_secs(30)).unwrap())
+                .unwrap(),
+        );
+        let req = recv_type(&mut c, "helloThere");
+        assert_eq!(num_of(&req), 9);
+        let mut h = hello(&c, 10);
+        c.send(&mut h, Some(&req)).unwrap();
+        let e = err_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(matches!(e, Error::PeerGone), "{e:?}");
+    }
+    drop(server);
+
+    // Nothing left: no fds, no files but nothing.
+    assert_eq!(open_fds(), fds_before, "fds leaked: {:?}", fd_targets());
+    assert_eq!(entries(&dir), Vec::<String>::new());
+    send_u64(&mut ctl, 4);
+}
+
+fn cli_life() {
+    let mut ctl = child_socket();
+    let u = universe(&env_dir());
+    let (open_tx, open_rx) = mpsc::channel();
+    let mut s = ClientSession::with_passive_open(
+        &u.cli,
+        &u.srv,
+        |e| panic!("client session: {e}"),
+        move |ch, m| open_tx.send((ch, m)).unwrap(),
+    );
+    connect(
+        &mut s,
+        ConnectOptions::new()
+            .init_channels(1)
+            .metadata(mdt("hello", 2)),
+    );
+    assert!(matches!(s.sync_connect(), Err(Error::AlreadyStarted)));
+    assert_eq!(read_mdt(s.server_metadata()), ("welcome cli".into(), 42));
+    let init = s.take_init_channels();
+    assert_eq!((init.by_client.len(), init.by_server.len()), (1, 2));
+    let mut by_server = init.by_server.into_iter();
+    let (s0, mut s1) = (by_server.next().unwrap(), by_server.next().unwrap());
+
+    // 1.
+    let mut c0 = started(
+        s.structured(init.by_client.into_iter().next().unwrap())
+            .unwrap(),
+    );
+    let mut h = hello(&c0, 1);
+    c0.send(&mut h, None).unwrap();
+    // 2. Serve the sum request on a library thread.
+    let s0 = struc::AsyncChannel::new(s.structured::<cool_msg::Owned>(s0).unwrap()).unwrap();
+    s0.expect_msgs(ty("sumRequest"), |chan, req| {
+        let cool_msg::SumRequest(Ok(r)) = req.root().unwrap().which().unwrap() else {
+            panic!("not a sumRequest");
+        };
+        let sum: i64 = r.get_terms_to_add().unwrap().iter().sum();
+        let mut rsp = chan.create_msg();
+        rsp.init_root().init_sum_response().set_sum(sum);
+        chan.send(&mut rsp, Some(&req)).unwrap();
+    })
+    .unwrap();
+    s0.start(|e| panic!("s0: {e}")).unwrap();
+    // 3.
+    let mut f = s1.recv_blocking(T).unwrap().unwrap();
+    assert_eq!(&f.payload[..], b"pipe");
+    let mut text = String::new();
+    std::fs::File::from(f.fd.take().expect("the fd"))
+        .read_to_string(&mut text)
+        .unwrap();
+    s1.send(format!("got {text}").as_bytes(), None).unwrap();
+    // 4.
+    let ch = s.open_channel(Some(&mdt("client-opened", 7))).unwrap();
+    let mut opened = started(s.structured_in(ch, Scope::App).unwrap());
+    let mut h3 = hello(&opened, 3);
+    opened.send(&mut h3, None).unwrap();
+    // 5.
+    let (ch, m) = open_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(read_mdt(m.as_ref()), ("server-opened".into(), 8));
+    let mut theirs = started(s.structured(ch).unwrap());
+    let req = recv_type(&mut theirs, "helloThere");
+    assert!(req.is_zero_copy());
+    assert_eq!(num_of(&req), 4);
+    let mut h5 = hello(&theirs, 5);
+    theirs.send(&mut h5, Some(&req)).unwrap();
+    // 6.
+    let m = recv_type(&mut c0, "blob");
+    let blobs = blobs_of(&m);
+    assert_eq!(*s.borrow_object::<u64>(&blobs[0]).unwrap(), SESSION_VALUE);
+    assert_eq!(*s.borrow_object::<u64>(&blobs[1]).unwrap(), APP_VALUE);
+    let mine = s
+        .arena(Scope::Session)
+        .unwrap()
+        .construct(CLIENT_VALUE)
+        .unwrap();
+    let mut back = blobs_msg(&c0, &[s.lend_object(&mine).unwrap()]);
+    c0.send(&mut back, None).unwrap();
+    while c0.wants_write() {
+        c0.flush().unwrap();
+    }
+    // 7. Done: the test kills us (the server must notice).
+    send_u64(&mut ctl, 2);
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+fn cli_short() {
+    let _ctl = child_socket();
+    let u = universe(&env_dir());
+    let (err_tx, err_rx) = mpsc::channel();
+    let mut s = ClientSession::new(&u.cli, &u.srv, move |e| err_tx.send(e).unwrap());
+    connect(&mut s, ConnectOptions::new());
+    let mut c = started(s.structured(s.open_channel(None).unwrap()).unwrap());
+    let mut h = hello(&c, 9);
+    let rsp = c.sync_request(&mut h, None, T).unwrap();
+    assert_eq!(num_of(&rsp), 10);
+    // A graceful end: the session is dropped (synchronously), which the server sees as PeerGone.
+    drop(c);
+    drop(s);
+    assert!(
+        err_rx.try_recv().is_err(),
+        "no error handler call on our own drop"
+    );
+}
+
+// -- reconnecting while the server restarts ------------------------------------------------------
+
+#[test]
+fn a_client_reconnects_while_the_server_restarts() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    // The client starts first: the server is absent, it retries.
+    let mut cli = spawn_env("cli_retry", &dir.env());
+    std::thread::sleep(Duration::from_millis(100));
+    for round in 1..=2u64 {
+        let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+        let mut s = server.accept(T).unwrap();
+        s.init_handlers(|_| {}).unwrap();
+        assert_eq!(recv_u64(&mut cli.sock), round, "client connected");
+        // Restart: the session and the server go away; the client's error handler fires and
+        // it reconnects to the next instance.
+        drop(s);
+        drop(server);
+        assert_eq!(dir.entries(), Vec::<String>::new());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_ok(cli);
+}
+
+fn cli_retry() {
+    let mut ctl = child_socket();
+    let u = universe(&env_dir());
+    for round in 1..=2u64 {
+        let (err_tx, err_rx) = mpsc::channel();
+        let mut s = ClientSession::new(&u.cli, &u.srv, move |e| err_tx.send(e).unwrap());
+        let mut absent = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match s.sync_connect() {
+                Ok(()) => break,
+                Err(Error::ServerAbsent(_)) => {
+                    absent += 1;
+                    assert!(Instant::now() < deadline, "no server came");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("connect: {e}"),
+            }
+        }
+        if round == 1 {
+            assert!(absent > 0, "the server was absent at first");
+        }
+        send_u64(&mut ctl, round);
+        let e = err_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(matches!(e, Error::PeerGone), "{e:?}");
+    }
+}
+
+// -- log-in safety ------------------------------------------------------------------------------
+
+/// Runs a client log-in in this process and returns both sides' results: the client's
+/// `sync_connect` and the server's accept.
+fn log_in_both(
+    server: &SessionServer,
+    mut client: ClientSession,
+) -> (
+    Result<(), Error>,
+    Result<flowipc::session::ServerSession, Error>,
+) {
+    let c = client.sync_connect();
+    let s = server.accept(T);
+    (c, s)
+}
+
+fn rejected(r: &Result<(), Error>) -> Rejection {
+    match r {
+        Err(Error::LogInRejected { reason, .. }) => *reason,
+        other => panic!("not a rejection: {other:?}"),
+    }
+}
+
+fn rejected_srv(r: &Result<flowipc::session::ServerSession, Error>) -> Rejection {
+    match r {
+        Err(Error::LogInRejected { reason, .. }) => *reason,
+        other => panic!("not a rejection: {other:?}"),
+    }
+}
+
+#[test]
+fn every_log_in_check_rejects_with_its_error_on_both_sides_and_the_server_goes_on() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let me = App::current("cli").unwrap();
+    // What the server's universe says of `cli` (the connecting process is always the real one).
+    let as_known = |app: App| {
+        let mut clients = u.clients.clone();
+        clients.insert("cli".into(), ClientApp::new(app));
+        clients
+    };
+    let cases: Vec<(&str, ClientApps, ClientApp, SessionConfig, Rejection)> = vec![
+        (
+            "known but not allowed",
+            u.clients.clone(),
+            u.stranger.clone(),
+            SessionConfig::new(),
+            Rejection::ClientAppNotAllowed,
+        ),
+        (
+            "unknown",
+            u.clients.clone(),
+            ClientApp::new(App::current("nobody").unwrap()),
+            SessionConfig::new(),
+            Rejection::UnknownClientApp,
+        ),
+        (
+            "SO_PEERCRED uid differs from the ClientApp's",
+            as_known(App {
+                uid: me.uid + 1,
+                ..me.clone()
+            }),
+            u.cli.clone(),
+            SessionConfig::new(),
+            Rejection::Credentials,
+        ),
+        (
+            "SO_PEERCRED gid differs from the ClientApp's",
+            as_known(App {
+                gid: me.gid + 1,
+                ..me.clone()
+            }),
+            u.cli.clone(),
+            SessionConfig::new(),
+            Rejection::Credentials,
+        ),
+        (
+            "/proc/<pid>/exe differs from the ClientApp's exec_path",
+            as_known(App {
+                exec_path: "/bin/true".into(),
+                ..me.clone()
+            }),
+            u.cli.clone(),
+            SessionConfig::new(),
+            Rejection::ExecPath,
+        ),
+        (
+            "SHM kind",
+            u.clients.clone(),
+            u.cli.clone(),
+            SessionConfig::new().shm(ShmKind::Heap),
+            Rejection::Config,
+        ),
+        (
+            "fd passing",
+            u.clients.clone(),
+            u.cli.clone(),
+            SessionConfig::new().native_handles(false),
+            Rejection::Config,
+        ),
+    ];
+    for (what, clients, cli, cfg, want) in cases {
+        let server = SessionServer::new(&u.srv, &clients).unwrap();
+        let client = ClientSession::new(&cli, &u.srv, |_| {}).config(cfg);
+        let (c, s) = log_in_both(&server, client);
+        assert_eq!(rejected(&c), want, "{what}: client side {c:?}");
+        assert_eq!(rejected_srv(&s), want, "{what}: server side");
+        // The server goes on serving.
+        let mut ok = ClientSession::new(&u.other, &u.srv, |_| {});
+        ok.sync_connect().unwrap();
+        let mut s = server.accept(T).unwrap();
+        s.init_handlers(|_| {}).unwrap();
+        assert_eq!(s.client_app().name, "other");
+        drop((s, ok, server));
+        assert_eq!(dir.entries(), Vec::<String>::new());
+    }
+}
+
+/// A hand-made client: connects to the socket and sends `log_in` built by `fill`, returns the
+/// server's answer (reason code, if rejected).
+fn raw_log_in(srv: &ServerApp, fill: impl FnOnce(log_in::Builder<'_>)) -> Result<u16, String> {
+    let chan = transport::Channel::connect(srv.socket_path(), ChannelConfig::new()).unwrap();
+    let mut c = struc::Channel::<master::Owned>::new(chan, flowipc::msg::Backing::Heap).unwrap();
+    c.start(|_| {}).unwrap();
+    let mut m = c.create_msg();
+    fill(m.init_root().init_log_in());
+    let rsp = c.sync_request(&mut m, None, T).map_err(|e| e.to_string())?;
+    let root = rsp.root().unwrap();
+    let master::LogInRsp(Ok(r)) = root.which().unwrap() else {
+        return Err("not a logInRsp".into());
+    };
+    match r.which().unwrap() {
+        log_in_rsp::Rejected(j) => Ok(j.get_reason()),
+        log_in_rsp::Accepted(_) => Err("accepted".into()),
+    }
+}
+
+fn honest(l: &mut log_in::Builder<'_>, app: &str, server: &str) {
+    let (uid, gid) = flowipc::sys::effective_ids();
+    l.set_protocol_version(1);
+    l.set_client_app(app);
+    l.set_server_app(server);
+    l.set_pid(std::process::id() as i32);
+    l.set_uid(uid);
+    l.set_gid(gid);
+    let mut c = l.reborrow().init_config();
+    c.set_shm_kind(1);
+    c.set_native_handles(true);
+}
+
+#[test]
+fn protocol_version_lies_and_bad_requests_are_rejected() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    type Fill = Box<dyn FnOnce(log_in::Builder<'_>)>;
+    let cases: Vec<(&str, Rejection, Fill)> = vec![
+        (
+            "version",
+            Rejection::ProtocolVersion,
+            Box::new(|mut l| {
+                honest(&mut l, "cli", "srv");
+                l.set_protocol_version(99);
+            }),
+        ),
+        (
+            "server app",
+            Rejection::WrongServerApp,
+            Box::new(|mut l| honest(&mut l, "cli", "elsewhere")),
+        ),
+        (
+            "claimed pid",
+            Rejection::Credentials,
+            Box::new(|mut l| {
+                honest(&mut l, "cli", "srv");
+                l.set_pid(1);
+            }),
+        ),
+        (
+            "channel kind",
+            Rejection::Config,
+            Box::new(|mut l| {
+                honest(&mut l, "cli", "srv");
+                l.reborrow().get_config().unwrap().set_channel_kind(9);
+            }),
+        ),
+        (
+            "too many init channels",
+            Rejection::Config,
+            Box::new(|mut l| {
+                honest(&mut l, "cli", "srv");
+                l.set_init_channels(1000);
+            }),
+        ),
+        (
+            "metadata not in words",
+            Rejection::BadRequest,
+            Box::new(|mut l| {
+                honest(&mut l, "cli", "srv");
+                l.set_metadata(&[1, 2, 3]);
+            }),
+        ),
+    ];
+    for (what, want, fill) in cases {
+        let got = raw_log_in(&u.srv, fill);
+        assert_eq!(got.map(Rejection::from_code), Ok(Some(want)), "{what}");
+        assert_eq!(rejected_srv(&server.accept(T)), want, "{what}");
+    }
+    // Garbage instead of a log-in: the server's log-in fails, it goes on.
+    let mut raw = std::os::unix::net::UnixStream::connect(u.srv.socket_path()).unwrap();
+    raw.write_all(&[0xab; 64]).unwrap();
+    let e = server.accept(T).unwrap_err();
+    assert!(
+        matches!(e, Error::Transport(_) | Error::Channel(_)),
+        "{e:?}"
+    );
+    drop(raw);
+    let mut ok = ClientSession::new(&u.cli, &u.srv, |_| {});
+    ok.sync_connect().unwrap();
+    server.accept(T).unwrap();
+}
+
+// -- server instances -------------------------------------------------------------------------
+
+#[test]
+fn a_second_server_instance_is_refused() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let first = SessionServer::new(&u.srv, &u.clients).unwrap();
+    let e = SessionServer::new(&u.srv, &u.clients).unwrap_err();
+    assert!(
+        matches!(e, Error::AlreadyRunning { pid: Some(p) } if p == std::process::id()),
+        "{e:?}"
+    );
+    // The first is untouched.
+    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {});
+    c.sync_connect().unwrap();
+    first.accept(T).unwrap();
+    drop(first);
+    assert_eq!(dir.entries(), Vec::<String>::new());
+}
+
+#[test]
+fn a_killed_servers_files_are_taken_over_and_absent_servers_are_reported_at_once() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    // No server: no PID file.
+    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {});
+    let t = Instant::now();
+    assert!(matches!(c.sync_connect(), Err(Error::ServerAbsent(_))));
+    // A server in another process, SIGKILLed: its files stay.
+    let mut srv = spawn_env("srv_idle", &dir.env());
+    assert_eq!(recv_u64(&mut srv.sock), 1);
+    srv.child.kill().unwrap();
+    srv.child.wait().unwrap();
+    assert_eq!(dir.entries(), ["srv.pid", "srv.sock"]);
+    // Stale files, nobody listening: still absent, at once.
+    assert!(matches!(c.sync_connect(), Err(Error::ServerAbsent(_))));
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "absent is reported at once"
+    );
+    // The next server takes them over.
+    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    c.sync_connect().unwrap();
+    server.accept(T).unwrap();
+    drop(c);
+    drop(server);
+    assert_eq!(dir.entries(), Vec::<String>::new());
+}
+
+fn srv_idle() {
+    let mut ctl = child_socket();
+    let u = universe(&env_dir());
+    let _server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    send_u64(&mut ctl, 1);
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+// -- open sessions ----------------------------------------------------------------------------
+
+/// A server and a connected, open session pair in this process.
+fn open_pair(
+    u: &Universe,
+    cfg: SessionConfig,
+) -> (
+    SessionServer,
+    ClientSession,
+    flowipc::session::ServerSession,
+    mpsc::Receiver<Error>,
+) {
+    let server = SessionServer::builder(&u.srv, &u.clients)
+        .config(cfg.clone())
+        .build()
+        .unwrap();
+    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {}).config(cfg);
+    c.sync_connect().unwrap();
+    let mut s = server.accept(T).unwrap();
+    let (tx, rx) = mpsc::channel();
+    s.init_handlers(move |e| tx.send(e).unwrap()).unwrap();
+    (server, c, s, rx)
+}
+
+#[test]
+fn opening_a_channel_without_a_passive_open_handler_is_refused_not_fatal() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let (_server, c, s, errors) = open_pair(&u, SessionConfig::new());
+    // Neither side has a passive-open handler.
+    assert!(matches!(
+        c.open_channel(None),
+        Err(Error::PassiveOpenRejected)
+    ));
+    assert!(matches!(
+        s.open_channel(None),
+        Err(Error::PassiveOpenRejected)
+    ));
+    // The session is fine.
+    assert!(!c.is_hosed() && !s.is_hosed());
+    assert!(errors.try_recv().is_err());
+    assert_eq!(c.token(), s.token());
+    assert_ne!(c.token(), 0);
+}
+
+#[test]
+fn a_vanilla_session_copies_and_has_no_arenas() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let cfg = SessionConfig::new()
+        .shm(ShmKind::Heap)
+        .native_handles(false);
+    let server = SessionServer::builder(&u.srv, &u.clients)
+        .config(cfg.clone())
+        .init_channels(|_, _, _| 1)
+        .build()
+        .unwrap();
+    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {}).config(cfg);
+    c.sync_connect().unwrap();
+    let mut s = server.accept(T).unwrap();
+    s.init_handlers(|_| {}).unwrap();
+    assert!(matches!(c.arena(Scope::Session), Err(Error::NoArena)));
+    assert!(server.app_arena("cli").is_none());
+    let sch = s.take_init_channels().by_server.pop().unwrap();
+    let mut sc = started(s.structured(sch).unwrap());
+    let cch = c.take_init_channels().by_server.pop().unwrap();
+    let mut cc = started(c.structured(cch).unwrap());
+    let mut h = hello(&sc, 11);
+    sc.send(&mut h, None).unwrap();
+    let m = recv_type(&mut cc, "helloThere");
+    assert!(!m.is_zero_copy());
+    assert_eq!(num_of(&m), 11);
+    // Without fd passing, a message with an fd is refused (not fatal).
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let mut with_fd = hello(&sc, 12);
+    assert!(sc
+        .send_with_fd(&mut with_fd, None, Some(file.as_fd()))
+        .is_err());
+    assert!(!sc.is_hosed());
+}
+
+#[test]
+fn a_silent_peer_ends_the_session_by_idle_timeout_once() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let server = SessionServer::builder(&u.srv, &u.clients)
+        .config(SessionConfig::new().keep_alive(Some((
+            Duration::from_millis(50),
+            Duration::from_millis(300),
+        ))))
+        .build()
+        .unwrap();
+    // This client never pings.
+    let mut c =
+        ClientSession::new(&u.cli, &u.srv, |_| {}).config(SessionConfig::new().keep_alive(None));
+    c.sync_connect().unwrap();
+    let mut s = server.accept(T).unwrap();
+    let (tx, rx) = mpsc::channel();
+    s.init_handlers(move |e| tx.send(e).unwrap()).unwrap();
+    let e = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(matches!(e, Error::IdleTimeout), "{e:?}");
+    assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "once");
+    assert!(s.is_hosed());
+}
+
+#[test]
+fn lending_checks_the_arena() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let (_server, c, s, _errors) = open_pair(&u, SessionConfig::new());
+    let foreign =
+        flowipc::shm::Arena::create(flowipc::shm::ArenaConfig::new().pool_size(1 << 20)).unwrap();
+    let h = foreign.construct(5u64).unwrap();
+    assert!(matches!(c.lend_object(&h), Err(Error::ForeignArena)));
+    // A blob of an arena the session does not have.
+    assert!(matches!(
+        s.borrow_object::<u64>(&h.lend()),
+        Err(Error::Shm(flowipc::shm::Error::ForeignBlob))
+    ));
+    // Both arenas work both ways, in process too.
+    let x = s.arena(Scope::App).unwrap().construct(77u64).unwrap();
+    assert_eq!(
+        *c.borrow_object::<u64>(&s.lend_object(&x).unwrap()).unwrap(),
+        77
+    );
+}
+
+// -- multi-split ------------------------------------------------------------------------------
+
+#[test]
+fn a_process_can_be_server_in_one_split_and_client_in_another() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    // Split 1: this process serves `srv`; a session with ourselves stands in for its client.
+    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    // Split 2: another process serves `srv2`, and this process is its client (`other`).
+    let peer = spawn_env("srv_other", &dir.env());
+    let srv2 = srv2_app(&dir.0);
+    let (tx, rx) = mpsc::channel();
+    let mut c2 = ClientSession::with_passive_open(
+        &u.other,
+        &srv2,
+        |_| {},
+        move |ch, _| tx.send(ch).unwrap(),
+    );
+    connect(&mut c2, ConnectOptions::new());
+    let mut c1 = ClientSession::new(&u.cli, &u.srv, |_| {});
+    c1.sync_connect().unwrap();
+    let mut s1 = server.accept(T).unwrap();
+    s1.init_handlers(|_| {}).unwrap();
+    // Split 2's server opens a channel to us and says hello.
+    let mut ch = started(
+        c2.structured(rx.recv_timeout(Duration::from_secs(30)).unwrap())
+            .unwrap(),
+    );
+    let m = recv_type(&mut ch, "helloThere");
+    assert!(m.is_zero_copy());
+    assert_eq!(num_of(&m), 21);
+    drop(m);
+    drop((ch, c2));
+    wait_ok(peer);
+    drop((s1, c1, server));
+    assert_eq!(dir.entries(), Vec::<String>::new());
+}
+
+fn srv2_app(dir: &Path) -> ServerApp {
+    ServerApp::new(App::current("srv2").unwrap(), ["other"]).run_dir(dir)
+}
+
+fn srv_other() {
+    let _ctl = child_socket();
+    let dir = env_dir();
+    let u = universe(&dir);
+    let server = SessionServer::new(&srv2_app(&dir), &u.clients).unwrap();
+    let mut s = server.accept(T).unwrap();
+    let (tx, rx) = mpsc::channel();
+    s.init_handlers(move |e| tx.send(e).unwrap()).unwrap();
+    let mut c = started(s.structured(s.open_channel(None).unwrap()).unwrap());
+    let mut h = hello(&c, 21);
+    c.send(&mut h, None).unwrap();
+    // Until the client goes.
+    let e = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(matches!(e, Error::PeerGone), "{e:?}");
+    drop((c, s, server));
+}
