@@ -8,7 +8,10 @@
 //! * [`transport`]: framed Unix-socket channels with fd passing, a never-blocking send queue,
 //!   graceful end and keep-alive (sync_io [`transport::Channel`], async-I/O
 //!   [`transport::AsyncChannel`]).
-//! * structured messages and sessions arrive in later releases.
+//! * [`msg`]: zero-copy Cap'n Proto messages (segments in an arena) over a transport channel.
+//! * [`struc`]: the structured channel: requests, responses, expectations, caching.
+//! * [`session`]: sessions between applications: log-in safety, channel opening, session- and
+//!   app-scope arenas.
 //!
 //! `unsafe` code lives only in [`shm`] and in the crate-private syscall module.
 #![deny(unsafe_op_in_unsafe_fn)]
