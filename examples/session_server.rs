@@ -81,7 +81,7 @@ fn go_do_ipc_yay(
         let purpose = mdt
             .as_ref()
             .and_then(|m| m.read::<channel_mdt::Owned>().ok())
-            .and_then(|r| Some(r.get().ok()?.get_purpose().ok()?.to_string().ok()?))
+            .and_then(|r| r.get().ok()?.get_purpose().ok()?.to_string().ok())
             .unwrap_or_default();
         println!("server: channel opened for {purpose:?}");
         let chan = session.structured::<cool_msg::Owned>(chan)?;
