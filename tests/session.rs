@@ -1018,3 +1018,124 @@ fn srv_other() {
     assert!(matches!(e, Error::PeerGone), "{e:?}");
     drop((c, s, server));
 }
+
+#[test]
+fn many_sessions_at_once_share_their_apps_arena_and_async_accept_serves_them_in_order() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let server = std::sync::Arc::new(SessionServer::new(&u.srv, &u.clients).unwrap());
+    let (tx, rx) = mpsc::channel();
+    for _ in 0..4 {
+        let tx = tx.clone();
+        server.async_accept(move |r| tx.send(r).unwrap());
+    }
+    // Four clients log in at once, from four threads.
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let (cli, srv) = (
+                if i % 2 == 0 {
+                    u.cli.clone()
+                } else {
+                    u.other.clone()
+                },
+                u.srv.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut c = ClientSession::new(&cli, &srv, |_| {});
+                c.sync_connect().unwrap();
+                c
+            })
+        })
+        .map(|t| t.join().unwrap())
+        .collect();
+    let mut sessions: Vec<_> = (0..4)
+        .map(|_| rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap())
+        .collect();
+    for s in &mut sessions {
+        s.init_handlers(|_| {}).unwrap();
+    }
+    let arena_id = |s: &flowipc::session::Session, scope| s.arena(scope).unwrap().id();
+    // Each session has its own session arena; each client app one app arena for all its sessions.
+    let mut session_arenas: Vec<u64> = sessions
+        .iter()
+        .map(|s| arena_id(s, Scope::Session))
+        .collect();
+    session_arenas.dedup();
+    session_arenas.sort();
+    session_arenas.dedup();
+    assert_eq!(session_arenas.len(), 4);
+    for s in &sessions {
+        let name = s.client_app().name.clone();
+        assert_eq!(
+            arena_id(s, Scope::App),
+            server.app_arena(&name).unwrap().id()
+        );
+    }
+    for c in &clients {
+        let s = sessions
+            .iter()
+            .find(|s| s.token() == c.token())
+            .expect("its server session");
+        assert_eq!(arena_id(c, Scope::Session), arena_id(s, Scope::Session));
+        assert_eq!(arena_id(c, Scope::App), arena_id(s, Scope::App));
+    }
+    assert_ne!(
+        server.app_arena("cli").unwrap().id(),
+        server.app_arena("other").unwrap().id()
+    );
+    // A pending async_accept is completed with Aborted when the server goes.
+    let (tx, rx) = mpsc::channel();
+    server.async_accept(move |r| tx.send(r.map(|_| ())).unwrap());
+    drop(sessions);
+    drop(clients);
+    let server = std::sync::Arc::try_unwrap(server).unwrap();
+    drop(server);
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        Err(Error::Aborted)
+    ));
+    assert_eq!(dir.entries(), Vec::<String>::new());
+}
+
+#[test]
+fn the_run_dirs_files_have_the_permissions_of_the_level() {
+    use flowipc::session::Permissions;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    for (level, sock, pid) in [
+        (Permissions::User, 0o600, 0o600),
+        (Permissions::Group, 0o660, 0o640),
+        (Permissions::Unrestricted, 0o666, 0o644),
+    ] {
+        let app = u.srv.clone().permissions(level);
+        let server = SessionServer::new(&app, &u.clients).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(server.socket_path()), sock, "{level:?}");
+        assert_eq!(mode(server.pid_file()), pid, "{level:?}");
+        assert_eq!(
+            std::fs::read_to_string(server.pid_file()).unwrap().trim(),
+            std::process::id().to_string()
+        );
+    }
+    // The default run dir is the user's, never a root-only path.
+    let d = flowipc::session::default_run_dir();
+    assert!(
+        d.is_absolute() && !d.starts_with("/var/run") && !d.starts_with("/run/flowipc"),
+        "{d:?}"
+    );
+    // A socket path too long for a Unix socket address is refused plainly.
+    let long =
+        ServerApp::new(App::current("srv").unwrap(), ["cli"]).run_dir(dir.0.join("x".repeat(120)));
+    assert!(matches!(
+        SessionServer::new(&long, &u.clients),
+        Err(Error::PathTooLong(_))
+    ));
+    assert_eq!(dir.entries(), Vec::<String>::new(), "nothing made");
+    // A bad app name is refused before anything is made.
+    let bad = ServerApp::new(App::current("../etc").unwrap(), ["cli"]).run_dir(&dir.0);
+    assert!(matches!(
+        SessionServer::new(&bad, &u.clients),
+        Err(Error::BadAppName(_))
+    ));
+}

@@ -192,12 +192,12 @@ impl SessionServer {
             }
         }
         let dir = b.app.resolved_run_dir();
-        make_run_dir(&dir, b.app.permissions.dir_mode(), b.app.run_dir.is_none())?;
         let socket_path = b.app.socket_path();
         let pid_path = b.app.pid_file();
         if socket_path.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(Error::PathTooLong(socket_path));
         }
+        make_run_dir(&dir, b.app.permissions.dir_mode(), b.app.run_dir.is_none())?;
         let lock = lock_pid_file(&pid_path, b.app.permissions.pid_file_mode())?;
         // The lock is ours: whatever socket is there is a dead instance's.
         match std::fs::remove_file(&socket_path) {
