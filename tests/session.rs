@@ -570,14 +570,8 @@ fn log_in_both(
     (c, s)
 }
 
-fn rejected(r: &Result<(), Error>) -> Rejection {
-    match r {
-        Err(Error::LogInRejected { reason, .. }) => *reason,
-        other => panic!("not a rejection: {other:?}"),
-    }
-}
-
-fn rejected_srv(r: &Result<flowipc::session::ServerSession, Error>) -> Rejection {
+/// The reason of a log-in rejection (either side's result).
+fn rejected<T: std::fmt::Debug>(r: &Result<T, Error>) -> Rejection {
     match r {
         Err(Error::LogInRejected { reason, .. }) => *reason,
         other => panic!("not a rejection: {other:?}"),
@@ -660,7 +654,7 @@ fn every_log_in_check_rejects_with_its_error_on_both_sides_and_the_server_goes_o
         let client = ClientSession::new(&cli, &u.srv, |_| {}).config(cfg);
         let (c, s) = log_in_both(&server, client);
         assert_eq!(rejected(&c), want, "{what}: client side {c:?}");
-        assert_eq!(rejected_srv(&s), want, "{what}: server side");
+        assert_eq!(rejected(&s), want, "{what}: server side");
         // The server goes on serving.
         let mut ok = ClientSession::new(&u.other, &u.srv, |_| {});
         ok.sync_connect().unwrap();
@@ -760,7 +754,7 @@ fn protocol_version_lies_and_bad_requests_are_rejected() {
     for (what, want, fill) in cases {
         let got = raw_log_in(&u.srv, fill);
         assert_eq!(got.map(Rejection::from_code), Ok(Some(want)), "{what}");
-        assert_eq!(rejected_srv(&server.accept(T)), want, "{what}");
+        assert_eq!(rejected(&server.accept(T)), want, "{what}");
     }
     // Garbage instead of a log-in: the server's log-in fails, it goes on.
     let mut raw = std::os::unix::net::UnixStream::connect(u.srv.socket_path()).unwrap();

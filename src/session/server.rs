@@ -479,33 +479,24 @@ fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
         let app = check(shared, &req, creds)?;
         Ok((req, app))
     });
-    let (req, client_app) = match checked {
-        Ok(x) => x,
-        Err((reason, detail)) => {
-            let mut rsp = core.create_msg();
-            {
-                let mut r = rsp.init_root().init_log_in_rsp().init_rejected();
-                r.set_reason(reason.code());
-                r.set_detail(detail.as_str());
-            }
-            let _ = core.send(&mut rsp, Some(&req_msg));
-            proto::finish_sending(&mut core, deadline);
-            return Err(Error::LogInRejected { reason, detail });
-        }
-    };
-    let reject = |core: &mut struc::Channel<Master>, detail: String| {
+    // Tells the client why (the response to its log-in), and returns the same as our error.
+    let refuse = |core: &mut struc::Channel<Master>, reason: Rejection, detail: String| {
         let mut rsp = core.create_msg();
         {
             let mut r = rsp.init_root().init_log_in_rsp().init_rejected();
-            r.set_reason(Rejection::Resources.code());
+            r.set_reason(reason.code());
             r.set_detail(detail.as_str());
         }
         let _ = core.send(&mut rsp, Some(&req_msg));
         proto::finish_sending(core, deadline);
-        Error::LogInRejected {
-            reason: Rejection::Resources,
-            detail,
-        }
+        Error::LogInRejected { reason, detail }
+    };
+    let (req, client_app) = match checked {
+        Ok(x) => x,
+        Err((reason, detail)) => return Err(refuse(&mut core, reason, detail)),
+    };
+    let reject = |core: &mut struc::Channel<Master>, detail: String| {
+        refuse(core, Rejection::Resources, detail)
     };
     // Arenas: the session's own, and the client app's (made at its first session).
     let arenas = if cfg.get_shm() == ShmKind::Classic {
