@@ -23,6 +23,17 @@ assert_impl_all!(flowipc::msg::MsgIn<Root>: Send, std::fmt::Debug);
 assert_impl_all!(flowipc::msg::MsgChannel<Root>: Send, std::fmt::Debug);
 assert_impl_all!(flowipc::msg::Error: Send, Sync, std::error::Error);
 
+// Sessions: every method takes `&self` and may be called from any thread.
+use flowipc::session as sn;
+assert_impl_all!(sn::Session: Send, Sync, std::fmt::Debug);
+assert_impl_all!(sn::ClientSession: Send, Sync, std::fmt::Debug);
+assert_impl_all!(sn::ServerSession: Send, Sync, std::fmt::Debug);
+assert_impl_all!(sn::SessionServer: Send, Sync, std::fmt::Debug);
+assert_impl_all!(sn::Error: Send, Sync, std::error::Error);
+assert_impl_all!(sn::Metadata: Send, Sync, Clone, std::fmt::Debug);
+assert_impl_all!(sn::App: Send, Sync, Clone, Eq, std::fmt::Debug);
+assert_impl_all!(sn::ServerApp: Send, Sync, Clone, Eq, std::fmt::Debug);
+
 #[test]
 fn a_lend_blob_is_32_bytes_and_errors_read_well() {
     assert_eq!(std::mem::size_of::<LendBlob>(), 32);

@@ -516,10 +516,12 @@ fn a_client_reconnects_while_the_server_restarts() {
         let mut s = server.accept(T).unwrap();
         s.init_handlers(|_| {}).unwrap();
         assert_eq!(recv_u64(&mut cli.sock), round, "client connected");
-        // Restart: the session and the server go away; the client's error handler fires and
-        // it reconnects to the next instance.
-        drop(s);
+        // Restart: the server goes away, then its session; the client's error handler fires
+        // and it reconnects to the next instance. (Session first would let the client log in
+        // again to this instance before it is gone: a session that ends at once, which is
+        // right, but not this test's point.)
         drop(server);
+        drop(s);
         assert_eq!(dir.entries(), Vec::<String>::new());
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -755,6 +757,17 @@ fn protocol_version_lies_and_bad_requests_are_rejected() {
         let got = raw_log_in(&u.srv, fill);
         assert_eq!(got.map(Rejection::from_code), Ok(Some(want)), "{what}");
         assert_eq!(rejected(&server.accept(T)), want, "{what}");
+    }
+    // Something else than a log-in first: refused as a protocol error (nothing is cached).
+    {
+        let chan = transport::Channel::connect(u.srv.socket_path(), ChannelConfig::new()).unwrap();
+        let mut c =
+            struc::Channel::<master::Owned>::new(chan, flowipc::msg::Backing::Heap).unwrap();
+        let mut m = c.create_msg();
+        m.init_root().init_open_channel();
+        c.send(&mut m, None).unwrap();
+        let e = server.accept(T).unwrap_err();
+        assert!(matches!(e, Error::Protocol(_)), "{e:?}");
     }
     // Garbage instead of a log-in: the server's log-in fails, it goes on.
     let mut raw = std::os::unix::net::UnixStream::connect(u.srv.socket_path()).unwrap();
@@ -1126,10 +1139,143 @@ fn the_run_dirs_files_have_the_permissions_of_the_level() {
         Err(Error::PathTooLong(_))
     ));
     assert_eq!(dir.entries(), Vec::<String>::new(), "nothing made");
+    // Group or unrestricted permissions in the per-user default run dir: refused, plainly.
+    let grp = ServerApp::new(App::current("srv").unwrap(), ["cli"]).permissions(Permissions::Group);
+    assert!(matches!(
+        SessionServer::new(&grp, &u.clients),
+        Err(Error::RunDir { source, .. }) if source.kind() == std::io::ErrorKind::InvalidInput
+    ));
     // A bad app name is refused before anything is made.
     let bad = ServerApp::new(App::current("../etc").unwrap(), ["cli"]).run_dir(&dir.0);
     assert!(matches!(
         SessionServer::new(&bad, &u.clients),
         Err(Error::BadAppName(_))
     ));
+}
+
+#[test]
+fn the_error_handler_fires_once_even_when_a_call_meets_the_end_first() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    for _ in 0..10 {
+        let (tx, rx) = mpsc::channel();
+        let mut c = ClientSession::new(&u.cli, &u.srv, move |e| tx.send(e).unwrap());
+        c.sync_connect().unwrap();
+        let mut s = server.accept(T).unwrap();
+        s.init_handlers(|_| {}).unwrap();
+        drop(s);
+        // Race the library thread to the end: the call fails, the handler still hears of it.
+        assert!(c.open_channel(None).is_err());
+        let e = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(matches!(e, Error::PeerGone | Error::Hosed), "{e:?}");
+        assert!(rx.recv_timeout(Duration::from_millis(50)).is_err(), "once");
+        assert!(c.is_hosed());
+    }
+}
+
+#[test]
+fn handlers_may_open_channels_back_at_the_same_time() {
+    use std::sync::{Arc, OnceLock};
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    // A deadlock would show as OpenTimeout (5 s) in a handler.
+    let cfg = SessionConfig::new().open_timeout(Duration::from_secs(5));
+    let server = SessionServer::builder(&u.srv, &u.clients)
+        .config(cfg.clone())
+        .build()
+        .unwrap();
+    let (got_tx, got_rx) = mpsc::channel();
+    // Each side, given a channel marked 0, opens one marked 1 back from its handler.
+    let c_cell: Arc<OnceLock<std::sync::Weak<ClientSession>>> = Arc::default();
+    let (cell, got) = (c_cell.clone(), got_tx.clone());
+    let mut c = ClientSession::with_passive_open(
+        &u.cli,
+        &u.srv,
+        |_| {},
+        move |_ch, m| {
+            let n = read_mdt(m.as_ref()).1;
+            got.send(("client", n)).unwrap();
+            if n == 0 {
+                let me = cell
+                    .get()
+                    .and_then(|w| w.upgrade())
+                    .expect("the client session");
+                me.open_channel(Some(&mdt("back", 1)))
+                    .expect("client opening back");
+            }
+        },
+    )
+    .config(cfg);
+    c.sync_connect().unwrap();
+    let c = Arc::new(c);
+    let _ = c_cell.set(Arc::downgrade(&c));
+    let s_cell: Arc<OnceLock<std::sync::Weak<flowipc::session::ServerSession>>> = Arc::default();
+    let mut s = server.accept(T).unwrap();
+    let (cell, got) = (s_cell.clone(), got_tx);
+    s.init_handlers_with_passive_open(
+        |_| {},
+        move |_ch, m| {
+            let n = read_mdt(m.as_ref()).1;
+            got.send(("server", n)).unwrap();
+            if n == 0 {
+                let me = cell
+                    .get()
+                    .and_then(|w| w.upgrade())
+                    .expect("the server session");
+                me.open_channel(Some(&mdt("back", 1)))
+                    .expect("server opening back");
+            }
+        },
+    )
+    .unwrap();
+    let s = Arc::new(s);
+    let _ = s_cell.set(Arc::downgrade(&s));
+    // Both open at once; both handlers open back at once.
+    let c2 = c.clone();
+    let t = std::thread::spawn(move || drop(c2.open_channel(Some(&mdt("first", 0))).unwrap()));
+    drop(s.open_channel(Some(&mdt("first", 0))).unwrap());
+    t.join().unwrap();
+    let mut seen: Vec<_> = (0..4)
+        .map(|_| got_rx.recv_timeout(Duration::from_secs(30)).unwrap())
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [("client", 0), ("client", 1), ("server", 0), ("server", 1)]
+    );
+    drop((s, c));
+}
+
+#[test]
+fn an_accept_handler_may_call_accept_and_drop_nothing_is_lost() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let server = std::sync::Arc::new(SessionServer::new(&u.srv, &u.clients).unwrap());
+    let (tx, rx) = mpsc::channel();
+    let srv = server.clone();
+    server.async_accept(move |first| {
+        // Inside a handler: the blocking form gets the next one.
+        let second = srv.accept(T);
+        tx.send((
+            first.map(|s| s.client_app().name.clone()),
+            second.map(|s| s.client_app().name.clone()),
+        ))
+        .unwrap();
+    });
+    let mut a = ClientSession::new(&u.cli, &u.srv, |_| {});
+    a.sync_connect().unwrap();
+    let mut b = ClientSession::new(&u.other, &u.srv, |_| {});
+    b.sync_connect().unwrap();
+    let (first, second) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(first.unwrap(), "cli");
+    assert_eq!(second.unwrap(), "other");
+    // accept() timing out leaves nothing behind: the next session still comes.
+    assert!(matches!(
+        server.accept(Some(Duration::from_millis(20))),
+        Err(Error::AcceptTimeout)
+    ));
+    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {});
+    c.sync_connect().unwrap();
+    assert_eq!(server.accept(T).unwrap().client_app().name, "cli");
 }

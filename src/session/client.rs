@@ -71,8 +71,9 @@ impl ConnectOptions {
 pub struct ClientSession {
     own: ClientApp,
     server: ServerApp,
-    on_error: Option<OnError>,
-    on_passive_open: Option<PassiveOpen>,
+    /// The handlers, until connected (in a `Mutex` only so that the session is `Sync`).
+    on_error: std::sync::Mutex<Option<OnError>>,
+    on_passive_open: std::sync::Mutex<Option<PassiveOpen>>,
     session: Session,
     init: InitChannels,
     server_metadata: Option<Metadata>,
@@ -100,8 +101,8 @@ impl ClientSession {
         ClientSession {
             own: own.clone(),
             server: server.clone(),
-            on_error: Some(Box::new(on_error)),
-            on_passive_open: None,
+            on_error: std::sync::Mutex::new(Some(Box::new(on_error))),
+            on_passive_open: std::sync::Mutex::new(None),
             session: Session::unconnected(SessionConfig::new()),
             init: InitChannels::default(),
             server_metadata: None,
@@ -117,18 +118,21 @@ impl ClientSession {
         on_passive_open: impl FnMut(transport::Channel, Option<Metadata>) + Send + 'static,
     ) -> ClientSession {
         let mut s = ClientSession::new(own, server, on_error);
-        s.on_passive_open = Some(Box::new(on_passive_open));
+        *s.on_passive_open
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(on_passive_open));
         s
     }
 
-    /// Sets the configuration (before connecting; see [`SessionConfig`]).
+    /// Sets the configuration (see [`SessionConfig`]). Call it before connecting: on a
+    /// connected session it ends the session (a new, unconnected one takes its place).
     pub fn config(mut self, config: SessionConfig) -> Self {
         self.session = Session::unconnected(config);
         self
     }
 
-    /// Connects and logs in. Returns at once with [`Error::ServerAbsent`] when no server runs:
-    /// retry later. A refused log-in is [`Error::LogInRejected`] (the server says why).
+    /// Connects and logs in. Returns at once with [`Error::ServerAbsent`] when no server runs
+    /// (or it went away during log-in): retry later. A refused log-in is [`Error::LogInRejected`] (the server says why).
     pub fn sync_connect(&mut self) -> Result<(), Error> {
         self.sync_connect_with(ConnectOptions::new())
     }
@@ -140,6 +144,18 @@ impl ClientSession {
         if self.session.is_open() {
             return Err(Error::AlreadyStarted);
         }
+        self.connect(opts).map_err(|e| match e {
+            // The server went away before the session existed (it was stopping, or closed a
+            // connection past its limit of pending log-ins): as good as absent; retry.
+            Error::PeerGone => Error::ServerAbsent(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "the server closed the connection during log-in",
+            )),
+            e => e,
+        })
+    }
+
+    fn connect(&mut self, opts: ConnectOptions) -> Result<(), Error> {
         self.own.validate()?;
         self.server.validate()?;
         let config = self.session.config().clone();
@@ -227,9 +243,12 @@ impl ClientSession {
         let resource_type = MsgType::of::<Master>("resource")?;
         let mut got: BTreeMap<(u8, u32), OwnedFd> = BTreeMap::new();
         let stop = AtomicBool::new(false);
+        // (A channel opening may follow the response at once: that one waits for the session.)
+        let others = proto::types(&["logIn", "logInRsp"])?;
         let expected = n_cli as usize + n_srv as usize + if with_arenas { 2 } else { 0 };
         while got.len() < expected {
-            let mut m = proto::wait_for(&mut core, resource_type, deadline, &stop, &failure)?;
+            let mut m =
+                proto::wait_for(&mut core, resource_type, &others, deadline, &stop, &failure)?;
             let fd = m
                 .take_fd()
                 .ok_or(Error::Protocol("resource without its fd"))?;
@@ -266,9 +285,16 @@ impl ClientSession {
         let session = Session::open(core, token, config, self.server.name.clone(), arenas)?;
         let on_error = self
             .on_error
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
             .take()
             .unwrap_or_else(|| Box::new(|_| {}) as OnError);
-        session.install_handlers(on_error, self.on_passive_open.take())?;
+        let on_passive_open = self
+            .on_passive_open
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        session.install_handlers(on_error, on_passive_open)?;
         self.session = session;
         self.init = init;
         self.server_metadata = server_metadata;

@@ -98,7 +98,9 @@ impl SessionConfig {
 
     /// `(ping period, idle timeout)` of the session's own channel: a ping goes out when nothing
     /// was sent for the period, and the session is over ([`Error::IdleTimeout`]) when nothing
-    /// came for the timeout. `None`: neither.
+    /// came for the timeout. `None`: neither. Not compared at log-in, but the two sides work
+    /// together: each side's idle timeout counts on the other's pings, so keep every ping
+    /// period well under the peer's idle timeout (the defaults, 1 s and 5 s, do).
     ///
     /// [`Error::IdleTimeout`]: super::Error::IdleTimeout
     pub fn keep_alive(mut self, k: Option<(Duration, Duration)>) -> Self {

@@ -3,7 +3,7 @@
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
@@ -48,19 +48,47 @@ pub enum Scope {
 
 /// What the master channel's library thread hands the session's handler thread.
 enum Event {
-    /// The peer opens a channel (the request carries the channel's fd).
+    /// The peer opens a channel, before our handlers were installed (the request carries the
+    /// channel's fd; the handler thread answers it).
     Open(MsgIn<Master>),
+    /// The peer opened a channel, already accepted (the library thread answered).
+    Opened(transport::Channel, Option<Metadata>),
     /// The session is over.
     Error(Error),
 }
+
+/// Whether this side takes channels the peer opens: not known until the handlers are
+/// installed (requests wait), then yes or no (the library thread answers at once).
+const PASSIVE_UNKNOWN: u8 = 0;
+const PASSIVE_YES: u8 = 1;
+const PASSIVE_NO: u8 = 2;
 
 /// The live parts of an open session.
 struct Link {
     master: Arc<struc::AsyncChannel<Master>>,
     /// Events wait here until the user's handlers are installed.
     events: Mutex<Option<mpsc::Receiver<Event>>>,
+    /// For errors a call meets (the call returns it; the error handler must hear of it too).
+    events_tx: Mutex<mpsc::Sender<Event>>,
     handler_thread: Mutex<Option<JoinHandle<()>>>,
     started: AtomicBool,
+    passive: Arc<AtomicU8>,
+    /// Set when the session is being dropped: no handler runs any more.
+    closing: Arc<AtomicBool>,
+}
+
+/// A copy of a session-ending error for the error handler, when a call met it (the call
+/// returns the original). `None`: the error does not end the session.
+fn ending(e: &Error) -> Option<Error> {
+    match e {
+        Error::PeerGone => Some(Error::PeerGone),
+        Error::IdleTimeout => Some(Error::IdleTimeout),
+        Error::Protocol(w) => Some(Error::Protocol(w)),
+        Error::Hosed => Some(Error::Hosed),
+        Error::Channel(c) if c.is_hosing() => Some(Error::Hosed),
+        Error::Transport(t) if t.is_hosing() => Some(Error::Hosed),
+        _ => None,
+    }
 }
 
 /// An open session, as either side sees it ([`ClientSession`](super::ClientSession) and
@@ -122,20 +150,54 @@ impl Session {
     ) -> Result<Session, Error> {
         let (tx, rx) = mpsc::channel();
         let master = Arc::new(struc::AsyncChannel::new(core)?);
-        let open_type = MsgType::of::<Master>("openChannel")?;
-        let tx_open = tx.clone();
-        master.expect_msgs(open_type, move |_, req| {
-            let _ = tx_open.send(Event::Open(req));
-        })?;
+        let passive = Arc::new(AtomicU8::new(PASSIVE_UNKNOWN));
+        let cfg = config.channel_config();
+        let (tx_open, state) = (tx.clone(), passive.clone());
+        master.expect_msgs(
+            MsgType::of::<Master>("openChannel")?,
+            move |chan, mut req| {
+                let answer = match state.load(Ordering::Acquire) {
+                    PASSIVE_UNKNOWN => {
+                        let _ = tx_open.send(Event::Open(req));
+                        return;
+                    }
+                    PASSIVE_YES => open_request(&mut req, &cfg),
+                    _ => None,
+                };
+                // Answered here, on the library thread: never behind a handler that is itself
+                // opening a channel (both sides doing so would wait for each other).
+                let mut rsp = chan.create_msg();
+                rsp.init_root()
+                    .init_open_channel_rsp()
+                    .set_accepted(answer.is_some());
+                if let Err(e) = chan.send(&mut rsp, Some(&req)) {
+                    if e.is_hosing() {
+                        let _ = tx_open.send(Event::Error(e.into()));
+                        return;
+                    }
+                }
+                if let Some((c, m)) = answer {
+                    let _ = tx_open.send(Event::Opened(c, m));
+                }
+            },
+        )?;
+        // After log-in only channel openings and their answers come: anything else is dropped.
+        for other in ["logIn", "logInRsp", "resource"] {
+            master.expect_msgs(MsgType::of::<Master>(other)?, |_, _| {})?;
+        }
+        let tx_err = tx.clone();
         master.start(move |e| {
-            let _ = tx.send(Event::Error(e.into()));
+            let _ = tx_err.send(Event::Error(e.into()));
         })?;
         Ok(Session {
             link: Some(Link {
                 master,
                 events: Mutex::new(Some(rx)),
+                events_tx: Mutex::new(tx),
                 handler_thread: Mutex::new(None),
                 started: AtomicBool::new(false),
+                passive,
+                closing: Arc::new(AtomicBool::new(false)),
             }),
             token,
             config,
@@ -160,13 +222,35 @@ impl Session {
         let master = Arc::downgrade(&link.master);
         let hosed = self.hosed.clone();
         let cfg = self.config.channel_config();
+        let closing = link.closing.clone();
+        let takes = on_passive_open.is_some();
         let thread = std::thread::Builder::new()
             .name("flowipc-session".into())
-            .spawn(move || handle_events(events, master, hosed, cfg, on_error, on_passive_open))
+            .spawn(move || {
+                let handlers = Handlers {
+                    on_error: Some(on_error),
+                    on_passive_open,
+                    hosed,
+                    closing,
+                };
+                handle_events(events, master, cfg, handlers)
+            })
             .map_err(Error::Io)?;
         *lock(&link.handler_thread) = Some(thread);
+        link.passive.store(
+            if takes { PASSIVE_YES } else { PASSIVE_NO },
+            Ordering::Release,
+        );
         link.started.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Returns `e` from a call, and tells the error handler if it ended the session.
+    fn report(&self, e: Error) -> Error {
+        if let (Some(link), Some(copy)) = (&self.link, ending(&e)) {
+            let _ = lock(&link.events_tx).send(Event::Error(copy));
+        }
+        e
     }
 
     fn link(&self) -> Result<&Link, Error> {
@@ -226,7 +310,7 @@ impl Session {
             .sync_request(&mut req, None, Some(self.config.get_open_timeout()))
             .map_err(|e| match e {
                 struc::Error::Timeout => Error::OpenTimeout,
-                e => e.into(),
+                e => self.report(e.into()),
             })?;
         drop(req); // our copy of the peer's end
         let accepted = match rsp.root().and_then(|r| Ok(r.which()?)) {
@@ -325,14 +409,17 @@ impl Drop for Session {
         };
         // The master's thread first (joined by the channel's drop); that drops its handlers and
         // with them the event senders, which ends the handler thread.
+        link.closing.store(true, Ordering::Release);
         let Link {
             master,
             events,
+            events_tx,
             handler_thread,
             ..
         } = link;
         drop(master);
         drop(events);
+        drop(events_tx);
         let thread = handler_thread
             .into_inner()
             .unwrap_or_else(|e| e.into_inner());
@@ -344,55 +431,83 @@ impl Drop for Session {
     }
 }
 
+/// The channel a peer's `openChannel` request carries, and its metadata (`None`: no usable fd).
+fn open_request(
+    req: &mut MsgIn<Master>,
+    cfg: &transport::ChannelConfig,
+) -> Option<(transport::Channel, Option<Metadata>)> {
+    let fd = req.take_fd()?;
+    let mdt = match req.root().and_then(|r| Ok(r.which()?)) {
+        Ok(master::OpenChannel(Ok(o))) => Metadata::from_wire(o.get_metadata().ok()?).ok()?,
+        _ => return None,
+    };
+    let chan = transport::Channel::from_stream(UnixStream::from(fd), cfg.clone()).ok()?;
+    Some((chan, mdt))
+}
+
+/// The user's handlers, on the handler thread.
+struct Handlers {
+    on_error: Option<OnError>,
+    on_passive_open: Option<PassiveOpen>,
+    hosed: Arc<AtomicBool>,
+    closing: Arc<AtomicBool>,
+}
+
+impl Handlers {
+    fn error(&mut self, e: Error) {
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(h) = self.on_error.take() {
+            self.hosed.store(true, Ordering::Release);
+            h(e);
+        }
+    }
+
+    fn opened(&mut self, chan: transport::Channel, mdt: Option<Metadata>) {
+        if self.on_error.is_none() || self.closing.load(Ordering::Acquire) {
+            return; // over
+        }
+        if let Some(h) = self.on_passive_open.as_mut() {
+            h(chan, mdt);
+        }
+    }
+}
+
 /// The session's handler thread: runs the user's handlers, outside every lock of the library's
-/// (so they may call the session).
+/// (so they may call the session), and answers the channel openings that came before them.
 fn handle_events(
     events: mpsc::Receiver<Event>,
     master: Weak<struc::AsyncChannel<Master>>,
-    hosed: Arc<AtomicBool>,
     cfg: transport::ChannelConfig,
-    on_error: OnError,
-    mut on_passive_open: Option<PassiveOpen>,
+    mut h: Handlers,
 ) {
-    let mut on_error = Some(on_error);
     for ev in events {
         match ev {
-            Event::Error(e) => {
-                if let Some(h) = on_error.take() {
-                    hosed.store(true, Ordering::Release);
-                    h(e);
-                }
-            }
+            Event::Error(e) => h.error(e),
+            Event::Opened(chan, mdt) => h.opened(chan, mdt),
             Event::Open(mut req) => {
-                if on_error.is_none() {
-                    continue; // over
-                }
+                let answer = if h.on_passive_open.is_some() && h.on_error.is_some() {
+                    open_request(&mut req, &cfg)
+                } else {
+                    None
+                };
                 let Some(master) = master.upgrade() else {
                     return;
-                };
-                let fd = req.take_fd();
-                let mdt = match req.root().and_then(|r| Ok(r.which()?)) {
-                    Ok(master::OpenChannel(Ok(o))) => o
-                        .get_metadata()
-                        .ok()
-                        .and_then(|b| Metadata::from_wire(b).ok())
-                        .flatten(),
-                    _ => None,
-                };
-                let chan = match (&on_passive_open, fd) {
-                    (Some(_), Some(fd)) => {
-                        transport::Channel::from_stream(UnixStream::from(fd), cfg.clone()).ok()
-                    }
-                    _ => None,
                 };
                 let mut rsp = master.create_msg();
                 rsp.init_root()
                     .init_open_channel_rsp()
-                    .set_accepted(chan.is_some());
-                let _ = master.send(&mut rsp, Some(&req));
+                    .set_accepted(answer.is_some());
+                let sent = master.send(&mut rsp, Some(&req));
                 drop(master);
-                if let (Some(h), Some(chan)) = (on_passive_open.as_mut(), chan) {
-                    h(chan, mdt);
+                match sent {
+                    Err(e) if e.is_hosing() => h.error(e.into()),
+                    _ => {
+                        if let Some((chan, mdt)) = answer {
+                            h.opened(chan, mdt);
+                        }
+                    }
                 }
             }
         }

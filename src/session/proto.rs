@@ -36,15 +36,28 @@ fn failed(failure: &Failure, e: struc::Error) -> Error {
     kept.unwrap_or(e).into()
 }
 
-/// Waits for a message of type `which` on the log-in channel until `deadline` (or `stop`).
+/// The message types named (fields of the master union).
+pub(crate) fn types(names: &[&str]) -> Result<Vec<MsgType>, Error> {
+    names
+        .iter()
+        .map(|n| Ok(MsgType::of::<Master>(n)?))
+        .collect()
+}
+
+/// Waits for a message of type `which` on the log-in channel until `deadline` (or `stop`). A
+/// message of a type in `others` is a protocol error.
 pub(crate) fn wait_for(
     core: &mut struc::Channel<Master>,
     which: MsgType,
+    others: &[MsgType],
     deadline: Instant,
     stop: &AtomicBool,
     failure: &Failure,
 ) -> Result<MsgIn<Master>, Error> {
     loop {
+        if others.iter().any(|t| core.cached(*t) > 0) {
+            return Err(Error::Protocol("unexpected message during log-in"));
+        }
         if let Some(m) = core.take_cached(which).map_err(|e| failed(failure, e))? {
             return Ok(m);
         }
@@ -67,16 +80,20 @@ pub(crate) fn wait_for(
 }
 
 /// Writes what the log-in channel still holds (a rejection, say) before it is dropped, until
-/// `deadline` at most.
-pub(crate) fn finish_sending(core: &mut struc::Channel<Master>, deadline: Instant) {
+/// `deadline` (or `stop`) at most.
+pub(crate) fn finish_sending(
+    core: &mut struc::Channel<Master>,
+    deadline: Instant,
+    stop: &AtomicBool,
+) {
     while let Ok(false) = core.flush() {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if left.is_zero() || stop.load(Ordering::Acquire) {
             return;
         }
         let fd = core.as_fd();
         let mut fds = [PollFd::new(fd, false, true)];
-        let _ = sys::poll(&mut fds, Some(left));
+        let _ = sys::poll(&mut fds, Some(left.min(Duration::from_millis(100))));
     }
 }
 

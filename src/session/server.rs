@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,17 +36,21 @@ pub type MetadataFn =
 /// Most init channels one log-in may make (each side's count).
 pub const MAX_INIT_CHANNELS: u32 = 64;
 
-type Accepted = Result<ServerSession, Error>;
+/// Most log-ins in progress plus accepted sessions nobody has taken yet: past it, new
+/// connections are closed at once (the client's `sync_connect` fails; it retries later).
+pub const MAX_PENDING_LOG_INS: usize = 64;
 
-enum Waiter {
-    Call(Box<dyn FnOnce(Accepted) + Send>),
-    Chan(mpsc::SyncSender<Accepted>),
-}
+type Accepted = Result<ServerSession, Error>;
+type Waiter = Box<dyn FnOnce(Accepted) + Send>;
 
 #[derive(Default)]
 struct Queue {
+    /// `async_accept` handlers, in call order.
     waiters: VecDeque<Waiter>,
+    /// Results nobody took yet, in log-in order (handlers get them first, then `accept`).
     ready: VecDeque<Accepted>,
+    /// Log-ins in progress.
+    logging_in: usize,
 }
 
 struct Shared {
@@ -57,6 +61,8 @@ struct Shared {
     metadata: Option<MetadataFn>,
     app_arenas: Mutex<HashMap<String, Arena>>,
     queue: Mutex<Queue>,
+    /// Signalled when `queue` changes (a result, a handler, stop).
+    changed: Condvar,
     stop: AtomicBool,
     waker: UnixStream,
     logins: Mutex<Vec<JoinHandle<()>>>,
@@ -142,6 +148,7 @@ impl SessionServerBuilder {
 pub struct SessionServer {
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
+    dispatcher: Option<JoinHandle<()>>,
     lock: Option<nix::fcntl::Flock<File>>,
     socket_path: PathBuf,
     pid_path: PathBuf,
@@ -191,6 +198,18 @@ impl SessionServer {
                 return Err(Error::UnknownApp(name.clone()));
             }
         }
+        if b.app.run_dir.is_none() && b.app.permissions != super::Permissions::User {
+            // The default run dir is per user (and `$XDG_RUNTIME_DIR` is 0700): other users
+            // could not reach it, and might resolve another path.
+            return Err(Error::RunDir {
+                path: b.app.resolved_run_dir(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "group or unrestricted permissions need an explicit run dir that all the \
+                     apps can reach (ServerApp::run_dir)",
+                ),
+            });
+        }
         let dir = b.app.resolved_run_dir();
         let socket_path = b.app.socket_path();
         let pid_path = b.app.pid_file();
@@ -205,24 +224,36 @@ impl SessionServer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(run_dir_err(&socket_path)(e)),
         }
-        let listener = UnixListener::bind(&socket_path).map_err(run_dir_err(&socket_path))?;
-        std::fs::set_permissions(
-            &socket_path,
-            std::fs::Permissions::from_mode(b.app.permissions.socket_mode()),
-        )
-        .map_err(run_dir_err(&socket_path))?;
-        listener
-            .set_nonblocking(true)
+        let listen = || -> Result<(UnixListener, UnixStream, UnixStream), Error> {
+            let listener = UnixListener::bind(&socket_path).map_err(run_dir_err(&socket_path))?;
+            std::fs::set_permissions(
+                &socket_path,
+                std::fs::Permissions::from_mode(b.app.permissions.socket_mode()),
+            )
             .map_err(run_dir_err(&socket_path))?;
-        // The PID goes in once the socket listens: a client that reads it can connect.
-        let mut file: &File = &lock;
-        file.set_len(0)
-            .and_then(|()| file.rewind())
-            .and_then(|()| writeln!(file, "{}", std::process::id()))
-            .map_err(run_dir_err(&pid_path))?;
-        let (waker, waker_rx) = UnixStream::pair().map_err(Error::Io)?;
-        waker.set_nonblocking(true).map_err(Error::Io)?;
-        waker_rx.set_nonblocking(true).map_err(Error::Io)?;
+            listener
+                .set_nonblocking(true)
+                .map_err(run_dir_err(&socket_path))?;
+            // The PID goes in once the socket listens: a client that reads it can connect.
+            let mut file: &File = &lock;
+            file.set_len(0)
+                .and_then(|()| file.rewind())
+                .and_then(|()| writeln!(file, "{}", std::process::id()))
+                .map_err(run_dir_err(&pid_path))?;
+            let (waker, waker_rx) = UnixStream::pair().map_err(Error::Io)?;
+            waker.set_nonblocking(true).map_err(Error::Io)?;
+            waker_rx.set_nonblocking(true).map_err(Error::Io)?;
+            Ok((listener, waker, waker_rx))
+        };
+        let (listener, waker, waker_rx) = match listen() {
+            Ok(x) => x,
+            Err(e) => {
+                // Leave nothing behind (the lock still held: no other instance raced us).
+                let _ = std::fs::remove_file(&socket_path);
+                let _ = std::fs::remove_file(&pid_path);
+                return Err(e);
+            }
+        };
         let shared = Arc::new(Shared {
             app: b.app,
             clients: b.clients,
@@ -231,45 +262,98 @@ impl SessionServer {
             metadata: b.metadata,
             app_arenas: Mutex::new(HashMap::new()),
             queue: Mutex::new(Queue::default()),
+            changed: Condvar::new(),
             stop: AtomicBool::new(false),
             waker,
             logins: Mutex::new(Vec::new()),
         });
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(Error::Io)
+        };
         let s = shared.clone();
-        let acceptor = std::thread::Builder::new()
-            .name("flowipc-accept".into())
-            .spawn(move || accept_loop(s, listener, waker_rx))
-            .map_err(Error::Io)?;
+        let acceptor = spawn(
+            "flowipc-accept",
+            Box::new(move || accept_loop(s, listener, waker_rx)),
+        );
+        let s = shared.clone();
+        let dispatcher = spawn("flowipc-dispatch", Box::new(move || dispatch_loop(&s)));
+        let (acceptor, dispatcher) = match (acceptor, dispatcher) {
+            (Ok(a), Ok(d)) => (a, d),
+            (a, d) => {
+                shared.stop.store(true, Ordering::Release);
+                shared.wake();
+                shared.changed.notify_all();
+                for t in [a, d].into_iter().flatten() {
+                    let _ = t.join();
+                }
+                let _ = std::fs::remove_file(&socket_path);
+                let _ = std::fs::remove_file(&pid_path);
+                return Err(Error::Io(std::io::Error::other(
+                    "cannot start the server's threads",
+                )));
+            }
+        };
         Ok(SessionServer {
             shared,
             acceptor: Some(acceptor),
+            dispatcher: Some(dispatcher),
             lock: Some(lock),
             socket_path,
             pid_path,
         })
     }
 
-    /// Calls `handler` (on a library thread) with the next accepted session, or the error of
-    /// the next failed log-in. Handlers are served in call order, results in log-in order.
+    /// Calls `handler` (on a library thread of the server's, never inside this call) with the
+    /// next accepted session, or the error of the next failed log-in. Handlers are served in
+    /// call order, results in log-in order; handlers come before [`accept`](Self::accept)
+    /// calls. A handler may call the server (even drop it), but other handlers wait while it
+    /// runs.
     pub fn async_accept(
         &self,
         handler: impl FnOnce(Result<ServerSession, Error>) + Send + 'static,
     ) {
         lock(&self.shared.queue)
             .waiters
-            .push_back(Waiter::Call(Box::new(handler)));
-        self.shared.wake();
+            .push_back(Box::new(handler));
+        self.shared.changed.notify_all();
     }
 
     /// Waits (up to `timeout`; `None`: no limit) for the next accepted session or failed
-    /// log-in. [`Error::AcceptTimeout`] if none came (a later one is kept for the next call).
+    /// log-in that no [`async_accept`](Self::async_accept) handler is waiting for.
+    /// [`Error::AcceptTimeout`] if none came (a later one is kept for the next call).
     pub fn accept(&self, timeout: Option<Duration>) -> Result<ServerSession, Error> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        lock(&self.shared.queue).waiters.push_back(Waiter::Chan(tx));
-        self.shared.wake();
-        match timeout {
-            Some(t) => rx.recv_timeout(t).unwrap_or(Err(Error::AcceptTimeout)),
-            None => rx.recv().unwrap_or(Err(Error::Aborted)),
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut q = lock(&self.shared.queue);
+        loop {
+            if q.waiters.is_empty() {
+                if let Some(r) = q.ready.pop_front() {
+                    return r;
+                }
+            }
+            if self.shared.stop.load(Ordering::Acquire) {
+                return Err(Error::Aborted);
+            }
+            q = match deadline {
+                None => self
+                    .shared
+                    .changed
+                    .wait(q)
+                    .unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::AcceptTimeout);
+                    }
+                    self.shared
+                        .changed
+                        .wait_timeout(q, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
         }
     }
 
@@ -294,8 +378,16 @@ impl Drop for SessionServer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.wake();
-        if let Some(t) = self.acceptor.take() {
-            let _ = t.join();
+        self.shared.changed.notify_all();
+        let me = std::thread::current().id();
+        for t in [self.acceptor.take(), self.dispatcher.take()]
+            .into_iter()
+            .flatten()
+        {
+            // A handler may drop the server on the dispatcher thread: it ends by itself then.
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
         }
         let logins = std::mem::take(&mut *lock(&self.shared.logins));
         for t in logins {
@@ -303,7 +395,7 @@ impl Drop for SessionServer {
         }
         let q = std::mem::take(&mut *lock(&self.shared.queue));
         for w in q.waiters {
-            deliver(w, Err(Error::Aborted));
+            w(Err(Error::Aborted));
         }
         drop(q.ready);
         // Socket first, then the PID file, then the lock: a new instance can take the lock only
@@ -373,41 +465,28 @@ fn lock_pid_file(path: &Path, mode: u32) -> Result<nix::fcntl::Flock<File>, Erro
     })
 }
 
-fn deliver(w: Waiter, r: Accepted) -> Option<Accepted> {
-    match w {
-        Waiter::Call(f) => {
-            f(r);
-            None
-        }
-        Waiter::Chan(tx) => match tx.try_send(r) {
-            Ok(()) => None,
-            // The caller gave up waiting: keep the result for the next one.
-            Err(mpsc::TrySendError::Disconnected(r)) | Err(mpsc::TrySendError::Full(r)) => Some(r),
-        },
-    }
-}
-
-/// Hands results to waiters, in order, outside the lock.
-fn dispatch(shared: &Shared) {
+/// The dispatcher thread: hands results to `async_accept` handlers, in order, outside the lock.
+fn dispatch_loop(shared: &Shared) {
+    let mut q = lock(&shared.queue);
     loop {
-        let (w, r) = {
-            let mut q = lock(&shared.queue);
-            if q.waiters.is_empty() || q.ready.is_empty() {
-                return;
-            }
-            match (q.waiters.pop_front(), q.ready.pop_front()) {
-                (Some(w), Some(r)) => (w, r),
-                _ => return,
-            }
-        };
-        if let Some(back) = deliver(w, r) {
-            lock(&shared.queue).ready.push_front(back);
+        if shared.stop.load(Ordering::Acquire) {
+            return;
         }
+        if !q.waiters.is_empty() && !q.ready.is_empty() {
+            if let (Some(w), Some(r)) = (q.waiters.pop_front(), q.ready.pop_front()) {
+                drop(q);
+                w(r);
+                q = lock(&shared.queue);
+                continue;
+            }
+        }
+        q = shared.changed.wait(q).unwrap_or_else(|e| e.into_inner());
     }
 }
 
-/// The acceptor thread: accepts connections, starts a log-in thread for each, hands results to
-/// waiters.
+/// The acceptor thread: accepts connections and starts a log-in thread for each (up to
+/// [`MAX_PENDING_LOG_INS`] log-ins and untaken sessions; past it, closes them at once). It
+/// never runs user code.
 fn accept_loop(shared: Arc<Shared>, listener: UnixListener, waker: UnixStream) {
     let mut drain = [0u8; 64];
     loop {
@@ -420,28 +499,60 @@ fn accept_loop(shared: Arc<Shared>, listener: UnixListener, waker: UnixStream) {
         ];
         let _ = sys::poll(&mut fds, Some(Duration::from_secs(1)));
         while matches!((&waker).read(&mut drain), Ok(n) if n > 0) {}
-        if shared.stop.load(Ordering::Acquire) {
-            return;
-        }
-        while let Ok((stream, _)) = listener.accept() {
+        loop {
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    // Out of fds, say: do not spin on a listener that stays readable.
+                    std::thread::sleep(Duration::from_millis(100));
+                    break;
+                }
+            };
+            {
+                let mut q = lock(&shared.queue);
+                if q.logging_in + q.ready.len() >= MAX_PENDING_LOG_INS {
+                    continue; // `stream` dropped: closed
+                }
+                q.logging_in += 1;
+            }
             let s = shared.clone();
             let t = std::thread::Builder::new()
                 .name("flowipc-login".into())
                 .spawn(move || {
-                    let r = log_in(&s, stream);
-                    if s.stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    lock(&s.queue).ready.push_back(r);
-                    s.wake();
+                    let mut slot = LogInSlot(s.clone(), None);
+                    slot.1 = Some(log_in(&s, stream));
                 });
-            if let Ok(t) = t {
-                let mut logins = lock(&shared.logins);
-                logins.retain(|t| !t.is_finished());
-                logins.push(t);
+            match t {
+                Ok(t) => {
+                    let mut logins = lock(&shared.logins);
+                    logins.retain(|t| !t.is_finished());
+                    logins.push(t);
+                }
+                Err(_) => lock(&shared.queue).logging_in -= 1,
             }
         }
-        dispatch(&shared);
+    }
+}
+
+/// A log-in in progress: when it ends (even by a panic in a user callback), its count goes and
+/// its result, if any, is queued.
+struct LogInSlot(Arc<Shared>, Option<Accepted>);
+
+impl Drop for LogInSlot {
+    fn drop(&mut self) {
+        let mut q = lock(&self.0.queue);
+        q.logging_in -= 1;
+        if let Some(r) = self.1.take() {
+            if !self.0.stop.load(Ordering::Acquire) {
+                q.ready.push_back(r);
+            }
+        }
+        drop(q);
+        self.0.changed.notify_all();
     }
 }
 
@@ -457,7 +568,11 @@ fn random_token() -> u128 {
     use std::hash::{BuildHasher, Hasher};
     let half = || {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(Instant::now().elapsed().as_nanos());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        h.write_u128(now);
+        h.write_u32(std::process::id());
         h.finish() as u128
     };
     half() << 64 | half()
@@ -474,7 +589,16 @@ fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
     let failure = proto::start_capturing(&mut core)?;
     let deadline = Instant::now() + cfg.get_log_in_timeout();
     let log_in_type = MsgType::of::<Master>("logIn")?;
-    let req_msg = proto::wait_for(&mut core, log_in_type, deadline, &shared.stop, &failure)?;
+    // Nothing but the log-in may come first (nothing else is cached, however much is sent).
+    let others = proto::types(&["logInRsp", "resource", "openChannel", "openChannelRsp"])?;
+    let req_msg = proto::wait_for(
+        &mut core,
+        log_in_type,
+        &others,
+        deadline,
+        &shared.stop,
+        &failure,
+    )?;
     let checked = LogInReq::parse(&req_msg).and_then(|req| {
         let app = check(shared, &req, creds)?;
         Ok((req, app))
@@ -488,7 +612,7 @@ fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
             r.set_detail(detail.as_str());
         }
         let _ = core.send(&mut rsp, Some(&req_msg));
-        proto::finish_sending(core, deadline);
+        proto::finish_sending(core, deadline, &shared.stop);
         Error::LogInRejected { reason, detail }
     };
     let (req, client_app) = match checked {

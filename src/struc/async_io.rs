@@ -300,6 +300,7 @@ where
     let mut drain = [0u8; 64];
     // The socket never changes: one duplicate of its fd to poll, taken once.
     let fd = lock(&shared.core).as_fd().try_clone_to_owned();
+    let mut first = true;
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;
@@ -316,7 +317,14 @@ where
             PollFd::new(fd.as_fd(), true, wants_write),
             PollFd::new(waker.as_fd(), true, false),
         ];
-        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        // The first time round, no wait: the core may hold frames read before it was handed
+        // over (after a log-in, say), which no readiness of the socket would announce.
+        let timeout = if first {
+            Some(Duration::ZERO)
+        } else {
+            deadline.map(|d| d.saturating_duration_since(Instant::now()))
+        };
+        first = false;
         if sys::poll(&mut fds, timeout).is_err() {
             continue;
         }
