@@ -52,7 +52,7 @@ enum Event {
     /// channel's fd; the handler thread answers it).
     Open(MsgIn<Master>),
     /// The peer opened a channel, already accepted (the library thread answered).
-    Opened(transport::Channel, Option<Metadata>),
+    Opened(Box<(transport::Channel, Option<Metadata>)>),
     /// The session is over.
     Error(Error),
 }
@@ -485,7 +485,10 @@ fn handle_events(
     for ev in events {
         match ev {
             Event::Error(e) => h.error(e),
-            Event::Opened(chan, mdt) => h.opened(chan, mdt),
+            Event::Opened(opened) => {
+                let (chan, mdt) = *opened;
+                h.opened(chan, mdt)
+            }
             Event::Open(mut req) => {
                 let answer = if h.on_passive_open.is_some() && h.on_error.is_some() {
                     open_request(&mut req, &cfg)
