@@ -176,8 +176,8 @@ impl Session {
                         return;
                     }
                 }
-                if let Some((c, m)) = answer {
-                    let _ = tx_open.send(Event::Opened(c, m));
+                if let Some(opened) = answer {
+                    let _ = tx_open.send(Event::Opened(Box::new(opened)));
                 }
             },
         )?;
