@@ -811,11 +811,21 @@ fn a_killed_servers_files_are_taken_over_and_absent_servers_are_reported_at_once
     let mut c = ClientSession::new(&u.cli, &u.srv, |_| {});
     let t = Instant::now();
     assert!(matches!(c.sync_connect(), Err(Error::ServerAbsent(_))));
-    // A server in another process, SIGKILLed: its files stay.
+    // A server in another process, with a session open with us, SIGKILLed: our error handler
+    // fires once (the peer is gone), and its files stay.
     let mut srv = spawn_env("srv_idle", &dir.env());
     assert_eq!(recv_u64(&mut srv.sock), 1);
+    let (tx, rx) = mpsc::channel();
+    let mut live = ClientSession::new(&u.cli, &u.srv, move |e| tx.send(e).unwrap());
+    live.sync_connect().unwrap();
+    assert_eq!(recv_u64(&mut srv.sock), 2, "accepted");
     srv.child.kill().unwrap();
     srv.child.wait().unwrap();
+    let e = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(matches!(e, Error::PeerGone), "{e:?}");
+    assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "once");
+    assert!(matches!(live.open_channel(None), Err(Error::Hosed)));
+    drop(live);
     assert_eq!(dir.entries(), ["srv.pid", "srv.sock"]);
     // Stale files, nobody listening: still absent, at once.
     assert!(matches!(c.sync_connect(), Err(Error::ServerAbsent(_))));
@@ -835,8 +845,11 @@ fn a_killed_servers_files_are_taken_over_and_absent_servers_are_reported_at_once
 fn srv_idle() {
     let mut ctl = child_socket();
     let u = universe(&env_dir());
-    let _server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
     send_u64(&mut ctl, 1);
+    let mut s = server.accept(T).unwrap();
+    s.init_handlers(|_| {}).unwrap();
+    send_u64(&mut ctl, 2);
     std::thread::sleep(Duration::from_secs(600));
 }
 
