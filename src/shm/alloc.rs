@@ -422,11 +422,10 @@ impl Pool {
                     return Err(not_a_block);
                 }
                 let at = rel - (page - idx) * PAGE;
-                let size = CLASS_SIZES[c] as u64;
-                if at % size != 0 || at / size >= span_pages(c) * PAGE / size {
+                if !is_block_start(c, at) {
                     return Err(not_a_block);
                 }
-                (c as u64, size - BLOCK_HDR)
+                (c as u64, CLASS_SIZES[c] as u64 - BLOCK_HDR)
             }
             PM_LARGE => {
                 let pages = pm_value(e);
