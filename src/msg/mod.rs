@@ -4,8 +4,9 @@
 //!
 //! Sending an arena-backed message writes only a 24-byte header and a 32-byte handle into the
 //! socket, whatever the message's size: the receiver reads the very same segments. The sender's
-//! `MsgOut` and every receiver's `MsgIn` hold references to a segment table in shared memory;
-//! the last one dropped, in whichever process, frees every segment.
+//! `MsgOut` and every receiver's `MsgIn` hold references to a segment table in shared memory
+//! (for a one-segment message, the segment block itself); the last one dropped, in whichever
+//! process, frees every segment.
 //!
 //! A sent message is *frozen* while a receiver holds it: writing to the `MsgOut` again copies it
 //! first (copy-on-write, like [`Arc::make_mut`](std::sync::Arc::make_mut)), so a `MsgIn` never

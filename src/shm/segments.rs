@@ -10,12 +10,17 @@
 //!   blocks (or, in heap mode, private heap buffers). Only its owner writes them.
 //! * To send it in place, [`OutMsg::share_shm`] *freezes* it: it writes a segment table (pool,
 //!   offset, generation and used bytes of each segment) into a ref-counted arena block that from
-//!   then on owns the segments, and lends one reference per receiver. Heap mode instead hands out
-//!   `Arc`s of the segment buffers ([`OutMsg::share_heap`]).
+//!   then on owns the segments, and lends one reference per receiver. A one-segment message (the
+//!   common small one) needs no table: its segment block itself becomes the ref-counted handle,
+//!   with its tag and used length in a 16-byte trailer kept back at the end of the block (capnp
+//!   never gets those bytes), so it costs one block, validated once on receipt. Heap mode instead
+//!   hands out `Arc`s of the segment buffers ([`OutMsg::share_heap`]).
 //! * Writing again ([`OutMsg::builder_mut`]) first *thaws*: if the table (or a heap buffer) is
 //!   still referenced by anyone else, the message is copied into fresh segments and the shared
-//!   ones are left to their readers (copy-on-write); if not, the table is dissolved and the
-//!   builder owns its segments again. So a receiver never sees a byte change under it.
+//!   ones are left to their readers (copy-on-write); if not, the table is dissolved (a
+//!   one-segment handle becomes a private block again, and its next publication a new
+//!   generation, so blobs of the old one are stale) and the builder owns its segments again. So a
+//!   receiver never sees a byte change under it.
 //! * The last reference to a table, dropped in any process, zeroes each segment's used prefix
 //!   and frees it, then frees the table.
 
@@ -28,9 +33,9 @@ use capnp::message::{Allocator, Builder, ReaderSegments};
 
 use super::arena::{Arena, BlockRef};
 use super::error::{Error, Result};
-use super::handle::{publish_block, LendBlob};
+use super::handle::{publish_block, publish_in_place, unpublish_block, LendBlob};
 use super::layout::*;
-use super::lockfree::{rc_release, refs, ticket_issue, tickets, Words, LINK};
+use super::lockfree::{rc_release, refs, ticket_issue, ticket_return, tickets, Words, LINK};
 use super::pool::Pool;
 use crate::sync::Ordering;
 
@@ -41,6 +46,11 @@ const T_TAG: u64 = 0;
 const T_COUNT: u64 = 8;
 const T_ENTRIES: u64 = 16;
 const T_ENTRY: u64 = 24;
+/// Type tag of a one-segment message whose segment block is its own handle ("SEGSOLO1").
+const SOLO_TAG: u64 = 0x5345_4753_4f4c_4f31;
+/// Bytes at the end of a message's first arena segment kept back from capnp for the trailer of
+/// a one-segment handle: its tag, then the used bytes of the segment.
+const TRAILER: u64 = 16;
 /// Most segments a table may list (a 1 GiB message of small objects has about 70).
 pub const MAX_SEGMENTS: usize = 1 << 16;
 
@@ -131,6 +141,10 @@ struct Seg {
     words: u32,
     /// `None` once capnp handed the segment back (`deallocate_segment` ran).
     mem: Option<Mem>,
+    /// The block's last [`TRAILER`] bytes, right after the `words` capnp got, are kept back for
+    /// a one-segment message's handle trailer (see [`OutMsg::share_shm`]). Set on a message's
+    /// first arena segment.
+    trailer: bool,
 }
 
 impl Seg {
@@ -175,16 +189,30 @@ fn lock(list: &Mutex<SegList>) -> MutexGuard<'_, SegList> {
 }
 
 impl SegAlloc {
-    fn grant(&mut self, words: u32) -> (NonNull<u8>, u32, Mem) {
+    /// A segment of at least `words` words (at least `minimum` of them for capnp), zeroed. The
+    /// first arena segment keeps a [`TRAILER`] back at its end. Returns the pointer, the words
+    /// capnp may use, the memory and whether the trailer is kept.
+    fn grant(&mut self, words: u32, minimum: u32, first: bool) -> (NonNull<u8>, u32, Mem, bool) {
         if let Some(arena) = &self.arena {
-            match arena.alloc_zeroed(words as usize * 8) {
+            let bytes = if first {
+                (words as usize * 8).max(minimum as usize * 8 + TRAILER as usize)
+            } else {
+                words as usize * 8
+            };
+            match arena.alloc_zeroed(bytes) {
                 Ok(mut block) => {
-                    let cap = (block.capacity() / 8).min(u32::MAX as usize) as u32;
+                    let cap = block.capacity();
+                    // The trailer sits at `payload + capacity - TRAILER`, where a receiver
+                    // finds it from the block's capacity alone: capnp gets exactly the rest.
+                    let (words, trailer) = match u32::try_from((cap - TRAILER as usize) / 8) {
+                        Ok(w) if first && cap >= TRAILER as usize => (w, true),
+                        _ => ((cap / 8).min(u32::MAX as usize) as u32, false),
+                    };
                     let ptr = block.as_mut_ptr();
                     let r = block.into_raw();
                     // A live mapping's address is never null.
                     if let Some(ptr) = NonNull::new(ptr) {
-                        return (ptr, cap, Mem::Shm(r));
+                        return (ptr, words, Mem::Shm(r), trailer);
                     }
                 }
                 Err(e) => {
@@ -197,7 +225,7 @@ impl SegAlloc {
         }
         let seg = Arc::new(HeapSeg::zeroed(words as usize));
         let ptr = seg.ptr.cast::<u8>();
-        (ptr, words, Mem::Heap(seg))
+        (ptr, words, Mem::Heap(seg), false)
     }
 }
 
@@ -208,8 +236,9 @@ impl SegAlloc {
 // table owns it (`published`), until the table's last reference goes; `OutMsg` drops its builder
 // before its table, and a table only dissolves (handing the segments back) when it is the sole
 // reference, so neither frees a segment the builder still uses. Heap buffers are kept alive by
-// the `Arc` in the list. (3) No overlap: each segment is its own block or buffer. (4) Aligned:
-// block payloads are 16-aligned, heap buffers are `u64` arrays (8-aligned).
+// the `Arc` in the list. (3) No overlap: each segment is its own block or buffer (a first
+// segment's trailer lies past the words capnp gets). (4) Aligned: block payloads are 16-aligned,
+// heap buffers are `u64` arrays (8-aligned).
 unsafe impl Allocator for SegAlloc {
     fn allocate_segment(&mut self, minimum_size: u32) -> (NonNull<u8>, u32) {
         let words = minimum_size.max(self.next_words);
@@ -217,11 +246,13 @@ unsafe impl Allocator for SegAlloc {
             .saturating_mul(2)
             .min(self.sizes.max_growth_words)
             .max(self.sizes.first_words);
-        let (ptr, words, mem) = self.grant(words);
+        let first = lock(&self.list).segs.is_empty();
+        let (ptr, words, mem, trailer) = self.grant(words, minimum_size, first);
         lock(&self.list).segs.push(Seg {
             ptr,
             words,
             mem: Some(mem),
+            trailer,
         });
         (ptr, words)
     }
@@ -246,7 +277,9 @@ unsafe impl Allocator for SegAlloc {
                     // SAFETY: the block was allocated for this segment and turned into `r` by
                     // `into_raw`; this is its only re-adoption (the segment is marked gone).
                     if let Ok(block) = unsafe { arena.block_from_raw(r, 0) } {
-                        // SAFETY: capnp wrote at most `words_used` words of a zeroed block.
+                        // SAFETY: capnp wrote at most `words_used` words of a zeroed block; a
+                        // trailer, if one was ever written, was cleared when its handle was
+                        // dissolved (`SegTable::dissolve_if_sole`).
                         unsafe { block.release_zeroed_prefix(words_used as usize * 8) };
                     }
                 }
@@ -256,14 +289,25 @@ unsafe impl Allocator for SegAlloc {
     }
 }
 
-/// The ref-counted segment table of a frozen message, in an arena block. Dropping the last
-/// reference (in any process) frees every segment and the table.
+/// The ref-counted handle of a frozen message. Dropping the last reference (in any process)
+/// frees every segment (and the table).
+///
+/// Two kinds, told apart by the type tag of their blobs:
+/// * a **table** ([`TABLE_TAG`]): a block of its own listing the segments;
+/// * a **one-segment message** ([`SOLO_TAG`]): the segment block itself is the handle (its
+///   header holds the count, as for any handle), and its last [`TRAILER`] bytes, which capnp
+///   never got, hold the tag and the used bytes. A small message thus costs one block: no table
+///   to allocate, write, validate and free.
 pub struct SegTable {
     arena: Arena,
     pool: u32,
     /// Block offset (header), not payload.
     off: u64,
     generation: u32,
+    /// Payload capacity of the block (fixed while a reference is held).
+    cap: u64,
+    /// A one-segment message (the block is the segment).
+    solo: bool,
 }
 
 impl fmt::Debug for SegTable {
@@ -271,6 +315,7 @@ impl fmt::Debug for SegTable {
         f.debug_struct("SegTable")
             .field("pool", &self.pool)
             .field("offset", &(self.off + BLOCK_HDR))
+            .field("solo", &self.solo)
             .field("refs", &self.ref_count())
             .finish()
     }
@@ -286,6 +331,11 @@ impl SegTable {
 
     fn payload(&self) -> u64 {
         self.off + BLOCK_HDR
+    }
+
+    /// Payload offset of a one-segment handle's trailer (tag, then used bytes).
+    fn trailer(&self) -> u64 {
+        self.payload() + self.cap - TRAILER
     }
 
     /// Writes a table for `n` entries (segment, used bytes) and returns its first reference. If
@@ -326,6 +376,30 @@ impl SegTable {
             pool: pool.id(),
             off: g.off,
             generation: g.generation(),
+            cap: g.capacity,
+            solo: false,
+        })
+    }
+
+    /// Makes the one segment of a message its handle: writes the trailer (tag, `used`) into the
+    /// `TRAILER` bytes kept back after the segment's `words` and publishes the block in place.
+    /// Updates `r` to the block's new generation (see [`publish_in_place`]).
+    fn create_solo(arena: &Arena, r: &mut BlockRef, words: u32, used: u64) -> Result<SegTable> {
+        let pool = arena.pool(r.pool).ok_or(Error::UnknownPool(r.pool))?;
+        let off = r.offset - BLOCK_HDR;
+        let cap = words as u64 * 8 + TRAILER;
+        let t = r.offset + words as u64 * 8;
+        pool.word(t).store(SOLO_TAG, Ordering::Relaxed);
+        pool.word(t + 8).store(used, Ordering::Relaxed);
+        let generation = publish_in_place(pool, off);
+        r.generation = generation;
+        Ok(SegTable {
+            arena: arena.clone(),
+            pool: r.pool,
+            off,
+            generation,
+            cap,
+            solo: true,
         })
     }
 
@@ -337,7 +411,7 @@ impl SegTable {
             self.pool,
             self.payload(),
             self.generation,
-            TABLE_TAG,
+            if self.solo { SOLO_TAG } else { TABLE_TAG },
         )
     }
 
@@ -346,8 +420,9 @@ impl SegTable {
         refs(self.pool().word(self.off + LINK).load(Ordering::Relaxed))
     }
 
-    /// If this is the only reference anywhere, frees the table block alone and returns true:
-    /// the segments are then the builder's again. Otherwise returns false (and keeps `self`).
+    /// If this is the only reference anywhere, gives the segments back to the builder and
+    /// returns true: a table block is freed, a one-segment handle made a private block again
+    /// (its trailer cleared). Otherwise returns false (and keeps `self`).
     fn dissolve_if_sole(&mut self) -> bool {
         // Acquire pairs with the Release of every other holder's drop: their reads of the
         // segments happen before the builder writes them again.
@@ -355,36 +430,18 @@ impl SegTable {
         if refs(w) != 1 || tickets(w) != 0 {
             return false;
         }
-        // No other holder and no outstanding ticket: no one can reach the table any more.
-        let _ = self.pool().free_block(self.off, false);
-        true
-    }
-
-    /// Copies the entries out of the table (one sequential read), unvalidated.
-    fn entries(&self) -> Result<Slots> {
+        // No other holder and no outstanding ticket: no one can reach the handle any more.
         let pool = self.pool();
-        let p = self.payload();
-        let (_, capacity) = pool.block_at(self.off)?;
-        let n = pool.word(p + T_COUNT).load(Ordering::Relaxed);
-        if n == 0 || n as usize > MAX_SEGMENTS || T_ENTRIES + n * T_ENTRY > capacity {
-            return Err(Error::Corrupt(
-                "segment table empty or longer than its block",
-            ));
-        }
-        let slot = |i: u64| {
-            let (at, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
-            SegSlot {
-                at,
-                used,
-                resolved: OnceLock::new(),
-            }
-        };
-        Ok(if n == 1 {
-            // The common small message: no allocation.
-            Slots::One([slot(0)])
+        if self.solo {
+            unpublish_block(pool, self.off);
+            // The builder never writes the trailer; freeing the segment later promises that
+            // only what capnp wrote may be non-zero.
+            pool.word(self.trailer()).store(0, Ordering::Relaxed);
+            pool.word(self.trailer() + 8).store(0, Ordering::Relaxed);
         } else {
-            Slots::Many((0..n).map(slot).collect())
-        })
+            let _ = pool.free_block(self.off, false);
+        }
+        true
     }
 }
 
@@ -399,16 +456,23 @@ fn read_entry(pool: &Pool, e: u64) -> (BlockRef, u64) {
     (r, used)
 }
 
+/// Checks a segment's used length against the `capacity` its bytes may span: a whole number
+/// of words, within it, and short enough for capnp (which counts words in a u32).
+fn check_used(pool: u32, offset: u64, used: u64, capacity: u64) -> Result<()> {
+    if used > capacity || used % 8 != 0 || used / 8 > u32::MAX as u64 {
+        return Err(Error::OutOfBounds {
+            pool,
+            offset: offset.saturating_add(used),
+        });
+    }
+    Ok(())
+}
+
 /// Validates one segment: a live block (see [`Arena::live_block`]) whose capacity holds `used`,
 /// a whole number of words. Returns the payload pointer.
 fn segment(arena: &Arena, r: BlockRef, used: u64) -> Result<NonNull<u8>> {
     let (pool, _, _, capacity) = arena.live_block(r)?;
-    if used > capacity || used % 8 != 0 || used / 8 > u32::MAX as u64 {
-        return Err(Error::OutOfBounds {
-            pool: r.pool,
-            offset: r.offset.saturating_add(used),
-        });
-    }
+    check_used(r.pool, r.offset, used, capacity)?;
     NonNull::new(pool.ptr(r.offset)).ok_or(Error::Corrupt("null mapping"))
 }
 
@@ -418,12 +482,24 @@ impl Drop for SegTable {
         if !rc_release(pool.word(self.off + LINK)) {
             return;
         }
+        let p = self.payload();
+        if self.solo {
+            // Last reference to a one-segment message: clear what capnp wrote (as the trailer
+            // records it, kept within the block whatever a peer scribbled there) and the
+            // trailer, and free the block clean.
+            let used = pool
+                .word(self.trailer() + 8)
+                .load(Ordering::Relaxed)
+                .min(self.cap - TRAILER);
+            pool.zero(p, used);
+            pool.zero(self.trailer(), TRAILER);
+            let _ = pool.free_block(self.off, true);
+            return;
+        }
         // Last reference: free every segment (zeroing its used prefix), then the table. A
         // corrupt entry is skipped (leaked) rather than freed into a list it could damage.
-        let p = self.payload();
         let n = pool.word(p + T_COUNT).load(Ordering::Relaxed) as usize;
-        let cap = pool.block_at(self.off).map(|(_, c)| c).unwrap_or(0);
-        if n <= MAX_SEGMENTS && T_ENTRIES + n as u64 * T_ENTRY <= cap {
+        if n <= MAX_SEGMENTS && T_ENTRIES + n as u64 * T_ENTRY <= self.cap {
             for i in 0..n as u64 {
                 let (r, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
                 // An entry naming the table itself (corrupt) must not free it mid-walk.
@@ -436,7 +512,9 @@ impl Drop for SegTable {
                 // self-reference is skipped above. `block_from_raw` validates `r` and `used`.
                 if let Ok(block) = unsafe { self.arena.block_from_raw(r, used as usize) } {
                     // SAFETY: capnp wrote at most the `used` bytes the table recorded (its
-                    // output prefix) of a segment that was allocated zeroed.
+                    // output prefix) of a segment that was allocated zeroed (a first segment's
+                    // trailer is written only while the segment is a one-segment handle, and
+                    // cleared when that dissolves).
                     unsafe { block.release_zeroed_prefix(used as usize) };
                 }
             }
@@ -446,27 +524,91 @@ impl Drop for SegTable {
 }
 
 impl Arena {
-    /// Adopts the reference a segment-table blob carries (validated like any lend blob, plus its
-    /// table tag), and the table's entries (each a live block of a known pool).
+    /// Adopts the reference a message blob carries (validated like any lend blob, plus its
+    /// kind's tag) and validates segment 0 (each later one when it is first read).
     pub(crate) fn borrow_segments(&self, blob: &LendBlob) -> Result<ShmSegments> {
-        if blob.type_tag() != TABLE_TAG {
-            return Err(Error::TypeMismatch {
+        match blob.type_tag() {
+            SOLO_TAG => self.borrow_solo(blob),
+            TABLE_TAG => self.borrow_table(blob),
+            found => Err(Error::TypeMismatch {
                 expected: TABLE_TAG,
-                found: blob.type_tag(),
+                found,
+            }),
+        }
+    }
+
+    fn borrow_solo(&self, blob: &LendBlob) -> Result<ShmSegments> {
+        let (pool, off, cap) = self.adopt(blob, None)?;
+        let p = off + BLOCK_HDR;
+        // The ticket's reference keeps the block alive: its trailer is ours to read.
+        let found = match cap.checked_sub(TRAILER) {
+            Some(t) => pool.word(p + t).load(Ordering::Relaxed),
+            None => 0,
+        };
+        if found != SOLO_TAG {
+            // Not a one-segment message (some other handle): the reference stays lent, as for
+            // any borrow of the wrong type.
+            ticket_return(pool.word(off + LINK));
+            return Err(Error::TypeMismatch {
+                expected: SOLO_TAG,
+                found,
             });
         }
-        let (pool, off) = self.adopt(blob, Some((TABLE_TAG, T_ENTRIES)))?;
+        // On error `table` drops its reference again (as the last one, it frees the message).
         let table = SegTable {
             arena: self.clone(),
             pool: pool.id(),
             off,
             generation: blob.generation(),
+            cap,
+            solo: true,
         };
+        let used = pool.word(table.trailer() + 8).load(Ordering::Relaxed);
+        check_used(pool.id(), p, used, cap - TRAILER)?;
+        let ptr = NonNull::new(pool.ptr(p)).ok_or(Error::Corrupt("null mapping"))?;
+        Ok(ShmSegments {
+            table,
+            first: (ptr, used as usize),
+            rest: Vec::new(),
+        })
+    }
+
+    fn borrow_table(&self, blob: &LendBlob) -> Result<ShmSegments> {
+        let (pool, off, cap) = self.adopt(blob, Some((TABLE_TAG, T_ENTRIES)))?;
         // On error `table` drops its reference again (as the last one, it frees the message).
-        let segs = table.entries()?;
-        let segs = ShmSegments { table, segs };
-        segs.resolve(0)?;
-        Ok(segs)
+        let table = SegTable {
+            arena: self.clone(),
+            pool: pool.id(),
+            off,
+            generation: blob.generation(),
+            cap,
+            solo: false,
+        };
+        let p = table.payload();
+        let n = pool.word(p + T_COUNT).load(Ordering::Relaxed);
+        if n == 0 || n as usize > MAX_SEGMENTS || T_ENTRIES + n * T_ENTRY > cap {
+            return Err(Error::Corrupt(
+                "segment table empty or longer than its block",
+            ));
+        }
+        // The entries are copied out (one sequential read); segment 0 is validated now.
+        let (r0, used0) = read_entry(pool, p + T_ENTRIES);
+        let ptr = segment(self, r0, used0)?;
+        let rest = (1..n)
+            .map(|i| {
+                let (at, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
+                SegSlot {
+                    at,
+                    used,
+                    resolved: OnceLock::new(),
+                }
+            })
+            .collect();
+        Ok(ShmSegments {
+            table,
+            first: (ptr, used0 as usize),
+            rest,
+        })
     }
 }
 
@@ -479,23 +621,11 @@ impl Arena {
 /// segment that fails validation reads as missing, which capnp reports as an error.
 pub struct ShmSegments {
     table: SegTable,
-    segs: Slots,
-}
-
-/// The slots of a received message: inline for one segment.
-enum Slots {
-    One([SegSlot; 1]),
-    Many(Vec<SegSlot>),
-}
-
-impl std::ops::Deref for Slots {
-    type Target = [SegSlot];
-    fn deref(&self) -> &[SegSlot] {
-        match self {
-            Slots::One(s) => s,
-            Slots::Many(v) => v,
-        }
-    }
+    /// Segment 0, validated: address and length (capnp asks for it on every pointer it follows
+    /// there, so it is one load away).
+    first: (NonNull<u8>, usize),
+    /// Segments 1.. (none for a one-segment message: no allocation).
+    rest: Vec<SegSlot>,
 }
 
 /// One table entry as received, and where it resolved to (address and length), once checked.
@@ -506,23 +636,21 @@ struct SegSlot {
 }
 
 impl ShmSegments {
-    /// Validates segment `i` (once) and returns its address and length.
-    fn resolve(&self, i: usize) -> Result<(usize, usize)> {
-        let slot = self.segs.get(i).ok_or(Error::Corrupt("no such segment"))?;
-        if let Some(r) = slot.resolved.get() {
-            return r.ok_or(Error::Corrupt("segment failed validation"));
-        }
-        let r = segment(&self.table.arena, slot.at, slot.used)
-            .map(|ptr| (ptr.as_ptr() as usize, slot.used as usize));
-        let _ = slot.resolved.set(r.as_ref().ok().copied());
-        r
+    /// Validates segment `i` >= 1 (once) and returns its address and length.
+    fn resolve(&self, i: usize) -> Option<(usize, usize)> {
+        let slot = self.rest.get(i.checked_sub(1)?)?;
+        *slot.resolved.get_or_init(|| {
+            segment(&self.table.arena, slot.at, slot.used)
+                .ok()
+                .map(|ptr| (ptr.as_ptr() as usize, slot.used as usize))
+        })
     }
 
     /// Words of all segments, as the table states them (what a copy would move).
     pub fn total_words(&self) -> usize {
-        self.segs
-            .iter()
-            .fold(0usize, |a, s| a.saturating_add((s.used / 8) as usize))
+        self.rest.iter().fold(self.first.1 / 8, |a, s| {
+            a.saturating_add((s.used / 8) as usize)
+        })
     }
 }
 
@@ -538,7 +666,7 @@ impl fmt::Debug for ShmSegments {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ShmSegments")
             .field("table", &self.table)
-            .field("segments", &self.segs.len())
+            .field("segments", &(self.rest.len() + 1))
             .finish()
     }
 }
@@ -551,18 +679,25 @@ impl ShmSegments {
 }
 
 impl ReaderSegments for ShmSegments {
+    #[inline]
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
-        let (addr, len) = self.resolve(idx as usize).ok()?;
-        // SAFETY: `segment` validated that [addr, addr+len) is inside a live block of a mapped
-        // pool (allocated, of the generation the table recorded); the table reference we hold
-        // keeps the block allocated and the mapping lives as long as `self.table.arena`; the
-        // freeze protocol (module docs) guarantees no process writes it until the reference is
-        // gone, which cannot happen while `&self` is borrowed.
+        let (addr, len) = if idx == 0 {
+            (self.first.0.as_ptr() as usize, self.first.1)
+        } else {
+            self.resolve(idx as usize)?
+        };
+        // SAFETY: segment 0 was validated on receipt (`borrow_solo`: the handle block itself,
+        // `len` within its capacity less the trailer; `borrow_table`: `segment`), later ones by
+        // `segment` in `resolve`: [addr, addr+len) is inside a live block of a mapped pool
+        // (allocated, of the generation recorded); the table reference we hold keeps the block
+        // allocated and the mapping lives as long as `self.table.arena`; the freeze protocol
+        // (module docs) guarantees no process writes it until the reference is gone, which
+        // cannot happen while `&self` is borrowed.
         Some(unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
     }
 
     fn len(&self) -> usize {
-        self.segs.len()
+        self.rest.len() + 1
     }
 }
 
@@ -700,6 +835,9 @@ impl OutMsg {
     /// Freezes the message into a segment table (once; an unchanged message reuses it) and
     /// lends one reference for a receiver. Fails (sending nothing, the message intact) if the
     /// message is heap-backed or part of it could not be allocated in the arena.
+    ///
+    /// A one-segment message (the common small one) is frozen in place: its segment block
+    /// becomes the handle, with no table block (see [`SegTable`]).
     pub fn share_shm(&mut self) -> Result<LendBlob> {
         let Some(arena) = self.arena.clone() else {
             return Err(Error::BadConfig(
@@ -713,27 +851,56 @@ impl OutMsg {
                 let _ = self.builder.get_root::<capnp::any_pointer::Builder<'_>>();
             }
             let out = self.builder.get_segments_for_output();
-            let list = lock(&self.list);
-            let mut live = list.segs.iter().filter(|s| s.live());
+            let mut list = lock(&self.list);
             if out.len() > MAX_SEGMENTS {
                 return Err(Error::Corrupt("too many segments"));
             }
-            let mut entries = out.iter().map(|bytes| match live.next() {
-                Some(Seg {
-                    mem: Some(Mem::Shm(r)),
-                    ptr,
-                    ..
-                }) if std::ptr::eq(ptr.as_ptr(), bytes.as_ptr()) => Ok((*r, bytes.len() as u64)),
-                _ => Err(Error::Corrupt("segment list out of step with the builder")),
-            });
-            let table = SegTable::create(&arena, out.len(), &mut entries)?;
-            drop(entries);
-            if live.next().is_some() {
-                drop(table);
-                return Err(Error::Corrupt("segment list out of step with the builder"));
-            }
+            let out_of_step = || Error::Corrupt("segment list out of step with the builder");
+            let table = if let [bytes] = &out[..] {
+                let mut live = list.segs.iter_mut().filter(|s| s.live());
+                let seg = live.next().ok_or_else(out_of_step)?;
+                if live.next().is_some() || !std::ptr::eq(seg.ptr.as_ptr(), bytes.as_ptr()) {
+                    return Err(out_of_step());
+                }
+                match seg {
+                    Seg {
+                        mem: Some(Mem::Shm(r)),
+                        words,
+                        trailer: true,
+                        ..
+                    } => SegTable::create_solo(&arena, r, *words, bytes.len() as u64)?,
+                    Seg {
+                        mem: Some(Mem::Shm(r)),
+                        ..
+                    } => SegTable::create(
+                        &arena,
+                        1,
+                        &mut std::iter::once(Ok((*r, bytes.len() as u64))),
+                    )?,
+                    _ => return Err(out_of_step()),
+                }
+            } else {
+                let mut live = list.segs.iter().filter(|s| s.live());
+                let mut entries = out.iter().map(|bytes| match live.next() {
+                    Some(Seg {
+                        mem: Some(Mem::Shm(r)),
+                        ptr,
+                        ..
+                    }) if std::ptr::eq(ptr.as_ptr(), bytes.as_ptr()) => {
+                        Ok((*r, bytes.len() as u64))
+                    }
+                    _ => Err(out_of_step()),
+                });
+                let table = SegTable::create(&arena, out.len(), &mut entries)?;
+                drop(entries);
+                if live.next().is_some() {
+                    drop(table);
+                    return Err(out_of_step());
+                }
+                table
+            };
+            list.published = true;
             drop(list);
-            lock(&self.list).published = true;
             self.table = Some(table);
         }
         let table = self.table.as_ref().expect("table set above");
@@ -969,5 +1136,160 @@ mod tests {
         assert!(!old.windows(100).any(|w| w == [2u8; 100]));
         drop(held);
         assert!(!msg.is_frozen_by_others());
+    }
+
+    fn retagged(blob: &LendBlob, tag: u64) -> LendBlob {
+        let mut b = *blob.as_bytes();
+        b[24..32].copy_from_slice(&tag.to_le_bytes());
+        LendBlob::from_bytes(&b).unwrap()
+    }
+
+    #[test]
+    fn a_one_segment_message_is_its_own_handle() {
+        let arena = arena();
+        let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut msg, 100, 7);
+        let blob = msg.share_shm().unwrap();
+        assert_eq!(blob.type_tag(), SOLO_TAG);
+        assert_eq!(arena.stats().blocks_in_use, 1, "no table block");
+        let seg0 = msg.builder().get_segments_for_output()[0].as_ptr();
+        assert_eq!(seg0 as usize % 16, 0);
+        let segs = arena.borrow_segments(&blob).unwrap();
+        assert_eq!(segs.get_segment(0).unwrap().as_ptr(), seg0);
+        assert_eq!(segs.len(), 1);
+        assert!(segs.get_segment(1).is_none());
+        assert_eq!(read_first(segs), vec![7; 100]);
+        assert_eq!(msg.table_refs(), Some(1));
+        // Thawed in place (nobody else holds it), then published again: the first blob is
+        // stale, the new one reads the new bytes.
+        fill(&mut msg, 100, 8);
+        assert_eq!(msg.table_refs(), None);
+        assert_eq!(msg.builder().get_segments_for_output()[0].as_ptr(), seg0);
+        let blob2 = msg.share_shm().unwrap();
+        assert_ne!(blob2.generation(), blob.generation());
+        assert!(matches!(arena.borrow_segments(&blob), Err(Error::Stale)));
+        let segs = arena.borrow_segments(&blob2).unwrap();
+        drop(msg);
+        assert_eq!(arena.stats().blocks_in_use, 1, "the receiver holds it");
+        assert_eq!(read_first(segs), vec![8; 100]);
+        assert_eq!(arena.stats().blocks_in_use, 0);
+        arena.verify().unwrap();
+        // Freed clean (what capnp wrote and the trailer were cleared): the next zeroed
+        // allocation of the block clears nothing.
+        let (pool, g) = arena.grant(8192, 0).unwrap();
+        assert_eq!(g.off + BLOCK_HDR, seg0 as u64 - pool.ptr(0) as u64);
+        assert!(g.clean());
+        pool.free_block(g.off, true).unwrap();
+    }
+
+    #[test]
+    fn a_dissolved_one_segment_handle_leaves_no_trailer_behind() {
+        let arena = arena();
+        let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut msg, 100, 7);
+        let blob = msg.share_shm().unwrap();
+        arena.release_blob(&blob).unwrap();
+        // Grows into a second segment: now sent with a table.
+        fill(&mut msg, 20_000, 9);
+        let blob = msg.share_shm().unwrap();
+        assert_eq!(blob.type_tag(), TABLE_TAG);
+        let segs = arena.borrow_segments(&blob).unwrap();
+        assert_eq!(segs.len(), 2);
+        assert_eq!(read_first(segs), vec![9; 20_000]);
+        let seg0 = msg.builder().get_segments_for_output()[0].as_ptr();
+        drop(msg);
+        assert_eq!(arena.stats().blocks_in_use, 0);
+        let (pool, g) = arena.grant(8192, 0).unwrap();
+        assert_eq!(g.off + BLOCK_HDR, seg0 as u64 - pool.ptr(0) as u64);
+        assert!(g.clean());
+        let all_zero = (0..g.capacity / 8)
+            .all(|i| pool.word(g.off + BLOCK_HDR + i * 8).load(Ordering::Relaxed) == 0);
+        assert!(all_zero, "the block really is clean");
+        pool.free_block(g.off, true).unwrap();
+    }
+
+    #[test]
+    fn forged_one_segment_handles_are_refused_with_the_specific_error() {
+        let arena = arena();
+        // A blob of an object retagged as a message: not one (its end holds no trailer); the
+        // lent reference stays lent, as for any borrow of the wrong type.
+        let h = arena.construct([3u64; 8]).unwrap();
+        let e = arena
+            .borrow_segments(&retagged(&h.lend(), SOLO_TAG))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TypeMismatch {
+                    expected: SOLO_TAG,
+                    found: 3
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(h.ref_count(), 2);
+        // A table retagged as one segment, and a one-segment message retagged as a table.
+        let mut big = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut big, 20_000, 1);
+        let big_blob = big.share_shm().unwrap();
+        let e = arena
+            .borrow_segments(&retagged(&big_blob, SOLO_TAG))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TypeMismatch {
+                    expected: SOLO_TAG,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut msg, 100, 7);
+        let blob = msg.share_shm().unwrap();
+        let e = arena
+            .borrow_segments(&retagged(&blob, TABLE_TAG))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TypeMismatch {
+                    expected: TABLE_TAG,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // A trailer whose used length overruns the block (a peer scribbled on it): refused, and
+        // the reference taken for the check given back.
+        let pool = arena.pool(blob.pool()).unwrap();
+        let (_, cap) = pool.block_at(blob.offset() - BLOCK_HDR).unwrap();
+        let used_at = blob.offset() + cap - 8;
+        let good = pool.word(used_at).load(Ordering::Relaxed);
+        for bad in [cap - TRAILER + 8, good + 4, u64::MAX] {
+            pool.word(used_at).store(bad, Ordering::Relaxed);
+            let e = arena
+                .borrow_segments(&msg.share_shm().unwrap())
+                .unwrap_err();
+            assert!(matches!(e, Error::OutOfBounds { .. }), "{e:?}");
+        }
+        pool.word(used_at).store(good, Ordering::Relaxed);
+        assert_eq!(
+            msg.table_refs(),
+            Some(2),
+            "the sender and the first, unborrowed blob"
+        );
+        assert_eq!(
+            read_first(arena.borrow_segments(&blob).unwrap()),
+            vec![7; 100]
+        );
+        assert_eq!(msg.table_refs(), Some(1));
+        drop((msg, h));
+        arena.release_blob(&big_blob).unwrap();
+        drop(big);
+        // The lent reference of the object keeps it alive (as with any mistyped borrow).
+        assert_eq!(arena.stats().blocks_in_use, 1);
+        arena.verify().unwrap();
     }
 }
