@@ -24,7 +24,7 @@ use super::{Error, InSegs, MsgIn, MsgOut};
 use crate::shm::segments::OutMsg;
 use crate::shm::segments::MAX_SEGMENTS;
 use crate::shm::{Arena, ArenaConfig, LendBlob};
-use crate::transport::{AlignedBuf, Channel, Frame, SharedBytes};
+use crate::transport::{Channel, Frame, SharedBytes};
 
 /// Bytes of the per-message header (without a session token).
 pub(crate) const HEADER_LEN: usize = 24;
@@ -271,7 +271,7 @@ impl<M: Owned> MsgChannel<M> {
         fd: Option<BorrowedFd<'_>>,
         answers: u64,
     ) -> Result<u64, Error> {
-        let Some(arena) = out.arena().cloned() else {
+        let Some(arena_id) = out.arena().map(Arena::id) else {
             // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen
             // while queued) rather than copying.
             let parts = out.share_heap().map_err(|source| Error::Shm {
@@ -307,10 +307,10 @@ impl<M: Owned> MsgChannel<M> {
             self.chan.send_shared(shared, fd)?;
             return Ok(id);
         };
-        match self.arenas.get(&(arena.id() as u32)) {
+        match self.arenas.get(&(arena_id as u32)) {
             // Handles carry 32 bits of the arena id: two arenas alike in those cannot share a
             // channel (a 1 in 2^31 chance per pair).
-            Some(known) if known.id() != arena.id() => {
+            Some(known) if known.id() != arena_id => {
                 return Err(Error::Shm {
                     source: crate::shm::Error::BadConfig(
                         "another arena on this channel has the same 32-bit tag",
@@ -320,14 +320,22 @@ impl<M: Owned> MsgChannel<M> {
             }
             Some(_) => {}
             None => {
-                self.arenas.insert(arena.id() as u32, arena.clone());
+                if let Some(arena) = out.arena() {
+                    self.arenas.insert(arena_id as u32, arena.clone());
+                }
             }
         }
         let blob = out.share_shm().map_err(|source| Error::Shm {
             source,
             from_peer: false,
         })?;
-        let r = self.announce_pools(&arena).and_then(|()| {
+        let Some(arena) = out.arena() else {
+            return Err(Error::Shm {
+                source: crate::shm::Error::BadConfig("no arena"),
+                from_peer: false,
+            });
+        };
+        let r = self.announce_pools(arena).and_then(|()| {
             let id = self.next_id;
             let h = self.header(KIND_SHM, answers);
             let mut frame = [0u8; HEADER_LEN + TOKEN_LEN + LendBlob::LEN];
@@ -342,7 +350,7 @@ impl<M: Owned> MsgChannel<M> {
             Ok(id) => {
                 let end = self.chan.bytes_written() + self.chan.queued_bytes() as u64;
                 if end > self.chan.bytes_written() {
-                    self.inflight.push_back((end, blob, arena));
+                    self.inflight.push_back((end, blob, arena.clone()));
                 }
                 Ok(id)
             }
@@ -443,7 +451,8 @@ impl<M: Owned> MsgChannel<M> {
 
     /// Handles one frame: a message, or a pool announcement (`None`).
     fn accept(&mut self, frame: Frame) -> Result<Option<Incoming<M>>, Error> {
-        let (buf, fd) = frame.into_parts();
+        let (frame_buf, fd) = frame.into_parts();
+        let buf: &[u8] = &frame_buf;
         if buf.len() < HEADER_LEN {
             return Err(Error::BadMessage("frame shorter than the message header"));
         }
@@ -495,8 +504,15 @@ impl<M: Owned> MsgChannel<M> {
                 Ok(msg(MsgIn::new(InSegs::Shm(segs), fd)))
             }
             KIND_HEAP => {
-                let segs = heap_segments(&buf, hlen)?;
-                Ok(msg(MsgIn::new(InSegs::Heap { buf, segs }, fd)))
+                let (first, rest) = heap_segments(buf, hlen)?;
+                Ok(msg(MsgIn::new(
+                    InSegs::Heap {
+                        buf: frame_buf,
+                        first,
+                        rest,
+                    },
+                    fd,
+                )))
             }
             _ => Err(Error::BadMessage("unknown message kind")),
         }
@@ -609,8 +625,12 @@ fn peer(source: crate::shm::Error) -> Error {
     }
 }
 
-/// Parses capnp's stream framing after the header: where each segment is in `buf`.
-fn heap_segments(buf: &AlignedBuf, hlen: usize) -> Result<Vec<(usize, usize)>, Error> {
+/// Where a heap message's segments are in its frame.
+type HeapSegs = ((usize, usize), Vec<(usize, usize)>);
+
+/// Parses capnp's stream framing after the header: where each segment is in `buf` (start,
+/// length), the first apart (no allocation for a one-segment message).
+fn heap_segments(buf: &[u8], hlen: usize) -> Result<HeapSegs, Error> {
     let body = &buf[hlen..];
     let word = |i: usize| -> Option<u32> {
         Some(u32::from_le_bytes(
@@ -628,7 +648,8 @@ fn heap_segments(buf: &AlignedBuf, hlen: usize) -> Result<Vec<(usize, usize)>, E
     if at > buf.len() {
         return Err(Error::BadMessage("segment table cut short"));
     }
-    let mut segs = Vec::with_capacity(count);
+    let mut first = (0, 0);
+    let mut rest = Vec::with_capacity(count - 1);
     for i in 0..count {
         let words = word(1 + i).ok_or(Error::BadMessage("segment table cut short"))? as usize;
         let len = words * 8;
@@ -636,13 +657,17 @@ fn heap_segments(buf: &AlignedBuf, hlen: usize) -> Result<Vec<(usize, usize)>, E
             .checked_add(len)
             .filter(|&e| e <= buf.len())
             .ok_or(Error::BadMessage("segment sizes exceed the frame"))?;
-        segs.push((at, len));
+        if i == 0 {
+            first = (at, len);
+        } else {
+            rest.push((at, len));
+        }
         at = end;
     }
     if at != buf.len() {
         return Err(Error::BadMessage("bytes after the last segment"));
     }
-    Ok(segs)
+    Ok((first, rest))
 }
 
 impl<M: Owned> AsFd for MsgChannel<M> {

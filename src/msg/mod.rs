@@ -198,18 +198,24 @@ pub(crate) enum InSegs {
     Shm(ShmSegments),
     Heap {
         buf: AlignedBuf,
-        /// (start, len) of each segment in `buf`.
-        segs: Vec<(usize, usize)>,
+        /// (start, len) of segment 0 in `buf`.
+        first: (usize, usize),
+        /// (start, len) of each later segment in `buf` (none for a one-segment message).
+        rest: Vec<(usize, usize)>,
     },
 }
 
 impl ReaderSegments for InSegs {
+    #[inline]
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         match self {
             InSegs::Shm(s) => s.get_segment(idx),
-            InSegs::Heap { buf, segs } => {
-                let &(start, len) = segs.get(idx as usize)?;
-                buf.get(start..start + len)
+            InSegs::Heap { buf, first, rest } => {
+                let (start, len) = match idx.checked_sub(1) {
+                    None => *first,
+                    Some(i) => *rest.get(i as usize)?,
+                };
+                buf.as_bytes().get(start..start + len)
             }
         }
     }
@@ -217,7 +223,7 @@ impl ReaderSegments for InSegs {
     fn len(&self) -> usize {
         match self {
             InSegs::Shm(s) => s.len(),
-            InSegs::Heap { segs, .. } => segs.len(),
+            InSegs::Heap { rest, .. } => rest.len() + 1,
         }
     }
 }
@@ -239,7 +245,9 @@ impl<M: Owned> MsgIn<M> {
     pub(crate) fn new(segs: InSegs, fd: Option<OwnedFd>) -> Self {
         let words = match &segs {
             InSegs::Shm(s) => s.total_words(),
-            InSegs::Heap { segs, .. } => segs.iter().map(|s| s.1 / 8).sum(),
+            InSegs::Heap { first, rest, .. } => rest
+                .iter()
+                .fold(first.1 / 8, |a, s| a.saturating_add(s.1 / 8)),
         };
         let mut opts = ReaderOptions::new();
         opts.traversal_limit_in_words(Some(words.saturating_mul(8).max(8 << 20)));

@@ -27,6 +27,7 @@
 use std::alloc::Layout;
 use std::fmt;
 use std::ptr::NonNull;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use capnp::message::{Allocator, Builder, ReaderSegments};
@@ -153,9 +154,42 @@ impl Seg {
     }
 }
 
-/// What the allocator and its message share.
+/// A message's segments in allocation order; the first inline (most messages have only it).
+#[derive(Default)]
+struct Segs {
+    first: Option<Seg>,
+    more: Vec<Seg>,
+}
+
+impl Segs {
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn push(&mut self, seg: Seg) {
+        if self.first.is_none() {
+            self.first = Some(seg);
+        } else {
+            self.more.push(seg);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Seg> {
+        self.first.iter().chain(self.more.iter())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Seg> {
+        self.first.iter_mut().chain(self.more.iter_mut())
+    }
+}
+
+/// What the allocator and its message keep under their lock.
 struct SegList {
-    segs: Vec<Seg>,
+    segs: Segs,
     /// A segment table owns the SHM segments: the builder must not free them.
     published: bool,
     /// The arena could not serve a segment; a heap buffer stands in for it.
@@ -167,10 +201,42 @@ struct SegList {
 // used under its mutex.
 unsafe impl Send for SegList {}
 
+/// What the allocator and its message share (one allocation per message).
+struct SegShared {
+    /// Where segments come from (`None`: the heap).
+    arena: Option<Arena>,
+    /// Some segment is a heap buffer (always in heap mode), or `failed` is set: only then do
+    /// [`OutMsg::is_frozen_by_others`] and the failure checks need the lock. Written under the
+    /// lock by whoever has the message exclusively (`&mut`), read by holders of `&OutMsg`,
+    /// which that exclusive access happened before: `Relaxed` suffices.
+    heap_or_failed: AtomicBool,
+    list: Mutex<SegList>,
+}
+
+impl SegShared {
+    fn lock(&self) -> MutexGuard<'_, SegList> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records an allocation failure (the first one stays).
+    fn fail(&self, list: &mut SegList, e: Error) {
+        if list.failed.is_none() {
+            list.failed = Some(e);
+        }
+        self.heap_or_failed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a heap segment or a failure may be recorded (see `heap_or_failed`).
+    fn heap_or_failed(&self) -> bool {
+        self.heap_or_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// capnp's allocator over an arena (or the heap). Crate-internal: users see `MsgOut`.
 pub struct SegAlloc {
-    arena: Option<Arena>,
-    list: Arc<Mutex<SegList>>,
+    shared: Arc<SegShared>,
     next_words: u32,
     sizes: SegmentSizes,
 }
@@ -178,22 +244,24 @@ pub struct SegAlloc {
 impl fmt::Debug for SegAlloc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SegAlloc")
-            .field("shm", &self.arena.is_some())
+            .field("shm", &self.shared.arena.is_some())
             .field("next_words", &self.next_words)
             .finish()
     }
-}
-
-fn lock(list: &Mutex<SegList>) -> MutexGuard<'_, SegList> {
-    list.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl SegAlloc {
     /// A segment of at least `words` words (at least `minimum` of them for capnp), zeroed. The
     /// first arena segment keeps a [`TRAILER`] back at its end. Returns the pointer, the words
     /// capnp may use, the memory and whether the trailer is kept.
-    fn grant(&mut self, words: u32, minimum: u32, first: bool) -> (NonNull<u8>, u32, Mem, bool) {
-        if let Some(arena) = &self.arena {
+    fn grant(
+        &self,
+        list: &mut SegList,
+        words: u32,
+        minimum: u32,
+        first: bool,
+    ) -> (NonNull<u8>, u32, Mem, bool) {
+        if let Some(arena) = &self.shared.arena {
             let bytes = if first {
                 (words as usize * 8).max(minimum as usize * 8 + TRAILER as usize)
             } else {
@@ -215,14 +283,12 @@ impl SegAlloc {
                         return (ptr, words, Mem::Shm(r), trailer);
                     }
                 }
-                Err(e) => {
-                    let mut list = lock(&self.list);
-                    if list.failed.is_none() {
-                        list.failed = Some(e);
-                    }
-                }
+                Err(e) => self.shared.fail(list, e),
             }
         }
+        self.shared
+            .heap_or_failed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let seg = Arc::new(HeapSeg::zeroed(words as usize));
         let ptr = seg.ptr.cast::<u8>();
         (ptr, words, Mem::Heap(seg), false)
@@ -246,9 +312,10 @@ unsafe impl Allocator for SegAlloc {
             .saturating_mul(2)
             .min(self.sizes.max_growth_words)
             .max(self.sizes.first_words);
-        let first = lock(&self.list).segs.is_empty();
-        let (ptr, words, mem, trailer) = self.grant(words, minimum_size, first);
-        lock(&self.list).segs.push(Seg {
+        let mut list = self.shared.lock();
+        let first = list.segs.is_empty();
+        let (ptr, words, mem, trailer) = self.grant(&mut list, words, minimum_size, first);
+        list.segs.push(Seg {
             ptr,
             words,
             mem: Some(mem),
@@ -258,7 +325,7 @@ unsafe impl Allocator for SegAlloc {
     }
 
     unsafe fn deallocate_segment(&mut self, ptr: NonNull<u8>, _word_size: u32, words_used: u32) {
-        let mut list = lock(&self.list);
+        let mut list = self.shared.lock();
         let published = list.published;
         let Some(mem) = list
             .segs
@@ -273,7 +340,7 @@ unsafe impl Allocator for SegAlloc {
             // A table owns it now; its last reference frees it.
             Mem::Shm(_) if published => {}
             Mem::Shm(r) => {
-                if let Some(arena) = &self.arena {
+                if let Some(arena) = &self.shared.arena {
                     // SAFETY: the block was allocated for this segment and turned into `r` by
                     // `into_raw`; this is its only re-adoption (the segment is marked gone).
                     if let Ok(block) = unsafe { arena.block_from_raw(r, 0) } {
@@ -706,17 +773,16 @@ pub struct OutMsg {
     // Field order matters: the builder (whose drop hands segments back) goes before the table
     // (whose last reference frees the segments it owns).
     builder: Builder<SegAlloc>,
-    list: Arc<Mutex<SegList>>,
+    shared: Arc<SegShared>,
     table: Option<SegTable>,
-    arena: Option<Arena>,
     sizes: SegmentSizes,
 }
 
 impl fmt::Debug for OutMsg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OutMsg")
-            .field("shm", &self.arena.is_some())
-            .field("segments", &lock(&self.list).segs.len())
+            .field("shm", &self.shared.arena.is_some())
+            .field("segments", &self.shared.lock().segs.len())
             .field("shared", &self.table)
             .finish()
     }
@@ -729,34 +795,36 @@ impl OutMsg {
             first_words: sizes.first_words.max(1),
             max_growth_words: sizes.max_growth_words.max(sizes.first_words.max(1)),
         };
-        let list = Arc::new(Mutex::new(SegList {
-            segs: Vec::new(),
-            published: false,
-            failed: None,
-        }));
+        let shared = Arc::new(SegShared {
+            heap_or_failed: AtomicBool::new(false),
+            arena,
+            list: Mutex::new(SegList {
+                segs: Segs::default(),
+                published: false,
+                failed: None,
+            }),
+        });
         let alloc = SegAlloc {
-            arena: arena.clone(),
-            list: list.clone(),
+            shared: shared.clone(),
             next_words: sizes.first_words,
             sizes,
         };
         OutMsg {
             builder: Builder::new(alloc),
-            list,
+            shared,
             table: None,
-            arena,
             sizes,
         }
     }
 
     /// Whether segments come from an arena.
     pub fn is_shm(&self) -> bool {
-        self.arena.is_some()
+        self.shared.arena.is_some()
     }
 
     /// The arena segments come from.
     pub fn arena(&self) -> Option<&Arena> {
-        self.arena.as_ref()
+        self.shared.arena.as_ref()
     }
 
     /// Read-only access (never copies).
@@ -771,7 +839,7 @@ impl OutMsg {
         } else if let Some(mut t) = self.table.take() {
             if t.dissolve_if_sole() {
                 std::mem::forget(t);
-                lock(&self.list).published = false;
+                self.shared.lock().published = false;
             } else {
                 // Someone borrowed it between the check and now: copy after all.
                 self.table = Some(t);
@@ -789,24 +857,35 @@ impl OutMsg {
                 return true;
             }
         }
+        if !self.shared.heap_or_failed() {
+            return false; // no heap buffer to be held elsewhere
+        }
         // `Arc::get_mut` (unlike `strong_count`) synchronizes with the other holders' drops, so
         // their reads happen before any write the caller makes after seeing `false`.
-        lock(&self.list).segs.iter_mut().any(|s| match &mut s.mem {
-            Some(Mem::Heap(a)) => Arc::get_mut(a).is_none(),
-            _ => false,
-        })
+        self.shared
+            .lock()
+            .segs
+            .iter_mut()
+            .any(|s| match &mut s.mem {
+                Some(Mem::Heap(a)) => Arc::get_mut(a).is_none(),
+                _ => false,
+            })
     }
 
     /// Replaces the message by a private deep copy (its old segments stay with their readers).
     fn copy_into_fresh(&mut self) {
-        let mut fresh = OutMsg::new(self.arena.clone(), self.sizes);
-        if !lock(&self.list).segs.is_empty() {
+        let mut fresh = OutMsg::new(self.shared.arena.clone(), self.sizes);
+        if !self.shared.lock().segs.is_empty() {
             let copied = self
                 .builder
                 .get_root_as_reader::<capnp::any_pointer::Reader<'_>>()
                 .and_then(|root| fresh.builder.set_root(root));
             if copied.is_err() {
-                lock(&fresh.list).failed = Some(Error::Corrupt("message could not be copied"));
+                let mut list = fresh.shared.lock();
+                list.failed = None;
+                fresh
+                    .shared
+                    .fail(&mut list, Error::Corrupt("message could not be copied"));
             }
         }
         *self = fresh;
@@ -814,11 +893,14 @@ impl OutMsg {
 
     /// The allocation failure that left part of the message on the heap, if any.
     pub fn alloc_failure(&self) -> Option<Error> {
-        lock(&self.list).failed.as_ref().map(Error::duplicate)
+        if !self.shared.heap_or_failed() {
+            return None;
+        }
+        self.shared.lock().failed.as_ref().map(Error::duplicate)
     }
 
     fn check_failure(&mut self) -> Result<()> {
-        if lock(&self.list).failed.is_none() {
+        if !self.shared.heap_or_failed() || self.shared.lock().failed.is_none() {
             return Ok(());
         }
         // The arena was full while building: try again now by copying into fresh segments
@@ -826,7 +908,7 @@ impl OutMsg {
         if self.table.is_none() {
             self.copy_into_fresh();
         }
-        match lock(&self.list).failed.as_ref().map(Error::duplicate) {
+        match self.alloc_failure() {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -839,19 +921,22 @@ impl OutMsg {
     /// A one-segment message (the common small one) is frozen in place: its segment block
     /// becomes the handle, with no table block (see [`SegTable`]).
     pub fn share_shm(&mut self) -> Result<LendBlob> {
-        let Some(arena) = self.arena.clone() else {
+        if self.shared.arena.is_none() {
             return Err(Error::BadConfig(
                 "a heap-backed message cannot be shared in place",
             ));
-        };
+        }
         if self.table.is_none() {
             self.check_failure()?;
             // Make sure there is a root pointer (an empty message still has one segment).
-            if lock(&self.list).segs.is_empty() {
+            if self.shared.lock().segs.is_empty() {
                 let _ = self.builder.get_root::<capnp::any_pointer::Builder<'_>>();
             }
             let out = self.builder.get_segments_for_output();
-            let mut list = lock(&self.list);
+            let Some(arena) = &self.shared.arena else {
+                return Err(Error::BadConfig("no arena"));
+            };
+            let mut list = self.shared.lock();
             if out.len() > MAX_SEGMENTS {
                 return Err(Error::Corrupt("too many segments"));
             }
@@ -868,12 +953,12 @@ impl OutMsg {
                         words,
                         trailer: true,
                         ..
-                    } => SegTable::create_solo(&arena, r, *words, bytes.len() as u64)?,
+                    } => SegTable::create_solo(arena, r, *words, bytes.len() as u64)?,
                     Seg {
                         mem: Some(Mem::Shm(r)),
                         ..
                     } => SegTable::create(
-                        &arena,
+                        arena,
                         1,
                         &mut std::iter::once(Ok((*r, bytes.len() as u64))),
                     )?,
@@ -891,7 +976,7 @@ impl OutMsg {
                     }
                     _ => Err(out_of_step()),
                 });
-                let table = SegTable::create(&arena, out.len(), &mut entries)?;
+                let table = SegTable::create(arena, out.len(), &mut entries)?;
                 drop(entries);
                 if live.next().is_some() {
                     drop(table);
@@ -910,14 +995,14 @@ impl OutMsg {
     /// The message's references as shared heap buffers (frozen while any is held), with the
     /// number of used bytes of each, in segment order.
     pub fn share_heap(&mut self) -> Result<Vec<(Arc<HeapSeg>, usize)>> {
-        if self.arena.is_some() {
+        if self.shared.arena.is_some() {
             return Err(Error::BadConfig("an arena-backed message is sent in place"));
         }
-        if lock(&self.list).segs.is_empty() {
+        if self.shared.lock().segs.is_empty() {
             let _ = self.builder.get_root::<capnp::any_pointer::Builder<'_>>();
         }
         let out = self.builder.get_segments_for_output();
-        let list = lock(&self.list);
+        let list = self.shared.lock();
         let mut live = list.segs.iter().filter(|s| s.live());
         let mut parts = Vec::with_capacity(out.len());
         for bytes in out.iter() {
@@ -945,7 +1030,8 @@ impl OutMsg {
 
     /// Words the segments were given (used or not).
     pub fn reserved_words(&self) -> u64 {
-        lock(&self.list)
+        self.shared
+            .lock()
             .segs
             .iter()
             .filter(|s| s.live())
