@@ -28,6 +28,11 @@ use crate::transport::{Channel, Frame, SharedBytes};
 
 /// Bytes of the per-message header (without a session token).
 pub(crate) const HEADER_LEN: usize = 24;
+/// Heap messages of at most this many segments and bytes are sent from their segments as they
+/// are (copied if they have to be queued); bigger ones are frozen and their segments queued by
+/// reference.
+const SMALL_HEAP_SEGMENTS: usize = 6;
+const SMALL_HEAP_BYTES: usize = 16 << 10;
 /// Bytes of a session token.
 const TOKEN_LEN: usize = 16;
 /// Header flag: a session token follows the header.
@@ -272,6 +277,29 @@ impl<M: Owned> MsgChannel<M> {
         answers: u64,
     ) -> Result<u64, Error> {
         let Some(arena_id) = out.arena().map(Arena::id) else {
+            // Heap, small: the segments are copied into the socket as they are (the transport
+            // copies what it has to queue), with no allocation and no freeze.
+            let segs = out.output_segments();
+            let n = segs.len();
+            let bytes = segs.iter().fold(0usize, |a, s| a.saturating_add(s.len()));
+            if n <= SMALL_HEAP_SEGMENTS && bytes <= SMALL_HEAP_BYTES {
+                let id = self.next_id;
+                let h = self.header(KIND_HEAP, answers);
+                let mut table = [0u8; 4 * (SMALL_HEAP_SEGMENTS + 1)];
+                table[..4].copy_from_slice(&((n as u32).wrapping_sub(1)).to_le_bytes());
+                for (i, seg) in segs.iter().enumerate() {
+                    let words = (seg.len() / 8) as u32;
+                    table[4 + 4 * i..8 + 4 * i].copy_from_slice(&words.to_le_bytes());
+                }
+                let table = &table[..(4 * (n + 1)).next_multiple_of(8)];
+                let mut parts: [&[u8]; SMALL_HEAP_SEGMENTS + 2] = [&[]; SMALL_HEAP_SEGMENTS + 2];
+                parts[0] = h.as_ref();
+                parts[1] = table;
+                parts[2..n + 2].copy_from_slice(&segs);
+                self.chan.send_parts(&parts[..n + 2], fd)?;
+                return Ok(id);
+            }
+            drop(segs);
             // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen
             // while queued) rather than copying.
             let parts = out.share_heap().map_err(|source| Error::Shm {

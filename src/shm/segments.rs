@@ -25,9 +25,10 @@
 //!   and frees it, then frees the table.
 
 use std::alloc::Layout;
+use std::cell::RefCell;
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use capnp::message::{Allocator, Builder, ReaderSegments};
@@ -78,10 +79,41 @@ impl Default for SegmentSizes {
 
 /// A zeroed heap buffer used as a segment: heap-mode messages, and the fallback when the arena
 /// is exhausted. Shared with the transport's send queue through `Arc` while frozen.
+///
+/// Small ones are recycled: the last owner clears the prefix the builder reported writing and
+/// keeps the buffer in a per-thread spare list, so a small heap message costs neither a fresh
+/// allocation nor clearing a whole 8 KiB first segment.
 pub struct HeapSeg {
     ptr: NonNull<u64>,
     words: usize,
-    layout: Layout,
+    /// Bytes from the start that may be non-zero: all of them until the builder reports how
+    /// many words it wrote (`deallocate_segment`).
+    dirty: AtomicUsize,
+}
+
+/// Largest buffer (in words) kept as a spare: 16 KiB.
+const SPARE_MAX_WORDS: usize = 2048;
+/// Most spare buffers per thread.
+const SPARE_COUNT: usize = 8;
+
+/// Zeroed buffers (pointer, words) kept for reuse by this thread; each was allocated with
+/// `Layout::array::<u64>(words)` and is owned by the list alone.
+struct Spares(Vec<(NonNull<u64>, usize)>);
+
+impl Drop for Spares {
+    fn drop(&mut self) {
+        for &(ptr, words) in &self.0 {
+            if let Ok(layout) = Layout::array::<u64>(words) {
+                // SAFETY: allocated with this layout (`HeapSeg::zeroed`), owned by the list alone
+                // (moved in by `HeapSeg::drop`), freed once (here, as the list goes).
+                unsafe { std::alloc::dealloc(ptr.as_ptr().cast(), layout) }
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SPARES: RefCell<Spares> = const { RefCell::new(Spares(Vec::new())) };
 }
 
 // SAFETY: a HeapSeg is an owned buffer (like a `Box<[u64]>`); the pointer is not aliased by any
@@ -96,6 +128,23 @@ unsafe impl Sync for HeapSeg {}
 impl HeapSeg {
     fn zeroed(words: usize) -> HeapSeg {
         let words = words.max(1);
+        if words <= SPARE_MAX_WORDS {
+            let spare = SPARES
+                .try_with(|s| {
+                    let mut s = s.try_borrow_mut().ok()?;
+                    let i = s.0.iter().rposition(|&(_, w)| w == words)?;
+                    Some(s.0.swap_remove(i).0)
+                })
+                .ok()
+                .flatten();
+            if let Some(ptr) = spare {
+                return HeapSeg {
+                    ptr,
+                    words,
+                    dirty: AtomicUsize::new(words * 8),
+                };
+            }
+        }
         let Ok(layout) = Layout::array::<u64>(words) else {
             // Unreachable on 64-bit (capnp asks for at most 2^32 words); like a failed
             // allocation elsewhere, it ends the process rather than hand out a short buffer.
@@ -106,14 +155,52 @@ impl HeapSeg {
         let Some(ptr) = NonNull::new(raw.cast::<u64>()) else {
             std::alloc::handle_alloc_error(layout)
         };
-        HeapSeg { ptr, words, layout }
+        HeapSeg {
+            ptr,
+            words,
+            dirty: AtomicUsize::new(words * 8),
+        }
+    }
+
+    /// Records that only the first `bytes` may be non-zero (the builder is done with it).
+    fn written(&self, bytes: usize) {
+        self.dirty.store(
+            bytes.min(self.words * 8),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 
 impl Drop for HeapSeg {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this very layout, freed once (here).
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) }
+        if self.words <= SPARE_MAX_WORDS {
+            // The last owner: the builder's `written` (if it came) happened before, through the
+            // `Arc` whose last drop this is.
+            let dirty = (*self.dirty.get_mut()).min(self.words * 8);
+            let kept = SPARES
+                .try_with(|s| {
+                    let Ok(mut s) = s.try_borrow_mut() else {
+                        return false;
+                    };
+                    if s.0.len() >= SPARE_COUNT {
+                        return false;
+                    }
+                    // SAFETY: the buffer is ours alone (its last owner is being dropped) and
+                    // `dirty` bytes from its start lie within its `words * 8` bytes.
+                    unsafe { std::ptr::write_bytes(self.ptr.as_ptr().cast::<u8>(), 0, dirty) };
+                    s.0.push((self.ptr, self.words));
+                    true
+                })
+                .unwrap_or(false);
+            if kept {
+                return;
+            }
+        }
+        if let Ok(layout) = Layout::array::<u64>(self.words) {
+            // SAFETY: allocated in `zeroed` with this very layout (directly, or as a spare
+            // allocated so), owned by this segment alone, freed once (here).
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) }
+        }
     }
 }
 
@@ -351,7 +438,11 @@ unsafe impl Allocator for SegAlloc {
                     }
                 }
             }
-            Mem::Heap(seg) => drop(seg),
+            Mem::Heap(seg) => {
+                // Only what capnp wrote needs clearing when the buffer is recycled.
+                seg.written(words_used as usize * 8);
+                drop(seg);
+            }
         }
     }
 }
@@ -992,6 +1083,15 @@ impl OutMsg {
         Ok(table.lend())
     }
 
+    /// The used bytes of each segment, in order (e.g. to copy them into a socket). Makes sure
+    /// there is a root pointer first, as sending does.
+    pub fn output_segments(&mut self) -> capnp::OutputSegments<'_> {
+        if self.shared.lock().segs.is_empty() {
+            let _ = self.builder.get_root::<capnp::any_pointer::Builder<'_>>();
+        }
+        self.builder.get_segments_for_output()
+    }
+
     /// The message's references as shared heap buffers (frozen while any is held), with the
     /// number of used bytes of each, in segment order.
     pub fn share_heap(&mut self) -> Result<Vec<(Arc<HeapSeg>, usize)>> {
@@ -1222,6 +1322,35 @@ mod tests {
         assert!(!old.windows(100).any(|w| w == [2u8; 100]));
         drop(held);
         assert!(!msg.is_frozen_by_others());
+    }
+
+    #[test]
+    fn heap_segments_are_recycled_clean() {
+        let words = 1024;
+        let fresh = || HeapSeg::zeroed(words);
+        let seg = fresh();
+        let first = seg.ptr;
+        // SAFETY: the test owns the buffer alone; it writes within its `words` words.
+        unsafe { std::ptr::write_bytes(seg.ptr.as_ptr().cast::<u8>(), 0xAB, 100) };
+        seg.written(100);
+        drop(seg);
+        let seg = fresh();
+        assert_eq!(seg.ptr, first, "the spare came back");
+        assert!(seg.as_ref().iter().all(|&b| b == 0));
+        // A buffer whose writer never reported (say, a leaked builder) is cleared whole.
+        // SAFETY: as above.
+        unsafe { std::ptr::write_bytes(seg.ptr.as_ptr().cast::<u8>(), 0xCD, words * 8) };
+        drop(seg);
+        let seg = fresh();
+        assert_eq!(seg.ptr, first);
+        assert!(seg.as_ref().iter().all(|&b| b == 0));
+        // Only so many are kept; big ones are not.
+        let many: Vec<_> = (0..SPARE_COUNT + 2).map(|_| fresh()).collect();
+        drop(many);
+        assert_eq!(SPARES.with(|s| s.borrow().0.len()), SPARE_COUNT);
+        drop(HeapSeg::zeroed(SPARE_MAX_WORDS + 1));
+        assert_eq!(SPARES.with(|s| s.borrow().0.len()), SPARE_COUNT);
+        drop(seg);
     }
 
     fn retagged(blob: &LendBlob, tag: u64) -> LendBlob {
