@@ -470,9 +470,12 @@ impl<M: Owned> MsgChannel<M> {
             let Some(frame) = self.hose_on(r.map_err(Error::from))? else {
                 return Ok(None);
             };
-            let r = self.accept(frame);
-            if let Some(ev) = self.hose_on(r)? {
-                return Ok(Some(ev));
+            // Matched in place rather than through `hose_on`: a message is moved as little as
+            // possible on its way up.
+            match self.accept(frame) {
+                Ok(Some(ev)) => return Ok(Some(ev)),
+                Ok(None) => {}
+                Err(e) => return self.hose_on(Err(e)),
             }
         }
     }
@@ -510,7 +513,7 @@ impl<M: Owned> MsgChannel<M> {
                 "message id 0, or a control frame with an id",
             ));
         }
-        let msg = |m: MsgIn<M>| Some(Incoming::Msg(m.with_ids(id, answers)));
+        let msg = |m: MsgIn<M>| Some(Incoming::Msg(m));
         match buf[0] {
             KIND_NOTICE => {
                 if buf.len() != hlen || fd.is_some() || answers == 0 {
@@ -529,7 +532,7 @@ impl<M: Owned> MsgChannel<M> {
                     .get(&blob.arena_tag())
                     .ok_or(peer(crate::shm::Error::ForeignBlob))?;
                 let segs = arena.borrow_segments(&blob).map_err(peer)?;
-                Ok(msg(MsgIn::new(InSegs::Shm(segs), fd)))
+                Ok(msg(MsgIn::new(InSegs::Shm(segs), fd, id, answers)))
             }
             KIND_HEAP => {
                 let (first, rest) = heap_segments(buf, hlen)?;
@@ -540,6 +543,8 @@ impl<M: Owned> MsgChannel<M> {
                         rest,
                     },
                     fd,
+                    id,
+                    answers,
                 )))
             }
             _ => Err(Error::BadMessage("unknown message kind")),

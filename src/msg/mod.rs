@@ -242,7 +242,10 @@ pub struct MsgIn<M: Owned> {
 }
 
 impl<M: Owned> MsgIn<M> {
-    pub(crate) fn new(segs: InSegs, fd: Option<OwnedFd>) -> Self {
+    /// A reader over `segs`, with the fd that came along and the message's ids (see
+    /// [`id`](MsgIn::id) and [`answers`](MsgIn::answers)).
+    #[inline]
+    pub(crate) fn new(segs: InSegs, fd: Option<OwnedFd>, id: u64, answers: u64) -> Self {
         let words = match &segs {
             InSegs::Shm(s) => s.total_words(),
             InSegs::Heap { first, rest, .. } => rest
@@ -255,16 +258,10 @@ impl<M: Owned> MsgIn<M> {
             reader: Reader::new(segs, opts),
             fd,
             words,
-            id: 0,
-            answers: 0,
+            id,
+            answers,
             _root: PhantomData,
         }
-    }
-
-    pub(crate) fn with_ids(mut self, id: u64, answers: u64) -> Self {
-        self.id = id;
-        self.answers = answers;
-        self
     }
 
     /// The id the sender's channel gave this message instance (1, 2, 3... per channel and
