@@ -28,7 +28,7 @@
 use super::error::Error;
 use super::layout::*;
 use super::lockfree::{pop, push, push_chain, Words, LINK};
-use super::pool::{Pool, Slot};
+use super::pool::{Pool, Slot, KNOWN_STARTS};
 use crate::sync::Ordering;
 
 /// Extents of each bucket examined for a fit before the next bucket (or fresh space).
@@ -399,6 +399,11 @@ impl Pool {
     /// Validates that `off` is the start of a block and returns its info word's value and its
     /// payload capacity. Reads only the page map and block headers (atomics), never user bytes,
     /// and does only overflow-free arithmetic on them, whatever they hold.
+    ///
+    /// A small-class block start, once validated, is remembered (`known_starts`): it stays one,
+    /// of the same class, for the pool's life (spans are never freed, see `lockfree`), so the
+    /// next validation of it (the same blocks come back, message after message) reads its header
+    /// alone, not the page map too.
     pub(crate) fn block_at(&self, off: u64) -> Result<(u64, u64), Error> {
         if off < self.heap_off() || off >= self.capacity() - BLOCK_HDR {
             return Err(Error::OutOfBounds {
@@ -408,6 +413,18 @@ impl Pool {
         }
         if off % 16 != 0 {
             return Err(Error::Misaligned(off));
+        }
+        let slot = &self.known_starts[(off >> 4) as usize % KNOWN_STARTS];
+        let known = slot.load(std::sync::atomic::Ordering::Relaxed);
+        if known as u32 as u64 == off >> 4 && known >> 32 != 0 {
+            let c = ((known >> 32) - 1) as usize % NUM_CLASSES;
+            // Acquire, as below: this process saw the header that made `off` a block start
+            // (when it validated it), and later header values are read from the word itself.
+            let info = self.word(off).load(Ordering::Acquire);
+            if info_class(info) != c as u64 {
+                return Err(Error::NotABlock(off));
+            }
+            return Ok((info, CLASS_SIZES[c] as u64 - BLOCK_HDR));
         }
         let rel = off - self.heap_off();
         let page = rel / PAGE;
@@ -439,6 +456,10 @@ impl Pool {
         let info = self.word(off).load(Ordering::Acquire);
         if info_class(info) != class {
             return Err(not_a_block);
+        }
+        if class != CLASS_LARGE {
+            // `off >> 4` fits 32 bits: pools are at most 2^36 bytes.
+            slot.store((off >> 4) | (class + 1) << 32, std::sync::atomic::Ordering::Relaxed);
         }
         Ok((info, capacity))
     }

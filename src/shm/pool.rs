@@ -103,7 +103,13 @@ pub struct Pool {
     /// Serializes slot claims and releases within this process (OFD locks do not conflict
     /// between threads of one process).
     pub(crate) slot_mutex: Mutex<()>,
+    /// Small-class block starts validated here before (see `block_at`), direct-mapped:
+    /// `(offset / 16) | (class + 1) << 32`, 0 when empty. Process-local memory.
+    pub(crate) known_starts: [std::sync::atomic::AtomicU64; KNOWN_STARTS],
 }
+
+/// Entries of [`Pool::known_starts`].
+pub(crate) const KNOWN_STARTS: usize = 16;
 
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -164,6 +170,7 @@ impl Pool {
             lock_file: OnceLock::new(),
             claimed: std::sync::atomic::AtomicU64::new(0),
             slot_mutex: Mutex::new(()),
+            known_starts: Default::default(),
         })
     }
 

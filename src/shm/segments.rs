@@ -12,8 +12,9 @@
 //!   offset, generation and used bytes of each segment) into a ref-counted arena block that from
 //!   then on owns the segments, and lends one reference per receiver. A one-segment message (the
 //!   common small one) needs no table: its segment block itself becomes the ref-counted handle,
-//!   with its tag and used length in a 16-byte trailer kept back at the end of the block (capnp
-//!   never gets those bytes), so it costs one block, validated once on receipt. Heap mode instead
+//!   with its tag and used length in a 16-byte prefix kept back at the start of the block (capnp
+//!   never gets those bytes, and they share a cache line with the message's first words), so it
+//!   costs one block, validated once on receipt. Heap mode instead
 //!   hands out `Arc`s of the segment buffers ([`OutMsg::share_heap`]).
 //! * Writing again ([`OutMsg::builder_mut`]) first *thaws*: if the table (or a heap buffer) is
 //!   still referenced by anyone else, the message is copied into fresh segments and the shared
@@ -37,7 +38,7 @@ use super::arena::{Arena, BlockRef};
 use super::error::{Error, Result};
 use super::handle::{publish_block, publish_in_place, unpublish_block, LendBlob};
 use super::layout::*;
-use super::lockfree::{rc_release, refs, ticket_issue, ticket_return, tickets, Words, LINK};
+use super::lockfree::{rc_release, refs, ticket_issue, tickets, Words, LINK};
 use super::pool::Pool;
 use crate::sync::Ordering;
 
@@ -50,9 +51,13 @@ const T_ENTRIES: u64 = 16;
 const T_ENTRY: u64 = 24;
 /// Type tag of a one-segment message whose segment block is its own handle ("SEGSOLO1").
 const SOLO_TAG: u64 = 0x5345_4753_4f4c_4f31;
-/// Bytes at the end of a message's first arena segment kept back from capnp for the trailer of
-/// a one-segment handle: its tag, then the used bytes of the segment.
-const TRAILER: u64 = 16;
+/// Bytes at the start of a message's first arena segment kept back from capnp for the prefix of
+/// a one-segment handle: its tag (where every handle has its tag), then the used bytes of the
+/// segment, which follows.
+const PREFIX: u64 = 16;
+/// Flag in a table entry's offset (payload offsets are 16-aligned, so the bit is free): the
+/// segment starts [`PREFIX`] bytes into its block (a message's first segment).
+const ENTRY_PREFIXED: u64 = 1;
 /// Most segments a table may list (a 1 GiB message of small objects has about 70).
 pub const MAX_SEGMENTS: usize = 1 << 16;
 
@@ -229,10 +234,10 @@ struct Seg {
     words: u32,
     /// `None` once capnp handed the segment back (`deallocate_segment` ran).
     mem: Option<Mem>,
-    /// The block's last [`TRAILER`] bytes, right after the `words` capnp got, are kept back for
-    /// a one-segment message's handle trailer (see [`OutMsg::share_shm`]). Set on a message's
+    /// The block's first [`PREFIX`] bytes, before the `words` capnp got, are kept back for a
+    /// one-segment message's handle prefix (see [`OutMsg::share_shm`]). Set on a message's
     /// first arena segment.
-    trailer: bool,
+    prefix: bool,
 }
 
 impl Seg {
@@ -339,8 +344,8 @@ impl fmt::Debug for SegAlloc {
 
 impl SegAlloc {
     /// A segment of at least `words` words (at least `minimum` of them for capnp), zeroed. The
-    /// first arena segment keeps a [`TRAILER`] back at its end. Returns the pointer, the words
-    /// capnp may use, the memory and whether the trailer is kept.
+    /// first arena segment keeps a [`PREFIX`] back at its start. Returns the pointer, the words
+    /// capnp may use, the memory and whether the prefix is kept.
     fn grant(
         &self,
         list: &mut SegList,
@@ -350,24 +355,24 @@ impl SegAlloc {
     ) -> (NonNull<u8>, u32, Mem, bool) {
         if let Some(arena) = &self.shared.arena {
             let bytes = if first {
-                (words as usize * 8).max(minimum as usize * 8 + TRAILER as usize)
+                (words as usize * 8).max(minimum as usize * 8 + PREFIX as usize)
             } else {
                 words as usize * 8
             };
             match arena.alloc_zeroed(bytes) {
                 Ok(mut block) => {
                     let cap = block.capacity();
-                    // The trailer sits at `payload + capacity - TRAILER`, where a receiver
-                    // finds it from the block's capacity alone: capnp gets exactly the rest.
-                    let (words, trailer) = match u32::try_from((cap - TRAILER as usize) / 8) {
-                        Ok(w) if first && cap >= TRAILER as usize => (w, true),
-                        _ => ((cap / 8).min(u32::MAX as usize) as u32, false),
-                    };
-                    let ptr = block.as_mut_ptr();
+                    let (words, prefix) =
+                        match u32::try_from(cap.saturating_sub(PREFIX as usize) / 8) {
+                            Ok(w) if first && cap >= PREFIX as usize => (w, true),
+                            _ => ((cap / 8).min(u32::MAX as usize) as u32, false),
+                        };
+                    let skip = if prefix { PREFIX as usize } else { 0 };
+                    let ptr = block.as_mut_ptr().wrapping_add(skip);
                     let r = block.into_raw();
                     // A live mapping's address is never null.
                     if let Some(ptr) = NonNull::new(ptr) {
-                        return (ptr, words, Mem::Shm(r), trailer);
+                        return (ptr, words, Mem::Shm(r), prefix);
                     }
                 }
                 Err(e) => self.shared.fail(list, e),
@@ -390,8 +395,8 @@ impl SegAlloc {
 // before its table, and a table only dissolves (handing the segments back) when it is the sole
 // reference, so neither frees a segment the builder still uses. Heap buffers are kept alive by
 // the `Arc` in the list. (3) No overlap: each segment is its own block or buffer (a first
-// segment's trailer lies past the words capnp gets). (4) Aligned: block payloads are 16-aligned,
-// heap buffers are `u64` arrays (8-aligned).
+// segment's prefix lies before the words capnp gets). (4) Aligned: block payloads are 16-aligned
+// (so is a first segment, 16 bytes in), heap buffers are `u64` arrays (8-aligned).
 unsafe impl Allocator for SegAlloc {
     fn allocate_segment(&mut self, minimum_size: u32) -> (NonNull<u8>, u32) {
         let words = minimum_size.max(self.next_words);
@@ -401,12 +406,12 @@ unsafe impl Allocator for SegAlloc {
             .max(self.sizes.first_words);
         let mut list = self.shared.lock();
         let first = list.segs.is_empty();
-        let (ptr, words, mem, trailer) = self.grant(&mut list, words, minimum_size, first);
+        let (ptr, words, mem, prefix) = self.grant(&mut list, words, minimum_size, first);
         list.segs.push(Seg {
             ptr,
             words,
             mem: Some(mem),
-            trailer,
+            prefix,
         });
         (ptr, words)
     }
@@ -414,11 +419,11 @@ unsafe impl Allocator for SegAlloc {
     unsafe fn deallocate_segment(&mut self, ptr: NonNull<u8>, _word_size: u32, words_used: u32) {
         let mut list = self.shared.lock();
         let published = list.published;
-        let Some(mem) = list
+        let Some((mem, prefix)) = list
             .segs
             .iter_mut()
             .find(|s| s.ptr == ptr && s.live())
-            .and_then(|s| s.mem.take())
+            .and_then(|s| Some((s.mem.take()?, s.prefix)))
         else {
             return;
         };
@@ -431,10 +436,10 @@ unsafe impl Allocator for SegAlloc {
                     // SAFETY: the block was allocated for this segment and turned into `r` by
                     // `into_raw`; this is its only re-adoption (the segment is marked gone).
                     if let Ok(block) = unsafe { arena.block_from_raw(r, 0) } {
-                        // SAFETY: capnp wrote at most `words_used` words of a zeroed block; a
-                        // trailer, if one was ever written, was cleared when its handle was
-                        // dissolved (`SegTable::dissolve_if_sole`).
-                        unsafe { block.release_zeroed_prefix(words_used as usize * 8) };
+                        let skip = if prefix { PREFIX as usize } else { 0 };
+                        // SAFETY: capnp wrote at most `words_used` words of a zeroed block after
+                        // the `skip` bytes of the prefix (which is cleared with them).
+                        unsafe { block.release_zeroed_prefix(skip + words_used as usize * 8) };
                     }
                 }
             }
@@ -453,7 +458,7 @@ unsafe impl Allocator for SegAlloc {
 /// Two kinds, told apart by the type tag of their blobs:
 /// * a **table** ([`TABLE_TAG`]): a block of its own listing the segments;
 /// * a **one-segment message** ([`SOLO_TAG`]): the segment block itself is the handle (its
-///   header holds the count, as for any handle), and its last [`TRAILER`] bytes, which capnp
+///   header holds the count, as for any handle), and its first [`PREFIX`] bytes, which capnp
 ///   never got, hold the tag and the used bytes. A small message thus costs one block: no table
 ///   to allocate, write, validate and free.
 pub struct SegTable {
@@ -491,9 +496,9 @@ impl SegTable {
         self.off + BLOCK_HDR
     }
 
-    /// Payload offset of a one-segment handle's trailer (tag, then used bytes).
-    fn trailer(&self) -> u64 {
-        self.payload() + self.cap - TRAILER
+    /// Payload offset of a one-segment handle's used bytes (after its tag).
+    fn solo_used_at(&self) -> u64 {
+        self.payload() + 8
     }
 
     /// Writes a table for `n` entries (segment, used bytes) and returns its first reference. If
@@ -539,16 +544,15 @@ impl SegTable {
         })
     }
 
-    /// Makes the one segment of a message its handle: writes the trailer (tag, `used`) into the
-    /// `TRAILER` bytes kept back after the segment's `words` and publishes the block in place.
+    /// Makes the one segment of a message its handle: writes the prefix (tag, `used`) into the
+    /// `PREFIX` bytes kept back before the segment's `words` and publishes the block in place.
     /// Updates `r` to the block's new generation (see [`publish_in_place`]).
     fn create_solo(arena: &Arena, r: &mut BlockRef, words: u32, used: u64) -> Result<SegTable> {
         let pool = arena.pool(r.pool).ok_or(Error::UnknownPool(r.pool))?;
         let off = r.offset - BLOCK_HDR;
-        let cap = words as u64 * 8 + TRAILER;
-        let t = r.offset + words as u64 * 8;
-        pool.word(t).store(SOLO_TAG, Ordering::Relaxed);
-        pool.word(t + 8).store(used, Ordering::Relaxed);
+        let cap = words as u64 * 8 + PREFIX;
+        pool.word(r.offset).store(SOLO_TAG, Ordering::Relaxed);
+        pool.word(r.offset + 8).store(used, Ordering::Relaxed);
         let generation = publish_in_place(pool, off);
         r.generation = generation;
         Ok(SegTable {
@@ -580,7 +584,7 @@ impl SegTable {
 
     /// If this is the only reference anywhere, gives the segments back to the builder and
     /// returns true: a table block is freed, a one-segment handle made a private block again
-    /// (its trailer cleared). Otherwise returns false (and keeps `self`).
+    /// (its prefix cleared). Otherwise returns false (and keeps `self`).
     fn dissolve_if_sole(&mut self) -> bool {
         // Acquire pairs with the Release of every other holder's drop: their reads of the
         // segments happen before the builder writes them again.
@@ -592,10 +596,9 @@ impl SegTable {
         let pool = self.pool();
         if self.solo {
             unpublish_block(pool, self.off);
-            // The builder never writes the trailer; freeing the segment later promises that
-            // only what capnp wrote may be non-zero.
-            pool.word(self.trailer()).store(0, Ordering::Relaxed);
-            pool.word(self.trailer() + 8).store(0, Ordering::Relaxed);
+            // No longer a handle: no tag (freeing clears the prefix anyway).
+            pool.word(self.payload()).store(0, Ordering::Relaxed);
+            pool.word(self.solo_used_at()).store(0, Ordering::Relaxed);
         } else {
             let _ = pool.free_block(self.off, false);
         }
@@ -626,12 +629,29 @@ fn check_used(pool: u32, offset: u64, used: u64, capacity: u64) -> Result<()> {
     Ok(())
 }
 
-/// Validates one segment: a live block (see [`Arena::live_block`]) whose capacity holds `used`,
-/// a whole number of words. Returns the payload pointer.
+/// A table entry's block reference without its [`ENTRY_PREFIXED`] flag, and the bytes the
+/// segment starts into its block.
+fn unprefixed(r: BlockRef) -> (BlockRef, u64) {
+    let skip = if r.offset & ENTRY_PREFIXED != 0 {
+        PREFIX
+    } else {
+        0
+    };
+    let r = BlockRef {
+        offset: r.offset & !ENTRY_PREFIXED,
+        ..r
+    };
+    (r, skip)
+}
+
+/// Validates one segment as a table entry names it: a live block (see [`Arena::live_block`])
+/// whose capacity holds `used` (a whole number of words) after the segment's prefix, if any.
+/// Returns the segment's pointer.
 fn segment(arena: &Arena, r: BlockRef, used: u64) -> Result<NonNull<u8>> {
+    let (r, skip) = unprefixed(r);
     let (pool, _, _, capacity) = arena.live_block(r)?;
-    check_used(r.pool, r.offset, used, capacity)?;
-    NonNull::new(pool.ptr(r.offset)).ok_or(Error::Corrupt("null mapping"))
+    check_used(r.pool, r.offset, used, capacity.saturating_sub(skip))?;
+    NonNull::new(pool.ptr(r.offset + skip)).ok_or(Error::Corrupt("null mapping"))
 }
 
 impl Drop for SegTable {
@@ -642,15 +662,14 @@ impl Drop for SegTable {
         }
         let p = self.payload();
         if self.solo {
-            // Last reference to a one-segment message: clear what capnp wrote (as the trailer
-            // records it, kept within the block whatever a peer scribbled there) and the
-            // trailer, and free the block clean.
+            // Last reference to a one-segment message: clear the prefix and what capnp wrote
+            // after it (as the prefix records it, kept within the block whatever a peer
+            // scribbled there), and free the block clean.
             let used = pool
-                .word(self.trailer() + 8)
+                .word(self.solo_used_at())
                 .load(Ordering::Relaxed)
-                .min(self.cap - TRAILER);
-            pool.zero(p, used);
-            pool.zero(self.trailer(), TRAILER);
+                .min(self.cap - PREFIX);
+            pool.zero(p, PREFIX + used);
             let _ = pool.free_block(self.off, true);
             return;
         }
@@ -660,20 +679,21 @@ impl Drop for SegTable {
         if n <= MAX_SEGMENTS && T_ENTRIES + n as u64 * T_ENTRY <= self.cap {
             for i in 0..n as u64 {
                 let (r, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
+                let (r, skip) = unprefixed(r);
                 // An entry naming the table itself (corrupt) must not free it mid-walk.
                 if r.pool == self.pool && r.offset == p {
                     continue;
                 }
+                let len = used.saturating_add(skip) as usize;
                 // SAFETY: this was the last reference to the table, which owns its segments (the
                 // builder gave them up when the table was made: `published`), so no one else
                 // holds or adopts segment `r`; each entry names a distinct block, and the
-                // self-reference is skipped above. `block_from_raw` validates `r` and `used`.
-                if let Ok(block) = unsafe { self.arena.block_from_raw(r, used as usize) } {
+                // self-reference is skipped above. `block_from_raw` validates `r` and `len`.
+                if let Ok(block) = unsafe { self.arena.block_from_raw(r, len) } {
                     // SAFETY: capnp wrote at most the `used` bytes the table recorded (its
-                    // output prefix) of a segment that was allocated zeroed (a first segment's
-                    // trailer is written only while the segment is a one-segment handle, and
-                    // cleared when that dissolves).
-                    unsafe { block.release_zeroed_prefix(used as usize) };
+                    // output prefix) of a segment that was allocated zeroed, after the `skip`
+                    // bytes of a first segment's prefix (cleared with them).
+                    unsafe { block.release_zeroed_prefix(len) };
                 }
             }
         }
@@ -696,22 +716,10 @@ impl Arena {
     }
 
     fn borrow_solo(&self, blob: &LendBlob) -> Result<ShmSegments> {
-        let (pool, off, cap) = self.adopt(blob, None)?;
+        // The tag is checked where every handle has it (a mismatch leaves the reference lent,
+        // as for any borrow of the wrong type).
+        let (pool, off, cap) = self.adopt(blob, Some((SOLO_TAG, PREFIX)))?;
         let p = off + BLOCK_HDR;
-        // The ticket's reference keeps the block alive: its trailer is ours to read.
-        let found = match cap.checked_sub(TRAILER) {
-            Some(t) => pool.word(p + t).load(Ordering::Relaxed),
-            None => 0,
-        };
-        if found != SOLO_TAG {
-            // Not a one-segment message (some other handle): the reference stays lent, as for
-            // any borrow of the wrong type.
-            ticket_return(pool.word(off + LINK));
-            return Err(Error::TypeMismatch {
-                expected: SOLO_TAG,
-                found,
-            });
-        }
         // On error `table` drops its reference again (as the last one, it frees the message).
         let table = SegTable {
             arena: self.clone(),
@@ -721,9 +729,10 @@ impl Arena {
             cap,
             solo: true,
         };
-        let used = pool.word(table.trailer() + 8).load(Ordering::Relaxed);
-        check_used(pool.id(), p, used, cap - TRAILER)?;
-        let ptr = NonNull::new(pool.ptr(p)).ok_or(Error::Corrupt("null mapping"))?;
+        // The ticket's reference keeps the block alive: its prefix is ours to read.
+        let used = pool.word(table.solo_used_at()).load(Ordering::Relaxed);
+        check_used(pool.id(), p + PREFIX, used, cap - PREFIX)?;
+        let ptr = NonNull::new(pool.ptr(p + PREFIX)).ok_or(Error::Corrupt("null mapping"))?;
         Ok(ShmSegments {
             table,
             first: (ptr, used as usize),
@@ -845,7 +854,7 @@ impl ReaderSegments for ShmSegments {
             self.resolve(idx as usize)?
         };
         // SAFETY: segment 0 was validated on receipt (`borrow_solo`: the handle block itself,
-        // `len` within its capacity less the trailer; `borrow_table`: `segment`), later ones by
+        // `len` within its capacity after the prefix; `borrow_table`: `segment`), later ones by
         // `segment` in `resolve`: [addr, addr+len) is inside a live block of a mapped pool
         // (allocated, of the generation recorded); the table reference we hold keeps the block
         // allocated and the mapping lives as long as `self.table.arena`; the freeze protocol
@@ -1042,7 +1051,7 @@ impl OutMsg {
                     Seg {
                         mem: Some(Mem::Shm(r)),
                         words,
-                        trailer: true,
+                        prefix: true,
                         ..
                     } => SegTable::create_solo(arena, r, *words, bytes.len() as u64)?,
                     Seg {
@@ -1061,9 +1070,15 @@ impl OutMsg {
                     Some(Seg {
                         mem: Some(Mem::Shm(r)),
                         ptr,
+                        prefix,
                         ..
                     }) if std::ptr::eq(ptr.as_ptr(), bytes.as_ptr()) => {
-                        Ok((*r, bytes.len() as u64))
+                        let flag = if *prefix { ENTRY_PREFIXED } else { 0 };
+                        let r = BlockRef {
+                            offset: r.offset | flag,
+                            ..*r
+                        };
+                        Ok((r, bytes.len() as u64))
                     }
                     _ => Err(out_of_step()),
                 });
@@ -1389,16 +1404,16 @@ mod tests {
         assert_eq!(read_first(segs), vec![8; 100]);
         assert_eq!(arena.stats().blocks_in_use, 0);
         arena.verify().unwrap();
-        // Freed clean (what capnp wrote and the trailer were cleared): the next zeroed
+        // Freed clean (the prefix and what capnp wrote were cleared): the next zeroed
         // allocation of the block clears nothing.
         let (pool, g) = arena.grant(8192, 0).unwrap();
-        assert_eq!(g.off + BLOCK_HDR, seg0 as u64 - pool.ptr(0) as u64);
+        assert_eq!(g.off + BLOCK_HDR + PREFIX, seg0 as u64 - pool.ptr(0) as u64);
         assert!(g.clean());
         pool.free_block(g.off, true).unwrap();
     }
 
     #[test]
-    fn a_dissolved_one_segment_handle_leaves_no_trailer_behind() {
+    fn a_dissolved_one_segment_handle_leaves_no_prefix_behind() {
         let arena = arena();
         let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
         fill(&mut msg, 100, 7);
@@ -1415,7 +1430,7 @@ mod tests {
         drop(msg);
         assert_eq!(arena.stats().blocks_in_use, 0);
         let (pool, g) = arena.grant(8192, 0).unwrap();
-        assert_eq!(g.off + BLOCK_HDR, seg0 as u64 - pool.ptr(0) as u64);
+        assert_eq!(g.off + BLOCK_HDR + PREFIX, seg0 as u64 - pool.ptr(0) as u64);
         assert!(g.clean());
         let all_zero = (0..g.capacity / 8)
             .all(|i| pool.word(g.off + BLOCK_HDR + i * 8).load(Ordering::Relaxed) == 0);
@@ -1426,8 +1441,8 @@ mod tests {
     #[test]
     fn forged_one_segment_handles_are_refused_with_the_specific_error() {
         let arena = arena();
-        // A blob of an object retagged as a message: not one (its end holds no trailer); the
-        // lent reference stays lent, as for any borrow of the wrong type.
+        // A blob of an object retagged as a message: not one (its tag says so); the lent
+        // reference stays lent, as for any borrow of the wrong type.
         let h = arena.construct([3u64; 8]).unwrap();
         let e = arena
             .borrow_segments(&retagged(&h.lend(), SOLO_TAG))
@@ -1437,8 +1452,8 @@ mod tests {
                 e,
                 Error::TypeMismatch {
                     expected: SOLO_TAG,
-                    found: 3
-                }
+                    found
+                } if found == crate::shm::type_tag::<[u64; 8]>()
             ),
             "{e:?}"
         );
@@ -1476,13 +1491,13 @@ mod tests {
             ),
             "{e:?}"
         );
-        // A trailer whose used length overruns the block (a peer scribbled on it): refused, and
+        // A prefix whose used length overruns the block (a peer scribbled on it): refused, and
         // the reference taken for the check given back.
         let pool = arena.pool(blob.pool()).unwrap();
         let (_, cap) = pool.block_at(blob.offset() - BLOCK_HDR).unwrap();
-        let used_at = blob.offset() + cap - 8;
+        let used_at = blob.offset() + 8;
         let good = pool.word(used_at).load(Ordering::Relaxed);
-        for bad in [cap - TRAILER + 8, good + 4, u64::MAX] {
+        for bad in [cap - PREFIX + 8, good + 4, u64::MAX] {
             pool.word(used_at).store(bad, Ordering::Relaxed);
             let e = arena
                 .borrow_segments(&msg.share_shm().unwrap())
