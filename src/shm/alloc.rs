@@ -105,9 +105,9 @@ impl Pool {
         let mut cached = None;
         let counted = self
             .with_slot(|slot, counts| {
-                super::tcache::bump(&slot.in_use[c], 1);
+                super::tcache::bump(&slot.classes[c].in_use, 1);
                 if counts[c] > 0 {
-                    let head = &slot.heads[c];
+                    let head = &slot.classes[c].head;
                     let off = head.load(Ordering::Relaxed);
                     head.store(
                         self.word(off.wrapping_add(LINK)).load(Ordering::Relaxed),
@@ -340,9 +340,9 @@ impl Pool {
         let mut cached = false;
         let counted = self
             .with_slot(|slot, counts| {
-                super::tcache::bump(&slot.in_use[c], -1);
+                super::tcache::bump(&slot.classes[c].in_use, -1);
                 if counts[c] < super::tcache::cache_cap(c) {
-                    let head = &slot.heads[c];
+                    let head = &slot.classes[c].head;
                     self.word(off + LINK)
                         .store(head.load(Ordering::Relaxed), Ordering::Relaxed);
                     head.store(off, Ordering::Relaxed);
@@ -459,7 +459,10 @@ impl Pool {
         }
         if class != CLASS_LARGE {
             // `off >> 4` fits 32 bits: pools are at most 2^36 bytes.
-            slot.store((off >> 4) | (class + 1) << 32, std::sync::atomic::Ordering::Relaxed);
+            slot.store(
+                (off >> 4) | (class + 1) << 32,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         Ok((info, capacity))
     }
@@ -493,8 +496,8 @@ impl Pool {
 pub(crate) fn slot_usage(slot: &Slot) -> (u64, u64) {
     let mut bytes = slot.large.bytes.load(Ordering::Relaxed);
     let mut blocks = slot.large.blocks.load(Ordering::Relaxed);
-    for (c, n) in slot.in_use.iter().enumerate() {
-        let n = n.load(Ordering::Relaxed);
+    for (c, k) in slot.classes.iter().enumerate() {
+        let n = k.in_use.load(Ordering::Relaxed);
         bytes = bytes.wrapping_add(n.wrapping_mul(CLASS_SIZES[c] as u64));
         blocks = blocks.wrapping_add(n);
     }

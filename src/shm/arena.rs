@@ -561,8 +561,8 @@ fn verify_pool(pool: &Pool, v: &mut Verification) -> Result<()> {
         v.free_small_blocks += walk(first, c as u64, "a free list holds a non-free block")?;
     }
     for slot in &h.slots {
-        for (c, head) in slot.0.heads.iter().enumerate() {
-            let first = head.load(Relaxed);
+        for (c, k) in slot.0.classes.iter().enumerate() {
+            let first = k.head.load(Relaxed);
             v.cached_blocks += walk(first, c as u64, "a thread cache holds a non-free block")?;
         }
     }

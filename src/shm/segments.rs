@@ -1029,7 +1029,7 @@ impl OutMsg {
         if self.table.is_none() {
             self.check_failure()?;
             // Make sure there is a root pointer (an empty message still has one segment).
-            if self.shared.lock().segs.is_empty() {
+            if self.builder.get_segments_for_output().is_empty() {
                 let _ = self.builder.get_root::<capnp::any_pointer::Builder<'_>>();
             }
             let out = self.builder.get_segments_for_output();
@@ -1101,7 +1101,7 @@ impl OutMsg {
     /// The used bytes of each segment, in order (e.g. to copy them into a socket). Makes sure
     /// there is a root pointer first, as sending does.
     pub fn output_segments(&mut self) -> capnp::OutputSegments<'_> {
-        if self.shared.lock().segs.is_empty() {
+        if self.builder.get_segments_for_output().is_empty() {
             let _ = self.builder.get_root::<capnp::any_pointer::Builder<'_>>();
         }
         self.builder.get_segments_for_output()
