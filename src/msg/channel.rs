@@ -366,11 +366,9 @@ impl<M: Owned> MsgChannel<M> {
         let r = self.announce_pools(arena).and_then(|()| {
             let id = self.next_id;
             let h = self.header(KIND_SHM, answers);
-            let mut frame = [0u8; HEADER_LEN + TOKEN_LEN + LendBlob::LEN];
-            frame[..h.len].copy_from_slice(h.as_ref());
-            frame[h.len..h.len + LendBlob::LEN].copy_from_slice(blob.as_bytes());
+            // Header and handle as two parts: the transport copies them once, into the frame.
             self.chan
-                .send(&frame[..h.len + LendBlob::LEN], fd)
+                .send_parts(&[h.as_ref(), blob.as_bytes()], fd)
                 .map_err(Error::from)
                 .map(|()| id)
         });
