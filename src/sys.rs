@@ -238,9 +238,9 @@ fn recv_msg(sock: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Res
         let n = unsafe {
             libc::syscall(
                 libc::SYS_recvmsg,
-                sock.as_raw_fd(),
+                libc::c_long::from(sock.as_raw_fd()),
                 &mut msg as *mut libc::msghdr,
-                flags | libc::MSG_CMSG_CLOEXEC,
+                libc::c_long::from(flags | libc::MSG_CMSG_CLOEXEC),
             )
         };
         if let Ok(n) = usize::try_from(n) {
@@ -337,19 +337,20 @@ pub fn try_send(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     loop {
         // The system call itself (`sendto` with no address, which is `send`): libc's wrapper is
         // a thread-cancellation point, which costs a pair of calls around every message, and
-        // this library never uses cancellation.
+        // this library never uses cancellation. Integer arguments go as full `long`s (`syscall`
+        // is variadic and reads each as one).
         // SAFETY: `buf` is a live, readable slice of `buf.len()` bytes for the call's duration
         // (the kernel only reads it); the address pointer is null with length 0, as `send`
         // passes; `sock` is an open fd borrowed for the call.
         let n = unsafe {
             libc::syscall(
                 libc::SYS_sendto,
-                sock.as_raw_fd(),
+                libc::c_long::from(sock.as_raw_fd()),
                 buf.as_ptr(),
                 buf.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                libc::c_long::from(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT),
                 std::ptr::null::<libc::sockaddr>(),
-                0 as libc::socklen_t,
+                0 as libc::c_long,
             )
         };
         if let Ok(n) = usize::try_from(n) {
