@@ -229,12 +229,20 @@ fn recv_msg(sock: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Res
     msg.msg_controllen = control_len as _;
     let control_start = msg.msg_control as usize;
     let bytes = loop {
+        // The system call itself, not libc's wrapper (a thread-cancellation point: a pair of
+        // calls around every message, and this library never uses cancellation).
         // SAFETY: `msg` points at one live iovec describing `buf` (exclusively borrowed for this
         // call, so the kernel may write its `buf.len()` bytes) and at `control`, a live, aligned
         // buffer of `msg_controllen` bytes; the kernel writes within those bounds only and
         // updates `msg_controllen`/`msg_flags`, which are fields of our own `msg`.
-        let n =
-            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags | libc::MSG_CMSG_CLOEXEC) };
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_recvmsg,
+                libc::c_long::from(sock.as_raw_fd()),
+                &mut msg as *mut libc::msghdr,
+                libc::c_long::from(flags | libc::MSG_CMSG_CLOEXEC),
+            )
+        };
         if let Ok(n) = usize::try_from(n) {
             break n;
         }
@@ -327,13 +335,30 @@ pub const SMALL_SEND: usize = 256;
 /// on `EINTR`.
 pub fn try_send(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     loop {
-        match nix::sys::socket::send(
-            sock.as_raw_fd(),
-            buf,
-            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-        ) {
-            Err(Errno::EINTR) => continue,
-            r => return r.map_err(io_err),
+        // The system call itself (`sendto` with no address, which is `send`): libc's wrapper is
+        // a thread-cancellation point, which costs a pair of calls around every message, and
+        // this library never uses cancellation. Integer arguments go as full `long`s (`syscall`
+        // is variadic and reads each as one).
+        // SAFETY: `buf` is a live, readable slice of `buf.len()` bytes for the call's duration
+        // (the kernel only reads it); the address pointer is null with length 0, as `send`
+        // passes; `sock` is an open fd borrowed for the call.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_sendto,
+                libc::c_long::from(sock.as_raw_fd()),
+                buf.as_ptr(),
+                buf.len(),
+                libc::c_long::from(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT),
+                std::ptr::null::<libc::sockaddr>(),
+                0 as libc::c_long,
+            )
+        };
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(n);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

@@ -24,10 +24,15 @@ use super::{Error, InSegs, MsgIn, MsgOut};
 use crate::shm::segments::OutMsg;
 use crate::shm::segments::MAX_SEGMENTS;
 use crate::shm::{Arena, ArenaConfig, LendBlob};
-use crate::transport::{AlignedBuf, Channel, Frame, SharedBytes};
+use crate::transport::{Channel, Frame, SharedBytes};
 
 /// Bytes of the per-message header (without a session token).
 pub(crate) const HEADER_LEN: usize = 24;
+/// Heap messages of at most this many segments and bytes are sent from their segments as they
+/// are (copied if they have to be queued); bigger ones are frozen and their segments queued by
+/// reference.
+const SMALL_HEAP_SEGMENTS: usize = 6;
+const SMALL_HEAP_BYTES: usize = 16 << 10;
 /// Bytes of a session token.
 const TOKEN_LEN: usize = 16;
 /// Header flag: a session token follows the header.
@@ -280,7 +285,30 @@ impl<M: Owned> MsgChannel<M> {
         fd: Option<BorrowedFd<'_>>,
         answers: u64,
     ) -> Result<u64, Error> {
-        let Some(arena) = out.arena().cloned() else {
+        let Some(arena_id) = out.arena().map(Arena::id) else {
+            // Heap, small: the segments are copied into the socket as they are (the transport
+            // copies what it has to queue), with no allocation and no freeze.
+            let segs = out.output_segments();
+            let n = segs.len();
+            let bytes = segs.iter().fold(0usize, |a, s| a.saturating_add(s.len()));
+            if n <= SMALL_HEAP_SEGMENTS && bytes <= SMALL_HEAP_BYTES {
+                let id = self.next_id;
+                let h = self.header(KIND_HEAP, answers);
+                let mut table = [0u8; 4 * (SMALL_HEAP_SEGMENTS + 1)];
+                table[..4].copy_from_slice(&((n as u32).wrapping_sub(1)).to_le_bytes());
+                for (i, seg) in segs.iter().enumerate() {
+                    let words = (seg.len() / 8) as u32;
+                    table[4 + 4 * i..8 + 4 * i].copy_from_slice(&words.to_le_bytes());
+                }
+                let table = &table[..(4 * (n + 1)).next_multiple_of(8)];
+                let mut parts: [&[u8]; SMALL_HEAP_SEGMENTS + 2] = [&[]; SMALL_HEAP_SEGMENTS + 2];
+                parts[0] = h.as_ref();
+                parts[1] = table;
+                parts[2..n + 2].copy_from_slice(&segs);
+                self.chan.send_parts(&parts[..n + 2], fd)?;
+                return Ok(id);
+            }
+            drop(segs);
             // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen
             // while queued) rather than copying.
             let parts = out.share_heap().map_err(|source| Error::Shm {
@@ -316,10 +344,10 @@ impl<M: Owned> MsgChannel<M> {
             self.chan.send_shared(shared, fd)?;
             return Ok(id);
         };
-        match self.arenas.get(&(arena.id() as u32)) {
+        match self.arenas.get(&(arena_id as u32)) {
             // Handles carry 32 bits of the arena id: two arenas alike in those cannot share a
             // channel (a 1 in 2^31 chance per pair).
-            Some(known) if known.id() != arena.id() => {
+            Some(known) if known.id() != arena_id => {
                 return Err(Error::Shm {
                     source: crate::shm::Error::BadConfig(
                         "another arena on this channel has the same 32-bit tag",
@@ -329,21 +357,27 @@ impl<M: Owned> MsgChannel<M> {
             }
             Some(_) => {}
             None => {
-                self.arenas.insert(arena.id() as u32, arena.clone());
+                if let Some(arena) = out.arena() {
+                    self.arenas.insert(arena_id as u32, arena.clone());
+                }
             }
         }
         let blob = out.share_shm().map_err(|source| Error::Shm {
             source,
             from_peer: false,
         })?;
-        let r = self.announce_pools(&arena).and_then(|()| {
+        let Some(arena) = out.arena() else {
+            return Err(Error::Shm {
+                source: crate::shm::Error::BadConfig("no arena"),
+                from_peer: false,
+            });
+        };
+        let r = self.announce_pools(arena).and_then(|()| {
             let id = self.next_id;
             let h = self.header(KIND_SHM, answers);
-            let mut frame = [0u8; HEADER_LEN + TOKEN_LEN + LendBlob::LEN];
-            frame[..h.len].copy_from_slice(h.as_ref());
-            frame[h.len..h.len + LendBlob::LEN].copy_from_slice(blob.as_bytes());
+            // Header and handle as two parts: the transport copies them once, into the frame.
             self.chan
-                .send(&frame[..h.len + LendBlob::LEN], fd)
+                .send_parts(&[h.as_ref(), blob.as_bytes()], fd)
                 .map_err(Error::from)
                 .map(|()| id)
         });
@@ -351,7 +385,7 @@ impl<M: Owned> MsgChannel<M> {
             Ok(id) => {
                 let end = self.chan.bytes_written() + self.chan.queued_bytes() as u64;
                 if end > self.chan.bytes_written() {
-                    self.inflight.push_back((end, blob, arena));
+                    self.inflight.push_back((end, blob, arena.clone()));
                 }
                 Ok(id)
             }
@@ -443,16 +477,20 @@ impl<M: Owned> MsgChannel<M> {
             let Some(frame) = self.hose_on(r.map_err(Error::from))? else {
                 return Ok(None);
             };
-            let r = self.accept(frame);
-            if let Some(ev) = self.hose_on(r)? {
-                return Ok(Some(ev));
+            // Matched in place rather than through `hose_on`: a message is moved as little as
+            // possible on its way up.
+            match self.accept(frame) {
+                Ok(Some(ev)) => return Ok(Some(ev)),
+                Ok(None) => {}
+                Err(e) => return self.hose_on(Err(e)),
             }
         }
     }
 
     /// Handles one frame: a message, or a pool announcement (`None`).
     fn accept(&mut self, frame: Frame) -> Result<Option<Incoming<M>>, Error> {
-        let (buf, fd) = frame.into_parts();
+        let (frame_buf, fd) = frame.into_parts();
+        let buf: &[u8] = &frame_buf;
         if buf.len() < HEADER_LEN {
             return Err(Error::BadMessage("frame shorter than the message header"));
         }
@@ -482,7 +520,7 @@ impl<M: Owned> MsgChannel<M> {
                 "message id 0, or a control frame with an id",
             ));
         }
-        let msg = |m: MsgIn<M>| Some(Incoming::Msg(m.with_ids(id, answers)));
+        let msg = |m: MsgIn<M>| Some(Incoming::Msg(m));
         match buf[0] {
             KIND_NOTICE => {
                 if buf.len() != hlen || fd.is_some() || answers == 0 {
@@ -501,11 +539,20 @@ impl<M: Owned> MsgChannel<M> {
                     .get(&blob.arena_tag())
                     .ok_or(peer(crate::shm::Error::ForeignBlob))?;
                 let segs = arena.borrow_segments(&blob).map_err(peer)?;
-                Ok(msg(MsgIn::new(InSegs::Shm(segs), fd)))
+                Ok(msg(MsgIn::new(InSegs::Shm(segs), fd, id, answers)))
             }
             KIND_HEAP => {
-                let segs = heap_segments(&buf, hlen)?;
-                Ok(msg(MsgIn::new(InSegs::Heap { buf, segs }, fd)))
+                let (first, rest) = heap_segments(buf, hlen)?;
+                Ok(msg(MsgIn::new(
+                    InSegs::Heap {
+                        buf: frame_buf,
+                        first,
+                        rest,
+                    },
+                    fd,
+                    id,
+                    answers,
+                )))
             }
             _ => Err(Error::BadMessage("unknown message kind")),
         }
@@ -618,8 +665,12 @@ fn peer(source: crate::shm::Error) -> Error {
     }
 }
 
-/// Parses capnp's stream framing after the header: where each segment is in `buf`.
-fn heap_segments(buf: &AlignedBuf, hlen: usize) -> Result<Vec<(usize, usize)>, Error> {
+/// Where a heap message's segments are in its frame.
+type HeapSegs = ((usize, usize), Vec<(usize, usize)>);
+
+/// Parses capnp's stream framing after the header: where each segment is in `buf` (start,
+/// length), the first apart (no allocation for a one-segment message).
+fn heap_segments(buf: &[u8], hlen: usize) -> Result<HeapSegs, Error> {
     let body = &buf[hlen..];
     let word = |i: usize| -> Option<u32> {
         Some(u32::from_le_bytes(
@@ -637,7 +688,8 @@ fn heap_segments(buf: &AlignedBuf, hlen: usize) -> Result<Vec<(usize, usize)>, E
     if at > buf.len() {
         return Err(Error::BadMessage("segment table cut short"));
     }
-    let mut segs = Vec::with_capacity(count);
+    let mut first = (0, 0);
+    let mut rest = Vec::with_capacity(count - 1);
     for i in 0..count {
         let words = word(1 + i).ok_or(Error::BadMessage("segment table cut short"))? as usize;
         let len = words * 8;
@@ -645,13 +697,17 @@ fn heap_segments(buf: &AlignedBuf, hlen: usize) -> Result<Vec<(usize, usize)>, E
             .checked_add(len)
             .filter(|&e| e <= buf.len())
             .ok_or(Error::BadMessage("segment sizes exceed the frame"))?;
-        segs.push((at, len));
+        if i == 0 {
+            first = (at, len);
+        } else {
+            rest.push((at, len));
+        }
         at = end;
     }
     if at != buf.len() {
         return Err(Error::BadMessage("bytes after the last segment"));
     }
-    Ok(segs)
+    Ok((first, rest))
 }
 
 impl<M: Owned> AsFd for MsgChannel<M> {

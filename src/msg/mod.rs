@@ -4,8 +4,9 @@
 //!
 //! Sending an arena-backed message writes only a 24-byte header and a 32-byte handle into the
 //! socket, whatever the message's size: the receiver reads the very same segments. The sender's
-//! `MsgOut` and every receiver's `MsgIn` hold references to a segment table in shared memory;
-//! the last one dropped, in whichever process, frees every segment.
+//! `MsgOut` and every receiver's `MsgIn` hold references to a segment table in shared memory
+//! (for a one-segment message, the segment block itself); the last one dropped, in whichever
+//! process, frees every segment.
 //!
 //! A sent message is *frozen* while a receiver holds it: writing to the `MsgOut` again copies it
 //! first (copy-on-write, like [`Arc::make_mut`](std::sync::Arc::make_mut)), so a `MsgIn` never
@@ -197,18 +198,24 @@ pub(crate) enum InSegs {
     Shm(ShmSegments),
     Heap {
         buf: AlignedBuf,
-        /// (start, len) of each segment in `buf`.
-        segs: Vec<(usize, usize)>,
+        /// (start, len) of segment 0 in `buf`.
+        first: (usize, usize),
+        /// (start, len) of each later segment in `buf` (none for a one-segment message).
+        rest: Vec<(usize, usize)>,
     },
 }
 
 impl ReaderSegments for InSegs {
+    #[inline]
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         match self {
             InSegs::Shm(s) => s.get_segment(idx),
-            InSegs::Heap { buf, segs } => {
-                let &(start, len) = segs.get(idx as usize)?;
-                buf.get(start..start + len)
+            InSegs::Heap { buf, first, rest } => {
+                let (start, len) = match idx.checked_sub(1) {
+                    None => *first,
+                    Some(i) => *rest.get(i as usize)?,
+                };
+                buf.as_bytes().get(start..start + len)
             }
         }
     }
@@ -216,7 +223,7 @@ impl ReaderSegments for InSegs {
     fn len(&self) -> usize {
         match self {
             InSegs::Shm(s) => s.len(),
-            InSegs::Heap { segs, .. } => segs.len(),
+            InSegs::Heap { rest, .. } => rest.len() + 1,
         }
     }
 }
@@ -235,10 +242,15 @@ pub struct MsgIn<M: Owned> {
 }
 
 impl<M: Owned> MsgIn<M> {
-    pub(crate) fn new(segs: InSegs, fd: Option<OwnedFd>) -> Self {
+    /// A reader over `segs`, with the fd that came along and the message's ids (see
+    /// [`id`](MsgIn::id) and [`answers`](MsgIn::answers)).
+    #[inline]
+    pub(crate) fn new(segs: InSegs, fd: Option<OwnedFd>, id: u64, answers: u64) -> Self {
         let words = match &segs {
             InSegs::Shm(s) => s.total_words(),
-            InSegs::Heap { segs, .. } => segs.iter().map(|s| s.1 / 8).sum(),
+            InSegs::Heap { first, rest, .. } => rest
+                .iter()
+                .fold(first.1 / 8, |a, s| a.saturating_add(s.1 / 8)),
         };
         let mut opts = ReaderOptions::new();
         opts.traversal_limit_in_words(Some(words.saturating_mul(8).max(8 << 20)));
@@ -246,16 +258,10 @@ impl<M: Owned> MsgIn<M> {
             reader: Reader::new(segs, opts),
             fd,
             words,
-            id: 0,
-            answers: 0,
+            id,
+            answers,
             _root: PhantomData,
         }
-    }
-
-    pub(crate) fn with_ids(mut self, id: u64, answers: u64) -> Self {
-        self.id = id;
-        self.answers = answers;
-        self
     }
 
     /// The id the sender's channel gave this message instance (1, 2, 3... per channel and

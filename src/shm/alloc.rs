@@ -28,7 +28,7 @@
 use super::error::Error;
 use super::layout::*;
 use super::lockfree::{pop, push, push_chain, Words, LINK};
-use super::pool::{Pool, Slot};
+use super::pool::{Pool, Slot, KNOWN_STARTS};
 use crate::sync::Ordering;
 
 /// Extents of each bucket examined for a fit before the next bucket (or fresh space).
@@ -105,9 +105,9 @@ impl Pool {
         let mut cached = None;
         let counted = self
             .with_slot(|slot, counts| {
-                super::tcache::bump(&slot.in_use[c], 1);
+                super::tcache::bump(&slot.classes[c].in_use, 1);
                 if counts[c] > 0 {
-                    let head = &slot.heads[c];
+                    let head = &slot.classes[c].head;
                     let off = head.load(Ordering::Relaxed);
                     head.store(
                         self.word(off.wrapping_add(LINK)).load(Ordering::Relaxed),
@@ -340,9 +340,9 @@ impl Pool {
         let mut cached = false;
         let counted = self
             .with_slot(|slot, counts| {
-                super::tcache::bump(&slot.in_use[c], -1);
+                super::tcache::bump(&slot.classes[c].in_use, -1);
                 if counts[c] < super::tcache::cache_cap(c) {
-                    let head = &slot.heads[c];
+                    let head = &slot.classes[c].head;
                     self.word(off + LINK)
                         .store(head.load(Ordering::Relaxed), Ordering::Relaxed);
                     head.store(off, Ordering::Relaxed);
@@ -399,6 +399,11 @@ impl Pool {
     /// Validates that `off` is the start of a block and returns its info word's value and its
     /// payload capacity. Reads only the page map and block headers (atomics), never user bytes,
     /// and does only overflow-free arithmetic on them, whatever they hold.
+    ///
+    /// A small-class block start, once validated, is remembered (`known_starts`): it stays one,
+    /// of the same class, for the pool's life (spans are never freed, see `lockfree`), so the
+    /// next validation of it (the same blocks come back, message after message) reads its header
+    /// alone, not the page map too.
     pub(crate) fn block_at(&self, off: u64) -> Result<(u64, u64), Error> {
         if off < self.heap_off() || off >= self.capacity() - BLOCK_HDR {
             return Err(Error::OutOfBounds {
@@ -408,6 +413,18 @@ impl Pool {
         }
         if off % 16 != 0 {
             return Err(Error::Misaligned(off));
+        }
+        let slot = &self.known_starts[(off >> 4) as usize % KNOWN_STARTS];
+        let known = slot.load(std::sync::atomic::Ordering::Relaxed);
+        if known as u32 as u64 == off >> 4 && known >> 32 != 0 {
+            let c = ((known >> 32) - 1) as usize % NUM_CLASSES;
+            // Acquire, as below: this process saw the header that made `off` a block start
+            // (when it validated it), and later header values are read from the word itself.
+            let info = self.word(off).load(Ordering::Acquire);
+            if info_class(info) != c as u64 {
+                return Err(Error::NotABlock(off));
+            }
+            return Ok((info, CLASS_SIZES[c] as u64 - BLOCK_HDR));
         }
         let rel = off - self.heap_off();
         let page = rel / PAGE;
@@ -422,11 +439,10 @@ impl Pool {
                     return Err(not_a_block);
                 }
                 let at = rel - (page - idx) * PAGE;
-                let size = CLASS_SIZES[c] as u64;
-                if at % size != 0 || at / size >= span_pages(c) * PAGE / size {
+                if !is_block_start(c, at) {
                     return Err(not_a_block);
                 }
-                (c as u64, size - BLOCK_HDR)
+                (c as u64, CLASS_SIZES[c] as u64 - BLOCK_HDR)
             }
             PM_LARGE => {
                 let pages = pm_value(e);
@@ -440,6 +456,13 @@ impl Pool {
         let info = self.word(off).load(Ordering::Acquire);
         if info_class(info) != class {
             return Err(not_a_block);
+        }
+        if class != CLASS_LARGE {
+            // `off >> 4` fits 32 bits: pools are at most 2^36 bytes.
+            slot.store(
+                (off >> 4) | (class + 1) << 32,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         Ok((info, capacity))
     }
@@ -473,8 +496,8 @@ impl Pool {
 pub(crate) fn slot_usage(slot: &Slot) -> (u64, u64) {
     let mut bytes = slot.large.bytes.load(Ordering::Relaxed);
     let mut blocks = slot.large.blocks.load(Ordering::Relaxed);
-    for (c, n) in slot.in_use.iter().enumerate() {
-        let n = n.load(Ordering::Relaxed);
+    for (c, k) in slot.classes.iter().enumerate() {
+        let n = k.in_use.load(Ordering::Relaxed);
         bytes = bytes.wrapping_add(n.wrapping_mul(CLASS_SIZES[c] as u64));
         blocks = blocks.wrapping_add(n);
     }

@@ -110,6 +110,8 @@ pub(crate) struct Shared {
     pools: Box<[OnceLock<Pool>]>,
     /// One more than the highest pool id known here (bounds the scans).
     known: AtomicU32,
+    /// Pools known here (checked on every send: is there a pool the peer was not told of?).
+    count: AtomicU32,
     /// Pool that served the last allocation: tried first.
     hint: AtomicU32,
     /// Serializes growth within this process (allocation itself never takes it).
@@ -244,6 +246,7 @@ impl Arena {
                 config,
                 pools,
                 known: AtomicU32::new(0),
+                count: AtomicU32::new(0),
                 hint: AtomicU32::new(0),
                 grow: Mutex::new(()),
             }),
@@ -267,6 +270,7 @@ impl Arena {
             .ok_or(Error::BadConfig("pool id beyond max_pools"))?;
         slot.set(pool).map_err(|_| Error::DuplicatePool(id))?;
         self.shared.known.fetch_max(id + 1, Ordering::AcqRel);
+        self.shared.count.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -286,9 +290,10 @@ impl Arena {
         self.pools().map(|p| p.id()).collect()
     }
 
-    /// Number of pools this process knows (a scan of the known range).
+    /// Number of pools this process knows.
+    #[inline]
     pub(crate) fn pool_count(&self) -> u32 {
-        self.pools().count() as u32
+        self.shared.count.load(Ordering::Acquire)
     }
 
     /// The fd of pool `id`, to send to a process that joins the arena.
@@ -556,8 +561,8 @@ fn verify_pool(pool: &Pool, v: &mut Verification) -> Result<()> {
         v.free_small_blocks += walk(first, c as u64, "a free list holds a non-free block")?;
     }
     for slot in &h.slots {
-        for (c, head) in slot.0.heads.iter().enumerate() {
-            let first = head.load(Relaxed);
+        for (c, k) in slot.0.classes.iter().enumerate() {
+            let first = k.head.load(Relaxed);
             v.cached_blocks += walk(first, c as u64, "a thread cache holds a non-free block")?;
         }
     }

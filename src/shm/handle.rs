@@ -198,7 +198,7 @@ impl Arena {
                 found: blob.type_tag(),
             });
         }
-        let (pool, off) = self.adopt(
+        let (pool, off, _) = self.adopt(
             blob,
             Some((expected, VALUE_AT + std::mem::size_of::<T>() as u64)),
         )?;
@@ -218,19 +218,23 @@ impl Arena {
     /// its receiver, e.g. a failed send). Validates the blob like [`borrow`](Arena::borrow),
     /// except for its type.
     pub fn release_blob(&self, blob: &LendBlob) -> Result<()> {
-        let (pool, off) = self.adopt(blob, None)?;
+        let (pool, off, _) = self.adopt(blob, None)?;
         release(pool, off);
         Ok(())
     }
 
     /// Validation shared by `borrow` and `release_blob`; on success the caller owns one
-    /// reference to the block at the returned offset.
+    /// reference to the block at the returned offset, whose payload capacity is returned too.
     ///
     /// Everything before the ticket CAS reads header words only (atomics, positions that are
     /// block starts forever), so a stale blob racing a free and reuse of its block touches
     /// nothing of the block's new life. The CAS itself checks liveness, generation and an
     /// outstanding ticket in one step; only then, owning a reference, do we read the payload.
-    pub(super) fn adopt(&self, blob: &LendBlob, typed: Option<(u64, u64)>) -> Result<(&Pool, u64)> {
+    pub(super) fn adopt(
+        &self,
+        blob: &LendBlob,
+        typed: Option<(u64, u64)>,
+    ) -> Result<(&Pool, u64, u64)> {
         if blob.arena_tag() != self.id() as u32 {
             return Err(Error::ForeignBlob);
         }
@@ -266,7 +270,7 @@ impl Arena {
                 });
             }
         }
-        Ok((pool, off))
+        Ok((pool, off, capacity))
     }
 }
 
@@ -282,6 +286,45 @@ pub(super) fn publish_block(pool: &Pool, g: &Grant) {
     info_w.store(info | FLAG_HANDLE, Ordering::Relaxed);
     pool.word(g.off + LINK)
         .store(handle_word(g.generation()), Ordering::Release);
+}
+
+/// Makes an allocated block that its owner has filled (and that was never borrowable in its
+/// present generation, or was made private again by [`unpublish_block`]) borrowable, with one
+/// reference (the caller's), and returns the generation it now has.
+///
+/// The generation moves on (a block is republished after each thaw of the message it holds):
+/// a blob of an earlier publication is stale, as it would be for a block freed and reallocated.
+/// The owner alone holds the block, so plain stores suffice before the Release store that a
+/// borrower's ticket CAS synchronizes with (as in [`publish_block`]).
+pub(super) fn publish_in_place(pool: &Pool, off: u64) -> u32 {
+    let info_w = pool.word(off);
+    let old = info_w.load(Ordering::Relaxed);
+    let generation = info_generation(old).wrapping_add(1);
+    info_w.store(
+        info(
+            info_state(old),
+            info_class(old),
+            (old & 0xFFFF_0000) | FLAG_HANDLE,
+            generation,
+        ),
+        Ordering::Relaxed,
+    );
+    pool.word(off + LINK)
+        .store(handle_word(generation), Ordering::Release);
+    generation
+}
+
+/// Makes a block published with [`publish_in_place`] private again. The caller holds the only
+/// reference and no ticket is outstanding (checked with an Acquire load of the handle word, so
+/// every other holder's reads happened before): no one can borrow it any more (the handle word
+/// no longer says LIVE), and the caller may write the block again.
+pub(super) fn unpublish_block(pool: &Pool, off: u64) {
+    let info_w = pool.word(off);
+    info_w.store(
+        info_w.load(Ordering::Relaxed) & !FLAG_HANDLE,
+        Ordering::Relaxed,
+    );
+    pool.word(off + LINK).store(0, Ordering::Relaxed);
 }
 
 pub(super) fn release(pool: &Pool, off: u64) {

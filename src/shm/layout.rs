@@ -26,7 +26,7 @@ pub const NUM_SLOTS: usize = 64;
 /// Identifies a flowipc pool ("FLOWIPC" + NUL, little-endian).
 pub const MAGIC: u64 = u64::from_le_bytes(*b"FLOWIPC\0");
 /// Version of this layout; pools of another version are refused.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Largest pool: the free-list heads keep offsets in 32 bits of 16-byte units (leaving 32 bits
 /// of ABA tag). Arenas hold many pools, so this bounds one block, not an arena.
 pub const MAX_POOL_BYTES: u64 = 1 << 36;
@@ -176,6 +176,67 @@ pub const fn span_pages(c: usize) -> u64 {
     }
 }
 
+/// Per small class, what [`is_block_start`] needs, computed once: bytes of the span that hold
+/// whole blocks, the power of two and the inverse (mod 2^64) of the odd part of the block size,
+/// and the largest multiple-free quotient (see [`is_block_start`]).
+#[derive(Clone, Copy)]
+struct StartCheck {
+    /// Blocks per span times the block size: offsets at or past it are no block start.
+    end: u64,
+    /// Trailing zero bits of the block size.
+    shift: u32,
+    /// Inverse of the odd part of the block size, mod 2^64.
+    inv: u64,
+    /// `u64::MAX / odd part`: `x` is a multiple of the odd part iff `x * inv <= limit`.
+    limit: u64,
+}
+
+static START_CHECKS: [StartCheck; NUM_CLASSES] = start_checks();
+
+const fn start_checks() -> [StartCheck; NUM_CLASSES] {
+    let mut t = [StartCheck {
+        end: 0,
+        shift: 0,
+        inv: 0,
+        limit: 0,
+    }; NUM_CLASSES];
+    let mut c = 0;
+    while c < NUM_CLASSES {
+        let size = CLASS_SIZES[c] as u64;
+        let shift = size.trailing_zeros();
+        let odd = size >> shift;
+        // Newton's iteration doubles the correct low bits each step: 3 (odd * odd = 1 mod 8)
+        // -> 6 -> 12 -> 24 -> 48 -> 96 >= 64.
+        let mut inv = odd;
+        let mut i = 0;
+        while i < 5 {
+            inv = inv.wrapping_mul(2u64.wrapping_sub(odd.wrapping_mul(inv)));
+            i += 1;
+        }
+        assert!(odd.wrapping_mul(inv) == 1);
+        let blocks = span_pages(c) * PAGE / size;
+        t[c] = StartCheck {
+            end: blocks * size,
+            shift,
+            inv,
+            limit: u64::MAX / odd,
+        };
+        c += 1;
+    }
+    t
+}
+
+/// Whether byte `at` of a span of class `c` is where one of its blocks starts: a multiple of the
+/// block size within the span's whole blocks. No division (this runs on every handle and
+/// segment validation): a multiple of `2^shift * odd` has `shift` low zero bits, and `x` is a
+/// multiple of an odd `odd` iff `x * odd^-1 mod 2^64 <= u64::MAX / odd` (Granlund and
+/// Montgomery: the map is a bijection that sends the multiples onto exactly that range).
+#[inline]
+pub fn is_block_start(c: usize, at: u64) -> bool {
+    let k = &START_CHECKS[c];
+    at < k.end && at.trailing_zeros() >= k.shift && (at >> k.shift).wrapping_mul(k.inv) <= k.limit
+}
+
 /// Pages of a large extent whose payload is `size` bytes.
 #[inline]
 pub fn large_pages(size: usize) -> Option<u64> {
@@ -230,6 +291,27 @@ mod tests {
         // Power-of-two payloads fit their "+ header" class exactly.
         assert_eq!(CLASS_SIZES[class_for(8192).unwrap()], 8208);
         assert_eq!(CLASS_SIZES[class_for(1024).unwrap()], 1040);
+    }
+
+    #[test]
+    fn block_start_check_agrees_with_division() {
+        for (c, &size) in CLASS_SIZES.iter().enumerate() {
+            let size = size as u64;
+            let span = span_pages(c) * PAGE;
+            let slow = |at: u64| at % size == 0 && at / size < span / size;
+            for at in (0..span + 2 * size).step_by(16) {
+                assert_eq!(is_block_start(c, at), slow(at), "class {c} at {at}");
+            }
+            for at in [
+                u64::MAX,
+                u64::MAX - 15,
+                1 << 63,
+                size << 40,
+                size * (span / size),
+            ] {
+                assert_eq!(is_block_start(c, at), slow(at), "class {c} at {at}");
+            }
+        }
     }
 
     #[test]

@@ -39,13 +39,21 @@ pub(crate) struct Counters {
 pub(crate) struct Slot {
     /// Process token of the owner, 0 when free. Liveness comes from an OFD byte lock, not this.
     pub(crate) owner: AtomicU64,
-    /// Small blocks of each class in use, as counted by the owning thread (wrapping: a block
-    /// allocated through one slot may be freed through another). One counter per operation.
-    pub(crate) in_use: [AtomicU64; NUM_CLASSES],
     /// Large extents in use, as counted by the owning thread.
     pub(crate) large: Counters,
-    /// Private free lists, one per class: plain block offsets chained through link words.
-    pub(crate) heads: [AtomicU64; NUM_CLASSES],
+    /// Per class, the private list and the count, side by side: an allocation or a free
+    /// touches one cache line of the slot.
+    pub(crate) classes: [SlotClass; NUM_CLASSES],
+}
+
+/// A slot's state for one size class.
+#[repr(C)]
+pub(crate) struct SlotClass {
+    /// Private free list: plain block offsets chained through link words.
+    pub(crate) head: AtomicU64,
+    /// Small blocks of the class in use, as counted by the owning thread (wrapping: a block
+    /// allocated through one slot may be freed through another). One counter per operation.
+    pub(crate) in_use: AtomicU64,
 }
 
 /// The pool header at offset 0. Only atomics, so any process may read or write any field at any
@@ -103,7 +111,13 @@ pub struct Pool {
     /// Serializes slot claims and releases within this process (OFD locks do not conflict
     /// between threads of one process).
     pub(crate) slot_mutex: Mutex<()>,
+    /// Small-class block starts validated here before (see `block_at`), direct-mapped:
+    /// `(offset / 16) | (class + 1) << 32`, 0 when empty. Process-local memory.
+    pub(crate) known_starts: [std::sync::atomic::AtomicU64; KNOWN_STARTS],
 }
+
+/// Entries of [`Pool::known_starts`].
+pub(crate) const KNOWN_STARTS: usize = 16;
 
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -164,6 +178,7 @@ impl Pool {
             lock_file: OnceLock::new(),
             claimed: std::sync::atomic::AtomicU64::new(0),
             slot_mutex: Mutex::new(()),
+            known_starts: Default::default(),
         })
     }
 

@@ -10,25 +10,33 @@
 //!   blocks (or, in heap mode, private heap buffers). Only its owner writes them.
 //! * To send it in place, [`OutMsg::share_shm`] *freezes* it: it writes a segment table (pool,
 //!   offset, generation and used bytes of each segment) into a ref-counted arena block that from
-//!   then on owns the segments, and lends one reference per receiver. Heap mode instead hands out
-//!   `Arc`s of the segment buffers ([`OutMsg::share_heap`]).
+//!   then on owns the segments, and lends one reference per receiver. A one-segment message (the
+//!   common small one) needs no table: its segment block itself becomes the ref-counted handle,
+//!   with its tag and used length in a 16-byte prefix kept back at the start of the block (capnp
+//!   never gets those bytes, and they share a cache line with the message's first words), so it
+//!   costs one block, validated once on receipt. Heap mode instead
+//!   hands out `Arc`s of the segment buffers ([`OutMsg::share_heap`]).
 //! * Writing again ([`OutMsg::builder_mut`]) first *thaws*: if the table (or a heap buffer) is
 //!   still referenced by anyone else, the message is copied into fresh segments and the shared
-//!   ones are left to their readers (copy-on-write); if not, the table is dissolved and the
-//!   builder owns its segments again. So a receiver never sees a byte change under it.
+//!   ones are left to their readers (copy-on-write); if not, the table is dissolved (a
+//!   one-segment handle becomes a private block again, and its next publication a new
+//!   generation, so blobs of the old one are stale) and the builder owns its segments again. So a
+//!   receiver never sees a byte change under it.
 //! * The last reference to a table, dropped in any process, zeroes each segment's used prefix
 //!   and frees it, then frees the table.
 
 use std::alloc::Layout;
+use std::cell::RefCell;
 use std::fmt;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use capnp::message::{Allocator, Builder, ReaderSegments};
 
 use super::arena::{Arena, BlockRef};
 use super::error::{Error, Result};
-use super::handle::{publish_block, LendBlob};
+use super::handle::{publish_block, publish_in_place, unpublish_block, LendBlob};
 use super::layout::*;
 use super::lockfree::{rc_release, refs, ticket_issue, tickets, Words, LINK};
 use super::pool::Pool;
@@ -41,6 +49,15 @@ const T_TAG: u64 = 0;
 const T_COUNT: u64 = 8;
 const T_ENTRIES: u64 = 16;
 const T_ENTRY: u64 = 24;
+/// Type tag of a one-segment message whose segment block is its own handle ("SEGSOLO1").
+const SOLO_TAG: u64 = 0x5345_4753_4f4c_4f31;
+/// Bytes at the start of a message's first arena segment kept back from capnp for the prefix of
+/// a one-segment handle: its tag (where every handle has its tag), then the used bytes of the
+/// segment, which follows.
+const PREFIX: u64 = 16;
+/// Flag in a table entry's offset (payload offsets are 16-aligned, so the bit is free): the
+/// segment starts [`PREFIX`] bytes into its block (a message's first segment).
+const ENTRY_PREFIXED: u64 = 1;
 /// Most segments a table may list (a 1 GiB message of small objects has about 70).
 pub const MAX_SEGMENTS: usize = 1 << 16;
 
@@ -67,10 +84,41 @@ impl Default for SegmentSizes {
 
 /// A zeroed heap buffer used as a segment: heap-mode messages, and the fallback when the arena
 /// is exhausted. Shared with the transport's send queue through `Arc` while frozen.
+///
+/// Small ones are recycled: the last owner clears the prefix the builder reported writing and
+/// keeps the buffer in a per-thread spare list, so a small heap message costs neither a fresh
+/// allocation nor clearing a whole 8 KiB first segment.
 pub struct HeapSeg {
     ptr: NonNull<u64>,
     words: usize,
-    layout: Layout,
+    /// Bytes from the start that may be non-zero: all of them until the builder reports how
+    /// many words it wrote (`deallocate_segment`).
+    dirty: AtomicUsize,
+}
+
+/// Largest buffer (in words) kept as a spare: 16 KiB.
+const SPARE_MAX_WORDS: usize = 2048;
+/// Most spare buffers per thread.
+const SPARE_COUNT: usize = 8;
+
+/// Zeroed buffers (pointer, words) kept for reuse by this thread; each was allocated with
+/// `Layout::array::<u64>(words)` and is owned by the list alone.
+struct Spares(Vec<(NonNull<u64>, usize)>);
+
+impl Drop for Spares {
+    fn drop(&mut self) {
+        for &(ptr, words) in &self.0 {
+            if let Ok(layout) = Layout::array::<u64>(words) {
+                // SAFETY: allocated with this layout (`HeapSeg::zeroed`), owned by the list alone
+                // (moved in by `HeapSeg::drop`), freed once (here, as the list goes).
+                unsafe { std::alloc::dealloc(ptr.as_ptr().cast(), layout) }
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SPARES: RefCell<Spares> = const { RefCell::new(Spares(Vec::new())) };
 }
 
 // SAFETY: a HeapSeg is an owned buffer (like a `Box<[u64]>`); the pointer is not aliased by any
@@ -85,6 +133,23 @@ unsafe impl Sync for HeapSeg {}
 impl HeapSeg {
     fn zeroed(words: usize) -> HeapSeg {
         let words = words.max(1);
+        if words <= SPARE_MAX_WORDS {
+            let spare = SPARES
+                .try_with(|s| {
+                    let mut s = s.try_borrow_mut().ok()?;
+                    let i = s.0.iter().rposition(|&(_, w)| w == words)?;
+                    Some(s.0.swap_remove(i).0)
+                })
+                .ok()
+                .flatten();
+            if let Some(ptr) = spare {
+                return HeapSeg {
+                    ptr,
+                    words,
+                    dirty: AtomicUsize::new(words * 8),
+                };
+            }
+        }
         let Ok(layout) = Layout::array::<u64>(words) else {
             // Unreachable on 64-bit (capnp asks for at most 2^32 words); like a failed
             // allocation elsewhere, it ends the process rather than hand out a short buffer.
@@ -95,14 +160,52 @@ impl HeapSeg {
         let Some(ptr) = NonNull::new(raw.cast::<u64>()) else {
             std::alloc::handle_alloc_error(layout)
         };
-        HeapSeg { ptr, words, layout }
+        HeapSeg {
+            ptr,
+            words,
+            dirty: AtomicUsize::new(words * 8),
+        }
+    }
+
+    /// Records that only the first `bytes` may be non-zero (the builder is done with it).
+    fn written(&self, bytes: usize) {
+        self.dirty.store(
+            bytes.min(self.words * 8),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 
 impl Drop for HeapSeg {
     fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with this very layout, freed once (here).
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) }
+        if self.words <= SPARE_MAX_WORDS {
+            // The last owner: the builder's `written` (if it came) happened before, through the
+            // `Arc` whose last drop this is.
+            let dirty = (*self.dirty.get_mut()).min(self.words * 8);
+            let kept = SPARES
+                .try_with(|s| {
+                    let Ok(mut s) = s.try_borrow_mut() else {
+                        return false;
+                    };
+                    if s.0.len() >= SPARE_COUNT {
+                        return false;
+                    }
+                    // SAFETY: the buffer is ours alone (its last owner is being dropped) and
+                    // `dirty` bytes from its start lie within its `words * 8` bytes.
+                    unsafe { std::ptr::write_bytes(self.ptr.as_ptr().cast::<u8>(), 0, dirty) };
+                    s.0.push((self.ptr, self.words));
+                    true
+                })
+                .unwrap_or(false);
+            if kept {
+                return;
+            }
+        }
+        if let Ok(layout) = Layout::array::<u64>(self.words) {
+            // SAFETY: allocated in `zeroed` with this very layout (directly, or as a spare
+            // allocated so), owned by this segment alone, freed once (here).
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) }
+        }
     }
 }
 
@@ -131,6 +234,10 @@ struct Seg {
     words: u32,
     /// `None` once capnp handed the segment back (`deallocate_segment` ran).
     mem: Option<Mem>,
+    /// The block's first [`PREFIX`] bytes, before the `words` capnp got, are kept back for a
+    /// one-segment message's handle prefix (see [`OutMsg::share_shm`]). Set on a message's
+    /// first arena segment.
+    prefix: bool,
 }
 
 impl Seg {
@@ -139,9 +246,42 @@ impl Seg {
     }
 }
 
-/// What the allocator and its message share.
+/// A message's segments in allocation order; the first inline (most messages have only it).
+#[derive(Default)]
+struct Segs {
+    first: Option<Seg>,
+    more: Vec<Seg>,
+}
+
+impl Segs {
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn push(&mut self, seg: Seg) {
+        if self.first.is_none() {
+            self.first = Some(seg);
+        } else {
+            self.more.push(seg);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Seg> {
+        self.first.iter().chain(self.more.iter())
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Seg> {
+        self.first.iter_mut().chain(self.more.iter_mut())
+    }
+}
+
+/// What the allocator and its message keep under their lock.
 struct SegList {
-    segs: Vec<Seg>,
+    segs: Segs,
     /// A segment table owns the SHM segments: the builder must not free them.
     published: bool,
     /// The arena could not serve a segment; a heap buffer stands in for it.
@@ -153,10 +293,42 @@ struct SegList {
 // used under its mutex.
 unsafe impl Send for SegList {}
 
+/// What the allocator and its message share (one allocation per message).
+struct SegShared {
+    /// Where segments come from (`None`: the heap).
+    arena: Option<Arena>,
+    /// Some segment is a heap buffer (always in heap mode), or `failed` is set: only then do
+    /// [`OutMsg::is_frozen_by_others`] and the failure checks need the lock. Written under the
+    /// lock by whoever has the message exclusively (`&mut`), read by holders of `&OutMsg`,
+    /// which that exclusive access happened before: `Relaxed` suffices.
+    heap_or_failed: AtomicBool,
+    list: Mutex<SegList>,
+}
+
+impl SegShared {
+    fn lock(&self) -> MutexGuard<'_, SegList> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records an allocation failure (the first one stays).
+    fn fail(&self, list: &mut SegList, e: Error) {
+        if list.failed.is_none() {
+            list.failed = Some(e);
+        }
+        self.heap_or_failed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a heap segment or a failure may be recorded (see `heap_or_failed`).
+    fn heap_or_failed(&self) -> bool {
+        self.heap_or_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// capnp's allocator over an arena (or the heap). Crate-internal: users see `MsgOut`.
 pub struct SegAlloc {
-    arena: Option<Arena>,
-    list: Arc<Mutex<SegList>>,
+    shared: Arc<SegShared>,
     next_words: u32,
     sizes: SegmentSizes,
 }
@@ -164,40 +336,54 @@ pub struct SegAlloc {
 impl fmt::Debug for SegAlloc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SegAlloc")
-            .field("shm", &self.arena.is_some())
+            .field("shm", &self.shared.arena.is_some())
             .field("next_words", &self.next_words)
             .finish()
     }
 }
 
-fn lock(list: &Mutex<SegList>) -> MutexGuard<'_, SegList> {
-    list.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl SegAlloc {
-    fn grant(&mut self, words: u32) -> (NonNull<u8>, u32, Mem) {
-        if let Some(arena) = &self.arena {
-            match arena.alloc_zeroed(words as usize * 8) {
+    /// A segment of at least `words` words (at least `minimum` of them for capnp), zeroed. The
+    /// first arena segment keeps a [`PREFIX`] back at its start. Returns the pointer, the words
+    /// capnp may use, the memory and whether the prefix is kept.
+    fn grant(
+        &self,
+        list: &mut SegList,
+        words: u32,
+        minimum: u32,
+        first: bool,
+    ) -> (NonNull<u8>, u32, Mem, bool) {
+        if let Some(arena) = &self.shared.arena {
+            let bytes = if first {
+                (words as usize * 8).max(minimum as usize * 8 + PREFIX as usize)
+            } else {
+                words as usize * 8
+            };
+            match arena.alloc_zeroed(bytes) {
                 Ok(mut block) => {
-                    let cap = (block.capacity() / 8).min(u32::MAX as usize) as u32;
-                    let ptr = block.as_mut_ptr();
+                    let cap = block.capacity();
+                    let (words, prefix) =
+                        match u32::try_from(cap.saturating_sub(PREFIX as usize) / 8) {
+                            Ok(w) if first && cap >= PREFIX as usize => (w, true),
+                            _ => ((cap / 8).min(u32::MAX as usize) as u32, false),
+                        };
+                    let skip = if prefix { PREFIX as usize } else { 0 };
+                    let ptr = block.as_mut_ptr().wrapping_add(skip);
                     let r = block.into_raw();
                     // A live mapping's address is never null.
                     if let Some(ptr) = NonNull::new(ptr) {
-                        return (ptr, cap, Mem::Shm(r));
+                        return (ptr, words, Mem::Shm(r), prefix);
                     }
                 }
-                Err(e) => {
-                    let mut list = lock(&self.list);
-                    if list.failed.is_none() {
-                        list.failed = Some(e);
-                    }
-                }
+                Err(e) => self.shared.fail(list, e),
             }
         }
+        self.shared
+            .heap_or_failed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let seg = Arc::new(HeapSeg::zeroed(words as usize));
         let ptr = seg.ptr.cast::<u8>();
-        (ptr, words, Mem::Heap(seg))
+        (ptr, words, Mem::Heap(seg), false)
     }
 }
 
@@ -208,8 +394,9 @@ impl SegAlloc {
 // table owns it (`published`), until the table's last reference goes; `OutMsg` drops its builder
 // before its table, and a table only dissolves (handing the segments back) when it is the sole
 // reference, so neither frees a segment the builder still uses. Heap buffers are kept alive by
-// the `Arc` in the list. (3) No overlap: each segment is its own block or buffer. (4) Aligned:
-// block payloads are 16-aligned, heap buffers are `u64` arrays (8-aligned).
+// the `Arc` in the list. (3) No overlap: each segment is its own block or buffer (a first
+// segment's prefix lies before the words capnp gets). (4) Aligned: block payloads are 16-aligned
+// (so is a first segment, 16 bytes in), heap buffers are `u64` arrays (8-aligned).
 unsafe impl Allocator for SegAlloc {
     fn allocate_segment(&mut self, minimum_size: u32) -> (NonNull<u8>, u32) {
         let words = minimum_size.max(self.next_words);
@@ -217,23 +404,26 @@ unsafe impl Allocator for SegAlloc {
             .saturating_mul(2)
             .min(self.sizes.max_growth_words)
             .max(self.sizes.first_words);
-        let (ptr, words, mem) = self.grant(words);
-        lock(&self.list).segs.push(Seg {
+        let mut list = self.shared.lock();
+        let first = list.segs.is_empty();
+        let (ptr, words, mem, prefix) = self.grant(&mut list, words, minimum_size, first);
+        list.segs.push(Seg {
             ptr,
             words,
             mem: Some(mem),
+            prefix,
         });
         (ptr, words)
     }
 
     unsafe fn deallocate_segment(&mut self, ptr: NonNull<u8>, _word_size: u32, words_used: u32) {
-        let mut list = lock(&self.list);
+        let mut list = self.shared.lock();
         let published = list.published;
-        let Some(mem) = list
+        let Some((mem, prefix)) = list
             .segs
             .iter_mut()
             .find(|s| s.ptr == ptr && s.live())
-            .and_then(|s| s.mem.take())
+            .and_then(|s| Some((s.mem.take()?, s.prefix)))
         else {
             return;
         };
@@ -242,28 +432,45 @@ unsafe impl Allocator for SegAlloc {
             // A table owns it now; its last reference frees it.
             Mem::Shm(_) if published => {}
             Mem::Shm(r) => {
-                if let Some(arena) = &self.arena {
+                if let Some(arena) = &self.shared.arena {
                     // SAFETY: the block was allocated for this segment and turned into `r` by
                     // `into_raw`; this is its only re-adoption (the segment is marked gone).
                     if let Ok(block) = unsafe { arena.block_from_raw(r, 0) } {
-                        // SAFETY: capnp wrote at most `words_used` words of a zeroed block.
-                        unsafe { block.release_zeroed_prefix(words_used as usize * 8) };
+                        let skip = if prefix { PREFIX as usize } else { 0 };
+                        // SAFETY: capnp wrote at most `words_used` words of a zeroed block after
+                        // the `skip` bytes of the prefix (which is cleared with them).
+                        unsafe { block.release_zeroed_prefix(skip + words_used as usize * 8) };
                     }
                 }
             }
-            Mem::Heap(seg) => drop(seg),
+            Mem::Heap(seg) => {
+                // Only what capnp wrote needs clearing when the buffer is recycled.
+                seg.written(words_used as usize * 8);
+                drop(seg);
+            }
         }
     }
 }
 
-/// The ref-counted segment table of a frozen message, in an arena block. Dropping the last
-/// reference (in any process) frees every segment and the table.
+/// The ref-counted handle of a frozen message. Dropping the last reference (in any process)
+/// frees every segment (and the table).
+///
+/// Two kinds, told apart by the type tag of their blobs:
+/// * a **table** ([`TABLE_TAG`]): a block of its own listing the segments;
+/// * a **one-segment message** ([`SOLO_TAG`]): the segment block itself is the handle (its
+///   header holds the count, as for any handle), and its first [`PREFIX`] bytes, which capnp
+///   never got, hold the tag and the used bytes. A small message thus costs one block: no table
+///   to allocate, write, validate and free.
 pub struct SegTable {
     arena: Arena,
     pool: u32,
     /// Block offset (header), not payload.
     off: u64,
     generation: u32,
+    /// Payload capacity of the block (fixed while a reference is held).
+    cap: u64,
+    /// A one-segment message (the block is the segment).
+    solo: bool,
 }
 
 impl fmt::Debug for SegTable {
@@ -271,6 +478,7 @@ impl fmt::Debug for SegTable {
         f.debug_struct("SegTable")
             .field("pool", &self.pool)
             .field("offset", &(self.off + BLOCK_HDR))
+            .field("solo", &self.solo)
             .field("refs", &self.ref_count())
             .finish()
     }
@@ -286,6 +494,11 @@ impl SegTable {
 
     fn payload(&self) -> u64 {
         self.off + BLOCK_HDR
+    }
+
+    /// Payload offset of a one-segment handle's used bytes (after its tag).
+    fn solo_used_at(&self) -> u64 {
+        self.payload() + 8
     }
 
     /// Writes a table for `n` entries (segment, used bytes) and returns its first reference. If
@@ -326,6 +539,29 @@ impl SegTable {
             pool: pool.id(),
             off: g.off,
             generation: g.generation(),
+            cap: g.capacity,
+            solo: false,
+        })
+    }
+
+    /// Makes the one segment of a message its handle: writes the prefix (tag, `used`) into the
+    /// `PREFIX` bytes kept back before the segment's `words` and publishes the block in place.
+    /// Updates `r` to the block's new generation (see [`publish_in_place`]).
+    fn create_solo(arena: &Arena, r: &mut BlockRef, words: u32, used: u64) -> Result<SegTable> {
+        let pool = arena.pool(r.pool).ok_or(Error::UnknownPool(r.pool))?;
+        let off = r.offset - BLOCK_HDR;
+        let cap = words as u64 * 8 + PREFIX;
+        pool.word(r.offset).store(SOLO_TAG, Ordering::Relaxed);
+        pool.word(r.offset + 8).store(used, Ordering::Relaxed);
+        let generation = publish_in_place(pool, off);
+        r.generation = generation;
+        Ok(SegTable {
+            arena: arena.clone(),
+            pool: r.pool,
+            off,
+            generation,
+            cap,
+            solo: true,
         })
     }
 
@@ -337,7 +573,7 @@ impl SegTable {
             self.pool,
             self.payload(),
             self.generation,
-            TABLE_TAG,
+            if self.solo { SOLO_TAG } else { TABLE_TAG },
         )
     }
 
@@ -346,8 +582,9 @@ impl SegTable {
         refs(self.pool().word(self.off + LINK).load(Ordering::Relaxed))
     }
 
-    /// If this is the only reference anywhere, frees the table block alone and returns true:
-    /// the segments are then the builder's again. Otherwise returns false (and keeps `self`).
+    /// If this is the only reference anywhere, gives the segments back to the builder and
+    /// returns true: a table block is freed, a one-segment handle made a private block again
+    /// (its prefix cleared). Otherwise returns false (and keeps `self`).
     fn dissolve_if_sole(&mut self) -> bool {
         // Acquire pairs with the Release of every other holder's drop: their reads of the
         // segments happen before the builder writes them again.
@@ -355,36 +592,17 @@ impl SegTable {
         if refs(w) != 1 || tickets(w) != 0 {
             return false;
         }
-        // No other holder and no outstanding ticket: no one can reach the table any more.
-        let _ = self.pool().free_block(self.off, false);
-        true
-    }
-
-    /// Copies the entries out of the table (one sequential read), unvalidated.
-    fn entries(&self) -> Result<Slots> {
+        // No other holder and no outstanding ticket: no one can reach the handle any more.
         let pool = self.pool();
-        let p = self.payload();
-        let (_, capacity) = pool.block_at(self.off)?;
-        let n = pool.word(p + T_COUNT).load(Ordering::Relaxed);
-        if n == 0 || n as usize > MAX_SEGMENTS || T_ENTRIES + n * T_ENTRY > capacity {
-            return Err(Error::Corrupt(
-                "segment table empty or longer than its block",
-            ));
-        }
-        let slot = |i: u64| {
-            let (at, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
-            SegSlot {
-                at,
-                used,
-                resolved: OnceLock::new(),
-            }
-        };
-        Ok(if n == 1 {
-            // The common small message: no allocation.
-            Slots::One([slot(0)])
+        if self.solo {
+            unpublish_block(pool, self.off);
+            // No longer a handle: no tag (freeing clears the prefix anyway).
+            pool.word(self.payload()).store(0, Ordering::Relaxed);
+            pool.word(self.solo_used_at()).store(0, Ordering::Relaxed);
         } else {
-            Slots::Many((0..n).map(slot).collect())
-        })
+            let _ = pool.free_block(self.off, false);
+        }
+        true
     }
 }
 
@@ -399,17 +617,41 @@ fn read_entry(pool: &Pool, e: u64) -> (BlockRef, u64) {
     (r, used)
 }
 
-/// Validates one segment: a live block (see [`Arena::live_block`]) whose capacity holds `used`,
-/// a whole number of words. Returns the payload pointer.
-fn segment(arena: &Arena, r: BlockRef, used: u64) -> Result<NonNull<u8>> {
-    let (pool, _, _, capacity) = arena.live_block(r)?;
+/// Checks a segment's used length against the `capacity` its bytes may span: a whole number
+/// of words, within it, and short enough for capnp (which counts words in a u32).
+fn check_used(pool: u32, offset: u64, used: u64, capacity: u64) -> Result<()> {
     if used > capacity || used % 8 != 0 || used / 8 > u32::MAX as u64 {
         return Err(Error::OutOfBounds {
-            pool: r.pool,
-            offset: r.offset.saturating_add(used),
+            pool,
+            offset: offset.saturating_add(used),
         });
     }
-    NonNull::new(pool.ptr(r.offset)).ok_or(Error::Corrupt("null mapping"))
+    Ok(())
+}
+
+/// A table entry's block reference without its [`ENTRY_PREFIXED`] flag, and the bytes the
+/// segment starts into its block.
+fn unprefixed(r: BlockRef) -> (BlockRef, u64) {
+    let skip = if r.offset & ENTRY_PREFIXED != 0 {
+        PREFIX
+    } else {
+        0
+    };
+    let r = BlockRef {
+        offset: r.offset & !ENTRY_PREFIXED,
+        ..r
+    };
+    (r, skip)
+}
+
+/// Validates one segment as a table entry names it: a live block (see [`Arena::live_block`])
+/// whose capacity holds `used` (a whole number of words) after the segment's prefix, if any.
+/// Returns the segment's pointer.
+fn segment(arena: &Arena, r: BlockRef, used: u64) -> Result<NonNull<u8>> {
+    let (r, skip) = unprefixed(r);
+    let (pool, _, _, capacity) = arena.live_block(r)?;
+    check_used(r.pool, r.offset, used, capacity.saturating_sub(skip))?;
+    NonNull::new(pool.ptr(r.offset + skip)).ok_or(Error::Corrupt("null mapping"))
 }
 
 impl Drop for SegTable {
@@ -418,26 +660,40 @@ impl Drop for SegTable {
         if !rc_release(pool.word(self.off + LINK)) {
             return;
         }
+        let p = self.payload();
+        if self.solo {
+            // Last reference to a one-segment message: clear the prefix and what capnp wrote
+            // after it (as the prefix records it, kept within the block whatever a peer
+            // scribbled there), and free the block clean.
+            let used = pool
+                .word(self.solo_used_at())
+                .load(Ordering::Relaxed)
+                .min(self.cap - PREFIX);
+            pool.zero(p, PREFIX + used);
+            let _ = pool.free_block(self.off, true);
+            return;
+        }
         // Last reference: free every segment (zeroing its used prefix), then the table. A
         // corrupt entry is skipped (leaked) rather than freed into a list it could damage.
-        let p = self.payload();
         let n = pool.word(p + T_COUNT).load(Ordering::Relaxed) as usize;
-        let cap = pool.block_at(self.off).map(|(_, c)| c).unwrap_or(0);
-        if n <= MAX_SEGMENTS && T_ENTRIES + n as u64 * T_ENTRY <= cap {
+        if n <= MAX_SEGMENTS && T_ENTRIES + n as u64 * T_ENTRY <= self.cap {
             for i in 0..n as u64 {
                 let (r, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
+                let (r, skip) = unprefixed(r);
                 // An entry naming the table itself (corrupt) must not free it mid-walk.
                 if r.pool == self.pool && r.offset == p {
                     continue;
                 }
+                let len = used.saturating_add(skip) as usize;
                 // SAFETY: this was the last reference to the table, which owns its segments (the
                 // builder gave them up when the table was made: `published`), so no one else
                 // holds or adopts segment `r`; each entry names a distinct block, and the
-                // self-reference is skipped above. `block_from_raw` validates `r` and `used`.
-                if let Ok(block) = unsafe { self.arena.block_from_raw(r, used as usize) } {
+                // self-reference is skipped above. `block_from_raw` validates `r` and `len`.
+                if let Ok(block) = unsafe { self.arena.block_from_raw(r, len) } {
                     // SAFETY: capnp wrote at most the `used` bytes the table recorded (its
-                    // output prefix) of a segment that was allocated zeroed.
-                    unsafe { block.release_zeroed_prefix(used as usize) };
+                    // output prefix) of a segment that was allocated zeroed, after the `skip`
+                    // bytes of a first segment's prefix (cleared with them).
+                    unsafe { block.release_zeroed_prefix(len) };
                 }
             }
         }
@@ -446,27 +702,80 @@ impl Drop for SegTable {
 }
 
 impl Arena {
-    /// Adopts the reference a segment-table blob carries (validated like any lend blob, plus its
-    /// table tag), and the table's entries (each a live block of a known pool).
+    /// Adopts the reference a message blob carries (validated like any lend blob, plus its
+    /// kind's tag) and validates segment 0 (each later one when it is first read).
     pub(crate) fn borrow_segments(&self, blob: &LendBlob) -> Result<ShmSegments> {
-        if blob.type_tag() != TABLE_TAG {
-            return Err(Error::TypeMismatch {
+        match blob.type_tag() {
+            SOLO_TAG => self.borrow_solo(blob),
+            TABLE_TAG => self.borrow_table(blob),
+            found => Err(Error::TypeMismatch {
                 expected: TABLE_TAG,
-                found: blob.type_tag(),
-            });
+                found,
+            }),
         }
-        let (pool, off) = self.adopt(blob, Some((TABLE_TAG, T_ENTRIES)))?;
+    }
+
+    fn borrow_solo(&self, blob: &LendBlob) -> Result<ShmSegments> {
+        // The tag is checked where every handle has it (a mismatch leaves the reference lent,
+        // as for any borrow of the wrong type).
+        let (pool, off, cap) = self.adopt(blob, Some((SOLO_TAG, PREFIX)))?;
+        let p = off + BLOCK_HDR;
+        // On error `table` drops its reference again (as the last one, it frees the message).
         let table = SegTable {
             arena: self.clone(),
             pool: pool.id(),
             off,
             generation: blob.generation(),
+            cap,
+            solo: true,
         };
+        // The ticket's reference keeps the block alive: its prefix is ours to read.
+        let used = pool.word(table.solo_used_at()).load(Ordering::Relaxed);
+        check_used(pool.id(), p + PREFIX, used, cap - PREFIX)?;
+        let ptr = NonNull::new(pool.ptr(p + PREFIX)).ok_or(Error::Corrupt("null mapping"))?;
+        Ok(ShmSegments {
+            table,
+            first: (ptr, used as usize),
+            rest: Vec::new(),
+        })
+    }
+
+    fn borrow_table(&self, blob: &LendBlob) -> Result<ShmSegments> {
+        let (pool, off, cap) = self.adopt(blob, Some((TABLE_TAG, T_ENTRIES)))?;
         // On error `table` drops its reference again (as the last one, it frees the message).
-        let segs = table.entries()?;
-        let segs = ShmSegments { table, segs };
-        segs.resolve(0)?;
-        Ok(segs)
+        let table = SegTable {
+            arena: self.clone(),
+            pool: pool.id(),
+            off,
+            generation: blob.generation(),
+            cap,
+            solo: false,
+        };
+        let p = table.payload();
+        let n = pool.word(p + T_COUNT).load(Ordering::Relaxed);
+        if n == 0 || n as usize > MAX_SEGMENTS || T_ENTRIES + n * T_ENTRY > cap {
+            return Err(Error::Corrupt(
+                "segment table empty or longer than its block",
+            ));
+        }
+        // The entries are copied out (one sequential read); segment 0 is validated now.
+        let (r0, used0) = read_entry(pool, p + T_ENTRIES);
+        let ptr = segment(self, r0, used0)?;
+        let rest = (1..n)
+            .map(|i| {
+                let (at, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
+                SegSlot {
+                    at,
+                    used,
+                    resolved: OnceLock::new(),
+                }
+            })
+            .collect();
+        Ok(ShmSegments {
+            table,
+            first: (ptr, used0 as usize),
+            rest,
+        })
     }
 }
 
@@ -479,23 +788,11 @@ impl Arena {
 /// segment that fails validation reads as missing, which capnp reports as an error.
 pub struct ShmSegments {
     table: SegTable,
-    segs: Slots,
-}
-
-/// The slots of a received message: inline for one segment.
-enum Slots {
-    One([SegSlot; 1]),
-    Many(Vec<SegSlot>),
-}
-
-impl std::ops::Deref for Slots {
-    type Target = [SegSlot];
-    fn deref(&self) -> &[SegSlot] {
-        match self {
-            Slots::One(s) => s,
-            Slots::Many(v) => v,
-        }
-    }
+    /// Segment 0, validated: address and length (capnp asks for it on every pointer it follows
+    /// there, so it is one load away).
+    first: (NonNull<u8>, usize),
+    /// Segments 1.. (none for a one-segment message: no allocation).
+    rest: Vec<SegSlot>,
 }
 
 /// One table entry as received, and where it resolved to (address and length), once checked.
@@ -506,23 +803,21 @@ struct SegSlot {
 }
 
 impl ShmSegments {
-    /// Validates segment `i` (once) and returns its address and length.
-    fn resolve(&self, i: usize) -> Result<(usize, usize)> {
-        let slot = self.segs.get(i).ok_or(Error::Corrupt("no such segment"))?;
-        if let Some(r) = slot.resolved.get() {
-            return r.ok_or(Error::Corrupt("segment failed validation"));
-        }
-        let r = segment(&self.table.arena, slot.at, slot.used)
-            .map(|ptr| (ptr.as_ptr() as usize, slot.used as usize));
-        let _ = slot.resolved.set(r.as_ref().ok().copied());
-        r
+    /// Validates segment `i` >= 1 (once) and returns its address and length.
+    fn resolve(&self, i: usize) -> Option<(usize, usize)> {
+        let slot = self.rest.get(i.checked_sub(1)?)?;
+        *slot.resolved.get_or_init(|| {
+            segment(&self.table.arena, slot.at, slot.used)
+                .ok()
+                .map(|ptr| (ptr.as_ptr() as usize, slot.used as usize))
+        })
     }
 
     /// Words of all segments, as the table states them (what a copy would move).
     pub fn total_words(&self) -> usize {
-        self.segs
-            .iter()
-            .fold(0usize, |a, s| a.saturating_add((s.used / 8) as usize))
+        self.rest.iter().fold(self.first.1 / 8, |a, s| {
+            a.saturating_add((s.used / 8) as usize)
+        })
     }
 }
 
@@ -538,7 +833,7 @@ impl fmt::Debug for ShmSegments {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ShmSegments")
             .field("table", &self.table)
-            .field("segments", &self.segs.len())
+            .field("segments", &(self.rest.len() + 1))
             .finish()
     }
 }
@@ -551,18 +846,25 @@ impl ShmSegments {
 }
 
 impl ReaderSegments for ShmSegments {
+    #[inline]
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
-        let (addr, len) = self.resolve(idx as usize).ok()?;
-        // SAFETY: `segment` validated that [addr, addr+len) is inside a live block of a mapped
-        // pool (allocated, of the generation the table recorded); the table reference we hold
-        // keeps the block allocated and the mapping lives as long as `self.table.arena`; the
-        // freeze protocol (module docs) guarantees no process writes it until the reference is
-        // gone, which cannot happen while `&self` is borrowed.
+        let (addr, len) = if idx == 0 {
+            (self.first.0.as_ptr() as usize, self.first.1)
+        } else {
+            self.resolve(idx as usize)?
+        };
+        // SAFETY: segment 0 was validated on receipt (`borrow_solo`: the handle block itself,
+        // `len` within its capacity after the prefix; `borrow_table`: `segment`), later ones by
+        // `segment` in `resolve`: [addr, addr+len) is inside a live block of a mapped pool
+        // (allocated, of the generation recorded); the table reference we hold keeps the block
+        // allocated and the mapping lives as long as `self.table.arena`; the freeze protocol
+        // (module docs) guarantees no process writes it until the reference is gone, which
+        // cannot happen while `&self` is borrowed.
         Some(unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
     }
 
     fn len(&self) -> usize {
-        self.segs.len()
+        self.rest.len() + 1
     }
 }
 
@@ -571,17 +873,16 @@ pub struct OutMsg {
     // Field order matters: the builder (whose drop hands segments back) goes before the table
     // (whose last reference frees the segments it owns).
     builder: Builder<SegAlloc>,
-    list: Arc<Mutex<SegList>>,
+    shared: Arc<SegShared>,
     table: Option<SegTable>,
-    arena: Option<Arena>,
     sizes: SegmentSizes,
 }
 
 impl fmt::Debug for OutMsg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OutMsg")
-            .field("shm", &self.arena.is_some())
-            .field("segments", &lock(&self.list).segs.len())
+            .field("shm", &self.shared.arena.is_some())
+            .field("segments", &self.shared.lock().segs.len())
             .field("shared", &self.table)
             .finish()
     }
@@ -594,34 +895,36 @@ impl OutMsg {
             first_words: sizes.first_words.max(1),
             max_growth_words: sizes.max_growth_words.max(sizes.first_words.max(1)),
         };
-        let list = Arc::new(Mutex::new(SegList {
-            segs: Vec::new(),
-            published: false,
-            failed: None,
-        }));
+        let shared = Arc::new(SegShared {
+            heap_or_failed: AtomicBool::new(false),
+            arena,
+            list: Mutex::new(SegList {
+                segs: Segs::default(),
+                published: false,
+                failed: None,
+            }),
+        });
         let alloc = SegAlloc {
-            arena: arena.clone(),
-            list: list.clone(),
+            shared: shared.clone(),
             next_words: sizes.first_words,
             sizes,
         };
         OutMsg {
             builder: Builder::new(alloc),
-            list,
+            shared,
             table: None,
-            arena,
             sizes,
         }
     }
 
     /// Whether segments come from an arena.
     pub fn is_shm(&self) -> bool {
-        self.arena.is_some()
+        self.shared.arena.is_some()
     }
 
     /// The arena segments come from.
     pub fn arena(&self) -> Option<&Arena> {
-        self.arena.as_ref()
+        self.shared.arena.as_ref()
     }
 
     /// Read-only access (never copies).
@@ -636,7 +939,7 @@ impl OutMsg {
         } else if let Some(mut t) = self.table.take() {
             if t.dissolve_if_sole() {
                 std::mem::forget(t);
-                lock(&self.list).published = false;
+                self.shared.lock().published = false;
             } else {
                 // Someone borrowed it between the check and now: copy after all.
                 self.table = Some(t);
@@ -654,24 +957,35 @@ impl OutMsg {
                 return true;
             }
         }
+        if !self.shared.heap_or_failed() {
+            return false; // no heap buffer to be held elsewhere
+        }
         // `Arc::get_mut` (unlike `strong_count`) synchronizes with the other holders' drops, so
         // their reads happen before any write the caller makes after seeing `false`.
-        lock(&self.list).segs.iter_mut().any(|s| match &mut s.mem {
-            Some(Mem::Heap(a)) => Arc::get_mut(a).is_none(),
-            _ => false,
-        })
+        self.shared
+            .lock()
+            .segs
+            .iter_mut()
+            .any(|s| match &mut s.mem {
+                Some(Mem::Heap(a)) => Arc::get_mut(a).is_none(),
+                _ => false,
+            })
     }
 
     /// Replaces the message by a private deep copy (its old segments stay with their readers).
     fn copy_into_fresh(&mut self) {
-        let mut fresh = OutMsg::new(self.arena.clone(), self.sizes);
-        if !lock(&self.list).segs.is_empty() {
+        let mut fresh = OutMsg::new(self.shared.arena.clone(), self.sizes);
+        if !self.shared.lock().segs.is_empty() {
             let copied = self
                 .builder
                 .get_root_as_reader::<capnp::any_pointer::Reader<'_>>()
                 .and_then(|root| fresh.builder.set_root(root));
             if copied.is_err() {
-                lock(&fresh.list).failed = Some(Error::Corrupt("message could not be copied"));
+                let mut list = fresh.shared.lock();
+                list.failed = None;
+                fresh
+                    .shared
+                    .fail(&mut list, Error::Corrupt("message could not be copied"));
             }
         }
         *self = fresh;
@@ -679,11 +993,14 @@ impl OutMsg {
 
     /// The allocation failure that left part of the message on the heap, if any.
     pub fn alloc_failure(&self) -> Option<Error> {
-        lock(&self.list).failed.as_ref().map(Error::duplicate)
+        if !self.shared.heap_or_failed() {
+            return None;
+        }
+        self.shared.lock().failed.as_ref().map(Error::duplicate)
     }
 
     fn check_failure(&mut self) -> Result<()> {
-        if lock(&self.list).failed.is_none() {
+        if !self.shared.heap_or_failed() || self.shared.lock().failed.is_none() {
             return Ok(());
         }
         // The arena was full while building: try again now by copying into fresh segments
@@ -691,7 +1008,7 @@ impl OutMsg {
         if self.table.is_none() {
             self.copy_into_fresh();
         }
-        match lock(&self.list).failed.as_ref().map(Error::duplicate) {
+        match self.alloc_failure() {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -700,57 +1017,107 @@ impl OutMsg {
     /// Freezes the message into a segment table (once; an unchanged message reuses it) and
     /// lends one reference for a receiver. Fails (sending nothing, the message intact) if the
     /// message is heap-backed or part of it could not be allocated in the arena.
+    ///
+    /// A one-segment message (the common small one) is frozen in place: its segment block
+    /// becomes the handle, with no table block (see [`SegTable`]).
     pub fn share_shm(&mut self) -> Result<LendBlob> {
-        let Some(arena) = self.arena.clone() else {
+        if self.shared.arena.is_none() {
             return Err(Error::BadConfig(
                 "a heap-backed message cannot be shared in place",
             ));
-        };
+        }
         if self.table.is_none() {
             self.check_failure()?;
             // Make sure there is a root pointer (an empty message still has one segment).
-            if lock(&self.list).segs.is_empty() {
+            if self.builder.get_segments_for_output().is_empty() {
                 let _ = self.builder.get_root::<capnp::any_pointer::Builder<'_>>();
             }
             let out = self.builder.get_segments_for_output();
-            let list = lock(&self.list);
-            let mut live = list.segs.iter().filter(|s| s.live());
+            let Some(arena) = &self.shared.arena else {
+                return Err(Error::BadConfig("no arena"));
+            };
+            let mut list = self.shared.lock();
             if out.len() > MAX_SEGMENTS {
                 return Err(Error::Corrupt("too many segments"));
             }
-            let mut entries = out.iter().map(|bytes| match live.next() {
-                Some(Seg {
-                    mem: Some(Mem::Shm(r)),
-                    ptr,
-                    ..
-                }) if std::ptr::eq(ptr.as_ptr(), bytes.as_ptr()) => Ok((*r, bytes.len() as u64)),
-                _ => Err(Error::Corrupt("segment list out of step with the builder")),
-            });
-            let table = SegTable::create(&arena, out.len(), &mut entries)?;
-            drop(entries);
-            if live.next().is_some() {
-                drop(table);
-                return Err(Error::Corrupt("segment list out of step with the builder"));
-            }
+            let out_of_step = || Error::Corrupt("segment list out of step with the builder");
+            let table = if let [bytes] = &out[..] {
+                let mut live = list.segs.iter_mut().filter(|s| s.live());
+                let seg = live.next().ok_or_else(out_of_step)?;
+                if live.next().is_some() || !std::ptr::eq(seg.ptr.as_ptr(), bytes.as_ptr()) {
+                    return Err(out_of_step());
+                }
+                match seg {
+                    Seg {
+                        mem: Some(Mem::Shm(r)),
+                        words,
+                        prefix: true,
+                        ..
+                    } => SegTable::create_solo(arena, r, *words, bytes.len() as u64)?,
+                    Seg {
+                        mem: Some(Mem::Shm(r)),
+                        ..
+                    } => SegTable::create(
+                        arena,
+                        1,
+                        &mut std::iter::once(Ok((*r, bytes.len() as u64))),
+                    )?,
+                    _ => return Err(out_of_step()),
+                }
+            } else {
+                let mut live = list.segs.iter().filter(|s| s.live());
+                let mut entries = out.iter().map(|bytes| match live.next() {
+                    Some(Seg {
+                        mem: Some(Mem::Shm(r)),
+                        ptr,
+                        prefix,
+                        ..
+                    }) if std::ptr::eq(ptr.as_ptr(), bytes.as_ptr()) => {
+                        let flag = if *prefix { ENTRY_PREFIXED } else { 0 };
+                        let r = BlockRef {
+                            offset: r.offset | flag,
+                            ..*r
+                        };
+                        Ok((r, bytes.len() as u64))
+                    }
+                    _ => Err(out_of_step()),
+                });
+                let table = SegTable::create(arena, out.len(), &mut entries)?;
+                drop(entries);
+                if live.next().is_some() {
+                    drop(table);
+                    return Err(out_of_step());
+                }
+                table
+            };
+            list.published = true;
             drop(list);
-            lock(&self.list).published = true;
             self.table = Some(table);
         }
         let table = self.table.as_ref().expect("table set above");
         Ok(table.lend())
     }
 
+    /// The used bytes of each segment, in order (e.g. to copy them into a socket). Makes sure
+    /// there is a root pointer first, as sending does.
+    pub fn output_segments(&mut self) -> capnp::OutputSegments<'_> {
+        if self.builder.get_segments_for_output().is_empty() {
+            let _ = self.builder.get_root::<capnp::any_pointer::Builder<'_>>();
+        }
+        self.builder.get_segments_for_output()
+    }
+
     /// The message's references as shared heap buffers (frozen while any is held), with the
     /// number of used bytes of each, in segment order.
     pub fn share_heap(&mut self) -> Result<Vec<(Arc<HeapSeg>, usize)>> {
-        if self.arena.is_some() {
+        if self.shared.arena.is_some() {
             return Err(Error::BadConfig("an arena-backed message is sent in place"));
         }
-        if lock(&self.list).segs.is_empty() {
+        if self.shared.lock().segs.is_empty() {
             let _ = self.builder.get_root::<capnp::any_pointer::Builder<'_>>();
         }
         let out = self.builder.get_segments_for_output();
-        let list = lock(&self.list);
+        let list = self.shared.lock();
         let mut live = list.segs.iter().filter(|s| s.live());
         let mut parts = Vec::with_capacity(out.len());
         for bytes in out.iter() {
@@ -778,7 +1145,8 @@ impl OutMsg {
 
     /// Words the segments were given (used or not).
     pub fn reserved_words(&self) -> u64 {
-        lock(&self.list)
+        self.shared
+            .lock()
             .segs
             .iter()
             .filter(|s| s.live())
@@ -969,5 +1337,189 @@ mod tests {
         assert!(!old.windows(100).any(|w| w == [2u8; 100]));
         drop(held);
         assert!(!msg.is_frozen_by_others());
+    }
+
+    #[test]
+    fn heap_segments_are_recycled_clean() {
+        let words = 1024;
+        let fresh = || HeapSeg::zeroed(words);
+        let seg = fresh();
+        let first = seg.ptr;
+        // SAFETY: the test owns the buffer alone; it writes within its `words` words.
+        unsafe { std::ptr::write_bytes(seg.ptr.as_ptr().cast::<u8>(), 0xAB, 100) };
+        seg.written(100);
+        drop(seg);
+        let seg = fresh();
+        assert_eq!(seg.ptr, first, "the spare came back");
+        assert!(seg.as_ref().iter().all(|&b| b == 0));
+        // A buffer whose writer never reported (say, a leaked builder) is cleared whole.
+        // SAFETY: as above.
+        unsafe { std::ptr::write_bytes(seg.ptr.as_ptr().cast::<u8>(), 0xCD, words * 8) };
+        drop(seg);
+        let seg = fresh();
+        assert_eq!(seg.ptr, first);
+        assert!(seg.as_ref().iter().all(|&b| b == 0));
+        // Only so many are kept; big ones are not.
+        let many: Vec<_> = (0..SPARE_COUNT + 2).map(|_| fresh()).collect();
+        drop(many);
+        assert_eq!(SPARES.with(|s| s.borrow().0.len()), SPARE_COUNT);
+        drop(HeapSeg::zeroed(SPARE_MAX_WORDS + 1));
+        assert_eq!(SPARES.with(|s| s.borrow().0.len()), SPARE_COUNT);
+        drop(seg);
+    }
+
+    fn retagged(blob: &LendBlob, tag: u64) -> LendBlob {
+        let mut b = *blob.as_bytes();
+        b[24..32].copy_from_slice(&tag.to_le_bytes());
+        LendBlob::from_bytes(&b).unwrap()
+    }
+
+    #[test]
+    fn a_one_segment_message_is_its_own_handle() {
+        let arena = arena();
+        let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut msg, 100, 7);
+        let blob = msg.share_shm().unwrap();
+        assert_eq!(blob.type_tag(), SOLO_TAG);
+        assert_eq!(arena.stats().blocks_in_use, 1, "no table block");
+        let seg0 = msg.builder().get_segments_for_output()[0].as_ptr();
+        assert_eq!(seg0 as usize % 16, 0);
+        let segs = arena.borrow_segments(&blob).unwrap();
+        assert_eq!(segs.get_segment(0).unwrap().as_ptr(), seg0);
+        assert_eq!(segs.len(), 1);
+        assert!(segs.get_segment(1).is_none());
+        assert_eq!(read_first(segs), vec![7; 100]);
+        assert_eq!(msg.table_refs(), Some(1));
+        // Thawed in place (nobody else holds it), then published again: the first blob is
+        // stale, the new one reads the new bytes.
+        fill(&mut msg, 100, 8);
+        assert_eq!(msg.table_refs(), None);
+        assert_eq!(msg.builder().get_segments_for_output()[0].as_ptr(), seg0);
+        let blob2 = msg.share_shm().unwrap();
+        assert_ne!(blob2.generation(), blob.generation());
+        assert!(matches!(arena.borrow_segments(&blob), Err(Error::Stale)));
+        let segs = arena.borrow_segments(&blob2).unwrap();
+        drop(msg);
+        assert_eq!(arena.stats().blocks_in_use, 1, "the receiver holds it");
+        assert_eq!(read_first(segs), vec![8; 100]);
+        assert_eq!(arena.stats().blocks_in_use, 0);
+        arena.verify().unwrap();
+        // Freed clean (the prefix and what capnp wrote were cleared): the next zeroed
+        // allocation of the block clears nothing.
+        let (pool, g) = arena.grant(8192, 0).unwrap();
+        assert_eq!(g.off + BLOCK_HDR + PREFIX, seg0 as u64 - pool.ptr(0) as u64);
+        assert!(g.clean());
+        pool.free_block(g.off, true).unwrap();
+    }
+
+    #[test]
+    fn a_dissolved_one_segment_handle_leaves_no_prefix_behind() {
+        let arena = arena();
+        let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut msg, 100, 7);
+        let blob = msg.share_shm().unwrap();
+        arena.release_blob(&blob).unwrap();
+        // Grows into a second segment: now sent with a table.
+        fill(&mut msg, 20_000, 9);
+        let blob = msg.share_shm().unwrap();
+        assert_eq!(blob.type_tag(), TABLE_TAG);
+        let segs = arena.borrow_segments(&blob).unwrap();
+        assert_eq!(segs.len(), 2);
+        assert_eq!(read_first(segs), vec![9; 20_000]);
+        let seg0 = msg.builder().get_segments_for_output()[0].as_ptr();
+        drop(msg);
+        assert_eq!(arena.stats().blocks_in_use, 0);
+        let (pool, g) = arena.grant(8192, 0).unwrap();
+        assert_eq!(g.off + BLOCK_HDR + PREFIX, seg0 as u64 - pool.ptr(0) as u64);
+        assert!(g.clean());
+        let all_zero = (0..g.capacity / 8)
+            .all(|i| pool.word(g.off + BLOCK_HDR + i * 8).load(Ordering::Relaxed) == 0);
+        assert!(all_zero, "the block really is clean");
+        pool.free_block(g.off, true).unwrap();
+    }
+
+    #[test]
+    fn forged_one_segment_handles_are_refused_with_the_specific_error() {
+        let arena = arena();
+        // A blob of an object retagged as a message: not one (its tag says so); the lent
+        // reference stays lent, as for any borrow of the wrong type.
+        let h = arena.construct([3u64; 8]).unwrap();
+        let e = arena
+            .borrow_segments(&retagged(&h.lend(), SOLO_TAG))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TypeMismatch {
+                    expected: SOLO_TAG,
+                    found
+                } if found == crate::shm::type_tag::<[u64; 8]>()
+            ),
+            "{e:?}"
+        );
+        assert_eq!(h.ref_count(), 2);
+        // A table retagged as one segment, and a one-segment message retagged as a table.
+        let mut big = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut big, 20_000, 1);
+        let big_blob = big.share_shm().unwrap();
+        let e = arena
+            .borrow_segments(&retagged(&big_blob, SOLO_TAG))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TypeMismatch {
+                    expected: SOLO_TAG,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+        fill(&mut msg, 100, 7);
+        let blob = msg.share_shm().unwrap();
+        let e = arena
+            .borrow_segments(&retagged(&blob, TABLE_TAG))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TypeMismatch {
+                    expected: TABLE_TAG,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // A prefix whose used length overruns the block (a peer scribbled on it): refused, and
+        // the reference taken for the check given back.
+        let pool = arena.pool(blob.pool()).unwrap();
+        let (_, cap) = pool.block_at(blob.offset() - BLOCK_HDR).unwrap();
+        let used_at = blob.offset() + 8;
+        let good = pool.word(used_at).load(Ordering::Relaxed);
+        for bad in [cap - PREFIX + 8, good + 4, u64::MAX] {
+            pool.word(used_at).store(bad, Ordering::Relaxed);
+            let e = arena
+                .borrow_segments(&msg.share_shm().unwrap())
+                .unwrap_err();
+            assert!(matches!(e, Error::OutOfBounds { .. }), "{e:?}");
+        }
+        pool.word(used_at).store(good, Ordering::Relaxed);
+        assert_eq!(
+            msg.table_refs(),
+            Some(2),
+            "the sender and the first, unborrowed blob"
+        );
+        assert_eq!(
+            read_first(arena.borrow_segments(&blob).unwrap()),
+            vec![7; 100]
+        );
+        assert_eq!(msg.table_refs(), Some(1));
+        drop((msg, h));
+        arena.release_blob(&big_blob).unwrap();
+        drop(big);
+        // The lent reference of the object keeps it alive (as with any mistyped borrow).
+        assert_eq!(arena.stats().blocks_in_use, 1);
+        arena.verify().unwrap();
     }
 }

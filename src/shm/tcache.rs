@@ -194,7 +194,7 @@ impl Pool {
     /// (no RMW) when it has one, else in the pool's base counters.
     pub(crate) fn count_small(&self, c: usize, delta: i64) {
         if self
-            .with_slot(|slot, _| bump(&slot.in_use[c], delta))
+            .with_slot(|slot, _| bump(&slot.classes[c].in_use, delta))
             .is_none()
         {
             self.count_base(delta * CLASS_SIZES[c] as i64, delta);
@@ -332,13 +332,13 @@ impl Pool {
     /// out is cut, leaking its rest rather than listing anything twice).
     fn drain_slot(&self, slot: &Slot, counts: Option<&[u16; NUM_CLASSES]>) {
         for c in 0..NUM_CLASSES {
-            let head = slot.heads[c].load(Ordering::Relaxed);
+            let head = slot.classes[c].head.load(Ordering::Relaxed);
             if head == 0 {
                 continue;
             }
             let bound = counts.map_or(cache_cap(c), |k| k[c]).max(1) as u64;
             // Detach first: a crash from here on leaks the chain instead of listing it twice.
-            slot.heads[c].store(0, Ordering::Relaxed);
+            slot.classes[c].head.store(0, Ordering::Relaxed);
             if !self.is_cached_block(head, c) {
                 continue;
             }
@@ -355,8 +355,8 @@ impl Pool {
         }
         let (bytes, blocks) = super::alloc::slot_usage(slot);
         self.count_base(bytes as i64, blocks as i64);
-        for n in &slot.in_use {
-            n.store(0, Ordering::Relaxed);
+        for k in &slot.classes {
+            k.in_use.store(0, Ordering::Relaxed);
         }
         slot.large.bytes.store(0, Ordering::Relaxed);
         slot.large.blocks.store(0, Ordering::Relaxed);

@@ -56,9 +56,11 @@ pub struct Channel<M: Owned> {
     cache: ByType<VecDeque<MsgIn<M>>>,
     /// Pending async requests by id.
     requests: HashMap<u64, Request<M>, BuildHasherDefault<IdHasher>>,
-    /// Requests that `sync_request` calls (possibly nested) wait on, and each one's response
-    /// once here.
-    sync_waiting: HashMap<u64, Option<MsgIn<M>>, BuildHasherDefault<IdHasher>>,
+    /// Requests that `sync_request` calls (possibly nested, so usually one) wait on.
+    sync_waiting: Vec<u64>,
+    /// Their responses, once here (kept apart from the ids so that a message is moved as
+    /// little as possible: in here, and out to its caller).
+    sync_arrived: Vec<(u64, MsgIn<M>)>,
     /// Requests whose `sync_request` timed out: their late responses are dropped quietly.
     timed_out: TimedOut,
     on_unexpected: Option<Handler<M>>,
@@ -118,7 +120,8 @@ where
             expect_many: ByType::default(),
             cache: ByType::default(),
             requests: HashMap::default(),
-            sync_waiting: HashMap::default(),
+            sync_waiting: Vec::new(),
+            sync_arrived: Vec::new(),
             timed_out: TimedOut::default(),
             on_unexpected: None,
             on_remote_unexpected: None,
@@ -211,6 +214,7 @@ where
             self.expect_many.clear();
             self.requests.clear();
             self.sync_waiting.clear();
+            self.sync_arrived.clear();
             self.on_unexpected = None;
             self.on_remote_unexpected = None;
         }
@@ -256,10 +260,10 @@ where
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         let id = self.send_with_fd(msg, originating, None)?;
-        self.sync_waiting.insert(id, None);
+        self.sync_waiting.push(id);
         let r = loop {
-            if let Some(rsp) = self.sync_waiting.get_mut(&id).and_then(Option::take) {
-                break Ok(rsp);
+            if let Some(i) = self.sync_arrived.iter().position(|(a, _)| *a == id) {
+                break Ok(self.sync_arrived.swap_remove(i).1);
             }
             let left = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()) {
@@ -278,7 +282,11 @@ where
                 break Err(e);
             }
         };
-        self.sync_waiting.remove(&id);
+        if let Some(i) = self.sync_waiting.iter().rposition(|&w| w == id) {
+            self.sync_waiting.swap_remove(i);
+        }
+        // A response that came but was not taken (the wait ended with an error meanwhile).
+        self.sync_arrived.retain(|(a, _)| *a != id);
         r
     }
 
@@ -601,6 +609,20 @@ where
             h(self, m);
             return Ok(());
         }
+        // Nothing of its type waiting before it and its handler idle: straight to the handler
+        // (what going through the cache would do, without the two moves).
+        if !self.hosed && self.cache.get(&which.0).map_or(true, VecDeque::is_empty) {
+            if let Some(mut h) = self.expect_many.get_mut(&which.0).and_then(Option::take) {
+                h(self, m);
+                // Put it back unless the handler undid (or replaced) the expectation.
+                if let Some(slot @ None) = self.expect_many.get_mut(&which.0) {
+                    *slot = Some(h);
+                }
+                // Whatever a nested receive cached meanwhile follows.
+                self.deliver_cached(which);
+                return Ok(());
+            }
+        }
         // Through the cache, so that order holds even when a handler's nested receive brings in
         // more of its own type while it runs (those wait here and follow it).
         self.cache.get_or_default(which.0).push_back(m);
@@ -636,8 +658,10 @@ where
         if answers >= self.msgs.next_message_id() {
             return Err(Error::BadResponseId(answers));
         }
-        if let Some(slot @ None) = self.sync_waiting.get_mut(&answers) {
-            *slot = Some(m);
+        if self.sync_waiting.contains(&answers)
+            && !self.sync_arrived.iter().any(|(a, _)| *a == answers)
+        {
+            self.sync_arrived.push((answers, m));
             return Ok(());
         }
         if let Some(req) = self.requests.get_mut(&answers) {
