@@ -59,13 +59,19 @@ fn main() {
     let rounds = if quick { 4 } else { 20 };
     let mut raw = Vec::new();
     let mut zc: Vec<Vec<Duration>> = vec![Vec::new(); sizes.len()];
+    let (mut struc_shm, mut struc_heap) = (Vec::new(), Vec::new());
+    client.sample_struc(true, 100);
+    client.sample_struc(false, 100);
     for _ in 0..rounds {
         raw.extend(client.sample(None, 0, 100));
         for (i, &size) in sizes.iter().enumerate() {
             zc[i].extend(client.sample(Some(true), size, 100));
         }
+        struc_shm.extend(client.sample_struc(true, 100));
+        struc_heap.extend(client.sample_struc(false, 100));
     }
     let raw = median(raw);
+    let (struc_shm, struc_heap) = (median(struc_shm), median(struc_heap));
     let zc: Vec<Duration> = zc.into_iter().map(median).collect();
     // Then copying, which moves every byte through the socket (few rounds at the big sizes).
     let heap: Vec<Duration> = sizes
@@ -128,5 +134,13 @@ fn main() {
     println!(
         "zero-copy 1 KiB vs raw 64 B ping-pong: {:.2}x (goal <= 1.2x)",
         zc[0].as_secs_f64() / raw.as_secs_f64()
+    );
+    println!(
+        "structured sync_request (small sumRequest -> sumResponse) vs the floor: \
+         arena {} ({:.2}x), heap {} ({:.2}x) (goal <= 1.2x)",
+        fmt(struc_shm),
+        struc_shm.as_secs_f64() / raw.as_secs_f64(),
+        fmt(struc_heap),
+        struc_heap.as_secs_f64() / raw.as_secs_f64()
     );
 }

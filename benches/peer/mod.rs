@@ -291,6 +291,17 @@ impl Client {
         }
     }
 
+    /// Times `n` structured `sync_request` round trips; returns each one's duration.
+    pub fn sample_struc(&mut self, zero_copy: bool, n: usize) -> Vec<Duration> {
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(self.struc_rtt(zero_copy));
+                t.elapsed()
+            })
+            .collect()
+    }
+
     /// Times `n` round trips; returns each one's duration.
     pub fn sample(&mut self, zero_copy: Option<bool>, size: usize, n: usize) -> Vec<Duration> {
         (0..n)
