@@ -765,3 +765,97 @@ fn channels_of_a_session_carry_its_token_and_refuse_others() {
     );
     assert_eq!(arena.stats().blocks_in_use, 0);
 }
+
+/// A message built in small segments: `chunks` chunks of `len` bytes over segments starting at
+/// one word (so it has several).
+fn many_segments(arena: Option<Arena>, chunks: u32, len: u32) -> MsgOut<cool_msg::Owned> {
+    let sizes = flowipc::msg::SegmentSizes {
+        first_words: 1,
+        ..Default::default()
+    };
+    let mut msg = MsgOut::<cool_msg::Owned>::with_sizes(arena, sizes);
+    let mut list = msg.init_root().init_blob().init_chunks(chunks);
+    for i in 0..chunks {
+        list.reborrow().get(i).init_data(len).fill(i as u8);
+    }
+    msg
+}
+
+#[test]
+fn heap_messages_of_one_to_many_segments_cross_intact() {
+    let (a, b) = Channel::pair(ChannelConfig::new()).unwrap();
+    let mut tx = Chan::new(a, Backing::Heap);
+    let mut rx = Chan::new(b, Backing::Heap);
+    let mut seen = std::collections::BTreeSet::new();
+    // A ping in one segment, and in two (a one-word first segment holds only the root pointer).
+    for first_words in [1024, 1] {
+        let sizes = flowipc::msg::SegmentSizes {
+            first_words,
+            ..Default::default()
+        };
+        let mut ping = MsgOut::<cool_msg::Owned>::with_sizes(None, sizes);
+        ping.init_root().set_ping(());
+        let segs = ping.segment_count();
+        seen.insert(segs);
+        tx.send(&mut ping, None).unwrap();
+        let got = rx.recv_blocking(T).unwrap().unwrap();
+        assert_eq!(got.segment_count(), segs);
+        assert!(matches!(
+            got.root().unwrap().which().unwrap(),
+            cool_msg::Ping(())
+        ));
+    }
+    for (chunks, len) in [
+        (1u32, 8u32),
+        (1, 64),
+        (2, 64),
+        (3, 8),
+        (3, 64),
+        (4, 200),
+        (8, 200),
+        (12, 200),
+    ] {
+        let mut msg = many_segments(None, chunks, len);
+        let segs = msg.segment_count();
+        seen.insert(segs);
+        tx.send(&mut msg, None).unwrap();
+        let got = rx.recv_blocking(T).unwrap().unwrap();
+        assert_eq!(got.segment_count(), segs);
+        let cool_msg::Blob(Ok(b)) = got.root().unwrap().which().unwrap() else {
+            panic!("not a blob");
+        };
+        let list = b.get_chunks().unwrap();
+        assert_eq!(list.len(), chunks);
+        for (i, c) in list.iter().enumerate() {
+            assert_eq!(c.get_data().unwrap(), &vec![i as u8; len as usize][..]);
+        }
+    }
+    // Every small-message segment count (the inline path takes up to six) was crossed.
+    assert!((1..=7).all(|n| seen.contains(&n)), "{seen:?}");
+}
+
+#[test]
+fn a_many_segment_message_that_never_left_is_freed_whole() {
+    let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+    let (a, b) = Channel::pair(ChannelConfig::new()).unwrap();
+    let mut tx = Chan::new(a, Backing::Shm(arena.clone()));
+    // The peer does not read: the socket fills and later frames wait in the send queue.
+    let mut msg = many_segments(Some(arena.clone()), 6, 64);
+    assert!(msg.segment_count() > 1);
+    for _ in 0..20_000 {
+        tx.send(&mut msg, None).unwrap();
+    }
+    assert!(tx.channel().queued_bytes() > 0, "the socket never filled");
+    // The sender lets go of the message, and the receiver takes in (and drops) what reached the
+    // socket: the last references are those of the frames still in the send queue...
+    drop(msg);
+    let mut rx = Chan::new(b, Backing::Heap);
+    while let Ok(Some(m)) = rx.try_recv() {
+        drop(m);
+    }
+    assert!(arena.stats().blocks_in_use > 0);
+    // ...which the channel gives back when it goes: the message is freed whole.
+    drop(tx);
+    assert_eq!(arena.stats().blocks_in_use, 0, "segments leaked");
+    drop(rx);
+}

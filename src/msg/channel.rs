@@ -186,7 +186,7 @@ impl<M: Owned> MsgChannel<M> {
     fn release_unwritten(&mut self) {
         self.prune_written();
         for (_, blob, arena) in self.inflight.drain(..) {
-            let _ = arena.release_blob(&blob);
+            give_back(&arena, &blob);
         }
     }
 
@@ -294,7 +294,8 @@ impl<M: Owned> MsgChannel<M> {
             if n <= SMALL_HEAP_SEGMENTS && bytes <= SMALL_HEAP_BYTES {
                 let id = self.next_id;
                 let h = self.header(KIND_HEAP, answers);
-                let mut table = [0u8; 4 * (SMALL_HEAP_SEGMENTS + 1)];
+                // Count and sizes, padded to whole words.
+                let mut table = [0u8; (4 * (SMALL_HEAP_SEGMENTS + 1)).next_multiple_of(8)];
                 table[..4].copy_from_slice(&((n as u32).wrapping_sub(1)).to_le_bytes());
                 for (i, seg) in segs.iter().enumerate() {
                     let words = (seg.len() / 8) as u32;
@@ -391,7 +392,7 @@ impl<M: Owned> MsgChannel<M> {
             }
             Err(e) => {
                 // The handle never left: give its reference back.
-                let _ = arena.release_blob(&blob);
+                give_back(arena, &blob);
                 Err(e)
             }
         }
@@ -655,6 +656,14 @@ impl<K: PartialEq + Copy, V> SmallMap<K, V> {
             }
         };
         &mut self.0[i].1
+    }
+}
+
+/// Gives back a message handle's reference as a message does (borrowed, then dropped): if it
+/// is the last one, the message's segments are freed with its table, not leaked.
+fn give_back(arena: &Arena, blob: &LendBlob) {
+    if arena.borrow_segments(blob).is_err() {
+        let _ = arena.release_blob(blob);
     }
 }
 

@@ -154,6 +154,11 @@ impl<M: Owned> MsgOut<M> {
         self.inner.reserved_words()
     }
 
+    /// Number of segments the message has now (its receiver sees as many).
+    pub fn segment_count(&mut self) -> usize {
+        self.inner.output_segments().len()
+    }
+
     /// The arena allocation failure that left part of the message on the heap, if any: such a
     /// message cannot be sent in place until the arena has room again (`send` retries the copy).
     pub fn alloc_failure(&self) -> Option<crate::shm::Error> {

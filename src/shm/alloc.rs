@@ -415,7 +415,9 @@ impl Pool {
             return Err(Error::Misaligned(off));
         }
         let slot = &self.known_starts[(off >> 4) as usize % KNOWN_STARTS];
-        let known = slot.load(std::sync::atomic::Ordering::Relaxed);
+        // Acquire pairs with the Release store below: a thread that finds the entry another
+        // thread filled is ordered after the header reads that vouched for it.
+        let known = slot.load(std::sync::atomic::Ordering::Acquire);
         if known as u32 as u64 == off >> 4 && known >> 32 != 0 {
             let c = ((known >> 32) - 1) as usize % NUM_CLASSES;
             // Acquire, as below: this process saw the header that made `off` a block start
@@ -461,7 +463,7 @@ impl Pool {
             // `off >> 4` fits 32 bits: pools are at most 2^36 bytes.
             slot.store(
                 (off >> 4) | (class + 1) << 32,
-                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Release,
             );
         }
         Ok((info, capacity))

@@ -269,8 +269,11 @@ impl Arena {
             .get(id as usize)
             .ok_or(Error::BadConfig("pool id beyond max_pools"))?;
         slot.set(pool).map_err(|_| Error::DuplicatePool(id))?;
+        // Counted before it can be found: a channel that finds the pool (through `known`) and
+        // puts a message in it must also see the count that makes it announce the pool first.
+        // (A count ahead of `known` is harmless: the announcement scan finds nothing new.)
+        self.shared.count.fetch_add(1, Ordering::AcqRel);
         self.shared.known.fetch_max(id + 1, Ordering::AcqRel);
-        self.shared.count.fetch_add(1, Ordering::Release);
         Ok(())
     }
 

@@ -708,6 +708,7 @@ impl Arena {
         match blob.type_tag() {
             SOLO_TAG => self.borrow_solo(blob),
             TABLE_TAG => self.borrow_table(blob),
+            // Neither kind of message handle (the table's tag is the one named).
             found => Err(Error::TypeMismatch {
                 expected: TABLE_TAG,
                 found,
