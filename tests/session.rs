@@ -54,8 +54,16 @@ impl RunDir {
 }
 
 impl Drop for RunDir {
+    /// Removes the dir; and unless the test failed already, checks that nothing was left in it
+    /// (every test drops its servers first: the dir is declared first, dropped last) nor in
+    /// /dev/shm.
     fn drop(&mut self) {
+        let left = std::fs::read_dir(&self.0).map(|d| d.count()).unwrap_or(0);
         let _ = std::fs::remove_dir_all(&self.0);
+        if !std::thread::panicking() {
+            assert_eq!(left, 0, "files left in the run dir {}", self.0.display());
+            assert_eq!(dev_shm_leftovers(), Vec::<String>::new());
+        }
     }
 }
 
