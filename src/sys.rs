@@ -203,6 +203,78 @@ pub fn recv_with_fds_waiting(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result
     recv_msg(sock, buf, 0)
 }
 
+/// Receives into `buf` with a plain `recv` (no control buffer): cheaper in the kernel than
+/// `recvmsg` (no `msghdr` or iovec to import, no control-message handling). `wait`: block
+/// until data arrives if `sock` is in blocking mode; otherwise `MSG_DONTWAIT`, failing with
+/// [`io::ErrorKind::WouldBlock`] when nothing is there. Returns the bytes read (0 at end of
+/// stream). Retries on `EINTR`.
+///
+/// Fds a peer attached to these bytes (`SCM_RIGHTS`) are not delivered: with no control
+/// buffer, the kernel closes them (and sets `MSG_CTRUNC`, which `recv` does not report). As
+/// with `recvmsg`, one call stops right after a kernel buffer that carried fds.
+///
+/// # References
+/// recv(2), unix(7) "SCM_RIGHTS"
+pub fn recv_plain(sock: BorrowedFd<'_>, buf: &mut [u8], wait: bool) -> io::Result<usize> {
+    let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+    loop {
+        // The system call itself (`recvfrom` with no address, which is `recv`): libc's wrapper
+        // is a thread-cancellation point. Integer arguments go as full `long`s (`syscall` is
+        // variadic and reads each as one).
+        // SAFETY: `buf` is a live slice of `buf.len()` bytes, exclusively borrowed for the
+        // call, so the kernel may write up to that many bytes into it (and writes no more);
+        // the address and its length pointer are null, as `recv` passes; `sock` is an open fd
+        // borrowed for the call.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_recvfrom,
+                libc::c_long::from(sock.as_raw_fd()),
+                buf.as_mut_ptr(),
+                buf.len(),
+                libc::c_long::from(flags),
+                std::ptr::null_mut::<libc::sockaddr>(),
+                std::ptr::null_mut::<libc::socklen_t>(),
+            )
+        };
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(n);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Whether `fd` is a stream socket (`SO_TYPE` is `SOCK_STREAM`). Anything else (a pipe, a file,
+/// a datagram socket) is `false`.
+pub fn is_stream_socket(fd: BorrowedFd<'_>) -> bool {
+    matches!(
+        nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType),
+        Ok(nix::sys::socket::SockType::Stream)
+    )
+}
+
+/// Sends one fd on `sock` without blocking: one byte with the fd attached (`SCM_RIGHTS`),
+/// `MSG_DONTWAIT | MSG_NOSIGNAL`. `Ok(true)`: the fd is in the peer's receive queue; `Ok(false)`:
+/// the socket is full and nothing was sent. A peer that closed gives `EPIPE` (or `ECONNRESET`).
+/// The transport's fd side socket carries exactly these messages.
+pub fn try_send_one_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<bool> {
+    match try_send_vectored(sock, &[IoSlice::new(&[0])], Some(fd)) {
+        Ok(n) => Ok(n > 0),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Receives what one [`try_send_one_fd`] sent, without blocking: reads a single byte, so the
+/// next message's fd stays queued. `bytes` is 0 at end of stream; with nothing queued it fails
+/// with [`io::ErrorKind::WouldBlock`].
+pub fn try_recv_one_fd(sock: BorrowedFd<'_>) -> io::Result<Received> {
+    let mut b = [0u8; 1];
+    try_recv_with_fds(sock, &mut b)
+}
+
 /// Bytes of control buffer for [`MAX_FDS_PER_MSG`] fds.
 const CMSG_BYTES: usize = {
     let fds_len = MAX_FDS_PER_MSG * std::mem::size_of::<libc::c_int>();

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use flowipc::sys;
 use flowipc::transport::{
-    AsyncChannel, Channel, ChannelConfig, Error, Frame, SharedBytes, FLAG_HAS_FD, HEADER_LEN, MAGIC,
+    AsyncChannel, Channel, ChannelConfig, Error, Frame, SharedBytes, FLAG_HAS_FD, FLAG_HELLO,
+    HEADER_LEN, MAGIC,
 };
 
 // The auto traits of the public types (a regression is an API break).
@@ -332,9 +333,10 @@ fn a_peer_killed_mid_stream_is_reported_once_and_others_go_on() {
 // ---------------------------------------------------------------------------------------------
 // 4. bad input
 
-/// Connects and writes `bytes` raw, then exits.
+/// Connects and writes a hello (no fd side socket) and then `bytes` raw, then exits.
 fn child_raw(bytes: Vec<u8>) {
     let mut s = child_socket();
+    s.write_all(&raw_frame(FLAG_HELLO, 0, &[])).unwrap();
     s.write_all(&bytes).unwrap();
 }
 
@@ -363,12 +365,32 @@ fn bad_input_from_another_process() {
     });
 }
 
-/// A channel fed raw bytes (and fds) by a plain socket, which is then closed.
-fn fed(bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>], cfg: ChannelConfig) -> Channel {
+/// A channel fed raw bytes by a plain socket, after a hello that hands it a side socket; `fds`
+/// (if any) were sent on the side socket first, in one message. Returns the channel and the
+/// sending end of the side socket (the data socket is closed).
+fn fed_side(
+    bytes: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    cfg: ChannelConfig,
+) -> (Channel, UnixStream) {
     let (raw, theirs) = UnixStream::pair().unwrap();
+    let (side, side_theirs) = UnixStream::pair().unwrap();
     let c = Channel::from_stream(theirs, cfg).unwrap();
-    assert_eq!(sys::send_with_fds(&raw, bytes, fds).unwrap(), bytes.len());
-    c
+    let hello = raw_frame(FLAG_HELLO | FLAG_HAS_FD, 0, &[]);
+    assert_eq!(
+        sys::send_with_fds(&raw, &hello, &[side_theirs.as_fd()]).unwrap(),
+        HEADER_LEN
+    );
+    if !fds.is_empty() {
+        assert_eq!(sys::send_with_fds(&side, &[0], fds).unwrap(), 1);
+    }
+    assert_eq!(sys::send_with_fds(&raw, bytes, &[]).unwrap(), bytes.len());
+    (c, side)
+}
+
+/// Like [`fed_side`], with the side socket closed too.
+fn fed(bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>], cfg: ChannelConfig) -> Channel {
+    fed_side(bytes, fds, cfg).0
 }
 
 /// Whether the other end of `probe` is closed everywhere: a write fails with EPIPE (SIGPIPE is
@@ -391,6 +413,7 @@ fn bad_input_gets_its_specific_error_once() {
         // Truncated, then the writer closes.
         let (mut raw, theirs) = UnixStream::pair().unwrap();
         let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
+        raw.write_all(&raw_frame(FLAG_HELLO, 0, &[])).unwrap();
         raw.write_all(&raw_frame(0, 100, &[1; 10])).unwrap();
         assert!(c.try_recv().unwrap().is_none());
         drop(raw);
@@ -435,25 +458,58 @@ fn bad_input_gets_its_specific_error_once() {
             Error::BadFrame("unknown flag bits")
         ));
 
-        // A good frame, then one flagged with an fd that did not come.
+        // A good frame, then one flagged with an fd that did not come: nothing waits on the
+        // side socket (the fd goes there before its frame), so this is the error at once.
         let mut bytes = raw_frame(0, 3, b"abc");
         bytes.extend(raw_frame(FLAG_HAS_FD, 2, b"de"));
+        let (mut c, _side) = fed_side(&bytes, &[], ChannelConfig::new());
+        assert_eq!(&*recv(&mut c).payload, b"abc");
+        assert!(matches!(next_error(&mut c), Error::MissingFd));
+        // The same when the side socket was closed before the fd came.
         let mut c = fed(&bytes, &[], ChannelConfig::new());
         assert_eq!(&*recv(&mut c).payload, b"abc");
         assert!(matches!(next_error(&mut c), Error::MissingFd));
+        // A side message without an fd.
+        let (mut c, side) = fed_side(&raw_frame(FLAG_HAS_FD, 1, b"x"), &[], ChannelConfig::new());
+        (&side).write_all(&[0]).unwrap();
+        assert!(matches!(next_error(&mut c), Error::MissingFd));
 
-        // An fd with a frame not flagged for one: an error, and the fd is closed.
+        // An fd on the data socket (where none belongs after the hello), with a frame not
+        // flagged for one: the data socket is read with plain `recv`, so the kernel closes the
+        // fd; the frame arrives without it and nothing else breaks.
         let (mut probe, victim) = UnixStream::pair().unwrap();
-        let mut c = fed(
-            &raw_frame(0, 1, b"x"),
-            &[victim.as_fd()],
-            ChannelConfig::new(),
-        );
+        let (raw, theirs) = UnixStream::pair().unwrap();
+        let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
+        sys::send_with_fds(&raw, &raw_frame(FLAG_HELLO, 0, &[]), &[]).unwrap();
+        sys::send_with_fds(&raw, &raw_frame(0, 1, b"x"), &[victim.as_fd()]).unwrap();
         drop(victim);
-        assert!(matches!(next_error(&mut c), Error::UnexpectedFd));
-        assert!(closed_everywhere(&mut probe), "the unexpected fd leaked");
+        let f = recv(&mut c);
+        assert!(&*f.payload == b"x" && f.fd.is_none());
+        assert!(closed_everywhere(&mut probe), "the stray fd leaked");
+        // With a frame flagged for one: the fd is not where it must be, MissingFd.
+        let (mut probe, victim) = UnixStream::pair().unwrap();
+        sys::send_with_fds(&raw, &raw_frame(FLAG_HAS_FD, 1, b"y"), &[victim.as_fd()]).unwrap();
+        drop(victim);
+        assert!(matches!(next_error(&mut c), Error::MissingFd));
+        assert!(closed_everywhere(&mut probe), "the stray fd leaked");
+        drop(raw);
+        // In the middle of a payload: discarded too, the frame is whole.
+        let (mut probe, victim) = UnixStream::pair().unwrap();
+        let (raw, theirs) = UnixStream::pair().unwrap();
+        let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
+        sys::send_with_fds(&raw, &raw_frame(FLAG_HELLO, 0, &[]), &[]).unwrap();
+        let mut head = raw_frame(0, 10, b"12345");
+        head.truncate(HEADER_LEN + 5);
+        sys::send_with_fds(&raw, &head, &[]).unwrap();
+        assert!(c.try_recv().unwrap().is_none());
+        sys::send_with_fds(&raw, b"67890", &[victim.as_fd()]).unwrap();
+        drop(victim);
+        assert_eq!(&*recv(&mut c).payload, b"1234567890");
+        assert!(closed_everywhere(&mut probe));
+        drop(raw);
+        assert!(matches!(next_error(&mut c), Error::PeerGone));
 
-        // Two fds with one frame: an error, and both are closed.
+        // Two fds in one side message: an error, and both are closed.
         let (mut p1, v1) = UnixStream::pair().unwrap();
         let (mut p2, v2) = UnixStream::pair().unwrap();
         let mut c = fed(
@@ -478,19 +534,29 @@ fn bad_input_gets_its_specific_error_once() {
         assert!(matches!(next_error(&mut c), Error::TooManyFds));
         assert!(probes.iter_mut().all(closed_everywhere));
 
-        // An fd sent with bytes where no frame starts (the middle of a payload).
-        let (mut probe, victim) = UnixStream::pair().unwrap();
+        // A hello whose fd is not a socket; a second hello.
+        let (r, _w) = nix::unistd::pipe().unwrap();
         let (raw, theirs) = UnixStream::pair().unwrap();
         let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
-        let mut head = raw_frame(0, 10, b"12345");
-        head.truncate(HEADER_LEN + 5);
-        sys::send_with_fds(&raw, &head, &[]).unwrap();
-        assert!(c.try_recv().unwrap().is_none());
-        sys::send_with_fds(&raw, b"67890", &[victim.as_fd()]).unwrap();
-        drop(victim);
-        assert!(matches!(next_error(&mut c), Error::UnexpectedFd));
-        assert!(closed_everywhere(&mut probe));
-        drop(raw);
+        let hello = raw_frame(FLAG_HELLO | FLAG_HAS_FD, 0, &[]);
+        sys::send_with_fds(&raw, &hello, &[r.as_fd()]).unwrap();
+        assert!(matches!(
+            next_error(&mut c),
+            Error::BadFrame("the hello's fd is not a stream socket")
+        ));
+        let mut c = fed(&raw_frame(FLAG_HELLO, 0, &[]), &[], ChannelConfig::new());
+        assert!(matches!(
+            next_error(&mut c),
+            Error::BadFrame("a hello after the first frame")
+        ));
+        // No hello at all.
+        let (mut raw, theirs) = UnixStream::pair().unwrap();
+        let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
+        raw.write_all(&raw_frame(0, 1, b"x")).unwrap();
+        assert!(matches!(
+            next_error(&mut c),
+            Error::BadFrame("the first frame is not a hello")
+        ));
     });
 }
 

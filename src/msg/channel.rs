@@ -158,6 +158,22 @@ impl<M: Owned> MsgChannel<M> {
         &mut self.chan
     }
 
+    /// The fd to poll for writability while the send queue holds bytes: see
+    /// [`Channel::write_fd`].
+    pub fn write_fd(&self) -> BorrowedFd<'_> {
+        self.chan.write_fd()
+    }
+
+    /// The transport's fd side socket (see [`Channel::write_fd`]).
+    pub(crate) fn side_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.chan.side_fd()
+    }
+
+    /// Whether [`write_fd`](MsgChannel::write_fd) is the side socket now.
+    pub(crate) fn waits_on_side(&self) -> bool {
+        self.chan.waits_on_side()
+    }
+
     /// Whether a hosing error has been reported.
     pub fn is_hosed(&self) -> bool {
         self.hosed

@@ -70,8 +70,10 @@ pub(crate) fn wait_for(
         }
         let wants_write = core.wants_write();
         {
-            let fd = core.as_fd();
-            let mut fds = [PollFd::new(fd, true, wants_write)];
+            let mut fds = [
+                PollFd::new(core.as_fd(), true, false),
+                PollFd::new(core.write_fd(), false, wants_write),
+            ];
             let _ = sys::poll(&mut fds, Some(left.min(Duration::from_millis(100))));
         }
         core.flush().map_err(|e| failed(failure, e))?;
@@ -91,8 +93,7 @@ pub(crate) fn finish_sending(
         if left.is_zero() || stop.load(Ordering::Acquire) {
             return;
         }
-        let fd = core.as_fd();
-        let mut fds = [PollFd::new(fd, false, true)];
+        let mut fds = [PollFd::new(core.write_fd(), false, true)];
         let _ = sys::poll(&mut fds, Some(left.min(Duration::from_millis(100))));
     }
 }

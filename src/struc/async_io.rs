@@ -300,22 +300,33 @@ where
     let mut drain = [0u8; 64];
     // The socket never changes: one duplicate of its fd to poll, taken once.
     let fd = lock(&shared.core).as_fd().try_clone_to_owned();
+    // And the transport's fd side socket, polled for writability while it has no room.
+    let side = lock(&shared.core)
+        .side_fd()
+        .map(|s| s.try_clone_to_owned().ok());
     let mut first = true;
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        let (wants_write, deadline) = {
+        let (wants_write, on_side, deadline) = {
             let mut core = lock(&shared.core);
             if core.is_hosed() {
                 break;
             }
-            (core.wants_write(), core.next_deadline())
+            let w = core.wants_write();
+            (w, w && core.waits_on_side(), core.next_deadline())
         };
         let Ok(fd) = fd.as_ref() else { break };
+        let out = match &side {
+            Some(Some(s)) if on_side => s,
+            Some(None) => break, // the duplicate failed: as for the socket's
+            _ => fd,
+        };
         let mut fds = [
-            PollFd::new(fd.as_fd(), true, wants_write),
+            PollFd::new(fd.as_fd(), true, wants_write && !on_side),
             PollFd::new(waker.as_fd(), true, false),
+            PollFd::new(out.as_fd(), false, on_side),
         ];
         // The first time round, no wait: the core may hold frames read before it was handed
         // over (after a log-in, say), which no readiness of the socket would announce.

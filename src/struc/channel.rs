@@ -514,9 +514,27 @@ where
         }
     }
 
-    /// Whether the send queue holds bytes (poll for writability, then [`flush`](Channel::flush)).
+    /// Whether the send queue holds bytes (poll [`write_fd`](Channel::write_fd) for
+    /// writability, then [`flush`](Channel::flush)).
     pub fn wants_write(&mut self) -> bool {
         self.msgs.channel().wants_write()
+    }
+
+    /// The fd to poll for writability while [`wants_write`](Channel::wants_write): the
+    /// socket ([`as_fd`](AsFd::as_fd)), or the transport's fd side socket while that has no
+    /// room for the next frame's fd (see [`transport::Channel::write_fd`]).
+    pub fn write_fd(&self) -> BorrowedFd<'_> {
+        self.msgs.write_fd()
+    }
+
+    /// The transport's fd side socket, if any.
+    pub(crate) fn side_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.msgs.side_fd()
+    }
+
+    /// Whether [`write_fd`](Channel::write_fd) is the side socket now.
+    pub(crate) fn waits_on_side(&self) -> bool {
+        self.msgs.waits_on_side()
     }
 
     /// Stops expecting responses to `req` like

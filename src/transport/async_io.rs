@@ -113,6 +113,12 @@ impl AsyncChannel {
         wake_rx.set_nonblocking(true).map_err(Error::Io)?;
         // The thread polls its own descriptor of the socket, so it needs no lock to wait.
         let sock = channel.as_fd().try_clone_to_owned().map_err(Error::Io)?;
+        // And of the fd side socket, polled for writability while it has no room for an fd.
+        let side = channel
+            .side_fd()
+            .map(|s| s.try_clone_to_owned())
+            .transpose()
+            .map_err(Error::Io)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 chan: channel,
@@ -126,7 +132,7 @@ impl AsyncChannel {
         let s = shared.clone();
         let thread = thread::Builder::new()
             .name("flowipc-channel".into())
-            .spawn(move || run(s, sock, wake_rx, on_frame, on_error))
+            .spawn(move || run(s, sock, side, wake_rx, on_frame, on_error))
             .map_err(Error::Io)?;
         let thread_id = thread.thread().id();
         Ok(AsyncChannel {
@@ -226,6 +232,7 @@ fn drain(wake_rx: &mut UnixStream) {
 fn run(
     shared: Arc<Shared>,
     sock: OwnedFd,
+    side: Option<OwnedFd>,
     mut wake_rx: UnixStream,
     mut on_frame: impl FnMut(Frame),
     on_error: impl FnOnce(Error),
@@ -237,7 +244,7 @@ fn run(
     loop {
         let mut err = None;
         let mut done: Vec<(EndHandler, Result<(), Error>)>;
-        let (want_out, deadline, more) = {
+        let (want_out, on_side, deadline, more) = {
             let mut st = shared.lock();
             if st.stop {
                 let ready = std::mem::take(&mut st.ready);
@@ -277,7 +284,12 @@ fn run(
             dead |= err.is_some() || st.chan.is_hosed();
             let want_out = !dead && st.chan.wants_write();
             st.polling_out = want_out;
-            (want_out, st.chan.next_deadline(), frames.len() == BATCH)
+            (
+                want_out,
+                want_out && st.chan.waits_on_side(),
+                st.chan.next_deadline(),
+                frames.len() == BATCH,
+            )
         };
         // Handlers, outside the lock, in order: frames received before the error first.
         for f in frames.drain(..) {
@@ -297,11 +309,17 @@ fn run(
         if more {
             continue;
         }
+        let side_fd = side.as_ref().filter(|_| on_side).unwrap_or(&sock);
         let mut fds = [
             PollFd::new(wake_rx.as_fd(), true, false),
-            PollFd::new(sock.as_fd(), !dead, want_out),
+            PollFd::new(sock.as_fd(), !dead, want_out && !on_side),
+            PollFd::new(side_fd.as_fd(), false, on_side),
         ];
-        let n_fds = if dead { 1 } else { 2 };
+        let n_fds = match (dead, on_side) {
+            (true, _) => 1,
+            (false, false) => 2,
+            (false, true) => 3,
+        };
         let timeout = if dead {
             None
         } else {

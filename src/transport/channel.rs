@@ -17,18 +17,23 @@ use crate::sys::{self, PollFd};
 pub const MAGIC: [u8; 4] = *b"FIPC";
 /// Length of a frame header: magic (4) | flags u32 LE (4) | payload length u64 LE (8).
 pub const HEADER_LEN: usize = 16;
-/// Header flag: one fd rides with the frame's first byte (`SCM_RIGHTS`).
+/// Header flag: the frame carries one fd. On a hello, the fd rides with the frame's first byte
+/// (`SCM_RIGHTS`); on any other frame, it was sent before the frame on the sender's fd side
+/// socket (see [the module docs](super)).
 pub const FLAG_HAS_FD: u32 = 1;
 /// Header flag: a keep-alive ping (no payload, no fd); consumed silently by the receiver.
 pub const FLAG_PING: u32 = 1 << 1;
 /// Header flag: the sender ended its sending (no payload, no fd); nothing follows.
 pub const FLAG_END: u32 = 1 << 2;
-const KNOWN_FLAGS: u32 = FLAG_HAS_FD | FLAG_PING | FLAG_END;
+/// Header flag: the hello, the first frame in each direction (no payload; with
+/// [`FLAG_HAS_FD`], its fd is the receiving end of the sender's fd side socket).
+pub const FLAG_HELLO: u32 = 1 << 3;
+const KNOWN_FLAGS: u32 = FLAG_HAS_FD | FLAG_PING | FLAG_END | FLAG_HELLO;
 /// Default [`ChannelConfig::max_frame`]: 1 GiB + 1 MiB.
 pub const DEFAULT_MAX_FRAME: u64 = (1 << 30) + (1 << 20);
 
 /// Size of the reusable receive buffer: a header and 64 KiB. Frames that fit are read through it
-/// (many per `recvmsg`); larger payloads are read straight into their own [`AlignedBuf`].
+/// (many per `recv`); larger payloads are read straight into their own [`AlignedBuf`].
 const RBUF: usize = HEADER_LEN + (64 << 10);
 /// Queued small frames are appended to the previous queued chunk while it is smaller than this
 /// (fewer allocations and iovecs for a burst of small frames).
@@ -124,8 +129,9 @@ impl ChannelConfig {
     }
 
     /// Whether frames may carry fds (default `true`). With `false`, a send with an fd is refused
-    /// with [`Error::FdsDisabled`] (non-hosing) and an fd from the peer is
-    /// [`Error::UnexpectedFd`] (hosing): a channel of blobs only.
+    /// with [`Error::FdsDisabled`] (non-hosing) and a frame with an fd from the peer is
+    /// [`Error::UnexpectedFd`] (hosing): a channel of blobs only. Such a channel makes no fd
+    /// side socket (its hello says so); it accepts the peer's, and never reads it.
     pub fn fds(mut self, on: bool) -> Self {
         self.fds = on;
         self
@@ -181,6 +187,8 @@ enum Kind {
     Data,
     Ping,
     End,
+    /// The hello: its fd (if any) rides inline, on the data socket.
+    Hello,
 }
 
 #[derive(Debug)]
@@ -207,16 +215,16 @@ impl ChunkData {
     }
 }
 
-/// A piece of the send queue: bytes of one frame, or (coalesced) of several fd-less data frames.
+/// A piece of the send queue: bytes of one frame, or (coalesced) of several data frames of
+/// which only the first may carry an fd.
 #[derive(Debug)]
 struct Chunk {
     data: ChunkData,
-    /// The frame's fd, not sent yet (only on a frame's first chunk).
+    /// The frame's fd, not sent yet (only on a frame's first chunk). It goes out on the side
+    /// socket before any byte of the chunk (a hello's: inline, with its first byte).
     fd: Option<OwnedFd>,
     /// A frame starts at this chunk's first byte.
     starts_frame: bool,
-    /// Part of a frame that carries an fd: never coalesced with other frames.
-    fd_frame: bool,
     kind: Kind,
     /// Bytes of this chunk not yet written (as accounted in the queue totals).
     left: usize,
@@ -251,7 +259,9 @@ impl SendQueue {
         let Some(tail) = self.chunks.back_mut() else {
             return false;
         };
-        if tail.kind != Kind::Data || tail.fd_frame {
+        // (A tail whose frame has an fd may grow: the fd goes out before the chunk's first
+        // byte, so before every frame appended to it.)
+        if tail.kind != Kind::Data {
             return false;
         }
         let ChunkData::Owned(v, _) = &mut tail.data else {
@@ -270,18 +280,43 @@ impl SendQueue {
         true
     }
 
-    /// Gathers the next bytes to write: from the head, up to [`sys::IOV_MAX`] slices. A frame
-    /// with an fd starts its own write and that write holds only its bytes. Returns the fd to
-    /// attach (the head chunk's).
-    fn gather<'a>(&'a self, iov: &mut Vec<IoSlice<'a>>) -> Option<BorrowedFd<'a>> {
+    /// Sends, in order, the fds of the frames the next write may hold on the side socket (each
+    /// before any byte of its frame goes), and returns how many head chunks that write may
+    /// hold: it stops before a frame whose fd the side socket has no room for (0: the head's
+    /// own), and a hello with an fd (inline) is written alone.
+    fn send_fds(&mut self, side: Option<BorrowedFd<'_>>) -> Result<usize, Error> {
+        let mut slices = 0;
+        for (i, c) in self.chunks.iter_mut().enumerate() {
+            if slices == sys::IOV_MAX {
+                return Ok(i);
+            }
+            if c.kind == Kind::Hello && c.fd.is_some() {
+                return Ok(i.max(1));
+            }
+            if let Some(fd) = &c.fd {
+                // (`submit` refuses fds on a channel without a side socket.)
+                let side = side.ok_or(Error::FdsDisabled)?;
+                if !sys::try_send_one_fd(side, fd.as_fd()).map_err(Error::from_io)? {
+                    return Ok(i);
+                }
+                c.fd = None;
+            }
+            if !c.data.rest().is_empty() {
+                slices += 1;
+            }
+        }
+        Ok(self.chunks.len())
+    }
+
+    /// Gathers the next bytes to write: from the first `limit` chunks (see `send_fds`), up to
+    /// [`sys::IOV_MAX`] slices. Returns the fd to attach inline: a queued hello's.
+    fn gather<'a>(&'a self, limit: usize, iov: &mut Vec<IoSlice<'a>>) -> Option<BorrowedFd<'a>> {
         let fd = self
             .chunks
             .front()
+            .filter(|c| c.kind == Kind::Hello)
             .and_then(|c| c.fd.as_ref().map(|f| f.as_fd()));
-        for (i, c) in self.chunks.iter().enumerate() {
-            if i > 0 && (c.fd.is_some() || (fd.is_some() && c.starts_frame)) {
-                break;
-            }
+        for c in self.chunks.iter().take(limit) {
             if iov.len() == sys::IOV_MAX {
                 break;
             }
@@ -294,7 +329,7 @@ impl SendQueue {
     }
 
     /// Marks `n` bytes from the head as written, dropping finished chunks (and, if any byte
-    /// went, the head's fd: the kernel has it now). Returns whether an END frame was finished.
+    /// went, a hello's inline fd: the kernel has it now). Returns whether an END frame was finished.
     fn consume(&mut self, mut n: usize) -> bool {
         let mut end_done = false;
         if n > 0 {
@@ -426,15 +461,20 @@ struct Rx {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// Stream offset of `buf[start]`: always a frame boundary (or, while a big frame is read,
-    /// the next byte to arrive).
-    pos: u64,
     /// A frame too big for `buf`, being read straight into its payload.
     big: Option<BigFrame>,
-    /// Received fds not yet claimed, with the stream offset of the frame each belongs to.
-    fds: VecDeque<(u64, OwnedFd)>,
     /// The last frame was big: read the next header alone (see `make_room`).
     last_big: bool,
+    /// The peer's hello has been read: frames follow, read with plain `recv`.
+    hello_done: bool,
+    /// Bytes of the hello read so far (with `recvmsg`, for its fd).
+    hello: [u8; HEADER_LEN],
+    hello_len: usize,
+    /// Fds that came with the hello's bytes.
+    hello_fds: Vec<OwnedFd>,
+    /// The receiving end of the peer's fd side socket (from its hello): the fd of each frame
+    /// flagged [`FLAG_HAS_FD`] is read here when the frame is parsed, never waited for.
+    side: Option<UnixStream>,
 }
 
 enum Parsed {
@@ -445,46 +485,34 @@ enum Parsed {
 }
 
 impl Rx {
-    /// Stream offset of the last frame that starts in `[from, to)`, walking frame lengths from
-    /// the parse position over the bytes in the buffer.
-    fn last_frame_start(&self, from: u64, to: u64) -> Option<u64> {
-        let mut s = self.pos;
-        let mut last = None;
-        while s < to {
-            if s >= from {
-                last = Some(s);
-            }
-            let i = usize::try_from(s - self.pos)
-                .ok()
-                .and_then(|d| d.checked_add(self.start))?;
-            let Some(h) = self.buf.get(i..i + HEADER_LEN) else {
-                break; // header not complete: the next start lies beyond `to`
-            };
-            let h = if i + HEADER_LEN <= self.end { h } else { break };
-            s = s
-                .saturating_add(HEADER_LEN as u64)
-                .saturating_add(header_len_field(h));
+    /// Takes the fd of a frame flagged (`has_fd`) as carrying one from the peer's fd side
+    /// socket. The peer sent it there before the frame, so it must be queued now: if it is not
+    /// (nothing there, or the side socket closed), that is [`Error::MissingFd`]; this never
+    /// waits. On a channel without fds, any flagged frame is [`Error::UnexpectedFd`].
+    fn take_fd(&mut self, has_fd: bool, fds_on: bool) -> Result<Option<OwnedFd>, Error> {
+        if !has_fd {
+            return Ok(None);
         }
-        last
-    }
-
-    /// Takes the fd that belongs to the frame starting at `at`, checking it against the flag.
-    fn claim_fd(&mut self, at: u64, has_fd: bool) -> Result<Option<OwnedFd>, Error> {
-        let mine = match self.fds.front() {
-            Some((o, _)) if *o == at => self.fds.pop_front().map(|(_, fd)| fd),
-            Some((o, _)) if *o < at => return Err(Error::UnexpectedFd),
-            _ => None,
+        if !fds_on {
+            return Err(Error::UnexpectedFd);
+        }
+        let Some(side) = &self.side else {
+            // The peer's hello announced no side socket: it cannot send fds.
+            return Err(Error::MissingFd);
         };
-        match (has_fd, mine) {
-            (true, Some(fd)) => Ok(Some(fd)),
-            (true, None) => Err(Error::MissingFd),
-            (false, Some(_)) => Err(Error::UnexpectedFd),
-            (false, None) => Ok(None),
+        let r = match sys::try_recv_one_fd(side.as_fd()) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(Error::MissingFd),
+            Err(e) => return Err(Error::from_io(e)),
+        };
+        if r.fds_truncated || r.fds.len() > 1 {
+            return Err(Error::TooManyFds); // all closed with `r`
         }
+        r.fds.into_iter().next().map(Some).ok_or(Error::MissingFd)
     }
 
     /// Parses the frame at the parse position if enough of it is here.
-    fn parse(&mut self, max_frame: u64) -> Result<Option<Parsed>, Error> {
+    fn parse(&mut self, max_frame: u64, fds_on: bool) -> Result<Option<Parsed>, Error> {
         let avail = &self.buf[self.start..self.end];
         let m = avail.len().min(MAGIC.len());
         if avail[..m] != MAGIC[..m] {
@@ -507,6 +535,9 @@ impl Rx {
         if (ping || end) && (has_fd || len != 0) {
             return Err(Error::BadFrame("ping or end frame with a payload or an fd"));
         }
+        if flags & FLAG_HELLO != 0 {
+            return Err(Error::BadFrame("a hello after the first frame"));
+        }
         if len > max_frame {
             return Err(Error::FrameTooLarge {
                 len,
@@ -514,10 +545,9 @@ impl Rx {
                 received: true,
             });
         }
-        let at = self.pos;
         let total = len + HEADER_LEN as u64;
         if total > RBUF as u64 {
-            let fd = self.claim_fd(at, has_fd)?;
+            let fd = self.take_fd(has_fd, fds_on)?;
             let mut payload = usize::try_from(len)
                 .ok()
                 .and_then(AlignedBuf::try_zeroed)
@@ -527,7 +557,6 @@ impl Rx {
             let copy = here.len().min(payload.len());
             payload[..copy].copy_from_slice(&here[..copy]);
             self.start += HEADER_LEN + copy;
-            self.pos += (HEADER_LEN + copy) as u64;
             self.big = Some(BigFrame {
                 payload,
                 filled: copy,
@@ -540,7 +569,7 @@ impl Rx {
         if avail.len() < total {
             return Ok(None);
         }
-        let fd = self.claim_fd(at, has_fd)?;
+        let fd = self.take_fd(has_fd, fds_on)?;
         self.last_big = false;
         let parsed = if ping {
             Parsed::Ping
@@ -554,8 +583,69 @@ impl Rx {
             })
         };
         self.start += total;
-        self.pos += total as u64;
         Ok(Some(parsed))
+    }
+
+    /// Reads the peer's hello, the first frame: with `recvmsg` (its fd rides inline), never
+    /// more than its 16 bytes, so every fd these reads bring belongs to it. `Ok(false)`: not all
+    /// of it is here yet (only without `wait`).
+    fn read_hello(&mut self, sock: BorrowedFd<'_>, wait: bool) -> Result<bool, Error> {
+        while self.hello_len < HEADER_LEN {
+            let dst = &mut self.hello[self.hello_len..];
+            let got = if wait {
+                sys::recv_with_fds_waiting(sock, dst)
+            } else {
+                sys::try_recv_with_fds(sock, dst)
+            };
+            let r = match got {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(Error::from_io(e)),
+            };
+            if r.bytes == 0 {
+                return Err(if self.hello_len == 0 {
+                    Error::PeerGone
+                } else {
+                    Error::Truncated {
+                        expected: HEADER_LEN as u64,
+                        got: self.hello_len as u64,
+                    }
+                });
+            }
+            let truncated = r.fds_truncated;
+            self.hello_fds.extend(r.fds);
+            if truncated || self.hello_fds.len() > 1 {
+                return Err(Error::TooManyFds); // all closed with the channel's state
+            }
+            self.hello_len += r.bytes;
+            let m = self.hello_len.min(MAGIC.len());
+            if self.hello[..m] != MAGIC[..m] {
+                return Err(Error::BadFrame("bad magic"));
+            }
+        }
+        let flags = header_flags_field(&self.hello);
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(Error::BadFrame("unknown flag bits"));
+        }
+        if flags & FLAG_HELLO == 0 || flags & !(FLAG_HELLO | FLAG_HAS_FD) != 0 {
+            return Err(Error::BadFrame("the first frame is not a hello"));
+        }
+        if header_len_field(&self.hello) != 0 {
+            return Err(Error::BadFrame("a hello with a payload"));
+        }
+        match (flags & FLAG_HAS_FD != 0, self.hello_fds.pop()) {
+            (true, Some(fd)) => {
+                if !sys::is_stream_socket(fd.as_fd()) {
+                    return Err(Error::BadFrame("the hello's fd is not a stream socket"));
+                }
+                self.side = Some(UnixStream::from(fd));
+            }
+            (true, None) => return Err(Error::MissingFd),
+            (false, Some(_)) => return Err(Error::UnexpectedFd),
+            (false, None) => {}
+        }
+        self.hello_done = true;
+        Ok(true)
     }
 
     /// The error for end of stream now.
@@ -653,12 +743,23 @@ pub struct Channel {
     written: u64,
     last_tx: Instant,
     last_rx: Instant,
+    /// The sending end of our fd side socket (its receiving end goes to the peer in our
+    /// hello); `None` on a channel without fds.
+    side: Option<UnixStream>,
+    /// The receiving end of our side socket, until the hello takes it to the peer.
+    side_peer: Option<OwnedFd>,
+    /// The hello is sent (or queued): it goes just before the first frame of any kind.
+    hello_sent: bool,
+    /// The last flush stopped because the side socket had no room for the head frame's fd:
+    /// poll the side socket for writability ([`Channel::write_fd`]).
+    side_full: bool,
 }
 
 impl fmt::Debug for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Channel")
             .field("fd", &self.sock.as_raw_fd())
+            .field("side_fd", &self.side.as_ref().map(|s| s.as_raw_fd()))
             .field("queued_bytes", &self.tx.bytes)
             .field("queued_chunks", &self.tx.chunks.len())
             .field("hosed", &self.hosed)
@@ -692,16 +793,29 @@ impl Channel {
         ))
     }
 
-    /// Wraps a connected Unix stream socket.
+    /// Wraps a connected Unix stream socket. The peer must be a `Channel` too: the first
+    /// frame in each direction is a hello, sent just before the first frame of any kind (see
+    /// [the module docs](super)). With fds enabled ([`ChannelConfig::fds`]), this makes the fd
+    /// side socket (a `socketpair`), whose receiving end the hello carries.
+    ///
+    /// Nothing is written or read here, so a channel may be made, left unused and dropped
+    /// while its socket lives on elsewhere (the other end of a [`pair`](Channel::pair) passed
+    /// to another process, say): that process wraps it in a channel of its own.
     ///
     /// The socket is put in *blocking* mode, yet no call but
     /// [`recv_blocking`](Channel::recv_blocking) ever waits: every other read and write passes
     /// `MSG_DONTWAIT`.
-    /// That lets `recv_blocking` with no time limit wait inside one `recvmsg` (one system call
+    /// That lets `recv_blocking` with no time limit wait inside one `recv` (one system call
     /// per frame, like a plain blocking read) instead of a failed read, `poll` and a read. Put the
     /// fd in your own poll loop as usual: readiness is the same in either mode.
     pub fn from_stream(stream: UnixStream, config: ChannelConfig) -> Result<Channel, Error> {
         stream.set_nonblocking(false).map_err(Error::Io)?;
+        let (side, side_peer) = if config.fds {
+            let (mine, theirs) = UnixStream::pair().map_err(Error::Io)?;
+            (Some(mine), Some(OwnedFd::from(theirs)))
+        } else {
+            (None, None)
+        };
         let now = Instant::now();
         Ok(Channel {
             sock: stream,
@@ -714,6 +828,10 @@ impl Channel {
             written: 0,
             last_tx: now,
             last_rx: now,
+            side,
+            side_peer,
+            hello_sent: false,
+            side_full: false,
         })
     }
 
@@ -758,7 +876,10 @@ impl Channel {
     /// not empty and its data bytes plus this frame would exceed the mark, or when the queue is
     /// empty, the frame alone exceeds the mark and the socket takes none of it right away (once
     /// its first byte is out a frame cannot be refused, so a frame larger than the mark may
-    /// overfill an empty queue). A frame written entirely at once never counts.
+    /// overfill an empty queue; for a frame with an fd, which goes out on the side socket
+    /// first, "takes none of it" means that the data socket is not writable or the side socket
+    /// has no room for the fd). A frame written entirely at once never counts. The first send
+    /// of any kind also sends (or queues) the channel's hello.
     ///
     /// Hosing errors: [`Error::Reset`] (the peer is gone), [`Error::Io`].
     pub fn send(&mut self, payload: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
@@ -808,6 +929,9 @@ impl Channel {
         if fd.is_some() && !self.cfg.fds {
             return Err(Error::FdsDisabled);
         }
+        if !self.hello_sent && kind != Kind::Hello {
+            self.send_hello()?;
+        }
         let len = match &payload {
             Payload::Borrowed(p) => p.iter().try_fold(0usize, |a, s| a.checked_add(s.len())),
             Payload::Shared(p) => p
@@ -841,14 +965,45 @@ impl Channel {
             return self.enqueue(header, payload, fd, Cursor::default(), kind);
         }
 
-        // The queue is empty: write right away (usually one `sendmsg`).
+        // The queue is empty: write right away (usually one `send`). A data frame's fd goes
+        // first, on the side socket, so that it is there when the peer parses the frame; a
+        // hello's rides inline with its first byte.
+        let hello_fd = kind == Kind::Hello && fd.is_some();
+        let mut fd_sent = false;
+        if let Some(f) = fd.as_ref().filter(|_| !hello_fd) {
+            let limit = self.cfg.high_water.filter(|_| counted);
+            // Once the fd is out the frame can no longer be refused: refuse one over the mark
+            // now unless the data socket will take some of it.
+            if limit.is_some_and(|l| total > l) && !self.data_writable()? {
+                return Err(Error::HighWater {
+                    queued: self.tx.counted,
+                    limit: limit.unwrap_or(0),
+                });
+            }
+            let side = self.side.as_ref().ok_or(Error::FdsDisabled)?;
+            match sys::try_send_one_fd(side.as_fd(), f.as_fd()) {
+                Ok(true) => fd_sent = true,
+                Ok(false) => {
+                    // No room for the fd: nothing of the frame goes now.
+                    if let Some(limit) = limit.filter(|l| total > *l) {
+                        return Err(Error::HighWater {
+                            queued: self.tx.counted,
+                            limit,
+                        });
+                    }
+                    self.side_full = true;
+                    return self.enqueue(header, payload, fd, Cursor::default(), kind);
+                }
+                Err(e) => return Err(self.hose(Error::from_io(e))),
+            }
+        }
         let small = match &payload {
-            Payload::Borrowed(parts) if fd.is_none() && total <= sys::SMALL_SEND => Some(*parts),
+            Payload::Borrowed(parts) if !hello_fd && total <= sys::SMALL_SEND => Some(*parts),
             _ => None,
         };
         if let Some(parts) = small {
-            // Small and fd-less (the common control message): one contiguous copy on the stack,
-            // one `send`, no allocation.
+            // Small (the common control message; any fd is out already): one contiguous copy on
+            // the stack, one `send`, no allocation.
             let mut flat = [0u8; sys::SMALL_SEND];
             flat[..HEADER_LEN].copy_from_slice(&header);
             let mut at = HEADER_LEN;
@@ -899,7 +1054,7 @@ impl Channel {
                 done = true;
                 break;
             }
-            let attach = if written == 0 {
+            let attach = if written == 0 && hello_fd {
                 fd.as_ref().map(|f| f.as_fd())
             } else {
                 None
@@ -924,7 +1079,7 @@ impl Channel {
             }
             return Ok(()); // an fd we own is closed here: the kernel has its copy
         }
-        if written == 0 {
+        if written == 0 && !fd_sent {
             if let Some(limit) = self.cfg.high_water.filter(|_| counted) {
                 if total > limit {
                     return Err(Error::HighWater {
@@ -934,8 +1089,35 @@ impl Channel {
                 }
             }
         }
-        let fd = if written == 0 { fd } else { None };
+        let fd = if written == 0 && !fd_sent { fd } else { None };
         self.enqueue(header, payload, fd, cur, kind)
+    }
+
+    /// Sends (or queues) the hello, with the receiving end of our side socket if fds are on.
+    #[cold]
+    fn send_hello(&mut self) -> Result<(), Error> {
+        self.hello_sent = true;
+        let theirs = self.side_peer.take();
+        let flags = if theirs.is_some() {
+            FLAG_HELLO | FLAG_HAS_FD
+        } else {
+            FLAG_HELLO
+        };
+        self.submit(
+            flags,
+            Payload::Borrowed(&[]),
+            theirs.map(FdArg::Owned),
+            Kind::Hello,
+        )
+    }
+
+    /// Whether the data socket would take some bytes now (a zero-timeout `poll`).
+    fn data_writable(&mut self) -> Result<bool, Error> {
+        let mut p = [PollFd::new(self.sock.as_fd(), false, true)];
+        match sys::poll(&mut p, Some(Duration::ZERO)) {
+            Ok(_) => Ok(p[0].ready.writable),
+            Err(e) => Err(self.hose(Error::Io(e))),
+        }
     }
 
     /// Queues the frame from `cur` on (a position in header + parts).
@@ -976,7 +1158,6 @@ impl Channel {
                     data: ChunkData::Owned(v, 0),
                     fd,
                     starts_frame,
-                    fd_frame,
                     kind,
                     left: n,
                 });
@@ -989,7 +1170,6 @@ impl Channel {
                         data: ChunkData::Header(header, cur.off),
                         fd: fd.take(),
                         starts_frame,
-                        fd_frame,
                         kind,
                         left: HEADER_LEN - cur.off,
                     });
@@ -1011,7 +1191,6 @@ impl Channel {
                         data: ChunkData::Shared(part),
                         fd: fd.take(),
                         starts_frame: starts_frame && first,
-                        fd_frame,
                         kind,
                         left,
                     });
@@ -1049,10 +1228,20 @@ impl Channel {
         }
         loop {
             if self.tx.chunks.is_empty() {
+                self.side_full = false;
                 return Ok(true);
             }
-            let mut iov = Vec::with_capacity(self.tx.chunks.len().min(sys::IOV_MAX));
-            let fd = self.tx.gather(&mut iov);
+            let side = self.side.as_ref().map(|s| s.as_fd());
+            let limit = match self.tx.send_fds(side) {
+                Ok(n) => n,
+                Err(e) => return Err(self.hose(e)),
+            };
+            self.side_full = limit == 0;
+            if limit == 0 {
+                return Ok(false);
+            }
+            let mut iov = Vec::with_capacity(limit.min(sys::IOV_MAX));
+            let fd = self.tx.gather(limit, &mut iov);
             let res = if iov.is_empty() {
                 Ok(0)
             } else {
@@ -1088,10 +1277,33 @@ impl Channel {
         self.written
     }
 
-    /// Whether the send queue is not empty: poll for writability and call
-    /// [`flush`](Channel::flush).
+    /// Whether the send queue is not empty: poll [`write_fd`](Channel::write_fd) for
+    /// writability and call [`flush`](Channel::flush).
     pub fn wants_write(&self) -> bool {
         !self.hosed && !self.tx.chunks.is_empty()
+    }
+
+    /// The fd to poll for writability while [`wants_write`](Channel::wants_write): the data
+    /// socket ([`as_fd`](AsFd::as_fd)), except when the last flush stopped because the fd side
+    /// socket had no room for the next frame's fd (the peer has not yet parsed the frames
+    /// whose fds fill it): then the side socket. Polling `as_fd` instead is correct but may
+    /// spin in that case.
+    pub fn write_fd(&self) -> BorrowedFd<'_> {
+        match &self.side {
+            Some(side) if self.side_full => side.as_fd(),
+            _ => self.sock.as_fd(),
+        }
+    }
+
+    /// The sending end of the fd side socket, if the channel has one (for a poller that keeps
+    /// its own duplicate of the fds, with [`waits_on_side`](Channel::waits_on_side)).
+    pub(crate) fn side_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.side.as_ref().map(|s| s.as_fd())
+    }
+
+    /// Whether [`write_fd`](Channel::write_fd) is the side socket now.
+    pub(crate) fn waits_on_side(&self) -> bool {
+        self.side.is_some() && self.side_full
     }
 
     /// Ends the sending side gracefully: queues an END frame after everything sent so far (and
@@ -1141,12 +1353,13 @@ impl Channel {
 
     /// Reads until a frame is complete; with `wait`, reads block (the socket is in blocking
     /// mode, see [`from_stream`](Channel::from_stream)), so `Ok(None)` is never returned.
+    ///
+    /// After the hello, the data socket is read with plain `recv` (no control buffer: cheaper
+    /// in the kernel than `recvmsg`); fds come from the side socket (see `Rx::take_fd`).
     fn recv_inner(&mut self, wait: bool) -> Result<Option<Frame>, Error> {
-        let recv = if wait {
-            sys::recv_with_fds_waiting
-        } else {
-            sys::try_recv_with_fds
-        };
+        if !self.rx.hello_done && !self.rx.read_hello(self.sock.as_fd(), wait)? {
+            return Ok(None);
+        }
         loop {
             if let Some(big) = self.rx.big.as_mut() {
                 if big.filled >= big.payload.len() {
@@ -1159,21 +1372,10 @@ impl Channel {
                     }));
                 }
                 let dst = &mut big.payload[big.filled..];
-                match recv(self.sock.as_fd(), dst) {
-                    Ok(r) => {
-                        if r.bytes == 0 {
-                            return Err(self.rx.eof_error());
-                        }
-                        check_fd_count(&r)?;
-                        if !self.cfg.fds && !r.fds.is_empty() {
-                            return Err(Error::UnexpectedFd); // closed with `r`
-                        }
-                        if !r.fds.is_empty() {
-                            // No frame starts inside a big frame's payload.
-                            return Err(Error::UnexpectedFd);
-                        }
-                        big.filled += r.bytes;
-                        self.rx.pos += r.bytes as u64;
+                match sys::recv_plain(self.sock.as_fd(), dst, wait) {
+                    Ok(0) => return Err(self.rx.eof_error()),
+                    Ok(n) => {
+                        big.filled += n;
                         self.note_rx();
                         continue;
                     }
@@ -1182,7 +1384,7 @@ impl Channel {
                 }
             }
             if self.rx.start < self.rx.end {
-                match self.rx.parse(self.cfg.max_frame)? {
+                match self.rx.parse(self.cfg.max_frame, self.cfg.fds)? {
                     Some(Parsed::Frame(f)) => return Ok(Some(f)),
                     Some(Parsed::Ping) | Some(Parsed::BigStarted) => continue,
                     Some(Parsed::End) => return Err(Error::EndOfStream),
@@ -1192,22 +1394,10 @@ impl Channel {
             let want = self.rx.make_room();
             let rx = &mut self.rx;
             let hi = rx.end.saturating_add(want).min(rx.buf.len());
-            match recv(self.sock.as_fd(), &mut rx.buf[rx.end..hi]) {
-                Ok(r) => {
-                    if r.bytes == 0 {
-                        return Err(rx.eof_error());
-                    }
-                    check_fd_count(&r)?;
-                    if !self.cfg.fds && !r.fds.is_empty() {
-                        return Err(Error::UnexpectedFd); // closed with `r`
-                    }
-                    let from = rx.pos + (rx.end - rx.start) as u64;
-                    rx.end += r.bytes;
-                    if let Some(fd) = r.fds.into_iter().next() {
-                        let to = from + r.bytes as u64;
-                        let at = rx.last_frame_start(from, to).ok_or(Error::UnexpectedFd)?;
-                        rx.fds.push_back((at, fd));
-                    }
+            match sys::recv_plain(self.sock.as_fd(), &mut rx.buf[rx.end..hi], wait) {
+                Ok(0) => return Err(rx.eof_error()),
+                Ok(n) => {
+                    rx.end += n;
                     self.note_rx();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -1279,7 +1469,7 @@ impl Channel {
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<Frame>, Error> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         if deadline.is_none() && timeout.is_none() && !self.hosed {
-            // Nothing to flush and no timer to run: wait in `recvmsg` itself.
+            // Nothing to flush and no timer to run: wait in `recv` itself.
             if self.next_deadline().is_none() && !self.wants_write() {
                 match self.recv_inner(true) {
                     Ok(Some(f)) => return Ok(Some(f)),
@@ -1348,19 +1538,18 @@ impl Channel {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let mut p = [PollFd::new(self.sock.as_fd(), read, self.wants_write())];
-        if let Err(e) = sys::poll(&mut p, until.map(|u| u.saturating_duration_since(now))) {
+        let out = self.wants_write();
+        let side = self.side.as_ref().filter(|_| out && self.side_full);
+        let mut p = [
+            PollFd::new(self.sock.as_fd(), read, out && side.is_none()),
+            PollFd::new(self.write_fd(), false, side.is_some()),
+        ];
+        let n = if side.is_some() { 2 } else { 1 };
+        if let Err(e) = sys::poll(&mut p[..n], until.map(|u| u.saturating_duration_since(now))) {
             return Err(self.hose(Error::Io(e)));
         }
         Ok(true)
     }
-}
-
-fn check_fd_count(r: &sys::Received) -> Result<(), Error> {
-    if r.fds_truncated || r.fds.len() > 1 {
-        return Err(Error::TooManyFds);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1470,6 +1659,46 @@ mod tests {
     }
 
     #[test]
+    fn a_full_side_socket_holds_the_queue_and_is_what_to_poll() {
+        let (mut a, mut b) = pair();
+        // A side socket that holds only a few fds (the smallest send buffer the kernel allows).
+        let side = a.side.as_ref().unwrap();
+        nix::sys::socket::setsockopt(side, nix::sys::socket::sockopt::SndBuf, &1).unwrap();
+        let side = side.as_raw_fd();
+        let n = 200usize;
+        for i in 0..n {
+            let fd = tagged_fd(i as u8);
+            a.send(&pattern(i, i % 50), Some(fd.as_fd())).unwrap();
+            // Frames without fds queue behind (and coalesce with) those that wait.
+            a.send(&pattern(i, 3), None).unwrap();
+        }
+        // The data socket has room; the side socket has not: that is what to wait for.
+        assert!(a.wants_write());
+        assert!(a.side_full);
+        assert_eq!(a.write_fd().as_raw_fd(), side);
+        assert!(!a.flush().unwrap());
+        let t = std::thread::spawn(move || {
+            assert!(a.flush_blocking(Some(Duration::from_secs(20))).unwrap());
+            assert_eq!(a.write_fd().as_raw_fd(), a.as_raw_fd());
+            a
+        });
+        let got = drain(&mut b, 2 * n);
+        let _a = t.join().unwrap();
+        for (k, f) in got.into_iter().enumerate() {
+            let i = k / 2;
+            if k % 2 == 0 {
+                assert!(*f.payload == pattern(i, i % 50)[..], "frame {k}");
+                assert_eq!(f.fd.map(read_tag), Some(i as u8), "fd of frame {k}");
+            } else {
+                assert!(
+                    *f.payload == pattern(i, 3)[..] && f.fd.is_none(),
+                    "frame {k}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn big_frames_with_fd_and_aligned() {
         let (mut a, mut b) = pair();
         let big = pattern(1, (3 << 20) + 5);
@@ -1555,6 +1784,8 @@ mod tests {
     fn high_water_with_an_empty_queue_and_a_full_socket() {
         let limit = 64 << 10;
         let (mut a, mut b) = Channel::pair(ChannelConfig::new().high_water(Some(limit))).unwrap();
+        // A first frame takes the hello out.
+        a.send(b"first", None).unwrap();
         // Fill the socket behind the channel's back (the peer never parses these bytes).
         let junk = vec![0u8; 4096];
         loop {
@@ -1657,52 +1888,55 @@ mod tests {
 
     #[test]
     fn raw_bad_input() {
-        fn raw_case(bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> Error {
+        /// A channel fed `bytes` (and `fd`, with their first byte) by a raw peer that sent a
+        /// hello without a side socket first: every frame it delivers, then its error.
+        fn raw_case(bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> (Vec<Frame>, Error) {
             let (raw, theirs) = UnixStream::pair().unwrap();
             let mut c =
                 Channel::from_stream(theirs, ChannelConfig::new().max_frame(1 << 20)).unwrap();
+            sys::send_with_fds(&raw, &encode_header(FLAG_HELLO, 0), &[]).unwrap();
             sys::send_with_fds(&raw, bytes, fd.as_slice()).unwrap();
             drop(raw);
+            let mut frames = Vec::new();
             let e = loop {
                 match c.try_recv() {
-                    Ok(Some(_)) => continue,
+                    Ok(Some(f)) => frames.push(f),
                     Ok(None) => panic!("all bytes are there"),
                     Err(e) => break e,
                 }
             };
             assert!(matches!(c.try_recv(), Err(Error::Hosed)));
-            e
+            (frames, e)
         }
+        let err = |bytes: &[u8]| raw_case(bytes, None).1;
         let frame = |flags: u32, len: u64, body: &[u8]| {
             let mut v = encode_header(flags, len).to_vec();
             v.extend_from_slice(body);
             v
         };
+        assert!(matches!(err(b"GARBAGE!"), Error::BadFrame("bad magic")));
+        assert!(matches!(err(&frame(1 << 9, 0, &[])), Error::BadFrame(_)));
         assert!(matches!(
-            raw_case(b"GARBAGE!", None),
-            Error::BadFrame("bad magic")
-        ));
-        assert!(matches!(
-            raw_case(&frame(8, 0, &[]), None),
+            err(&frame(FLAG_PING | FLAG_END, 0, &[])),
             Error::BadFrame(_)
         ));
         assert!(matches!(
-            raw_case(&frame(FLAG_PING | FLAG_END, 0, &[]), None),
+            err(&frame(FLAG_PING, 1, &[0])),
             Error::BadFrame(_)
         ));
         assert!(matches!(
-            raw_case(&frame(FLAG_PING, 1, &[0]), None),
-            Error::BadFrame(_)
+            err(&frame(FLAG_HELLO, 0, &[])),
+            Error::BadFrame("a hello after the first frame")
         ));
         assert!(matches!(
-            raw_case(&frame(0, 100, &[0; 10]), None),
+            err(&frame(0, 100, &[0; 10])),
             Error::Truncated {
                 expected: 116,
                 got: 26
             }
         ));
         assert!(matches!(
-            raw_case(&frame(0, 1 << 40, &[]), None),
+            err(&frame(0, 1 << 40, &[])),
             Error::FrameTooLarge {
                 len: 0x100_0000_0000,
                 max: 0x10_0000,
@@ -1710,41 +1944,100 @@ mod tests {
             }
         ));
         assert!(matches!(
-            raw_case(&b"FIPC\0\0"[..], None),
+            err(&b"FIPC\0\0"[..]),
             Error::Truncated {
                 expected: 16,
                 got: 6
             }
         ));
+        // A peer whose hello had no side socket cannot send fds.
         assert!(matches!(
-            raw_case(&frame(FLAG_HAS_FD, 1, &[0]), None),
+            err(&frame(FLAG_HAS_FD, 1, &[0])),
             Error::MissingFd
         ));
+        // An fd on the data socket, after the hello: read with plain `recv`, so the kernel
+        // discards it (closes it); the frame arrives without it.
         let (r, w) = nix::unistd::pipe().unwrap();
+        let (frames, e) = raw_case(&frame(0, 1, &[7]), Some(r.as_fd()));
+        drop(r);
+        assert!(matches!(e, Error::PeerGone), "{e:?}");
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].fd.is_none() && *frames[0].payload == [7]);
+        // No read end is left anywhere: the pipe is broken.
+        assert_eq!(nix::unistd::write(&w, b"x"), Err(nix::errno::Errno::EPIPE));
+    }
+
+    #[test]
+    fn bad_hellos() {
+        fn hello_case(bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Error {
+            let (raw, theirs) = UnixStream::pair().unwrap();
+            let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
+            sys::send_with_fds(&raw, bytes, fds).unwrap();
+            drop(raw);
+            let e = match c.try_recv() {
+                Ok(_) => panic!("no frame can come"),
+                Err(e) => e,
+            };
+            assert!(matches!(c.try_recv(), Err(Error::Hosed)));
+            e
+        }
+        // Not a hello first.
         assert!(matches!(
-            raw_case(&frame(0, 1, &[0]), Some(r.as_fd())),
+            hello_case(&encode_header(0, 0), &[]),
+            Error::BadFrame("the first frame is not a hello")
+        ));
+        assert!(matches!(
+            hello_case(&encode_header(FLAG_HELLO | FLAG_PING, 0), &[]),
+            Error::BadFrame("the first frame is not a hello")
+        ));
+        assert!(matches!(
+            hello_case(&encode_header(FLAG_HELLO, 1), &[]),
+            Error::BadFrame("a hello with a payload")
+        ));
+        assert!(matches!(
+            hello_case(&encode_header(FLAG_HELLO, 0)[..9], &[]),
+            Error::Truncated {
+                expected: 16,
+                got: 9
+            }
+        ));
+        assert!(matches!(hello_case(&[], &[]), Error::PeerGone));
+        // The fd of the hello: flagged and absent, unflagged and present, two, not a socket.
+        let (s1, s2) = UnixStream::pair().unwrap();
+        assert!(matches!(
+            hello_case(&encode_header(FLAG_HELLO | FLAG_HAS_FD, 0), &[]),
+            Error::MissingFd
+        ));
+        assert!(matches!(
+            hello_case(&encode_header(FLAG_HELLO, 0), &[s1.as_fd()]),
             Error::UnexpectedFd
         ));
-        drop(r);
-        drop(w);
-        // The fd of a big frame's middle.
+        assert!(matches!(
+            hello_case(
+                &encode_header(FLAG_HELLO | FLAG_HAS_FD, 0),
+                &[s1.as_fd(), s2.as_fd()]
+            ),
+            Error::TooManyFds
+        ));
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        assert!(matches!(
+            hello_case(&encode_header(FLAG_HELLO | FLAG_HAS_FD, 0), &[r.as_fd()]),
+            Error::BadFrame("the hello's fd is not a stream socket")
+        ));
+        // Read in pieces: the fd rides with the first byte and is kept until the end.
         let (raw, theirs) = UnixStream::pair().unwrap();
         let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
-        raw.set_nonblocking(false).unwrap();
-        let t = std::thread::spawn(move || {
-            let mut raw = raw;
-            raw.write_all(&encode_header(0, 1 << 20)).unwrap();
-            raw.write_all(&vec![0; 200 << 10]).unwrap();
-            let (r, _w) = nix::unistd::pipe().unwrap();
-            sys::send_with_fds(&raw, &[0; 10], &[r.as_fd()]).unwrap();
-            raw
-        });
-        let e = match c.recv_blocking(Some(Duration::from_secs(20))) {
-            Ok(Some(_)) => panic!("no frame completes"),
-            Ok(None) => panic!("timeout"),
-            Err(e) => e,
-        };
-        assert!(matches!(e, Error::UnexpectedFd), "{e:?}");
-        drop(t.join().unwrap());
+        let (side_tx, side_rx) = UnixStream::pair().unwrap();
+        let h = encode_header(FLAG_HELLO | FLAG_HAS_FD, 0);
+        sys::send_with_fds(&raw, &h[..3], &[side_rx.as_fd()]).unwrap();
+        drop(side_rx);
+        assert!(c.try_recv().unwrap().is_none());
+        sys::send_with_fds(&raw, &h[3..], &[]).unwrap();
+        assert!(c.try_recv().unwrap().is_none());
+        let p = tagged_fd(5);
+        assert!(sys::try_send_one_fd(side_tx.as_fd(), p.as_fd()).unwrap());
+        sys::send_with_fds(&raw, &encode_header(FLAG_HAS_FD, 0), &[]).unwrap();
+        let f = c.try_recv().unwrap().unwrap();
+        assert_eq!(read_tag(f.fd.unwrap()), 5);
     }
 }

@@ -52,13 +52,19 @@ pub enum Error {
         /// Whether the frame came from the peer (hosing) rather than from a local send.
         received: bool,
     },
-    /// An fd arrived that belongs to no frame: attached to a frame without the fd flag, or to
-    /// bytes where no frame starts. It was closed. Hosing.
+    /// An fd the channel does not take: the peer's hello carried one without being flagged
+    /// for it, or a frame flagged as carrying one reached a channel configured without fds
+    /// ([`ChannelConfig::fds`](super::ChannelConfig::fds)). Any fd received was closed. (An fd a
+    /// peer attaches to the data socket after the hello is closed by the kernel, unseen: see the
+    /// wire format in [the module docs](super).) Hosing.
     UnexpectedFd,
-    /// A frame is flagged as carrying an fd, but none came with it. Hosing.
+    /// A frame is flagged as carrying an fd, but it is not on the peer's fd side socket, where
+    /// the peer must have put it before the frame (nothing there, a message without an fd, the
+    /// side socket closed, or the peer's hello announced no side socket); or the hello is
+    /// flagged and came without one. Hosing.
     MissingFd,
-    /// More than one fd arrived with one frame (or so many that the kernel cut them off). All
-    /// were closed. Hosing.
+    /// More than one fd arrived with one frame's side-socket message or with the hello (or so
+    /// many that the kernel cut them off). All were closed. Hosing.
     TooManyFds,
     /// Nothing at all (data or keep-alive ping) arrived for the configured idle timeout. Hosing.
     IdleTimeout,

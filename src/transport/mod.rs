@@ -47,34 +47,58 @@
 //! | bytes | field |
 //! |---|---|
 //! | 0..4 | magic [`MAGIC`] (`b"FIPC"`) |
-//! | 4..8 | flags, u32 little-endian: bit 0 [`FLAG_HAS_FD`], bit 1 [`FLAG_PING`], bit 2 [`FLAG_END`]; other bits must be 0 |
+//! | 4..8 | flags, u32 little-endian: bit 0 [`FLAG_HAS_FD`], bit 1 [`FLAG_PING`], bit 2 [`FLAG_END`], bit 3 [`FLAG_HELLO`]; other bits must be 0 |
 //! | 8..16 | payload length, u64 little-endian |
 //!
-//! Pings and the END frame have no payload and no fd. At most one fd travels per frame, with
-//! `SCM_RIGHTS` attached to the frame's first byte: a frame with an fd is always sent by a
-//! `sendmsg` that starts at its first byte and holds no byte of any other frame, so the kernel
-//! buffer carrying the fd starts at that frame. Linux's stream-socket `recvmsg` stops right
-//! after a buffer that carried fds, so the receiver gives the fds of one `recvmsg` to the *last*
-//! frame that starts inside the bytes it returned. Anything else is an error:
-//! [`Error::UnexpectedFd`] (no frame starts in those bytes, or the frame is not flagged),
-//! [`Error::MissingFd`] (flagged, no fd came), [`Error::TooManyFds`] (more than one). Every fd
-//! that is not delivered is closed; received fds are close-on-exec.
+//! Pings, the END frame and the hello have no payload; pings and the END frame have no fd.
+//!
+//! **The hello.** The first frame in each direction is a hello, sent just before the side's
+//! first frame of any kind (a channel that never sends sends no hello, so a socket may be
+//! wrapped, left unused and handed on: see [`Channel::from_stream`]). A side with fds enabled
+//! ([`ChannelConfig::fds`]) makes a `socketpair`, its *fd side socket*, and its hello is
+//! flagged [`FLAG_HAS_FD`] and carries the side socket's receiving end by `SCM_RIGHTS`, attached
+//! to the hello's first byte; a side without fds sends a hello with no flag but
+//! [`FLAG_HELLO`]. The receiver reads the hello with `recvmsg`, never more than its 16 bytes, so
+//! every fd those reads bring is the hello's; errors: [`Error::BadFrame`] (the first frame is
+//! not a hello, or has a payload or other flags; a later frame is flagged as a hello; the
+//! hello's fd is not a stream socket), [`Error::MissingFd`] / [`Error::UnexpectedFd`] /
+//! [`Error::TooManyFds`] (the hello's flag and its fds disagree).
+//!
+//! **Fds.** After the hello, the data socket is read with plain `recv` (no control buffer:
+//! cheaper in the kernel than `recvmsg`), and at most one fd travels per frame, on the side
+//! socket: the sender writes one byte with the fd attached (`SCM_RIGHTS`) on its side socket
+//! *before* the first byte of the frame flagged [`FLAG_HAS_FD`] goes on the data socket (a
+//! queued frame's fd goes when its first byte is about to be written, or earlier), so the fd is
+//! queued on the side socket by the time the receiver can parse the frame. The receiver takes
+//! it (one byte, with `recvmsg`, `MSG_DONTWAIT`) when it parses the flagged frame, and never
+//! waits for it: an fd that is not there (nothing queued, or the side socket closed) is
+//! [`Error::MissingFd`]; a side message with more than one fd is [`Error::TooManyFds`]; a
+//! flagged frame on a channel configured without fds is [`Error::UnexpectedFd`] (that channel
+//! keeps the peer's side socket but never reads it). The receiver never polls the side socket.
+//! An fd a misbehaving peer attaches to data-socket bytes after the hello is not delivered:
+//! with no control buffer the kernel closes it (the bytes arrive as usual). An fd sent on the
+//! side socket for a frame that is not flagged stays queued there and would be taken by the
+//! next flagged frame: the peer's own mistake, like sending the wrong fd. Every fd that is not
+//! delivered is closed; received fds are close-on-exec.
 //!
 //! # Sending
 //!
 //! Sends never block and never fail because the peer is slow. With an empty send queue a frame
-//! is written at once (header, payload parts and fd in one vectored `sendmsg`); whatever the
-//! socket does not take is queued (borrowed bytes copied, [`SharedBytes`] kept by reference, a
-//! borrowed fd duplicated), and later frames queue behind it, in order. [`Channel::flush`]
-//! (or the async thread) writes the queue when the socket is writable, coalescing queued frames
-//! into large vectored writes; a frame with an fd always starts its own write. A high-water
+//! is written at once (its fd, if any, on the side socket, then header and payload parts in one
+//! `send` or vectored `sendmsg`); whatever the sockets do not take is queued (borrowed bytes
+//! copied, [`SharedBytes`] kept by reference, a borrowed fd duplicated), and later frames queue
+//! behind it, in order. [`Channel::flush`] (or the async thread) writes the queue when the
+//! socket is writable, coalescing queued frames into large vectored writes. When the side
+//! socket has no room for the next frame's fd (the peer has not yet parsed the frames whose
+//! fds fill it), the queue waits for the side socket: poll [`Channel::write_fd`] for
+//! writability, not `as_fd`, while [`Channel::wants_write`]. A high-water
 //! mark ([`ChannelConfig::high_water`]) bounds the queue: a frame that would pass it is refused
 //! with [`Error::HighWater`], and nothing of it is sent (see [`Channel::send`] for the exact
 //! rule). `SIGPIPE` is never raised (`MSG_NOSIGNAL`).
 //!
 //! # Receiving
 //!
-//! Payloads up to 64 KiB are read through a reusable buffer, many frames per `recvmsg`, and
+//! Payloads up to 64 KiB are read through a reusable buffer, many frames per `recv`, and
 //! copied out into their own [`AlignedBuf`] (8-byte aligned, as Cap'n Proto readers need).
 //! Larger payloads are read by the kernel straight into their `AlignedBuf`: only the bytes of one
 //! that arrived in the same `recvmsg` as the small frames before it pass through the buffer
@@ -112,7 +136,7 @@ mod error;
 pub use async_io::AsyncChannel;
 pub use buf::{AlignedBuf, SharedBytes, SharedOwner};
 pub use channel::{
-    Channel, ChannelConfig, Frame, DEFAULT_MAX_FRAME, FLAG_END, FLAG_HAS_FD, FLAG_PING, HEADER_LEN,
-    MAGIC,
+    Channel, ChannelConfig, Frame, DEFAULT_MAX_FRAME, FLAG_END, FLAG_HAS_FD, FLAG_HELLO, FLAG_PING,
+    HEADER_LEN, MAGIC,
 };
 pub use error::Error;
