@@ -1066,6 +1066,12 @@ impl OutMsg {
                     _ => return Err(out_of_step()),
                 }
             } else {
+                // As many live segments as the builder reports, checked before the table exists:
+                // a table owns (and on drop frees) what it lists, and the builder still owns
+                // these until the table is published.
+                if list.segs.iter().filter(|s| s.live()).count() != out.len() {
+                    return Err(out_of_step());
+                }
                 let mut live = list.segs.iter().filter(|s| s.live());
                 let mut entries = out.iter().map(|bytes| match live.next() {
                     Some(Seg {
@@ -1083,13 +1089,7 @@ impl OutMsg {
                     }
                     _ => Err(out_of_step()),
                 });
-                let table = SegTable::create(arena, out.len(), &mut entries)?;
-                drop(entries);
-                if live.next().is_some() {
-                    drop(table);
-                    return Err(out_of_step());
-                }
-                table
+                SegTable::create(arena, out.len(), &mut entries)?
             };
             list.published = true;
             drop(list);
