@@ -202,7 +202,7 @@ impl<M: Owned> MsgChannel<M> {
     fn release_unwritten(&mut self) {
         self.prune_written();
         for (_, blob, arena) in self.inflight.drain(..) {
-            give_back(&arena, &blob);
+            let _ = arena.release_message(&blob);
         }
     }
 
@@ -408,7 +408,7 @@ impl<M: Owned> MsgChannel<M> {
             }
             Err(e) => {
                 // The handle never left: give its reference back.
-                give_back(arena, &blob);
+                let _ = arena.release_message(&blob);
                 Err(e)
             }
         }
@@ -672,14 +672,6 @@ impl<K: PartialEq + Copy, V> SmallMap<K, V> {
             }
         };
         &mut self.0[i].1
-    }
-}
-
-/// Gives back a message handle's reference as a message does (borrowed, then dropped): if it
-/// is the last one, the message's segments are freed with its table, not leaked.
-fn give_back(arena: &Arena, blob: &LendBlob) {
-    if arena.borrow_segments(blob).is_err() {
-        let _ = arena.release_blob(blob);
     }
 }
 

@@ -705,79 +705,91 @@ impl Arena {
     /// Adopts the reference a message blob carries (validated like any lend blob, plus its
     /// kind's tag) and validates segment 0 (each later one when it is first read).
     pub(crate) fn borrow_segments(&self, blob: &LendBlob) -> Result<ShmSegments> {
-        match blob.type_tag() {
-            SOLO_TAG => self.borrow_solo(blob),
-            TABLE_TAG => self.borrow_table(blob),
+        // On error `table` drops its reference again (as the last one, it frees the message).
+        let table = self.adopt_message(blob)?;
+        if table.solo {
+            read_solo(table)
+        } else {
+            read_table(table)
+        }
+    }
+
+    /// Gives back the reference a message blob carries without reading the message (a handle
+    /// whose frame never left): as the last reference, it frees the message whole (segments
+    /// and table), like the last reader would.
+    pub(crate) fn release_message(&self, blob: &LendBlob) -> Result<()> {
+        self.adopt_message(blob).map(drop)
+    }
+
+    /// The reference a message blob carries, as a table (of one segment or many) that gives it
+    /// back on drop. The tag is checked where every handle has it (a mismatch leaves the
+    /// reference lent, as for any borrow of the wrong type).
+    fn adopt_message(&self, blob: &LendBlob) -> Result<SegTable> {
+        let (solo, min) = match blob.type_tag() {
+            SOLO_TAG => (true, PREFIX),
+            TABLE_TAG => (false, T_ENTRIES),
             // Neither kind of message handle (the table's tag is the one named).
-            found => Err(Error::TypeMismatch {
-                expected: TABLE_TAG,
-                found,
-            }),
-        }
-    }
-
-    fn borrow_solo(&self, blob: &LendBlob) -> Result<ShmSegments> {
-        // The tag is checked where every handle has it (a mismatch leaves the reference lent,
-        // as for any borrow of the wrong type).
-        let (pool, off, cap) = self.adopt(blob, Some((SOLO_TAG, PREFIX)))?;
-        let p = off + BLOCK_HDR;
-        // On error `table` drops its reference again (as the last one, it frees the message).
-        let table = SegTable {
+            found => {
+                return Err(Error::TypeMismatch {
+                    expected: TABLE_TAG,
+                    found,
+                })
+            }
+        };
+        let (pool, off, cap) = self.adopt(blob, Some((blob.type_tag(), min)))?;
+        Ok(SegTable {
             arena: self.clone(),
             pool: pool.id(),
             off,
             generation: blob.generation(),
             cap,
-            solo: true,
-        };
-        // The ticket's reference keeps the block alive: its prefix is ours to read.
-        let used = pool.word(table.solo_used_at()).load(Ordering::Relaxed);
-        check_used(pool.id(), p + PREFIX, used, cap - PREFIX)?;
-        let ptr = NonNull::new(pool.ptr(p + PREFIX)).ok_or(Error::Corrupt("null mapping"))?;
-        Ok(ShmSegments {
-            table,
-            first: (ptr, used as usize),
-            rest: Vec::new(),
+            solo,
         })
     }
+}
 
-    fn borrow_table(&self, blob: &LendBlob) -> Result<ShmSegments> {
-        let (pool, off, cap) = self.adopt(blob, Some((TABLE_TAG, T_ENTRIES)))?;
-        // On error `table` drops its reference again (as the last one, it frees the message).
-        let table = SegTable {
-            arena: self.clone(),
-            pool: pool.id(),
-            off,
-            generation: blob.generation(),
-            cap,
-            solo: false,
-        };
-        let p = table.payload();
-        let n = pool.word(p + T_COUNT).load(Ordering::Relaxed);
-        if n == 0 || n as usize > MAX_SEGMENTS || T_ENTRIES + n * T_ENTRY > cap {
-            return Err(Error::Corrupt(
-                "segment table empty or longer than its block",
-            ));
-        }
-        // The entries are copied out (one sequential read); segment 0 is validated now.
-        let (r0, used0) = read_entry(pool, p + T_ENTRIES);
-        let ptr = segment(self, r0, used0)?;
-        let rest = (1..n)
-            .map(|i| {
-                let (at, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
-                SegSlot {
-                    at,
-                    used,
-                    resolved: OnceLock::new(),
-                }
-            })
-            .collect();
-        Ok(ShmSegments {
-            table,
-            first: (ptr, used0 as usize),
-            rest,
-        })
+/// A one-segment message's segment: its used length (peer-written: checked) from the prefix.
+fn read_solo(table: SegTable) -> Result<ShmSegments> {
+    let pool = table.pool();
+    let p = table.off + BLOCK_HDR;
+    // The ticket's reference keeps the block alive: its prefix is ours to read.
+    let used = pool.word(table.solo_used_at()).load(Ordering::Relaxed);
+    check_used(pool.id(), p + PREFIX, used, table.cap - PREFIX)?;
+    let ptr = NonNull::new(pool.ptr(p + PREFIX)).ok_or(Error::Corrupt("null mapping"))?;
+    Ok(ShmSegments {
+        table,
+        first: (ptr, used as usize),
+        rest: Vec::new(),
+    })
+}
+
+/// A table's segments: the entries copied out (one sequential read), segment 0 validated now.
+fn read_table(table: SegTable) -> Result<ShmSegments> {
+    let pool = table.pool();
+    let p = table.payload();
+    let n = pool.word(p + T_COUNT).load(Ordering::Relaxed);
+    if n == 0 || n as usize > MAX_SEGMENTS || T_ENTRIES + n * T_ENTRY > table.cap {
+        return Err(Error::Corrupt(
+            "segment table empty or longer than its block",
+        ));
     }
+    let (r0, used0) = read_entry(pool, p + T_ENTRIES);
+    let ptr = segment(&table.arena, r0, used0)?;
+    let rest = (1..n)
+        .map(|i| {
+            let (at, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
+            SegSlot {
+                at,
+                used,
+                resolved: OnceLock::new(),
+            }
+        })
+        .collect();
+    Ok(ShmSegments {
+        table,
+        first: (ptr, used0 as usize),
+        rest,
+    })
 }
 
 /// A received message's segments, read in place. Holds a table reference: the segments stay
