@@ -491,23 +491,39 @@ impl Readiness {
 /// # References
 /// poll(2)
 pub fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usize> {
-    let mut raw: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|p| {
-            let mut events = 0;
-            if p.read {
-                events |= libc::POLLIN;
-            }
-            if p.write {
-                events |= libc::POLLOUT;
-            }
-            libc::pollfd {
-                fd: p.fd.as_raw_fd(),
-                events,
-                revents: 0,
-            }
-        })
-        .collect();
+    // The library's loops poll two or three fds: those go in a stack array (no allocation per
+    // wait on the async threads); more spill to the heap.
+    const INLINE: usize = 4;
+    let to_raw = |p: &PollFd<'_>| {
+        let mut events = 0;
+        if p.read {
+            events |= libc::POLLIN;
+        }
+        if p.write {
+            events |= libc::POLLOUT;
+        }
+        libc::pollfd {
+            fd: p.fd.as_raw_fd(),
+            events,
+            revents: 0,
+        }
+    };
+    let unused = libc::pollfd {
+        fd: -1,
+        events: 0,
+        revents: 0,
+    };
+    let mut inline = [unused; INLINE];
+    let mut heap = Vec::new();
+    let raw: &mut [libc::pollfd] = if fds.len() <= INLINE {
+        for (r, p) in inline.iter_mut().zip(fds.iter()) {
+            *r = to_raw(p);
+        }
+        &mut inline[..fds.len()]
+    } else {
+        heap.extend(fds.iter().map(to_raw));
+        &mut heap
+    };
     let ms: libc::c_int = match timeout {
         None => -1,
         Some(d) => {
@@ -515,9 +531,10 @@ pub fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usi
             libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
         }
     };
-    // SAFETY: `raw` is a live, initialised array of `raw.len()` pollfd entries; the kernel reads
-    // them and writes only their `revents` fields. The fds are borrowed, so open for the call
-    // (a closed one would be reported as POLLNVAL, not misbehave).
+    // SAFETY: `raw` is a live, initialised, exclusively borrowed array of `raw.len()` pollfd
+    // entries; the kernel reads them and writes only their `revents` fields, within the array.
+    // The fds are borrowed, so open for the call (a closed one would be reported as POLLNVAL,
+    // not misbehave).
     let n = unsafe { libc::poll(raw.as_mut_ptr(), raw.len() as libc::nfds_t, ms) };
     for p in fds.iter_mut() {
         p.ready = Readiness::default();
@@ -530,7 +547,7 @@ pub fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usi
             Err(e)
         };
     }
-    for (p, r) in fds.iter_mut().zip(&raw) {
+    for (p, r) in fds.iter_mut().zip(raw.iter()) {
         p.ready = Readiness {
             readable: r.revents & libc::POLLIN != 0,
             writable: r.revents & libc::POLLOUT != 0,
