@@ -16,3 +16,11 @@ pub(crate) use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 // Under loom only the lock-free algorithms are compiled, and they need no 32-bit atomics.
 #[cfg(flowipc_loom)]
 pub(crate) use loom::sync::atomic::{fence, AtomicU64, Ordering};
+
+/// Locks `m`, taking the data of a poisoned lock too: the crate's locks guard state that a
+/// panicking user handler (never run under them) cannot leave half-written, so poisoning only
+/// means some thread panicked elsewhere, and shutting down needs the state anyway.
+#[cfg(not(flowipc_loom))]
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -679,3 +679,37 @@ pub fn try_flock(file: File) -> io::Result<Result<nix::fcntl::Flock<File>, File>
         Err((_, e)) => Err(io_err(e)),
     }
 }
+
+/// Wakes a thread that waits in [`poll`]: a non-blocking socket pair whose read end the thread
+/// polls. [`wake`](Waker::wake) writes a byte (a full socket already holds a pending wake-up);
+/// the woken thread [`drain`](Waker::drain)s it.
+#[derive(Debug)]
+pub(crate) struct Waker {
+    tx: UnixStream,
+    rx: UnixStream,
+}
+
+impl Waker {
+    pub(crate) fn new() -> io::Result<Waker> {
+        let (tx, rx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        Ok(Waker { tx, rx })
+    }
+
+    /// Wakes the thread (any failure leaves it to its next event, all it could do anyway).
+    pub(crate) fn wake(&self) {
+        let _ = io::Write::write(&mut &self.tx, &[1]);
+    }
+
+    /// Takes the pending wake-ups (the thread, after its poll).
+    pub(crate) fn drain(&self) {
+        let mut b = [0u8; 64];
+        while matches!(io::Read::read(&mut &self.rx, &mut b), Ok(n) if n > 0) {}
+    }
+
+    /// What the thread polls for reading.
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        self.rx.as_fd()
+    }
+}

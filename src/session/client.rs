@@ -187,12 +187,9 @@ impl ClientSession {
             .sync_request(&mut req, None, Some(config.get_log_in_timeout()))
             .map_err(|e| match e {
                 struc::Error::Timeout => Error::LogInTimeout,
-                e => failure
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take()
-                    .unwrap_or(e)
-                    .into(),
+                // (Only `process_ready` and its kin report to the captured slot, and none of
+                // them has run yet: the call's own error is the one.)
+                e => e.into(),
             })?;
         let root = rsp
             .root()

@@ -4,7 +4,7 @@
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 
 use capnp::dynamic_value;
@@ -16,6 +16,7 @@ use crate::msg::{Backing, MsgChannel, MsgIn};
 use crate::schemas::session_capnp::master;
 use crate::shm::{Arena, LendBlob, ShmHandle, ShmSafe};
 use crate::struc::{self, MsgType};
+use crate::sync::lock;
 use crate::transport;
 
 pub(crate) type Master = master::Owned;
@@ -118,10 +119,6 @@ impl std::fmt::Debug for Session {
             .field("hosed", &self.is_hosed())
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Session {

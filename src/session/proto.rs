@@ -12,6 +12,7 @@ use super::{Error, Metadata, Rejection};
 use crate::msg::MsgIn;
 use crate::schemas::session_capnp::master;
 use crate::struc::{self, MsgType};
+use crate::sync::lock;
 use crate::sys::{self, PollFd};
 
 /// The session protocol's version: both sides must speak the same.
@@ -26,13 +27,13 @@ pub(crate) fn start_capturing(core: &mut struc::Channel<Master>) -> Result<Failu
     let failure: Failure = Arc::new(Mutex::new(None));
     let slot = failure.clone();
     core.start(move |e| {
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        *lock(&slot) = Some(e);
     })?;
     Ok(failure)
 }
 
 fn failed(failure: &Failure, e: struc::Error) -> Error {
-    let kept = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let kept = lock(failure).take();
     kept.unwrap_or(e).into()
 }
 

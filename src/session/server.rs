@@ -9,7 +9,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,8 @@ use super::{
 use crate::msg::Backing;
 use crate::shm::{Arena, ArenaConfig};
 use crate::struc::{self, MsgType};
-use crate::sys::{self, PollFd};
+use crate::sync::lock;
+use crate::sys::{self, PollFd, Waker};
 use crate::transport;
 
 /// Decides how many init channels the server opens for a client: given the client app, how many
@@ -64,17 +65,14 @@ struct Shared {
     /// Signalled when `queue` changes (a result, a handler, stop).
     changed: Condvar,
     stop: AtomicBool,
-    waker: UnixStream,
+    /// Wakes the acceptor thread (to stop).
+    waker: Waker,
     logins: Mutex<Vec<JoinHandle<()>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
     fn wake(&self) {
-        let _ = (&self.waker).write(&[1]);
+        self.waker.wake();
     }
 }
 
@@ -224,7 +222,7 @@ impl SessionServer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(run_dir_err(&socket_path)(e)),
         }
-        let listen = || -> Result<(UnixListener, UnixStream, UnixStream), Error> {
+        let listen = || -> Result<(UnixListener, Waker), Error> {
             let listener = UnixListener::bind(&socket_path).map_err(run_dir_err(&socket_path))?;
             std::fs::set_permissions(
                 &socket_path,
@@ -240,12 +238,9 @@ impl SessionServer {
                 .and_then(|()| file.rewind())
                 .and_then(|()| writeln!(file, "{}", std::process::id()))
                 .map_err(run_dir_err(&pid_path))?;
-            let (waker, waker_rx) = UnixStream::pair().map_err(Error::Io)?;
-            waker.set_nonblocking(true).map_err(Error::Io)?;
-            waker_rx.set_nonblocking(true).map_err(Error::Io)?;
-            Ok((listener, waker, waker_rx))
+            Ok((listener, Waker::new().map_err(Error::Io)?))
         };
-        let (listener, waker, waker_rx) = match listen() {
+        let (listener, waker) = match listen() {
             Ok(x) => x,
             Err(e) => {
                 // Leave nothing behind (the lock still held: no other instance raced us).
@@ -274,10 +269,7 @@ impl SessionServer {
                 .map_err(Error::Io)
         };
         let s = shared.clone();
-        let acceptor = spawn(
-            "flowipc-accept",
-            Box::new(move || accept_loop(s, listener, waker_rx)),
-        );
+        let acceptor = spawn("flowipc-accept", Box::new(move || accept_loop(s, listener)));
         let s = shared.clone();
         let dispatcher = spawn("flowipc-dispatch", Box::new(move || dispatch_loop(&s)));
         let (acceptor, dispatcher) = match (acceptor, dispatcher) {
@@ -487,18 +479,17 @@ fn dispatch_loop(shared: &Shared) {
 /// The acceptor thread: accepts connections and starts a log-in thread for each (up to
 /// [`MAX_PENDING_LOG_INS`] log-ins and untaken sessions; past it, closes them at once). It
 /// never runs user code.
-fn accept_loop(shared: Arc<Shared>, listener: UnixListener, waker: UnixStream) {
-    let mut drain = [0u8; 64];
+fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
         let mut fds = [
             PollFd::new(listener.as_fd(), true, false),
-            PollFd::new(waker.as_fd(), true, false),
+            PollFd::new(shared.waker.as_fd(), true, false),
         ];
         let _ = sys::poll(&mut fds, Some(Duration::from_secs(1)));
-        while matches!((&waker).read(&mut drain), Ok(n) if n > 0) {}
+        shared.waker.drain();
         loop {
             if shared.stop.load(Ordering::Acquire) {
                 return;

@@ -411,7 +411,7 @@ impl Arena {
     }
 
     fn grow_and_grant(&self, size: usize, flags: u64) -> Result<(&Pool, Grant)> {
-        let _guard = self.shared.grow.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = crate::sync::lock(&self.shared.grow);
         // Another thread may have grown the arena while we waited.
         let known = self.shared.known.load(Ordering::Acquire);
         if let Some(pool) = known.checked_sub(1).and_then(|id| self.pool(id)) {

@@ -307,7 +307,7 @@ struct SegShared {
 
 impl SegShared {
     fn lock(&self) -> MutexGuard<'_, SegList> {
-        self.list.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.list)
     }
 
     /// Records an allocation failure (the first one stays).

@@ -260,7 +260,7 @@ impl Pool {
     /// Claims a free slot, or reclaims one whose owner process is gone.
     fn claim_slot(&self) -> Option<u32> {
         let file = self.lock_file()?;
-        let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = crate::sync::lock(&self.slot_mutex);
         for i in 0..NUM_SLOTS as u32 {
             if let Some(previous) = self.take_over(i, file, true) {
                 if previous != 0 {
@@ -275,7 +275,7 @@ impl Pool {
 
     /// Hands slot `i` back: its private lists to the shared lists, its counters to the base.
     pub(crate) fn release_slot(&self, i: u32, counts: Option<&[u16; NUM_CLASSES]>) {
-        let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = crate::sync::lock(&self.slot_mutex);
         self.release_locked(i, counts);
     }
 
@@ -297,7 +297,7 @@ impl Pool {
         if self.lock_file().is_none() {
             return;
         }
-        let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = crate::sync::lock(&self.slot_mutex);
         let claimed = self.claimed.load(Ordering::Relaxed);
         for i in 0..NUM_SLOTS as u32 {
             if claimed & (1 << i) != 0
@@ -314,7 +314,7 @@ impl Pool {
         let Some(file) = self.lock_file() else {
             return 0;
         };
-        let _guard = self.slot_mutex.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = crate::sync::lock(&self.slot_mutex);
         let mut n = 0;
         for i in 0..NUM_SLOTS as u32 {
             if self.take_over(i, file, false).is_some() {

@@ -1,9 +1,7 @@
 //! The async-I/O face of the structured channel: a library thread receives and runs the
 //! handlers; every method may be called from any thread.
 
-use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -15,7 +13,8 @@ use capnp::traits::Owned;
 
 use super::{Channel, Error, Expect, MsgType, ReqId};
 use crate::msg::{MsgIn, MsgOut};
-use crate::sys::{self, PollFd};
+use crate::sync::lock;
+use crate::sys::{self, PollFd, Waker};
 
 type Done = Box<dyn FnOnce(Result<(), Error>) + Send>;
 
@@ -24,8 +23,8 @@ struct Shared<M: Owned> {
     /// Pending `async_end_sending` completions.
     ending: Mutex<Vec<Done>>,
     stop: AtomicBool,
-    /// Written to wake the library thread (something to flush, or stop).
-    waker: UnixStream,
+    /// Wakes the library thread (something to flush, or stop).
+    waker: Waker,
     /// A hosing error met on the library thread, for the user's `on_error`, which runs after
     /// the core is unlocked (so that it may call this channel). Shared with the core's own
     /// `on_error` (not the whole `Shared`: the core is in it, and a cycle would never be freed).
@@ -34,8 +33,7 @@ struct Shared<M: Owned> {
 
 impl<M: Owned> Shared<M> {
     fn wake(&self) {
-        // Full pipe: the thread is awake already.
-        let _ = (&self.waker).write(&[1]);
+        self.waker.wake();
     }
 }
 
@@ -77,8 +75,6 @@ fn io(e: std::io::Error) -> Error {
 /// ```
 pub struct AsyncChannel<M: Owned> {
     shared: Arc<Shared<M>>,
-    /// The thread's end of the waker, until `start` hands it over.
-    waker_rx: Mutex<Option<UnixStream>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -90,10 +86,6 @@ impl<M: Owned> std::fmt::Debug for AsyncChannel<M> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl<M> AsyncChannel<M>
 where
     M: Owned + Introspect + 'static,
@@ -101,18 +93,14 @@ where
 {
     /// Wraps a (not yet started) core. Register expectations, then [`start`](Self::start).
     pub fn new(core: Channel<M>) -> Result<Self, Error> {
-        let (tx, rx) = UnixStream::pair().map_err(io)?;
-        tx.set_nonblocking(true).map_err(io)?;
-        rx.set_nonblocking(true).map_err(io)?;
         Ok(AsyncChannel {
             shared: Arc::new(Shared {
                 core: Mutex::new(core),
                 ending: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
-                waker: tx,
+                waker: Waker::new().map_err(io)?,
                 error: Arc::new(Mutex::new(None)),
             }),
-            waker_rx: Mutex::new(Some(rx)),
             thread: Mutex::new(None),
         })
     }
@@ -137,14 +125,12 @@ where
     /// receiving (one met by a call is returned by it instead): at most once.
     pub fn start(&self, on_error: impl FnOnce(Error) + Send + 'static) -> Result<(), Error> {
         let slot = self.shared.error.clone();
+        // The core's own start refuses a second one (AlreadyStarted).
         self.core().start(move |e| *lock(&slot) = Some(e))?;
-        let Some(rx) = lock(&self.waker_rx).take() else {
-            return Err(Error::AlreadyStarted);
-        };
         let shared = self.shared.clone();
         let thread = std::thread::Builder::new()
             .name("flowipc-struc".into())
-            .spawn(move || run(shared, rx, on_error))
+            .spawn(move || run(shared, on_error))
             .map_err(io)?;
         *lock(&self.thread) = Some(thread);
         Ok(())
@@ -290,87 +276,88 @@ where
     }
 }
 
-/// The library thread: waits for the channel's fd (and the waker), flushes, receives and runs
-/// handlers, completes end-sending.
-fn run<M>(shared: Arc<Shared<M>>, waker: UnixStream, on_error: impl FnOnce(Error))
+/// The library thread: flushes, receives and runs handlers, completes end-sending, then waits
+/// for the channel's fd (and the waker). Work comes first: the core may hold frames read before
+/// it was handed over (after a log-in, say), which no readiness of the socket would announce.
+fn run<M>(shared: Arc<Shared<M>>, on_error: impl FnOnce(Error))
 where
     M: Owned + Introspect + 'static,
     for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
 {
-    let mut drain = [0u8; 64];
-    // The socket never changes: one duplicate of its fd to poll, taken once.
-    let fd = lock(&shared.core).as_fd().try_clone_to_owned();
-    // And the transport's fd side socket, polled for writability while it has no room.
-    let side = lock(&shared.core)
-        .side_fd()
-        .map(|s| s.try_clone_to_owned().ok());
-    let mut first = true;
+    // The socket never changes: one duplicate of its fd to poll, taken once; and of the
+    // transport's fd side socket, polled for writability while it has no room.
+    let (fd, side) = {
+        let core = lock(&shared.core);
+        let side = core.side_fd().map(|s| s.try_clone_to_owned());
+        (core.as_fd().try_clone_to_owned(), side.transpose())
+    };
+    if let (Ok(fd), Ok(side)) = (fd, side) {
+        if serve(&shared, &fd, side.as_ref(), on_error) == End::Stopped {
+            return; // dropped: the drop aborts what is pending
+        }
+    }
+    // Hosed (or the duplicates failed): nothing more will complete.
+    let pending = std::mem::take(&mut *lock(&shared.ending));
+    for f in pending {
+        f(Err(Error::Hosed));
+    }
+}
+
+/// Why [`serve`] returned.
+#[derive(PartialEq, Eq)]
+enum End {
+    Hosed,
+    Stopped,
+}
+
+/// The loop of [`run`]; returns once the channel is hosed or the `AsyncChannel` stops it.
+fn serve<M>(
+    shared: &Shared<M>,
+    fd: &std::os::fd::OwnedFd,
+    side: Option<&std::os::fd::OwnedFd>,
+    on_error: impl FnOnce(Error),
+) -> End
+where
+    M: Owned + Introspect + 'static,
+    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
+{
     loop {
         if shared.stop.load(Ordering::Acquire) {
-            return;
-        }
-        let (wants_write, on_side, deadline) = {
-            let mut core = lock(&shared.core);
-            if core.is_hosed() {
-                break;
-            }
-            let w = core.wants_write();
-            (w, w && core.waits_on_side(), core.next_deadline())
-        };
-        let Ok(fd) = fd.as_ref() else { break };
-        let out = match &side {
-            Some(Some(s)) if on_side => s,
-            Some(None) => break, // the duplicate failed: as for the socket's
-            _ => fd,
-        };
-        let mut fds = [
-            PollFd::new(fd.as_fd(), true, wants_write && !on_side),
-            PollFd::new(waker.as_fd(), true, false),
-            PollFd::new(out.as_fd(), false, on_side),
-        ];
-        // The first time round, no wait: the core may hold frames read before it was handed
-        // over (after a log-in, say), which no readiness of the socket would announce.
-        let timeout = if first {
-            Some(Duration::ZERO)
-        } else {
-            deadline.map(|d| d.saturating_duration_since(Instant::now()))
-        };
-        first = false;
-        if sys::poll(&mut fds, timeout).is_err() {
-            continue;
-        }
-        while matches!((&waker).read(&mut drain), Ok(n) if n > 0) {}
-        if shared.stop.load(Ordering::Acquire) {
-            return;
+            return End::Stopped;
         }
         let mut core = lock(&shared.core);
         core.flush_reporting();
         let _ = core.process_ready();
-        if deadline.is_some_and(|d| d <= Instant::now()) {
+        if core.next_deadline().is_some_and(|d| d <= Instant::now()) {
             let _ = core.on_timer();
         }
-        let done = core.is_send_done();
-        let hosed = core.is_hosed();
+        let (done, hosed) = (core.is_send_done(), core.is_hosed());
+        let wants_write = core.wants_write();
+        let on_side = wants_write && core.waits_on_side();
+        let deadline = core.next_deadline();
         drop(core);
-        let error = lock(&shared.error).take();
-        if let Some(e) = error {
+        if let Some(e) = lock(&shared.error).take() {
             on_error(e);
-            break;
+            return End::Hosed;
         }
-        if done || hosed {
+        if done {
             let pending = std::mem::take(&mut *lock(&shared.ending));
             for f in pending {
-                f(if done { Ok(()) } else { Err(Error::Hosed) });
+                f(Ok(()));
             }
         }
         if hosed {
-            break;
+            return End::Hosed;
         }
-    }
-    // Hosed: nothing more will complete.
-    let pending = std::mem::take(&mut *lock(&shared.ending));
-    for f in pending {
-        f(Err(Error::Hosed));
+        let out = side.filter(|_| on_side).unwrap_or(fd);
+        let mut fds = [
+            PollFd::new(fd.as_fd(), true, wants_write && !on_side),
+            PollFd::new(shared.waker.as_fd(), true, false),
+            PollFd::new(out.as_fd(), false, on_side),
+        ];
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let _ = sys::poll(&mut fds, timeout);
+        shared.waker.drain();
     }
 }
 

@@ -2,15 +2,14 @@
 //! user's handlers.
 
 use std::fmt;
-use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle, ThreadId};
 use std::time::Instant;
 
 use super::{Channel, Error, Frame, SharedBytes};
-use crate::sys::{self, PollFd};
+use crate::sync::lock;
+use crate::sys::{self, PollFd, Waker};
 
 /// Frames read per hold of the lock before handlers run (and other threads get the lock).
 const BATCH: usize = 64;
@@ -31,21 +30,17 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
-    /// Write end of the wake-up socket pair (non-blocking); the library thread polls the other.
-    waker: UnixStream,
+    /// Wakes the library thread.
+    waker: Waker,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Handlers never run under the lock and the core does not panic, so a poisoned lock
-        // can only come from a bug; the state is still consistent enough to shut down with.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     fn wake(&self) {
-        // A full pipe already holds a pending wake-up; any other failure leaves the thread to
-        // its next timer or socket event, which is all it could do anyway.
-        let _ = (&self.waker).write(&[1]);
+        self.waker.wake();
     }
 }
 
@@ -108,9 +103,7 @@ impl AsyncChannel {
         on_frame: impl FnMut(Frame) + Send + 'static,
         on_error: impl FnOnce(Error) + Send + 'static,
     ) -> Result<AsyncChannel, Error> {
-        let (waker, wake_rx) = UnixStream::pair().map_err(Error::Io)?;
-        waker.set_nonblocking(true).map_err(Error::Io)?;
-        wake_rx.set_nonblocking(true).map_err(Error::Io)?;
+        let waker = Waker::new().map_err(Error::Io)?;
         // The thread polls its own descriptor of the socket, so it needs no lock to wait.
         let sock = channel.as_fd().try_clone_to_owned().map_err(Error::Io)?;
         // And of the fd side socket, polled for writability while it has no room for an fd.
@@ -132,7 +125,7 @@ impl AsyncChannel {
         let s = shared.clone();
         let thread = thread::Builder::new()
             .name("flowipc-channel".into())
-            .spawn(move || run(s, sock, side, wake_rx, on_frame, on_error))
+            .spawn(move || run(s, sock, side, on_frame, on_error))
             .map_err(Error::Io)?;
         let thread_id = thread.thread().id();
         Ok(AsyncChannel {
@@ -223,17 +216,11 @@ impl Drop for AsyncChannel {
     }
 }
 
-fn drain(wake_rx: &mut UnixStream) {
-    let mut b = [0u8; 64];
-    while matches!(wake_rx.read(&mut b), Ok(n) if n > 0) {}
-}
-
 /// The library thread.
 fn run(
     shared: Arc<Shared>,
     sock: OwnedFd,
     side: Option<OwnedFd>,
-    mut wake_rx: UnixStream,
     mut on_frame: impl FnMut(Frame),
     on_error: impl FnOnce(Error),
 ) {
@@ -311,7 +298,7 @@ fn run(
         }
         let side_fd = side.as_ref().filter(|_| on_side).unwrap_or(&sock);
         let mut fds = [
-            PollFd::new(wake_rx.as_fd(), true, false),
+            PollFd::new(shared.waker.as_fd(), true, false),
             PollFd::new(sock.as_fd(), !dead, want_out && !on_side),
             PollFd::new(side_fd.as_fd(), false, on_side),
         ];
@@ -328,7 +315,7 @@ fn run(
         match sys::poll(&mut fds[..n_fds], timeout) {
             Ok(_) => {
                 if fds[0].ready.readable {
-                    drain(&mut wake_rx);
+                    shared.waker.drain();
                 }
             }
             Err(e) => {
