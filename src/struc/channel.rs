@@ -205,6 +205,16 @@ where
         }
     }
 
+    /// [`check`](Self::check), and that receiving has started.
+    fn check_started(&self) -> Result<(), Error> {
+        self.check()?;
+        if self.started {
+            Ok(())
+        } else {
+            Err(Error::NotStarted)
+        }
+    }
+
     /// Marks the channel hosed if `e` hoses it; returns `e` for the caller to report.
     fn hose(&mut self, e: Error) -> Error {
         if e.is_hosing() {
@@ -254,10 +264,7 @@ where
         originating: Option<&MsgIn<M>>,
         timeout: Option<Duration>,
     ) -> Result<MsgIn<M>, Error> {
-        self.check()?;
-        if !self.started {
-            return Err(Error::NotStarted);
-        }
+        self.check_started()?;
         let deadline = timeout.map(|t| Instant::now() + t);
         let id = self.send_with_fd(msg, originating, None)?;
         self.sync_waiting.push(id);
@@ -429,10 +436,7 @@ where
     /// readable). A hosing error goes to the `on_error` handler and is returned as
     /// [`Error::Hosed`] (reported once, there).
     pub fn process_ready(&mut self) -> Result<(), Error> {
-        self.check()?;
-        if !self.started {
-            return Err(Error::NotStarted);
-        }
+        self.check_started()?;
         loop {
             match self.step_inner(Some(Duration::ZERO)) {
                 Ok(true) => continue,
@@ -444,10 +448,7 @@ where
 
     /// Waits for and handles messages for `duration` (a blocking user's event loop).
     pub fn run_for(&mut self, duration: Duration) -> Result<(), Error> {
-        self.check()?;
-        if !self.started {
-            return Err(Error::NotStarted);
-        }
+        self.check_started()?;
         let deadline = Instant::now() + duration;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -503,14 +504,8 @@ where
         self.check()?;
         match self.msgs.channel().on_timer(Instant::now()) {
             Ok(()) => Ok(()),
-            Err(e) => {
-                let e: Error = e.into();
-                if e.is_hosing() {
-                    Err(self.report(e))
-                } else {
-                    Err(e)
-                }
-            }
+            // `report` hands back a non-hosing error as it is.
+            Err(e) => Err(self.report(e.into())),
         }
     }
 
@@ -548,10 +543,7 @@ where
     /// Handles messages until the channel is hosed (a server's loop); returns that error the
     /// way [`process_ready`](Channel::process_ready) does. Each wait is one blocking `recvmsg`.
     pub fn run(&mut self) -> Result<(), Error> {
-        self.check()?;
-        if !self.started {
-            return Err(Error::NotStarted);
-        }
+        self.check_started()?;
         loop {
             if let Err(e) = self.step_inner(None) {
                 return Err(self.report(e));
@@ -629,13 +621,9 @@ where
         }
         // Nothing of its type waiting before it and its handler idle: straight to the handler
         // (what going through the cache would do, without the two moves).
-        if !self.hosed && self.cache.get(&which.0).map_or(true, VecDeque::is_empty) {
-            if let Some(mut h) = self.expect_many.get_mut(&which.0).and_then(Option::take) {
-                h(self, m);
-                // Put it back unless the handler undid (or replaced) the expectation.
-                if let Some(slot @ None) = self.expect_many.get_mut(&which.0) {
-                    *slot = Some(h);
-                }
+        if self.cached(which) == 0 {
+            if let Some(h) = self.expect_many.get_mut(&which.0).and_then(Option::take) {
+                self.run_many(which, h, m);
                 // Whatever a nested receive cached meanwhile follows.
                 self.deliver_cached(which);
                 return Ok(());
@@ -652,23 +640,27 @@ where
     /// already running.
     fn deliver_cached(&mut self, which: MsgType) {
         while !self.hosed {
-            let Some(slot) = self.expect_many.get_mut(&which.0) else {
-                return;
-            };
-            if slot.is_none() {
-                return; // running further up the stack: it will take these when it returns
-            }
             let Some(m) = self.cache.get_mut(&which.0).and_then(VecDeque::pop_front) else {
                 return;
             };
-            let Some(mut h) = self.expect_many.get_mut(&which.0).and_then(Option::take) else {
-                return;
-            };
-            h(self, m);
-            // Put it back unless the handler undid (or replaced) the expectation.
-            if let Some(slot @ None) = self.expect_many.get_mut(&which.0) {
-                *slot = Some(h);
+            match self.expect_many.get_mut(&which.0).and_then(Option::take) {
+                Some(h) => self.run_many(which, h, m),
+                None => {
+                    // Not expected, or running further up the stack (it takes these when it
+                    // returns): back to the front of the line.
+                    self.cache.get_or_default(which.0).push_front(m);
+                    return;
+                }
             }
+        }
+    }
+
+    /// Runs `which`'s `expect_msgs` handler (taken out of its slot while it runs) on `m`, and
+    /// puts it back unless the handler undid (or replaced) the expectation.
+    fn run_many(&mut self, which: MsgType, mut h: Handler<M>, m: MsgIn<M>) {
+        h(self, m);
+        if let Some(slot @ None) = self.expect_many.get_mut(&which.0) {
+            *slot = Some(h);
         }
     }
 
@@ -815,8 +807,8 @@ impl<V> ByType<V> {
     where
         V: Default,
     {
-        if !self.contains_key(&k) {
-            self.insert(k, V::default());
+        if self.0.len() <= k as usize {
+            self.0.resize_with(k as usize + 1, || None);
         }
         self.0[k as usize].get_or_insert_with(V::default)
     }
