@@ -215,9 +215,6 @@ impl<M: Owned> MsgChannel<M> {
     /// first while a receiver holds it). If it cannot be placed in the arena, this returns
     /// [`Error::Shm`] (not hosing), sends nothing, and leaves `msg` intact.
     pub fn send(&mut self, msg: &mut MsgOut<M>, fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
         self.send_answering(msg, fd, 0).map(|_| ())
     }
 
@@ -258,10 +255,12 @@ impl<M: Owned> MsgChannel<M> {
         let mut h = Header {
             bytes: [0; HEADER_LEN + TOKEN_LEN],
             len: HEADER_LEN,
+            id: 0,
         };
         h.bytes[0] = kind;
         if kind == KIND_SHM || kind == KIND_HEAP {
-            h.bytes[8..16].copy_from_slice(&self.next_id.to_le_bytes());
+            h.id = self.next_id;
+            h.bytes[8..16].copy_from_slice(&h.id.to_le_bytes());
             self.next_id += 1;
         }
         h.bytes[16..24].copy_from_slice(&answers.to_le_bytes());
@@ -308,69 +307,53 @@ impl<M: Owned> MsgChannel<M> {
             let n = segs.len();
             let bytes = segs.iter().fold(0usize, |a, s| a.saturating_add(s.len()));
             if n <= SMALL_HEAP_SEGMENTS && bytes <= SMALL_HEAP_BYTES {
-                let id = self.next_id;
                 let h = self.header(KIND_HEAP, answers);
-                // Count and sizes, padded to whole words.
-                let mut table = [0u8; (4 * (SMALL_HEAP_SEGMENTS + 1)).next_multiple_of(8)];
-                table[..4].copy_from_slice(&((n as u32).wrapping_sub(1)).to_le_bytes());
-                for (i, seg) in segs.iter().enumerate() {
-                    let words = (seg.len() / 8) as u32;
-                    table[4 + 4 * i..8 + 4 * i].copy_from_slice(&words.to_le_bytes());
-                }
-                let table = &table[..(4 * (n + 1)).next_multiple_of(8)];
+                let mut table = [0u8; segment_table_len(SMALL_HEAP_SEGMENTS)];
+                let table = &mut table[..segment_table_len(n)];
+                write_segment_table(table, segs.iter().map(|s| s.len()));
                 let mut parts: [&[u8]; SMALL_HEAP_SEGMENTS + 2] = [&[]; SMALL_HEAP_SEGMENTS + 2];
                 parts[0] = h.as_ref();
                 parts[1] = table;
                 parts[2..n + 2].copy_from_slice(&segs);
                 self.chan.send_parts(&parts[..n + 2], fd)?;
-                return Ok(id);
+                return Ok(h.id);
             }
             drop(segs);
             // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen
             // while queued) rather than copying.
-            let parts = out.share_heap().map_err(|source| Error::Shm {
-                source,
-                from_peer: false,
-            })?;
-            let id = self.next_id;
-            let mut head = self.header(KIND_HEAP, answers).as_ref().to_vec();
-            head.extend_from_slice(&((parts.len() as u32).wrapping_sub(1)).to_le_bytes());
-            for (_, used) in &parts {
-                head.extend_from_slice(&((used / 8) as u32).to_le_bytes());
-            }
-            if parts.len() % 2 == 0 {
-                head.extend_from_slice(&[0; 4]);
-            }
+            let parts = out.share_heap().map_err(local)?;
+            let h = self.header(KIND_HEAP, answers);
+            let mut head = h.as_ref().to_vec();
+            head.resize(h.len + segment_table_len(parts.len()), 0);
+            write_segment_table(&mut head[h.len..], parts.iter().map(|(_, used)| *used));
             let mut shared = Vec::with_capacity(parts.len() + 1);
             shared.push(SharedBytes::from(head));
             for (seg, used) in parts {
                 let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = seg;
-                shared.push(SharedBytes::new(owner, 0..used).map_err(|_| Error::Shm {
-                    source: crate::shm::Error::Corrupt("segment shorter than its used bytes"),
-                    from_peer: false,
+                shared.push(SharedBytes::new(owner, 0..used).map_err(|_| {
+                    local(crate::shm::Error::Corrupt(
+                        "segment shorter than its used bytes",
+                    ))
                 })?);
             }
             // The queue may outlive this call: it gets its own copy of the fd.
             let fd = match fd {
                 Some(fd) => Some(
                     fd.try_clone_to_owned()
-                        .map_err(|e| Error::Transport(crate::transport::Error::Io(e)))?,
+                        .map_err(crate::transport::Error::Io)?,
                 ),
                 None => None,
             };
             self.chan.send_shared(shared, fd)?;
-            return Ok(id);
+            return Ok(h.id);
         };
         match self.arenas.get(&(arena_id as u32)) {
             // Handles carry 32 bits of the arena id: two arenas alike in those cannot share a
             // channel (a 1 in 2^31 chance per pair).
             Some(known) if known.id() != arena_id => {
-                return Err(Error::Shm {
-                    source: crate::shm::Error::BadConfig(
-                        "another arena on this channel has the same 32-bit tag",
-                    ),
-                    from_peer: false,
-                });
+                return Err(local(crate::shm::Error::BadConfig(
+                    "another arena on this channel has the same 32-bit tag",
+                )));
             }
             Some(_) => {}
             None => {
@@ -379,24 +362,17 @@ impl<M: Owned> MsgChannel<M> {
                 }
             }
         }
-        let blob = out.share_shm().map_err(|source| Error::Shm {
-            source,
-            from_peer: false,
-        })?;
+        let blob = out.share_shm().map_err(local)?;
         let Some(arena) = out.arena() else {
-            return Err(Error::Shm {
-                source: crate::shm::Error::BadConfig("no arena"),
-                from_peer: false,
-            });
+            return Err(local(crate::shm::Error::BadConfig("no arena")));
         };
         let r = self.announce_pools(arena).and_then(|()| {
-            let id = self.next_id;
             let h = self.header(KIND_SHM, answers);
             // Header and handle as two parts: the transport copies them once, into the frame.
             self.chan
                 .send_parts(&[h.as_ref(), blob.as_bytes()], fd)
                 .map_err(Error::from)
-                .map(|()| id)
+                .map(|()| h.id)
         });
         match r {
             Ok(id) => {
@@ -422,9 +398,14 @@ impl<M: Owned> MsgChannel<M> {
         if announced == arena.pool_count() {
             return Ok(());
         }
+        // Header (the same for every announcement), arena id, pool id, 4 zero bytes.
+        let h = self.header(KIND_POOL, 0);
+        let mut frame = [0u8; HEADER_LEN + TOKEN_LEN + 16];
+        frame[..h.len].copy_from_slice(h.as_ref());
+        frame[h.len..h.len + 8].copy_from_slice(&arena.id().to_le_bytes());
+        let bits = self.announced.get_or_default(arena.id());
         for id in arena.pool_ids() {
             let (word, bit) = (id as usize / 64, 1u64 << (id % 64));
-            let bits = self.announced.get_or_default(arena.id());
             if bits.len() <= word {
                 bits.resize(word + 1, 0);
             }
@@ -434,13 +415,9 @@ impl<M: Owned> MsgChannel<M> {
             let Some(fd) = arena.pool_fd(id) else {
                 continue;
             };
-            let h = self.header(KIND_POOL, 0);
-            let mut frame = [0u8; HEADER_LEN + TOKEN_LEN + 16];
-            frame[..h.len].copy_from_slice(h.as_ref());
-            frame[h.len..h.len + 8].copy_from_slice(&arena.id().to_le_bytes());
             frame[h.len + 8..h.len + 12].copy_from_slice(&id.to_le_bytes());
             self.chan.send(&frame[..h.len + 16], Some(fd))?;
-            self.announced.get_or_default(arena.id())[word] |= bit;
+            bits[word] |= bit;
         }
         Ok(())
     }
@@ -629,6 +606,8 @@ impl<M: Owned> Drop for MsgChannel<M> {
 struct Header {
     bytes: [u8; HEADER_LEN + TOKEN_LEN],
     len: usize,
+    /// The message id it carries (0 for a control frame).
+    id: u64,
 }
 
 impl AsRef<[u8]> for Header {
@@ -675,6 +654,29 @@ impl<K: PartialEq + Copy, V> SmallMap<K, V> {
     }
 }
 
+/// A message of ours that could not be sent as it is (not hosing).
+fn local(source: crate::shm::Error) -> Error {
+    Error::Shm {
+        source,
+        from_peer: false,
+    }
+}
+
+/// Bytes of capnp's stream-framing segment table for `n` segments: the count less one, each
+/// size in words (u32s), padded to whole words.
+const fn segment_table_len(n: usize) -> usize {
+    (4 * (n + 1)).next_multiple_of(8)
+}
+
+/// Writes the segment table of segments of `sizes` bytes into `buf`
+/// (`segment_table_len(sizes.len())` bytes, zeroed).
+fn write_segment_table(buf: &mut [u8], sizes: impl ExactSizeIterator<Item = usize>) {
+    buf[..4].copy_from_slice(&(sizes.len() as u32).wrapping_sub(1).to_le_bytes());
+    for (i, len) in sizes.enumerate() {
+        buf[4 + 4 * i..8 + 4 * i].copy_from_slice(&((len / 8) as u32).to_le_bytes());
+    }
+}
+
 fn peer(source: crate::shm::Error) -> Error {
     Error::Shm {
         source,
@@ -700,7 +702,7 @@ fn heap_segments(buf: &[u8], hlen: usize) -> Result<HeapSegs, Error> {
     if count == 0 || count > MAX_SEGMENTS {
         return Err(Error::BadMessage("heap message with a bad segment count"));
     }
-    let table = (4 * (count + 1)).next_multiple_of(8);
+    let table = segment_table_len(count);
     let mut at = hlen + table;
     if at > buf.len() {
         return Err(Error::BadMessage("segment table cut short"));
