@@ -254,9 +254,9 @@ impl ClientSession {
                 _ => return Err(Error::Protocol("unreadable resource")),
             };
             let in_range = match key.0 {
-                0 | 1 => with_arenas && key.1 == 0,
-                2 => key.1 < n_cli,
-                3 => key.1 < n_srv,
+                proto::RES_SESSION_ARENA | proto::RES_APP_ARENA => with_arenas && key.1 == 0,
+                proto::RES_INIT_BY_CLIENT => key.1 < n_cli,
+                proto::RES_INIT_BY_SERVER => key.1 < n_srv,
                 _ => false,
             };
             if !in_range || got.insert(key, fd).is_some() {
@@ -264,7 +264,10 @@ impl ClientSession {
             }
         }
         let join = |fd: OwnedFd| Arena::join([fd], ArenaConfig::new().max_pools(1));
-        let arenas = match (got.remove(&(0, 0)), got.remove(&(1, 0))) {
+        let arenas = match (
+            got.remove(&(proto::RES_SESSION_ARENA, 0)),
+            got.remove(&(proto::RES_APP_ARENA, 0)),
+        ) {
             (Some(s), Some(a)) => (Some(join(s)?), Some(join(a)?)),
             _ => (None, None),
         };
@@ -272,11 +275,7 @@ impl ClientSession {
         for ((kind, _), fd) in got {
             let chan =
                 transport::Channel::from_stream(UnixStream::from(fd), config.channel_config())?;
-            if kind == 2 {
-                init.by_client.push(chan);
-            } else {
-                init.by_server.push(chan);
-            }
+            init.push(kind, chan);
         }
         core.pause();
         let session = Session::open(core, token, config, self.server.name.clone(), arenas)?;

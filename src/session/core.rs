@@ -37,6 +37,17 @@ pub struct InitChannels {
     pub by_server: Vec<transport::Channel>,
 }
 
+impl InitChannels {
+    /// Files `chan` under the side that asked for it (a resource of kind `kind`).
+    pub(crate) fn push(&mut self, kind: u8, chan: transport::Channel) {
+        if kind == super::proto::RES_INIT_BY_CLIENT {
+            self.by_client.push(chan);
+        } else {
+            self.by_server.push(chan);
+        }
+    }
+}
+
 /// Which of a session's arenas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -70,7 +81,7 @@ struct Link {
     /// Events wait here until the user's handlers are installed.
     events: Mutex<Option<mpsc::Receiver<Event>>>,
     /// For errors a call meets (the call returns it; the error handler must hear of it too).
-    events_tx: Mutex<mpsc::Sender<Event>>,
+    events_tx: mpsc::Sender<Event>,
     handler_thread: Mutex<Option<JoinHandle<()>>>,
     started: AtomicBool,
     passive: Arc<AtomicU8>,
@@ -190,7 +201,7 @@ impl Session {
             link: Some(Link {
                 master,
                 events: Mutex::new(Some(rx)),
-                events_tx: Mutex::new(tx),
+                events_tx: tx,
                 handler_thread: Mutex::new(None),
                 started: AtomicBool::new(false),
                 passive,
@@ -245,7 +256,7 @@ impl Session {
     /// Returns `e` from a call, and tells the error handler if it ended the session.
     fn report(&self, e: Error) -> Error {
         if let (Some(link), Some(copy)) = (&self.link, ending(&e)) {
-            let _ = lock(&link.events_tx).send(Event::Error(copy));
+            let _ = link.events_tx.send(Event::Error(copy));
         }
         e
     }
@@ -353,7 +364,7 @@ impl Session {
             Err(_) => Backing::Heap,
         };
         let mut msgs = MsgChannel::new(chan, backing).with_session_token(self.token);
-        for a in self.session_arena.iter().chain(self.app_arena.iter()) {
+        for a in self.arenas().into_iter().flatten() {
             msgs = msgs.with_arena(a);
         }
         Ok(struc::Channel::from_msg_channel(msgs)?)
@@ -373,11 +384,7 @@ impl Session {
     /// to the same object. The blob says which arena.
     pub fn lend_object<T: ShmSafe>(&self, handle: &ShmHandle<T>) -> Result<LendBlob, Error> {
         let id = handle.arena().id();
-        let mut ours = self.session_arena.iter().chain(self.app_arena.iter());
-        if self.session_arena.is_none() && self.app_arena.is_none() {
-            return Err(Error::NoArena);
-        }
-        if ours.any(|a| a.id() == id) {
+        if self.arenas()?.any(|a| a.id() == id) {
             Ok(handle.lend())
         } else {
             Err(Error::ForeignArena)
@@ -386,16 +393,20 @@ impl Session {
 
     /// Borrows the object the peer lent (see [`lend_object`](Session::lend_object)).
     pub fn borrow_object<T: ShmSafe>(&self, blob: &LendBlob) -> Result<ShmHandle<T>, Error> {
-        if self.session_arena.is_none() && self.app_arena.is_none() {
-            return Err(Error::NoArena);
-        }
         let arena = self
-            .session_arena
-            .iter()
-            .chain(self.app_arena.iter())
+            .arenas()?
             .find(|a| a.id() as u32 == blob.arena_tag())
             .ok_or(Error::Shm(crate::shm::Error::ForeignBlob))?;
         Ok(arena.borrow(blob)?)
+    }
+
+    /// The session's arenas (session scope, then app scope); [`Error::NoArena`] in a vanilla
+    /// session.
+    fn arenas(&self) -> Result<impl Iterator<Item = &Arena>, Error> {
+        if self.session_arena.is_none() && self.app_arena.is_none() {
+            return Err(Error::NoArena);
+        }
+        Ok(self.session_arena.iter().chain(self.app_arena.iter()))
     }
 }
 

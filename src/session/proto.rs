@@ -18,6 +18,12 @@ use crate::sys::{self, PollFd};
 /// The session protocol's version: both sides must speak the same.
 pub(crate) const PROTOCOL_VERSION: u32 = 1;
 
+/// `Resource.kind`: what a resource message's fd is (see `schemas/session.capnp`).
+pub(crate) const RES_SESSION_ARENA: u8 = 0;
+pub(crate) const RES_APP_ARENA: u8 = 1;
+pub(crate) const RES_INIT_BY_CLIENT: u8 = 2;
+pub(crate) const RES_INIT_BY_SERVER: u8 = 3;
+
 /// Where the log-in channel's hosing error lands (its `on_error`), to be returned by the call
 /// that met it.
 pub(crate) type Failure = Arc<Mutex<Option<struc::Error>>>;

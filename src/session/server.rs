@@ -147,16 +147,32 @@ pub struct SessionServer {
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
     dispatcher: Option<JoinHandle<()>>,
-    lock: Option<nix::fcntl::Flock<File>>,
-    socket_path: PathBuf,
-    pid_path: PathBuf,
+    /// Dropped last (after the threads are joined).
+    files: RunFiles,
+}
+
+/// The live instance's files: removed when dropped (on drop of the server, or on any failure to
+/// start it), socket first, then the PID file, then the lock goes: a new instance can take the
+/// lock only once our socket is gone.
+struct RunFiles {
+    socket: PathBuf,
+    pid: PathBuf,
+    lock: nix::fcntl::Flock<File>,
+}
+
+impl Drop for RunFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(&self.pid);
+        // (`lock` is released as the field drops, after this.)
+    }
 }
 
 impl std::fmt::Debug for SessionServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionServer")
             .field("app", &self.shared.app.name)
-            .field("socket", &self.socket_path)
+            .field("socket", &self.files.socket)
             .finish()
     }
 }
@@ -222,6 +238,13 @@ impl SessionServer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(run_dir_err(&socket_path)(e)),
         }
+        // From here on, any failure leaves nothing behind (the lock still held: no other
+        // instance raced us).
+        let files = RunFiles {
+            socket: socket_path.clone(),
+            pid: pid_path.clone(),
+            lock,
+        };
         let listen = || -> Result<(UnixListener, Waker), Error> {
             let listener = UnixListener::bind(&socket_path).map_err(run_dir_err(&socket_path))?;
             std::fs::set_permissions(
@@ -233,22 +256,14 @@ impl SessionServer {
                 .set_nonblocking(true)
                 .map_err(run_dir_err(&socket_path))?;
             // The PID goes in once the socket listens: a client that reads it can connect.
-            let mut file: &File = &lock;
+            let mut file: &File = &files.lock;
             file.set_len(0)
                 .and_then(|()| file.rewind())
                 .and_then(|()| writeln!(file, "{}", std::process::id()))
                 .map_err(run_dir_err(&pid_path))?;
             Ok((listener, Waker::new().map_err(Error::Io)?))
         };
-        let (listener, waker) = match listen() {
-            Ok(x) => x,
-            Err(e) => {
-                // Leave nothing behind (the lock still held: no other instance raced us).
-                let _ = std::fs::remove_file(&socket_path);
-                let _ = std::fs::remove_file(&pid_path);
-                return Err(e);
-            }
-        };
+        let (listener, waker) = listen()?;
         let shared = Arc::new(Shared {
             app: b.app,
             clients: b.clients,
@@ -281,8 +296,6 @@ impl SessionServer {
                 for t in [a, d].into_iter().flatten() {
                     let _ = t.join();
                 }
-                let _ = std::fs::remove_file(&socket_path);
-                let _ = std::fs::remove_file(&pid_path);
                 return Err(Error::Io(std::io::Error::other(
                     "cannot start the server's threads",
                 )));
@@ -292,9 +305,7 @@ impl SessionServer {
             shared,
             acceptor: Some(acceptor),
             dispatcher: Some(dispatcher),
-            lock: Some(lock),
-            socket_path,
-            pid_path,
+            files,
         })
     }
 
@@ -357,12 +368,12 @@ impl SessionServer {
 
     /// The socket clients connect to.
     pub fn socket_path(&self) -> &Path {
-        &self.socket_path
+        &self.files.socket
     }
 
     /// The PID file.
     pub fn pid_file(&self) -> &Path {
-        &self.pid_path
+        &self.files.pid
     }
 }
 
@@ -390,11 +401,7 @@ impl Drop for SessionServer {
             w(Err(Error::Aborted));
         }
         drop(q.ready);
-        // Socket first, then the PID file, then the lock: a new instance can take the lock only
-        // once our socket is gone.
-        let _ = std::fs::remove_file(&self.socket_path);
-        let _ = std::fs::remove_file(&self.pid_path);
-        drop(self.lock.take());
+        // `files` goes after this (see `RunFiles`).
     }
 }
 
@@ -556,16 +563,8 @@ fn random_token() -> u128 {
     {
         return u128::from_le_bytes(b);
     }
-    use std::hash::{BuildHasher, Hasher};
-    let half = || {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        h.write_u128(now);
-        h.write_u32(std::process::id());
-        h.finish() as u128
-    };
+    // The arena ids' source (the std hasher's random keys).
+    let half = || crate::shm::random_id() as u128;
     half() << 64 | half()
 }
 
@@ -590,29 +589,89 @@ fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
         &shared.stop,
         &failure,
     )?;
-    let checked = LogInReq::parse(&req_msg).and_then(|req| {
-        let app = check(shared, &req, creds)?;
-        Ok((req, app))
-    });
-    // Tells the client why (the response to its log-in), and returns the same as our error.
-    let refuse = |core: &mut struc::Channel<Master>, reason: Rejection, detail: String| {
-        let mut rsp = core.create_msg();
-        {
-            let mut r = rsp.init_root().init_log_in_rsp().init_rejected();
-            r.set_reason(reason.code());
-            r.set_detail(detail.as_str());
-        }
-        let _ = core.send(&mut rsp, Some(&req_msg));
-        proto::finish_sending(core, deadline, &shared.stop);
-        Error::LogInRejected { reason, detail }
-    };
-    let (req, client_app) = match checked {
+    let prepared = LogInReq::parse(&req_msg)
+        .and_then(|req| {
+            let app = check(shared, &req, creds)?;
+            Ok((req, app))
+        })
+        .and_then(|(req, app)| {
+            let p = provide(shared, &app, &req)?;
+            Ok((req, app, p))
+        });
+    let (req, client_app, p) = match prepared {
         Ok(x) => x,
-        Err((reason, detail)) => return Err(refuse(&mut core, reason, detail)),
+        Err((reason, detail)) => {
+            // Tells the client why (the response to its log-in); our error says the same.
+            let mut rsp = core.create_msg();
+            {
+                let mut r = rsp.init_root().init_log_in_rsp().init_rejected();
+                r.set_reason(reason.code());
+                r.set_detail(detail.as_str());
+            }
+            let _ = core.send(&mut rsp, Some(&req_msg));
+            proto::finish_sending(&mut core, deadline, &shared.stop);
+            return Err(Error::LogInRejected { reason, detail });
+        }
     };
-    let reject = |core: &mut struc::Channel<Master>, detail: String| {
-        refuse(core, Rejection::Resources, detail)
-    };
+    // Init channels: ours kept, theirs sent (one resource message, one fd, each).
+    let mut init = InitChannels::default();
+    for (kind, mine) in p.ours {
+        init.push(
+            kind,
+            transport::Channel::from_stream(mine, cfg.channel_config())?,
+        );
+    }
+    for (kind, index, fd) in p.theirs {
+        let mut m = core.create_msg_with_fd(fd);
+        {
+            let mut r = m.init_root().init_resource();
+            r.set_kind(kind);
+            r.set_index(index);
+        }
+        core.send(&mut m, None)?;
+    }
+    let token = random_token();
+    let mut rsp = core.create_msg();
+    {
+        let mut a = rsp.init_root().init_log_in_rsp().init_accepted();
+        a.set_token(&token.to_le_bytes());
+        a.set_init_by_client(req.init_channels);
+        a.set_init_by_server(p.n_srv);
+        if let Some(m) = &p.metadata {
+            a.set_metadata(m.as_bytes());
+        }
+        a.set_arenas(p.arenas.0.is_some());
+    }
+    core.send(&mut rsp, Some(&req_msg))?;
+    drop(req_msg);
+    core.pause();
+    let session = Session::open(core, token, cfg.clone(), client_app.name.clone(), p.arenas)?;
+    Ok(ServerSession {
+        session,
+        client_app,
+        init,
+        client_metadata: req.metadata,
+    })
+}
+
+/// What an accepted log-in gets: the arenas, the init channels (our ends by kind; theirs by
+/// kind and index, to send), and what the server decided for this client.
+struct Provision {
+    arenas: (Option<Arena>, Option<Arena>),
+    ours: Vec<(u8, UnixStream)>,
+    theirs: Vec<(u8, u32, OwnedFd)>,
+    n_srv: u32,
+    metadata: Option<Metadata>,
+}
+
+/// Makes what an accepted log-in gets; on failure, why (the client is refused).
+fn provide(
+    shared: &Shared,
+    client_app: &ClientApp,
+    req: &LogInReq,
+) -> Result<Provision, (Rejection, String)> {
+    let cfg = &shared.config;
+    let refuse = |detail: String| (Rejection::Resources, detail);
     // Arenas: the session's own, and the client app's (made at its first session).
     let arenas = if cfg.get_shm() == ShmKind::Classic {
         let pool = ArenaConfig::new()
@@ -630,9 +689,7 @@ fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
         };
         match (session, app) {
             (Ok(s), Ok(a)) => (Some(s), Some(a)),
-            (Err(e), _) | (_, Err(e)) => {
-                return Err(reject(&mut core, format!("no arena: {e}")));
-            }
+            (Err(e), _) | (_, Err(e)) => return Err(refuse(format!("no arena: {e}"))),
         }
     } else {
         (None, None)
@@ -641,67 +698,43 @@ fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
         .init_channels
         .as_ref()
         .map_or(0, |f| {
-            f(&client_app, req.init_channels, req.metadata.as_ref())
+            f(client_app, req.init_channels, req.metadata.as_ref())
         })
         .min(MAX_INIT_CHANNELS);
-    let srv_mdt = shared
+    let metadata = shared
         .metadata
         .as_ref()
-        .and_then(|f| f(&client_app, req.init_channels, req.metadata.as_ref()));
-    // Init channels: ours kept, theirs sent (one resource message, one fd, each).
-    let mut init = InitChannels::default();
-    let mut resources: Vec<(u8, u32, OwnedFd)> = Vec::new();
-    for (s, p) in arenas.0.iter().zip([0u8]).chain(arenas.1.iter().zip([1u8])) {
-        match s.pool_fd(0).map(|fd| fd.try_clone_to_owned()) {
-            Some(Ok(fd)) => resources.push((p, 0, fd)),
-            _ => return Err(reject(&mut core, "arena pool fd".into())),
-        }
-    }
-    for (kind, n) in [(2u8, req.init_channels), (3u8, n_srv)] {
-        for i in 0..n {
-            let (mine, theirs) = match UnixStream::pair() {
-                Ok(p) => p,
-                Err(e) => return Err(reject(&mut core, format!("socketpair: {e}"))),
-            };
-            let chan = transport::Channel::from_stream(mine, cfg.channel_config())?;
-            if kind == 2 {
-                init.by_client.push(chan);
-            } else {
-                init.by_server.push(chan);
+        .and_then(|f| f(client_app, req.init_channels, req.metadata.as_ref()));
+    let mut theirs = Vec::new();
+    for (s, kind) in [
+        (&arenas.0, proto::RES_SESSION_ARENA),
+        (&arenas.1, proto::RES_APP_ARENA),
+    ] {
+        if let Some(s) = s {
+            match s.pool_fd(0).map(|fd| fd.try_clone_to_owned()) {
+                Some(Ok(fd)) => theirs.push((kind, 0, fd)),
+                _ => return Err(refuse("arena pool fd".into())),
             }
-            resources.push((kind, i, OwnedFd::from(theirs)));
         }
     }
-    for (kind, index, fd) in resources {
-        let mut m = core.create_msg_with_fd(fd);
-        {
-            let mut r = m.init_root().init_resource();
-            r.set_kind(kind);
-            r.set_index(index);
+    let mut ours = Vec::new();
+    for (kind, n) in [
+        (proto::RES_INIT_BY_CLIENT, req.init_channels),
+        (proto::RES_INIT_BY_SERVER, n_srv),
+    ] {
+        for i in 0..n {
+            let (mine, other) =
+                UnixStream::pair().map_err(|e| refuse(format!("socketpair: {e}")))?;
+            ours.push((kind, mine));
+            theirs.push((kind, i, OwnedFd::from(other)));
         }
-        core.send(&mut m, None)?;
     }
-    let token = random_token();
-    let mut rsp = core.create_msg();
-    {
-        let mut a = rsp.init_root().init_log_in_rsp().init_accepted();
-        a.set_token(&token.to_le_bytes());
-        a.set_init_by_client(req.init_channels);
-        a.set_init_by_server(n_srv);
-        if let Some(m) = &srv_mdt {
-            a.set_metadata(m.as_bytes());
-        }
-        a.set_arenas(arenas.0.is_some());
-    }
-    core.send(&mut rsp, Some(&req_msg))?;
-    drop(req_msg);
-    core.pause();
-    let session = Session::open(core, token, cfg.clone(), client_app.name.clone(), arenas)?;
-    Ok(ServerSession {
-        session,
-        client_app,
-        init,
-        client_metadata: req.metadata,
+    Ok(Provision {
+        arenas,
+        ours,
+        theirs,
+        n_srv,
+        metadata,
     })
 }
 

@@ -57,6 +57,8 @@ mod alloc;
 #[cfg(not(flowipc_loom))]
 mod arena;
 #[cfg(not(flowipc_loom))]
+pub(crate) use arena::random_id;
+#[cfg(not(flowipc_loom))]
 mod error;
 #[cfg(not(flowipc_loom))]
 mod handle;
