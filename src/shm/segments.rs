@@ -663,8 +663,14 @@ impl Drop for SegTable {
         let p = self.payload();
         if self.solo {
             // Last reference to a one-segment message: clear the prefix and what capnp wrote
-            // after it (as the prefix records it, kept within the block whatever a peer
-            // scribbled there), and free the block clean.
+            // after it, and free the block as clean. That is `Block::release_zeroed_prefix`'s
+            // promise, made here through the pool directly (the block is the handle itself), on
+            // the same grounds: the segment was allocated zeroed, and capnp wrote at most the
+            // `used` bytes the prefix records, which was frozen (no writer) since it was sent.
+            // A peer that scribbles past `used` anyway breaks the protocol: a later zeroed
+            // allocation of this block would then see its bytes (garbage in a message, never
+            // memory unsafety: shared bytes are only read as bytes). `used` is clamped, so the
+            // clearing stays within the block whatever the prefix says.
             let used = pool
                 .word(self.solo_used_at())
                 .load(Ordering::Relaxed)
@@ -687,8 +693,10 @@ impl Drop for SegTable {
                 let len = used.saturating_add(skip) as usize;
                 // SAFETY: this was the last reference to the table, which owns its segments (the
                 // builder gave them up when the table was made: `published`), so no one else
-                // holds or adopts segment `r`; each entry names a distinct block, and the
-                // self-reference is skipped above. `block_from_raw` validates `r` and `len`.
+                // holds or adopts segment `r`. A (corrupt) entry naming a block twice cannot
+                // make two owners: freeing the first bumps the block's generation, so the second
+                // `block_from_raw` is refused as stale; the self-reference is skipped above.
+                // `block_from_raw` validates `r` and `len`.
                 if let Ok(block) = unsafe { self.arena.block_from_raw(r, len) } {
                     // SAFETY: capnp wrote at most the `used` bytes the table recorded (its
                     // output prefix) of a segment that was allocated zeroed, after the `skip`
@@ -812,17 +820,17 @@ pub struct ShmSegments {
 struct SegSlot {
     at: BlockRef,
     used: u64,
-    resolved: OnceLock<Option<(usize, usize)>>,
+    resolved: OnceLock<Option<(NonNull<u8>, usize)>>,
 }
 
 impl ShmSegments {
     /// Validates segment `i` >= 1 (once) and returns its address and length.
-    fn resolve(&self, i: usize) -> Option<(usize, usize)> {
+    fn resolve(&self, i: usize) -> Option<(NonNull<u8>, usize)> {
         let slot = self.rest.get(i.checked_sub(1)?)?;
         *slot.resolved.get_or_init(|| {
             segment(&self.table.arena, slot.at, slot.used)
                 .ok()
-                .map(|ptr| (ptr.as_ptr() as usize, slot.used as usize))
+                .map(|ptr| (ptr, slot.used as usize))
         })
     }
 
@@ -862,7 +870,7 @@ impl ReaderSegments for ShmSegments {
     #[inline]
     fn get_segment(&self, idx: u32) -> Option<&[u8]> {
         let (addr, len) = if idx == 0 {
-            (self.first.0.as_ptr() as usize, self.first.1)
+            self.first
         } else {
             self.resolve(idx as usize)?
         };
@@ -872,8 +880,10 @@ impl ReaderSegments for ShmSegments {
         // (allocated, of the generation recorded); the table reference we hold keeps the block
         // allocated and the mapping lives as long as `self.table.arena`; the freeze protocol
         // (module docs) guarantees no process writes it until the reference is gone, which
-        // cannot happen while `&self` is borrowed.
-        Some(unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
+        // cannot happen while `&self` is borrowed. The pointer is the mapping's own (derived from
+        // the pool's base pointer, never from an integer), so it carries the mapping's
+        // provenance.
+        Some(unsafe { std::slice::from_raw_parts(addr.as_ptr().cast_const(), len) })
     }
 
     fn len(&self) -> usize {
