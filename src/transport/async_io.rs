@@ -247,10 +247,7 @@ fn run(
             }
             if !dead {
                 let chan = &mut st.chan;
-                let now = Instant::now();
-                if chan.next_deadline().is_some_and(|d| d <= now) {
-                    err = chan.on_timer(now).err();
-                }
+                err = chan.run_due_timers().err();
                 if err.is_none() && chan.wants_write() {
                     err = chan.flush().err();
                 }

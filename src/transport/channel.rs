@@ -913,6 +913,14 @@ impl Channel {
         self.submit(0, Payload::Shared(parts), fd.map(FdArg::Owned), Kind::Data)
     }
 
+    /// The refusal of a frame that would take the queue past the high-water mark `limit`.
+    fn over_high_water(&self, limit: usize) -> Error {
+        Error::HighWater {
+            queued: self.tx.counted,
+            limit,
+        }
+    }
+
     fn submit(
         &mut self,
         mut flags: u32,
@@ -956,10 +964,7 @@ impl Channel {
         if !self.tx.chunks.is_empty() {
             if let Some(limit) = self.cfg.high_water.filter(|_| counted) {
                 if self.tx.counted.saturating_add(total) > limit {
-                    return Err(Error::HighWater {
-                        queued: self.tx.counted,
-                        limit,
-                    });
+                    return Err(self.over_high_water(limit));
                 }
             }
             return self.enqueue(header, payload, fd, Cursor::default(), kind);
@@ -974,11 +979,10 @@ impl Channel {
             let limit = self.cfg.high_water.filter(|_| counted);
             // Once the fd is out the frame can no longer be refused: refuse one over the mark
             // now unless the data socket will take some of it.
-            if limit.is_some_and(|l| total > l) && !self.data_writable()? {
-                return Err(Error::HighWater {
-                    queued: self.tx.counted,
-                    limit: limit.unwrap_or(0),
-                });
+            if let Some(l) = limit.filter(|l| total > *l) {
+                if !self.data_writable()? {
+                    return Err(self.over_high_water(l));
+                }
             }
             let side = self.side.as_ref().ok_or(Error::FdsDisabled)?;
             match sys::try_send_one_fd(side.as_fd(), f.as_fd()) {
@@ -986,10 +990,7 @@ impl Channel {
                 Ok(false) => {
                     // No room for the fd: nothing of the frame goes now.
                     if let Some(limit) = limit.filter(|l| total > *l) {
-                        return Err(Error::HighWater {
-                            queued: self.tx.counted,
-                            limit,
-                        });
+                        return Err(self.over_high_water(limit));
                     }
                     self.side_full = true;
                     return self.enqueue(header, payload, fd, Cursor::default(), kind);
@@ -1082,10 +1083,7 @@ impl Channel {
         if written == 0 && !fd_sent {
             if let Some(limit) = self.cfg.high_water.filter(|_| counted) {
                 if total > limit {
-                    return Err(Error::HighWater {
-                        queued: self.tx.counted,
-                        limit,
-                    });
+                    return Err(self.over_high_water(limit));
                 }
             }
         }
@@ -1361,16 +1359,13 @@ impl Channel {
             return Ok(None);
         }
         loop {
+            if let Some(big) = self.rx.big.take_if(|b| b.filled >= b.payload.len()) {
+                return Ok(Some(Frame {
+                    payload: big.payload,
+                    fd: big.fd,
+                }));
+            }
             if let Some(big) = self.rx.big.as_mut() {
-                if big.filled >= big.payload.len() {
-                    let Some(big) = self.rx.big.take() else {
-                        continue;
-                    };
-                    return Ok(Some(Frame {
-                        payload: big.payload,
-                        fd: big.fd,
-                    }));
-                }
                 let dst = &mut big.payload[big.filled..];
                 match sys::recv_plain(self.sock.as_fd(), dst, wait) {
                     Ok(0) => return Err(self.rx.eof_error()),
@@ -1468,7 +1463,7 @@ impl Channel {
     /// peers that flood each other while receiving this way never deadlock.
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<Frame>, Error> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        if deadline.is_none() && timeout.is_none() && !self.hosed {
+        if timeout.is_none() && !self.hosed {
             // Nothing to flush and no timer to run: wait in `recv` itself.
             if self.next_deadline().is_none() && !self.wants_write() {
                 match self.recv_inner(true) {
@@ -1511,7 +1506,7 @@ impl Channel {
     }
 
     /// Runs [`on_timer`](Channel::on_timer) if a timer is due; returns whether one was.
-    fn run_due_timers(&mut self) -> Result<bool, Error> {
+    pub(crate) fn run_due_timers(&mut self) -> Result<bool, Error> {
         let Some(due) = self.next_deadline() else {
             return Ok(false);
         };
