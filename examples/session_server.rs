@@ -68,7 +68,6 @@ fn go_do_ipc_yay(
     channels: mpsc::Receiver<(transport::Channel, Option<flowipc::session::Metadata>)>,
     ended: mpsc::Receiver<Error>,
 ) -> Result<(), Error> {
-    let session = std::sync::Arc::new(session);
     let mut workers = Vec::new();
     loop {
         if let Ok(e) = ended.try_recv() {

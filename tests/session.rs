@@ -137,13 +137,16 @@ fn read_mdt(m: Option<&Metadata>) -> (String, u32) {
 }
 
 /// Connects, retrying while the server is absent (the page's loop), for up to 30 s.
-fn connect(s: &mut ClientSession, opts: ConnectOptions) {
+/// Returns how many times the server was absent.
+fn connect(s: &mut ClientSession, opts: ConnectOptions) -> usize {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut absent = 0;
     loop {
         match s.sync_connect_with(opts.clone()) {
-            Ok(()) => return,
+            Ok(()) => return absent,
             Err(Error::ServerAbsent(_)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
+                absent += 1;
+                std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => panic!("connect: {e}"),
         }
@@ -542,19 +545,7 @@ fn cli_retry() {
     for round in 1..=2u64 {
         let (err_tx, err_rx) = mpsc::channel();
         let mut s = ClientSession::new(&u.cli, &u.srv, move |e| err_tx.send(e).unwrap());
-        let mut absent = 0;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match s.sync_connect() {
-                Ok(()) => break,
-                Err(Error::ServerAbsent(_)) => {
-                    absent += 1;
-                    assert!(Instant::now() < deadline, "no server came");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => panic!("connect: {e}"),
-            }
-        }
+        let absent = connect(&mut s, ConnectOptions::new());
         if round == 1 {
             assert!(absent > 0, "the server was absent at first");
         }
@@ -1088,7 +1079,6 @@ fn many_sessions_at_once_share_their_apps_arena_and_async_accept_serves_them_in_
         .iter()
         .map(|s| arena_id(s, Scope::Session))
         .collect();
-    session_arenas.dedup();
     session_arenas.sort();
     session_arenas.dedup();
     assert_eq!(session_arenas.len(), 4);

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use flowipc::session::{App, ClientApp, ClientApps, Error, Permissions, ServerApp};
+use flowipc::session::{App, ClientApp, ClientApps, Error, ServerApp};
 
 /// Where the two programs are: next to each other (cargo puts examples in one directory).
 fn exe(name: &str) -> Result<PathBuf, Error> {
@@ -26,7 +26,7 @@ pub fn build() -> Result<Universe, Error> {
     let srv = App::new("tut_srv", exe("session_server")?, uid, gid);
     let cli = App::new("tut_cli", exe("session_client")?, uid, gid);
     let client = ClientApp::new(cli);
-    let mut server = ServerApp::new(srv, [client.name.clone()]).permissions(Permissions::User);
+    let mut server = ServerApp::new(srv, [client.name.clone()]);
     if let Some(dir) = std::env::var_os("FLOWIPC_RUN_DIR") {
         server = server.run_dir(dir);
     }

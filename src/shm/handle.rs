@@ -238,21 +238,12 @@ impl Arena {
         if blob.arena_tag() != self.id() as u32 {
             return Err(Error::ForeignBlob);
         }
-        let pool = self
-            .pool(blob.pool())
-            .ok_or(Error::UnknownPool(blob.pool()))?;
-        let off = blob
-            .offset()
-            .checked_sub(BLOCK_HDR)
-            .ok_or(Error::OutOfBounds {
-                pool: blob.pool(),
-                offset: blob.offset(),
-            })?;
-        let (info, capacity) = pool.block_at(off)?;
-        if info_state(info) != STATE_ALLOC
-            || info & FLAG_HANDLE == 0
-            || info_generation(info) != blob.generation()
-        {
+        let (pool, off, info, capacity) = self.live_block(BlockRef {
+            pool: blob.pool(),
+            offset: blob.offset(),
+            generation: blob.generation(),
+        })?;
+        if info & FLAG_HANDLE == 0 {
             return Err(Error::Stale);
         }
         let link = pool.word(off + LINK);
