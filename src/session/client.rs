@@ -162,7 +162,7 @@ impl ClientSession {
         let stream = self.reach_server()?;
         let chan = transport::Channel::from_stream(stream, config.master_config())?;
         let mut core = struc::Channel::<Master>::new(chan, Backing::Heap)?;
-        let failure = proto::start_capturing(&mut core)?;
+        core.start(|_| {})?;
         let (pid, uid) = (std::process::id() as i32, sys::effective_ids());
         let mut req = core.create_msg();
         {
@@ -244,8 +244,7 @@ impl ClientSession {
         let others = proto::types(&["logIn", "logInRsp"])?;
         let expected = n_cli as usize + n_srv as usize + if with_arenas { 2 } else { 0 };
         while got.len() < expected {
-            let mut m =
-                proto::wait_for(&mut core, resource_type, &others, deadline, &stop, &failure)?;
+            let mut m = proto::wait_for(&mut core, resource_type, &others, deadline, &stop)?;
             let fd = m
                 .take_fd()
                 .ok_or(Error::Protocol("resource without its fd"))?;

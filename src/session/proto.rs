@@ -4,7 +4,6 @@
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::core::Master;
@@ -12,7 +11,6 @@ use super::{Error, Metadata, Rejection};
 use crate::msg::MsgIn;
 use crate::schemas::session_capnp::master;
 use crate::struc::{self, MsgType};
-use crate::sync::lock;
 use crate::sys::{self, PollFd};
 
 /// The session protocol's version: both sides must speak the same.
@@ -23,25 +21,6 @@ pub(crate) const RES_SESSION_ARENA: u8 = 0;
 pub(crate) const RES_APP_ARENA: u8 = 1;
 pub(crate) const RES_INIT_BY_CLIENT: u8 = 2;
 pub(crate) const RES_INIT_BY_SERVER: u8 = 3;
-
-/// Where the log-in channel's hosing error lands (its `on_error`), to be returned by the call
-/// that met it.
-pub(crate) type Failure = Arc<Mutex<Option<struc::Error>>>;
-
-/// Starts the log-in channel with an `on_error` that keeps the error.
-pub(crate) fn start_capturing(core: &mut struc::Channel<Master>) -> Result<Failure, Error> {
-    let failure: Failure = Arc::new(Mutex::new(None));
-    let slot = failure.clone();
-    core.start(move |e| {
-        *lock(&slot) = Some(e);
-    })?;
-    Ok(failure)
-}
-
-fn failed(failure: &Failure, e: struc::Error) -> Error {
-    let kept = lock(failure).take();
-    kept.unwrap_or(e).into()
-}
 
 /// The message types named (fields of the master union).
 pub(crate) fn types(names: &[&str]) -> Result<Vec<MsgType>, Error> {
@@ -59,13 +38,12 @@ pub(crate) fn wait_for(
     others: &[MsgType],
     deadline: Instant,
     stop: &AtomicBool,
-    failure: &Failure,
 ) -> Result<MsgIn<Master>, Error> {
     loop {
         if others.iter().any(|t| core.cached(*t) > 0) {
             return Err(Error::Protocol("unexpected message during log-in"));
         }
-        if let Some(m) = core.take_cached(which).map_err(|e| failed(failure, e))? {
+        if let Some(m) = core.take_cached(which)? {
             return Ok(m);
         }
         if stop.load(Ordering::Acquire) {
@@ -83,8 +61,10 @@ pub(crate) fn wait_for(
             ];
             let _ = sys::poll(&mut fds, Some(left.min(Duration::from_millis(100))));
         }
-        core.flush().map_err(|e| failed(failure, e))?;
-        core.process_ready().map_err(|e| failed(failure, e))?;
+        // Hosing errors come back from these calls themselves (the log-in channel's `on_error`
+        // is never given one).
+        core.flush()?;
+        core.process_ready_returning()?;
     }
 }
 

@@ -576,19 +576,12 @@ fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
     let cfg = &shared.config;
     let chan = transport::Channel::from_stream(stream, cfg.master_config())?;
     let mut core = struc::Channel::<Master>::new(chan, Backing::Heap)?;
-    let failure = proto::start_capturing(&mut core)?;
+    core.start(|_| {})?;
     let deadline = Instant::now() + cfg.get_log_in_timeout();
     let log_in_type = MsgType::of::<Master>("logIn")?;
     // Nothing but the log-in may come first (nothing else is cached, however much is sent).
     let others = proto::types(&["logInRsp", "resource", "openChannel", "openChannelRsp"])?;
-    let req_msg = proto::wait_for(
-        &mut core,
-        log_in_type,
-        &others,
-        deadline,
-        &shared.stop,
-        &failure,
-    )?;
+    let req_msg = proto::wait_for(&mut core, log_in_type, &others, deadline, &shared.stop)?;
     let prepared = LogInReq::parse(&req_msg)
         .and_then(|req| {
             let app = check(shared, &req, creds)?;

@@ -446,6 +446,14 @@ where
         }
     }
 
+    /// [`process_ready`](Channel::process_ready) for a caller that handles a hosing error
+    /// itself: it is returned (once; `Hosed` after), not handed to `on_error`.
+    pub(crate) fn process_ready_returning(&mut self) -> Result<(), Error> {
+        self.check_started()?;
+        while self.step(Some(Duration::ZERO))? {}
+        Ok(())
+    }
+
     /// Waits for and handles messages for `duration` (a blocking user's event loop).
     pub fn run_for(&mut self, duration: Duration) -> Result<(), Error> {
         self.check_started()?;
@@ -571,10 +579,11 @@ where
         }
     }
 
-    /// One receive step for `sync_request`: its hosing error is its own to return.
-    fn step(&mut self, timeout: Option<Duration>) -> Result<(), Error> {
+    /// One receive step whose hosing error is the caller's to return (not `on_error`'s);
+    /// `Ok(false)` if nothing came.
+    fn step(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
         match self.step_inner(timeout) {
-            Ok(_) => Ok(()),
+            Ok(got) => Ok(got),
             Err(_) if self.hosed => Err(Error::Hosed),
             Err(e) => Err(self.hose(e)),
         }
