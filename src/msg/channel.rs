@@ -202,7 +202,7 @@ impl<M: Owned> MsgChannel<M> {
     fn release_unwritten(&mut self) {
         self.prune_written();
         for (_, blob, arena) in self.inflight.drain(..) {
-            let _ = arena.release_message(&blob);
+            let _ = arena.release_blob(&blob);
         }
     }
 
@@ -384,7 +384,7 @@ impl<M: Owned> MsgChannel<M> {
             }
             Err(e) => {
                 // The handle never left: give its reference back.
-                let _ = arena.release_message(&blob);
+                let _ = arena.release_blob(&blob);
                 Err(e)
             }
         }

@@ -505,3 +505,83 @@ pub(crate) fn slot_usage(slot: &Slot) -> (u64, u64) {
     }
     (bytes, blocks)
 }
+
+#[cfg(all(test, not(flowipc_loom)))]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+
+    use super::super::{Arena, ArenaConfig};
+
+    /// Spins until `cond` holds, yielding the vCPU after a while (the peer may need it).
+    fn wait_for(cond: impl Fn() -> bool) {
+        let mut spins = 0u32;
+        while !cond() {
+            spins += 1;
+            if spins < 2000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// A double free is a bug of an unsafe caller, but two processes racing to free one extent
+    /// must not list it twice (two later owners of one block): the free's CAS on the info word
+    /// lets exactly one of them through. Two threads free each extent at the same moment: one
+    /// allocates it and opens the round, the other spins on the round counter, so they start
+    /// within ~100 ns of each other, the width of the window between a free's read of the
+    /// header and its write.
+    #[test]
+    fn racing_double_frees_of_an_extent_free_it_exactly_once() {
+        const ROUNDS: u64 = 200_000;
+        let arena =
+            Arena::create(ArenaConfig::new().pool_size(64 << 20).trim_freed_extents(false))
+                .unwrap();
+        let pool = arena.pool(0).unwrap();
+        let [target, round, done, freed] = [0; 4].map(AtomicU64::new);
+        // Set when a round goes wrong, so that neither thread waits for the other forever.
+        let stop = AtomicBool::new(false);
+        let free = |r: u64| {
+            if pool.free_block(target.load(Relaxed), false).is_ok() {
+                freed.fetch_add(1, Relaxed);
+            }
+            done.fetch_add(1, AcqRel);
+            wait_for(|| done.load(Acquire) >= 2 * r || stop.load(Relaxed));
+        };
+        let outcome = std::thread::scope(|s| {
+            let follower = s.spawn(|| {
+                for r in 1..=ROUNDS {
+                    wait_for(|| round.load(Acquire) == r || stop.load(Relaxed));
+                    if stop.load(Relaxed) {
+                        return;
+                    }
+                    free(r);
+                }
+            });
+            let mut outcome = Ok(());
+            for r in 1..=ROUNDS {
+                let g = match arena.grant(100_000, 0) {
+                    Ok((p, g)) if p.id() == 0 => g,
+                    other => {
+                        outcome = Err(format!("round {r}: allocation gave {other:?}"));
+                        break;
+                    }
+                };
+                target.store(g.off, Relaxed);
+                round.store(r, Release);
+                free(r);
+                if freed.load(Relaxed) != r {
+                    outcome = Err(format!("round {r}: one extent freed twice"));
+                    break;
+                }
+            }
+            stop.store(true, Relaxed);
+            follower.join().unwrap();
+            outcome
+        });
+        outcome.unwrap();
+        assert_eq!(arena.stats().blocks_in_use, 0);
+        let v = arena.verify().unwrap();
+        assert_eq!(v.free_extents, 1, "{v:?}");
+    }
+}

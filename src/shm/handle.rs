@@ -216,10 +216,12 @@ impl Arena {
 
     /// Drops the reference a blob carries without borrowing it (for a blob that will never reach
     /// its receiver, e.g. a failed send). Validates the blob like [`borrow`](Arena::borrow),
-    /// except for its type.
+    /// except for its type. Any kind of handle may be given back so, a message's included: as
+    /// the last reference, it frees what the handle owns (every segment of a message), exactly
+    /// as the last holder's drop would.
     pub fn release_blob(&self, blob: &LendBlob) -> Result<()> {
-        let (pool, off, _) = self.adopt(blob, None)?;
-        release(pool, off);
+        let (pool, off, cap) = self.adopt(blob, None)?;
+        self.give_back(pool, off, cap, blob.generation());
         Ok(())
     }
 

@@ -471,6 +471,10 @@ pub struct SegTable {
     cap: u64,
     /// A one-segment message (the block is the segment).
     solo: bool,
+    /// This value holds one of the block's references, given back on drop. Cleared only by
+    /// [`dissolve_if_sole`](SegTable::dissolve_if_sole), which ends the handle itself: the
+    /// value then drops like any other (its `Arena` clone with it), never `forget`ten.
+    holds_ref: bool,
 }
 
 impl fmt::Debug for SegTable {
@@ -541,6 +545,7 @@ impl SegTable {
             generation: g.generation(),
             cap: g.capacity,
             solo: false,
+            holds_ref: true,
         })
     }
 
@@ -562,6 +567,7 @@ impl SegTable {
             generation,
             cap,
             solo: true,
+            holds_ref: true,
         })
     }
 
@@ -582,15 +588,15 @@ impl SegTable {
         refs(self.pool().word(self.off + LINK).load(Ordering::Relaxed))
     }
 
-    /// If this is the only reference anywhere, gives the segments back to the builder and
-    /// returns true: a table block is freed, a one-segment handle made a private block again
-    /// (its prefix cleared). Otherwise returns false (and keeps `self`).
-    fn dissolve_if_sole(&mut self) -> bool {
+    /// If this is the only reference anywhere, gives the segments back to the builder: a table
+    /// block is freed, a one-segment handle made a private block again (its prefix cleared), and
+    /// the handle ends (`Ok`). Otherwise hands `self` back unchanged (`Err`).
+    fn dissolve_if_sole(mut self) -> std::result::Result<(), SegTable> {
         // Acquire pairs with the Release of every other holder's drop: their reads of the
         // segments happen before the builder writes them again.
         let w = self.pool().word(self.off + LINK).load(Ordering::Acquire);
         if refs(w) != 1 || tickets(w) != 0 {
-            return false;
+            return Err(self);
         }
         // No other holder and no outstanding ticket: no one can reach the handle any more.
         let pool = self.pool();
@@ -602,7 +608,9 @@ impl SegTable {
         } else {
             let _ = pool.free_block(self.off, false);
         }
-        true
+        // The reference is gone with the handle; `self` (and its arena clone) drops normally.
+        self.holds_ref = false;
+        Ok(())
     }
 }
 
@@ -657,7 +665,7 @@ fn segment(arena: &Arena, r: BlockRef, used: u64) -> Result<NonNull<u8>> {
 impl Drop for SegTable {
     fn drop(&mut self) {
         let pool = self.pool();
-        if !rc_release(pool.word(self.off + LINK)) {
+        if !self.holds_ref || !rc_release(pool.word(self.off + LINK)) {
             return;
         }
         let p = self.payload();
@@ -722,20 +730,13 @@ impl Arena {
         }
     }
 
-    /// Gives back the reference a message blob carries without reading the message (a handle
-    /// whose frame never left): as the last reference, it frees the message whole (segments
-    /// and table), like the last reader would.
-    pub(crate) fn release_message(&self, blob: &LendBlob) -> Result<()> {
-        self.adopt_message(blob).map(drop)
-    }
-
     /// The reference a message blob carries, as a table (of one segment or many) that gives it
     /// back on drop. The tag is checked where every handle has it (a mismatch leaves the
     /// reference lent, as for any borrow of the wrong type).
     fn adopt_message(&self, blob: &LendBlob) -> Result<SegTable> {
-        let (solo, min) = match blob.type_tag() {
-            SOLO_TAG => (true, PREFIX),
-            TABLE_TAG => (false, T_ENTRIES),
+        let min = match blob.type_tag() {
+            SOLO_TAG => PREFIX,
+            TABLE_TAG => T_ENTRIES,
             // Neither kind of message handle (the table's tag is the one named).
             found => {
                 return Err(Error::TypeMismatch {
@@ -745,14 +746,45 @@ impl Arena {
             }
         };
         let (pool, off, cap) = self.adopt(blob, Some((blob.type_tag(), min)))?;
-        Ok(SegTable {
+        // The typed adoption checked the block's tag and capacity, so this is a message.
+        match self.message_ref(pool, off, cap, blob.generation()) {
+            Some(table) => Ok(table),
+            None => {
+                super::handle::release(pool, off);
+                Err(Error::Corrupt("a message handle changed kind"))
+            }
+        }
+    }
+
+    /// The adopted reference to the handle block at `off` as a message table, if the block is
+    /// one (its own tag says so, and its capacity holds what that kind reads); else `None`.
+    fn message_ref(&self, pool: &Pool, off: u64, cap: u64, generation: u32) -> Option<SegTable> {
+        // The reference the caller adopted keeps the block alive and its tag fixed.
+        let solo = match pool.word(off + BLOCK_HDR).load(Ordering::Relaxed) {
+            SOLO_TAG if cap >= PREFIX => true,
+            TABLE_TAG if cap >= T_ENTRIES => false,
+            _ => return None,
+        };
+        Some(SegTable {
             arena: self.clone(),
             pool: pool.id(),
             off,
-            generation: blob.generation(),
+            generation,
             cap,
             solo,
+            holds_ref: true,
         })
+    }
+
+    /// Gives back one adopted reference to the handle block at `off` (see
+    /// [`Arena::release_blob`]). The block's own tag, not the blob's claim, decides how: the
+    /// last reference to a message frees its segments with it (and a one-segment message's
+    /// block as clean), that to any other object frees its block.
+    pub(super) fn give_back(&self, pool: &Pool, off: u64, cap: u64, generation: u32) {
+        match self.message_ref(pool, off, cap, generation) {
+            Some(table) => drop(table),
+            None => super::handle::release(pool, off),
+        }
     }
 }
 
@@ -959,14 +991,14 @@ impl OutMsg {
     pub fn builder_mut(&mut self) -> &mut Builder<SegAlloc> {
         if self.is_frozen_by_others() {
             self.copy_into_fresh();
-        } else if let Some(mut t) = self.table.take() {
-            if t.dissolve_if_sole() {
-                std::mem::forget(t);
-                self.shared.lock().published = false;
-            } else {
-                // Someone borrowed it between the check and now: copy after all.
-                self.table = Some(t);
-                self.copy_into_fresh();
+        } else if let Some(t) = self.table.take() {
+            match t.dissolve_if_sole() {
+                Ok(()) => self.shared.lock().published = false,
+                Err(t) => {
+                    // Someone borrowed it between the check and now: copy after all.
+                    self.table = Some(t);
+                    self.copy_into_fresh();
+                }
             }
         }
         &mut self.builder

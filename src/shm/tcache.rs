@@ -246,6 +246,11 @@ impl Pool {
         if !matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)) {
             return None;
         }
+        // Every write of `owner` is made holding byte `i`'s lock (claims here, releases in
+        // `release_locked`), so holding it already excludes every other claimant: the CAS is a
+        // second guard, against an owner word changed outside the protocol (a peer scribbling),
+        // not a step the protocol needs. (Replacing it by a store passes every test, the
+        // allocator stress included; dropping both it and the lock check fails the stress.)
         if slot
             .owner
             .compare_exchange(owner, process_token(), Ordering::AcqRel, Ordering::Acquire)

@@ -6,6 +6,8 @@
 //! killed test leaves nothing behind. Pool fds cross that socket with `SCM_RIGHTS`.
 #![allow(dead_code)]
 
+pub mod balance;
+
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
