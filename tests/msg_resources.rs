@@ -106,7 +106,11 @@ fn send_read_rewrite() {
     let answer = chan.recv_blocking(T).unwrap().unwrap();
     assert_eq!(num_of(&answer), 703);
     drop(answer);
-    assert_eq!(small.shared_refs(), Some(1), "the reader's reference is gone");
+    assert_eq!(
+        small.shared_refs(),
+        Some(1),
+        "the reader's reference is gone"
+    );
     assert_eq!(big.shared_refs(), Some(1));
     hello(&mut small, 8);
     chunks(&mut big, 2, 50);
@@ -132,18 +136,21 @@ fn intercept(arena: &Arena, msg: &mut MsgOut<cool_msg::Owned>) -> LendBlob {
     let mut tx = Chan::new(a, Backing::Shm(arena.clone()));
     tx.send(msg, None).unwrap();
     tx.channel().flush_blocking(T).unwrap();
-    let mut blobs = Vec::new();
-    while let Some(f) = from_tx.recv_blocking(Some(Duration::from_millis(200))).unwrap() {
+    // Pool announcements first (the first message of an arena), then the handle's frame:
+    // kind 2, then its 32-byte blob after the 24-byte header.
+    let blob = loop {
+        let f = from_tx
+            .recv_blocking(T)
+            .unwrap()
+            .expect("the handle's frame");
         let (bytes, _) = f.into_parts();
-        // A message handle's frame: kind 2, then its 32-byte blob after the 24-byte header.
         if bytes[0] == 2 {
-            blobs.push(LendBlob::from_bytes(bytes[24..].try_into().unwrap()).unwrap());
+            break LendBlob::from_bytes(bytes[24..].try_into().unwrap()).unwrap();
         }
-    }
+    };
     // The channel's drop must not give the reference back: it was written whole.
     drop((tx, from_tx));
-    assert_eq!(blobs.len(), 1);
-    blobs.pop().unwrap()
+    blob
 }
 
 /// One round: handles of a one-segment and a multi-segment message given back unread by

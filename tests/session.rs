@@ -106,18 +106,6 @@ fn universe(dir: &Path) -> Universe {
     }
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn fd_targets() -> Vec<String> {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .map(|p| p.display().to_string())
-        .collect()
-}
-
 fn ty(name: &str) -> MsgType {
     MsgType::of::<cool_msg::Owned>(name).unwrap()
 }
@@ -260,7 +248,7 @@ fn srv_life() {
     let mut ctl = child_socket();
     let dir = env_dir();
     let u = universe(&dir);
-    let fds_before = open_fds();
+    let held = common::balance::Held::now(&[]);
     let server = SessionServer::builder(&u.srv, &u.clients)
         // The client says in its metadata how many channels the server should open.
         .init_channels(|app, n_cli, m| {
@@ -403,8 +391,8 @@ fn srv_life() {
     }
     drop(server);
 
-    // Nothing left: no fds, no files but nothing.
-    assert_eq!(open_fds(), fds_before, "fds leaked: {:?}", fd_targets());
+    // Nothing left: no fds, no pool mappings, no files.
+    held.assert_back(&[], "the server's whole life");
     assert_eq!(entries(&dir), Vec::<String>::new());
     send_u64(&mut ctl, 4);
 }
@@ -976,6 +964,57 @@ fn lending_checks_the_arena() {
     assert_eq!(
         *c.borrow_object::<u64>(&s.lend_object(&x).unwrap()).unwrap(),
         77
+    );
+}
+
+/// One whole session life in this process: log-in, an init channel, zero-copy messages both
+/// ways (one written again after its reader dropped it, and sent again), an object lent from
+/// each scope's arena, then everything dropped.
+fn session_round(dir: &Path) {
+    let u = universe(dir);
+    let server = SessionServer::builder(&u.srv, &u.clients)
+        .init_channels(|_, _, _| 1)
+        .build()
+        .unwrap();
+    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {});
+    c.sync_connect().unwrap();
+    let mut s = server.accept(T).unwrap();
+    s.init_handlers(|_| {}).unwrap();
+    let sch = s.take_init_channels().by_server.pop().unwrap();
+    let mut sc = started(s.structured(sch).unwrap());
+    let cch = c.take_init_channels().by_server.pop().unwrap();
+    let mut cc = started(c.structured(cch).unwrap());
+    let mut h = hello(&sc, 1);
+    sc.send(&mut h, None).unwrap();
+    let m = recv_type(&mut cc, "helloThere");
+    assert!(m.is_zero_copy());
+    assert_eq!(num_of(&m), 1);
+    drop(m);
+    h.init_root().init_hello_there().set_num(2);
+    sc.send(&mut h, None).unwrap();
+    assert_eq!(num_of(&recv_type(&mut cc, "helloThere")), 2);
+    let mut back = hello(&cc, 3);
+    cc.send(&mut back, None).unwrap();
+    assert_eq!(num_of(&recv_type(&mut sc, "helloThere")), 3);
+    for scope in [Scope::Session, Scope::App] {
+        let x = c.arena(scope).unwrap().construct(41u64).unwrap();
+        assert_eq!(
+            *s.borrow_object::<u64>(&c.lend_object(&x).unwrap()).unwrap(),
+            41
+        );
+    }
+    drop((h, back, sc, cc, c, s, server));
+}
+
+#[test]
+fn whole_session_lives_give_back_every_fd_mapping_and_file() {
+    common::balance::isolated(
+        "whole_session_lives_give_back_every_fd_mapping_and_file",
+        || {
+            let dir = RunDir::new();
+            common::balance::balanced(4, &[], |_| session_round(&dir.0));
+            assert_eq!(dir.entries(), Vec::<String>::new());
+        },
     );
 }
 

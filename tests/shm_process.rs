@@ -22,6 +22,7 @@ fn child_entry() {
         "alloc_concurrently" => child_alloc_concurrently(&mut sock, &arena),
         "churn" => child_churn(&mut sock, &arena),
         "rss" => child_rss(&mut sock, &arena),
+        "borrow_and_drop" => child_borrow_and_drop(&mut sock, &arena),
         other => panic!("unknown role {other}"),
     }
 }
@@ -273,4 +274,40 @@ fn a_64_mib_object_is_read_in_place_by_the_other_process() {
     assert_eq!(blocks_before, blocks_after);
     drop(big);
     assert_eq!(arena.stats().blocks_in_use, 0);
+}
+
+fn child_borrow_and_drop(sock: &mut std::os::unix::net::UnixStream, arena: &Arena) {
+    let h: ShmHandle<[u64; 32]> = arena.borrow(&recv_blob(sock)).unwrap();
+    let sum: u64 = h.iter().sum();
+    drop(h);
+    send_u64(sock, sum);
+}
+
+/// One round: an arena of two pools, objects in both, one lent to another process that joins
+/// the arena, reads it and drops it; then everything dropped here.
+fn arena_round(i: usize) {
+    let arena = Arena::create(ArenaConfig::new().pool_size(1 << 20).max_pools(2)).unwrap();
+    let filler = arena.alloc(700 << 10).unwrap();
+    let spill = arena.alloc(700 << 10).unwrap();
+    assert_eq!(
+        arena.stats().pools,
+        2,
+        "the second block took a second pool"
+    );
+    let h = arena.construct([i as u64; 32]).unwrap();
+    let mut peer = spawn("borrow_and_drop", &arena);
+    send_blob(&mut peer.sock, &h.lend());
+    assert_eq!(recv_u64(&mut peer.sock), 32 * i as u64);
+    wait_ok(peer);
+    assert_eq!(h.ref_count(), 1);
+    drop((filler, spill, h));
+    assert_eq!(arena.stats().blocks_in_use, 0);
+}
+
+#[test]
+fn arenas_joined_by_another_process_give_back_every_fd_and_mapping() {
+    balance::isolated(
+        "arenas_joined_by_another_process_give_back_every_fd_and_mapping",
+        || balance::balanced(8, &[], arena_round),
+    );
 }

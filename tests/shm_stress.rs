@@ -123,7 +123,11 @@ fn racing_owners_in_two_processes_never_share_a_block_and_the_books_balance() {
         assert_eq!(recv_u64(&mut peer.sock), 1);
         wait_ok(peer);
         let s = arena.stats();
-        assert_eq!((s.blocks_in_use, s.bytes_in_use), (0, 0), "round {round}: {s:?}");
+        assert_eq!(
+            (s.blocks_in_use, s.bytes_in_use),
+            (0, 0),
+            "round {round}: {s:?}"
+        );
         // Our threads have exited (their caches went back); the child's went back as it exited.
         arena.reclaim_dead_caches();
         let v = arena.verify().unwrap();
@@ -137,7 +141,11 @@ fn racing_threads_never_share_a_block_and_the_books_balance() {
         let arena = Arena::create(ArenaConfig::new().pool_size(256 << 20).max_pools(1)).unwrap();
         on_threads(4, |t| hammer(&arena, (round << 8 | t) << 16 | 0xff, OPS));
         let s = arena.stats();
-        assert_eq!((s.blocks_in_use, s.bytes_in_use), (0, 0), "round {round}: {s:?}");
+        assert_eq!(
+            (s.blocks_in_use, s.bytes_in_use),
+            (0, 0),
+            "round {round}: {s:?}"
+        );
         let v = arena.verify().unwrap();
         assert_eq!(v.cached_blocks, 0, "round {round}: {v:?}");
     }

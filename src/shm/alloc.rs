@@ -534,9 +534,12 @@ mod tests {
     #[test]
     fn racing_double_frees_of_an_extent_free_it_exactly_once() {
         const ROUNDS: u64 = 200_000;
-        let arena =
-            Arena::create(ArenaConfig::new().pool_size(64 << 20).trim_freed_extents(false))
-                .unwrap();
+        let arena = Arena::create(
+            ArenaConfig::new()
+                .pool_size(64 << 20)
+                .trim_freed_extents(false),
+        )
+        .unwrap();
         let pool = arena.pool(0).unwrap();
         let [target, round, done, freed] = [0; 4].map(AtomicU64::new);
         // Set when a round goes wrong, so that neither thread waits for the other forever.
