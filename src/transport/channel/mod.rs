@@ -1,0 +1,583 @@
+//! The sync_io core: [`Channel`], a non-blocking framed channel over a Unix stream socket.
+//!
+//! * `wire`: the frame header, typed, and its checks;
+//! * `submit`: the send path (write at once what the socket takes, queue the rest);
+//! * `tx`: the send queue;
+//! * `rx`: the receive state (hello, small and big frames, fds from the side socket);
+//! * `config`: [`ChannelConfig`] and [`Frame`];
+//! * this module: the [`Channel`] that owns the sockets and drives the two.
+
+mod config;
+mod rx;
+mod submit;
+#[cfg(test)]
+mod tests;
+mod tx;
+mod wire;
+
+use std::fmt;
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub use self::config::{ChannelConfig, Frame, DEFAULT_MAX_FRAME};
+use self::rx::{Parsed, Rx};
+use self::tx::{FdArg, Kind, Payload, SendQueue};
+pub use self::wire::{FLAG_END, FLAG_HAS_FD, FLAG_HELLO, FLAG_PING, HEADER_LEN, MAGIC};
+use super::buf::SharedBytes;
+use super::Error;
+use crate::sys::{self, PollFd};
+
+/// A framed, non-blocking channel over a connected Unix stream socket: the sync_io core.
+///
+/// It never blocks and owns no thread. Sends write at once when they can and queue the rest;
+/// the owner polls [`as_fd`](AsFd::as_fd) for readability (then calls
+/// [`try_recv`](Channel::try_recv)), for writability while [`wants_write`](Channel::wants_write)
+/// (then calls [`flush`](Channel::flush)), and wakes up at
+/// [`next_deadline`](Channel::next_deadline) (then calls [`on_timer`](Channel::on_timer)).
+/// [`recv_blocking`](Channel::recv_blocking) and [`flush_blocking`](Channel::flush_blocking) do
+/// all of that for simple blocking users. See [the module docs](super) for the wire format and
+/// the error model.
+///
+/// Timers only fire when [`on_timer`](Channel::on_timer) runs: a sync_io owner with
+/// `auto_ping` or `idle_timeout` set must call it at [`next_deadline`](Channel::next_deadline)
+/// even while busy with traffic (the blocking helpers and [`AsyncChannel`](super::AsyncChannel)
+/// do).
+///
+/// Dropping a channel closes the socket; frames still in the send queue are lost. To hand
+/// everything over first, [`flush_blocking`](Channel::flush_blocking) (or
+/// [`end_sending`](Channel::end_sending) and wait for [`is_send_done`](Channel::is_send_done)).
+pub struct Channel {
+    sock: UnixStream,
+    cfg: ChannelConfig,
+    tx: SendQueue,
+    rx: Rx,
+    hosed: bool,
+    /// `end_sending` was called.
+    ended: bool,
+    /// The END frame is written and the socket shut down for writing.
+    send_done: bool,
+    /// Bytes written to the socket so far (headers included).
+    written: u64,
+    last_tx: Instant,
+    last_rx: Instant,
+    /// The sending end of our fd side socket (its receiving end goes to the peer in our
+    /// hello); `None` on a channel without fds.
+    side: Option<UnixStream>,
+    /// The receiving end of our side socket, until the hello takes it to the peer.
+    side_peer: Option<OwnedFd>,
+    /// The hello is sent (or queued): it goes just before the first frame of any kind.
+    hello_sent: bool,
+    /// The last flush stopped because the side socket had no room for the head frame's fd:
+    /// poll the side socket for writability ([`Channel::write_fd`]).
+    side_full: bool,
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Channel")
+            .field("fd", &self.sock.as_raw_fd())
+            .field("side_fd", &self.side.as_ref().map(|s| s.as_raw_fd()))
+            .field("queued_bytes", &self.tx.bytes)
+            .field("queued_chunks", &self.tx.chunks.len())
+            .field("hosed", &self.hosed)
+            .field("sending_ended", &self.ended)
+            .field("send_done", &self.send_done)
+            .field("config", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsFd for Channel {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
+impl AsRawFd for Channel {
+    fn as_raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+impl Channel {
+    /// Two connected channels (a `socketpair`, close-on-exec): typically one end is kept and the
+    /// other passed to a child process or sent to a peer with `SCM_RIGHTS`.
+    pub fn pair(config: ChannelConfig) -> Result<(Channel, Channel), Error> {
+        let (a, b) = UnixStream::pair().map_err(Error::Io)?;
+        Ok((
+            Channel::from_stream(a, config.clone())?,
+            Channel::from_stream(b, config)?,
+        ))
+    }
+
+    /// Wraps a connected Unix stream socket. The peer must be a `Channel` too: the first
+    /// frame in each direction is a hello, sent just before the first frame of any kind (see
+    /// [the module docs](super)). With fds enabled ([`ChannelConfig::fds`]), this makes the fd
+    /// side socket (a `socketpair`), whose receiving end the hello carries.
+    ///
+    /// Nothing is written or read here, so a channel may be made, left unused and dropped
+    /// while its socket lives on elsewhere (the other end of a [`pair`](Channel::pair) passed
+    /// to another process, say): that process wraps it in a channel of its own.
+    ///
+    /// The socket is put in *blocking* mode, yet no call but
+    /// [`recv_blocking`](Channel::recv_blocking) ever waits: every other read and write passes
+    /// `MSG_DONTWAIT`.
+    /// That lets `recv_blocking` with no time limit wait inside one `recv` (one system call
+    /// per frame, like a plain blocking read) instead of a failed read, `poll` and a read. Put the
+    /// fd in your own poll loop as usual: readiness is the same in either mode.
+    pub fn from_stream(stream: UnixStream, config: ChannelConfig) -> Result<Channel, Error> {
+        stream.set_nonblocking(false).map_err(Error::Io)?;
+        let (side, side_peer) = if config.fds {
+            let (mine, theirs) = UnixStream::pair().map_err(Error::Io)?;
+            (Some(mine), Some(OwnedFd::from(theirs)))
+        } else {
+            (None, None)
+        };
+        let now = Instant::now();
+        Ok(Channel {
+            sock: stream,
+            cfg: config,
+            tx: SendQueue::default(),
+            rx: Rx::default(),
+            hosed: false,
+            ended: false,
+            send_done: false,
+            written: 0,
+            last_tx: now,
+            last_rx: now,
+            side,
+            side_peer,
+            hello_sent: false,
+            side_full: false,
+        })
+    }
+
+    /// Connects to the Unix socket at `path` (a blocking `connect`, which for Unix sockets
+    /// returns at once unless the listener's backlog is full).
+    pub fn connect(path: impl AsRef<Path>, config: ChannelConfig) -> Result<Channel, Error> {
+        let s = UnixStream::connect(path).map_err(Error::Io)?;
+        Channel::from_stream(s, config)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ChannelConfig {
+        &self.cfg
+    }
+
+    /// Whether a hosing error ended the channel.
+    pub fn is_hosed(&self) -> bool {
+        self.hosed
+    }
+
+    /// Records a hosing error (dropping everything queued or buffered) and returns it.
+    pub(crate) fn hose(&mut self, e: Error) -> Error {
+        if e.is_hosing() {
+            self.hosed = true;
+            self.tx = SendQueue::default();
+            self.rx = Rx::default();
+        }
+        e
+    }
+
+    // -- sending --------------------------------------------------------------------------
+
+    /// Sends one frame with `payload` and, optionally, an fd (the caller keeps its fd: it is
+    /// duplicated only if the frame has to be queued).
+    ///
+    /// Never blocks and never fails because the peer is slow: what the socket does not take at
+    /// once is queued (the unsent rest is copied) and written by [`flush`](Channel::flush).
+    ///
+    /// Refusals that leave the channel as it was (nothing of the frame sent or queued):
+    /// [`Error::FrameTooLarge`] (payload over `max_frame`), [`Error::SendingEnded`], and
+    /// [`Error::HighWater`]: with a high-water mark set, a frame is refused when the queue is
+    /// not empty and its data bytes plus this frame would exceed the mark, or when the queue is
+    /// empty, the frame alone exceeds the mark and the socket takes none of it right away (once
+    /// its first byte is out a frame cannot be refused, so a frame larger than the mark may
+    /// overfill an empty queue; for a frame with an fd, which goes out on the side socket
+    /// first, "takes none of it" means that the data socket is not writable or the side socket
+    /// has no room for the fd). A frame written entirely at once never counts. The first send
+    /// of any kind also sends (or queues) the channel's hello.
+    ///
+    /// Hosing errors: [`Error::Reset`] (the peer is gone), [`Error::Io`].
+    pub fn send(&mut self, payload: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
+        self.submit(
+            0,
+            Payload::Borrowed(&[payload]),
+            fd.map(FdArg::Borrowed),
+            Kind::Data,
+        )
+    }
+
+    /// Like [`send`](Channel::send), with the payload gathered from `parts` (written with one
+    /// vectored `sendmsg`, not concatenated first).
+    pub fn send_parts(&mut self, parts: &[&[u8]], fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
+        self.submit(
+            0,
+            Payload::Borrowed(parts),
+            fd.map(FdArg::Borrowed),
+            Kind::Data,
+        )
+    }
+
+    /// Like [`send_parts`](Channel::send_parts), with reference-counted parts: if the frame has
+    /// to be queued, the queue keeps the parts (no copy). The fd, if any, is closed once sent
+    /// (or when the frame is refused).
+    pub fn send_shared(
+        &mut self,
+        parts: Vec<SharedBytes>,
+        fd: Option<OwnedFd>,
+    ) -> Result<(), Error> {
+        self.submit(0, Payload::Shared(parts), fd.map(FdArg::Owned), Kind::Data)
+    }
+
+    fn note_tx(&mut self) {
+        if self.cfg.auto_ping.is_some() {
+            self.last_tx = Instant::now();
+        }
+    }
+
+    fn note_rx(&mut self) {
+        if self.cfg.idle_timeout.is_some() {
+            self.last_rx = Instant::now();
+        }
+    }
+
+    /// The END frame is out: no more writing on this socket.
+    fn finish_sending(&mut self) {
+        // The peer may be gone already; there is nothing left to do about that here.
+        let _ = self.sock.shutdown(Shutdown::Write);
+        self.send_done = true;
+    }
+
+    /// Writes as much of the send queue as the socket takes now. `Ok(true)`: the queue is
+    /// empty. Hosing errors: [`Error::Reset`], [`Error::Io`].
+    pub fn flush(&mut self) -> Result<bool, Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
+        loop {
+            if self.tx.chunks.is_empty() {
+                self.side_full = false;
+                return Ok(true);
+            }
+            let side = self.side.as_ref().map(|s| s.as_fd());
+            let limit = match self.tx.send_fds(side) {
+                Ok(n) => n,
+                Err(e) => return Err(self.hose(e)),
+            };
+            self.side_full = limit == 0;
+            if limit == 0 {
+                return Ok(false);
+            }
+            let mut iov = Vec::with_capacity(limit.min(sys::IOV_MAX));
+            let fd = self.tx.gather(limit, &mut iov);
+            let res = if iov.is_empty() {
+                Ok(0)
+            } else {
+                sys::try_send_vectored(self.sock.as_fd(), &iov, fd)
+            };
+            drop(iov);
+            match res {
+                Ok(n) => {
+                    if n > 0 {
+                        self.note_tx();
+                    }
+                    self.written += n as u64;
+                    if self.tx.consume(n) {
+                        self.finish_sending();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(self.hose(Error::from_io(e))),
+            }
+        }
+    }
+
+    /// Bytes waiting in the send queue (pings and the end frame included).
+    pub fn queued_bytes(&self) -> usize {
+        self.tx.bytes
+    }
+
+    /// Bytes written to the socket since the channel was made (frame headers included). Right
+    /// after a frame is accepted by a send, it ends at `bytes_written() + queued_bytes()`: once
+    /// `bytes_written()` reaches that position, the whole frame is in the kernel's hands. (A
+    /// layer above uses this to know which of its frames never left.)
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    /// Whether the send queue is not empty: poll [`write_fd`](Channel::write_fd) for
+    /// writability and call [`flush`](Channel::flush).
+    pub fn wants_write(&self) -> bool {
+        !self.hosed && !self.tx.chunks.is_empty()
+    }
+
+    /// The fd to poll for writability while [`wants_write`](Channel::wants_write): the data
+    /// socket ([`as_fd`](AsFd::as_fd)), except when the last flush stopped because the fd side
+    /// socket had no room for the next frame's fd (the peer has not yet parsed the frames
+    /// whose fds fill it): then the side socket. Polling `as_fd` instead is correct but may
+    /// spin in that case.
+    pub fn write_fd(&self) -> BorrowedFd<'_> {
+        match &self.side {
+            Some(side) if self.side_full => side.as_fd(),
+            _ => self.sock.as_fd(),
+        }
+    }
+
+    /// The sending end of the fd side socket, if the channel has one (for a poller that keeps
+    /// its own duplicate of the fds, with [`waits_on_side`](Channel::waits_on_side)).
+    pub(crate) fn side_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.side.as_ref().map(|s| s.as_fd())
+    }
+
+    /// Whether [`write_fd`](Channel::write_fd) is the side socket now.
+    pub(crate) fn waits_on_side(&self) -> bool {
+        self.side.is_some() && self.side_full
+    }
+
+    /// Ends the sending side gracefully: queues an END frame after everything sent so far (and
+    /// writes it if it can). Later sends fail with [`Error::SendingEnded`]; once the END frame
+    /// is written the socket is shut down for writing ([`is_send_done`](Channel::is_send_done)).
+    /// The peer receives every earlier frame, then [`Error::EndOfStream`]. Receiving on this
+    /// channel goes on.
+    pub fn end_sending(&mut self) -> Result<(), Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
+        if self.ended {
+            return Err(Error::SendingEnded);
+        }
+        self.ended = true;
+        self.submit(FLAG_END, Payload::Borrowed(&[]), None, Kind::End)
+    }
+
+    /// Whether [`end_sending`](Channel::end_sending) was called.
+    pub fn is_sending_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Whether the END frame (and so everything before it) has been written.
+    pub fn is_send_done(&self) -> bool {
+        self.send_done
+    }
+
+    // -- receiving ------------------------------------------------------------------------
+
+    /// Receives the next frame if one is complete, without blocking (`Ok(None)`: nothing yet).
+    /// Keep-alive pings are consumed here.
+    ///
+    /// Hosing errors: [`Error::EndOfStream`] (after every frame the peer sent before ending),
+    /// [`Error::PeerGone`], [`Error::Reset`], [`Error::Truncated`], [`Error::BadFrame`],
+    /// [`Error::FrameTooLarge`], [`Error::UnexpectedFd`], [`Error::MissingFd`],
+    /// [`Error::TooManyFds`], [`Error::Io`].
+    pub fn try_recv(&mut self) -> Result<Option<Frame>, Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
+        match self.recv_inner(false) {
+            Ok(f) => Ok(f),
+            Err(e) => Err(self.hose(e)),
+        }
+    }
+
+    /// Reads until a frame is complete; with `wait`, reads block (the socket is in blocking
+    /// mode, see [`from_stream`](Channel::from_stream)), so `Ok(None)` is never returned.
+    ///
+    /// After the hello, the data socket is read with plain `recv` (no control buffer: cheaper
+    /// in the kernel than `recvmsg`); fds come from the side socket (see `Rx::take_fd`).
+    fn recv_inner(&mut self, wait: bool) -> Result<Option<Frame>, Error> {
+        if !self.rx.hello_done && !self.rx.read_hello(self.sock.as_fd(), wait)? {
+            return Ok(None);
+        }
+        loop {
+            if let Some(big) = self.rx.big.take_if(|b| b.filled >= b.payload.len()) {
+                return Ok(Some(Frame {
+                    payload: big.payload,
+                    fd: big.fd,
+                }));
+            }
+            if let Some(big) = self.rx.big.as_mut() {
+                let dst = &mut big.payload[big.filled..];
+                match sys::recv_plain(self.sock.as_fd(), dst, wait) {
+                    Ok(0) => return Err(self.rx.eof_error()),
+                    Ok(n) => {
+                        big.filled += n;
+                        self.note_rx();
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                    Err(e) => return Err(Error::from_io(e)),
+                }
+            }
+            if self.rx.start < self.rx.end {
+                match self.rx.parse(self.cfg.max_frame, self.cfg.fds)? {
+                    Some(Parsed::Frame(f)) => return Ok(Some(f)),
+                    Some(Parsed::Ping) | Some(Parsed::BigStarted) => continue,
+                    Some(Parsed::End) => return Err(Error::EndOfStream),
+                    None => {}
+                }
+            }
+            let want = self.rx.make_room();
+            let rx = &mut self.rx;
+            let hi = rx.end.saturating_add(want).min(rx.buf.len());
+            match sys::recv_plain(self.sock.as_fd(), &mut rx.buf[rx.end..hi], wait) {
+                Ok(0) => return Err(rx.eof_error()),
+                Ok(n) => {
+                    rx.end += n;
+                    self.note_rx();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(Error::from_io(e)),
+            }
+        }
+    }
+
+    // -- timers ---------------------------------------------------------------------------
+
+    /// When [`on_timer`](Channel::on_timer) should run next: the earliest of the next
+    /// keep-alive ping and the idle-timeout expiry (`None`: no timer, or hosed).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.hosed {
+            return None;
+        }
+        let idle = self
+            .cfg
+            .idle_timeout
+            .and_then(|t| self.last_rx.checked_add(t));
+        let ping = if self.ended {
+            None
+        } else {
+            self.cfg.auto_ping.and_then(|p| self.last_tx.checked_add(p))
+        };
+        match (idle, ping) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs the timers as of `now`: queues (and writes if it can) a keep-alive ping when
+    /// nothing was sent for the `auto_ping` period, and fails with [`Error::IdleTimeout`]
+    /// (hosing) when nothing was received for `idle_timeout` (bytes waiting unread in the
+    /// socket count as received). Early calls do nothing.
+    pub fn on_timer(&mut self, now: Instant) -> Result<(), Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
+        if let Some(idle) = self.cfg.idle_timeout {
+            if now.saturating_duration_since(self.last_rx) >= idle {
+                let mut p = [PollFd::new(self.sock.as_fd(), true, false)];
+                let pending = match sys::poll(&mut p, Some(Duration::ZERO)) {
+                    Ok(_) => p[0].ready.readable || p[0].ready.hangup || p[0].ready.error,
+                    Err(e) => return Err(self.hose(Error::Io(e))),
+                };
+                if !pending {
+                    return Err(self.hose(Error::IdleTimeout));
+                }
+                self.last_rx = now;
+            }
+        }
+        if let Some(period) = self.cfg.auto_ping {
+            if !self.ended && now.saturating_duration_since(self.last_tx) >= period {
+                self.last_tx = now;
+                if self.tx.pings == 0 {
+                    self.submit(FLAG_PING, Payload::Borrowed(&[]), None, Kind::Ping)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // -- blocking conveniences ------------------------------------------------------------
+
+    /// Waits (`poll`) for the next frame, at most `timeout` (`None`: no limit); `Ok(None)` on
+    /// timeout. While waiting it keeps flushing the send queue and runs the timers, so two
+    /// peers that flood each other while receiving this way never deadlock.
+    pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<Frame>, Error> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        if timeout.is_none() && !self.hosed {
+            // Nothing to flush and no timer to run: wait in `recv` itself.
+            if self.next_deadline().is_none() && !self.wants_write() {
+                match self.recv_inner(true) {
+                    Ok(Some(f)) => return Ok(Some(f)),
+                    // Someone made the socket non-blocking after all: wait with poll below.
+                    Ok(None) => {}
+                    Err(e) => return Err(self.hose(e)),
+                }
+            }
+        }
+        loop {
+            // Timers run even while frames keep coming (our pings must go out regardless).
+            self.run_due_timers()?;
+            if let Some(f) = self.try_recv()? {
+                return Ok(Some(f));
+            }
+            if self.wants_write() {
+                self.flush()?;
+            }
+            if !self.wait(true, deadline)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Waits (`poll`) until the send queue is written, at most `timeout` (`None`: no limit).
+    /// `Ok(true)`: all written; `Ok(false)`: timed out with bytes still queued. Runs the
+    /// timers meanwhile. It does not receive: if the peer is itself blocked sending to us,
+    /// receive with [`recv_blocking`](Channel::recv_blocking) instead (it flushes too).
+    pub fn flush_blocking(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            if self.flush()? {
+                return Ok(true);
+            }
+            if !self.wait(false, deadline)? {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Runs [`on_timer`](Channel::on_timer) if a timer is due; returns whether one was.
+    pub(crate) fn run_due_timers(&mut self) -> Result<bool, Error> {
+        let Some(due) = self.next_deadline() else {
+            return Ok(false);
+        };
+        let now = Instant::now();
+        if due > now {
+            return Ok(false);
+        }
+        self.on_timer(now)?;
+        Ok(true)
+    }
+
+    /// One wait: runs due timers, then polls (readability if `read`, writability while there
+    /// is something to write) until the earlier of `deadline` and the next timer. Returns
+    /// false once `deadline` has passed.
+    fn wait(&mut self, read: bool, deadline: Option<Instant>) -> Result<bool, Error> {
+        if self.run_due_timers()? {
+            return Ok(true);
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d <= now) {
+            return Ok(false);
+        }
+        let until = match (deadline, self.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let out = self.wants_write();
+        let side = self.side.as_ref().filter(|_| out && self.side_full);
+        let mut p = [
+            PollFd::new(self.sock.as_fd(), read, out && side.is_none()),
+            PollFd::new(self.write_fd(), false, side.is_some()),
+        ];
+        let n = if side.is_some() { 2 } else { 1 };
+        if let Err(e) = sys::poll(&mut p[..n], until.map(|u| u.saturating_duration_since(now))) {
+            return Err(self.hose(Error::Io(e)));
+        }
+        Ok(true)
+    }
+}

@@ -1,0 +1,300 @@
+//! The send path: how a frame from a send call goes to the socket at once, as far as the socket
+//! takes it, and how the rest (with its fd, if that has not gone yet) is queued.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use super::tx::{Chunk, ChunkData, Cursor, FdArg, Kind, Payload};
+use super::wire::{Header, FLAG_HAS_FD, FLAG_HELLO, HEADER_LEN};
+use super::Channel;
+use crate::sys::{self, PollFd};
+use crate::transport::Error;
+
+impl Channel {
+    /// The refusal of a frame that would take the queue past the high-water mark `limit`.
+    pub(super) fn over_high_water(&self, limit: usize) -> Error {
+        Error::HighWater {
+            queued: self.tx.counted,
+            limit,
+        }
+    }
+
+    pub(super) fn submit(
+        &mut self,
+        mut flags: u32,
+        payload: Payload<'_>,
+        fd: Option<FdArg<'_>>,
+        kind: Kind,
+    ) -> Result<(), Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
+        if kind == Kind::Data && self.ended {
+            return Err(Error::SendingEnded);
+        }
+        if fd.is_some() && !self.cfg.fds {
+            return Err(Error::FdsDisabled);
+        }
+        if !self.hello_sent && kind != Kind::Hello {
+            self.send_hello()?;
+        }
+        let len = match &payload {
+            Payload::Borrowed(p) => p.iter().try_fold(0usize, |a, s| a.checked_add(s.len())),
+            Payload::Shared(p) => p
+                .iter()
+                .try_fold(0usize, |a, s| a.checked_add(s.as_slice().len())),
+        }
+        .unwrap_or(usize::MAX);
+        if len as u64 > self.cfg.max_frame || len > usize::MAX - HEADER_LEN {
+            return Err(Error::FrameTooLarge {
+                len: len as u64,
+                max: self.cfg.max_frame,
+                received: false,
+            });
+        }
+        if fd.is_some() {
+            flags |= FLAG_HAS_FD;
+        }
+        let header = Header::new(flags, len as u64).encode();
+        let total = HEADER_LEN + len;
+        let counted = kind == Kind::Data;
+
+        if !self.tx.chunks.is_empty() {
+            if let Some(limit) = self.cfg.high_water.filter(|_| counted) {
+                if self.tx.counted.saturating_add(total) > limit {
+                    return Err(self.over_high_water(limit));
+                }
+            }
+            return self.enqueue(header, payload, fd, Cursor::default(), kind);
+        }
+
+        // The queue is empty: write right away (usually one `send`). A data frame's fd goes
+        // first, on the side socket, so that it is there when the peer parses the frame; a
+        // hello's rides inline with its first byte.
+        let hello_fd = kind == Kind::Hello && fd.is_some();
+        let mut fd_sent = false;
+        if let Some(f) = fd.as_ref().filter(|_| !hello_fd) {
+            let limit = self.cfg.high_water.filter(|_| counted);
+            // Once the fd is out the frame can no longer be refused: refuse one over the mark
+            // now unless the data socket will take some of it.
+            if let Some(l) = limit.filter(|l| total > *l) {
+                if !self.data_writable()? {
+                    return Err(self.over_high_water(l));
+                }
+            }
+            let side = self.side.as_ref().ok_or(Error::FdsDisabled)?;
+            match sys::try_send_one_fd(side.as_fd(), f.as_fd()) {
+                Ok(true) => fd_sent = true,
+                Ok(false) => {
+                    // No room for the fd: nothing of the frame goes now.
+                    if let Some(limit) = limit.filter(|l| total > *l) {
+                        return Err(self.over_high_water(limit));
+                    }
+                    self.side_full = true;
+                    return self.enqueue(header, payload, fd, Cursor::default(), kind);
+                }
+                Err(e) => return Err(self.hose(Error::from_io(e))),
+            }
+        }
+        let small = match &payload {
+            Payload::Borrowed(parts) if !hello_fd && total <= sys::SMALL_SEND => Some(*parts),
+            _ => None,
+        };
+        if let Some(parts) = small {
+            // Small (the common control message; any fd is out already): one contiguous copy on
+            // the stack, one `send`, no allocation.
+            let mut flat = [0u8; sys::SMALL_SEND];
+            flat[..HEADER_LEN].copy_from_slice(&header);
+            let mut at = HEADER_LEN;
+            for p in parts {
+                flat[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            match sys::try_send(self.sock.as_fd(), &flat[..total]) {
+                Ok(n) => {
+                    self.written += n as u64;
+                    if n > 0 {
+                        self.note_tx();
+                    }
+                    if n == total {
+                        if kind == Kind::End {
+                            self.finish_sending();
+                        }
+                        return Ok(());
+                    }
+                    if n > 0 {
+                        // Partly out: the rest is queued (it can no longer be refused).
+                        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+                        all.push(&header);
+                        all.extend_from_slice(parts);
+                        let mut cur = Cursor::default();
+                        cur.advance(&all, n);
+                        drop(all);
+                        return self.enqueue(header, payload, None, cur, kind);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(self.hose(Error::from_io(e))),
+            }
+        }
+        let mut all: Vec<&[u8]> = Vec::with_capacity(1 + payload.count());
+        all.push(&header);
+        match &payload {
+            Payload::Borrowed(p) => all.extend_from_slice(p),
+            Payload::Shared(p) => all.extend(p.iter().map(|s| s.as_slice())),
+        }
+        let mut cur = Cursor::default();
+        let mut written = 0usize;
+        let mut done = false;
+        while !done {
+            let iov = cur.iov(&all);
+            if iov.is_empty() {
+                // Everything went (or a shared owner shrank: see `SharedBytes`).
+                done = true;
+                break;
+            }
+            let attach = if written == 0 && hello_fd {
+                fd.as_ref().map(|f| f.as_fd())
+            } else {
+                None
+            };
+            match sys::try_send_vectored(self.sock.as_fd(), &iov, attach) {
+                Ok(0) => break,
+                Ok(n) => {
+                    written += n;
+                    self.written += n as u64;
+                    cur.advance(&all, n);
+                    done = written >= total;
+                    self.note_tx();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(self.hose(Error::from_io(e))),
+            }
+        }
+        drop(all);
+        if done {
+            if kind == Kind::End {
+                self.finish_sending();
+            }
+            return Ok(()); // an fd we own is closed here: the kernel has its copy
+        }
+        if written == 0 && !fd_sent {
+            if let Some(limit) = self.cfg.high_water.filter(|_| counted) {
+                if total > limit {
+                    return Err(self.over_high_water(limit));
+                }
+            }
+        }
+        let fd = if written == 0 && !fd_sent { fd } else { None };
+        self.enqueue(header, payload, fd, cur, kind)
+    }
+
+    /// Sends (or queues) the hello, with the receiving end of our side socket if fds are on.
+    #[cold]
+    pub(super) fn send_hello(&mut self) -> Result<(), Error> {
+        self.hello_sent = true;
+        let theirs = self.side_peer.take();
+        let flags = if theirs.is_some() {
+            FLAG_HELLO | FLAG_HAS_FD
+        } else {
+            FLAG_HELLO
+        };
+        self.submit(
+            flags,
+            Payload::Borrowed(&[]),
+            theirs.map(FdArg::Owned),
+            Kind::Hello,
+        )
+    }
+
+    /// Whether the data socket would take some bytes now (a zero-timeout `poll`).
+    pub(super) fn data_writable(&mut self) -> Result<bool, Error> {
+        let mut p = [PollFd::new(self.sock.as_fd(), false, true)];
+        match sys::poll(&mut p, Some(Duration::ZERO)) {
+            Ok(_) => Ok(p[0].ready.writable),
+            Err(e) => Err(self.hose(Error::Io(e))),
+        }
+    }
+
+    /// Queues the frame from `cur` on (a position in header + parts).
+    pub(super) fn enqueue(
+        &mut self,
+        header: [u8; HEADER_LEN],
+        payload: Payload<'_>,
+        fd: Option<FdArg<'_>>,
+        cur: Cursor,
+        kind: Kind,
+    ) -> Result<(), Error> {
+        let starts_frame = cur.idx == 0 && cur.off == 0;
+        let fd_frame = fd.is_some();
+        let fd = match fd {
+            Some(f) => Some(f.into_owned().map_err(|e| self.hose(Error::Io(e)))?),
+            None => None,
+        };
+        match payload {
+            Payload::Borrowed(parts) => {
+                let total = HEADER_LEN + parts.iter().map(|s| s.len()).sum::<usize>();
+                if starts_frame
+                    && !fd_frame
+                    && kind == Kind::Data
+                    && self.tx.try_coalesce(&header, parts, total)
+                {
+                    return Ok(());
+                }
+                let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
+                all.push(&header);
+                all.extend_from_slice(parts);
+                let rest = cur.iov(&all);
+                let n: usize = rest.iter().map(|s| s.len()).sum();
+                let mut v = Vec::with_capacity(n);
+                for s in &rest {
+                    v.extend_from_slice(s);
+                }
+                self.tx.push(Chunk {
+                    data: ChunkData::Owned(v, 0),
+                    fd,
+                    starts_frame,
+                    kind,
+                    left: n,
+                });
+            }
+            Payload::Shared(parts) => {
+                let mut fd = fd;
+                let mut first = true;
+                if cur.idx == 0 {
+                    self.tx.push(Chunk {
+                        data: ChunkData::Header(header, cur.off),
+                        fd: fd.take(),
+                        starts_frame,
+                        kind,
+                        left: HEADER_LEN - cur.off,
+                    });
+                    first = false;
+                }
+                for (i, mut part) in parts.into_iter().enumerate() {
+                    let idx = i + 1;
+                    if idx < cur.idx {
+                        continue;
+                    }
+                    if idx == cur.idx {
+                        part.advance(cur.off);
+                    }
+                    let left = part.as_slice().len();
+                    if left == 0 {
+                        continue;
+                    }
+                    self.tx.push(Chunk {
+                        data: ChunkData::Shared(part),
+                        fd: fd.take(),
+                        starts_frame: starts_frame && first,
+                        kind,
+                        left,
+                    });
+                    first = false;
+                }
+            }
+        }
+        Ok(())
+    }
+}
