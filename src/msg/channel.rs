@@ -20,27 +20,20 @@ use std::time::Duration;
 
 use capnp::traits::Owned;
 
+use super::wire::{
+    heap_segments, pool_body, read_pool_body, segment_table_len, write_segment_table, Encoded,
+    Header, Kind,
+};
 use super::{Error, InSegs, MsgIn, MsgOut};
 use crate::shm::segments::OutMsg;
-use crate::shm::segments::MAX_SEGMENTS;
 use crate::shm::{Arena, ArenaConfig, LendBlob};
 use crate::transport::{Channel, Frame, SharedBytes};
 
-/// Bytes of the per-message header (without a session token).
-pub(crate) const HEADER_LEN: usize = 24;
 /// Heap messages of at most this many segments and bytes are sent from their segments as they
 /// are (copied if they have to be queued); bigger ones are frozen and their segments queued by
 /// reference.
 const SMALL_HEAP_SEGMENTS: usize = 6;
 const SMALL_HEAP_BYTES: usize = 16 << 10;
-/// Bytes of a session token.
-const TOKEN_LEN: usize = 16;
-/// Header flag: a session token follows the header.
-const FLAG_TOKEN: u8 = 1;
-const KIND_POOL: u8 = 1;
-const KIND_SHM: u8 = 2;
-const KIND_HEAP: u8 = 3;
-const KIND_NOTICE: u8 = 4;
 
 /// What a frame turned out to be, for the layers that care about more than messages.
 #[derive(Debug)]
@@ -244,32 +237,22 @@ impl<M: Owned> MsgChannel<M> {
         if self.hosed {
             return Err(Error::Hosed);
         }
-        let frame = self.header(KIND_NOTICE, id);
+        let (frame, _) = self.header(Kind::Notice, id);
         let r = self.chan.send(frame.as_ref(), None).map_err(Error::from);
         self.hose_on(r)
     }
 
-    /// A frame header. Messages get the next id (1, 2, 3...); control frames (pool
-    /// announcements, notices) carry id 0 and take none.
-    fn header(&mut self, kind: u8, answers: u64) -> Header {
-        let mut h = Header {
-            bytes: [0; HEADER_LEN + TOKEN_LEN],
-            len: HEADER_LEN,
-            id: 0,
-        };
-        h.bytes[0] = kind;
-        if kind == KIND_SHM || kind == KIND_HEAP {
-            h.id = self.next_id;
-            h.bytes[8..16].copy_from_slice(&h.id.to_le_bytes());
+    /// A frame header, encoded, and the id it carries. Messages get the next id (1, 2, 3...);
+    /// control frames (pool announcements, notices) carry id 0 and take none.
+    fn header(&mut self, kind: Kind, answers: u64) -> (Encoded, u64) {
+        let id = if kind.is_msg() {
             self.next_id += 1;
-        }
-        h.bytes[16..24].copy_from_slice(&answers.to_le_bytes());
-        if let Some(token) = self.token {
-            h.bytes[1] = FLAG_TOKEN;
-            h.bytes[HEADER_LEN..].copy_from_slice(&token.to_le_bytes());
-            h.len += TOKEN_LEN;
-        }
-        h
+            self.next_id - 1
+        } else {
+            0
+        };
+        let h = Header { kind, id, answers };
+        (h.encode(self.token), id)
     }
 
     /// Sends; returns the id of the message frame.
@@ -307,7 +290,7 @@ impl<M: Owned> MsgChannel<M> {
             let n = segs.len();
             let bytes = segs.iter().fold(0usize, |a, s| a.saturating_add(s.len()));
             if n <= SMALL_HEAP_SEGMENTS && bytes <= SMALL_HEAP_BYTES {
-                let h = self.header(KIND_HEAP, answers);
+                let (h, id) = self.header(Kind::Heap, answers);
                 let mut table = [0u8; segment_table_len(SMALL_HEAP_SEGMENTS)];
                 let table = &mut table[..segment_table_len(n)];
                 write_segment_table(table, segs.iter().map(|s| s.len()));
@@ -316,16 +299,16 @@ impl<M: Owned> MsgChannel<M> {
                 parts[1] = table;
                 parts[2..n + 2].copy_from_slice(&segs);
                 self.chan.send_parts(&parts[..n + 2], fd)?;
-                return Ok(h.id);
+                return Ok(id);
             }
             drop(segs);
             // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen
             // while queued) rather than copying.
             let parts = out.share_heap().map_err(local)?;
-            let h = self.header(KIND_HEAP, answers);
+            let (h, id) = self.header(Kind::Heap, answers);
             let mut head = h.as_ref().to_vec();
-            head.resize(h.len + segment_table_len(parts.len()), 0);
-            write_segment_table(&mut head[h.len..], parts.iter().map(|(_, used)| *used));
+            head.resize(h.len() + segment_table_len(parts.len()), 0);
+            write_segment_table(&mut head[h.len()..], parts.iter().map(|(_, used)| *used));
             let mut shared = Vec::with_capacity(parts.len() + 1);
             shared.push(SharedBytes::from(head));
             for (seg, used) in parts {
@@ -345,7 +328,7 @@ impl<M: Owned> MsgChannel<M> {
                 None => None,
             };
             self.chan.send_shared(shared, fd)?;
-            return Ok(h.id);
+            return Ok(id);
         };
         match self.arenas.get(&(arena_id as u32)) {
             // Handles carry 32 bits of the arena id: two arenas alike in those cannot share a
@@ -367,12 +350,12 @@ impl<M: Owned> MsgChannel<M> {
             return Err(local(crate::shm::Error::BadConfig("no arena")));
         };
         let r = self.announce_pools(arena).and_then(|()| {
-            let h = self.header(KIND_SHM, answers);
+            let (h, id) = self.header(Kind::Shm, answers);
             // Header and handle as two parts: the transport copies them once, into the frame.
             self.chan
                 .send_parts(&[h.as_ref(), blob.as_bytes()], fd)
                 .map_err(Error::from)
-                .map(|()| h.id)
+                .map(|()| id)
         });
         match r {
             Ok(id) => {
@@ -398,11 +381,8 @@ impl<M: Owned> MsgChannel<M> {
         if announced == arena.pool_count() {
             return Ok(());
         }
-        // Header (the same for every announcement), arena id, pool id, 4 zero bytes.
-        let h = self.header(KIND_POOL, 0);
-        let mut frame = [0u8; HEADER_LEN + TOKEN_LEN + 16];
-        frame[..h.len].copy_from_slice(h.as_ref());
-        frame[h.len..h.len + 8].copy_from_slice(&arena.id().to_le_bytes());
+        // The header is the same for every announcement.
+        let (h, _) = self.header(Kind::Pool, 0);
         let bits = self.announced.get_or_default(arena.id());
         for id in arena.pool_ids() {
             let (word, bit) = (id as usize / 64, 1u64 << (id % 64));
@@ -415,8 +395,8 @@ impl<M: Owned> MsgChannel<M> {
             let Some(fd) = arena.pool_fd(id) else {
                 continue;
             };
-            frame[h.len + 8..h.len + 12].copy_from_slice(&id.to_le_bytes());
-            self.chan.send(&frame[..h.len + 16], Some(fd))?;
+            let body = pool_body(arena.id(), id);
+            self.chan.send_parts(&[h.as_ref(), &body], Some(fd))?;
             bits[word] |= bit;
         }
         Ok(())
@@ -485,48 +465,20 @@ impl<M: Owned> MsgChannel<M> {
     fn accept(&mut self, frame: Frame) -> Result<Option<Incoming<M>>, Error> {
         let (frame_buf, fd) = frame.into_parts();
         let buf: &[u8] = &frame_buf;
-        if buf.len() < HEADER_LEN {
-            return Err(Error::BadMessage("frame shorter than the message header"));
-        }
-        if buf[1] & !FLAG_TOKEN != 0 || buf[2..8] != [0; 6] {
-            return Err(Error::BadMessage("reserved header bytes are not zero"));
-        }
-        let hlen = if buf[1] & FLAG_TOKEN != 0 {
-            let token = buf
-                .get(HEADER_LEN..HEADER_LEN + TOKEN_LEN)
-                .ok_or(Error::BadMessage("frame shorter than its session token"))?;
-            let token = u128::from_le_bytes(token.try_into().expect("16 bytes"));
-            if self.token != Some(token) {
-                return Err(Error::WrongSession);
-            }
-            HEADER_LEN + TOKEN_LEN
-        } else if self.token.is_some() {
-            return Err(Error::WrongSession);
-        } else {
-            HEADER_LEN
-        };
-        let word = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
-        let (id, answers) = (word(8), word(16));
-        let is_msg = buf[0] == KIND_SHM || buf[0] == KIND_HEAP;
-        let known = matches!(buf[0], KIND_POOL | KIND_SHM | KIND_HEAP | KIND_NOTICE);
-        if known && is_msg == (id == 0) {
-            return Err(Error::BadMessage(
-                "message id 0, or a control frame with an id",
-            ));
-        }
+        let (Header { kind, id, answers }, hlen) = Header::decode(buf, self.token)?;
         let msg = |m: MsgIn<M>| Some(Incoming::Msg(m));
-        match buf[0] {
-            KIND_NOTICE => {
+        match kind {
+            Kind::Notice => {
                 if buf.len() != hlen || fd.is_some() || answers == 0 {
                     return Err(Error::BadMessage("malformed unexpected-response notice"));
                 }
                 Ok(Some(Incoming::UnexpectedResponse(answers)))
             }
-            KIND_POOL => {
+            Kind::Pool => {
                 self.add_pool(&buf[hlen..], fd)?;
                 Ok(None)
             }
-            KIND_SHM => {
+            Kind::Shm => {
                 let blob = LendBlob::from_bytes(&buf[hlen..]).map_err(peer)?;
                 let arena = self
                     .arenas
@@ -535,7 +487,7 @@ impl<M: Owned> MsgChannel<M> {
                 let segs = arena.borrow_segments(&blob).map_err(peer)?;
                 Ok(msg(MsgIn::new(InSegs::Shm(segs), fd, id, answers)))
             }
-            KIND_HEAP => {
+            Kind::Heap => {
                 let (first, rest) = heap_segments(buf, hlen)?;
                 Ok(msg(MsgIn::new(
                     InSegs::Heap {
@@ -548,7 +500,6 @@ impl<M: Owned> MsgChannel<M> {
                     answers,
                 )))
             }
-            _ => Err(Error::BadMessage("unknown message kind")),
         }
     }
 
@@ -556,11 +507,7 @@ impl<M: Owned> MsgChannel<M> {
         let Some(fd) = fd else {
             return Err(Error::BadMessage("pool announcement without its fd"));
         };
-        if body.len() != 16 {
-            return Err(Error::BadMessage("pool announcement of the wrong length"));
-        }
-        let arena_id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
-        let pool_id = u32::from_le_bytes(body[8..12].try_into().expect("4 bytes"));
+        let (arena_id, pool_id) = read_pool_body(body)?;
         match self.arenas.get(&(arena_id as u32)) {
             Some(arena) if arena.id() == arena_id => {
                 match arena.add_pool(fd) {
@@ -599,20 +546,6 @@ impl<M: Owned> Drop for MsgChannel<M> {
             }
         }
         self.release_unwritten();
-    }
-}
-
-/// A frame's message header, with the session token if the channel has one.
-struct Header {
-    bytes: [u8; HEADER_LEN + TOKEN_LEN],
-    len: usize,
-    /// The message id it carries (0 for a control frame).
-    id: u64,
-}
-
-impl AsRef<[u8]> for Header {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes[..self.len]
     }
 }
 
@@ -662,71 +595,11 @@ fn local(source: crate::shm::Error) -> Error {
     }
 }
 
-/// Bytes of capnp's stream-framing segment table for `n` segments: the count less one, each
-/// size in words (u32s), padded to whole words.
-const fn segment_table_len(n: usize) -> usize {
-    (4 * (n + 1)).next_multiple_of(8)
-}
-
-/// Writes the segment table of segments of `sizes` bytes into `buf`
-/// (`segment_table_len(sizes.len())` bytes, zeroed).
-fn write_segment_table(buf: &mut [u8], sizes: impl ExactSizeIterator<Item = usize>) {
-    buf[..4].copy_from_slice(&(sizes.len() as u32).wrapping_sub(1).to_le_bytes());
-    for (i, len) in sizes.enumerate() {
-        buf[4 + 4 * i..8 + 4 * i].copy_from_slice(&((len / 8) as u32).to_le_bytes());
-    }
-}
-
 fn peer(source: crate::shm::Error) -> Error {
     Error::Shm {
         source,
         from_peer: true,
     }
-}
-
-/// Where a heap message's segments are in its frame.
-type HeapSegs = ((usize, usize), Vec<(usize, usize)>);
-
-/// Parses capnp's stream framing after the header: where each segment is in `buf` (start,
-/// length), the first apart (no allocation for a one-segment message).
-fn heap_segments(buf: &[u8], hlen: usize) -> Result<HeapSegs, Error> {
-    let body = &buf[hlen..];
-    let word = |i: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(
-            body.get(i * 4..i * 4 + 4)?.try_into().ok()?,
-        ))
-    };
-    let count = word(0)
-        .ok_or(Error::BadMessage("heap message without a segment table"))?
-        .wrapping_add(1) as usize;
-    if count == 0 || count > MAX_SEGMENTS {
-        return Err(Error::BadMessage("heap message with a bad segment count"));
-    }
-    let table = segment_table_len(count);
-    let mut at = hlen + table;
-    if at > buf.len() {
-        return Err(Error::BadMessage("segment table cut short"));
-    }
-    let mut first = (0, 0);
-    let mut rest = Vec::with_capacity(count - 1);
-    for i in 0..count {
-        let words = word(1 + i).ok_or(Error::BadMessage("segment table cut short"))? as usize;
-        let len = words * 8;
-        let end = at
-            .checked_add(len)
-            .filter(|&e| e <= buf.len())
-            .ok_or(Error::BadMessage("segment sizes exceed the frame"))?;
-        if i == 0 {
-            first = (at, len);
-        } else {
-            rest.push((at, len));
-        }
-        at = end;
-    }
-    if at != buf.len() {
-        return Err(Error::BadMessage("bytes after the last segment"));
-    }
-    Ok((first, rest))
 }
 
 impl<M: Owned> AsFd for MsgChannel<M> {

@@ -42,6 +42,7 @@
 
 pub(crate) mod channel;
 mod error;
+mod wire;
 
 use std::fmt;
 use std::marker::PhantomData;
