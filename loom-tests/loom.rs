@@ -515,3 +515,39 @@ fn lend_publishes() {
         obj.assert_freed();
     });
 }
+
+/// Model 4d, a lend publishes what the lender wrote after the object was published: the object
+/// is constructed and published (with a first value) before the borrower exists, then its sole
+/// holder writes it again (as `ShmHandle::get_mut` allows), lends it and drops its handle. A
+/// borrower that takes the ticket must see the second write, which only the lend's `Release`
+/// orders before its read: with `ticket_issue` `Relaxed`, the borrower's ticket CAS still reads
+/// from the publication's release sequence, which does not cover the later write, and loom
+/// reports the read as a causality violation.
+#[test]
+fn lend_publishes_later_writes() {
+    model(|| {
+        let obj = Arc::new(Obj::unpublished(false));
+        obj.value.with_mut(|p| {
+            // SAFETY: the object is not shared yet; loom checks it anyway.
+            unsafe { *p = FREED }
+        });
+        obj.word().store(handle_word(GEN), Release);
+        let o = obj.clone();
+        let borrower = thread::spawn(move || o.borrow());
+        // The sole holder writes after publication, then lends and drops its handle.
+        obj.value.with_mut(|p| {
+            // SAFETY: loom checks this write against the borrower's read.
+            unsafe { *p = VALUE }
+        });
+        obj.lend();
+        obj.release();
+        let adopted = borrower.join().unwrap() as usize;
+        let released = obj.release_blobs();
+        assert_eq!(
+            adopted + released,
+            1,
+            "1 lend: {adopted} borrowed, {released} released"
+        );
+        obj.assert_freed();
+    });
+}
