@@ -12,6 +12,11 @@
 //! the models use a bound of [`PREEMPTIONS`]: unbounded exploration of the free-list models takes
 //! hours.
 //!
+//! That they still catch the bugs they were shown to catch is checked by
+//! `cargo run -p xtask -- mutants` (run by CI): it applies each listed mutation (an ordering
+//! weakened, the ABA tag frozen, a fence dropped) to a scratch copy and requires the models to
+//! fail.
+//!
 //! How the models catch bugs:
 //! * Every block and every ref-counted object has a payload in a `loom::cell::UnsafeCell`,
 //!   written with `with_mut` by whoever owns it and read with `with` by holders. Loom reports any

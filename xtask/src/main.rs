@@ -6,7 +6,12 @@
 //! * `capnp --check`: generates into a temporary directory and compares byte for byte with the
 //!   committed files. Exits 0 when they are current and 1 (listing the stale files) when not.
 //!
-//! Both fail (exit 2) on errors, such as a schema that does not compile or a schema with no
+//! * `mutants`: applies each listed mutation of a lock-free protocol (an ordering weakened, a
+//!   tag frozen, a check removed) to a scratch copy and runs the check that must catch it (the
+//!   loom models, or a race test). Exits 0 when every mutation is caught, 1 (with the table)
+//!   when one survives. See `mutants.rs` for the list.
+//!
+//! All fail (exit 2) on errors, such as a schema that does not compile or a schema with no
 //! `pub mod <stem>_capnp;` line in `src/schemas/mod.rs` (that file is never rewritten).
 
 use std::collections::BTreeSet;
@@ -14,6 +19,8 @@ use std::error::Error;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+mod mutants;
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
 
@@ -23,7 +30,9 @@ usage: cargo run -p xtask -- <task>
 tasks:
   capnp            regenerate src/schemas/<stem>_capnp.rs from every schemas/*.capnp
   capnp --check    check that the committed generated code is current
-                   (exit 0: current, 1: stale files listed, 2: error)";
+                   (exit 0: current, 1: stale files listed, 2: error)
+  mutants          check that every listed mutation of a lock-free protocol is caught
+                   (exit 0: all caught, 1: one survived, 2: error)";
 
 /// Where the schemas live, relative to the workspace root.
 const SCHEMA_DIR: &str = "schemas";
@@ -45,6 +54,16 @@ fn main() -> ExitCode {
     let mode = match args.as_slice() {
         ["capnp"] => Mode::Write,
         ["capnp", "--check"] => Mode::Check,
+        ["mutants"] => {
+            return match workspace_root().and_then(|root| mutants::run(&root)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("xtask mutants: error: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         ["help" | "-h" | "--help"] => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -1,0 +1,268 @@
+//! `cargo run -p xtask -- mutants`: shows that the checks of the lock-free protocols still catch
+//! the bugs they were shown to catch.
+//!
+//! Each [`Mutation`] names a file, one exact piece of code in it (which must occur exactly once:
+//! a mutation that no longer applies is an error, so the list follows the code) and what to put
+//! there instead, and the check that must fail once it is applied: the loom models, or a test
+//! that races real threads and processes. The work happens in a scratch copy of the workspace
+//! (`target/mutants/work`, with its own target directories so that the incremental builds of
+//! one mutation after another stay cheap); the checkout is never touched.
+//!
+//! A mutation survives if its check passes; then the task prints the table and exits 1.
+//! Race-based checks are probabilistic: such a check is run up to three times and counts as
+//! failing if any run fails.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::Result;
+
+/// The check a mutation must make fail.
+#[derive(Clone, Copy)]
+enum Check {
+    /// Every loom model (`--cfg flowipc_loom`, `LOOM_MAX_PREEMPTIONS=3`).
+    Loom,
+    /// One test target of the crate (`cargo test --release <args>`), run up to three times.
+    Race(&'static [&'static str]),
+}
+
+struct Mutation {
+    name: &'static str,
+    file: &'static str,
+    /// Pieces of code and what replaces each (every piece must occur exactly once).
+    edits: &'static [(&'static str, &'static str)],
+    check: Check,
+}
+
+const STRESS: Check = Check::Race(&["--test", "shm_stress"]);
+
+/// The mutations, most important first.
+const MUTATIONS: &[Mutation] = &[
+    Mutation {
+        name: "free-list push CAS Release -> Relaxed",
+        file: "src/shm/lockfree.rs",
+        edits: &[("pack(first, next_tag(cur)),\n            Ordering::Release,", "pack(first, next_tag(cur)),\n            Ordering::Relaxed,")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "free-list pop head load Acquire -> Relaxed",
+        file: "src/shm/lockfree.rs",
+        edits: &[("let mut cur = head.load(Ordering::Acquire);", "let mut cur = head.load(Ordering::Relaxed);")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "free-list pop CAS Acquire -> Relaxed",
+        file: "src/shm/lockfree.rs",
+        edits: &[("pack(next, next_tag(cur)),\n            Ordering::Acquire,\n            Ordering::Acquire,", "pack(next, next_tag(cur)),\n            Ordering::Relaxed,\n            Ordering::Relaxed,")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "ABA tag frozen",
+        file: "src/shm/lockfree.rs",
+        edits: &[("head_tag(head).wrapping_add(1)", "head_tag(head)")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "reference count decrement Release -> Relaxed",
+        file: "src/shm/lockfree.rs",
+        edits: &[("word.fetch_sub(1, Ordering::Release)", "word.fetch_sub(1, Ordering::Relaxed)")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "last release without its Acquire fence",
+        file: "src/shm/lockfree.rs",
+        edits: &[("    fence(Ordering::Acquire);\n", "")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "ticket_take load and CAS Acquire -> Relaxed",
+        file: "src/shm/lockfree.rs",
+        edits: &[
+            (
+                "let mut cur = word.load(Ordering::Acquire);",
+                "let mut cur = word.load(Ordering::Relaxed);",
+            ),
+            ("cur - TICKET_ONE,\n            Ordering::Acquire,\n            Ordering::Acquire,", "cur - TICKET_ONE,\n            Ordering::Relaxed,\n            Ordering::Relaxed,",
+            ),
+        ],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "ticket_issue Release -> Relaxed",
+        file: "src/shm/lockfree.rs",
+        edits: &[("fetch_add(TICKET_ONE | 1, Ordering::Release)", "fetch_add(TICKET_ONE | 1, Ordering::Relaxed)")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "bump-pointer CAS -> load and store",
+        file: "src/shm/alloc.rs",
+        edits: &[("match bump.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {", "match { bump.store(end, Ordering::Relaxed); Ok::<u64, u64>(cur) } {")],
+        check: STRESS,
+    },
+    Mutation {
+        name: "free_extent double-free CAS -> store",
+        file: "src/shm/alloc.rs",
+        edits: &[("info_w\n            .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)\n", "Ok::<u64, u64>(info_w.swap(new, Ordering::Relaxed))\n")],
+        check: Check::Race(&["--lib", "racing_double_frees"]),
+    },
+    Mutation {
+        name: "thread-cache slot claim without its lock and CAS",
+        file: "src/shm/tcache.rs",
+        edits: &[("if !matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)) {\n            return None;\n        }", "let _ = crate::sys::try_lock_byte(file, i as u64);\n        slot.owner.store(process_token(), Ordering::Release);\n        if true {\n            return Some(owner);\n        }")],
+        check: STRESS,
+    },
+];
+
+/// Runs every mutation; `Ok(false)` if any survived.
+pub fn run(root: &Path) -> Result<bool> {
+    let work = root.join("target/mutants/work");
+    copy_workspace(root, &work)?;
+    let mut survived = 0;
+    let mut table = Vec::new();
+    for m in MUTATIONS {
+        let path = work.join(m.file);
+        let original = fs::read_to_string(root.join(m.file))?;
+        let mut mutated = original.clone();
+        for (from, to) in m.edits {
+            if mutated.matches(from).count() != 1 {
+                return Err(format!(
+                    "mutation `{}` does not apply: `{from}` is not in {} exactly once",
+                    m.name, m.file
+                )
+                .into());
+            }
+            mutated = mutated.replacen(from, to, 1);
+        }
+        fs::write(&path, mutated)?;
+        let started = Instant::now();
+        let outcome = check(&work, m.check);
+        fs::write(&path, &original)?;
+        let caught = outcome?;
+        let verdict = match &caught {
+            Some(by) => format!("caught by {by}"),
+            None => {
+                survived += 1;
+                "SURVIVED".to_string()
+            }
+        };
+        let line = format!(
+            "{:<50} {verdict} ({:.0} s)",
+            m.name,
+            started.elapsed().as_secs_f64()
+        );
+        println!("{line}");
+        table.push(line);
+    }
+    println!("\nmutation -> what caught it");
+    for line in &table {
+        println!("  {line}");
+    }
+    Ok(survived == 0)
+}
+
+/// Runs `check` in the scratch copy: `Some(what failed)` if it failed, `None` if it passed.
+fn check(work: &Path, check: Check) -> Result<Option<String>> {
+    match check {
+        Check::Loom => {
+            let out = cargo(
+                work,
+                &["test", "--release", "--test", "loom"],
+                &[
+                    ("RUSTFLAGS", "--cfg flowipc_loom"),
+                    ("CARGO_TARGET_DIR", "../loom-target"),
+                    ("LOOM_MAX_PREEMPTIONS", "3"),
+                ],
+            )?;
+            Ok(out.failed.then(|| {
+                let models: Vec<&str> = out
+                    .stdout
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED"))
+                    .collect();
+                if models.is_empty() {
+                    "the loom build or run".to_string()
+                } else {
+                    format!("loom {}", models.join(", "))
+                }
+            }))
+        }
+        Check::Race(args) => {
+            let mut cmd = vec!["test", "--release"];
+            cmd.extend_from_slice(args);
+            for _ in 0..3 {
+                let out = cargo(work, &cmd, &[("CARGO_TARGET_DIR", "../test-target")])?;
+                if out.failed {
+                    return Ok(Some(args.join(" ")));
+                }
+            }
+            Ok(None)
+        }
+    }
+}
+
+struct Outcome {
+    failed: bool,
+    stdout: String,
+}
+
+/// Runs cargo in `dir`; a run that takes over 10 minutes (a hang) is killed and counts as failed.
+fn cargo(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Outcome> {
+    let out_path = dir.join("../cargo.out");
+    let out_file = fs::File::create(&out_path)?;
+    let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out_file)
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let failed = loop {
+        if let Some(status) = child.try_wait()? {
+            break !status.success();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Ok(Outcome {
+        failed,
+        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
+    })
+}
+
+/// Copies what the crate builds from into `to` (replacing what was there).
+fn copy_workspace(root: &Path, to: &Path) -> Result<()> {
+    if to.exists() {
+        fs::remove_dir_all(to)?;
+    }
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(root)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if matches!(name.to_str(), Some("target" | ".git")) {
+            continue;
+        }
+        copy_tree(&entry.path(), &to.join(&name))?;
+    }
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &PathBuf) -> Result<()> {
+    if from.is_dir() {
+        fs::create_dir_all(to)?;
+        for entry in fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+    } else {
+        fs::copy(from, to)?;
+    }
+    Ok(())
+}
