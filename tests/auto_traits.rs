@@ -46,3 +46,56 @@ fn a_lend_blob_is_32_bytes_and_errors_read_well() {
     let e = LendBlob::from_bytes(&[0; 3]).unwrap_err();
     assert_eq!(e.to_string(), "lend blob of 3 bytes, expected 32");
 }
+
+/// Every error that has a cause shows it once in a report: either its `Display` says what
+/// failed and `source()` returns the cause, or it is transparent (shows as its cause, whose own
+/// source comes next). Walks each chain and checks that no message contains the next one.
+#[test]
+fn errors_show_their_cause_once() {
+    use flowipc::{msg, session, struc, transport};
+    let io = || std::io::Error::from_raw_os_error(2);
+    let shm_io = || Error::Io {
+        op: "memfd_create",
+        source: io(),
+    };
+    let errors: Vec<Box<dyn std::error::Error>> = vec![
+        Box::new(shm_io()),
+        Box::new(transport::Error::Io(io())),
+        Box::new(msg::Error::Transport(transport::Error::Io(io()))),
+        Box::new(msg::Error::Shm {
+            source: Error::Stale,
+            from_peer: true,
+        }),
+        Box::new(struc::Error::Msg(msg::Error::Shm {
+            source: shm_io(),
+            from_peer: false,
+        })),
+        Box::new(struc::Error::Decode(capnp::Error::failed("bad".into()))),
+        Box::new(session::Error::Io(io())),
+        Box::new(session::Error::ServerAbsent(io())),
+        Box::new(session::Error::Shm(shm_io())),
+        Box::new(session::Error::Transport(transport::Error::Io(io()))),
+        Box::new(session::Error::Channel(struc::Error::Msg(
+            msg::Error::Transport(transport::Error::Io(io())),
+        ))),
+    ];
+    for e in errors {
+        let mut chain = vec![e.to_string()];
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            chain.push(c.to_string());
+            cur = c.source();
+        }
+        // A transparent wrapper of a leaf (an I/O error) shows as the leaf, with no cause.
+        let leaf = e.to_string() == io().to_string();
+        assert!(chain.len() >= 2 || leaf, "{e:?} has no cause");
+        for pair in chain.windows(2) {
+            assert!(
+                !pair[0].contains(&pair[1]),
+                "{e:?}: {:?} repeats its cause {:?}",
+                pair[0],
+                pair[1]
+            );
+        }
+    }
+}

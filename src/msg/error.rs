@@ -51,12 +51,11 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Transport(e) => write!(f, "transport: {e}"),
+            Error::Transport(e) => e.fmt(f),
             Error::Shm {
-                source,
-                from_peer: true,
-            } => write!(f, "bad message handle from the peer: {source}"),
-            Error::Shm { source, .. } => write!(f, "message not sendable in place: {source}"),
+                from_peer: true, ..
+            } => f.write_str("bad message handle from the peer"),
+            Error::Shm { .. } => f.write_str("message not sendable in place"),
             Error::BadMessage(what) => write!(f, "malformed message from the peer: {what}"),
             Error::ListTooLong { len } => write!(
                 f,
@@ -74,7 +73,8 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Transport(e) => Some(e),
+            // Transparent: it shows as the transport error itself.
+            Error::Transport(e) => e.source(),
             Error::Shm { source, .. } => Some(source),
             _ => None,
         }

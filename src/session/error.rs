@@ -151,7 +151,7 @@ impl fmt::Display for Error {
                 "bad app name {n:?}: use 1-64 letters, digits, '_', '-', '.' (not first)"
             ),
             Error::UnknownApp(n) => write!(f, "app {n:?} is not in the universe description"),
-            Error::RunDir { path, source } => write!(f, "run dir {}: {source}", path.display()),
+            Error::RunDir { path, .. } => write!(f, "run dir {}", path.display()),
             Error::PathTooLong(p) => write!(
                 f,
                 "socket path {} is longer than 107 bytes: use a shorter run dir",
@@ -163,7 +163,7 @@ impl fmt::Display for Error {
             Error::AlreadyRunning { pid: None } => {
                 f.write_str("another instance of the server app is running")
             }
-            Error::ServerAbsent(e) => write!(f, "no server is running (retry later): {e}"),
+            Error::ServerAbsent(_) => f.write_str("no server is running (retry later)"),
             Error::ServerIdentity(w) => write!(f, "the socket's server is not the server app: {w}"),
             Error::LogInRejected { reason, detail } => {
                 write!(f, "log-in rejected ({reason:?}): {detail}")
@@ -183,15 +183,15 @@ impl fmt::Display for Error {
                 "metadata of {n} bytes exceeds the limit of {}",
                 super::MAX_METADATA
             ),
-            Error::Metadata(e) => write!(f, "metadata: {e}"),
+            Error::Metadata(_) => f.write_str("bad metadata"),
             Error::PeerGone => f.write_str("the session's peer is gone"),
             Error::IdleTimeout => f.write_str("nothing came from the session's peer in time"),
             Error::ForeignArena => f.write_str("the handle is not in one of the session's arenas"),
             Error::NoArena => f.write_str("a vanilla (heap) session has no arenas"),
-            Error::Channel(e) => write!(f, "session channel: {e}"),
-            Error::Transport(e) => write!(f, "transport: {e}"),
-            Error::Shm(e) => write!(f, "shared memory: {e}"),
-            Error::Io(e) => write!(f, "{e}"),
+            Error::Channel(_) => f.write_str("session channel failed"),
+            Error::Transport(_) => f.write_str("session transport failed"),
+            Error::Shm(_) => f.write_str("shared memory failed"),
+            Error::Io(e) => e.fmt(f),
             Error::Hosed => f.write_str("session hosed by an error reported earlier"),
         }
     }
@@ -201,7 +201,9 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::RunDir { source, .. } => Some(source),
-            Error::ServerAbsent(e) | Error::Io(e) => Some(e),
+            Error::ServerAbsent(e) => Some(e),
+            // Transparent: it shows as the I/O error itself.
+            Error::Io(e) => e.source(),
             Error::Metadata(e) => Some(e),
             Error::Channel(e) => Some(e),
             Error::Transport(e) => Some(e),

@@ -146,7 +146,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Io { op, source } => write!(f, "{op} failed: {source}"),
+            Error::Io { op, .. } => write!(f, "{op} failed"),
             Error::NotSealed => f.write_str("fd is not a sealed memfd (shrink/grow seals missing)"),
             Error::NotAPool(why) => write!(f, "not a flowipc pool: {why}"),
             Error::VersionMismatch { found, expected } => {

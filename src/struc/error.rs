@@ -64,7 +64,7 @@ impl fmt::Display for Error {
             Error::BadResponseId(id) => {
                 write!(f, "the peer answered message {id}, which was never sent")
             }
-            Error::Decode(e) => write!(f, "message from the peer could not be read: {e}"),
+            Error::Decode(_) => f.write_str("message from the peer could not be read"),
             Error::Timeout => f.write_str("no response within the timeout"),
             Error::NotStarted => f.write_str("channel not started: nothing can be received yet"),
             Error::AlreadyStarted => f.write_str("channel already started"),
@@ -76,7 +76,8 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Msg(e) => Some(e),
+            // Transparent: it shows as the message-layer error itself.
+            Error::Msg(e) => e.source(),
             Error::Decode(e) => Some(e),
             _ => None,
         }

@@ -135,7 +135,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Io(e) => write!(f, "transport I/O error: {e}"),
+            Error::Io(_) => f.write_str("transport I/O error"),
             Error::Reset => f.write_str("connection reset by peer"),
             Error::PeerGone => f.write_str("peer closed the connection"),
             Error::EndOfStream => f.write_str("peer ended its sending"),
