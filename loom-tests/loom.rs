@@ -33,8 +33,8 @@
 #![cfg(flowipc_loom)]
 
 use flowipc::shm::lockfree::{
-    handle_word, pop, push, push_chain, rc_acquire, rc_release, refs, ticket_issue, ticket_return,
-    ticket_take, tickets, Words, LINK,
+    handle_word, is_sole, pop, push, push_chain, rc_acquire, rc_release, refs, ticket_issue,
+    ticket_return, ticket_take, tickets, Words, LINK,
 };
 use loom::cell::UnsafeCell;
 use loom::sync::atomic::{
@@ -553,6 +553,31 @@ fn lend_publishes_later_writes() {
             1,
             "1 lend: {adopted} borrowed, {released} released"
         );
+        obj.assert_freed();
+    });
+}
+
+/// Model 5, the sole holder writes again (`ShmHandle::get_mut`, and a sent message thawed by
+/// `OutMsg::builder_mut`): the owner lends the object; a borrower borrows it, reads it and drops
+/// its handle, while the owner waits until it is the sole holder and then writes the object.
+/// Every read the borrower made must happen before that write (loom reports the write
+/// otherwise): `is_sole` must synchronize with the borrower's release.
+#[test]
+fn sole_holder_writes_after_readers() {
+    model(|| {
+        let obj = Arc::new(Obj::new(false));
+        obj.lend();
+        let o = obj.clone();
+        let borrower = thread::spawn(move || assert!(o.borrow(), "the lent reference"));
+        while !is_sole(obj.word()) {
+            thread::yield_now();
+        }
+        obj.value.with_mut(|p| {
+            // SAFETY: loom checks this write against the borrower's read.
+            unsafe { *p = VALUE }
+        });
+        borrower.join().unwrap();
+        obj.release();
         obj.assert_freed();
     });
 }

@@ -10,7 +10,7 @@ use super::arena::{Arena, BlockRef};
 use super::error::{Error, Result};
 use super::layout::*;
 use super::lockfree::{
-    handle_word, rc_acquire, rc_release, refs, ticket_issue, ticket_return, ticket_take, tickets,
+    handle_word, is_sole, rc_acquire, rc_release, refs, ticket_issue, ticket_return, ticket_take,
     Words, LINK,
 };
 use super::pool::Pool;
@@ -376,9 +376,8 @@ impl<T: ShmSafe> ShmHandle<T> {
 
     /// Mutable access if this is the only reference anywhere (like `Arc::get_mut`).
     pub fn get_mut(&mut self) -> Option<&mut T> {
-        // Acquire: if another holder just released, its writes are visible before we write.
-        let word = self.rc().load(Ordering::Acquire);
-        if refs(word) != 1 || tickets(word) != 0 {
+        // (`is_sole` Acquires: another holder's last reads happen before our writes.)
+        if !is_sole(self.rc()) {
             return None;
         }
         // SAFETY: count 1 is our own reference: no handle and no unborrowed lend exists in any

@@ -214,6 +214,17 @@ pub fn ticket_issue(word: &AtomicU64) {
     }
 }
 
+/// Whether the caller's reference is the only one anywhere: no other holder in any process and
+/// no lent reference waiting to be borrowed. Then no one else can reach the object, and the
+/// caller may write it (or hand its memory back). Acquire: every other holder's reads happened
+/// before its `Release` decrement, which this load synchronizes with, so they all happen before
+/// whatever the caller writes next.
+#[inline]
+pub fn is_sole(word: &AtomicU64) -> bool {
+    let w = word.load(Ordering::Acquire);
+    refs(w) == 1 && tickets(w) == 0
+}
+
 /// Borrows: if the word is still the live object of `generation` and a ticket is outstanding,
 /// takes the ticket (its reference becomes the caller's). Otherwise (the object died, the block
 /// was reused, or every lent reference was already borrowed: a replay) changes nothing.

@@ -96,6 +96,15 @@ const MUTATIONS: &[Mutation] = &[
         check: Check::Loom,
     },
     Mutation {
+        name: "is_sole load Acquire -> Relaxed",
+        file: "src/shm/lockfree.rs",
+        edits: &[(
+            "let w = word.load(Ordering::Acquire);\n    refs(w) == 1",
+            "let w = word.load(Ordering::Relaxed);\n    refs(w) == 1",
+        )],
+        check: Check::Loom,
+    },
+    Mutation {
         name: "bump-pointer CAS -> load and store",
         file: "src/shm/alloc.rs",
         edits: &[("match bump.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {", "match { bump.store(end, Ordering::Relaxed); Ok::<u64, u64>(cur) } {")],

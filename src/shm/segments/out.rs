@@ -10,10 +10,9 @@ use capnp::message::{Builder, ReaderSegments};
 use super::super::arena::{Arena, BlockRef};
 use super::super::error::{Error, Result};
 use super::super::handle::LendBlob;
-use super::super::lockfree::{refs, tickets, Words, LINK};
+use super::super::lockfree::{is_sole, Words, LINK};
 use super::seg_alloc::{Mem, Seg, SegList, SegShared, Segs};
 use super::*;
-use crate::sync::Ordering;
 
 /// A message being built (or already frozen and shared): a capnp builder over [`SegAlloc`].
 pub struct OutMsg {
@@ -99,8 +98,7 @@ impl OutMsg {
     /// Whether some other holder (a receiver, a queued send) still references the segments.
     pub fn is_frozen_by_others(&self) -> bool {
         if let Some(t) = &self.table {
-            let w = t.pool().word(t.off + LINK).load(Ordering::Acquire);
-            if refs(w) != 1 || tickets(w) != 0 {
+            if !is_sole(t.pool().word(t.off + LINK)) {
                 return true;
             }
         }

@@ -12,7 +12,7 @@ use super::super::arena::{Arena, BlockRef};
 use super::super::error::{Error, Result};
 use super::super::handle::{publish_block, publish_in_place, unpublish_block, LendBlob};
 use super::super::layout::*;
-use super::super::lockfree::{rc_release, refs, ticket_issue, tickets, Words, LINK};
+use super::super::lockfree::{is_sole, rc_release, refs, ticket_issue, Words, LINK};
 use super::super::pool::Pool;
 use super::*;
 use crate::sync::Ordering;
@@ -164,8 +164,7 @@ impl SegTable {
     pub(super) fn dissolve_if_sole(mut self) -> std::result::Result<(), SegTable> {
         // Acquire pairs with the Release of every other holder's drop: their reads of the
         // segments happen before the builder writes them again.
-        let w = self.pool().word(self.off + LINK).load(Ordering::Acquire);
-        if refs(w) != 1 || tickets(w) != 0 {
+        if !is_sole(self.pool().word(self.off + LINK)) {
             return Err(self);
         }
         // No other holder and no outstanding ticket: no one can reach the handle any more.
