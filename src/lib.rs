@@ -18,6 +18,12 @@
 #![warn(missing_docs, missing_debug_implementations)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+/// The Cap'n Proto runtime flowipc is built on, re-exported, so that its types can be named
+/// as `flowipc::capnp::...` at the version flowipc uses. Code generated from a user's schema
+/// names the crate as `::capnp`, so a crate with its own schemas also needs `capnp` as a
+/// direct dependency, of the same version (`cargo tree -i capnp` shows one).
+pub use capnp;
+
 #[cfg(not(flowipc_loom))]
 pub mod msg;
 pub mod schemas;

@@ -155,9 +155,18 @@ impl<M: Owned> MsgOut<M> {
         self.inner.reserved_words()
     }
 
-    /// Number of segments the message has now (its receiver sees as many).
-    pub fn segment_count(&mut self) -> usize {
-        self.inner.output_segments().len()
+    /// Number of segments the message has now (its receiver sees as many). A message whose
+    /// root was never written has none yet (sending it sends an empty root in one segment).
+    pub fn segment_count(&self) -> usize {
+        self.segments().len()
+    }
+
+    /// The message's segments, in place (no copy): what capnp's own serialization writes, so
+    /// the message can go to a file or another transport as it is, e.g. with
+    /// `capnp::serialize::write_message_segments(&mut out, &msg.segments())`. Each slice is
+    /// the segment's used bytes. A message whose root was never written has no segments yet.
+    pub fn segments(&self) -> capnp::OutputSegments<'_> {
+        self.inner.builder().get_segments_for_output()
     }
 
     /// The arena allocation failure that left part of the message on the heap, if any: such a
@@ -304,6 +313,21 @@ impl<M: Owned> MsgIn<M> {
     /// Number of segments.
     pub fn segment_count(&self) -> usize {
         self.reader.get_segments().len()
+    }
+
+    /// The message's segments, read in place (no copy), e.g. to write the message to a file or
+    /// another transport with `capnp::serialize::write_message_segments`. A segment of a
+    /// zero-copy message is validated when first reached; one that fails validation (a peer's
+    /// corrupt table) is an error here, as it is for the reader.
+    pub fn segments(&self) -> capnp::Result<Vec<&[u8]>> {
+        let segs = self.reader.get_segments();
+        (0..segs.len() as u32)
+            .map(|i| {
+                segs.get_segment(i).ok_or_else(|| {
+                    capnp::Error::failed(format!("segment {i} of the message is not readable"))
+                })
+            })
+            .collect()
     }
 
     /// References to the shared segment table (in place only): the sender's `MsgOut` if it still
