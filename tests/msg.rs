@@ -6,21 +6,13 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
+use common::msgs::{chan_over, Chan, T};
 use flowipc::msg::{Backing, Error, MsgChannel, MsgOut};
 use flowipc::schemas::test_msgs_capnp::cool_msg;
 use flowipc::shm::{self, Arena, ArenaConfig};
 use flowipc::transport::{Channel, ChannelConfig};
 
-type Chan = MsgChannel<cool_msg::Owned>;
-const T: Option<Duration> = Some(Duration::from_secs(60));
 const CHUNK: usize = 256 << 20;
-
-fn chan_over(sock: std::os::unix::net::UnixStream, backing: Backing) -> Chan {
-    MsgChannel::new(
-        Channel::from_stream(sock, ChannelConfig::new()).unwrap(),
-        backing,
-    )
-}
 
 fn pattern(chunk: usize, page: usize) -> u8 {
     (chunk * 7 + page * 13) as u8

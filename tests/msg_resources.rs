@@ -5,23 +5,12 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::balance::{balanced, isolated};
-use flowipc::msg::{Backing, MsgChannel, MsgOut};
+use common::msgs::{chan_over, chunks, chunks_of, Chan, T};
+use flowipc::msg::{Backing, MsgOut};
 use flowipc::schemas::test_msgs_capnp::cool_msg;
 use flowipc::shm::{Arena, ArenaConfig, LendBlob};
 use flowipc::transport::{Channel, ChannelConfig};
-
-type Chan = MsgChannel<cool_msg::Owned>;
-const T: Option<Duration> = Some(Duration::from_secs(60));
-
-fn chan_over(sock: std::os::unix::net::UnixStream, backing: Backing) -> Chan {
-    MsgChannel::new(
-        Channel::from_stream(sock, ChannelConfig::new()).unwrap(),
-        backing,
-    )
-}
 
 fn hello(m: &mut MsgOut<cool_msg::Owned>, num: i64) {
     let mut h = m.init_root().init_hello_there();
@@ -29,30 +18,16 @@ fn hello(m: &mut MsgOut<cool_msg::Owned>, num: i64) {
     h.set_num(num);
 }
 
-/// A message of several segments: `chunks` data chunks of 20,000 bytes (the first segment is
-/// 8 KiB), each filled with its index plus `tag`.
-fn chunks(m: &mut MsgOut<cool_msg::Owned>, n: u32, tag: u8) {
-    let mut blob = m.init_root().init_blob();
-    blob.set_tag(tag as u64);
-    let mut list = blob.init_chunks(n);
-    for c in 0..n {
-        list.reborrow()
-            .get(c)
-            .init_data(20_000)
-            .fill(tag.wrapping_add(c as u8));
-    }
-}
-
 fn num_of(m: &flowipc::msg::MsgIn<cool_msg::Owned>) -> i64 {
     match m.root().unwrap().which() {
         Ok(cool_msg::HelloThere(Ok(h))) => h.get_num(),
-        Ok(cool_msg::Blob(Ok(b))) => {
-            let chunks = b.get_chunks().unwrap();
-            for (c, d) in chunks.iter().enumerate() {
-                let want = (b.get_tag() as u8).wrapping_add(c as u8);
-                assert!(d.get_data().unwrap().iter().all(|&x| x == want));
+        Ok(cool_msg::Blob(Ok(_))) => {
+            let (tag, data) = chunks_of(m.root().unwrap());
+            for (c, d) in data.iter().enumerate() {
+                let want = (tag as u8).wrapping_add(c as u8);
+                assert!(d.iter().all(|&x| x == want));
             }
-            chunks.len() as i64
+            data.len() as i64
         }
         _ => panic!("unexpected message"),
     }

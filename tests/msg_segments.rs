@@ -4,49 +4,11 @@
 
 mod common;
 
-use std::time::Duration;
-
+use common::msgs::{chan_over, chunks, chunks_of as content, T};
 use flowipc::capnp;
-use flowipc::msg::{Backing, MsgChannel, MsgOut};
+use flowipc::msg::Backing;
 use flowipc::schemas::test_msgs_capnp::cool_msg;
 use flowipc::shm::{Arena, ArenaConfig};
-use flowipc::transport::{Channel, ChannelConfig};
-
-type Chan = MsgChannel<cool_msg::Owned>;
-const T: Option<Duration> = Some(Duration::from_secs(60));
-
-fn chan_over(sock: std::os::unix::net::UnixStream, backing: Backing) -> Chan {
-    MsgChannel::new(
-        Channel::from_stream(sock, ChannelConfig::new()).unwrap(),
-        backing,
-    )
-}
-
-/// A blob message of three 20,000-byte chunks (several segments: the first is 8 KiB).
-fn build(m: &mut MsgOut<cool_msg::Owned>, tag: u8) {
-    let mut blob = m.init_root().init_blob();
-    blob.set_tag(tag as u64);
-    let mut list = blob.init_chunks(3);
-    for c in 0..3 {
-        list.reborrow()
-            .get(c)
-            .init_data(20_000)
-            .fill(tag.wrapping_add(c as u8));
-    }
-}
-
-/// What a blob message says: its tag and every chunk's bytes.
-fn content(root: cool_msg::Reader<'_>) -> (u64, Vec<Vec<u8>>) {
-    let Ok(cool_msg::Blob(Ok(b))) = root.which() else {
-        panic!("not a blob");
-    };
-    let chunks = b.get_chunks().unwrap();
-    let data = chunks
-        .iter()
-        .map(|c| c.get_data().unwrap().to_vec())
-        .collect();
-    (b.get_tag(), data)
-}
 
 /// Writes `segments` as capnp's stream format and reads the message back from the bytes.
 fn round_trip(segments: &[&[u8]]) -> (u64, Vec<Vec<u8>>) {
@@ -72,7 +34,7 @@ fn child_entry() {
     let mut chan = chan_over(common::child_socket(), backing);
     let mut m = chan.create_msg();
     assert_eq!(m.segment_count(), 0, "no root written yet");
-    build(&mut m, 5);
+    chunks(&mut m, 3, 5);
     // The sender's segments, written out and read back, say what the message says.
     assert!(m.segment_count() > 1);
     assert_eq!(round_trip(&m.segments()), content(m.root().unwrap()));

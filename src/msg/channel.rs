@@ -245,12 +245,11 @@ impl<M: Owned> MsgChannel<M> {
     /// A frame header, encoded, and the id it carries. Messages get the next id (1, 2, 3...);
     /// control frames (pool announcements, notices) carry id 0 and take none.
     fn header(&mut self, kind: Kind, answers: u64) -> (Encoded, u64) {
-        let id = if kind.is_msg() {
+        let mut id = 0;
+        if kind.is_msg() {
+            id = self.next_id;
             self.next_id += 1;
-            self.next_id - 1
-        } else {
-            0
-        };
+        }
         let h = Header { kind, id, answers };
         (h.encode(self.token), id)
     }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod balance;
+pub mod msgs;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};

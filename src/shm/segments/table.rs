@@ -54,6 +54,19 @@ impl fmt::Debug for SegTable {
 }
 
 impl SegTable {
+    /// A reference the caller holds (made, or adopted from a blob) to the handle block at `off`.
+    fn held(arena: &Arena, pool: u32, off: u64, generation: u32, cap: u64, solo: bool) -> SegTable {
+        SegTable {
+            arena: arena.clone(),
+            pool,
+            off,
+            generation,
+            cap,
+            solo,
+            holds_ref: true,
+        }
+    }
+
     pub(super) fn pool(&self) -> &Pool {
         // Pools are never removed from an arena, and this one was known when the table was made.
         self.arena
@@ -103,15 +116,14 @@ impl SegTable {
         }
         // Borrowable from here on; the entries written above are ordered before any borrow.
         publish_block(pool, &g);
-        Ok(SegTable {
-            arena: arena.clone(),
-            pool: pool.id(),
-            off: g.off,
-            generation: g.generation(),
-            cap: g.capacity,
-            solo: false,
-            holds_ref: true,
-        })
+        Ok(SegTable::held(
+            arena,
+            pool.id(),
+            g.off,
+            g.generation(),
+            g.capacity,
+            false,
+        ))
     }
 
     /// Makes the one segment of a message its handle: writes the prefix (tag, `used`) into the
@@ -130,15 +142,7 @@ impl SegTable {
         pool.word(r.offset + 8).store(used, Ordering::Relaxed);
         let generation = publish_in_place(pool, off);
         r.generation = generation;
-        Ok(SegTable {
-            arena: arena.clone(),
-            pool: r.pool,
-            off,
-            generation,
-            cap,
-            solo: true,
-            holds_ref: true,
-        })
+        Ok(SegTable::held(arena, r.pool, off, generation, cap, true))
     }
 
     /// Adds a reference for a receiver and packs it in a blob.
@@ -233,8 +237,11 @@ pub(super) fn segment(arena: &Arena, r: BlockRef, used: u64) -> Result<NonNull<u
 
 impl Drop for SegTable {
     fn drop(&mut self) {
+        if !self.holds_ref {
+            return;
+        }
         let pool = self.pool();
-        if !self.holds_ref || !rc_release(pool.word(self.off + LINK)) {
+        if !rc_release(pool.word(self.off + LINK)) {
             return;
         }
         let p = self.payload();
@@ -303,9 +310,9 @@ impl Arena {
     /// back on drop. The tag is checked where every handle has it (a mismatch leaves the
     /// reference lent, as for any borrow of the wrong type).
     pub(super) fn adopt_message(&self, blob: &LendBlob) -> Result<SegTable> {
-        let min = match blob.type_tag() {
-            SOLO_TAG => PREFIX,
-            TABLE_TAG => T_ENTRIES,
+        let (solo, min) = match blob.type_tag() {
+            SOLO_TAG => (true, PREFIX),
+            TABLE_TAG => (false, T_ENTRIES),
             // Neither kind of message handle (the table's tag is the one named).
             found => {
                 return Err(Error::TypeMismatch {
@@ -314,41 +321,16 @@ impl Arena {
                 })
             }
         };
+        // The typed adoption checks the block's own tag and capacity against the blob's kind.
         let (pool, off, cap) = self.adopt(blob, Some((blob.type_tag(), min)))?;
-        // The typed adoption checked the block's tag and capacity, so this is a message.
-        match self.message_ref(pool, off, cap, blob.generation()) {
-            Some(table) => Ok(table),
-            None => {
-                super::super::handle::release(pool, off);
-                Err(Error::Corrupt("a message handle changed kind"))
-            }
-        }
-    }
-
-    /// The adopted reference to the handle block at `off` as a message table, if the block is
-    /// one (its own tag says so, and its capacity holds what that kind reads); else `None`.
-    pub(super) fn message_ref(
-        &self,
-        pool: &Pool,
-        off: u64,
-        cap: u64,
-        generation: u32,
-    ) -> Option<SegTable> {
-        // The reference the caller adopted keeps the block alive and its tag fixed.
-        let solo = match pool.word(off + BLOCK_HDR).load(Ordering::Relaxed) {
-            SOLO_TAG if cap >= PREFIX => true,
-            TABLE_TAG if cap >= T_ENTRIES => false,
-            _ => return None,
-        };
-        Some(SegTable {
-            arena: self.clone(),
-            pool: pool.id(),
+        Ok(SegTable::held(
+            self,
+            pool.id(),
             off,
-            generation,
+            blob.generation(),
             cap,
             solo,
-            holds_ref: true,
-        })
+        ))
     }
 
     /// Gives back one adopted reference to the handle block at `off` (see
@@ -356,10 +338,14 @@ impl Arena {
     /// last reference to a message frees its segments with it (and a one-segment message's
     /// block as clean), that to any other object frees its block.
     pub(in crate::shm) fn give_back(&self, pool: &Pool, off: u64, cap: u64, generation: u32) {
-        match self.message_ref(pool, off, cap, generation) {
-            Some(table) => drop(table),
-            None => super::super::handle::release(pool, off),
-        }
+        // The adopted reference keeps the block alive and its tag fixed; a tag is only trusted
+        // with the capacity its kind reads.
+        let solo = match pool.word(off + BLOCK_HDR).load(Ordering::Relaxed) {
+            SOLO_TAG if cap >= PREFIX => true,
+            TABLE_TAG if cap >= T_ENTRIES => false,
+            _ => return super::super::handle::release(pool, off),
+        };
+        drop(SegTable::held(self, pool.id(), off, generation, cap, solo));
     }
 }
 

@@ -131,7 +131,11 @@ impl Rx {
     /// more than its 16 bytes, so every fd these reads bring belongs to it. `Ok(false)`: not all
     /// of it is here yet (only without `wait`).
     pub(super) fn read_hello(&mut self, sock: BorrowedFd<'_>, wait: bool) -> Result<bool, Error> {
-        while self.hello_len < HEADER_LEN {
+        // Each read's bytes are checked as they come: the magic at once, the flags once whole.
+        let header = loop {
+            if let Some(h) = Header::decode(&self.hello[..self.hello_len])? {
+                break h;
+            }
             let dst = &mut self.hello[self.hello_len..];
             let got = if wait {
                 sys::recv_with_fds_waiting(sock, dst)
@@ -159,13 +163,8 @@ impl Rx {
                 return Err(Error::TooManyFds); // all closed with the channel's state
             }
             self.hello_len += r.bytes;
-            // Checks the magic of what is here (and, once whole, the flags).
-            Header::decode(&self.hello[..self.hello_len])?;
-        }
-        let has_fd = Header::decode(&self.hello)?
-            .ok_or(Error::BadFrame("a short hello"))?
-            .hello()?;
-        match (has_fd, self.hello_fds.pop()) {
+        };
+        match (header.hello()?, self.hello_fds.pop()) {
             (true, Some(fd)) => {
                 if !sys::is_stream_socket(fd.as_fd()) {
                     return Err(Error::BadFrame("the hello's fd is not a stream socket"));
@@ -192,11 +191,8 @@ impl Rx {
         if avail.is_empty() {
             return Error::PeerGone;
         }
-        let expected = avail.first_chunk().map_or(HEADER_LEN as u64, |h| {
-            Header::len_of(h).saturating_add(HEADER_LEN as u64)
-        });
         Error::Truncated {
-            expected,
+            expected: Header::frame_len_at(avail),
             got: avail.len() as u64,
         }
     }
@@ -218,9 +214,7 @@ impl Rx {
         }
         let avail = &self.buf[self.start..self.end];
         // A small frame's (big ones leave the buffer when their header is parsed).
-        let need = avail.first_chunk().map_or(HEADER_LEN, |h| {
-            (Header::len_of(h) as usize).saturating_add(HEADER_LEN)
-        });
+        let need = usize::try_from(Header::frame_len_at(avail)).unwrap_or(usize::MAX);
         if self.start + need > RBUF {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;

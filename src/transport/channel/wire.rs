@@ -65,7 +65,7 @@ impl Header {
         };
         let header = Header {
             flags: u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
-            len: Header::len_of(h),
+            len: len_field(h),
         };
         if header.flags & !KNOWN_FLAGS != 0 {
             return Err(Error::BadFrame("unknown flag bits"));
@@ -73,11 +73,12 @@ impl Header {
         Ok(Some(header))
     }
 
-    /// The payload length field of a whole header (not otherwise checked).
-    pub(super) fn len_of(h: &[u8; HEADER_LEN]) -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&h[8..]);
-        u64::from_le_bytes(b)
+    /// The length, header included, of the frame that `bytes` start, as far as they tell: a
+    /// header's length until the header is whole (its length field is not otherwise checked).
+    pub(super) fn frame_len_at(bytes: &[u8]) -> u64 {
+        bytes.first_chunk().map_or(HEADER_LEN as u64, |h| {
+            len_field(h).saturating_add(HEADER_LEN as u64)
+        })
     }
 
     /// The frame's length, header included (saturating: a length near `u64::MAX` is refused
@@ -134,4 +135,11 @@ impl Header {
         }
         Ok(self.has(FLAG_HAS_FD))
     }
+}
+
+/// The payload length field of a whole header.
+fn len_field(h: &[u8; HEADER_LEN]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h[8..]);
+    u64::from_le_bytes(b)
 }

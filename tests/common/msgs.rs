@@ -1,0 +1,48 @@
+//! Message-test support: a `cool_msg` channel over a socket, and a message of data chunks.
+
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use flowipc::msg::{Backing, MsgChannel, MsgOut};
+use flowipc::schemas::test_msgs_capnp::cool_msg;
+use flowipc::transport::{Channel, ChannelConfig};
+
+pub type Chan = MsgChannel<cool_msg::Owned>;
+/// How long a test waits for a message before it calls it a hang.
+pub const T: Option<Duration> = Some(Duration::from_secs(60));
+
+/// A message channel over a connected socket (e.g. a spawned child's).
+pub fn chan_over(sock: UnixStream, backing: Backing) -> Chan {
+    MsgChannel::new(
+        Channel::from_stream(sock, ChannelConfig::new()).unwrap(),
+        backing,
+    )
+}
+
+/// Makes `m` a blob of `n` data chunks of 20,000 bytes (more than the 8 KiB first segment, so
+/// the message has several segments), chunk `c` filled with `tag + c`.
+pub fn chunks(m: &mut MsgOut<cool_msg::Owned>, n: u32, tag: u8) {
+    let mut blob = m.init_root().init_blob();
+    blob.set_tag(tag as u64);
+    let mut list = blob.init_chunks(n);
+    for c in 0..n {
+        list.reborrow()
+            .get(c)
+            .init_data(20_000)
+            .fill(tag.wrapping_add(c as u8));
+    }
+}
+
+/// What a blob message says: its tag and every chunk's bytes.
+pub fn chunks_of(root: cool_msg::Reader<'_>) -> (u64, Vec<Vec<u8>>) {
+    let Ok(cool_msg::Blob(Ok(b))) = root.which() else {
+        panic!("not a blob");
+    };
+    let data = b
+        .get_chunks()
+        .unwrap()
+        .iter()
+        .map(|c| c.get_data().unwrap().to_vec())
+        .collect();
+    (b.get_tag(), data)
+}
