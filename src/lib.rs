@@ -26,6 +26,10 @@ pub use capnp;
 
 #[cfg(not(flowipc_loom))]
 pub mod msg;
+#[cfg(not(flowipc_loom))]
+pub mod poll;
+#[cfg(not(flowipc_loom))]
+mod reactor;
 pub mod schemas;
 #[cfg(not(flowipc_loom))]
 pub mod session;

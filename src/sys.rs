@@ -492,30 +492,12 @@ impl Readiness {
 /// poll(2)
 pub fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usize> {
     // The library's loops poll two or three fds: those go in a stack array (no allocation per
-    // wait on the async threads); more spill to the heap.
+    // wait); more spill to the heap.
     const INLINE: usize = 4;
-    let to_raw = |p: &PollFd<'_>| {
-        let mut events = 0;
-        if p.read {
-            events |= libc::POLLIN;
-        }
-        if p.write {
-            events |= libc::POLLOUT;
-        }
-        libc::pollfd {
-            fd: p.fd.as_raw_fd(),
-            events,
-            revents: 0,
-        }
-    };
-    let unused = libc::pollfd {
-        fd: -1,
-        events: 0,
-        revents: 0,
-    };
-    let mut inline = [unused; INLINE];
+    let to_raw = |p: &PollFd<'_>| RawPollFd::new(p.fd.as_raw_fd(), p.read, p.write);
+    let mut inline = [RawPollFd::new(-1, false, false); INLINE];
     let mut heap = Vec::new();
-    let raw: &mut [libc::pollfd] = if fds.len() <= INLINE {
+    let raw: &mut [RawPollFd] = if fds.len() <= INLINE {
         for (r, p) in inline.iter_mut().zip(fds.iter()) {
             *r = to_raw(p);
         }
@@ -524,6 +506,52 @@ pub fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usi
         heap.extend(fds.iter().map(to_raw));
         &mut heap
     };
+    let n = poll_raw(raw, timeout);
+    for (p, r) in fds.iter_mut().zip(raw.iter()) {
+        p.ready = r.ready();
+    }
+    n
+}
+
+/// One entry of [`poll_raw`]: an fd number, what to wait for, and (after the call) what was
+/// found. Layout-compatible with `struct pollfd`.
+#[derive(Debug, Clone, Copy)]
+#[repr(transparent)]
+pub(crate) struct RawPollFd(libc::pollfd);
+
+impl RawPollFd {
+    /// Watches fd number `fd` (one that is not open is reported as an error, `POLLNVAL`).
+    pub(crate) fn new(fd: RawFd, read: bool, write: bool) -> Self {
+        let mut events = 0;
+        if read {
+            events |= libc::POLLIN;
+        }
+        if write {
+            events |= libc::POLLOUT;
+        }
+        RawPollFd(libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+    }
+
+    /// What the last [`poll_raw`] found.
+    pub(crate) fn ready(&self) -> Readiness {
+        let r = self.0.revents;
+        Readiness {
+            readable: r & libc::POLLIN != 0,
+            writable: r & libc::POLLOUT != 0,
+            hangup: r & libc::POLLHUP != 0,
+            error: r & (libc::POLLERR | libc::POLLNVAL) != 0,
+        }
+    }
+}
+
+/// [`poll`] by fd number: for a poller (the reactor) that keeps the owners of the fds alive
+/// across the call rather than borrowing the fds themselves. A number that is not open, or was
+/// closed and reused meanwhile, only makes a readiness report wrong, never memory unsafe.
+pub(crate) fn poll_raw(fds: &mut [RawPollFd], timeout: Option<Duration>) -> io::Result<usize> {
     let ms: libc::c_int = match timeout {
         None => -1,
         Some(d) => {
@@ -531,28 +559,20 @@ pub fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usi
             libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
         }
     };
-    // SAFETY: `raw` is a live, initialised, exclusively borrowed array of `raw.len()` pollfd
-    // entries; the kernel reads them and writes only their `revents` fields, within the array.
-    // The fds are borrowed, so open for the call (a closed one would be reported as POLLNVAL,
-    // not misbehave).
-    let n = unsafe { libc::poll(raw.as_mut_ptr(), raw.len() as libc::nfds_t, ms) };
     for p in fds.iter_mut() {
-        p.ready = Readiness::default();
+        p.0.revents = 0;
     }
+    // SAFETY: `RawPollFd` is `repr(transparent)` over `libc::pollfd`, so `fds` is a live,
+    // initialised, exclusively borrowed array of `fds.len()` pollfd entries; the kernel reads
+    // them and writes only their `revents` fields, within the array. The fds are plain numbers
+    // to the kernel: one not open is reported as POLLNVAL, nothing is read or written through it.
+    let n = unsafe { libc::poll(fds.as_mut_ptr().cast(), fds.len() as libc::nfds_t, ms) };
     if n < 0 {
         let e = io::Error::last_os_error();
         return if e.kind() == io::ErrorKind::Interrupted {
             Ok(0)
         } else {
             Err(e)
-        };
-    }
-    for (p, r) in fds.iter_mut().zip(raw.iter()) {
-        p.ready = Readiness {
-            readable: r.revents & libc::POLLIN != 0,
-            writable: r.revents & libc::POLLOUT != 0,
-            hangup: r.revents & libc::POLLHUP != 0,
-            error: r.revents & (libc::POLLERR | libc::POLLNVAL) != 0,
         };
     }
     Ok(usize::try_from(n).unwrap_or(0))

@@ -25,6 +25,7 @@ use super::wire::{
     Header, Kind,
 };
 use super::{Error, InSegs, MsgIn, MsgOut};
+use crate::poll::{Interest, Pollable};
 use crate::shm::segments::OutMsg;
 use crate::shm::{Arena, ArenaConfig, LendBlob};
 use crate::transport::{Channel, Frame, SharedBytes};
@@ -155,16 +156,6 @@ impl<M: Owned> MsgChannel<M> {
     /// [`Channel::write_fd`].
     pub fn write_fd(&self) -> BorrowedFd<'_> {
         self.chan.write_fd()
-    }
-
-    /// The transport's fd side socket (see [`Channel::write_fd`]).
-    pub(crate) fn side_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.chan.side_fd()
-    }
-
-    /// Whether [`write_fd`](MsgChannel::write_fd) is the side socket now.
-    pub(crate) fn waits_on_side(&self) -> bool {
-        self.chan.waits_on_side()
     }
 
     /// Whether a hosing error has been reported.
@@ -598,6 +589,30 @@ fn peer(source: crate::shm::Error) -> Error {
     Error::Shm {
         source,
         from_peer: true,
+    }
+}
+
+impl<M: Owned> Pollable for MsgChannel<M> {
+    type Error = Error;
+
+    /// The transport's (see [`Channel`'s](Channel#impl-Pollable-for-Channel)); nothing once
+    /// hosed.
+    fn interest(&self) -> Interest<'_> {
+        if self.hosed {
+            Interest::none()
+        } else {
+            self.chan.interest()
+        }
+    }
+
+    /// The transport's timers and flush; receiving is [`try_recv`](MsgChannel::try_recv)'s.
+    fn on_ready(&mut self) -> Result<(), Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
+        let r = self.chan.on_ready().map_err(Error::from);
+        self.prune_written();
+        self.hose_on(r)
     }
 }
 

@@ -1,11 +1,9 @@
 //! The async-I/O face of the structured channel: a library thread receives and runs the
 //! handlers; every method may be called from any thread.
 
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use capnp::dynamic_value;
 use capnp::introspect::Introspect;
@@ -13,28 +11,26 @@ use capnp::traits::Owned;
 
 use super::{Channel, Error, Expect, MsgType, ReqId};
 use crate::msg::{MsgIn, MsgOut};
+use crate::poll::Pollable;
+use crate::reactor::{self, Registration, Source, Wait};
 use crate::sync::lock;
-use crate::sys::{self, PollFd, Waker};
 
 type Done = Box<dyn FnOnce(Result<(), Error>) + Send>;
+type OnError = Box<dyn FnOnce(Error) + Send>;
 
 struct Shared<M: Owned> {
     core: Mutex<Channel<M>>,
     /// Pending `async_end_sending` completions.
     ending: Mutex<Vec<Done>>,
     stop: AtomicBool,
-    /// Wakes the library thread (something to flush, or stop).
-    waker: Waker,
+    /// The channel is hosed and its error handled: its turns only complete end-sending.
+    dead: AtomicBool,
     /// A hosing error met on the library thread, for the user's `on_error`, which runs after
     /// the core is unlocked (so that it may call this channel). Shared with the core's own
     /// `on_error` (not the whole `Shared`: the core is in it, and a cycle would never be freed).
     error: Arc<Mutex<Option<Error>>>,
-}
-
-impl<M: Owned> Shared<M> {
-    fn wake(&self) {
-        self.waker.wake();
-    }
+    /// The user's `on_error`, run once by a turn.
+    on_error: Mutex<Option<OnError>>,
 }
 
 fn io(e: std::io::Error) -> Error {
@@ -75,13 +71,13 @@ fn io(e: std::io::Error) -> Error {
 /// ```
 pub struct AsyncChannel<M: Owned> {
     shared: Arc<Shared<M>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    reg: Mutex<Option<Registration>>,
 }
 
 impl<M: Owned> std::fmt::Debug for AsyncChannel<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("struc::AsyncChannel")
-            .field("running", &lock(&self.thread).is_some())
+            .field("running", &lock(&self.reg).is_some())
             .finish()
     }
 }
@@ -98,10 +94,11 @@ where
                 core: Mutex::new(core),
                 ending: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
-                waker: Waker::new().map_err(io)?,
+                dead: AtomicBool::new(false),
                 error: Arc::new(Mutex::new(None)),
+                on_error: Mutex::new(None),
             }),
-            thread: Mutex::new(None),
+            reg: Mutex::new(None),
         })
     }
 
@@ -109,30 +106,37 @@ where
         lock(&self.shared.core)
     }
 
-    /// Runs `f` on the core and wakes the thread if that left bytes to write.
+    /// Has the library thread take a turn on the channel.
+    fn notify(&self) {
+        if let Some(r) = &*lock(&self.reg) {
+            r.notify();
+        }
+    }
+
+    /// Runs `f` on the core and has the library thread take a turn if that left bytes to write.
     fn with_core<T>(&self, f: impl FnOnce(&mut Channel<M>) -> T) -> T {
         let mut core = self.core();
         let r = f(&mut core);
         let wake = core.wants_write();
         drop(core);
         if wake {
-            self.shared.wake();
+            self.notify();
         }
         r
     }
 
-    /// Starts receiving on a library thread. `on_error` gets the hosing error met while
-    /// receiving (one met by a call is returned by it instead): at most once.
+    /// Starts receiving on the library thread (the process's one, shared by every async
+    /// channel). `on_error` gets the hosing error met while receiving (one met by a call is
+    /// returned by it instead): at most once.
     pub fn start(&self, on_error: impl FnOnce(Error) + Send + 'static) -> Result<(), Error> {
+        let reactor = reactor::get().map_err(io)?;
         let slot = self.shared.error.clone();
         // The core's own start refuses a second one (AlreadyStarted).
         self.core().start(move |e| *lock(&slot) = Some(e))?;
-        let shared = self.shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("flowipc-struc".into())
-            .spawn(move || run(shared, on_error))
-            .map_err(io)?;
-        *lock(&self.thread) = Some(thread);
+        *lock(&self.shared.on_error) = Some(Box::new(on_error));
+        // The first turn comes at once: the core may hold frames read before it was handed
+        // over (after a log-in, say), which no readiness of the socket would announce.
+        *lock(&self.reg) = Some(reactor.register(self.shared.clone()));
         Ok(())
     }
 
@@ -148,13 +152,18 @@ where
 
     /// Sends a request and waits (this thread only; the library thread goes on receiving) for
     /// its one response, up to `timeout`. [`Error::Timeout`] is not hosing; a late response is
-    /// dropped quietly. Several threads may wait at once.
+    /// dropped quietly. Several threads may wait at once. From a handler (on the library
+    /// thread, which would have to receive the response) it fails with
+    /// [`Error::OnLibraryThread`].
     pub fn sync_request(
         &self,
         msg: &mut MsgOut<M>,
         originating: Option<&MsgIn<M>>,
         timeout: Option<Duration>,
     ) -> Result<MsgIn<M>, Error> {
+        if reactor::on_reactor_thread() {
+            return Err(Error::OnLibraryThread);
+        }
         let (tx, rx) = mpsc::sync_channel(1);
         let id = self.with_core(|c| {
             if !c.is_started() {
@@ -269,107 +278,72 @@ where
             Ok(true) => on_done(Ok(())),
             Ok(false) => {
                 lock(&self.shared.ending).push(Box::new(on_done));
-                self.shared.wake();
+                self.notify();
             }
             Err(e) => on_done(Err(e)),
         }
     }
 }
 
-/// The library thread: flushes, receives and runs handlers, completes end-sending, then waits
-/// for the channel's fd (and the waker). Work comes first: the core may hold frames read before
-/// it was handed over (after a log-in, say), which no readiness of the socket would announce.
-fn run<M>(shared: Arc<Shared<M>>, on_error: impl FnOnce(Error))
+impl<M> Source for Shared<M>
 where
     M: Owned + Introspect + 'static,
     for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
 {
-    // The socket never changes: one duplicate of its fd to poll, taken once; and of the
-    // transport's fd side socket, polled for writability while it has no room.
-    let (fd, side) = {
-        let core = lock(&shared.core);
-        let side = core.side_fd().map(|s| s.try_clone_to_owned());
-        (core.as_fd().try_clone_to_owned(), side.transpose())
-    };
-    if let (Ok(fd), Ok(side)) = (fd, side) {
-        if serve(&shared, &fd, side.as_ref(), on_error) == End::Stopped {
-            return; // dropped: the drop aborts what is pending
+    /// One turn: flush, receive and dispatch, timers (the core's `on_ready`, handlers under its
+    /// lock with `&mut Channel`); then, outside it, the user's `on_error` and the end-sending
+    /// completions.
+    fn on_ready(&self) -> Wait {
+        if self.stop.load(Ordering::Acquire) {
+            return Wait::idle();
         }
-    }
-    // Hosed (or the duplicates failed): nothing more will complete.
-    let pending = std::mem::take(&mut *lock(&shared.ending));
-    for f in pending {
-        f(Err(Error::Hosed));
-    }
-}
-
-/// Why [`serve`] returned.
-#[derive(PartialEq, Eq)]
-enum End {
-    Hosed,
-    Stopped,
-}
-
-/// The loop of [`run`]; returns once the channel is hosed or the `AsyncChannel` stops it.
-fn serve<M>(
-    shared: &Shared<M>,
-    fd: &std::os::fd::OwnedFd,
-    side: Option<&std::os::fd::OwnedFd>,
-    on_error: impl FnOnce(Error),
-) -> End
-where
-    M: Owned + Introspect + 'static,
-    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
-{
-    loop {
-        if shared.stop.load(Ordering::Acquire) {
-            return End::Stopped;
-        }
-        let mut core = lock(&shared.core);
-        core.flush_reporting();
-        let _ = core.process_ready();
-        if core.next_deadline().is_some_and(|d| d <= Instant::now()) {
-            let _ = core.on_timer();
-        }
-        let (done, hosed) = (core.is_send_done(), core.is_hosed());
-        let wants_write = core.wants_write();
-        let on_side = wants_write && core.waits_on_side();
-        let deadline = core.next_deadline();
-        drop(core);
-        if let Some(e) = lock(&shared.error).take() {
-            on_error(e);
-            return End::Hosed;
-        }
-        if done {
-            let pending = std::mem::take(&mut *lock(&shared.ending));
-            for f in pending {
-                f(Ok(()));
+        let (done, hosed, wait) = if self.dead.load(Ordering::Acquire) {
+            (false, true, Wait::idle())
+        } else {
+            let mut core = lock(&self.core);
+            let _ = core.on_ready();
+            (
+                core.is_send_done(),
+                core.is_hosed(),
+                Wait::from(core.interest()),
+            )
+        };
+        let err = lock(&self.error).take();
+        if let Some(e) = err {
+            if let Some(h) = lock(&self.on_error).take() {
+                h(e);
             }
         }
-        if hosed {
-            return End::Hosed;
+        let result = if done {
+            Ok(())
+        } else if hosed {
+            self.dead.store(true, Ordering::Release);
+            Err(Error::Hosed)
+        } else {
+            return wait;
+        };
+        let pending = std::mem::take(&mut *lock(&self.ending));
+        for f in pending {
+            f(match &result {
+                Ok(()) => Ok(()),
+                Err(_) => Err(Error::Hosed),
+            });
         }
-        let out = side.filter(|_| on_side).unwrap_or(fd);
-        let mut fds = [
-            PollFd::new(fd.as_fd(), true, wants_write && !on_side),
-            PollFd::new(shared.waker.as_fd(), true, false),
-            PollFd::new(out.as_fd(), false, on_side),
-        ];
-        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let _ = sys::poll(&mut fds, timeout);
-        shared.waker.drain();
+        if hosed {
+            Wait::idle()
+        } else {
+            wait
+        }
     }
 }
 
 impl<M: Owned> Drop for AsyncChannel<M> {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        self.shared.wake();
-        if let Some(t) = lock(&self.thread).take() {
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
-            }
-        }
+        // Off the library thread: no turn of this channel runs after this (unless dropped from
+        // one of its handlers: that turn ends once the handler returns, doing nothing more).
+        let reg = lock(&self.reg).take();
+        drop(reg);
         let pending = std::mem::take(&mut *lock(&self.shared.ending));
         for f in pending {
             f(Err(crate::transport::Error::Aborted.into()));

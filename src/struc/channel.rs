@@ -14,6 +14,7 @@ use capnp::traits::Owned;
 use super::{root_schema, Error, MsgType};
 use crate::msg::channel::Incoming;
 use crate::msg::{Backing, MsgChannel, MsgIn, MsgOut};
+use crate::poll::{Interest, Pollable};
 use crate::transport;
 
 /// How long a request's expectation lasts.
@@ -184,17 +185,6 @@ where
     /// Whether [`start`](Channel::start) was called.
     pub fn is_started(&self) -> bool {
         self.started
-    }
-
-    /// Flushes for the async face's library thread: a hosing error goes to `on_error` (once),
-    /// like one met while receiving, since no user call is there to return it.
-    pub(crate) fn flush_reporting(&mut self) {
-        if self.hosed {
-            return;
-        }
-        if let Err(e) = self.msgs.channel().flush() {
-            let _ = self.report(e.into());
-        }
     }
 
     fn check(&self) -> Result<(), Error> {
@@ -528,16 +518,6 @@ where
     /// room for the next frame's fd (see [`transport::Channel::write_fd`]).
     pub fn write_fd(&self) -> BorrowedFd<'_> {
         self.msgs.write_fd()
-    }
-
-    /// The transport's fd side socket, if any.
-    pub(crate) fn side_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.msgs.side_fd()
-    }
-
-    /// Whether [`write_fd`](Channel::write_fd) is the side socket now.
-    pub(crate) fn waits_on_side(&self) -> bool {
-        self.msgs.waits_on_side()
     }
 
     /// Stops expecting responses to `req` like
@@ -879,6 +859,42 @@ where
     match dynamic.which() {
         Ok(Some(field)) => Ok(MsgType(field.get_proto().get_discriminant_value())),
         Ok(None) | Err(_) => Err(Error::UnknownMsgType),
+    }
+}
+
+impl<M> Pollable for Channel<M>
+where
+    M: Owned + Introspect,
+    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
+{
+    type Error = Error;
+
+    /// The transport's, except that the socket is watched for reading only once
+    /// [`start`](Channel::start)ed; nothing once hosed.
+    fn interest(&self) -> Interest<'_> {
+        if self.hosed {
+            return Interest::none();
+        }
+        let i = self.msgs.interest();
+        if self.started {
+            i
+        } else {
+            Interest::new(None, i.write_fd(), i.deadline())
+        }
+    }
+
+    /// Writes what the socket takes, runs the timers and, once started, receives and
+    /// dispatches what has arrived ([`process_ready`](Channel::process_ready)). A hosing error
+    /// goes to `on_error` and is returned as [`Error::Hosed`], as with `process_ready`.
+    fn on_ready(&mut self) -> Result<(), Error> {
+        self.check()?;
+        if let Err(e) = self.msgs.on_ready() {
+            return Err(self.report(e.into()));
+        }
+        if self.started {
+            self.process_ready()?;
+        }
+        Ok(())
     }
 }
 

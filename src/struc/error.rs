@@ -29,6 +29,10 @@ pub enum Error {
     NotStarted,
     /// `start` was called twice.
     AlreadyStarted,
+    /// A blocking call (an async channel's `sync_request`) was made on the library thread,
+    /// from a handler: it would wait for the very thread it blocks. In a handler, answer
+    /// asynchronously (`async_request`) or use the handler's `&mut Channel`.
+    OnLibraryThread,
     /// The channel was hosed by an error reported earlier.
     Hosed,
 }
@@ -45,7 +49,8 @@ impl Error {
             | Error::NoSuchMsgType(_)
             | Error::Timeout
             | Error::NotStarted
-            | Error::AlreadyStarted => false,
+            | Error::AlreadyStarted
+            | Error::OnLibraryThread => false,
         }
     }
 }
@@ -68,6 +73,9 @@ impl fmt::Display for Error {
             Error::Timeout => f.write_str("no response within the timeout"),
             Error::NotStarted => f.write_str("channel not started: nothing can be received yet"),
             Error::AlreadyStarted => f.write_str("channel already started"),
+            Error::OnLibraryThread => f.write_str(
+                "blocking call made on the library thread (from a handler): it would never return",
+            ),
             Error::Hosed => f.write_str("channel hosed by an error reported earlier"),
         }
     }

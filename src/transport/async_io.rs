@@ -2,68 +2,75 @@
 //! user's handlers.
 
 use std::fmt;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle, ThreadId};
-use std::time::Instant;
 
 use super::{Channel, Error, Frame, SharedBytes};
+use crate::poll::Pollable;
+use crate::reactor::{self, Registration, Source, Wait};
 use crate::sync::lock;
-use crate::sys::{self, PollFd, Waker};
 
-/// Frames read per hold of the lock before handlers run (and other threads get the lock).
+/// Frames read per turn before handlers run (and other channels get their turn).
 const BATCH: usize = 64;
 
 type EndHandler = Box<dyn FnOnce(Result<(), Error>) + Send>;
 
 struct State {
     chan: Channel,
-    /// The library thread is (or is about to be) polling for writability: senders that queue
-    /// need not wake it.
+    /// The reactor will run this channel's turn (it is due, or polls for writability):
+    /// senders that queue need not notify it.
     polling_out: bool,
     /// `async_end_sending` handlers waiting for the END frame to be written.
     end_waiters: Vec<EndHandler>,
     /// Handlers whose result is known, to run on the library thread.
     ready: Vec<(EndHandler, Result<(), Error>)>,
+    /// After the hosing error: no more socket work, only completions.
+    dead: bool,
     stop: bool,
+}
+
+/// The user's handlers and the turn's scratch: only the reactor thread takes this lock, and
+/// never the state's while holding it across a handler.
+struct Handlers {
+    on_frame: Box<dyn FnMut(Frame) + Send>,
+    on_error: Option<Box<dyn FnOnce(Error) + Send>>,
+    frames: Vec<Frame>,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the library thread.
-    waker: Waker,
+    handlers: Mutex<Handlers>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
-
-    fn wake(&self) {
-        self.waker.wake();
-    }
 }
 
-/// A [`Channel`] whose receiving, flushing and timers run on a library thread.
+/// A [`Channel`] whose receiving, flushing and timers run on the library thread.
 ///
-/// [`start`](AsyncChannel::start) hands the channel to a thread that polls its socket (and a
-/// wake-up socket), runs `on_frame` for each received frame, in order, and `on_error` once
-/// with the hosing error (including [`Error::EndOfStream`], which is how the user learns that
-/// the peer ended its sending), after which it reads no more. Sends are made from any thread:
-/// they take a lock around the core, write directly when the socket takes the bytes, and
-/// otherwise queue them and wake the thread to write them when the socket is writable.
+/// [`start`](AsyncChannel::start) hands the channel to the process's library thread (one
+/// thread serves every async channel and session of the process), which runs `on_frame` for
+/// each received frame, in order, and `on_error` once with the hosing error (including
+/// [`Error::EndOfStream`], which is how the user learns that the peer ended its sending), after
+/// which it reads no more. Sends are made from any thread: they take a lock around the core,
+/// write directly when the socket takes the bytes, and otherwise queue them for the library
+/// thread to write when the socket is writable.
 ///
 /// A hosing error is reported exactly once: to the send (or
 /// [`async_end_sending`](AsyncChannel::async_end_sending)) call that ran into it, or else to
 /// `on_error`. Handlers run on the library thread, never under the lock, so they may call
 /// [`send`](AsyncChannel::send) (give them a `Weak<AsyncChannel>`: a strong `Arc` inside a
 /// handler is a reference cycle through the library thread, and the channel would never be
-/// dropped). Handlers should not block for long (they hold up receiving) and should not panic
-/// (a panicking handler ends the library thread: nothing more is received or flushed).
+/// dropped). Handlers should not block (they hold up every channel of the process) and
+/// should not panic (a panicking handler ends this channel's receiving and flushing; the other
+/// channels go on).
 ///
-/// Dropping the `AsyncChannel` stops and joins the thread (it is only detached when dropped
-/// from one of its own handlers); end-sending handlers still pending get [`Error::Aborted`].
-/// Queued bytes not yet written are discarded.
+/// Dropping the `AsyncChannel` takes it off the library thread, waiting for a handler of its
+/// own that runs at that moment (unless dropped from one of its own handlers); end-sending
+/// handlers still pending get [`Error::Aborted`], on the dropping thread. Queued bytes not yet
+/// written are discarded.
 ///
 /// ```
 /// use std::sync::mpsc;
@@ -81,8 +88,7 @@ impl Shared {
 /// ```
 pub struct AsyncChannel {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
-    thread_id: ThreadId,
+    reg: Option<Registration>,
 }
 
 impl fmt::Debug for AsyncChannel {
@@ -91,52 +97,50 @@ impl fmt::Debug for AsyncChannel {
         f.debug_struct("AsyncChannel")
             .field("channel", &st.chan)
             .field("pending_end_handlers", &st.end_waiters.len())
-            .field("thread", &self.thread_id)
             .finish()
     }
 }
 
 impl AsyncChannel {
-    /// Starts the library thread for `channel` (see the type's docs).
+    /// Hands `channel` to the library thread (see the type's docs).
     pub fn start(
         channel: Channel,
         on_frame: impl FnMut(Frame) + Send + 'static,
         on_error: impl FnOnce(Error) + Send + 'static,
     ) -> Result<AsyncChannel, Error> {
-        let waker = Waker::new().map_err(Error::Io)?;
-        // The thread polls its own descriptor of the socket, so it needs no lock to wait.
-        let sock = channel.as_fd().try_clone_to_owned().map_err(Error::Io)?;
-        // And of the fd side socket, polled for writability while it has no room for an fd.
-        let side = channel
-            .side_fd()
-            .map(|s| s.try_clone_to_owned())
-            .transpose()
-            .map_err(Error::Io)?;
+        let reactor = reactor::get().map_err(Error::Io)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 chan: channel,
-                polling_out: false,
+                polling_out: true,
                 end_waiters: Vec::new(),
                 ready: Vec::new(),
+                dead: false,
                 stop: false,
             }),
-            waker,
+            handlers: Mutex::new(Handlers {
+                on_frame: Box::new(on_frame),
+                on_error: Some(Box::new(on_error)),
+                frames: Vec::with_capacity(BATCH),
+            }),
         });
-        let s = shared.clone();
-        let thread = thread::Builder::new()
-            .name("flowipc-channel".into())
-            .spawn(move || run(s, sock, side, on_frame, on_error))
-            .map_err(Error::Io)?;
-        let thread_id = thread.thread().id();
+        // Its first turn comes at once: the core may hold frames read before it was handed
+        // over, which no readiness of the socket would announce.
+        let reg = reactor.register(shared.clone());
         Ok(AsyncChannel {
             shared,
-            thread: Some(thread),
-            thread_id,
+            reg: Some(reg),
         })
     }
 
-    /// Runs `f` on the core under the lock, then wakes the thread if it has to write (or see a
-    /// hosing error) and does not know yet.
+    fn notify(&self) {
+        if let Some(r) = &self.reg {
+            r.notify();
+        }
+    }
+
+    /// Runs `f` on the core under the lock, then has the library thread run if it has to write
+    /// (or see a hosing error) and does not know yet.
     fn with_core<R>(&self, f: impl FnOnce(&mut Channel) -> Result<R, Error>) -> Result<R, Error> {
         let mut st = self.shared.lock();
         let r = f(&mut st.chan);
@@ -147,7 +151,7 @@ impl AsyncChannel {
         }
         drop(st);
         if wake {
-            self.shared.wake();
+            self.notify();
         }
         r
     }
@@ -187,7 +191,7 @@ impl AsyncChannel {
         }
         st.polling_out = true;
         drop(st);
-        self.shared.wake();
+        self.notify();
     }
 
     /// Whether the channel was hosed.
@@ -204,137 +208,79 @@ impl AsyncChannel {
 impl Drop for AsyncChannel {
     fn drop(&mut self) {
         self.shared.lock().stop = true;
-        self.shared.wake();
-        if let Some(t) = self.thread.take() {
-            if thread::current().id() != self.thread_id {
-                // A panicked handler ended the thread early; nothing more to do about it here.
-                let _ = t.join();
-            }
-            // Dropped from one of its own handlers: the thread sees `stop` when the handler
-            // returns, runs the pending completions and exits.
+        // Off the library thread: no turn of this channel runs after this (unless dropped from
+        // one of its handlers: that turn ends once the handler returns, doing nothing more).
+        drop(self.reg.take());
+        let mut st = self.shared.lock();
+        let ready = std::mem::take(&mut st.ready);
+        let waiters = std::mem::take(&mut st.end_waiters);
+        drop(st);
+        for (h, r) in ready {
+            h(r);
+        }
+        for h in waiters {
+            h(Err(Error::Aborted));
         }
     }
 }
 
-/// The library thread.
-fn run(
-    shared: Arc<Shared>,
-    sock: OwnedFd,
-    side: Option<OwnedFd>,
-    mut on_frame: impl FnMut(Frame),
-    on_error: impl FnOnce(Error),
-) {
-    let mut on_error = Some(on_error);
-    let mut frames: Vec<Frame> = Vec::with_capacity(BATCH);
-    // After the hosing error: no more socket work, only completions until stopped.
-    let mut dead = false;
-    loop {
+impl Source for Shared {
+    /// One turn: timers, flush, up to `BATCH` frames; then, outside the state's lock, the
+    /// frame handlers in order, the end-sending completions and the hosing error.
+    fn on_ready(&self) -> Wait {
+        let mut h = lock(&self.handlers);
+        let h = &mut *h;
         let mut err = None;
-        let mut done: Vec<(EndHandler, Result<(), Error>)>;
-        let (want_out, on_side, deadline, more) = {
-            let mut st = shared.lock();
+        let (done, wait, more) = {
+            let mut st = self.lock();
             if st.stop {
-                let ready = std::mem::take(&mut st.ready);
-                let waiters = std::mem::take(&mut st.end_waiters);
-                drop(st);
-                for (h, r) in ready {
-                    h(r);
-                }
-                for h in waiters {
-                    h(Err(Error::Aborted));
-                }
-                return;
+                return Wait::idle();
             }
-            if !dead {
+            if !st.dead {
                 let chan = &mut st.chan;
-                err = chan.run_due_timers().err();
-                if err.is_none() && chan.wants_write() {
-                    err = chan.flush().err();
-                }
-                while err.is_none() && frames.len() < BATCH {
+                err = chan.on_ready().err();
+                while err.is_none() && h.frames.len() < BATCH {
                     match chan.try_recv() {
-                        Ok(Some(f)) => frames.push(f),
+                        Ok(Some(f)) => h.frames.push(f),
                         Ok(None) => break,
                         Err(e) => err = Some(e),
                     }
                 }
             }
-            done = std::mem::take(&mut st.ready);
+            let mut done = std::mem::take(&mut st.ready);
             if st.chan.is_send_done() {
                 done.extend(st.end_waiters.drain(..).map(|h| (h, Ok(()))));
             } else if st.chan.is_hosed() {
                 done.extend(st.end_waiters.drain(..).map(|h| (h, Err(Error::Hosed))));
             }
-            dead |= err.is_some() || st.chan.is_hosed();
-            let want_out = !dead && st.chan.wants_write();
-            st.polling_out = want_out;
-            (
-                want_out,
-                want_out && st.chan.waits_on_side(),
-                st.chan.next_deadline(),
-                frames.len() == BATCH,
-            )
+            st.dead |= err.is_some() || st.chan.is_hosed();
+            st.polling_out = !st.dead && st.chan.wants_write();
+            let wait = if st.dead {
+                Wait::idle()
+            } else {
+                Wait::from(st.chan.interest())
+            };
+            (done, wait, h.frames.len() == BATCH)
         };
         // Handlers, outside the lock, in order: frames received before the error first.
-        for f in frames.drain(..) {
-            on_frame(f);
+        for f in h.frames.drain(..) {
+            (h.on_frame)(f);
         }
-        for (h, r) in done.drain(..) {
-            h(r);
+        for (cb, r) in done {
+            cb(r);
         }
         if let Some(e) = err {
             // `Hosed`: the error was reported to the send call that ran into it.
             if e.is_hosing() {
-                if let Some(cb) = on_error.take() {
+                if let Some(cb) = h.on_error.take() {
                     cb(e);
                 }
             }
         }
         if more {
-            continue;
-        }
-        let side_fd = side.as_ref().filter(|_| on_side).unwrap_or(&sock);
-        let mut fds = [
-            PollFd::new(shared.waker.as_fd(), true, false),
-            PollFd::new(sock.as_fd(), !dead, want_out && !on_side),
-            PollFd::new(side_fd.as_fd(), false, on_side),
-        ];
-        let n_fds = match (dead, on_side) {
-            (true, _) => 1,
-            (false, false) => 2,
-            (false, true) => 3,
-        };
-        let timeout = if dead {
-            None
+            Wait::again()
         } else {
-            deadline.map(|d| d.saturating_duration_since(Instant::now()))
-        };
-        match sys::poll(&mut fds[..n_fds], timeout) {
-            Ok(_) => {
-                if fds[0].ready.readable {
-                    shared.waker.drain();
-                }
-            }
-            Err(e) => {
-                if dead {
-                    // Only the wake-up socket is polled; should even that fail, check for
-                    // `stop` now and then.
-                    thread::sleep(std::time::Duration::from_millis(10));
-                } else {
-                    // poll itself failed (no memory for its tables): that ends the channel,
-                    // reported once like any hosing error.
-                    dead = true;
-                    let mut st = shared.lock();
-                    let first = !st.chan.is_hosed();
-                    let e = st.chan.hose(Error::Io(e));
-                    drop(st);
-                    if first {
-                        if let Some(cb) = on_error.take() {
-                            cb(e);
-                        }
-                    }
-                }
-            }
+            wait
         }
     }
 }

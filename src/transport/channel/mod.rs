@@ -29,6 +29,7 @@ use self::tx::{FdArg, Kind, Payload, SendQueue};
 pub use self::wire::{FLAG_END, FLAG_HAS_FD, FLAG_HELLO, FLAG_PING, HEADER_LEN, MAGIC};
 use super::buf::SharedBytes;
 use super::Error;
+use crate::poll::{Interest, Pollable};
 use crate::sys::{self, PollFd};
 
 /// A framed, non-blocking channel over a connected Unix stream socket: the sync_io core.
@@ -328,17 +329,6 @@ impl Channel {
         }
     }
 
-    /// The sending end of the fd side socket, if the channel has one (for a poller that keeps
-    /// its own duplicate of the fds, with [`waits_on_side`](Channel::waits_on_side)).
-    pub(crate) fn side_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.side.as_ref().map(|s| s.as_fd())
-    }
-
-    /// Whether [`write_fd`](Channel::write_fd) is the side socket now.
-    pub(crate) fn waits_on_side(&self) -> bool {
-        self.side.is_some() && self.side_full
-    }
-
     /// Ends the sending side gracefully: queues an END frame after everything sent so far (and
     /// writes it if it can). Later sends fail with [`Error::SendingEnded`]; once the END frame
     /// is written the socket is shut down for writing ([`is_send_done`](Channel::is_send_done)).
@@ -564,20 +554,37 @@ impl Channel {
         if deadline.is_some_and(|d| d <= now) {
             return Ok(false);
         }
-        let until = match (deadline, self.next_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let out = self.wants_write();
-        let side = self.side.as_ref().filter(|_| out && self.side_full);
-        let mut p = [
-            PollFd::new(self.sock.as_fd(), read, out && side.is_none()),
-            PollFd::new(self.write_fd(), false, side.is_some()),
-        ];
-        let n = if side.is_some() { 2 } else { 1 };
-        if let Err(e) = sys::poll(&mut p[..n], until.map(|u| u.saturating_duration_since(now))) {
+        if let Err(e) = crate::poll::wait(self.interest(), read, deadline) {
             return Err(self.hose(Error::Io(e)));
         }
         Ok(true)
+    }
+}
+
+impl Pollable for Channel {
+    type Error = Error;
+
+    /// The socket for reading (until hosed), the [`write_fd`](Channel::write_fd) for writing
+    /// while [`wants_write`](Channel::wants_write), the [`next_deadline`](Channel::next_deadline).
+    fn interest(&self) -> Interest<'_> {
+        if self.hosed {
+            return Interest::none();
+        }
+        Interest::new(
+            Some(self.sock.as_fd()),
+            self.wants_write().then(|| self.write_fd()),
+            self.next_deadline(),
+        )
+    }
+
+    /// Runs the due timers and writes what the socket takes; receiving is
+    /// [`try_recv`](Channel::try_recv)'s. Errors as [`flush`](Channel::flush) and
+    /// [`on_timer`](Channel::on_timer).
+    fn on_ready(&mut self) -> Result<(), Error> {
+        self.run_due_timers()?;
+        if self.wants_write() {
+            self.flush()?;
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,425 @@
+//! The one library thread of a process: it drives every async face's core (transport and
+//! structured `AsyncChannel`s, sessions, the session server) through one contract, [`Source`].
+//!
+//! A registered source is only ever called through [`Source::on_ready`], on the reactor thread,
+//! one source at a time. `on_ready` does whatever work is ready without blocking, runs the
+//! user's handlers outside the source's own locks, and says what to wait for next ([`Wait`]:
+//! its core's [`Interest`], by fd number, so the reactor polls without the source's lock; the
+//! reactor holds the source, and so its fds, open while it polls them). Anything else wanting the source to run (a send that
+//! queued bytes, a drop) calls [`Registration::notify`].
+//!
+//! Dropping the [`Registration`] takes the source out: from another thread it waits until the
+//! source's `on_ready` is not running, so nothing of the source runs after the drop returns;
+//! from the reactor thread (a handler dropping its own channel) it returns at once, and the
+//! running `on_ready` finishes.
+//!
+//! A panicking `on_ready` (a user's handler panicked) takes out only its own source.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, ThreadId};
+use std::time::{Duration, Instant};
+
+use crate::poll::Interest;
+use crate::sync::lock;
+use crate::sys::{self, RawPollFd, Waker};
+
+/// What a source waits for until its next `on_ready`: up to two fds (by number), each with
+/// whether to watch it for reading and for writing; and a deadline.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Wait {
+    pub(crate) fds: [Option<(RawFd, bool, bool)>; 2],
+    /// Run `on_ready` at this time even if no fd is ready; at once if it is past.
+    pub(crate) deadline: Option<Instant>,
+}
+
+impl From<Interest<'_>> for Wait {
+    fn from(i: Interest<'_>) -> Wait {
+        let mut w = Wait {
+            deadline: i.deadline(),
+            ..Wait::default()
+        };
+        for (slot, (fd, r, x)) in w.fds.iter_mut().zip(i.fds()) {
+            *slot = Some((fd.as_raw_fd(), r, x));
+        }
+        w
+    }
+}
+
+impl Wait {
+    /// Nothing: the source runs again only when notified.
+    pub(crate) fn idle() -> Wait {
+        Wait::default()
+    }
+
+    /// Run again at once (after the other sources had their turn).
+    pub(crate) fn again() -> Wait {
+        Wait {
+            deadline: Some(Instant::now()),
+            ..Wait::default()
+        }
+    }
+}
+
+/// Something the reactor drives (see the module docs).
+pub(crate) trait Source: Send + Sync {
+    /// Does what is ready without blocking; says what to wait for next.
+    fn on_ready(&self) -> Wait;
+}
+
+struct Entry {
+    source: Arc<dyn Source>,
+    wait: Wait,
+    /// Run at the next turn (notified, or one of its fds was ready).
+    due: bool,
+}
+
+#[derive(Default)]
+struct Table {
+    entries: HashMap<u64, Entry>,
+    next_token: u64,
+    /// The source whose `on_ready` runs now.
+    running: Option<u64>,
+}
+
+/// The process's reactor (see the module docs).
+pub(crate) struct Reactor {
+    table: Mutex<Table>,
+    /// Signalled each time an `on_ready` returns (for drops waiting on it).
+    turn_done: Condvar,
+    waker: Waker,
+    thread: ThreadId,
+}
+
+/// The reactor of this process, started at the first call (a forked child starts its own: the
+/// parent's thread does not exist in it).
+pub(crate) fn get() -> std::io::Result<&'static Reactor> {
+    static REACTOR: Mutex<Option<(u32, &'static Reactor)>> = Mutex::new(None);
+    let mut r = lock(&REACTOR);
+    match *r {
+        Some((pid, reactor)) if pid == std::process::id() => Ok(reactor),
+        _ => {
+            let reactor = start()?;
+            *r = Some((std::process::id(), reactor));
+            Ok(reactor)
+        }
+    }
+}
+
+fn start() -> std::io::Result<&'static Reactor> {
+    let waker = Waker::new()?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<&'static Reactor>(1);
+    let thread = thread::Builder::new()
+        .name("flowipc-reactor".into())
+        .spawn(move || {
+            if let Ok(r) = rx.recv() {
+                ON_REACTOR.with(|c| c.set(true));
+                r.run()
+            }
+        })?;
+    // Lives as long as the process: its thread runs for good.
+    let reactor: &'static Reactor = Box::leak(Box::new(Reactor {
+        table: Mutex::new(Table::default()),
+        turn_done: Condvar::new(),
+        waker,
+        thread: thread.thread().id(),
+    }));
+    let _ = tx.send(reactor);
+    Ok(reactor)
+}
+
+/// Whether the caller runs on a reactor thread (inside some source's `on_ready`, so inside a
+/// user's handler): waiting there for something the reactor must do would wait forever.
+pub(crate) fn on_reactor_thread() -> bool {
+    ON_REACTOR.with(|c| c.get())
+}
+
+thread_local! {
+    static ON_REACTOR: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A source's place in the reactor; dropping it takes the source out (see the module docs).
+pub(crate) struct Registration {
+    reactor: &'static Reactor,
+    token: u64,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl Reactor {
+    fn table(&self) -> MutexGuard<'_, Table> {
+        lock(&self.table)
+    }
+
+    /// Adds `source`; its `on_ready` runs at once.
+    pub(crate) fn register(&'static self, source: Arc<dyn Source>) -> Registration {
+        let mut t = self.table();
+        let token = t.next_token;
+        t.next_token += 1;
+        t.entries.insert(
+            token,
+            Entry {
+                source,
+                wait: Wait::idle(),
+                due: true,
+            },
+        );
+        drop(t);
+        self.waker.wake();
+        Registration {
+            reactor: self,
+            token,
+        }
+    }
+
+    /// The reactor thread: runs the sources that are due, one at a time, then polls.
+    fn run(&'static self) {
+        let mut due: Vec<(u64, Arc<dyn Source>)> = Vec::new();
+        // The sources polled, held across the poll so their fds stay open; and the poll set:
+        // the waker, then each source's fds as it wants them, with whose they are.
+        let mut held: Vec<Arc<dyn Source>> = Vec::new();
+        let mut fds: Vec<RawPollFd> = Vec::new();
+        let mut owner: Vec<u64> = Vec::new();
+        loop {
+            let now = Instant::now();
+            {
+                let mut t = self.table();
+                for (&token, e) in t.entries.iter_mut() {
+                    if e.due || e.wait.deadline.is_some_and(|d| d <= now) {
+                        e.due = false;
+                        e.wait.deadline = None;
+                        due.push((token, e.source.clone()));
+                    }
+                }
+            }
+            for (token, source) in due.drain(..) {
+                self.turn(token, &*source);
+            }
+            fds.push(RawPollFd::new(self.waker.as_fd().as_raw_fd(), true, false));
+            owner.push(u64::MAX);
+            let timeout = {
+                let t = self.table();
+                let mut deadline: Option<Instant> = None;
+                let mut pending = false;
+                for (&token, e) in t.entries.iter() {
+                    pending |= e.due;
+                    if let Some(d) = e.wait.deadline {
+                        deadline = Some(deadline.map_or(d, |m| m.min(d)));
+                    }
+                    let mut any = false;
+                    for &(fd, r, w) in e.wait.fds.iter().flatten() {
+                        fds.push(RawPollFd::new(fd, r, w));
+                        owner.push(token);
+                        any = true;
+                    }
+                    if any {
+                        held.push(e.source.clone());
+                    }
+                }
+                if pending {
+                    Some(Duration::ZERO)
+                } else {
+                    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+                }
+            };
+            match sys::poll_raw(&mut fds, timeout) {
+                Ok(_) => {
+                    if fds[0].ready().any() {
+                        self.waker.drain();
+                    }
+                    let mut t = self.table();
+                    for (p, token) in fds.iter().zip(&owner).skip(1) {
+                        if p.ready().any() {
+                            if let Some(e) = t.entries.get_mut(token) {
+                                e.due = true;
+                            }
+                        }
+                    }
+                }
+                // poll itself failed (no memory for its tables): try again shortly; the
+                // sources' own state is untouched.
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+            fds.clear();
+            owner.clear();
+            // Dropped outside the table's lock (a source taken out meanwhile ends here).
+            held.clear();
+        }
+    }
+
+    /// Runs one source's `on_ready` (if it is still registered) and files its next `Wait`.
+    fn turn(&self, token: u64, source: &dyn Source) {
+        {
+            let mut t = self.table();
+            if !t.entries.contains_key(&token) {
+                return;
+            }
+            t.running = Some(token);
+        }
+        let wait = catch_unwind(AssertUnwindSafe(|| source.on_ready()));
+        let mut t = self.table();
+        t.running = None;
+        match wait {
+            Ok(wait) => {
+                if let Some(e) = t.entries.get_mut(&token) {
+                    e.wait = wait;
+                }
+            }
+            // A user's handler panicked: only its own source stops.
+            Err(_) => {
+                let gone = t.entries.remove(&token);
+                drop(t);
+                drop(gone);
+                self.turn_done.notify_all();
+                return;
+            }
+        }
+        drop(t);
+        self.turn_done.notify_all();
+    }
+}
+
+impl Registration {
+    /// Has the source's `on_ready` run soon (something changed that it must act on).
+    pub(crate) fn notify(&self) {
+        let mut t = self.reactor.table();
+        if let Some(e) = t.entries.get_mut(&self.token) {
+            e.due = true;
+        }
+        drop(t);
+        self.reactor.waker.wake();
+    }
+
+    /// Whether the caller is the reactor thread this source runs on.
+    pub(crate) fn on_its_thread(&self) -> bool {
+        thread::current().id() == self.reactor.thread
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let on_reactor = self.on_its_thread();
+        let mut t = self.reactor.table();
+        let gone = t.entries.remove(&self.token);
+        if !on_reactor {
+            while t.running == Some(self.token) {
+                t = self
+                    .reactor
+                    .turn_done
+                    .wait(t)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        drop(t);
+        // The source (and its fd duplicates) may be dropped here: outside the table's lock.
+        drop(gone);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counter {
+        runs: AtomicUsize,
+        until: usize,
+    }
+
+    impl Source for Counter {
+        fn on_ready(&self) -> Wait {
+            let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+            if n < self.until {
+                Wait::again()
+            } else {
+                Wait::idle()
+            }
+        }
+    }
+
+    fn wait_for(what: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(20);
+        while !what() {
+            assert!(Instant::now() < end, "timed out");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_source_runs_at_registration_again_when_asked_and_when_notified() {
+        let r = get().unwrap();
+        let c = Arc::new(Counter {
+            runs: AtomicUsize::new(0),
+            until: 3,
+        });
+        let reg = r.register(c.clone());
+        wait_for(|| c.runs.load(Ordering::SeqCst) == 3);
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(c.runs.load(Ordering::SeqCst), 3, "idle sources do not run");
+        reg.notify();
+        wait_for(|| c.runs.load(Ordering::SeqCst) == 4);
+        drop(reg);
+        assert_eq!(Arc::strong_count(&c), 1, "taken out, the source is dropped");
+    }
+
+    struct Panics;
+    impl Source for Panics {
+        fn on_ready(&self) -> Wait {
+            panic!("a handler panicked");
+        }
+    }
+
+    #[test]
+    fn a_panicking_source_takes_out_only_itself() {
+        let r = get().unwrap();
+        let p = Arc::new(Panics);
+        let _reg = r.register(p.clone());
+        wait_for(|| Arc::strong_count(&p) == 1);
+        let c = Arc::new(Counter {
+            runs: AtomicUsize::new(0),
+            until: 1,
+        });
+        let _r2 = r.register(c.clone());
+        wait_for(|| c.runs.load(Ordering::SeqCst) == 1);
+    }
+
+    struct Readable {
+        fd: OwnedFd,
+        runs: AtomicUsize,
+    }
+    impl Source for Readable {
+        fn on_ready(&self) -> Wait {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            let mut b = [0u8; 16];
+            let _ = sys::recv_plain(self.fd.as_fd(), &mut b, false);
+            Wait {
+                fds: [Some((self.fd.as_raw_fd(), true, false)), None],
+                deadline: None,
+            }
+        }
+    }
+
+    #[test]
+    fn a_readable_fd_runs_its_source() {
+        use std::io::Write;
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let src = Arc::new(Readable {
+            fd: b.into(),
+            runs: AtomicUsize::new(0),
+        });
+        let _reg = get().unwrap().register(src.clone());
+        wait_for(|| src.runs.load(Ordering::SeqCst) == 1);
+        a.write_all(b"x").unwrap();
+        wait_for(|| src.runs.load(Ordering::SeqCst) == 2);
+    }
+}
