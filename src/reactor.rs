@@ -4,8 +4,10 @@
 //! A registered source is only ever called through [`Source::on_ready`], on the reactor thread,
 //! one source at a time. `on_ready` does whatever work is ready without blocking, runs the
 //! user's handlers outside the source's own locks, and says what to wait for next ([`Wait`]:
-//! its core's [`Interest`], by fd number, so the reactor polls without the source's lock; the
-//! reactor holds the source, and so its fds, open while it polls them). Anything else wanting the source to run (a send that
+//! its core's [`Interest`], by fd number, so the reactor polls without the source's lock).
+//! The reactor does not hold sources across its poll: a source taken out meanwhile closes its
+//! fds at once, and the poll at worst reports one of those numbers wrongly (`POLLNVAL`, or the
+//! readiness of a file that reused the number), which makes some turn run for nothing. Anything else wanting the source to run (a send that
 //! queued bytes, a drop) calls [`Registration::notify`].
 //!
 //! Dropping the [`Registration`] takes the source out: from another thread it waits until the
@@ -76,12 +78,19 @@ struct Entry {
     due: bool,
 }
 
+impl Entry {
+    fn is_due(&self, now: Instant) -> bool {
+        self.due || self.wait.deadline.is_some_and(|d| d <= now)
+    }
+}
+
 #[derive(Default)]
 struct Table {
     entries: HashMap<u64, Entry>,
     next_token: u64,
-    /// The source whose `on_ready` runs now.
-    running: Option<u64>,
+    /// The sources whose `on_ready` runs now: more than one in nested rounds (a handler of
+    /// the last one waits, see [`wait_until`]).
+    running: Vec<u64>,
 }
 
 /// The process's reactor (see the module docs).
@@ -180,115 +189,207 @@ impl Reactor {
         }
     }
 
-    /// The reactor thread: runs the sources that are due, one at a time, then polls.
+    /// The reactor thread: runs the sources that are due, one at a time, then polls; for good.
     fn run(&'static self) {
-        let mut due: Vec<(u64, Arc<dyn Source>)> = Vec::new();
-        // The sources polled, held across the poll so their fds stay open; and the poll set:
-        // the waker, then each source's fds as it wants them, with whose they are.
-        let mut held: Vec<Arc<dyn Source>> = Vec::new();
-        let mut fds: Vec<RawPollFd> = Vec::new();
-        let mut owner: Vec<u64> = Vec::new();
+        let mut scratch = Scratch::default();
         loop {
-            let now = Instant::now();
-            {
-                let mut t = self.table();
-                for (&token, e) in t.entries.iter_mut() {
-                    if e.due || e.wait.deadline.is_some_and(|d| d <= now) {
-                        e.due = false;
-                        e.wait.deadline = None;
-                        due.push((token, e.source.clone()));
-                    }
-                }
-            }
-            for (token, source) in due.drain(..) {
-                self.turn(token, &*source);
-            }
-            fds.push(RawPollFd::new(self.waker.as_fd().as_raw_fd(), true, false));
-            owner.push(u64::MAX);
-            let timeout = {
-                let t = self.table();
-                let mut deadline: Option<Instant> = None;
-                let mut pending = false;
-                for (&token, e) in t.entries.iter() {
-                    pending |= e.due;
-                    if let Some(d) = e.wait.deadline {
-                        deadline = Some(deadline.map_or(d, |m| m.min(d)));
-                    }
-                    let mut any = false;
-                    for &(fd, r, w) in e.wait.fds.iter().flatten() {
-                        fds.push(RawPollFd::new(fd, r, w));
-                        owner.push(token);
-                        any = true;
-                    }
-                    if any {
-                        held.push(e.source.clone());
-                    }
-                }
-                if pending {
-                    Some(Duration::ZERO)
-                } else {
-                    deadline.map(|d| d.saturating_duration_since(Instant::now()))
-                }
-            };
-            match sys::poll_raw(&mut fds, timeout) {
-                Ok(_) => {
-                    if fds[0].ready().any() {
-                        self.waker.drain();
-                    }
-                    let mut t = self.table();
-                    for (p, token) in fds.iter().zip(&owner).skip(1) {
-                        if p.ready().any() {
-                            if let Some(e) = t.entries.get_mut(token) {
-                                e.due = true;
-                            }
-                        }
-                    }
-                }
-                // poll itself failed (no memory for its tables): try again shortly; the
-                // sources' own state is untouched.
-                Err(_) => thread::sleep(Duration::from_millis(10)),
-            }
-            fds.clear();
-            owner.clear();
-            // Dropped outside the table's lock (a source taken out meanwhile ends here).
-            held.clear();
+            self.run_due(&mut scratch);
+            self.poll(&mut scratch, None);
         }
     }
 
-    /// Runs one source's `on_ready` (if it is still registered) and files its next `Wait`.
-    fn turn(&self, token: u64, source: &dyn Source) {
+    /// Runs the sources that are due, one at a time. Sources whose turn is running (further
+    /// up this thread's stack, in a nested round) are left out.
+    fn run_due(&self, s: &mut Scratch) {
+        let now = Instant::now();
         {
-            let mut t = self.table();
-            if !t.entries.contains_key(&token) {
-                return;
+            let t = self.table();
+            let Table {
+                entries, running, ..
+            } = &*t;
+            for (&token, e) in entries.iter() {
+                if running.contains(&token) {
+                    continue;
+                }
+                if e.is_due(now) {
+                    s.due.push(token);
+                }
             }
-            t.running = Some(token);
         }
+        for token in std::mem::take(&mut s.due) {
+            self.turn(token);
+        }
+    }
+
+    /// Polls until one of the fds the sources want is ready, the earliest deadline, or `until`
+    /// (at once if a source is due), and marks the sources whose fds are ready due. Sources
+    /// whose turn is running are left out.
+    fn poll(&self, s: &mut Scratch, until: Option<Instant>) {
+        s.fds
+            .push(RawPollFd::new(self.waker.as_fd().as_raw_fd(), true, false));
+        s.owner.push(u64::MAX);
+        let timeout = {
+            let t = self.table();
+            let mut deadline = until;
+            let mut pending = false;
+            for (&token, e) in t.entries.iter() {
+                if t.running.contains(&token) {
+                    continue;
+                }
+                pending |= e.due;
+                if let Some(d) = e.wait.deadline {
+                    deadline = Some(deadline.map_or(d, |m| m.min(d)));
+                }
+                for &(fd, r, w) in e.wait.fds.iter().flatten() {
+                    s.fds.push(RawPollFd::new(fd, r, w));
+                    s.owner.push(token);
+                }
+            }
+            if pending {
+                Some(Duration::ZERO)
+            } else {
+                deadline.map(|d| d.saturating_duration_since(Instant::now()))
+            }
+        };
+        match sys::poll_raw(&mut s.fds, timeout) {
+            Ok(_) => {
+                if s.fds[0].ready().any() {
+                    self.waker.drain();
+                }
+                let mut t = self.table();
+                for (p, token) in s.fds.iter().zip(&s.owner).skip(1) {
+                    if p.ready().any() {
+                        if let Some(e) = t.entries.get_mut(token) {
+                            e.due = true;
+                        }
+                    }
+                }
+            }
+            // poll itself failed (no memory for its tables): try again shortly; the
+            // sources' own state is untouched.
+            Err(_) => thread::sleep(Duration::from_millis(10)),
+        }
+        s.fds.clear();
+        s.owner.clear();
+    }
+
+    /// Runs one source's `on_ready` (if it is still registered, and still due: a nested round
+    /// may have run it since it was found due) and files its next `Wait`.
+    ///
+    /// The source is held (shared) only for the turn, and that hold ends before the turn is
+    /// marked over: a `Registration` dropped meanwhile waits for the mark, so once its drop
+    /// returns the source is gone (its fds closed), not kept alive by this thread.
+    fn turn(&self, token: u64) {
+        let source = {
+            let mut t = self.table();
+            let source = match t.entries.get_mut(&token) {
+                Some(e) if e.is_due(Instant::now()) => {
+                    e.due = false;
+                    e.wait.deadline = None;
+                    e.source.clone()
+                }
+                _ => return,
+            };
+            t.running.push(token);
+            source
+        };
         let wait = catch_unwind(AssertUnwindSafe(|| source.on_ready()));
+        drop(source);
         let mut t = self.table();
-        t.running = None;
-        match wait {
+        let gone = match wait {
             Ok(wait) => {
                 if let Some(e) = t.entries.get_mut(&token) {
                     e.wait = wait;
                 }
+                None
             }
             // A user's handler panicked: only its own source stops.
-            Err(_) => {
-                let gone = t.entries.remove(&token);
-                drop(t);
-                drop(gone);
-                self.turn_done.notify_all();
-                return;
-            }
-        }
+            Err(_) => t.entries.remove(&token),
+        };
         drop(t);
+        // Outside the table's lock (the source's drop may take locks of its own), and before
+        // the turn is marked over.
+        drop(gone);
+        self.table().running.retain(|&r| r != token);
         self.turn_done.notify_all();
+    }
+}
+
+/// A round's working lists, kept between rounds (no allocation per round once warm).
+#[derive(Default)]
+struct Scratch {
+    due: Vec<u64>,
+    /// The poll set: the waker, then each source's fds as it wants them; and whose they are.
+    fds: Vec<RawPollFd>,
+    owner: Vec<u64>,
+}
+
+/// For a blocking call made on the reactor thread (from a handler): runs the reactor's other
+/// sources until `done()` or `deadline`, whichever is first, so that what the call waits for
+/// (a response, from a peer served by this very thread perhaps) can arrive; returns the last
+/// `done()`. The sources whose turns are running further up the stack are left out (their
+/// state is locked by those turns), so a call waiting on its own channel from that channel's
+/// handler waits out its deadline.
+pub(crate) fn nested_until(mut done: impl FnMut() -> bool, deadline: Option<Instant>) -> bool {
+    debug_assert!(on_reactor_thread());
+    let Ok(reactor) = get() else {
+        return done();
+    };
+    let mut scratch = Scratch::default();
+    loop {
+        if done() {
+            return true;
+        }
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return false;
+        }
+        reactor.run_due(&mut scratch);
+        // A turn just run may be what it waits for: check before waiting for more.
+        if done() {
+            return true;
+        }
+        reactor.poll(&mut scratch, deadline);
     }
 }
 
 impl Registration {
     /// Has the source's `on_ready` run soon (something changed that it must act on).
+    pub(crate) fn notify(&self) {
+        self.notifier().notify();
+    }
+
+    /// A handle that only notifies: for what the source itself holds (holding the
+    /// registration there would keep the source registered for good).
+    pub(crate) fn notifier(&self) -> Notifier {
+        Notifier {
+            reactor: self.reactor,
+            token: self.token,
+        }
+    }
+
+    /// Whether the caller is the reactor thread this source runs on.
+    pub(crate) fn on_its_thread(&self) -> bool {
+        thread::current().id() == self.reactor.thread
+    }
+}
+
+/// Notifies a source (see [`Registration::notifier`]); does nothing once it is taken out.
+#[derive(Clone, Copy)]
+pub(crate) struct Notifier {
+    reactor: &'static Reactor,
+    token: u64,
+}
+
+impl std::fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Notifier")
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl Notifier {
+    /// See [`Registration::notify`].
     pub(crate) fn notify(&self) {
         let mut t = self.reactor.table();
         if let Some(e) = t.entries.get_mut(&self.token) {
@@ -296,11 +397,6 @@ impl Registration {
         }
         drop(t);
         self.reactor.waker.wake();
-    }
-
-    /// Whether the caller is the reactor thread this source runs on.
-    pub(crate) fn on_its_thread(&self) -> bool {
-        thread::current().id() == self.reactor.thread
     }
 }
 
@@ -310,7 +406,7 @@ impl Drop for Registration {
         let mut t = self.reactor.table();
         let gone = t.entries.remove(&self.token);
         if !on_reactor {
-            while t.running == Some(self.token) {
+            while t.running.contains(&self.token) {
                 t = self
                     .reactor
                     .turn_done

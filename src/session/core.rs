@@ -1,11 +1,11 @@
 //! What both sides of an open session can do: open channels, make structured channels, reach the
 //! arenas, lend and borrow objects.
 
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{mpsc, Arc, Mutex, Weak};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use capnp::dynamic_value;
 use capnp::introspect::Introspect;
@@ -13,6 +13,7 @@ use capnp::traits::Owned;
 
 use super::{Error, Metadata, SessionConfig};
 use crate::msg::{Backing, MsgChannel, MsgIn};
+use crate::reactor::{self, Notifier, Registration, Source, Wait};
 use crate::schemas::session_capnp::master;
 use crate::shm::{Arena, LendBlob, ShmHandle, ShmSafe};
 use crate::struc::{self, MsgType};
@@ -58,10 +59,11 @@ pub enum Scope {
     App,
 }
 
-/// What the master channel's library thread hands the session's handler thread.
+/// What the master channel hands the session's dispatcher (both run on the library thread, in
+/// separate turns: the dispatcher runs the user's handlers outside the master's lock).
 enum Event {
     /// The peer opens a channel, before our handlers were installed (the request carries the
-    /// channel's fd; the handler thread answers it).
+    /// channel's fd; the dispatcher answers it).
     Open(MsgIn<Master>),
     /// The peer opened a channel, already accepted (the library thread answered).
     Opened(Box<(transport::Channel, Option<Metadata>)>),
@@ -75,14 +77,31 @@ const PASSIVE_UNKNOWN: u8 = 0;
 const PASSIVE_YES: u8 = 1;
 const PASSIVE_NO: u8 = 2;
 
+/// The session's events, waiting for its dispatcher.
+#[derive(Default)]
+struct Events {
+    queue: Mutex<VecDeque<Event>>,
+    /// Set once the user's handlers are installed (events wait until then).
+    dispatcher: OnceLock<Notifier>,
+}
+
+impl Events {
+    fn push(&self, ev: Event) {
+        lock(&self.queue).push_back(ev);
+        if let Some(n) = self.dispatcher.get() {
+            n.notify();
+        }
+    }
+}
+
 /// The live parts of an open session.
 struct Link {
     master: Arc<struc::AsyncChannel<Master>>,
-    /// Events wait here until the user's handlers are installed.
-    events: Mutex<Option<mpsc::Receiver<Event>>>,
-    /// For errors a call meets (the call returns it; the error handler must hear of it too).
-    events_tx: mpsc::Sender<Event>,
-    handler_thread: Mutex<Option<JoinHandle<()>>>,
+    /// From the master's handlers, and errors a call meets (the call returns it; the error
+    /// handler must hear of it too).
+    events: Arc<Events>,
+    /// The dispatcher's place on the library thread, once the handlers are installed.
+    dispatcher: Mutex<Option<Registration>>,
     started: AtomicBool,
     passive: Arc<AtomicU8>,
     /// Set when the session is being dropped: no handler runs any more.
@@ -107,9 +126,12 @@ fn ending(e: &Error) -> Option<Error> {
 /// [`ServerSession`](super::ServerSession) dereference to it): once open, both sides can do the
 /// same things.
 ///
-/// Methods take `&self` and may be called from any thread. Dropping the session is synchronous:
-/// its threads are joined, its arenas unmapped, its socket closed (the peer's error handler then
-/// fires with [`Error::PeerGone`]).
+/// Methods take `&self` and may be called from any thread. The session's handlers run on the
+/// process's library thread (shared by every session and async channel): they should not
+/// block for long (a blocking [`open_channel`](Session::open_channel) from a handler is fine:
+/// the library thread serves the rest while it waits). Dropping the session is synchronous: once it returns no handler
+/// of it runs (unless dropped from one of them), its arenas are unmapped, its socket closed
+/// (the peer's error handler then fires with [`Error::PeerGone`]).
 pub struct Session {
     link: Option<Link>,
     token: u128,
@@ -146,8 +168,8 @@ impl Session {
         }
     }
 
-    /// Opens the session over the logged-in master channel (paused): its library thread starts
-    /// at once (keep-alive, channel-open requests), the user's handlers come with
+    /// Opens the session over the logged-in master channel (paused): it runs on the library
+    /// thread at once (keep-alive, channel-open requests), the user's handlers come with
     /// [`install_handlers`](Session::install_handlers).
     pub(crate) fn open(
         core: struc::Channel<Master>,
@@ -156,17 +178,17 @@ impl Session {
         peer_app: String,
         arenas: (Option<Arena>, Option<Arena>),
     ) -> Result<Session, Error> {
-        let (tx, rx) = mpsc::channel();
+        let events = Arc::new(Events::default());
         let master = Arc::new(struc::AsyncChannel::new(core)?);
         let passive = Arc::new(AtomicU8::new(PASSIVE_UNKNOWN));
         let cfg = config.channel_config();
-        let (tx_open, state) = (tx.clone(), passive.clone());
+        let (tx_open, state) = (events.clone(), passive.clone());
         master.expect_msgs(
             MsgType::of::<Master>("openChannel")?,
             move |chan, mut req| {
                 let answer = match state.load(Ordering::Acquire) {
                     PASSIVE_UNKNOWN => {
-                        let _ = tx_open.send(Event::Open(req));
+                        tx_open.push(Event::Open(req));
                         return;
                     }
                     PASSIVE_YES => open_request(&mut req, &cfg),
@@ -180,12 +202,12 @@ impl Session {
                     .set_accepted(answer.is_some());
                 if let Err(e) = chan.send(&mut rsp, Some(&req)) {
                     if e.is_hosing() {
-                        let _ = tx_open.send(Event::Error(e.into()));
+                        tx_open.push(Event::Error(e.into()));
                         return;
                     }
                 }
                 if let Some(opened) = answer {
-                    let _ = tx_open.send(Event::Opened(Box::new(opened)));
+                    tx_open.push(Event::Opened(Box::new(opened)));
                 }
             },
         )?;
@@ -193,16 +215,13 @@ impl Session {
         for other in ["logIn", "logInRsp", "resource"] {
             master.expect_msgs(MsgType::of::<Master>(other)?, |_, _| {})?;
         }
-        let tx_err = tx.clone();
-        master.start(move |e| {
-            let _ = tx_err.send(Event::Error(e.into()));
-        })?;
+        let tx_err = events.clone();
+        master.start(move |e| tx_err.push(Event::Error(e.into())))?;
         Ok(Session {
             link: Some(Link {
                 master,
-                events: Mutex::new(Some(rx)),
-                events_tx: tx,
-                handler_thread: Mutex::new(None),
+                events,
+                dispatcher: Mutex::new(None),
                 started: AtomicBool::new(false),
                 passive,
                 closing: Arc::new(AtomicBool::new(false)),
@@ -217,34 +236,34 @@ impl Session {
     }
 
     /// Installs the user's handlers (once): from now on the session is usable, and its events
-    /// (including those that came before) reach them, on a thread of the session's.
+    /// (including those that came before) reach them, on the library thread.
     pub(crate) fn install_handlers(
         &self,
         on_error: OnError,
         on_passive_open: Option<PassiveOpen>,
     ) -> Result<(), Error> {
         let link = self.link.as_ref().ok_or(Error::NotStarted)?;
-        let Some(events) = lock(&link.events).take() else {
+        let mut slot = lock(&link.dispatcher);
+        if slot.is_some() {
             return Err(Error::AlreadyStarted);
-        };
-        let master = Arc::downgrade(&link.master);
-        let hosed = self.hosed.clone();
-        let cfg = self.config.channel_config();
-        let closing = link.closing.clone();
+        }
         let takes = on_passive_open.is_some();
-        let thread = std::thread::Builder::new()
-            .name("flowipc-session".into())
-            .spawn(move || {
-                let handlers = Handlers {
-                    on_error: Some(on_error),
-                    on_passive_open,
-                    hosed,
-                    closing,
-                };
-                handle_events(events, master, cfg, handlers)
-            })
-            .map_err(Error::Io)?;
-        *lock(&link.handler_thread) = Some(thread);
+        let dispatcher = Arc::new(Dispatcher {
+            events: link.events.clone(),
+            master: Arc::downgrade(&link.master),
+            cfg: self.config.channel_config(),
+            handlers: Mutex::new(Handlers {
+                on_error: Some(on_error),
+                on_passive_open,
+                hosed: self.hosed.clone(),
+                closing: link.closing.clone(),
+            }),
+        });
+        let reg = reactor::get().map_err(Error::Io)?.register(dispatcher);
+        let _ = link.events.dispatcher.set(reg.notifier());
+        // Events pushed before the notifier was set may have missed the first turn.
+        reg.notify();
+        *slot = Some(reg);
         link.passive.store(
             if takes { PASSIVE_YES } else { PASSIVE_NO },
             Ordering::Release,
@@ -256,7 +275,7 @@ impl Session {
     /// Returns `e` from a call, and tells the error handler if it ended the session.
     fn report(&self, e: Error) -> Error {
         if let (Some(link), Some(copy)) = (&self.link, ending(&e)) {
-            let _ = link.events_tx.send(Event::Error(copy));
+            link.events.push(Event::Error(copy));
         }
         e
     }
@@ -298,7 +317,8 @@ impl Session {
     /// Opens a channel: the peer's passive-open handler gets the other end (and `metadata`).
     /// Waits for the peer's answer (up to the configured open timeout). Not fatal when it fails:
     /// [`Error::PassiveOpenRejected`] if the peer has no passive-open handler,
-    /// [`Error::OpenTimeout`] without an answer.
+    /// [`Error::OpenTimeout`] without an answer. From a handler (on the library thread) the
+    /// library thread serves the other channels and sessions while this waits.
     pub fn open_channel(&self, metadata: Option<&Metadata>) -> Result<transport::Channel, Error> {
         let link = self.link()?;
         if self.is_hosed() {
@@ -415,27 +435,15 @@ impl Drop for Session {
         let Some(link) = self.link.take() else {
             return;
         };
-        // The master's thread first (joined by the channel's drop); that drops its handlers and
-        // with them the event senders, which ends the handler thread.
+        // Off the library thread, the master first, then the dispatcher: once each drop
+        // returns, no turn of theirs runs (unless dropped from a handler, on that thread: the
+        // running turn then ends by itself, `closing` keeping the handlers quiet).
         link.closing.store(true, Ordering::Release);
         let Link {
-            master,
-            events,
-            events_tx,
-            handler_thread,
-            ..
+            master, dispatcher, ..
         } = link;
         drop(master);
-        drop(events);
-        drop(events_tx);
-        let thread = handler_thread
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = thread {
-            if t.thread().id() != std::thread::current().id() {
-                let _ = t.join();
-            }
-        }
+        drop(dispatcher);
     }
 }
 
@@ -453,7 +461,7 @@ fn open_request(
     Some((chan, mdt))
 }
 
-/// The user's handlers, on the handler thread.
+/// The user's handlers, run by the dispatcher.
 struct Handlers {
     on_error: Option<OnError>,
     on_passive_open: Option<PassiveOpen>,
@@ -482,15 +490,32 @@ impl Handlers {
     }
 }
 
-/// The session's handler thread: runs the user's handlers, outside every lock of the library's
-/// (so they may call the session), and answers the channel openings that came before them.
-fn handle_events(
-    events: mpsc::Receiver<Event>,
+/// The session's dispatcher: runs the user's handlers on the library thread, outside every lock
+/// of the library's but its own (so they may call the session), and answers the channel
+/// openings that came before them.
+struct Dispatcher {
+    events: Arc<Events>,
     master: Weak<struc::AsyncChannel<Master>>,
     cfg: transport::ChannelConfig,
-    mut h: Handlers,
-) {
-    for ev in events {
+    /// Only the library thread takes this, for a turn.
+    handlers: Mutex<Handlers>,
+}
+
+impl Source for Dispatcher {
+    fn on_ready(&self) -> Wait {
+        let mut h = lock(&self.handlers);
+        loop {
+            let ev = lock(&self.events.queue).pop_front();
+            match ev {
+                None => return Wait::idle(),
+                Some(ev) => self.handle(ev, &mut h),
+            }
+        }
+    }
+}
+
+impl Dispatcher {
+    fn handle(&self, ev: Event, h: &mut Handlers) {
         match ev {
             Event::Error(e) => h.error(e),
             Event::Opened(opened) => {
@@ -499,11 +524,11 @@ fn handle_events(
             }
             Event::Open(mut req) => {
                 let answer = if h.on_passive_open.is_some() && h.on_error.is_some() {
-                    open_request(&mut req, &cfg)
+                    open_request(&mut req, &self.cfg)
                 } else {
                     None
                 };
-                let Some(master) = master.upgrade() else {
+                let Some(master) = self.master.upgrade() else {
                     return;
                 };
                 let mut rsp = master.create_msg();

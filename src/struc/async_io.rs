@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capnp::dynamic_value;
 use capnp::introspect::Introspect;
@@ -25,6 +25,9 @@ struct Shared<M: Owned> {
     stop: AtomicBool,
     /// The channel is hosed and its error handled: its turns only complete end-sending.
     dead: AtomicBool,
+    /// A turn holds the core's lock (set and cleared by the library thread only): a call
+    /// from that thread now comes from one of the channel's handlers.
+    in_turn: AtomicBool,
     /// A hosing error met on the library thread, for the user's `on_error`, which runs after
     /// the core is unlocked (so that it may call this channel). Shared with the core's own
     /// `on_error` (not the whole `Shared`: the core is in it, and a cycle would never be freed).
@@ -41,9 +44,13 @@ fn io(e: std::io::Error) -> Error {
 /// docs](super)): `Send + Sync`, every method callable from any thread, several
 /// [`sync_request`](AsyncChannel::sync_request)s at once included.
 ///
-/// Handlers run on the library thread with the channel locked, and get `&mut Channel` to act on
-/// it (answer, expect more). A handler must not call methods of this `AsyncChannel` (that
-/// would wait for the lock it runs under): use the `&mut Channel` it is given.
+/// Handlers run on the library thread (the process's one, shared by every async channel and
+/// session) with the channel locked, and get `&mut Channel` to act on it (answer, expect more).
+/// A handler calls this `AsyncChannel` through that `&mut Channel` only: its methods called
+/// from its own handlers fail with [`Error::InOwnHandler`] (those that return no `Result`
+/// panic) rather than wait for the lock the handler runs under. Other channels' methods may be
+/// called from a handler, blocking ones included (`sync_request` runs the library thread's
+/// other work while it waits).
 ///
 /// ```
 /// use std::time::{Duration, Instant};
@@ -71,13 +78,14 @@ fn io(e: std::io::Error) -> Error {
 /// ```
 pub struct AsyncChannel<M: Owned> {
     shared: Arc<Shared<M>>,
-    reg: Mutex<Option<Registration>>,
+    /// Set by `start`.
+    reg: std::sync::OnceLock<Registration>,
 }
 
 impl<M: Owned> std::fmt::Debug for AsyncChannel<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("struc::AsyncChannel")
-            .field("running", &lock(&self.reg).is_some())
+            .field("running", &self.reg.get().is_some())
             .finish()
     }
 }
@@ -95,20 +103,39 @@ where
                 ending: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
                 dead: AtomicBool::new(false),
+                in_turn: AtomicBool::new(false),
                 error: Arc::new(Mutex::new(None)),
                 on_error: Mutex::new(None),
             }),
-            reg: Mutex::new(None),
+            reg: std::sync::OnceLock::new(),
         })
     }
 
     fn core(&self) -> MutexGuard<'_, Channel<M>> {
+        assert!(
+            !self.in_own_handler(),
+            "a struc::AsyncChannel was called from one of its own handlers, which hold it: \
+             use the `&mut Channel` the handler gets"
+        );
         lock(&self.shared.core)
+    }
+
+    /// Whether the caller is one of this channel's handlers (its turn holds the core's lock).
+    fn in_own_handler(&self) -> bool {
+        self.shared.in_turn.load(Ordering::Relaxed) && reactor::on_reactor_thread()
+    }
+
+    fn check_not_in_own_handler(&self) -> Result<(), Error> {
+        if self.in_own_handler() {
+            Err(Error::InOwnHandler)
+        } else {
+            Ok(())
+        }
     }
 
     /// Has the library thread take a turn on the channel.
     fn notify(&self) {
-        if let Some(r) = &*lock(&self.reg) {
+        if let Some(r) = self.reg.get() {
             r.notify();
         }
     }
@@ -136,7 +163,7 @@ where
         *lock(&self.shared.on_error) = Some(Box::new(on_error));
         // The first turn comes at once: the core may hold frames read before it was handed
         // over (after a log-in, say), which no readiness of the socket would announce.
-        *lock(&self.reg) = Some(reactor.register(self.shared.clone()));
+        let _ = self.reg.set(reactor.register(self.shared.clone()));
         Ok(())
     }
 
@@ -147,23 +174,22 @@ where
 
     /// See [`Channel::send`].
     pub fn send(&self, msg: &mut MsgOut<M>, originating: Option<&MsgIn<M>>) -> Result<(), Error> {
+        self.check_not_in_own_handler()?;
         self.with_core(|c| c.send(msg, originating))
     }
 
     /// Sends a request and waits (this thread only; the library thread goes on receiving) for
     /// its one response, up to `timeout`. [`Error::Timeout`] is not hosing; a late response is
-    /// dropped quietly. Several threads may wait at once. From a handler (on the library
-    /// thread, which would have to receive the response) it fails with
-    /// [`Error::OnLibraryThread`].
+    /// dropped quietly. Several threads may wait at once. From a handler of another channel
+    /// (on the library thread) the library thread serves the other channels while this waits;
+    /// from one of this channel's own handlers it fails with [`Error::InOwnHandler`].
     pub fn sync_request(
         &self,
         msg: &mut MsgOut<M>,
         originating: Option<&MsgIn<M>>,
         timeout: Option<Duration>,
     ) -> Result<MsgIn<M>, Error> {
-        if reactor::on_reactor_thread() {
-            return Err(Error::OnLibraryThread);
-        }
+        self.check_not_in_own_handler()?;
         let (tx, rx) = mpsc::sync_channel(1);
         let id = self.with_core(|c| {
             if !c.is_started() {
@@ -173,11 +199,33 @@ where
                 let _ = tx.try_send(rsp);
             })
         })?;
-        let got = match timeout {
-            Some(t) => rx
-                .recv_timeout(t)
-                .map_err(|e| e == mpsc::RecvTimeoutError::Timeout),
-            None => rx.recv().map_err(|_| false),
+        let got = if reactor::on_reactor_thread() {
+            // From a handler of another channel: the library thread runs the other channels
+            // (this one included) while this waits.
+            let deadline = timeout.map(|t| Instant::now() + t);
+            let mut got = Err(true);
+            reactor::nested_until(
+                || match rx.try_recv() {
+                    Ok(rsp) => {
+                        got = Ok(rsp);
+                        true
+                    }
+                    Err(mpsc::TryRecvError::Empty) => false,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        got = Err(false);
+                        true
+                    }
+                },
+                deadline,
+            );
+            got
+        } else {
+            match timeout {
+                Some(t) => rx
+                    .recv_timeout(t)
+                    .map_err(|e| e == mpsc::RecvTimeoutError::Timeout),
+                None => rx.recv().map_err(|_| false),
+            }
         };
         match got {
             Ok(rsp) => Ok(rsp),
@@ -205,11 +253,13 @@ where
         expect: Expect,
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<ReqId, Error> {
+        self.check_not_in_own_handler()?;
         self.with_core(|c| c.async_request(msg, originating, expect, handler))
     }
 
     /// See [`Channel::undo_expect_responses`].
     pub fn undo_expect_responses(&self, req: ReqId) -> Result<bool, Error> {
+        self.check_not_in_own_handler()?;
         self.core().undo_expect_responses(req)
     }
 
@@ -220,6 +270,7 @@ where
         which: MsgType,
         handler: impl FnOnce(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
+        self.check_not_in_own_handler()?;
         self.with_core(|c| c.expect_msg(which, handler))
     }
 
@@ -229,11 +280,13 @@ where
         which: MsgType,
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
+        self.check_not_in_own_handler()?;
         self.with_core(|c| c.expect_msgs(which, handler))
     }
 
     /// See [`Channel::undo_expect_msgs`].
     pub fn undo_expect_msgs(&self, which: MsgType) -> Result<bool, Error> {
+        self.check_not_in_own_handler()?;
         self.core().undo_expect_msgs(which)
     }
 
@@ -285,6 +338,22 @@ where
     }
 }
 
+/// Marks a turn holding the core; unmarks when dropped (a panicking handler included).
+struct InTurn<'a>(&'a AtomicBool);
+
+impl<'a> InTurn<'a> {
+    fn enter(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Relaxed);
+        InTurn(flag)
+    }
+}
+
+impl Drop for InTurn<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 impl<M> Source for Shared<M>
 where
     M: Owned + Introspect + 'static,
@@ -301,7 +370,9 @@ where
             (false, true, Wait::idle())
         } else {
             let mut core = lock(&self.core);
+            let turn = InTurn::enter(&self.in_turn);
             let _ = core.on_ready();
+            drop(turn);
             (
                 core.is_send_done(),
                 core.is_hosed(),
@@ -342,8 +413,7 @@ impl<M: Owned> Drop for AsyncChannel<M> {
         self.shared.stop.store(true, Ordering::Release);
         // Off the library thread: no turn of this channel runs after this (unless dropped from
         // one of its handlers: that turn ends once the handler returns, doing nothing more).
-        let reg = lock(&self.reg).take();
-        drop(reg);
+        drop(self.reg.take());
         let pending = std::mem::take(&mut *lock(&self.shared.ending));
         for f in pending {
             f(Err(crate::transport::Error::Aborted.into()));

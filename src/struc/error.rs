@@ -29,10 +29,9 @@ pub enum Error {
     NotStarted,
     /// `start` was called twice.
     AlreadyStarted,
-    /// A blocking call (an async channel's `sync_request`) was made on the library thread,
-    /// from a handler: it would wait for the very thread it blocks. In a handler, answer
-    /// asynchronously (`async_request`) or use the handler's `&mut Channel`.
-    OnLibraryThread,
+    /// An `AsyncChannel` was called from one of its own handlers, which hold the channel: use
+    /// the `&mut Channel` the handler gets.
+    InOwnHandler,
     /// The channel was hosed by an error reported earlier.
     Hosed,
 }
@@ -50,7 +49,7 @@ impl Error {
             | Error::Timeout
             | Error::NotStarted
             | Error::AlreadyStarted
-            | Error::OnLibraryThread => false,
+            | Error::InOwnHandler => false,
         }
     }
 }
@@ -73,8 +72,8 @@ impl fmt::Display for Error {
             Error::Timeout => f.write_str("no response within the timeout"),
             Error::NotStarted => f.write_str("channel not started: nothing can be received yet"),
             Error::AlreadyStarted => f.write_str("channel already started"),
-            Error::OnLibraryThread => f.write_str(
-                "blocking call made on the library thread (from a handler): it would never return",
+            Error::InOwnHandler => f.write_str(
+                "async channel called from its own handler (use the handler's `&mut Channel`)",
             ),
             Error::Hosed => f.write_str("channel hosed by an error reported earlier"),
         }
