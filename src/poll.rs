@@ -14,7 +14,7 @@
 //! use flowipc::transport::{Channel, ChannelConfig, Error};
 //!
 //! let (mut a, mut b) = Channel::pair(ChannelConfig::new())?;
-//! a.send(b"hello", None)?;
+//! a.send(b"hello")?;
 //! // A poll loop for `b`: wait for what it is interested in, tell it, receive.
 //! let frame = loop {
 //!     let interest = b.interest();

@@ -63,9 +63,9 @@ fn faces(n: usize) -> Faces {
 
 fn exercise(f: &mut Faces) {
     for (i, (a, b, rx)) in f.transport.iter_mut().enumerate() {
-        b.send(format!("to {i}").as_bytes(), None).unwrap();
+        b.send(format!("to {i}").as_bytes()).unwrap();
         assert_eq!(rx.recv_timeout(T).unwrap(), format!("to {i}").as_bytes());
-        a.send(b"back", None).unwrap();
+        a.send(b"back").unwrap();
         assert_eq!(
             &*b.recv_blocking(Some(T)).unwrap().unwrap().payload,
             b"back"
@@ -161,11 +161,11 @@ fn a_handler_may_wait_for_a_response_served_by_the_same_library_thread() {
     )
     .unwrap();
     for _ in 0..3 {
-        b.send(b"go", None).unwrap();
+        b.send(b"go").unwrap();
         let r = rx.recv_timeout(T).unwrap();
         assert!(matches!(r, Ok(7)), "{r:?}");
     }
-    asker.send(b"still here", None).unwrap();
+    asker.send(b"still here").unwrap();
     assert_eq!(
         &*b.recv_blocking(Some(T)).unwrap().unwrap().payload,
         b"still here"
@@ -225,18 +225,18 @@ fn a_panicking_handler_stops_only_its_own_channel() {
     let (tx, rx) = mpsc::channel();
     let calm =
         AsyncChannel::start(c, move |f| tx.send(f.payload.to_vec()).unwrap(), |_| {}).unwrap();
-    b.send(b"boom", None).unwrap();
+    b.send(b"boom").unwrap();
     // Give the panic time to happen, then check the other channel goes on, both ways.
     std::thread::sleep(SHORT);
-    d.send(b"calm", None).unwrap();
+    d.send(b"calm").unwrap();
     assert_eq!(rx.recv_timeout(T).unwrap(), b"calm");
-    calm.send(b"reply", None).unwrap();
+    calm.send(b"reply").unwrap();
     assert_eq!(
         &*d.recv_blocking(Some(T)).unwrap().unwrap().payload,
         b"reply"
     );
     // The panicked one still sends from the caller's thread; it no longer receives.
-    panicky.send(b"sent anyway", None).unwrap();
+    panicky.send(b"sent anyway").unwrap();
     assert_eq!(
         &*b.recv_blocking(Some(T)).unwrap().unwrap().payload,
         b"sent anyway"

@@ -10,7 +10,7 @@ use common::msgs::{chan_over, Chan, T};
 use flowipc::msg::{Backing, Error, MsgChannel, MsgOut};
 use flowipc::schemas::test_msgs_capnp::cool_msg;
 use flowipc::shm::{self, Arena, ArenaConfig};
-use flowipc::transport::{Channel, ChannelConfig};
+use flowipc::transport::{Channel, ChannelConfig, OutFrame};
 
 const CHUNK: usize = 256 << 20;
 
@@ -358,7 +358,7 @@ impl Mitm {
             }
             if deliver || !is_handle {
                 self.to_rx
-                    .send(&bytes, fd.as_ref().map(|f| f.as_fd()))
+                    .send(OutFrame::new(&bytes).fd(fd.as_ref().map(|f| f.as_fd())))
                     .unwrap();
             }
         }
@@ -414,7 +414,7 @@ fn forged_handle_out_of_bounds() {
     let (first, second, left) = after_forged(|c, blob| {
         let mut b = *blob;
         b[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
-        c.send(&shm_frame(&b), None).unwrap();
+        c.send(&shm_frame(&b)).unwrap();
     });
     assert!(
         matches!(
@@ -434,7 +434,7 @@ fn forged_handle_out_of_bounds() {
 fn forged_handle_to_a_freed_message() {
     let (first, second, left) = after_forged(|c, blob| {
         // The handle's reference was given back: its ticket is spent.
-        c.send(&shm_frame(blob), None).unwrap();
+        c.send(&shm_frame(blob)).unwrap();
     });
     assert!(
         matches!(
@@ -455,7 +455,7 @@ fn forged_handle_with_an_unknown_pool() {
     let (first, second, left) = after_forged(|c, blob| {
         let mut b = *blob;
         b[4..8].copy_from_slice(&7u32.to_le_bytes());
-        c.send(&shm_frame(&b), None).unwrap();
+        c.send(&shm_frame(&b)).unwrap();
     });
     assert!(
         matches!(
@@ -476,7 +476,7 @@ fn handle_of_an_arena_never_announced() {
     let (first, second, left) = after_forged(|c, blob| {
         let mut b = *blob;
         b[20..24].copy_from_slice(&0xdead_beefu32.to_le_bytes());
-        c.send(&shm_frame(&b), None).unwrap();
+        c.send(&shm_frame(&b)).unwrap();
     });
     assert!(
         matches!(
@@ -526,7 +526,7 @@ fn garbage_message_frames() {
     for (bytes, what) in cases {
         let (mut a, b) = Channel::pair(ChannelConfig::new()).unwrap();
         let mut rx = MsgChannel::<cool_msg::Owned>::new(b, Backing::Heap);
-        a.send(bytes, None).unwrap();
+        a.send(bytes).unwrap();
         let first = rx.recv_blocking(T).unwrap_err();
         assert!(
             matches!(first, Error::BadMessage(w) if w == what),
@@ -541,7 +541,7 @@ fn garbage_message_frames() {
 #[test]
 fn a_bad_blob_magic_is_its_own_error() {
     let (first, second, left) = after_forged(|c, _| {
-        c.send(&shm_frame(&[0x55; 32]), None).unwrap();
+        c.send(&shm_frame(&[0x55; 32])).unwrap();
     });
     assert!(
         matches!(
@@ -746,7 +746,7 @@ fn channels_of_a_session_carry_its_token_and_refuse_others() {
     frame[0] = 3;
     frame[1] = 1;
     frame[8] = 1;
-    a.send(&frame, None).unwrap();
+    a.send(&frame).unwrap();
     let first = rx.recv_blocking(T).unwrap_err();
     assert!(
         matches!(

@@ -20,7 +20,7 @@ use flowipc::session::{
     ServerApp, SessionConfig, SessionServer, ShmKind,
 };
 use flowipc::struc::{self, MsgType};
-use flowipc::transport::{self, ChannelConfig};
+use flowipc::transport::{self, ChannelConfig, OutFrame};
 
 const T: Option<Duration> = Some(Duration::from_secs(30));
 const DIR_ENV: &str = "FLOWIPC_TEST_RUN_DIR";
@@ -313,7 +313,7 @@ fn srv_life() {
         let (rd, mut wr) = std::os::unix::net::UnixStream::pair().unwrap();
         wr.write_all(b"fd-ok").unwrap();
         drop(wr);
-        s1.send(b"pipe", Some(rd.as_fd())).unwrap();
+        s1.send(OutFrame::new(b"pipe").fd(rd.as_fd())).unwrap();
         drop(rd); // our copy
         let f = s1.recv_blocking(T).unwrap().unwrap();
         assert_eq!(&f.payload[..], b"got fd-ok");
@@ -447,7 +447,7 @@ fn cli_life() {
     std::fs::File::from(f.fd.take().expect("the fd"))
         .read_to_string(&mut text)
         .unwrap();
-    s1.send(format!("got {text}").as_bytes(), None).unwrap();
+    s1.send(format!("got {text}").as_bytes()).unwrap();
     // 4.
     let ch = s.open_channel(Some(&mdt("client-opened", 7))).unwrap();
     let mut opened = started(s.structured_in(ch, Scope::App).unwrap());

@@ -352,8 +352,8 @@ fn garbage_from_the_peer_is_reported_once() {
     let e2 = errors.clone();
     b.start(move |e| e2.lock().unwrap().push(e.to_string()))
         .unwrap();
-    raw.send(&[7; 40], None).unwrap();
-    raw.send(&[7; 40], None).unwrap();
+    raw.send(&[7; 40]).unwrap();
+    raw.send(&[7; 40]).unwrap();
     assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
     assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
     let errors = errors.lock().unwrap();
@@ -818,7 +818,7 @@ fn a_response_to_an_id_never_sent_is_a_specific_error_once() {
         .unwrap()
         .into_parts();
     frame[16..24].copy_from_slice(&77u64.to_le_bytes());
-    raw.send(&frame, None).unwrap();
+    raw.send(&frame).unwrap();
     assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
     let errors = errors.lock().unwrap();
     assert_eq!(errors.len(), 1);
@@ -875,8 +875,8 @@ fn a_bogus_handle_from_the_peer_is_a_specific_error_once() {
     blob[..4].copy_from_slice(b"FIPL");
     blob[20..24].copy_from_slice(&0x1234_5678u32.to_le_bytes()); // no such arena
     frame.extend_from_slice(&blob);
-    raw.send(&frame, None).unwrap();
-    raw.send(&frame, None).unwrap();
+    raw.send(&frame).unwrap();
+    raw.send(&frame).unwrap();
     assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
     assert!(matches!(b.run_for(SHORT), Err(Error::Hosed)));
     let errors = errors.lock().unwrap();

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use flowipc::sys;
 use flowipc::transport::{
-    AsyncChannel, Channel, ChannelConfig, Error, Frame, SharedBytes, FLAG_HAS_FD, FLAG_HELLO,
-    HEADER_LEN, MAGIC,
+    AsyncChannel, Channel, ChannelConfig, Error, Frame, OutFrame, SharedBytes, FLAG_HAS_FD,
+    FLAG_HELLO, HEADER_LEN, MAGIC,
 };
 
 // The auto traits of the public types (a regression is an API break).
@@ -85,7 +85,7 @@ fn next_error(c: &mut Channel) -> Error {
     assert!(c.is_hosed());
     assert!(matches!(c.try_recv(), Err(Error::Hosed)));
     assert!(matches!(c.recv_blocking(WAIT), Err(Error::Hosed)));
-    assert!(matches!(c.send(b"x", None), Err(Error::Hosed)));
+    assert!(matches!(c.send(b"x"), Err(Error::Hosed)));
     assert!(matches!(c.flush(), Err(Error::Hosed)));
     e
 }
@@ -144,10 +144,13 @@ fn child_echo() {
                     Some(fd) => {
                         let text = read_all(fd);
                         let back = memfd_with(&text.chars().rev().collect::<String>());
-                        c.send_parts(&[&payload, b"|", text.as_bytes()], Some(back.as_fd()))
-                            .unwrap();
+                        c.send(
+                            OutFrame::parts(&[&payload[..], b"|", text.as_bytes()])
+                                .fd(back.as_fd()),
+                        )
+                        .unwrap();
                     }
-                    None => c.send(&payload, None).unwrap(),
+                    None => c.send(&payload).unwrap(),
                 }
             }
             Err(Error::EndOfStream | Error::PeerGone | Error::Reset) => break,
@@ -167,10 +170,11 @@ fn fds_travel_with_their_frames_across_processes() {
             let payload = format!("frame {i}");
             if i % 3 == 1 {
                 let file = memfd_with(&format!("contents of {i}"));
-                c.send(payload.as_bytes(), Some(file.as_fd())).unwrap();
+                c.send(OutFrame::new(payload.as_bytes()).fd(file.as_fd()))
+                    .unwrap();
                 // Our copy may go at once: the kernel (or the queue's duplicate) holds it.
             } else {
-                c.send(payload.as_bytes(), None).unwrap();
+                c.send(payload.as_bytes()).unwrap();
             }
         }
         for i in 0..n {
@@ -209,12 +213,10 @@ fn child_flood() {
     let mut control = Channel::from_stream(control, ChannelConfig::new()).unwrap();
     let mut max_queued = 0;
     for i in 0..FLOOD {
-        c.send(&flood_payload(i), None).unwrap();
+        c.send(&flood_payload(i)).unwrap();
         max_queued = max_queued.max(c.queued_bytes());
     }
-    control
-        .send(&(max_queued as u64).to_le_bytes(), None)
-        .unwrap();
+    control.send(&(max_queued as u64).to_le_bytes()).unwrap();
     assert!(control.flush_blocking(WAIT).unwrap());
     c.end_sending().unwrap();
     assert!(c.flush_blocking(Some(Duration::from_secs(120))).unwrap());
@@ -227,7 +229,8 @@ fn a_flood_to_a_reader_that_is_away_is_queued_then_delivered_in_order() {
         let mut peer = spawn_plain("flood");
         let mut c = parent_channel(&mut peer, ChannelConfig::new());
         let (mut control, theirs) = Channel::pair(ChannelConfig::new()).unwrap();
-        c.send(b"control", Some(theirs.as_fd())).unwrap();
+        c.send(OutFrame::new(b"control").fd(theirs.as_fd()))
+            .unwrap();
         drop(theirs);
         // Not reading `c` until the child says every send returned.
         let word = recv(&mut control);
@@ -247,7 +250,7 @@ const DUPLEX: u64 = 30_000;
 /// Both sides queue DUPLEX frames, then receive the other's while their own queue drains.
 fn duplex_side(c: &mut Channel) {
     for i in 0..DUPLEX {
-        c.send(&flood_payload(i), None).unwrap();
+        c.send(&flood_payload(i)).unwrap();
     }
     for i in 0..DUPLEX {
         check_flood(&recv(c), i);
@@ -287,7 +290,7 @@ fn child_stream() {
     for i in 0.. {
         let mut p = vec![0u8; 512];
         fill(&mut p, i);
-        if c.send(&p, None).is_err() {
+        if c.send(&p).is_err() {
             break;
         }
         if c.wants_write() && c.flush_blocking(WAIT).is_err() {
@@ -320,7 +323,7 @@ fn a_peer_killed_mid_stream_is_reported_once_and_others_go_on() {
         // The other child is unaffected.
         for i in 0..50u64 {
             let p = i.to_le_bytes();
-            cb.send(&p, None).unwrap();
+            cb.send(&p).unwrap();
             assert_eq!(&*recv(&mut cb).payload, &p);
         }
         cb.end_sending().unwrap();
@@ -575,7 +578,7 @@ fn high_water_refuses_without_hosing_and_recovers() {
         };
         let mut sent = 0u64;
         let refused = loop {
-            match a.send(&frame(sent), None) {
+            match a.send(&frame(sent)) {
                 Ok(()) => sent += 1,
                 Err(Error::HighWater { queued, limit: l }) => {
                     assert_eq!(l, limit);
@@ -589,10 +592,7 @@ fn high_water_refuses_without_hosing_and_recovers() {
         assert!(!a.is_hosed());
         assert!(a.queued_bytes() <= limit);
         // Refused again while nothing drained; still not hosed.
-        assert!(matches!(
-            a.send(&refused, None),
-            Err(Error::HighWater { .. })
-        ));
+        assert!(matches!(a.send(&refused), Err(Error::HighWater { .. })));
         // The peer drains; we flush as it does.
         for i in 0..sent {
             let f = b.recv_blocking(Some(Duration::from_millis(1))).unwrap();
@@ -606,7 +606,7 @@ fn high_water_refuses_without_hosing_and_recovers() {
             assert!(check(&f.payload, i), "frame {i}");
         }
         assert!(a.flush().unwrap());
-        a.send(b"after", None).unwrap();
+        a.send(b"after").unwrap();
         assert_eq!(&*recv(&mut b).payload, b"after");
         // The refused frame never arrived.
         assert!(b.try_recv().unwrap().is_none());
@@ -629,7 +629,7 @@ fn child_end_async() {
     )
     .unwrap();
     for i in 0..END_FRAMES {
-        c.send(&flood_payload(i), None).unwrap();
+        c.send(&flood_payload(i)).unwrap();
     }
     let calls = Arc::new(AtomicUsize::new(0));
     let (done_tx, done_rx) = mpsc::channel();
@@ -640,7 +640,7 @@ fn child_end_async() {
     });
     // Refused as sent after the end; or, if the parent already saw the end and closed (the END
     // frame went out with `async_end_sending`, so it may have), refused as hosed.
-    match c.send(b"late", None) {
+    match c.send(b"late") {
         Err(Error::SendingEnded) => {}
         Err(Error::Hosed) => assert!(c.is_hosed()),
         other => panic!("a send after the end: {other:?}"),
@@ -736,7 +736,7 @@ fn child_async_echo() {
                 return; // shutting down
             };
             let (payload, fd) = f.into_parts();
-            c.send_shared(vec![SharedBytes::from(payload.to_vec())], fd)
+            c.send(OutFrame::shared(vec![SharedBytes::from(payload.to_vec())]).owned_fd(fd))
                 .unwrap();
         },
         move |e| err_tx.send(e).unwrap(),
@@ -745,7 +745,7 @@ fn child_async_echo() {
     let c = Arc::new(c);
     me.set(Arc::downgrade(&c)).unwrap();
     // Ready: the parent waits for this before sending.
-    c.send(b"ready", None).unwrap();
+    c.send(b"ready").unwrap();
     let e = err_rx.recv().unwrap();
     assert!(
         matches!(e, Error::PeerGone | Error::Reset | Error::EndOfStream),
@@ -781,9 +781,9 @@ fn async_channels_echo_across_processes_and_report_death_once() {
                 p.resize(8 + (i as usize % 300), th as u8);
                 if i % 100 == 7 {
                     let file = memfd_with(&format!("{th}/{i}"));
-                    c.send(&p, Some(file.as_fd())).unwrap();
+                    c.send(OutFrame::new(&p).fd(file.as_fd())).unwrap();
                 } else {
-                    c.send_parts(&[&p[..4], &p[4..]], None).unwrap();
+                    c.send(OutFrame::parts(&[&p[..4], &p[4..]])).unwrap();
                 }
             }
         });
@@ -815,7 +815,7 @@ fn async_channels_echo_across_processes_and_report_death_once() {
             assert!(Instant::now() < deadline, "on_error never ran");
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(matches!(c.send(b"x", None), Err(Error::Hosed)));
+        assert!(matches!(c.send(b"x"), Err(Error::Hosed)));
         let (done_tx, done_rx) = mpsc::channel();
         c.async_end_sending(move |r| done_tx.send(r).unwrap());
         assert!(matches!(
@@ -854,12 +854,12 @@ fn channels_connect_to_a_path() {
     let mut client = Channel::connect(&path, ChannelConfig::new()).unwrap();
     let (stream, _) = listener.accept().unwrap();
     let mut server = Channel::from_stream(stream, ChannelConfig::new()).unwrap();
-    client.send(b"over a path", None).unwrap();
+    client.send(b"over a path").unwrap();
     assert_eq!(
         &*server.recv_blocking(WAIT).unwrap().unwrap().payload,
         b"over a path"
     );
-    server.send(b"and back", None).unwrap();
+    server.send(b"and back").unwrap();
     assert_eq!(
         &*client.recv_blocking(WAIT).unwrap().unwrap().payload,
         b"and back"
@@ -880,15 +880,15 @@ fn a_channel_without_fds_refuses_them_both_ways() {
     let file = memfd_with("x");
     // Sending one is refused, nothing goes out, the channel is fine.
     assert!(matches!(
-        a.send(b"with fd", Some(file.as_fd())),
+        a.send(OutFrame::new(b"with fd").fd(file.as_fd())),
         Err(Error::FdsDisabled)
     ));
-    a.send(b"plain", None).unwrap();
+    a.send(b"plain").unwrap();
     assert_eq!(&recv(&mut b).payload[..], b"plain");
     // One from a peer that does send fds: UnexpectedFd, once (next_error checks the once).
     let (s1, s2) = UnixStream::pair().unwrap();
     let mut tx = Channel::from_stream(s1, ChannelConfig::new()).unwrap();
     let mut rx = Channel::from_stream(s2, cfg).unwrap();
-    tx.send(b"fd", Some(file.as_fd())).unwrap();
+    tx.send(OutFrame::new(b"fd").fd(file.as_fd())).unwrap();
     assert!(matches!(next_error(&mut rx), Error::UnexpectedFd));
 }

@@ -13,7 +13,6 @@
 //!
 //! A `SHM` or `HEAP` frame may carry one fd of the user's.
 
-use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +27,7 @@ use super::{Error, InSegs, MsgIn, MsgOut};
 use crate::poll::{Interest, Pollable};
 use crate::shm::segments::OutMsg;
 use crate::shm::{Arena, ArenaConfig, LendBlob};
-use crate::transport::{Channel, Frame, SharedBytes};
+use crate::transport::{Channel, Frame, OutFrame, SharedBytes};
 
 /// Heap messages of at most this many segments and bytes are sent from their segments as they
 /// are (copied if they have to be queued); bigger ones are frozen and their segments queued by
@@ -65,10 +64,6 @@ pub struct MsgChannel<M: Owned> {
     backing: Backing,
     /// Per arena id: which pool ids have been announced to the peer (a bit each).
     announced: SmallMap<u64, Vec<u64>>,
-    /// Handles lent for frames not yet wholly written to the socket: (stream position where the
-    /// frame ends, the handle, its arena). If the channel is hosed or dropped before a frame is
-    /// written, the peer can never borrow it: its reference is given back.
-    inflight: VecDeque<(u64, LendBlob, Arena)>,
     /// Arenas whose handles we accept, by the 32-bit tag blobs carry.
     arenas: SmallMap<u32, Arena>,
     next_id: u64,
@@ -99,7 +94,6 @@ impl<M: Owned> MsgChannel<M> {
             chan,
             backing,
             announced: SmallMap::default(),
-            inflight: VecDeque::new(),
             arenas,
             next_id: 1,
             token: None,
@@ -163,31 +157,17 @@ impl<M: Owned> MsgChannel<M> {
         self.hosed
     }
 
+    /// Marks the channel hosed if `r` is a hosing error. The transport is hosed with it: its
+    /// send queue is dropped, and with it the frames never written, whose lent handles are given
+    /// back (each frame's `on_unsent`): the peer can never borrow them now.
     fn hose_on<T>(&mut self, r: Result<T, Error>) -> Result<T, Error> {
         if let Err(e) = &r {
             if e.is_hosing() {
                 self.hosed = true;
-                self.release_unwritten();
+                self.chan.abandon();
             }
         }
         r
-    }
-
-    /// Forgets the handles whose frames are now wholly written (the peer holds them).
-    fn prune_written(&mut self) {
-        let written = self.chan.bytes_written();
-        while self.inflight.front().is_some_and(|f| f.0 <= written) {
-            self.inflight.pop_front();
-        }
-    }
-
-    /// Gives back the references of handles whose frames never (wholly) left: the peer cannot
-    /// borrow them any more.
-    fn release_unwritten(&mut self) {
-        self.prune_written();
-        for (_, blob, arena) in self.inflight.drain(..) {
-            let _ = arena.release_blob(&blob);
-        }
     }
 
     /// Sends `msg` with `fd` if given, else with the message's own fd if it has one
@@ -213,7 +193,6 @@ impl<M: Owned> MsgChannel<M> {
         if self.hosed {
             return Err(Error::Hosed);
         }
-        self.prune_written();
         let r = self.send_inner(msg, fd, answers);
         self.hose_on(r)
     }
@@ -229,7 +208,7 @@ impl<M: Owned> MsgChannel<M> {
             return Err(Error::Hosed);
         }
         let (frame, _) = self.header(Kind::Notice, id);
-        let r = self.chan.send(frame.as_ref(), None).map_err(Error::from);
+        let r = self.chan.send(frame.as_ref()).map_err(Error::from);
         self.hose_on(r)
     }
 
@@ -288,7 +267,7 @@ impl<M: Owned> MsgChannel<M> {
                 parts[0] = h.as_ref();
                 parts[1] = table;
                 parts[2..n + 2].copy_from_slice(&segs);
-                self.chan.send_parts(&parts[..n + 2], fd)?;
+                self.chan.send(OutFrame::parts(&parts[..n + 2]).fd(fd))?;
                 return Ok(id);
             }
             drop(segs);
@@ -309,15 +288,8 @@ impl<M: Owned> MsgChannel<M> {
                     ))
                 })?);
             }
-            // The queue may outlive this call: it gets its own copy of the fd.
-            let fd = match fd {
-                Some(fd) => Some(
-                    fd.try_clone_to_owned()
-                        .map_err(crate::transport::Error::Io)?,
-                ),
-                None => None,
-            };
-            self.chan.send_shared(shared, fd)?;
+            // (The fd is duplicated only if the frame has to be queued.)
+            self.chan.send(OutFrame::shared(shared).fd(fd))?;
             return Ok(id);
         };
         match self.arenas.get(&(arena_id as u32)) {
@@ -336,31 +308,28 @@ impl<M: Owned> MsgChannel<M> {
             }
         }
         let blob = out.share_shm().map_err(local)?;
-        let Some(arena) = out.arena() else {
+        let Some(arena) = out.arena().cloned() else {
             return Err(local(crate::shm::Error::BadConfig("no arena")));
         };
-        let r = self.announce_pools(arena).and_then(|()| {
-            let (h, id) = self.header(Kind::Shm, answers);
-            // Header and handle as two parts: the transport copies them once, into the frame.
-            self.chan
-                .send_parts(&[h.as_ref(), blob.as_bytes()], fd)
-                .map_err(Error::from)
-                .map(|()| id)
-        });
-        match r {
-            Ok(id) => {
-                let end = self.chan.bytes_written() + self.chan.queued_bytes() as u64;
-                if end > self.chan.bytes_written() {
-                    self.inflight.push_back((end, blob, arena.clone()));
-                }
-                Ok(id)
-            }
-            Err(e) => {
-                // The handle never left: give its reference back.
+        // The handle's reference goes with the frame: given back should the frame never
+        // wholly leave (refused here, or dropped unwritten with the queue), since the peer can
+        // then never borrow it.
+        let give_back = {
+            let arena = arena.clone();
+            move || {
                 let _ = arena.release_blob(&blob);
-                Err(e)
             }
+        };
+        if let Err(e) = self.announce_pools(&arena) {
+            give_back();
+            return Err(e);
         }
+        let (h, id) = self.header(Kind::Shm, answers);
+        // Header and handle as two parts: the transport copies them once, into the frame.
+        let parts = [h.as_ref(), blob.as_bytes()];
+        self.chan
+            .send(OutFrame::parts(&parts).fd(fd).on_unsent(give_back))?;
+        Ok(id)
     }
 
     /// Sends the fd of every pool of `arena` this process knows and the peer has not been told
@@ -386,7 +355,8 @@ impl<M: Owned> MsgChannel<M> {
                 continue;
             };
             let body = pool_body(arena.id(), id);
-            self.chan.send_parts(&[h.as_ref(), &body], Some(fd))?;
+            self.chan
+                .send(OutFrame::parts(&[h.as_ref(), &body]).fd(fd))?;
             bits[word] |= bit;
         }
         Ok(())
@@ -525,8 +495,8 @@ impl<M: Owned> MsgChannel<M> {
 impl<M: Owned> Drop for MsgChannel<M> {
     fn drop(&mut self) {
         // Handles the peer sent that will never be read here hold references: take in what has
-        // arrived (bounded) and drop it, so the peer's memory is freed. Then give back the
-        // references of our own handles that never left.
+        // arrived (bounded) and drop it, so the peer's memory is freed. (The references of our
+        // own handles that never left are given back by the transport's queue, as it drops.)
         if !self.hosed {
             for _ in 0..100_000 {
                 match self.try_recv() {
@@ -535,7 +505,6 @@ impl<M: Owned> Drop for MsgChannel<M> {
                 }
             }
         }
-        self.release_unwritten();
     }
 }
 
@@ -611,7 +580,6 @@ impl<M: Owned> Pollable for MsgChannel<M> {
             return Err(Error::Hosed);
         }
         let r = self.chan.on_ready().map_err(Error::from);
-        self.prune_written();
         self.hose_on(r)
     }
 }

@@ -2,10 +2,9 @@
 //! user's handlers.
 
 use std::fmt;
-use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{Channel, Error, Frame, SharedBytes};
+use super::{Channel, Error, Frame, OutFrame};
 use crate::poll::Pollable;
 use crate::reactor::{self, Registration, Source, Wait};
 use crate::sync::lock;
@@ -79,9 +78,9 @@ impl Shared {
 /// let (a, mut b) = Channel::pair(ChannelConfig::new())?;
 /// let (tx, rx) = mpsc::channel();
 /// let a = AsyncChannel::start(a, move |frame| tx.send(frame.payload.to_vec()).unwrap(), |_err| {})?;
-/// b.send(b"hello", None)?;
+/// b.send(b"hello")?;
 /// assert_eq!(rx.recv().unwrap(), b"hello");
-/// a.send(b"back", None)?;
+/// a.send(b"back")?;
 /// let got = b.recv_blocking(None)?.unwrap();
 /// assert_eq!(&*got.payload, b"back");
 /// # Ok::<(), Error>(())
@@ -157,18 +156,9 @@ impl AsyncChannel {
     }
 
     /// [`Channel::send`] from any thread.
-    pub fn send(&self, payload: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
-        self.with_core(|c| c.send(payload, fd))
-    }
-
-    /// [`Channel::send_parts`] from any thread.
-    pub fn send_parts(&self, parts: &[&[u8]], fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
-        self.with_core(|c| c.send_parts(parts, fd))
-    }
-
-    /// [`Channel::send_shared`] from any thread.
-    pub fn send_shared(&self, parts: Vec<SharedBytes>, fd: Option<OwnedFd>) -> Result<(), Error> {
-        self.with_core(|c| c.send_shared(parts, fd))
+    pub fn send<'a>(&self, frame: impl Into<OutFrame<'a>>) -> Result<(), Error> {
+        let frame = frame.into();
+        self.with_core(|c| c.send(frame))
     }
 
     /// Ends sending ([`Channel::end_sending`]); `on_done` runs on the library thread once the
@@ -309,14 +299,14 @@ mod tests {
             .unwrap();
             // Data for `b` that it never reads makes closing it a reset, reported either to
             // one of our sends or to the handler.
-            a.send(&[0; 1000], None).unwrap();
+            a.send(&[0; 1000]).unwrap();
             if round % 2 == 0 {
                 std::thread::sleep(Duration::from_millis(1));
             }
             drop(b);
             let mut send_reports = 0;
             for _ in 0..100_000 {
-                match a.send(&[1; 1000], None) {
+                match a.send(&[1; 1000]) {
                     Ok(()) => std::thread::yield_now(),
                     Err(Error::Hosed) => break,
                     Err(e) => {
@@ -347,7 +337,7 @@ mod tests {
                 a,
                 move |f| {
                     if let Some(a) = me2.get().and_then(|w| w.upgrade()) {
-                        a.send(&f.payload, None).unwrap();
+                        a.send(&f.payload).unwrap();
                     }
                 },
                 |_| {},
@@ -355,7 +345,7 @@ mod tests {
             .unwrap(),
         );
         me.set(Arc::downgrade(&a)).unwrap();
-        b.send(b"ping", None).unwrap();
+        b.send(b"ping").unwrap();
         let f = b
             .recv_blocking(Some(Duration::from_secs(20)))
             .unwrap()
@@ -364,7 +354,7 @@ mod tests {
         // Fill `b`'s receive side so the END frame cannot be written, then drop.
         let big = vec![0u8; 1 << 20];
         while a.queued_bytes() == 0 {
-            a.send(&big, None).unwrap();
+            a.send(&big).unwrap();
         }
         let (tx, rx) = mpsc::channel();
         a.async_end_sending(move |r| tx.send(r).unwrap());

@@ -165,7 +165,7 @@ impl fmt::Debug for AlignedBuf {
 /// The owner behind [`SharedBytes`]: anything that derefs to bytes, shared between threads.
 pub type SharedOwner = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
-/// A range of reference-counted bytes, for [`Channel::send_shared`](super::Channel::send_shared):
+/// A range of reference-counted bytes, for [`OutFrame::shared`](super::OutFrame::shared):
 /// a send queue keeps the `Arc` instead of copying the bytes.
 ///
 /// The owner's `as_ref()` must return the same bytes every time it is called (as `Vec<u8>`,

@@ -13,16 +13,16 @@
 //! ```
 //! use std::io::{Read, Seek, Write};
 //! use std::os::fd::AsFd;
-//! use flowipc::transport::{Channel, ChannelConfig, Error};
+//! use flowipc::transport::{Channel, ChannelConfig, Error, OutFrame};
 //!
 //! let (mut a, mut b) = Channel::pair(ChannelConfig::new())?;
 //!
 //! // A frame with an fd: a memfd whose contents the receiver reads.
 //! let mut file = flowipc::sys::memfd_sealable("example").map_err(Error::Io)?;
 //! file.write_all(b"behind the fd").map_err(Error::Io)?;
-//! a.send(b"look at this", Some(file.as_fd()))?;
+//! a.send(OutFrame::new(b"look at this").fd(file.as_fd()))?;
 //! // Frames without fds, one gathered from parts.
-//! a.send_parts(&[b"two ", b"parts"], None)?;
+//! a.send(OutFrame::parts(&[b"two ", b"parts"]))?;
 //! a.end_sending()?;
 //!
 //! let first = b.recv_blocking(None)?.expect("no timeout given");
@@ -136,7 +136,7 @@ mod error;
 pub use async_io::AsyncChannel;
 pub use buf::{AlignedBuf, SharedBytes, SharedOwner};
 pub use channel::{
-    Channel, ChannelConfig, Frame, DEFAULT_MAX_FRAME, FLAG_END, FLAG_HAS_FD, FLAG_HELLO, FLAG_PING,
-    HEADER_LEN, MAGIC,
+    Channel, ChannelConfig, Frame, OutFrame, DEFAULT_MAX_FRAME, FLAG_END, FLAG_HAS_FD, FLAG_HELLO,
+    FLAG_PING, HEADER_LEN, MAGIC,
 };
 pub use error::Error;

@@ -1,9 +1,6 @@
-//! A channel's settings ([`ChannelConfig`]) and what it hands out ([`Frame`]).
+//! A channel's settings ([`ChannelConfig`]).
 
-use std::os::fd::OwnedFd;
 use std::time::Duration;
-
-use crate::transport::AlignedBuf;
 
 /// Default [`ChannelConfig::max_frame`]: 1 GiB + 1 MiB.
 pub const DEFAULT_MAX_FRAME: u64 = (1 << 30) + (1 << 20);
@@ -109,21 +106,5 @@ impl ChannelConfig {
     /// See [`auto_ping`](ChannelConfig::auto_ping).
     pub fn get_auto_ping(&self) -> Option<Duration> {
         self.auto_ping
-    }
-}
-
-/// One received frame: its payload (8-aligned) and the fd that came with it, if any.
-#[derive(Debug)]
-pub struct Frame {
-    /// The payload bytes.
-    pub payload: AlignedBuf,
-    /// The fd sent with the frame (close-on-exec, owned: dropping the frame closes it).
-    pub fd: Option<OwnedFd>,
-}
-
-impl Frame {
-    /// The payload and the fd.
-    pub fn into_parts(self) -> (AlignedBuf, Option<OwnedFd>) {
-        (self.payload, self.fd)
     }
 }

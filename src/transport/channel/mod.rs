@@ -8,6 +8,7 @@
 //! * this module: the [`Channel`] that owns the sockets and drives the two.
 
 mod config;
+mod frame;
 mod rx;
 mod submit;
 #[cfg(test)]
@@ -23,11 +24,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub use self::config::{ChannelConfig, Frame, DEFAULT_MAX_FRAME};
+pub use self::config::{ChannelConfig, DEFAULT_MAX_FRAME};
+pub use self::frame::{Frame, OutFrame};
 use self::rx::{Parsed, Rx};
-use self::tx::{FdArg, Kind, Payload, SendQueue};
+use self::tx::{Kind, SendQueue};
 pub use self::wire::{FLAG_END, FLAG_HAS_FD, FLAG_HELLO, FLAG_PING, HEADER_LEN, MAGIC};
-use super::buf::SharedBytes;
 use super::Error;
 use crate::poll::{Interest, Pollable};
 use crate::sys::{self, PollFd};
@@ -184,55 +185,38 @@ impl Channel {
         e
     }
 
+    /// Hoses the channel for a layer above that found it broken: both queues are dropped (the
+    /// unwritten frames' `on_unsent` run), every later call answers [`Error::Hosed`].
+    pub(crate) fn abandon(&mut self) {
+        self.hosed = true;
+        self.tx = SendQueue::default();
+        self.rx = Rx::default();
+    }
+
     // -- sending --------------------------------------------------------------------------
 
-    /// Sends one frame with `payload` and, optionally, an fd (the caller keeps its fd: it is
-    /// duplicated only if the frame has to be queued).
+    /// Sends one frame: bytes (`b"..."`, a `&[u8]`, a `&Vec<u8>`) or an [`OutFrame`] (parts,
+    /// shared parts, an fd, an `on_unsent`).
     ///
     /// Never blocks and never fails because the peer is slow: what the socket does not take at
-    /// once is queued (the unsent rest is copied) and written by [`flush`](Channel::flush).
+    /// once is queued (borrowed bytes are copied, a borrowed fd duplicated, shared parts kept)
+    /// and written by [`flush`](Channel::flush).
     ///
-    /// Refusals that leave the channel as it was (nothing of the frame sent or queued):
-    /// [`Error::FrameTooLarge`] (payload over `max_frame`), [`Error::SendingEnded`], and
-    /// [`Error::HighWater`]: with a high-water mark set, a frame is refused when the queue is
-    /// not empty and its data bytes plus this frame would exceed the mark, or when the queue is
-    /// empty, the frame alone exceeds the mark and the socket takes none of it right away (once
-    /// its first byte is out a frame cannot be refused, so a frame larger than the mark may
-    /// overfill an empty queue; for a frame with an fd, which goes out on the side socket
-    /// first, "takes none of it" means that the data socket is not writable or the side socket
-    /// has no room for the fd). A frame written entirely at once never counts. The first send
-    /// of any kind also sends (or queues) the channel's hello.
+    /// Refusals that leave the channel as it was (nothing of the frame sent or queued; its
+    /// `on_unsent` runs): [`Error::FrameTooLarge`] (payload over `max_frame`),
+    /// [`Error::SendingEnded`], [`Error::FdsDisabled`], and [`Error::HighWater`]: with a
+    /// high-water mark set, a frame is refused when the queue is not empty and its data bytes
+    /// plus this frame would exceed the mark, or when the queue is empty, the frame alone
+    /// exceeds the mark and the socket takes none of it right away (once its first byte is out
+    /// a frame cannot be refused, so a frame larger than the mark may overfill an empty queue;
+    /// for a frame with an fd, which goes out on the side socket first, "takes none of it"
+    /// means that the data socket is not writable or the side socket has no room for the fd).
+    /// A frame written entirely at once never counts. The first send of any kind also sends
+    /// (or queues) the channel's hello.
     ///
     /// Hosing errors: [`Error::Reset`] (the peer is gone), [`Error::Io`].
-    pub fn send(&mut self, payload: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
-        self.submit(
-            0,
-            Payload::Borrowed(&[payload]),
-            fd.map(FdArg::Borrowed),
-            Kind::Data,
-        )
-    }
-
-    /// Like [`send`](Channel::send), with the payload gathered from `parts` (written with one
-    /// vectored `sendmsg`, not concatenated first).
-    pub fn send_parts(&mut self, parts: &[&[u8]], fd: Option<BorrowedFd<'_>>) -> Result<(), Error> {
-        self.submit(
-            0,
-            Payload::Borrowed(parts),
-            fd.map(FdArg::Borrowed),
-            Kind::Data,
-        )
-    }
-
-    /// Like [`send_parts`](Channel::send_parts), with reference-counted parts: if the frame has
-    /// to be queued, the queue keeps the parts (no copy). The fd, if any, is closed once sent
-    /// (or when the frame is refused).
-    pub fn send_shared(
-        &mut self,
-        parts: Vec<SharedBytes>,
-        fd: Option<OwnedFd>,
-    ) -> Result<(), Error> {
-        self.submit(0, Payload::Shared(parts), fd.map(FdArg::Owned), Kind::Data)
+    pub fn send<'a>(&mut self, frame: impl Into<OutFrame<'a>>) -> Result<(), Error> {
+        self.submit(0, frame.into(), Kind::Data)
     }
 
     fn note_tx(&mut self) {
@@ -342,7 +326,7 @@ impl Channel {
             return Err(Error::SendingEnded);
         }
         self.ended = true;
-        self.submit(FLAG_END, Payload::Borrowed(&[]), None, Kind::End)
+        self.submit(FLAG_END, OutFrame::new(&[]), Kind::End)
     }
 
     /// Whether [`end_sending`](Channel::end_sending) was called.
@@ -474,7 +458,7 @@ impl Channel {
             if !self.ended && now.saturating_duration_since(self.last_tx) >= period {
                 self.last_tx = now;
                 if self.tx.pings == 0 {
-                    self.submit(FLAG_PING, Payload::Borrowed(&[]), None, Kind::Ping)?;
+                    self.submit(FLAG_PING, OutFrame::new(&[]), Kind::Ping)?;
                 }
             }
         }

@@ -5,7 +5,8 @@ use std::io;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use super::tx::{Chunk, ChunkData, Cursor, FdArg, Kind, Payload};
+use super::frame::{FdArg, OutFrame, Payload, Unsent};
+use super::tx::{Chunk, ChunkData, Cursor, Kind};
 use super::wire::{Header, FLAG_HAS_FD, FLAG_HELLO, HEADER_LEN};
 use super::Channel;
 use crate::sys::{self, PollFd};
@@ -20,13 +21,20 @@ impl Channel {
         }
     }
 
+    /// The one send path: every frame (data, ping, END, hello) comes through here. The
+    /// frame's `on_unsent` runs if this refuses it (it is dropped), is disarmed if the frame
+    /// goes out whole at once, and otherwise goes into the queue with the frame's last chunk.
     pub(super) fn submit(
         &mut self,
         mut flags: u32,
-        payload: Payload<'_>,
-        fd: Option<FdArg<'_>>,
+        frame: OutFrame<'_>,
         kind: Kind,
     ) -> Result<(), Error> {
+        let OutFrame {
+            payload,
+            fd,
+            unsent,
+        } = frame;
         if self.hosed {
             return Err(Error::Hosed);
         }
@@ -39,13 +47,8 @@ impl Channel {
         if !self.hello_sent && kind != Kind::Hello {
             self.send_hello()?;
         }
-        let len = match &payload {
-            Payload::Borrowed(p) => p.iter().try_fold(0usize, |a, s| a.checked_add(s.len())),
-            Payload::Shared(p) => p
-                .iter()
-                .try_fold(0usize, |a, s| a.checked_add(s.as_slice().len())),
-        }
-        .unwrap_or(usize::MAX);
+        // (Saturating: a sum past `usize::MAX` is refused as too large.)
+        let len = payload.len();
         if len as u64 > self.cfg.max_frame || len > usize::MAX - HEADER_LEN {
             return Err(Error::FrameTooLarge {
                 len: len as u64,
@@ -66,7 +69,7 @@ impl Channel {
                     return Err(self.over_high_water(limit));
                 }
             }
-            return self.enqueue(header, payload, fd, Cursor::default(), kind);
+            return self.enqueue(header, payload, fd, unsent, Cursor::default(), kind);
         }
 
         // The queue is empty: write right away (usually one `send`). A data frame's fd goes
@@ -92,14 +95,20 @@ impl Channel {
                         return Err(self.over_high_water(limit));
                     }
                     self.side_full = true;
-                    return self.enqueue(header, payload, fd, Cursor::default(), kind);
+                    return self.enqueue(header, payload, fd, unsent, Cursor::default(), kind);
                 }
                 Err(e) => return Err(self.hose(Error::from_io(e))),
             }
         }
+        let one;
         let small = match &payload {
-            Payload::Borrowed(parts) if !hello_fd && total <= sys::SMALL_SEND => Some(*parts),
-            _ => None,
+            _ if hello_fd || total > sys::SMALL_SEND => None,
+            Payload::One(p) => {
+                one = *p;
+                Some(std::slice::from_ref(&one))
+            }
+            Payload::Borrowed(parts) => Some(*parts),
+            Payload::Shared(_) => None,
         };
         if let Some(parts) = small {
             // Small (the common control message; any fd is out already): one contiguous copy on
@@ -121,6 +130,9 @@ impl Channel {
                         if kind == Kind::End {
                             self.finish_sending();
                         }
+                        if let Some(u) = unsent {
+                            u.disarm();
+                        }
                         return Ok(());
                     }
                     if n > 0 {
@@ -131,16 +143,22 @@ impl Channel {
                         let mut cur = Cursor::default();
                         cur.advance(&all, n);
                         drop(all);
-                        return self.enqueue(header, payload, None, cur, kind);
+                        return self.enqueue(header, payload, None, unsent, cur, kind);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(self.hose(Error::from_io(e))),
             }
         }
-        let mut all: Vec<&[u8]> = Vec::with_capacity(1 + payload.count());
+        let count = match &payload {
+            Payload::One(_) => 1,
+            Payload::Borrowed(p) => p.len(),
+            Payload::Shared(p) => p.len(),
+        };
+        let mut all: Vec<&[u8]> = Vec::with_capacity(1 + count);
         all.push(&header);
         match &payload {
+            Payload::One(p) => all.push(p),
             Payload::Borrowed(p) => all.extend_from_slice(p),
             Payload::Shared(p) => all.extend(p.iter().map(|s| s.as_slice())),
         }
@@ -177,6 +195,9 @@ impl Channel {
             if kind == Kind::End {
                 self.finish_sending();
             }
+            if let Some(u) = unsent {
+                u.disarm();
+            }
             return Ok(()); // an fd we own is closed here: the kernel has its copy
         }
         if written == 0 && !fd_sent {
@@ -187,7 +208,7 @@ impl Channel {
             }
         }
         let fd = if written == 0 && !fd_sent { fd } else { None };
-        self.enqueue(header, payload, fd, cur, kind)
+        self.enqueue(header, payload, fd, unsent, cur, kind)
     }
 
     /// Sends (or queues) the hello, with the receiving end of our side socket if fds are on.
@@ -200,12 +221,7 @@ impl Channel {
         } else {
             FLAG_HELLO
         };
-        self.submit(
-            flags,
-            Payload::Borrowed(&[]),
-            theirs.map(FdArg::Owned),
-            Kind::Hello,
-        )
+        self.submit(flags, OutFrame::new(&[]).owned_fd(theirs), Kind::Hello)
     }
 
     /// Whether the data socket would take some bytes now (a zero-timeout `poll`).
@@ -217,30 +233,63 @@ impl Channel {
         }
     }
 
-    /// Queues the frame from `cur` on (a position in header + parts).
+    /// Queues the frame from `cur` on (a position in header + parts), its `unsent` with its
+    /// last chunk.
     pub(super) fn enqueue(
+        &mut self,
+        header: [u8; HEADER_LEN],
+        payload: Payload<'_>,
+        fd: Option<FdArg<'_>>,
+        unsent: Option<Unsent>,
+        cur: Cursor,
+        kind: Kind,
+    ) -> Result<(), Error> {
+        let chunks = self.tx.chunks.len();
+        let coalesced = self.enqueue_bytes(header, payload, fd, cur, kind)?;
+        if let Some(u) = unsent {
+            let queued = coalesced || self.tx.chunks.len() > chunks;
+            match self.tx.chunks.back_mut() {
+                Some(last) if queued => last.unsent.push(u),
+                // Nothing was left to queue (a shared owner shrank): the frame is out.
+                _ => u.disarm(),
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes of [`enqueue`](Self::enqueue); `Ok(true)` if they went onto the tail chunk.
+    fn enqueue_bytes(
         &mut self,
         header: [u8; HEADER_LEN],
         payload: Payload<'_>,
         fd: Option<FdArg<'_>>,
         cur: Cursor,
         kind: Kind,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let starts_frame = cur.idx == 0 && cur.off == 0;
         let fd_frame = fd.is_some();
         let fd = match fd {
             Some(f) => Some(f.into_owned().map_err(|e| self.hose(Error::Io(e)))?),
             None => None,
         };
-        match payload {
-            Payload::Borrowed(parts) => {
+        let one;
+        let copied = match &payload {
+            Payload::One(p) => {
+                one = *p;
+                Some(std::slice::from_ref(&one))
+            }
+            Payload::Borrowed(parts) => Some(*parts),
+            Payload::Shared(_) => None,
+        };
+        match (copied, payload) {
+            (Some(parts), _) => {
                 let total = HEADER_LEN + parts.iter().map(|s| s.len()).sum::<usize>();
                 if starts_frame
                     && !fd_frame
                     && kind == Kind::Data
                     && self.tx.try_coalesce(&header, parts, total)
                 {
-                    return Ok(());
+                    return Ok(true);
                 }
                 let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
                 all.push(&header);
@@ -257,9 +306,11 @@ impl Channel {
                     starts_frame,
                     kind,
                     left: n,
+                    unsent: Vec::new(),
                 });
             }
-            Payload::Shared(parts) => {
+            (None, Payload::One(_) | Payload::Borrowed(_)) => {}
+            (None, Payload::Shared(parts)) => {
                 let mut fd = fd;
                 let mut first = true;
                 if cur.idx == 0 {
@@ -269,6 +320,7 @@ impl Channel {
                         starts_frame,
                         kind,
                         left: HEADER_LEN - cur.off,
+                        unsent: Vec::new(),
                     });
                     first = false;
                 }
@@ -290,11 +342,12 @@ impl Channel {
                         starts_frame: starts_frame && first,
                         kind,
                         left,
+                        unsent: Vec::new(),
                     });
                     first = false;
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 }

@@ -2,6 +2,7 @@
 
 use super::wire::{Header, FLAG_END};
 use super::*;
+use crate::transport::SharedBytes;
 use std::io::{IoSlice, Read, Write};
 use std::sync::Arc;
 
@@ -67,7 +68,7 @@ fn queued_frames_keep_order_and_fd_attribution() {
     // Fill the socket so everything below is queued (and coalesced where allowed).
     let filler = vec![0xAAu8; 1 << 20];
     while a.tx.chunks.is_empty() {
-        a.send(&filler, None).unwrap();
+        a.send(&filler).unwrap();
     }
     let mut expect = Vec::new();
     for i in 0..300usize {
@@ -75,25 +76,25 @@ fn queued_frames_keep_order_and_fd_attribution() {
         let p = pattern(i, len);
         if i % 7 == 3 {
             let fd = tagged_fd(i as u8);
-            a.send(&p, Some(fd.as_fd())).unwrap();
+            a.send(OutFrame::new(&p).fd(fd.as_fd())).unwrap();
             drop(fd); // the queue holds its own duplicate
             expect.push((p, Some(i as u8)));
         } else if i % 11 == 5 {
             let sh = SharedBytes::from(p.clone());
             let fd = (i % 2 == 0).then(|| tagged_fd(i as u8));
             let tag = fd.as_ref().map(|_| i as u8);
-            a.send_shared(
-                vec![
+            a.send(
+                OutFrame::shared(vec![
                     sh.clone(),
                     SharedBytes::new(Arc::new(Vec::<u8>::new()), 0..0).unwrap(),
-                ],
-                fd,
+                ])
+                .owned_fd(fd),
             )
             .unwrap();
             expect.push((p, tag));
         } else {
             let (x, y) = p.split_at(len / 2);
-            a.send_parts(&[x, &[], y], None).unwrap();
+            a.send(OutFrame::parts(&[x, &[], y])).unwrap();
             expect.push((p, None));
         }
     }
@@ -131,9 +132,10 @@ fn a_full_side_socket_holds_the_queue_and_is_what_to_poll() {
     let n = 200usize;
     for i in 0..n {
         let fd = tagged_fd(i as u8);
-        a.send(&pattern(i, i % 50), Some(fd.as_fd())).unwrap();
+        a.send(OutFrame::new(&pattern(i, i % 50)).fd(fd.as_fd()))
+            .unwrap();
         // Frames without fds queue behind (and coalesce with) those that wait.
-        a.send(&pattern(i, 3), None).unwrap();
+        a.send(&pattern(i, 3)).unwrap();
     }
     // The data socket has room; the side socket has not: that is what to wait for.
     assert!(a.wants_write());
@@ -170,12 +172,12 @@ fn big_frames_with_fd_and_aligned() {
         for i in 0..4u8 {
             let fd = tagged_fd(i);
             if i % 2 == 0 {
-                a.send(&big, Some(fd.as_fd())).unwrap();
+                a.send(OutFrame::new(&big).fd(fd.as_fd())).unwrap();
             } else {
-                a.send(&small, Some(fd.as_fd())).unwrap();
+                a.send(OutFrame::new(&small).fd(fd.as_fd())).unwrap();
             }
         }
-        a.send(&[], None).unwrap();
+        a.send(&[]).unwrap();
         assert!(a.flush_blocking(Some(Duration::from_secs(20))).unwrap());
         a
     });
@@ -208,13 +210,13 @@ fn partial_writes_queue_the_rest() {
         SharedBytes::new(owner.clone(), (1 << 20)..(2 << 20)).unwrap(),
     ];
     let fd = tagged_fd(42);
-    a.send_shared(parts, Some(fd)).unwrap();
+    a.send(OutFrame::shared(parts).owned_fd(fd)).unwrap();
     // The socket took part of it; the queue holds the rest by reference, not by copy.
     assert!(a.wants_write());
     assert!(a.queued_bytes() < (2 << 20) + HEADER_LEN);
     assert!(Arc::strong_count(&owner) > 1);
     let (x, y) = big.split_at(12345);
-    a.send_parts(&[x, y], None).unwrap();
+    a.send(OutFrame::parts(&[x, y])).unwrap();
     let t = std::thread::spawn(move || {
         assert!(a.flush_blocking(Some(Duration::from_secs(20))).unwrap());
         a
@@ -231,7 +233,7 @@ fn partial_writes_queue_the_rest() {
     // A direct write that the socket takes only partly, with a borrowed payload and fd.
     let (mut a, mut b) = pair();
     let fd = tagged_fd(7);
-    a.send(&big, Some(fd.as_fd())).unwrap();
+    a.send(OutFrame::new(&big).fd(fd.as_fd())).unwrap();
     drop(fd);
     assert!(a.wants_write());
     let t = std::thread::spawn(move || {
@@ -248,7 +250,7 @@ fn high_water_with_an_empty_queue_and_a_full_socket() {
     let limit = 64 << 10;
     let (mut a, mut b) = Channel::pair(ChannelConfig::new().high_water(Some(limit))).unwrap();
     // A first frame takes the hello out.
-    a.send(b"first", None).unwrap();
+    a.send(b"first").unwrap();
     // Fill the socket behind the channel's back (the peer never parses these bytes).
     let junk = vec![0u8; 4096];
     loop {
@@ -260,11 +262,11 @@ fn high_water_with_an_empty_queue_and_a_full_socket() {
     }
     assert!(!a.wants_write());
     // Larger than the mark and nothing taken: refused, nothing queued.
-    let e = a.send(&vec![1u8; limit + 1], None).unwrap_err();
+    let e = a.send(&vec![1u8; limit + 1]).unwrap_err();
     assert!(matches!(e, Error::HighWater { queued: 0, .. }), "{e:?}");
     assert!(!a.wants_write() && !a.is_hosed());
     // Small ones queue up to the mark.
-    a.send(&[2u8; 1000], None).unwrap();
+    a.send(&[2u8; 1000]).unwrap();
     assert_eq!(a.queued_bytes(), 1000 + HEADER_LEN);
     // Pings are never refused and do not count.
     a.cfg.auto_ping = Some(Duration::from_millis(1));
@@ -283,7 +285,7 @@ fn sizes_around_the_buffer_boundary() {
     let t = std::thread::spawn(move || {
         for (i, &n) in sizes.iter().enumerate() {
             let fd = (i % 3 == 1).then(|| tagged_fd(i as u8));
-            a.send(&pattern(i, n), fd.as_ref().map(|f| f.as_fd()))
+            a.send(OutFrame::new(&pattern(i, n)).fd(fd.as_ref().map(|f| f.as_fd())))
                 .unwrap();
             if i % 4 == 0 {
                 assert!(a.flush_blocking(Some(Duration::from_secs(20))).unwrap());
@@ -308,23 +310,23 @@ fn sizes_around_the_buffer_boundary() {
 fn refusals_do_not_hose() {
     let (mut a, mut b) = Channel::pair(ChannelConfig::new().max_frame(10)).unwrap();
     assert!(matches!(
-        a.send(&[0; 11], None),
+        a.send(&[0; 11]),
         Err(Error::FrameTooLarge {
             len: 11,
             max: 10,
             received: false
         })
     ));
-    a.send(&[1; 10], None).unwrap();
+    a.send(&[1; 10]).unwrap();
     a.end_sending().unwrap();
     assert!(a.is_send_done());
-    assert!(matches!(a.send(&[1], None), Err(Error::SendingEnded)));
+    assert!(matches!(a.send(&[1]), Err(Error::SendingEnded)));
     assert!(matches!(a.end_sending(), Err(Error::SendingEnded)));
     assert!(!a.is_hosed());
     assert_eq!(&*drain(&mut b, 1)[0].payload, &[1; 10]);
     assert!(matches!(b.try_recv(), Err(Error::EndOfStream)));
     assert!(matches!(b.try_recv(), Err(Error::Hosed)));
-    assert!(matches!(b.send(&[1], None), Err(Error::Hosed)));
+    assert!(matches!(b.send(&[1]), Err(Error::Hosed)));
     drop(b);
     assert!(matches!(a.recv_blocking(None), Err(Error::PeerGone)));
 }
@@ -337,7 +339,7 @@ fn pings_are_silent_and_timers_work() {
     assert!(a.next_deadline().unwrap() < later);
     a.on_timer(later).unwrap();
     a.on_timer(later).unwrap(); // not due again yet
-    a.send(b"x", None).unwrap();
+    a.send(b"x").unwrap();
     assert_eq!(&*drain(&mut b, 1)[0].payload, b"x");
     assert!(b.try_recv().unwrap().is_none());
 
@@ -501,4 +503,92 @@ fn bad_hellos() {
     sys::send_with_fds(&raw, &encode_header(FLAG_HAS_FD, 0), &[]).unwrap();
     let f = c.try_recv().unwrap().unwrap();
     assert_eq!(read_tag(f.fd.unwrap()), 5);
+}
+
+/// A frame's `on_unsent` runs exactly when its last byte never leaves: refused, or dropped with
+/// the queue (hosed, dropped); never once the frame is written, at once or by a flush, alone or
+/// coalesced with others.
+#[test]
+fn on_unsent_runs_only_for_frames_that_never_wholly_leave() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let ran = Arc::new(AtomicUsize::new(0));
+    let counted = |p: &'static [u8]| {
+        let r = ran.clone();
+        OutFrame::new(p).on_unsent(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+        })
+    };
+    static BIG: [u8; 1 << 20] = [3; 1 << 20];
+
+    // Refused: too large.
+    let (mut a, mut b) = Channel::pair(ChannelConfig::new().max_frame(16)).unwrap();
+    assert!(matches!(
+        a.send(counted(b"seventeen bytes!!")),
+        Err(Error::FrameTooLarge { .. })
+    ));
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    // Written at once.
+    a.send(counted(b"small")).unwrap();
+    assert_eq!(&*b.recv_blocking(None).unwrap().unwrap().payload, b"small");
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+
+    // Queued behind a big frame (small ones coalesced into one chunk), then flushed: none run.
+    let (mut a, mut b) = pair();
+    while a.queued_bytes() == 0 {
+        a.send(&BIG[..]).unwrap();
+    }
+    for _ in 0..10 {
+        a.send(counted(b"tiny")).unwrap();
+    }
+    a.send(
+        OutFrame::shared(vec![SharedBytes::from(vec![9u8; 4096])]).on_unsent({
+            let r = ran.clone();
+            move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+    )
+    .unwrap();
+    let mut got = 0;
+    while got < 11 {
+        a.flush().unwrap();
+        if let Some(f) = b
+            .recv_blocking(Some(std::time::Duration::from_millis(10)))
+            .unwrap()
+        {
+            if f.payload.len() < BIG.len() {
+                got += 1;
+            }
+        }
+    }
+    assert!(a.flush().unwrap(), "all written");
+    assert_eq!(ran.load(Ordering::SeqCst), 1, "written frames never run it");
+
+    // Queued, then the channel dropped: each unwritten frame runs it once.
+    let (mut a, _b) = pair();
+    while a.queued_bytes() == 0 {
+        a.send(&BIG[..]).unwrap();
+    }
+    for _ in 0..5 {
+        a.send(counted(b"never")).unwrap();
+    }
+    drop(a);
+    assert_eq!(ran.load(Ordering::SeqCst), 6);
+
+    // Queued, then hosed (the peer gone): run at the hosing.
+    let (mut a, b) = pair();
+    while a.queued_bytes() == 0 {
+        a.send(&BIG[..]).unwrap();
+    }
+    a.send(counted(b"lost")).unwrap();
+    drop(b);
+    let err = loop {
+        if let Err(e) = a.flush() {
+            break e;
+        }
+    };
+    assert!(err.is_hosing(), "{err:?}");
+    assert_eq!(ran.load(Ordering::SeqCst), 7);
+    assert!(matches!(a.send(counted(b"after")), Err(Error::Hosed)));
+    assert_eq!(ran.load(Ordering::SeqCst), 8, "refused when hosed: runs");
 }

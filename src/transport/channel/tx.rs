@@ -2,8 +2,10 @@
 //! frame's fd kept until it goes out (on the side socket, before the frame's first byte).
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use super::frame::Unsent;
 
 use super::wire::HEADER_LEN;
 use crate::sys;
@@ -59,6 +61,9 @@ pub(super) struct Chunk {
     pub(super) kind: Kind,
     /// Bytes of this chunk not yet written (as accounted in the queue totals).
     pub(super) left: usize,
+    /// The `on_unsent` of the frames that end in this chunk: disarmed once it is written,
+    /// run if it is dropped unwritten.
+    pub(super) unsent: Vec<Unsent>,
 }
 
 #[derive(Debug, Default)]
@@ -192,9 +197,12 @@ impl SendQueue {
             }
             // Finished (or its owner shrank: see `SharedBytes`); drop what is left of its
             // accounting with it.
-            let Some(c) = self.chunks.pop_front() else {
+            let Some(mut c) = self.chunks.pop_front() else {
                 break;
             };
+            for u in c.unsent.drain(..) {
+                u.disarm();
+            }
             self.bytes -= c.left;
             if c.kind == Kind::Data {
                 self.counted -= c.left;
@@ -246,41 +254,5 @@ impl Cursor {
             }
         }
         out
-    }
-}
-
-/// What a send hands to the common path.
-pub(super) enum Payload<'a> {
-    Borrowed(&'a [&'a [u8]]),
-    Shared(Vec<SharedBytes>),
-}
-
-impl Payload<'_> {
-    pub(super) fn count(&self) -> usize {
-        match self {
-            Payload::Borrowed(p) => p.len(),
-            Payload::Shared(p) => p.len(),
-        }
-    }
-}
-
-pub(super) enum FdArg<'a> {
-    Borrowed(BorrowedFd<'a>),
-    Owned(OwnedFd),
-}
-
-impl FdArg<'_> {
-    pub(super) fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            FdArg::Borrowed(b) => *b,
-            FdArg::Owned(o) => o.as_fd(),
-        }
-    }
-
-    pub(super) fn into_owned(self) -> io::Result<OwnedFd> {
-        match self {
-            FdArg::Borrowed(b) => b.try_clone_to_owned(),
-            FdArg::Owned(o) => Ok(o),
-        }
     }
 }
