@@ -1,0 +1,271 @@
+//! Receiving and dispatch for [`Channel`]: one receive step at a time, unsolicited messages to
+//! their expectation (or the cache), responses to their request (or reported as unexpected);
+//! a hosing error reported once and the channel marked hosed.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use capnp::dynamic_struct;
+use capnp::dynamic_value;
+use capnp::introspect::Introspect;
+use capnp::traits::Owned;
+
+use super::{Channel, Expect, Handler, Request};
+use crate::msg::channel::Incoming;
+use crate::msg::MsgIn;
+use crate::struc::{Error, MsgType};
+
+impl<M> Channel<M>
+where
+    M: Owned + Introspect,
+    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
+{
+    /// Marks the channel hosed if `e` hoses it; returns `e` for the caller to report.
+    pub(super) fn hose(&mut self, e: Error) -> Error {
+        if e.is_hosing() {
+            self.hosed = true;
+            self.on_error = None;
+            self.expect_one.clear();
+            self.expect_many.clear();
+            self.requests.clear();
+            self.sync_waiting.clear();
+            self.sync_arrived.clear();
+            self.on_unexpected = None;
+            self.on_remote_unexpected = None;
+        }
+        e
+    }
+
+    /// A hosing error met while receiving goes to `on_error`; the caller sees `Hosed`.
+    pub(super) fn report(&mut self, e: Error) -> Error {
+        if !e.is_hosing() {
+            return e;
+        }
+        if self.hosed {
+            // Already reported (e.g. by a handler's call, or a nested receive).
+            return Error::Hosed;
+        }
+        let handler = self.on_error.take();
+        self.hose(Error::Hosed);
+        match handler {
+            Some(h) => {
+                h(e);
+                Error::Hosed
+            }
+            None => e,
+        }
+    }
+
+    /// One receive step whose hosing error is the caller's to return (not `on_error`'s);
+    /// `Ok(false)` if nothing came.
+    pub(super) fn step(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        match self.step_inner(timeout) {
+            Ok(got) => Ok(got),
+            Err(_) if self.hosed => Err(Error::Hosed),
+            Err(e) => Err(self.hose(e)),
+        }
+    }
+
+    /// Receives and dispatches one event (waiting up to `timeout`); `Ok(false)` if none came.
+    pub(super) fn step_inner(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        if self.hosed {
+            // Hosed by a handler's call or a nested receive: reported there already.
+            return Err(Error::Hosed);
+        }
+        match self.msgs.next_event(timeout) {
+            Ok(Some(Incoming::Msg(m))) => {
+                self.dispatch(m)?;
+                Ok(true)
+            }
+            Ok(Some(Incoming::UnexpectedResponse(id))) => {
+                if let Some(h) = self.on_remote_unexpected.as_mut() {
+                    h(id);
+                }
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn dispatch(&mut self, m: MsgIn<M>) -> Result<(), Error> {
+        let answers = m.answers();
+        if answers != 0 {
+            return self.dispatch_response(answers, m);
+        }
+        let which = match m
+            .segment0()
+            .and_then(|s| root_discriminant(s, self.union_at))
+        {
+            Some(d) if d < self.union_len => MsgType(d),
+            Some(_) => return Err(Error::UnknownMsgType),
+            None => msg_type(&m)?,
+        };
+        if let Some(h) = self.expect_one.remove(&which.0) {
+            h(self, m);
+            return Ok(());
+        }
+        // Nothing of its type waiting before it and its handler idle: straight to the handler
+        // (what going through the cache would do, without the two moves).
+        if self.cached(which) == 0 {
+            if let Some(h) = self.expect_many.get_mut(&which.0).and_then(Option::take) {
+                self.run_many(which, h, m);
+                // Whatever a nested receive cached meanwhile follows.
+                self.deliver_cached(which);
+                return Ok(());
+            }
+        }
+        // Through the cache, so that order holds even when a handler's nested receive brings in
+        // more of its own type while it runs (those wait here and follow it).
+        self.cache.get_or_default(which.0).push_back(m);
+        self.deliver_cached(which);
+        Ok(())
+    }
+
+    /// Hands cached messages of `which` to its `expect_msgs` handler while there is one, not
+    /// already running.
+    fn deliver_cached(&mut self, which: MsgType) {
+        while !self.hosed {
+            let Some(m) = self.cache.get_mut(&which.0).and_then(VecDeque::pop_front) else {
+                return;
+            };
+            match self.expect_many.get_mut(&which.0).and_then(Option::take) {
+                Some(h) => self.run_many(which, h, m),
+                None => {
+                    // Not expected, or running further up the stack (it takes these when it
+                    // returns): back to the front of the line.
+                    self.cache.get_or_default(which.0).push_front(m);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs `which`'s `expect_msgs` handler (taken out of its slot while it runs) on `m`, and
+    /// puts it back unless the handler undid (or replaced) the expectation.
+    fn run_many(&mut self, which: MsgType, mut h: Handler<M>, m: MsgIn<M>) {
+        h(self, m);
+        if let Some(slot @ None) = self.expect_many.get_mut(&which.0) {
+            *slot = Some(h);
+        }
+    }
+
+    fn dispatch_response(&mut self, answers: u64, m: MsgIn<M>) -> Result<(), Error> {
+        if answers >= self.msgs.next_message_id() {
+            return Err(Error::BadResponseId(answers));
+        }
+        if self.sync_waiting.contains(&answers)
+            && !self.sync_arrived.iter().any(|(a, _)| *a == answers)
+        {
+            self.sync_arrived.push((answers, m));
+            return Ok(());
+        }
+        if let Some(req) = self.requests.get_mut(&answers) {
+            req.queued.push_back(m);
+            self.deliver_responses(answers);
+            return Ok(());
+        }
+        if self.timed_out.remove(&answers) {
+            return Ok(()); // a late response to a timed-out sync_request: dropped quietly
+        }
+        // Unexpected: dropped; our handler hears of it, and so does the sender.
+        let id = m.id();
+        if let Some(mut h) = self.on_unexpected.take() {
+            h(self, m);
+            if self.on_unexpected.is_none() && !self.hosed {
+                self.on_unexpected = Some(h);
+            }
+        }
+        if !self.hosed {
+            match self.msgs.send_unexpected_notice(id) {
+                Ok(()) => {}
+                // Not hosing (e.g. sending was ended): the notice is a courtesy, skip it.
+                Err(e) if !e.is_hosing() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands queued responses of request `id` to its handler (one for a one-off request) while
+    /// the handler is not already running.
+    fn deliver_responses(&mut self, id: u64) {
+        while !self.hosed {
+            let Some(req) = self.requests.get_mut(&id) else {
+                return;
+            };
+            if req.handler.is_none() {
+                return; // running further up the stack: it takes these when it returns
+            }
+            let Some(m) = req.queued.pop_front() else {
+                return;
+            };
+            let expect = req.expect;
+            let Some(mut h) = req.handler.take() else {
+                return;
+            };
+            if expect == Expect::OneOff {
+                // Done after this one; any other queued response is now unexpected.
+                let rest = self
+                    .requests
+                    .remove(&id)
+                    .map(|r| r.queued)
+                    .unwrap_or_default();
+                h(self, m);
+                for extra in rest {
+                    let _ = self.dispatch_response(extra.answers(), extra);
+                }
+                return;
+            }
+            h(self, m);
+            if let Some(Request {
+                handler: slot @ None,
+                ..
+            }) = self.requests.get_mut(&id)
+            {
+                *slot = Some(h);
+            }
+        }
+    }
+}
+
+/// The root union's discriminant read straight from segment 0 when the root pointer is a plain
+/// struct pointer there (as our builders make it), `None` otherwise (e.g. a far pointer: the
+/// caller then asks capnp's dynamic reader). Every access is bounds-checked.
+pub(super) fn root_discriminant(seg0: &[u8], at: u32) -> Option<u16> {
+    let ptr = u64::from_le_bytes(seg0.get(..8)?.try_into().ok()?);
+    if ptr == 0 || ptr & 3 != 0 {
+        return None; // null root or not a struct pointer
+    }
+    // Bits 2..32: signed offset in words from the end of the pointer to the data section;
+    // bits 32..48: data section size in words.
+    let offset = i64::from((ptr as u32 as i32) >> 2);
+    let data_words = (ptr >> 32) as u16 as u64;
+    let start = 8 + offset * 8;
+    if start < 8 {
+        return None;
+    }
+    if (start as u64).checked_add(data_words * 8)? > seg0.len() as u64 {
+        return None; // the struct is not (wholly) in segment 0: let capnp's reader judge it
+    }
+    let field = u64::from(at) * 2;
+    if field + 2 > data_words * 8 {
+        return Some(0); // beyond the data section: the default, 0
+    }
+    let at = usize::try_from(start as u64 + field).ok()?;
+    Some(u16::from_le_bytes(seg0.get(at..at + 2)?.try_into().ok()?))
+}
+
+/// The type of a received message: its root union's discriminant.
+fn msg_type<M>(m: &MsgIn<M>) -> Result<MsgType, Error>
+where
+    M: Owned,
+    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
+{
+    let root = m.root().map_err(Error::Decode)?;
+    let dynamic: dynamic_struct::Reader<'_> = root.into().downcast();
+    match dynamic.which() {
+        Ok(Some(field)) => Ok(MsgType(field.get_proto().get_discriminant_value())),
+        Ok(None) | Err(_) => Err(Error::UnknownMsgType),
+    }
+}
