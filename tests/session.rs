@@ -627,14 +627,14 @@ fn every_log_in_check_rejects_with_its_error_on_both_sides_and_the_server_goes_o
             "SHM kind",
             u.clients.clone(),
             u.cli.clone(),
-            SessionConfig::new().shm(ShmKind::Heap),
+            SessionConfig::new().with_shm(ShmKind::Heap),
             Rejection::Config,
         ),
         (
             "fd passing",
             u.clients.clone(),
             u.cli.clone(),
-            SessionConfig::new().native_handles(false),
+            SessionConfig::new().with_native_handles(false),
             Rejection::Config,
         ),
     ];
@@ -890,8 +890,8 @@ fn a_vanilla_session_copies_and_has_no_arenas() {
     let dir = RunDir::new();
     let u = universe(&dir.0);
     let cfg = SessionConfig::new()
-        .shm(ShmKind::Heap)
-        .native_handles(false);
+        .with_shm(ShmKind::Heap)
+        .with_native_handles(false);
     let server = SessionServer::builder(&u.srv, &u.clients)
         .config(cfg.clone())
         .init_channels(|_, _, _| 1)
@@ -926,15 +926,15 @@ fn a_silent_peer_ends_the_session_by_idle_timeout_once() {
     let dir = RunDir::new();
     let u = universe(&dir.0);
     let server = SessionServer::builder(&u.srv, &u.clients)
-        .config(SessionConfig::new().keep_alive(Some((
+        .config(SessionConfig::new().with_keep_alive(Some((
             Duration::from_millis(50),
             Duration::from_millis(300),
         ))))
         .build()
         .unwrap();
     // This client never pings.
-    let mut c =
-        ClientSession::new(&u.cli, &u.srv, |_| {}).config(SessionConfig::new().keep_alive(None));
+    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {})
+        .config(SessionConfig::new().with_keep_alive(None));
     c.sync_connect().unwrap();
     let mut s = server.accept(T).unwrap();
     let (tx, rx) = mpsc::channel();
@@ -1230,7 +1230,7 @@ fn handlers_may_open_channels_back_at_the_same_time() {
     let dir = RunDir::new();
     let u = universe(&dir.0);
     // A deadlock would show as OpenTimeout (5 s) in a handler.
-    let cfg = SessionConfig::new().open_timeout(Duration::from_secs(5));
+    let cfg = SessionConfig::new().with_open_timeout(Duration::from_secs(5));
     let server = SessionServer::builder(&u.srv, &u.clients)
         .config(cfg.clone())
         .build()

@@ -441,7 +441,7 @@ fn bad_input_gets_its_specific_error_once() {
         let mut c = fed(
             &raw_frame(0, 4097, &[]),
             &[],
-            ChannelConfig::new().max_frame(4096),
+            ChannelConfig::new().with_max_frame(4096),
         );
         assert!(matches!(
             next_error(&mut c),
@@ -570,7 +570,8 @@ fn bad_input_gets_its_specific_error_once() {
 fn high_water_refuses_without_hosing_and_recovers() {
     within(120, "high water", || {
         let limit = 1 << 20;
-        let (mut a, mut b) = Channel::pair(ChannelConfig::new().high_water(Some(limit))).unwrap();
+        let (mut a, mut b) =
+            Channel::pair(ChannelConfig::new().with_high_water(Some(limit))).unwrap();
         let frame = |i: u64| {
             let mut v = vec![0u8; 8 << 10];
             fill(&mut v, i);
@@ -672,7 +673,7 @@ fn end_sending_delivers_everything_then_end_of_stream_once() {
 
 /// Receives (which also runs the timers: pings with `ping`) until the parent goes.
 fn child_keepalive(ping: Option<Duration>) {
-    let mut c = child_channel(ChannelConfig::new().auto_ping(ping));
+    let mut c = child_channel(ChannelConfig::new().with_auto_ping(ping));
     loop {
         match c.recv_blocking(None) {
             Ok(Some(_)) => {}
@@ -691,7 +692,10 @@ fn pings_keep_an_idle_channel_alive_and_silence_times_out() {
         // them: without pings it would fire.
         let idle = Duration::from_secs(1);
         let mut peer = spawn_plain("pinger");
-        let mut c = parent_channel(&mut peer, ChannelConfig::new().idle_timeout(Some(idle)));
+        let mut c = parent_channel(
+            &mut peer,
+            ChannelConfig::new().with_idle_timeout(Some(idle)),
+        );
         let until = Instant::now() + idle * 5 / 2;
         loop {
             let now = Instant::now();
@@ -710,7 +714,7 @@ fn pings_keep_an_idle_channel_alive_and_silence_times_out() {
         let mut peer = spawn_plain("silent");
         let mut c = parent_channel(
             &mut peer,
-            ChannelConfig::new().idle_timeout(Some(Duration::from_millis(300))),
+            ChannelConfig::new().with_idle_timeout(Some(Duration::from_millis(300))),
         );
         assert!(matches!(next_error(&mut c), Error::IdleTimeout));
         assert_eq!(c.next_deadline(), None);
@@ -875,7 +879,7 @@ fn channels_connect_to_a_path() {
 
 #[test]
 fn a_channel_without_fds_refuses_them_both_ways() {
-    let cfg = ChannelConfig::new().fds(false);
+    let cfg = ChannelConfig::new().with_fds(false);
     let (mut a, mut b) = Channel::pair(cfg.clone()).unwrap();
     let file = memfd_with("x");
     // Sending one is refused, nothing goes out, the channel is fine.

@@ -227,7 +227,7 @@ pub fn start() -> Client {
 
 /// Room for the 1 GiB response copied whole through the socket (1 GiB plus capnp's framing).
 fn config() -> ChannelConfig {
-    ChannelConfig::new().max_frame(2 << 30)
+    ChannelConfig::new().with_max_frame(2 << 30)
 }
 
 fn nanos() -> u128 {

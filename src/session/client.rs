@@ -176,15 +176,15 @@ impl ClientSession {
             let mut c = l.reborrow().init_config();
             c.set_shm_kind(config.shm_code());
             c.set_channel_kind(config.channel_code());
-            c.set_native_handles(config.get_native_handles());
+            c.set_native_handles(config.native_handles());
             l.set_init_channels(opts.init_channels);
             if let Some(m) = &opts.metadata {
                 l.set_metadata(m.as_bytes());
             }
         }
-        let deadline = Instant::now() + config.get_log_in_timeout();
+        let deadline = Instant::now() + config.log_in_timeout();
         let rsp = core
-            .sync_request(&mut req, None, Some(config.get_log_in_timeout()))
+            .sync_request(&mut req, None, Some(config.log_in_timeout()))
             .map_err(|e| match e {
                 struc::Error::Timeout => Error::LogInTimeout,
                 // (Only `process_ready` and its kin report to the captured slot, and none of
@@ -229,7 +229,7 @@ impl ClientSession {
         )?;
         if n_cli != opts.init_channels
             || n_srv > super::MAX_INIT_CHANNELS
-            || with_arenas != (config.get_shm() == ShmKind::Classic)
+            || with_arenas != (config.shm() == ShmKind::Classic)
         {
             return Err(Error::Protocol(
                 "log-in response does not match the request",

@@ -23,19 +23,19 @@ pub enum ChannelKind {
     SocketStream,
 }
 
-/// A session's settings. Both sides must agree on [`shm`](SessionConfig::shm),
-/// [`channel_kind`](SessionConfig::channel_kind) and
-/// [`native_handles`](SessionConfig::native_handles), or log-in fails with
+/// A session's settings. Both sides must agree on [`shm`](SessionConfig::with_shm),
+/// [`channel_kind`](SessionConfig::with_channel_kind) and
+/// [`native_handles`](SessionConfig::with_native_handles), or log-in fails with
 /// [`Rejection::Config`](super::Rejection::Config); the rest is each side's own.
 ///
 /// ```
 /// use std::time::Duration;
 /// use flowipc::session::{SessionConfig, ShmKind};
 /// let cfg = SessionConfig::new()
-///     .shm(ShmKind::Heap)
-///     .native_handles(false)
-///     .keep_alive(Some((Duration::from_millis(500), Duration::from_secs(3))));
-/// assert_eq!(cfg.get_shm(), ShmKind::Heap);
+///     .with_shm(ShmKind::Heap)
+///     .with_native_handles(false)
+///     .with_keep_alive(Some((Duration::from_millis(500), Duration::from_secs(3))));
+/// assert_eq!(cfg.shm(), ShmKind::Heap);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -71,27 +71,27 @@ impl SessionConfig {
     }
 
     /// SHM-classic or heap (must match the peer's).
-    pub fn shm(mut self, kind: ShmKind) -> Self {
+    pub fn with_shm(mut self, kind: ShmKind) -> Self {
         self.shm = kind;
         self
     }
 
     /// The channels' kind (must match the peer's).
-    pub fn channel_kind(mut self, kind: ChannelKind) -> Self {
+    pub fn with_channel_kind(mut self, kind: ChannelKind) -> Self {
         self.channel_kind = kind;
         self
     }
 
     /// Whether channels carry fds (must match the peer's). Without, a channel refuses to send
     /// one ([`transport::Error::FdsDisabled`](crate::transport::Error::FdsDisabled)).
-    pub fn native_handles(mut self, on: bool) -> Self {
+    pub fn with_native_handles(mut self, on: bool) -> Self {
         self.native_handles = on;
         self
     }
 
     /// Bytes of each arena's one pool (the server's setting decides). Arenas do not grow past it:
     /// a message that does not fit fails to send with an out-of-memory error.
-    pub fn pool_size(mut self, bytes: u64) -> Self {
+    pub fn with_pool_size(mut self, bytes: u64) -> Self {
         self.pool_size = bytes;
         self
     }
@@ -103,68 +103,68 @@ impl SessionConfig {
     /// period well under the peer's idle timeout (the defaults, 1 s and 5 s, do).
     ///
     /// [`Error::IdleTimeout`]: super::Error::IdleTimeout
-    pub fn keep_alive(mut self, k: Option<(Duration, Duration)>) -> Self {
+    pub fn with_keep_alive(mut self, k: Option<(Duration, Duration)>) -> Self {
         self.keep_alive = k;
         self
     }
 
     /// How long log-in may take.
-    pub fn log_in_timeout(mut self, t: Duration) -> Self {
+    pub fn with_log_in_timeout(mut self, t: Duration) -> Self {
         self.log_in_timeout = t;
         self
     }
 
     /// How long `open_channel` waits for the peer's answer.
-    pub fn open_timeout(mut self, t: Duration) -> Self {
+    pub fn with_open_timeout(mut self, t: Duration) -> Self {
         self.open_timeout = t;
         self
     }
 
-    /// See [`shm`](SessionConfig::shm).
-    pub fn get_shm(&self) -> ShmKind {
+    /// See [`with_shm`](SessionConfig::with_shm).
+    pub fn shm(&self) -> ShmKind {
         self.shm
     }
 
-    /// See [`channel_kind`](SessionConfig::channel_kind).
-    pub fn get_channel_kind(&self) -> ChannelKind {
+    /// See [`with_channel_kind`](SessionConfig::with_channel_kind).
+    pub fn channel_kind(&self) -> ChannelKind {
         self.channel_kind
     }
 
-    /// See [`native_handles`](SessionConfig::native_handles).
-    pub fn get_native_handles(&self) -> bool {
+    /// See [`with_native_handles`](SessionConfig::with_native_handles).
+    pub fn native_handles(&self) -> bool {
         self.native_handles
     }
 
-    /// See [`pool_size`](SessionConfig::pool_size).
-    pub fn get_pool_size(&self) -> u64 {
+    /// See [`with_pool_size`](SessionConfig::with_pool_size).
+    pub fn pool_size(&self) -> u64 {
         self.pool_size
     }
 
-    /// See [`keep_alive`](SessionConfig::keep_alive).
-    pub fn get_keep_alive(&self) -> Option<(Duration, Duration)> {
+    /// See [`with_keep_alive`](SessionConfig::with_keep_alive).
+    pub fn keep_alive(&self) -> Option<(Duration, Duration)> {
         self.keep_alive
     }
 
-    /// See [`log_in_timeout`](SessionConfig::log_in_timeout).
-    pub fn get_log_in_timeout(&self) -> Duration {
+    /// See [`with_log_in_timeout`](SessionConfig::with_log_in_timeout).
+    pub fn log_in_timeout(&self) -> Duration {
         self.log_in_timeout
     }
 
-    /// See [`open_timeout`](SessionConfig::open_timeout).
-    pub fn get_open_timeout(&self) -> Duration {
+    /// See [`with_open_timeout`](SessionConfig::with_open_timeout).
+    pub fn open_timeout(&self) -> Duration {
         self.open_timeout
     }
 
     /// The configuration of the session's channels (init and opened ones).
     pub fn channel_config(&self) -> ChannelConfig {
-        ChannelConfig::new().fds(self.native_handles)
+        ChannelConfig::new().with_fds(self.native_handles)
     }
 
     /// The configuration of the session's own (master) channel.
     pub(crate) fn master_config(&self) -> ChannelConfig {
-        let cfg = ChannelConfig::new().max_frame(4 << 20);
+        let cfg = ChannelConfig::new().with_max_frame(4 << 20);
         match self.keep_alive {
-            Some((ping, idle)) => cfg.auto_ping(Some(ping)).idle_timeout(Some(idle)),
+            Some((ping, idle)) => cfg.with_auto_ping(Some(ping)).with_idle_timeout(Some(idle)),
             None => cfg,
         }
     }

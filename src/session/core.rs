@@ -148,7 +148,7 @@ impl std::fmt::Debug for Session {
             .field("open", &self.link.is_some())
             .field("peer_app", &self.peer_app)
             .field("token", &format_args!("{:032x}", self.token))
-            .field("shm", &self.config.get_shm())
+            .field("shm", &self.config.shm())
             .field("hosed", &self.is_hosed())
             .finish()
     }
@@ -335,7 +335,7 @@ impl Session {
         req.set_fd(OwnedFd::from(theirs));
         let rsp = link
             .master
-            .sync_request(&mut req, None, Some(self.config.get_open_timeout()))
+            .sync_request(&mut req, None, Some(self.config.open_timeout()))
             .map_err(|e| match e {
                 struc::Error::Timeout => Error::OpenTimeout,
                 e => self.report(e.into()),

@@ -577,7 +577,7 @@ fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
     let chan = transport::Channel::from_stream(stream, cfg.master_config())?;
     let mut core = struc::Channel::<Master>::new(chan, Backing::Heap)?;
     core.start(|_| {})?;
-    let deadline = Instant::now() + cfg.get_log_in_timeout();
+    let deadline = Instant::now() + cfg.log_in_timeout();
     let log_in_type = MsgType::of::<Master>("logIn")?;
     // Nothing but the log-in may come first (nothing else is cached, however much is sent).
     let others = proto::types(&["logInRsp", "resource", "openChannel", "openChannelRsp"])?;
@@ -666,10 +666,8 @@ fn provide(
     let cfg = &shared.config;
     let refuse = |detail: String| (Rejection::Resources, detail);
     // Arenas: the session's own, and the client app's (made at its first session).
-    let arenas = if cfg.get_shm() == ShmKind::Classic {
-        let pool = ArenaConfig::new()
-            .pool_size(cfg.get_pool_size())
-            .max_pools(1);
+    let arenas = if cfg.shm() == ShmKind::Classic {
+        let pool = ArenaConfig::new().pool_size(cfg.pool_size()).max_pools(1);
         let session = Arena::create(pool.clone());
         let app = {
             let mut m = lock(&shared.app_arenas);
@@ -795,7 +793,7 @@ fn check(
         Some("SHM kind")
     } else if req.channel_kind != ours.channel_code() {
         Some("channel kind")
-    } else if req.native_handles != ours.get_native_handles() {
+    } else if req.native_handles != ours.native_handles() {
         Some("fd passing (native handles)")
     } else {
         None

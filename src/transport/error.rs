@@ -54,7 +54,7 @@ pub enum Error {
     },
     /// An fd the channel does not take: the peer's hello carried one without being flagged
     /// for it, or a frame flagged as carrying one reached a channel configured without fds
-    /// ([`ChannelConfig::fds`](super::ChannelConfig::fds)). Any fd received was closed. (An fd a
+    /// ([`ChannelConfig::with_fds`](super::ChannelConfig::with_fds)). Any fd received was closed. (An fd a
     /// peer attaches to the data socket after the hello is closed by the kernel, unseen: see the
     /// wire format in [the module docs](super).) Hosing.
     UnexpectedFd,
@@ -94,7 +94,7 @@ pub enum Error {
     /// The [`AsyncChannel`](super::AsyncChannel) was dropped before the operation completed.
     Aborted,
     /// A send with an fd on a channel configured without fds
-    /// ([`ChannelConfig::fds`](super::ChannelConfig::fds)). Nothing was sent. Non-hosing.
+    /// ([`ChannelConfig::with_fds`](super::ChannelConfig::with_fds)). Nothing was sent. Non-hosing.
     FdsDisabled,
 }
 

@@ -55,7 +55,7 @@
 //! **The hello.** The first frame in each direction is a hello, sent just before the side's
 //! first frame of any kind (a channel that never sends sends no hello, so a socket may be
 //! wrapped, left unused and handed on: see [`Channel::from_stream`]). A side with fds enabled
-//! ([`ChannelConfig::fds`]) makes a `socketpair`, its *fd side socket*, and its hello is
+//! ([`ChannelConfig::with_fds`]) makes a `socketpair`, its *fd side socket*, and its hello is
 //! flagged [`FLAG_HAS_FD`] and carries the side socket's receiving end by `SCM_RIGHTS`, attached
 //! to the hello's first byte; a side without fds sends a hello with no flag but
 //! [`FLAG_HELLO`]. The receiver reads the hello with `recvmsg`, never more than its 16 bytes, so
@@ -92,7 +92,7 @@
 //! socket has no room for the next frame's fd (the peer has not yet parsed the frames whose
 //! fds fill it), the queue waits for the side socket: poll [`Channel::write_fd`] for
 //! writability, not `as_fd`, while [`Channel::wants_write`]. A high-water
-//! mark ([`ChannelConfig::high_water`]) bounds the queue: a frame that would pass it is refused
+//! mark ([`ChannelConfig::with_high_water`]) bounds the queue: a frame that would pass it is refused
 //! with [`Error::HighWater`], and nothing of it is sent (see [`Channel::send`] for the exact
 //! rule). `SIGPIPE` is never raised (`MSG_NOSIGNAL`).
 //!
@@ -103,7 +103,7 @@
 //! Larger payloads are read by the kernel straight into their `AlignedBuf`: only the bytes of one
 //! that arrived in the same `recvmsg` as the small frames before it pass through the buffer
 //! (after a large frame the next header is read alone, so a run of large frames is never
-//! copied). A header announcing more than [`ChannelConfig::max_frame`] fails before anything is
+//! copied). A header announcing more than [`ChannelConfig::with_max_frame`] fails before anything is
 //! allocated.
 //!
 //! # Errors
@@ -123,8 +123,8 @@
 //! ending side keeps receiving until the peer closes). End of stream without an END frame is
 //! [`Error::PeerGone`]; in the middle of a frame, [`Error::Truncated`].
 //!
-//! With [`ChannelConfig::auto_ping`], a ping frame is sent whenever nothing was sent for the
-//! period; with [`ChannelConfig::idle_timeout`], the channel fails with [`Error::IdleTimeout`]
+//! With [`ChannelConfig::with_auto_ping`], a ping frame is sent whenever nothing was sent for the
+//! period; with [`ChannelConfig::with_idle_timeout`], the channel fails with [`Error::IdleTimeout`]
 //! when nothing at all arrived for that long. Both run from [`Channel::on_timer`], due at
 //! [`Channel::next_deadline`]: the sync_io way, with no threads.
 

@@ -118,7 +118,7 @@ impl Channel {
 
     /// Wraps a connected Unix stream socket. The peer must be a `Channel` too: the first
     /// frame in each direction is a hello, sent just before the first frame of any kind (see
-    /// [the module docs](super)). With fds enabled ([`ChannelConfig::fds`]), this makes the fd
+    /// [the module docs](super)). With fds enabled ([`ChannelConfig::with_fds`]), this makes the fd
     /// side socket (a `socketpair`), whose receiving end the hello carries.
     ///
     /// Nothing is written or read here, so a channel may be made, left unused and dropped

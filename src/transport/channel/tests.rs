@@ -248,7 +248,7 @@ fn partial_writes_queue_the_rest() {
 #[test]
 fn high_water_with_an_empty_queue_and_a_full_socket() {
     let limit = 64 << 10;
-    let (mut a, mut b) = Channel::pair(ChannelConfig::new().high_water(Some(limit))).unwrap();
+    let (mut a, mut b) = Channel::pair(ChannelConfig::new().with_high_water(Some(limit))).unwrap();
     // A first frame takes the hello out.
     a.send(b"first").unwrap();
     // Fill the socket behind the channel's back (the peer never parses these bytes).
@@ -308,7 +308,7 @@ fn sizes_around_the_buffer_boundary() {
 
 #[test]
 fn refusals_do_not_hose() {
-    let (mut a, mut b) = Channel::pair(ChannelConfig::new().max_frame(10)).unwrap();
+    let (mut a, mut b) = Channel::pair(ChannelConfig::new().with_max_frame(10)).unwrap();
     assert!(matches!(
         a.send(&[0; 11]),
         Err(Error::FrameTooLarge {
@@ -333,7 +333,7 @@ fn refusals_do_not_hose() {
 
 #[test]
 fn pings_are_silent_and_timers_work() {
-    let cfg = ChannelConfig::new().auto_ping(Some(Duration::from_millis(1)));
+    let cfg = ChannelConfig::new().with_auto_ping(Some(Duration::from_millis(1)));
     let (mut a, mut b) = Channel::pair(cfg).unwrap();
     let later = Instant::now() + Duration::from_secs(1);
     assert!(a.next_deadline().unwrap() < later);
@@ -343,7 +343,7 @@ fn pings_are_silent_and_timers_work() {
     assert_eq!(&*drain(&mut b, 1)[0].payload, b"x");
     assert!(b.try_recv().unwrap().is_none());
 
-    let cfg = ChannelConfig::new().idle_timeout(Some(Duration::from_millis(5)));
+    let cfg = ChannelConfig::new().with_idle_timeout(Some(Duration::from_millis(5)));
     let (mut a, _b) = Channel::pair(cfg).unwrap();
     let later = Instant::now() + Duration::from_secs(1);
     assert!(matches!(a.on_timer(later), Err(Error::IdleTimeout)));
@@ -357,7 +357,8 @@ fn raw_bad_input() {
     /// hello without a side socket first: every frame it delivers, then its error.
     fn raw_case(bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> (Vec<Frame>, Error) {
         let (raw, theirs) = UnixStream::pair().unwrap();
-        let mut c = Channel::from_stream(theirs, ChannelConfig::new().max_frame(1 << 20)).unwrap();
+        let mut c =
+            Channel::from_stream(theirs, ChannelConfig::new().with_max_frame(1 << 20)).unwrap();
         sys::send_with_fds(&raw, &encode_header(FLAG_HELLO, 0), &[]).unwrap();
         sys::send_with_fds(&raw, bytes, fd.as_slice()).unwrap();
         drop(raw);
@@ -521,7 +522,7 @@ fn on_unsent_runs_only_for_frames_that_never_wholly_leave() {
     static BIG: [u8; 1 << 20] = [3; 1 << 20];
 
     // Refused: too large.
-    let (mut a, mut b) = Channel::pair(ChannelConfig::new().max_frame(16)).unwrap();
+    let (mut a, mut b) = Channel::pair(ChannelConfig::new().with_max_frame(16)).unwrap();
     assert!(matches!(
         a.send(counted(b"seventeen bytes!!")),
         Err(Error::FrameTooLarge { .. })
