@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::ops::Deref;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use super::core::{Master, OnError, PassiveOpen};
@@ -239,12 +238,11 @@ impl ClientSession {
         // The resources came before the response: they wait in the channel's cache.
         let resource_type = MsgType::of::<Master>("resource")?;
         let mut got: BTreeMap<(u8, u32), OwnedFd> = BTreeMap::new();
-        let stop = AtomicBool::new(false);
         // (A channel opening may follow the response at once: that one waits for the session.)
         let others = proto::types(&["logIn", "logInRsp"])?;
         let expected = n_cli as usize + n_srv as usize + if with_arenas { 2 } else { 0 };
         while got.len() < expected {
-            let mut m = proto::wait_for(&mut core, resource_type, &others, deadline, &stop)?;
+            let mut m = proto::wait_for(&mut core, resource_type, &others, deadline)?;
             let fd = m
                 .take_fd()
                 .ok_or(Error::Protocol("resource without its fd"))?;

@@ -77,6 +77,7 @@ mod client;
 mod config;
 mod core;
 mod error;
+mod login;
 mod metadata;
 mod proto;
 mod server;

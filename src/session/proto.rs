@@ -1,17 +1,15 @@
 //! The session protocol's pieces both sides use: the log-in request, waiting for a message
-//! during log-in, the executable check.
+//! during log-in (a step at a time, or blocking), the executable check.
 
-use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::core::Master;
 use super::{Error, Metadata, Rejection};
 use crate::msg::MsgIn;
+use crate::poll::Pollable;
 use crate::schemas::session_capnp::master;
 use crate::struc::{self, MsgType};
-use crate::sys::{self, PollFd};
 
 /// The session protocol's version: both sides must speak the same.
 pub(crate) const PROTOCOL_VERSION: u32 = 1;
@@ -30,58 +28,48 @@ pub(crate) fn types(names: &[&str]) -> Result<Vec<MsgType>, Error> {
         .collect()
 }
 
-/// Waits for a message of type `which` on the log-in channel until `deadline` (or `stop`). A
-/// message of a type in `others` is a protocol error.
+/// One step of waiting for a message of type `which` on the log-in channel, without blocking:
+/// writes what the socket takes, takes in what arrived. `Ok(None)`: not yet. A message of a
+/// type in `others` is a protocol error.
+pub(crate) fn poll_for(
+    core: &mut struc::Channel<Master>,
+    which: MsgType,
+    others: &[MsgType],
+) -> Result<Option<MsgIn<Master>>, Error> {
+    let cached = |core: &mut struc::Channel<Master>| -> Result<Option<MsgIn<Master>>, Error> {
+        if others.iter().any(|t| core.cached(*t) > 0) {
+            return Err(Error::Protocol("unexpected message during log-in"));
+        }
+        Ok(core.take_cached(which)?)
+    };
+    // What already came first: the peer may have closed the connection right after sending
+    // it (a session dropped as soon as accepted), and reading on would meet that end.
+    if let Some(m) = cached(core)? {
+        return Ok(Some(m));
+    }
+    // Hosing errors come back from these calls themselves (the log-in channel's `on_error`
+    // is never given one).
+    core.flush()?;
+    core.process_ready_returning()?;
+    cached(core)
+}
+
+/// [`poll_for`] until it gets the message or `deadline` passes ([`Error::LogInTimeout`]),
+/// blocking the calling thread (a client's `sync_connect`).
 pub(crate) fn wait_for(
     core: &mut struc::Channel<Master>,
     which: MsgType,
     others: &[MsgType],
     deadline: Instant,
-    stop: &AtomicBool,
 ) -> Result<MsgIn<Master>, Error> {
     loop {
-        if others.iter().any(|t| core.cached(*t) > 0) {
-            return Err(Error::Protocol("unexpected message during log-in"));
-        }
-        if let Some(m) = core.take_cached(which)? {
+        if let Some(m) = poll_for(core, which, others)? {
             return Ok(m);
         }
-        if stop.load(Ordering::Acquire) {
-            return Err(Error::Aborted);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if Instant::now() >= deadline {
             return Err(Error::LogInTimeout);
         }
-        let wants_write = core.wants_write();
-        {
-            let mut fds = [
-                PollFd::new(core.as_fd(), true, false),
-                PollFd::new(core.write_fd(), false, wants_write),
-            ];
-            let _ = sys::poll(&mut fds, Some(left.min(Duration::from_millis(100))));
-        }
-        // Hosing errors come back from these calls themselves (the log-in channel's `on_error`
-        // is never given one).
-        core.flush()?;
-        core.process_ready_returning()?;
-    }
-}
-
-/// Writes what the log-in channel still holds (a rejection, say) before it is dropped, until
-/// `deadline` (or `stop`) at most.
-pub(crate) fn finish_sending(
-    core: &mut struc::Channel<Master>,
-    deadline: Instant,
-    stop: &AtomicBool,
-) {
-    while let Ok(false) = core.flush() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stop.load(Ordering::Acquire) {
-            return;
-        }
-        let mut fds = [PollFd::new(core.write_fd(), false, true)];
-        let _ = sys::poll(&mut fds, Some(left.min(Duration::from_millis(100))));
+        crate::poll::wait(core.interest(), true, Some(deadline)).map_err(Error::Io)?;
     }
 }
 

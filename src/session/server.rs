@@ -4,27 +4,25 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::ops::Deref;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::app::MAX_SOCKET_PATH;
-use super::core::{Master, OnError, PassiveOpen};
-use super::proto::{self, LogInReq};
+use super::core::{OnError, PassiveOpen};
+use super::login::LogIn;
 use super::{
-    ClientApp, ClientApps, Error, InitChannels, Metadata, Rejection, ServerApp, Session,
-    SessionConfig, ShmKind,
+    ClientApp, ClientApps, Error, InitChannels, Metadata, ServerApp, Session, SessionConfig,
 };
-use crate::msg::Backing;
-use crate::shm::{Arena, ArenaConfig};
-use crate::struc::{self, MsgType};
+use crate::poll::Interest;
+use crate::reactor::{self, Notifier, Registration, Source, Wait};
+use crate::shm::Arena;
 use crate::sync::lock;
-use crate::sys::{self, PollFd, Waker};
+use crate::sys;
 use crate::transport;
 
 /// Decides how many init channels the server opens for a client: given the client app, how many
@@ -41,7 +39,7 @@ pub const MAX_INIT_CHANNELS: u32 = 64;
 /// connections are closed at once (the client's `sync_connect` fails; it retries later).
 pub const MAX_PENDING_LOG_INS: usize = 64;
 
-type Accepted = Result<ServerSession, Error>;
+pub(super) type Accepted = Result<ServerSession, Error>;
 type Waiter = Box<dyn FnOnce(Accepted) + Send>;
 
 #[derive(Default)]
@@ -54,25 +52,44 @@ struct Queue {
     logging_in: usize,
 }
 
-struct Shared {
-    app: ServerApp,
-    clients: ClientApps,
-    config: SessionConfig,
-    init_channels: Option<InitChannelsFn>,
-    metadata: Option<MetadataFn>,
-    app_arenas: Mutex<HashMap<String, Arena>>,
+/// What the server's parts share: the acceptor, the log-ins and the dispatcher (sources on the
+/// library thread) and the `SessionServer`'s own calls.
+pub(super) struct Shared {
+    pub(super) app: ServerApp,
+    pub(super) clients: ClientApps,
+    pub(super) config: SessionConfig,
+    pub(super) init_channels: Option<InitChannelsFn>,
+    pub(super) metadata: Option<MetadataFn>,
+    pub(super) app_arenas: Mutex<HashMap<String, Arena>>,
     queue: Mutex<Queue>,
-    /// Signalled when `queue` changes (a result, a handler, stop).
+    /// Signalled when `queue` changes (a result, a handler, stop), for `accept`.
     changed: Condvar,
-    stop: AtomicBool,
-    /// Wakes the acceptor thread (to stop).
-    waker: Waker,
-    logins: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) stop: AtomicBool,
+    /// The log-ins in progress, by id: their places on the library thread.
+    pub(super) logins: Mutex<HashMap<u64, Registration>>,
+    next_log_in: AtomicU64,
+    /// Runs the `async_accept` handlers (set once the server is started).
+    dispatcher: OnceLock<Notifier>,
 }
 
 impl Shared {
-    fn wake(&self) {
-        self.waker.wake();
+    /// `queue` changed: `accept` calls and the dispatcher look again.
+    fn changed(&self) {
+        self.changed.notify_all();
+        if let Some(d) = self.dispatcher.get() {
+            d.notify();
+        }
+    }
+
+    /// A log-in ended with `result` (dropped if the server is stopping).
+    pub(super) fn log_in_done(&self, result: Accepted) {
+        let mut q = lock(&self.queue);
+        q.logging_in -= 1;
+        if !self.stop.load(Ordering::Acquire) {
+            q.ready.push_back(result);
+        }
+        drop(q);
+        self.changed();
     }
 }
 
@@ -135,7 +152,9 @@ impl SessionServerBuilder {
 /// PID file in the run dir is `flock`ed). Clients connect to its Unix socket in the run dir;
 /// each accepted log-in becomes a [`ServerSession`]. Many sessions may be open at once.
 ///
-/// Log-ins proceed as clients arrive, each on its own short-lived thread; an accept call
+/// Log-ins proceed as clients arrive, on the library thread (the process's one, which also
+/// runs the sessions and async channels; the server's `init_channels` and `metadata`
+/// callbacks run there too, so should not block); an accept call
 /// ([`async_accept`](SessionServer::async_accept), [`accept`](SessionServer::accept)) takes the
 /// next result in order: a session, or the error of a log-in that failed (a rejected client
 /// gets [`Error::LogInRejected`] on both sides; the server goes on serving).
@@ -145,9 +164,9 @@ impl SessionServerBuilder {
 /// are released when their last session goes.
 pub struct SessionServer {
     shared: Arc<Shared>,
-    acceptor: Option<JoinHandle<()>>,
-    dispatcher: Option<JoinHandle<()>>,
-    /// Dropped last (after the threads are joined).
+    acceptor: Option<Registration>,
+    dispatcher: Option<Registration>,
+    /// Dropped last (after the sources are off the library thread).
     files: RunFiles,
 }
 
@@ -245,7 +264,7 @@ impl SessionServer {
             pid: pid_path.clone(),
             lock,
         };
-        let listen = || -> Result<(UnixListener, Waker), Error> {
+        let listen = || -> Result<UnixListener, Error> {
             let listener = UnixListener::bind(&socket_path).map_err(run_dir_err(&socket_path))?;
             std::fs::set_permissions(
                 &socket_path,
@@ -261,9 +280,10 @@ impl SessionServer {
                 .and_then(|()| file.rewind())
                 .and_then(|()| writeln!(file, "{}", std::process::id()))
                 .map_err(run_dir_err(&pid_path))?;
-            Ok((listener, Waker::new().map_err(Error::Io)?))
+            Ok(listener)
         };
-        let (listener, waker) = listen()?;
+        let listener = listen()?;
+        let reactor = reactor::get().map_err(Error::Io)?;
         let shared = Arc::new(Shared {
             app: b.app,
             clients: b.clients,
@@ -274,33 +294,16 @@ impl SessionServer {
             queue: Mutex::new(Queue::default()),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
-            waker,
-            logins: Mutex::new(Vec::new()),
+            logins: Mutex::new(HashMap::new()),
+            next_log_in: AtomicU64::new(0),
+            dispatcher: OnceLock::new(),
         });
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
-                .map_err(Error::Io)
-        };
-        let s = shared.clone();
-        let acceptor = spawn("flowipc-accept", Box::new(move || accept_loop(s, listener)));
-        let s = shared.clone();
-        let dispatcher = spawn("flowipc-dispatch", Box::new(move || dispatch_loop(&s)));
-        let (acceptor, dispatcher) = match (acceptor, dispatcher) {
-            (Ok(a), Ok(d)) => (a, d),
-            (a, d) => {
-                shared.stop.store(true, Ordering::Release);
-                shared.wake();
-                shared.changed.notify_all();
-                for t in [a, d].into_iter().flatten() {
-                    let _ = t.join();
-                }
-                return Err(Error::Io(std::io::Error::other(
-                    "cannot start the server's threads",
-                )));
-            }
-        };
+        let dispatcher = reactor.register(Arc::new(Dispatcher(shared.clone())));
+        let _ = shared.dispatcher.set(dispatcher.notifier());
+        let acceptor = reactor.register(Arc::new(Acceptor {
+            shared: shared.clone(),
+            listener,
+        }));
         Ok(SessionServer {
             shared,
             acceptor: Some(acceptor),
@@ -309,11 +312,11 @@ impl SessionServer {
         })
     }
 
-    /// Calls `handler` (on a library thread of the server's, never inside this call) with the
-    /// next accepted session, or the error of the next failed log-in. Handlers are served in
-    /// call order, results in log-in order; handlers come before [`accept`](Self::accept)
-    /// calls. A handler may call the server (even drop it), but other handlers wait while it
-    /// runs.
+    /// Calls `handler` (on the library thread, never inside this call) with the next accepted
+    /// session, or the error of the next failed log-in. Handlers are served in call order,
+    /// results in log-in order; handlers come before [`accept`](Self::accept) calls. A handler
+    /// may call the server (even drop it, or [`accept`](Self::accept): the library thread
+    /// serves the log-ins meanwhile), but other handlers wait while it runs.
     pub fn async_accept(
         &self,
         handler: impl FnOnce(Result<ServerSession, Error>) + Send + 'static,
@@ -321,7 +324,7 @@ impl SessionServer {
         lock(&self.shared.queue)
             .waiters
             .push_back(Box::new(handler));
-        self.shared.changed.notify_all();
+        self.shared.changed();
     }
 
     /// Waits (up to `timeout`; `None`: no limit) for the next accepted session or failed
@@ -329,6 +332,25 @@ impl SessionServer {
     /// [`Error::AcceptTimeout`] if none came (a later one is kept for the next call).
     pub fn accept(&self, timeout: Option<Duration>) -> Result<ServerSession, Error> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        if reactor::on_reactor_thread() {
+            // From a handler: the library thread serves the log-ins while this waits.
+            let mut got = None;
+            reactor::nested_until(
+                || {
+                    let mut q = lock(&self.shared.queue);
+                    if q.waiters.is_empty() {
+                        got = q.ready.pop_front();
+                    }
+                    got.is_some() || self.shared.stop.load(Ordering::Acquire)
+                },
+                deadline,
+            );
+            return match got {
+                Some(r) => r,
+                None if self.shared.stop.load(Ordering::Acquire) => Err(Error::Aborted),
+                None => Err(Error::AcceptTimeout),
+            };
+        }
         let mut q = lock(&self.shared.queue);
         loop {
             if q.waiters.is_empty() {
@@ -380,22 +402,14 @@ impl SessionServer {
 impl Drop for SessionServer {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
-        self.shared.wake();
         self.shared.changed.notify_all();
-        let me = std::thread::current().id();
-        for t in [self.acceptor.take(), self.dispatcher.take()]
-            .into_iter()
-            .flatten()
-        {
-            // A handler may drop the server on the dispatcher thread: it ends by itself then.
-            if t.thread().id() != me {
-                let _ = t.join();
-            }
-        }
+        // Off the library thread: once these drops return, none of the server's sources runs
+        // (unless dropped from one of its handlers, on that thread: the running one ends by
+        // itself). The log-ins in progress go with their channels.
+        drop(self.acceptor.take());
+        drop(self.dispatcher.take());
         let logins = std::mem::take(&mut *lock(&self.shared.logins));
-        for t in logins {
-            let _ = t.join();
-        }
+        drop(logins);
         let q = std::mem::take(&mut *lock(&self.shared.queue));
         for w in q.waiters {
             w(Err(Error::Aborted));
@@ -464,50 +478,54 @@ fn lock_pid_file(path: &Path, mode: u32) -> Result<nix::fcntl::Flock<File>, Erro
     })
 }
 
-/// The dispatcher thread: hands results to `async_accept` handlers, in order, outside the lock.
-fn dispatch_loop(shared: &Shared) {
-    let mut q = lock(&shared.queue);
-    loop {
-        if shared.stop.load(Ordering::Acquire) {
-            return;
-        }
-        if !q.waiters.is_empty() && !q.ready.is_empty() {
+/// The dispatcher: hands results to `async_accept` handlers, in order, on the library thread,
+/// outside the queue's lock.
+struct Dispatcher(Arc<Shared>);
+
+impl Source for Dispatcher {
+    fn on_ready(&self) -> Wait {
+        let shared = &self.0;
+        loop {
+            if shared.stop.load(Ordering::Acquire) {
+                return Wait::idle();
+            }
+            let mut q = lock(&shared.queue);
+            if q.waiters.is_empty() || q.ready.is_empty() {
+                return Wait::idle();
+            }
             if let (Some(w), Some(r)) = (q.waiters.pop_front(), q.ready.pop_front()) {
                 drop(q);
                 w(r);
-                q = lock(&shared.queue);
-                continue;
             }
         }
-        q = shared.changed.wait(q).unwrap_or_else(|e| e.into_inner());
     }
 }
 
-/// The acceptor thread: accepts connections and starts a log-in thread for each (up to
+/// The acceptor: accepts connections and starts a log-in for each (up to
 /// [`MAX_PENDING_LOG_INS`] log-ins and untaken sessions; past it, closes them at once). It
 /// never runs user code.
-fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
-    loop {
-        if shared.stop.load(Ordering::Acquire) {
-            return;
-        }
-        let mut fds = [
-            PollFd::new(listener.as_fd(), true, false),
-            PollFd::new(shared.waker.as_fd(), true, false),
-        ];
-        let _ = sys::poll(&mut fds, Some(Duration::from_secs(1)));
-        shared.waker.drain();
+struct Acceptor {
+    shared: Arc<Shared>,
+    listener: UnixListener,
+}
+
+impl Source for Acceptor {
+    fn on_ready(&self) -> Wait {
+        let shared = &self.shared;
+        let listening = Wait::from(Interest::new(Some(self.listener.as_fd()), None, None));
         loop {
             if shared.stop.load(Ordering::Acquire) {
-                return;
+                return Wait::idle();
             }
-            let stream = match listener.accept() {
+            let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return listening,
                 Err(_) => {
                     // Out of fds, say: do not spin on a listener that stays readable.
-                    std::thread::sleep(Duration::from_millis(100));
-                    break;
+                    return Wait {
+                        deadline: Some(Instant::now() + Duration::from_millis(100)),
+                        ..Wait::idle()
+                    };
                 }
             };
             {
@@ -517,303 +535,23 @@ fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
                 }
                 q.logging_in += 1;
             }
-            let s = shared.clone();
-            let t = std::thread::Builder::new()
-                .name("flowipc-login".into())
-                .spawn(move || {
-                    let mut slot = LogInSlot(s.clone(), None);
-                    slot.1 = Some(log_in(&s, stream));
-                });
-            match t {
-                Ok(t) => {
+            let id = shared.next_log_in.fetch_add(1, Ordering::Relaxed);
+            match LogIn::new(shared.clone(), id, stream) {
+                Ok(log_in) => {
+                    let Ok(reactor) = reactor::get() else {
+                        shared.log_in_done(Err(Error::Aborted));
+                        continue;
+                    };
+                    // Registered under the lock: a log-in done in its first turn removes
+                    // itself only after it is there.
                     let mut logins = lock(&shared.logins);
-                    logins.retain(|t| !t.is_finished());
-                    logins.push(t);
+                    let reg = reactor.register(Arc::new(log_in));
+                    logins.insert(id, reg);
                 }
-                Err(_) => lock(&shared.queue).logging_in -= 1,
+                Err(e) => shared.log_in_done(Err(e)),
             }
         }
     }
-}
-
-/// A log-in in progress: when it ends (even by a panic in a user callback), its count goes and
-/// its result, if any, is queued.
-struct LogInSlot(Arc<Shared>, Option<Accepted>);
-
-impl Drop for LogInSlot {
-    fn drop(&mut self) {
-        let mut q = lock(&self.0.queue);
-        q.logging_in -= 1;
-        if let Some(r) = self.1.take() {
-            if !self.0.stop.load(Ordering::Acquire) {
-                q.ready.push_back(r);
-            }
-        }
-        drop(q);
-        self.0.changed.notify_all();
-    }
-}
-
-/// A 128-bit random token (the kernel's randomness; the std hasher's if that fails).
-fn random_token() -> u128 {
-    let mut b = [0u8; 16];
-    if File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_ok()
-    {
-        return u128::from_le_bytes(b);
-    }
-    // The arena ids' source (the std hasher's random keys).
-    let half = || crate::shm::random_id() as u128;
-    half() << 64 | half()
-}
-
-/// Runs one client's log-in on its connection.
-fn log_in(shared: &Arc<Shared>, stream: UnixStream) -> Accepted {
-    // The connecting process as the kernel saw it (a connection accepted from the listening
-    // socket: its `SO_PEERCRED` is the client's own, unlike a socketpair's).
-    let creds = sys::peer_credentials(stream.as_fd()).map_err(Error::Io)?;
-    let cfg = &shared.config;
-    let chan = transport::Channel::from_stream(stream, cfg.master_config())?;
-    let mut core = struc::Channel::<Master>::new(chan, Backing::Heap)?;
-    core.start(|_| {})?;
-    let deadline = Instant::now() + cfg.log_in_timeout();
-    let log_in_type = MsgType::of::<Master>("logIn")?;
-    // Nothing but the log-in may come first (nothing else is cached, however much is sent).
-    let others = proto::types(&["logInRsp", "resource", "openChannel", "openChannelRsp"])?;
-    let req_msg = proto::wait_for(&mut core, log_in_type, &others, deadline, &shared.stop)?;
-    let prepared = LogInReq::parse(&req_msg)
-        .and_then(|req| {
-            let app = check(shared, &req, creds)?;
-            Ok((req, app))
-        })
-        .and_then(|(req, app)| {
-            let p = provide(shared, &app, &req)?;
-            Ok((req, app, p))
-        });
-    let (req, client_app, p) = match prepared {
-        Ok(x) => x,
-        Err((reason, detail)) => {
-            // Tells the client why (the response to its log-in); our error says the same.
-            let mut rsp = core.create_msg();
-            {
-                let mut r = rsp.init_root().init_log_in_rsp().init_rejected();
-                r.set_reason(reason.code());
-                r.set_detail(detail.as_str());
-            }
-            let _ = core.send(&mut rsp, Some(&req_msg));
-            proto::finish_sending(&mut core, deadline, &shared.stop);
-            return Err(Error::LogInRejected { reason, detail });
-        }
-    };
-    // Init channels: ours kept, theirs sent (one resource message, one fd, each).
-    let mut init = InitChannels::default();
-    for (kind, mine) in p.ours {
-        init.push(
-            kind,
-            transport::Channel::from_stream(mine, cfg.channel_config())?,
-        );
-    }
-    for (kind, index, fd) in p.theirs {
-        let mut m = core.create_msg_with_fd(fd);
-        {
-            let mut r = m.init_root().init_resource();
-            r.set_kind(kind);
-            r.set_index(index);
-        }
-        core.send(&mut m, None)?;
-    }
-    let token = random_token();
-    let mut rsp = core.create_msg();
-    {
-        let mut a = rsp.init_root().init_log_in_rsp().init_accepted();
-        a.set_token(&token.to_le_bytes());
-        a.set_init_by_client(req.init_channels);
-        a.set_init_by_server(p.n_srv);
-        if let Some(m) = &p.metadata {
-            a.set_metadata(m.as_bytes());
-        }
-        a.set_arenas(p.arenas.0.is_some());
-    }
-    core.send(&mut rsp, Some(&req_msg))?;
-    drop(req_msg);
-    core.pause();
-    let session = Session::open(core, token, cfg.clone(), client_app.name.clone(), p.arenas)?;
-    Ok(ServerSession {
-        session,
-        client_app,
-        init,
-        client_metadata: req.metadata,
-    })
-}
-
-/// What an accepted log-in gets: the arenas, the init channels (our ends by kind; theirs by
-/// kind and index, to send), and what the server decided for this client.
-struct Provision {
-    arenas: (Option<Arena>, Option<Arena>),
-    ours: Vec<(u8, UnixStream)>,
-    theirs: Vec<(u8, u32, OwnedFd)>,
-    n_srv: u32,
-    metadata: Option<Metadata>,
-}
-
-/// Makes what an accepted log-in gets; on failure, why (the client is refused).
-fn provide(
-    shared: &Shared,
-    client_app: &ClientApp,
-    req: &LogInReq,
-) -> Result<Provision, (Rejection, String)> {
-    let cfg = &shared.config;
-    let refuse = |detail: String| (Rejection::Resources, detail);
-    // Arenas: the session's own, and the client app's (made at its first session).
-    let arenas = if cfg.shm() == ShmKind::Classic {
-        let pool = ArenaConfig::new().pool_size(cfg.pool_size()).max_pools(1);
-        let session = Arena::create(pool.clone());
-        let app = {
-            let mut m = lock(&shared.app_arenas);
-            match m.get(&client_app.name) {
-                Some(a) => Ok(a.clone()),
-                None => Arena::create(pool).inspect(|a| {
-                    m.insert(client_app.name.clone(), a.clone());
-                }),
-            }
-        };
-        match (session, app) {
-            (Ok(s), Ok(a)) => (Some(s), Some(a)),
-            (Err(e), _) | (_, Err(e)) => return Err(refuse(format!("no arena: {e}"))),
-        }
-    } else {
-        (None, None)
-    };
-    let n_srv = shared
-        .init_channels
-        .as_ref()
-        .map_or(0, |f| {
-            f(client_app, req.init_channels, req.metadata.as_ref())
-        })
-        .min(MAX_INIT_CHANNELS);
-    let metadata = shared
-        .metadata
-        .as_ref()
-        .and_then(|f| f(client_app, req.init_channels, req.metadata.as_ref()));
-    let mut theirs = Vec::new();
-    for (s, kind) in [
-        (&arenas.0, proto::RES_SESSION_ARENA),
-        (&arenas.1, proto::RES_APP_ARENA),
-    ] {
-        if let Some(s) = s {
-            match s.pool_fd(0).map(|fd| fd.try_clone_to_owned()) {
-                Some(Ok(fd)) => theirs.push((kind, 0, fd)),
-                _ => return Err(refuse("arena pool fd".into())),
-            }
-        }
-    }
-    let mut ours = Vec::new();
-    for (kind, n) in [
-        (proto::RES_INIT_BY_CLIENT, req.init_channels),
-        (proto::RES_INIT_BY_SERVER, n_srv),
-    ] {
-        for i in 0..n {
-            let (mine, other) =
-                UnixStream::pair().map_err(|e| refuse(format!("socketpair: {e}")))?;
-            ours.push((kind, mine));
-            theirs.push((kind, i, OwnedFd::from(other)));
-        }
-    }
-    Ok(Provision {
-        arenas,
-        ours,
-        theirs,
-        n_srv,
-        metadata,
-    })
-}
-
-/// The log-in checks; on failure, why (both sides are told).
-fn check(
-    shared: &Shared,
-    req: &LogInReq,
-    creds: sys::PeerCred,
-) -> Result<ClientApp, (Rejection, String)> {
-    if req.protocol_version != proto::PROTOCOL_VERSION {
-        return Err((
-            Rejection::ProtocolVersion,
-            format!(
-                "client speaks version {}, server {}",
-                req.protocol_version,
-                proto::PROTOCOL_VERSION
-            ),
-        ));
-    }
-    if req.server_app != shared.app.name {
-        return Err((
-            Rejection::WrongServerApp,
-            format!(
-                "client wants server app {:?}, this is {:?}",
-                req.server_app, shared.app.name
-            ),
-        ));
-    }
-    let Some(app) = shared.clients.get(&req.client_app) else {
-        return Err((
-            Rejection::UnknownClientApp,
-            format!("client app {:?} is not in the universe", req.client_app),
-        ));
-    };
-    if !shared.app.allowed_client_apps.contains(&req.client_app) {
-        return Err((
-            Rejection::ClientAppNotAllowed,
-            format!(
-                "client app {:?} may not open sessions with {:?}",
-                req.client_app, shared.app.name
-            ),
-        ));
-    }
-    if (creds.uid, creds.gid) != (app.uid, app.gid) {
-        return Err((
-            Rejection::Credentials,
-            format!(
-                "the connecting process runs as uid {} gid {}; app {:?} is uid {} gid {}",
-                creds.uid, creds.gid, app.name, app.uid, app.gid
-            ),
-        ));
-    }
-    if (req.pid, req.uid, req.gid) != (creds.pid, creds.uid, creds.gid) {
-        return Err((
-            Rejection::Credentials,
-            format!(
-                "the client claims pid {} uid {} gid {}; the kernel says pid {} uid {} gid {}",
-                req.pid, req.uid, req.gid, creds.pid, creds.uid, creds.gid
-            ),
-        ));
-    }
-    proto::check_exe(creds.pid, &app.exec_path).map_err(|d| (Rejection::ExecPath, d))?;
-    let ours = &shared.config;
-    let mismatch = if req.shm != ours.shm_code() {
-        Some("SHM kind")
-    } else if req.channel_kind != ours.channel_code() {
-        Some("channel kind")
-    } else if req.native_handles != ours.native_handles() {
-        Some("fd passing (native handles)")
-    } else {
-        None
-    };
-    if let Some(what) = mismatch {
-        return Err((
-            Rejection::Config,
-            format!("the client's {what} differs from the server's"),
-        ));
-    }
-    if req.init_channels > MAX_INIT_CHANNELS {
-        return Err((
-            Rejection::Config,
-            format!(
-                "{} init channels requested; at most {MAX_INIT_CHANNELS}",
-                req.init_channels
-            ),
-        ));
-    }
-    Ok(app.clone())
 }
 
 /// One session, server side: what [`SessionServer`] accepted. Dereferences to [`Session`],
@@ -824,6 +562,22 @@ pub struct ServerSession {
     client_app: ClientApp,
     init: InitChannels,
     client_metadata: Option<Metadata>,
+}
+
+impl ServerSession {
+    pub(super) fn new(
+        session: Session,
+        client_app: ClientApp,
+        init: InitChannels,
+        client_metadata: Option<Metadata>,
+    ) -> Self {
+        ServerSession {
+            session,
+            client_app,
+            init,
+            client_metadata,
+        }
+    }
 }
 
 impl std::fmt::Debug for ServerSession {
@@ -852,7 +606,7 @@ impl ServerSession {
     }
 
     /// [`init_handlers`](ServerSession::init_handlers), and `on_passive_open` gets each channel
-    /// the client opens, with its metadata (on a thread of the session's).
+    /// the client opens, with its metadata (on the library thread).
     pub fn init_handlers_with_passive_open(
         &mut self,
         on_error: impl FnOnce(Error) + Send + 'static,
