@@ -17,6 +17,7 @@ mod allocate;
 mod block;
 mod check;
 mod config;
+mod share;
 
 pub use block::{Block, BlockRef};
 pub use check::{Stats, Verification};
@@ -31,8 +32,10 @@ mod tests;
 /// allocator inside that every thread of every process may use at once.
 ///
 /// `Arena` is a cheap handle (`Clone` shares it). One process [creates](Arena::create) the arena
-/// and sends the pools' fds ([`Arena::pool_fd`]) to others, which [join](Arena::join) it. Any
-/// process may allocate and free, and a block allocated in one process may be freed in another.
+/// and [sends](Arena::send_to) it over a Unix socket to others, which [join](Arena::join_from)
+/// it (or hands the pools' fds, [`Arena::pool_fd`], to them some other way: [`Arena::join`]).
+/// Any process may allocate and free, and a block allocated in one process may be freed in
+/// another.
 ///
 /// ```
 /// use flowipc::shm::{Arena, ArenaConfig};
