@@ -1,7 +1,7 @@
 //! Two processes, one shared-memory arena.
 //!
-//! The parent creates an arena, starts a copy of itself as the child and hands it the pool's fd
-//! over a Unix socket (`SCM_RIGHTS`). Then:
+//! The parent creates an arena, starts a copy of itself as the child and sends it the arena over
+//! a Unix socket (`Arena::send_to`: the pool's fd goes by `SCM_RIGHTS`). Then:
 //! 1. the parent builds a 64 MiB object in the arena and lends it: only 32 bytes cross the socket,
 //!    and the child reads the parent's bytes in place (no copy);
 //! 2. the child bumps a shared atomic counter the parent watches;
@@ -11,7 +11,6 @@
 //! Run: `cargo run --release --example arena_demo`
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::process::Command;
@@ -49,7 +48,7 @@ fn parent() -> Result<(), Box<dyn std::error::Error>> {
         .args(["child", &name])
         .spawn()?;
     let (mut sock, _) = listener.accept()?;
-    flowipc::sys::send_with_fds(&sock, b"P", &[arena.pool_fd(0).ok_or("pool 0")?.as_fd()])?;
+    arena.send_to(&sock)?;
 
     // 1. A 64 MiB object, filled here, lent to the child.
     let t = Instant::now();
@@ -91,9 +90,7 @@ fn parent() -> Result<(), Box<dyn std::error::Error>> {
 fn child(name: &str) -> Result<(), Box<dyn std::error::Error>> {
     let sock_addr = SocketAddr::from_abstract_name(name)?;
     let mut sock = UnixStream::connect_addr(&sock_addr)?;
-    let mut one = [0u8; 1];
-    let (_, fds) = flowipc::sys::recv_with_fds(&sock, &mut one)?;
-    let arena = Arena::join(fds, ArenaConfig::new())?;
+    let arena = Arena::join_from(&sock, ArenaConfig::new())?;
 
     let t = Instant::now();
     let big: ShmHandle<Big> = arena.borrow(&recv_blob(&mut sock)?)?;

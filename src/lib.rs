@@ -38,7 +38,7 @@ pub mod shm;
 pub mod struc;
 mod sync;
 #[cfg(not(flowipc_loom))]
-pub mod sys;
+mod sys;
 #[cfg(not(flowipc_loom))]
 pub mod transport;
 

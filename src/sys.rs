@@ -1,7 +1,8 @@
 //! Thin wrappers over the Linux system calls flowipc needs beyond `std`: sealed memfds, hole
 //! punching, fd passing (`SCM_RIGHTS`), non-blocking gathered sends and `poll`, plus byte views
 //! of word buffers (8-aligned receive buffers). This is the crate's one syscall module; together
-//! with `shm` it is the only place allowed `unsafe`.
+//! with `shm` it is the only place allowed `unsafe`. It is crate-private: what a user needs of
+//! it has a public API of its own (sharing an arena over a socket is `shm::Arena::send_to`).
 //!
 //! Everything returns `std::io::Result`, and every received fd comes back as an [`OwnedFd`], so
 //! nothing received can leak.
@@ -19,7 +20,7 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 /// Most fds one message may carry (a bound, so a peer cannot make us allocate without limit).
-pub const MAX_FDS_PER_MSG: usize = 8;
+pub(crate) const MAX_FDS_PER_MSG: usize = 8;
 
 fn io_err(e: Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
@@ -30,7 +31,7 @@ fn io_err(e: Errno) -> io::Error {
 ///
 /// # References
 /// memfd_create(2)
-pub fn memfd_sealable(name: &str) -> io::Result<File> {
+pub(crate) fn memfd_sealable(name: &str) -> io::Result<File> {
     let fd =
         memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).map_err(io_err)?;
     Ok(File::from(fd))
@@ -38,7 +39,7 @@ pub fn memfd_sealable(name: &str) -> io::Result<File> {
 
 /// Seals the file's size: no shrinking (a shrink would SIGBUS every process mapping it), no
 /// growing, and no further seals.
-pub fn seal_size(file: &File) -> io::Result<()> {
+pub(crate) fn seal_size(file: &File) -> io::Result<()> {
     let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
     fcntl(file, FcntlArg::F_ADD_SEALS(seals))
         .map(drop)
@@ -47,7 +48,7 @@ pub fn seal_size(file: &File) -> io::Result<()> {
 
 /// Whether the fd is sealed against both shrinking and growing. Fds that cannot carry seals
 /// (sockets, most regular files) report `false`.
-pub fn is_size_sealed(fd: BorrowedFd<'_>) -> bool {
+pub(crate) fn is_size_sealed(fd: BorrowedFd<'_>) -> bool {
     match fcntl(fd, FcntlArg::F_GET_SEALS) {
         Ok(bits) => {
             let seals = SealFlag::from_bits_truncate(bits);
@@ -61,7 +62,7 @@ pub fn is_size_sealed(fd: BorrowedFd<'_>) -> bool {
 ///
 /// # References
 /// fallocate(2), `FALLOC_FL_PUNCH_HOLE`
-pub fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
+pub(crate) fn punch_hole(file: &File, off: u64, len: u64) -> io::Result<()> {
     let to_off = |v: u64| libc_off(v).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput));
     fallocate(
         file,
@@ -79,7 +80,7 @@ fn libc_off(v: u64) -> Option<i64> {
 /// Opens a new, independent open file description of the file behind `fd` (through
 /// `/proc/self/fd`), close-on-exec. Locks taken through it with [`try_lock_byte`] belong to it
 /// alone: the kernel drops them when it is closed, including when this process dies.
-pub fn reopen(fd: BorrowedFd<'_>) -> io::Result<File> {
+pub(crate) fn reopen(fd: BorrowedFd<'_>) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -103,7 +104,7 @@ fn byte_lock(kind: libc::c_int, index: u64) -> io::Result<libc::flock> {
 ///
 /// # References
 /// fcntl(2), "Open file description locks"
-pub fn try_lock_byte(file: &File, index: u64) -> io::Result<bool> {
+pub(crate) fn try_lock_byte(file: &File, index: u64) -> io::Result<bool> {
     let lock = byte_lock(libc::F_WRLCK, index)?;
     match fcntl(file, FcntlArg::F_OFD_SETLK(&lock)) {
         Ok(_) => Ok(true),
@@ -113,7 +114,7 @@ pub fn try_lock_byte(file: &File, index: u64) -> io::Result<bool> {
 }
 
 /// Releases a lock taken with [`try_lock_byte`].
-pub fn unlock_byte(file: &File, index: u64) -> io::Result<()> {
+pub(crate) fn unlock_byte(file: &File, index: u64) -> io::Result<()> {
     let lock = byte_lock(libc::F_UNLCK, index)?;
     fcntl(file, FcntlArg::F_OFD_SETLK(&lock))
         .map(drop)
@@ -124,7 +125,7 @@ pub fn unlock_byte(file: &File, index: u64) -> io::Result<()> {
 ///
 /// # References
 /// pthread_atfork(3)
-pub fn on_fork_child(handler: extern "C" fn()) -> io::Result<()> {
+pub(crate) fn on_fork_child(handler: extern "C" fn()) -> io::Result<()> {
     // SAFETY: pthread_atfork only records the three function pointers (two of them null, which
     // it allows); `handler` is a plain `extern "C" fn` that lives for the whole program.
     let rc = unsafe { libc::pthread_atfork(None, None, Some(handler)) };
@@ -137,7 +138,11 @@ pub fn on_fork_child(handler: extern "C" fn()) -> io::Result<()> {
 
 /// Sends `data` with `fds` attached to its first byte (`SCM_RIGHTS`). Returns the bytes sent
 /// (the fds ride with the first byte, so a short send still delivered them).
-pub fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+pub(crate) fn send_with_fds(
+    sock: &UnixStream,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
@@ -151,25 +156,9 @@ pub fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> 
     .map_err(io_err)
 }
 
-/// Receives into `buf`, collecting any fds that came with the bytes (close-on-exec). Waits for
-/// data if `sock` is in blocking mode (as a transport channel's socket is). Returns the bytes
-/// read (0 at end of stream) and the fds. Fds beyond [`MAX_FDS_PER_MSG`] are cut off by
-/// the kernel (`MSG_CTRUNC`), reported as `InvalidData` after closing those that did arrive.
-pub fn recv_with_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let got = recv_msg(sock.as_fd(), buf, 0)?;
-    if got.fds_truncated {
-        // `got.fds` (those that did arrive) are closed here, on drop.
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "too many fds with one message",
-        ));
-    }
-    Ok((got.bytes, got.fds))
-}
-
 /// What one `recvmsg` call delivered: see [`try_recv_with_fds`].
 #[derive(Debug)]
-pub struct Received {
+pub(crate) struct Received {
     /// Bytes read into the buffer (0 at end of stream).
     pub bytes: usize,
     /// The fds that came with the bytes (`SCM_RIGHTS`), close-on-exec, owned: nothing leaks.
@@ -192,14 +181,14 @@ pub struct Received {
 ///
 /// # References
 /// recvmsg(2), unix(7) "SCM_RIGHTS", cmsg(3)
-pub fn try_recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+pub(crate) fn try_recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     recv_msg(sock, buf, libc::MSG_DONTWAIT)
 }
 
 /// Like [`try_recv_with_fds`] but waits for data when the socket is in blocking mode (no
 /// `MSG_DONTWAIT`): one system call where a non-blocking reader needs three (a failed read,
 /// `poll`, the read).
-pub fn recv_with_fds_waiting(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+pub(crate) fn recv_with_fds_waiting(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     recv_msg(sock, buf, 0)
 }
 
@@ -215,7 +204,7 @@ pub fn recv_with_fds_waiting(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result
 ///
 /// # References
 /// recv(2), unix(7) "SCM_RIGHTS"
-pub fn recv_plain(sock: BorrowedFd<'_>, buf: &mut [u8], wait: bool) -> io::Result<usize> {
+pub(crate) fn recv_plain(sock: BorrowedFd<'_>, buf: &mut [u8], wait: bool) -> io::Result<usize> {
     let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
     loop {
         // The system call itself (`recvfrom` with no address, which is `recv`): libc's wrapper
@@ -248,7 +237,7 @@ pub fn recv_plain(sock: BorrowedFd<'_>, buf: &mut [u8], wait: bool) -> io::Resul
 
 /// Whether `fd` is a stream socket (`SO_TYPE` is `SOCK_STREAM`). Anything else (a pipe, a file,
 /// a datagram socket) is `false`.
-pub fn is_stream_socket(fd: BorrowedFd<'_>) -> bool {
+pub(crate) fn is_stream_socket(fd: BorrowedFd<'_>) -> bool {
     matches!(
         nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType),
         Ok(nix::sys::socket::SockType::Stream)
@@ -259,7 +248,7 @@ pub fn is_stream_socket(fd: BorrowedFd<'_>) -> bool {
 /// `MSG_DONTWAIT | MSG_NOSIGNAL`. `Ok(true)`: the fd is in the peer's receive queue; `Ok(false)`:
 /// the socket is full and nothing was sent. A peer that closed gives `EPIPE` (or `ECONNRESET`).
 /// The transport's fd side socket carries exactly these messages.
-pub fn try_send_one_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<bool> {
+pub(crate) fn try_send_one_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<bool> {
     match try_send_vectored(sock, &[IoSlice::new(&[0])], Some(fd)) {
         Ok(n) => Ok(n > 0),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
@@ -270,7 +259,7 @@ pub fn try_send_one_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> io::Result<b
 /// Receives what one [`try_send_one_fd`] sent, without blocking: reads a single byte, so the
 /// next message's fd stays queued. `bytes` is 0 at end of stream; with nothing queued it fails
 /// with [`io::ErrorKind::WouldBlock`].
-pub fn try_recv_one_fd(sock: BorrowedFd<'_>) -> io::Result<Received> {
+pub(crate) fn try_recv_one_fd(sock: BorrowedFd<'_>) -> io::Result<Received> {
     let mut b = [0u8; 1];
     try_recv_with_fds(sock, &mut b)
 }
@@ -374,7 +363,7 @@ fn recv_msg(sock: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Res
 ///
 /// # References
 /// sendmsg(2), unix(7)
-pub fn try_send_vectored(
+pub(crate) fn try_send_vectored(
     sock: BorrowedFd<'_>,
     bufs: &[IoSlice<'_>],
     fd: Option<BorrowedFd<'_>>,
@@ -400,12 +389,12 @@ pub fn try_send_vectored(
 /// Frames up to this many bytes without an fd are worth copying into one stack buffer and
 /// sending with [`try_send`]: that spares the kernel the `msghdr` and iovec imports of
 /// `sendmsg` (measurable per message). The transport's send path does it.
-pub const SMALL_SEND: usize = 256;
+pub(crate) const SMALL_SEND: usize = 256;
 
 /// Sends `buf` without blocking (`MSG_DONTWAIT`) and without `SIGPIPE` (`MSG_NOSIGNAL`).
 /// Returns the bytes sent; fails with [`io::ErrorKind::WouldBlock`] if none could be. Retries
 /// on `EINTR`.
-pub fn try_send(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+pub(crate) fn try_send(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     loop {
         // The system call itself (`sendto` with no address, which is `send`): libc's wrapper is
         // a thread-cancellation point, which costs a pair of calls around every message, and
@@ -436,11 +425,11 @@ pub fn try_send(sock: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 }
 
 /// Most slices one [`try_send_vectored`] call passes to the kernel (Linux's `UIO_MAXIOV`).
-pub const IOV_MAX: usize = 1024;
+pub(crate) const IOV_MAX: usize = 1024;
 
 /// What to wait for on one fd in [`poll`], and what was found.
 #[derive(Debug, Clone, Copy)]
-pub struct PollFd<'fd> {
+pub(crate) struct PollFd<'fd> {
     /// The fd to watch.
     pub fd: BorrowedFd<'fd>,
     /// Wait until it is readable (`POLLIN`).
@@ -453,7 +442,7 @@ pub struct PollFd<'fd> {
 
 impl<'fd> PollFd<'fd> {
     /// Watches `fd` for the given readiness.
-    pub fn new(fd: BorrowedFd<'fd>, read: bool, write: bool) -> Self {
+    pub(crate) fn new(fd: BorrowedFd<'fd>, read: bool, write: bool) -> Self {
         PollFd {
             fd,
             read,
@@ -465,7 +454,7 @@ impl<'fd> PollFd<'fd> {
 
 /// Readiness reported by [`poll`] for one fd.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     /// `POLLIN`: a read will not block (data, or end of stream).
     pub readable: bool,
     /// `POLLOUT`: a write will take at least some bytes.
@@ -478,7 +467,7 @@ pub struct Readiness {
 
 impl Readiness {
     /// Whether anything at all was reported.
-    pub fn any(&self) -> bool {
+    pub(crate) fn any(&self) -> bool {
         self.readable || self.writable || self.hangup || self.error
     }
 }
@@ -490,7 +479,7 @@ impl Readiness {
 ///
 /// # References
 /// poll(2)
-pub fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usize> {
+pub(crate) fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usize> {
     // The library's loops poll two or three fds: those go in a stack array (no allocation per
     // wait); more spill to the heap.
     const INLINE: usize = 4;
@@ -579,7 +568,7 @@ pub(crate) fn poll_raw(fds: &mut [RawPollFd], timeout: Option<Duration>) -> io::
 }
 
 /// The bytes of a word buffer (native byte order), for reading 8-aligned data as bytes.
-pub fn words_as_bytes(words: &[u64]) -> &[u8] {
+pub(crate) fn words_as_bytes(words: &[u64]) -> &[u8] {
     // SAFETY: the byte slice covers exactly the memory of `words` (`size_of_val` bytes, which
     // fits in isize because the word slice exists), with the same lifetime and a shared borrow;
     // u64 has no padding, so every byte is initialised, and u8's alignment (1) divides u64's.
@@ -587,7 +576,7 @@ pub fn words_as_bytes(words: &[u64]) -> &[u8] {
 }
 
 /// The bytes of a word buffer, writable: for receiving into 8-aligned storage.
-pub fn words_as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
+pub(crate) fn words_as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
     // SAFETY: as in `words_as_bytes`, and the exclusive borrow of `words` moves to the result,
     // so nothing else can observe the words while the bytes are written; every bit pattern is a
     // valid u64, so any bytes written leave valid words.
@@ -603,7 +592,7 @@ pub fn words_as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
 /// process, as `vec![0; n]` would). The memory comes from `alloc_zeroed`, so a large buffer is
 /// fresh zero pages the kernel has not materialised yet: nothing is written before the caller
 /// fills it (a received 1 GiB frame is written once, by `recvmsg`).
-pub fn try_zeroed_words(n: usize) -> Option<Vec<u64>> {
+pub(crate) fn try_zeroed_words(n: usize) -> Option<Vec<u64>> {
     if n == 0 {
         return Some(Vec::new());
     }
@@ -661,7 +650,7 @@ pub(crate) fn fork_and_wait(f: impl FnOnce()) -> bool {
 /// (For a `socketpair` it is the process that created the pair, whoever holds the other end
 /// now: do not use it there.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerCred {
+pub(crate) struct PeerCred {
     /// Process id.
     pub pid: i32,
     /// Effective user id.
@@ -671,7 +660,7 @@ pub struct PeerCred {
 }
 
 /// `getsockopt(SO_PEERCRED)` on a connected Unix socket.
-pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCred> {
+pub(crate) fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCred> {
     let c = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(io_err)?;
     Ok(PeerCred {
@@ -682,7 +671,7 @@ pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<PeerCred> {
 }
 
 /// This process's effective user and group ids.
-pub fn effective_ids() -> (u32, u32) {
+pub(crate) fn effective_ids() -> (u32, u32) {
     (
         nix::unistd::geteuid().as_raw(),
         nix::unistd::getegid().as_raw(),
@@ -692,7 +681,7 @@ pub fn effective_ids() -> (u32, u32) {
 /// Takes an exclusive `flock` on `file` without waiting: `Ok(Err(file))` if another open file
 /// description holds one. The lock lives as long as the returned guard (and dies with the
 /// process).
-pub fn try_flock(file: File) -> io::Result<Result<nix::fcntl::Flock<File>, File>> {
+pub(crate) fn try_flock(file: File) -> io::Result<Result<nix::fcntl::Flock<File>, File>> {
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(Ok(lock)),
         Err((file, Errno::EWOULDBLOCK)) => Ok(Err(file)),

@@ -1,7 +1,9 @@
 //! The auto traits of every public type, checked at compile time (a regression here is an API
 //! break), and the size of what crosses the socket.
 
-use flowipc::shm::{Arena, ArenaConfig, Block, BlockRef, Error, LendBlob, Pool, ShmHandle, Stats};
+use flowipc::shm::{
+    Arena, ArenaConfig, Block, BlockRef, Error, LendBlob, Pool, ReceiveError, ShmHandle, Stats,
+};
 use static_assertions::{assert_impl_all, assert_not_impl_any};
 use std::sync::atomic::AtomicU64;
 
@@ -14,6 +16,7 @@ assert_impl_all!(LendBlob: Send, Sync, Copy, Eq, std::hash::Hash, std::fmt::Debu
 assert_impl_all!(BlockRef: Send, Sync, Copy, Eq, std::hash::Hash);
 assert_impl_all!(Stats: Send, Sync, Copy, Eq);
 assert_impl_all!(Error: Send, Sync, std::error::Error);
+assert_impl_all!(ReceiveError: Send, Sync, std::error::Error);
 
 // Messages: an out-message and a channel move between threads; an in-message too (its capnp
 // reader counts traversal in a `Cell`, so it is not `Sync`).
@@ -60,6 +63,8 @@ fn errors_show_their_cause_once() {
     };
     let errors: Vec<Box<dyn std::error::Error>> = vec![
         Box::new(shm_io()),
+        Box::new(ReceiveError::Io(io())),
+        Box::new(ReceiveError::Arena(shm_io())),
         Box::new(transport::Error::Io(io())),
         Box::new(msg::Error::Transport(transport::Error::Io(io()))),
         Box::new(msg::Error::Shm {

@@ -675,7 +675,10 @@ fn raw_log_in(srv: &ServerApp, fill: impl FnOnce(log_in::Builder<'_>)) -> Result
 }
 
 fn honest(l: &mut log_in::Builder<'_>, app: &str, server: &str) {
-    let (uid, gid) = flowipc::sys::effective_ids();
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
     l.set_protocol_version(1);
     l.set_client_app(app);
     l.set_server_app(server);

@@ -8,8 +8,8 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 
+use common::{memfd, seal_size};
 use flowipc::shm::{Arena, ArenaConfig, Error, LendBlob, ShmHandle};
-use flowipc::sys;
 
 fn arena() -> Arena {
     Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap()
@@ -194,20 +194,20 @@ fn fds_that_are_not_pools() {
     let e = Arena::join([OwnedFd::from(s)], ArenaConfig::new()).unwrap_err();
     assert!(matches!(e, Error::NotSealed), "{e:?}");
     // A memfd that is not sealed (a peer could truncate it under us).
-    let f = sys::memfd_sealable("not-a-pool").unwrap();
+    let f = memfd("not-a-pool");
     f.set_len(1 << 20).unwrap();
     let e = Arena::join([OwnedFd::from(f)], ArenaConfig::new()).unwrap_err();
     assert!(matches!(e, Error::NotSealed), "{e:?}");
     // A sealed memfd of zeros.
-    let f = sys::memfd_sealable("zeros").unwrap();
+    let f = memfd("zeros");
     f.set_len(1 << 20).unwrap();
-    sys::seal_size(&f).unwrap();
+    seal_size(&f);
     let e = Arena::join([OwnedFd::from(f)], ArenaConfig::new()).unwrap_err();
     assert!(matches!(e, Error::NotAPool("bad magic")), "{e:?}");
     // A sealed memfd too small to be a pool.
-    let f = sys::memfd_sealable("tiny").unwrap();
+    let f = memfd("tiny");
     f.set_len(4096).unwrap();
-    sys::seal_size(&f).unwrap();
+    seal_size(&f);
     let e = Arena::join([OwnedFd::from(f)], ArenaConfig::new()).unwrap_err();
     assert!(matches!(e, Error::NotAPool(_)), "{e:?}");
 }

@@ -12,7 +12,6 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use common::*;
-use flowipc::sys;
 use flowipc::transport::{
     AsyncChannel, Channel, ChannelConfig, Error, Frame, OutFrame, SharedBytes, FLAG_HAS_FD,
     FLAG_HELLO, HEADER_LEN, MAGIC,
@@ -116,7 +115,7 @@ fn raw_frame(flags: u32, len: u64, body: &[u8]) -> Vec<u8> {
 }
 
 fn memfd_with(text: &str) -> std::fs::File {
-    let mut f = sys::memfd_sealable("transport-test").unwrap();
+    let mut f = memfd("transport-test");
     f.write_all(text.as_bytes()).unwrap();
     f
 }
@@ -381,13 +380,13 @@ fn fed_side(
     let c = Channel::from_stream(theirs, cfg).unwrap();
     let hello = raw_frame(FLAG_HELLO | FLAG_HAS_FD, 0, &[]);
     assert_eq!(
-        sys::send_with_fds(&raw, &hello, &[side_theirs.as_fd()]).unwrap(),
+        send_with_fds(&raw, &hello, &[side_theirs.as_fd()]),
         HEADER_LEN
     );
     if !fds.is_empty() {
-        assert_eq!(sys::send_with_fds(&side, &[0], fds).unwrap(), 1);
+        assert_eq!(send_with_fds(&side, &[0], fds), 1);
     }
-    assert_eq!(sys::send_with_fds(&raw, bytes, &[]).unwrap(), bytes.len());
+    assert_eq!(send_with_fds(&raw, bytes, &[]), bytes.len());
     (c, side)
 }
 
@@ -483,15 +482,15 @@ fn bad_input_gets_its_specific_error_once() {
         let (mut probe, victim) = UnixStream::pair().unwrap();
         let (raw, theirs) = UnixStream::pair().unwrap();
         let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
-        sys::send_with_fds(&raw, &raw_frame(FLAG_HELLO, 0, &[]), &[]).unwrap();
-        sys::send_with_fds(&raw, &raw_frame(0, 1, b"x"), &[victim.as_fd()]).unwrap();
+        send_with_fds(&raw, &raw_frame(FLAG_HELLO, 0, &[]), &[]);
+        send_with_fds(&raw, &raw_frame(0, 1, b"x"), &[victim.as_fd()]);
         drop(victim);
         let f = recv(&mut c);
         assert!(&*f.payload == b"x" && f.fd.is_none());
         assert!(closed_everywhere(&mut probe), "the stray fd leaked");
         // With a frame flagged for one: the fd is not where it must be, MissingFd.
         let (mut probe, victim) = UnixStream::pair().unwrap();
-        sys::send_with_fds(&raw, &raw_frame(FLAG_HAS_FD, 1, b"y"), &[victim.as_fd()]).unwrap();
+        send_with_fds(&raw, &raw_frame(FLAG_HAS_FD, 1, b"y"), &[victim.as_fd()]);
         drop(victim);
         assert!(matches!(next_error(&mut c), Error::MissingFd));
         assert!(closed_everywhere(&mut probe), "the stray fd leaked");
@@ -500,12 +499,12 @@ fn bad_input_gets_its_specific_error_once() {
         let (mut probe, victim) = UnixStream::pair().unwrap();
         let (raw, theirs) = UnixStream::pair().unwrap();
         let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
-        sys::send_with_fds(&raw, &raw_frame(FLAG_HELLO, 0, &[]), &[]).unwrap();
+        send_with_fds(&raw, &raw_frame(FLAG_HELLO, 0, &[]), &[]);
         let mut head = raw_frame(0, 10, b"12345");
         head.truncate(HEADER_LEN + 5);
-        sys::send_with_fds(&raw, &head, &[]).unwrap();
+        send_with_fds(&raw, &head, &[]);
         assert!(c.try_recv().unwrap().is_none());
-        sys::send_with_fds(&raw, b"67890", &[victim.as_fd()]).unwrap();
+        send_with_fds(&raw, b"67890", &[victim.as_fd()]);
         drop(victim);
         assert_eq!(&*recv(&mut c).payload, b"1234567890");
         assert!(closed_everywhere(&mut probe));
@@ -542,7 +541,7 @@ fn bad_input_gets_its_specific_error_once() {
         let (raw, theirs) = UnixStream::pair().unwrap();
         let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
         let hello = raw_frame(FLAG_HELLO | FLAG_HAS_FD, 0, &[]);
-        sys::send_with_fds(&raw, &hello, &[r.as_fd()]).unwrap();
+        send_with_fds(&raw, &hello, &[r.as_fd()]);
         assert!(matches!(
             next_error(&mut c),
             Error::BadFrame("the hello's fd is not a stream socket")

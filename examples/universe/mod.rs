@@ -22,9 +22,15 @@ pub struct Universe {
 }
 
 pub fn build() -> Result<Universe, Error> {
-    let (uid, gid) = flowipc::sys::effective_ids();
-    let srv = App::new("tut_srv", exe("session_server")?, uid, gid);
-    let cli = App::new("tut_cli", exe("session_client")?, uid, gid);
+    // Both programs run as this process's user and group (`App::current` has them).
+    let srv = App {
+        exec_path: exe("session_server")?,
+        ..App::current("tut_srv")?
+    };
+    let cli = App {
+        exec_path: exe("session_client")?,
+        ..App::current("tut_cli")?
+    };
     let client = ClientApp::new(cli);
     let mut server = ServerApp::new(srv, [client.name.clone()]);
     if let Some(dir) = std::env::var_os("FLOWIPC_RUN_DIR") {

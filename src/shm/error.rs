@@ -196,5 +196,73 @@ impl std::error::Error for Error {
     }
 }
 
+/// Why receiving an arena's pools over a Unix socket failed ([`Arena::join_from`],
+/// [`Arena::add_pools_from`]).
+///
+/// After [`Arena`](ReceiveError::Arena) the whole share was read (or, for a bad configuration
+/// given to `join_from`, nothing was): the socket is positioned at what the peer sent next.
+/// After the other variants the share may be partly read: the stream is out of step, and the
+/// connection should be dropped. Every fd received before the failure is closed.
+///
+/// [`Arena::join_from`]: crate::shm::Arena::join_from
+/// [`Arena::add_pools_from`]: crate::shm::Arena::add_pools_from
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// Reading the socket failed. A socket in non-blocking mode with nothing to read, or one
+    /// whose read timeout ([`UnixStream::set_read_timeout`]) passed, gives
+    /// [`io::ErrorKind::WouldBlock`].
+    ///
+    /// [`UnixStream::set_read_timeout`]: std::os::unix::net::UnixStream::set_read_timeout
+    Io(io::Error),
+    /// The peer closed its end before a whole share arrived.
+    EndOfStream,
+    /// The bytes read are not a share of arena pools (as [`Arena::send_to`] writes); the text
+    /// says which check failed.
+    ///
+    /// [`Arena::send_to`]: crate::shm::Arena::send_to
+    BadMessage(&'static str),
+    /// A message of the share came with another number of fds than its header announces (none
+    /// at all, for instance, when the peer wrote the bytes without attaching the fds).
+    FdCount {
+        /// Fds the header announces.
+        expected: usize,
+        /// Fds that came with the message.
+        received: usize,
+    },
+    /// The fds arrived but were refused: the [`Error`] says why (an fd that is not a sealed
+    /// memfd is [`Error::NotSealed`], a pool of another arena [`Error::WrongArena`], a share
+    /// without pool 0 given to `join_from` [`Error::UnknownPool`]`(0)`, a bad configuration
+    /// [`Error::BadConfig`], ...).
+    Arena(Error),
+}
+
+impl fmt::Display for ReceiveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReceiveError::Io(_) => f.write_str("reading the arena's pools from the socket failed"),
+            ReceiveError::EndOfStream => {
+                f.write_str("the peer closed the socket before the arena's pools arrived")
+            }
+            ReceiveError::BadMessage(why) => write!(f, "not a share of arena pools: {why}"),
+            ReceiveError::FdCount { expected, received } => write!(
+                f,
+                "a share message announcing {expected} pool fds came with {received}"
+            ),
+            ReceiveError::Arena(_) => f.write_str("the received pools were refused"),
+        }
+    }
+}
+
+impl std::error::Error for ReceiveError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ReceiveError::Io(e) => Some(e),
+            ReceiveError::Arena(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// Result of the shared-memory layer.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -28,19 +28,22 @@
 //! is read only through atomics (a scribbled free list is reported as [`Error::Corrupt`]).
 //!
 //! # Processes
-//! Share an arena by sending its pools' fds ([`Arena::pool_fd`]) over a Unix socket and
-//! [joining](Arena::join) it. Do not `fork()` a process that uses an arena and keep using it on
-//! both sides: the child would inherit the parent's thread-cache slots.
+//! Share an arena over a Unix socket with [`Arena::send_to`]; the other process
+//! [joins](Arena::join_from) it, and receives pools created later with
+//! [`Arena::add_pools_from`]. (With fds obtained some other way: [`Arena::pool_fd`],
+//! [`Arena::join`], [`Arena::add_pool`].) Do not `fork()` a process that uses an arena and keep
+//! using it on both sides: the child would inherit the parent's thread-cache slots.
 //!
 //! # Example: two mappings of one arena
 //! ```
 //! use flowipc::shm::{Arena, ArenaConfig, ShmHandle};
-//! use std::os::fd::AsFd;
+//! use std::os::unix::net::UnixStream;
 //!
 //! let a = Arena::create(ArenaConfig::new().pool_size(16 << 20))?;
-//! // Another process would receive this fd over a Unix socket; here we just duplicate it.
-//! let fd = a.pool_fd(0).unwrap().try_clone_to_owned().unwrap();
-//! let b = Arena::join([fd], ArenaConfig::new())?;
+//! // Two processes would each hold one end of the socket; here one process holds both.
+//! let (mine, theirs) = UnixStream::pair()?;
+//! a.send_to(&mine)?;
+//! let b = Arena::join_from(&theirs, ArenaConfig::new())?;
 //!
 //! let h: ShmHandle<[u64; 4]> = a.construct([1, 2, 3, 4])?;
 //! let blob = h.lend();
@@ -49,7 +52,7 @@
 //! assert_eq!(*there, [1, 2, 3, 4]);
 //! drop(there); // last reference: freed, through the other mapping
 //! assert_eq!(a.stats().blocks_in_use, 0);
-//! # Ok::<(), flowipc::shm::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 #[cfg(not(flowipc_loom))]
@@ -79,7 +82,7 @@ pub(crate) mod lockfree;
 #[cfg(not(flowipc_loom))]
 pub use arena::{Arena, ArenaConfig, Block, BlockRef, Stats, Verification};
 #[cfg(not(flowipc_loom))]
-pub use error::{Error, Result};
+pub use error::{Error, ReceiveError, Result};
 #[cfg(not(flowipc_loom))]
 pub use handle::{type_tag, LendBlob, ShmHandle, ShmSafe};
 #[cfg(not(flowipc_loom))]

@@ -14,11 +14,13 @@
 //! use std::io::{Read, Seek, Write};
 //! use std::os::fd::AsFd;
 //! use flowipc::transport::{Channel, ChannelConfig, Error, OutFrame};
+//! use nix::sys::memfd::{memfd_create, MFdFlags};
 //!
 //! let (mut a, mut b) = Channel::pair(ChannelConfig::new())?;
 //!
-//! // A frame with an fd: a memfd whose contents the receiver reads.
-//! let mut file = flowipc::sys::memfd_sealable("example").map_err(Error::Io)?;
+//! // A frame with an fd: a memfd (made with the `nix` crate) whose contents the receiver reads.
+//! let fd = memfd_create("example", MFdFlags::MFD_CLOEXEC).map_err(|e| Error::Io(e.into()))?;
+//! let mut file = std::fs::File::from(fd);
 //! file.write_all(b"behind the fd").map_err(Error::Io)?;
 //! a.send(OutFrame::new(b"look at this").fd(file.as_fd()))?;
 //! // Frames without fds, one gathered from parts.

@@ -3,14 +3,19 @@
 //! A test spawns a child by re-executing its own test binary, running only the ignored test
 //! `child_entry` with a role name in the environment. Parent and child talk over a Unix socket
 //! with an *abstract* address (unique per spawn): nothing is created in any file system, so a
-//! killed test leaves nothing behind. Pool fds cross that socket with `SCM_RIGHTS`.
+//! killed test leaves nothing behind. An arena crosses that socket with `Arena::send_to`.
+//!
+//! Raw fd passing and memfds, for tests that feed the library hand-made input, come from `nix`
+//! directly ([`send_with_fds`], [`memfd`], [`seal_size`]): the library's own syscall module is
+//! private.
 #![allow(dead_code)]
 
 pub mod balance;
 pub mod msgs;
 
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::fs::File;
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
@@ -18,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flowipc::shm::{Arena, ArenaConfig, LendBlob};
-use flowipc::sys;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 const ROLE_ENV: &str = "FLOWIPC_TEST_ROLE";
 const SOCK_ENV: &str = "FLOWIPC_TEST_SOCK";
@@ -56,10 +63,11 @@ fn unique_name() -> String {
     )
 }
 
-/// Spawns this test binary's `child_entry` with `role`, and sends it every pool fd of `arena`.
+/// Spawns this test binary's `child_entry` with `role`, and sends it `arena`
+/// ([`Arena::send_to`]; the child joins with [`child_connect`]).
 pub fn spawn(role: &str, arena: &Arena) -> Peer {
-    let mut peer = spawn_plain(role);
-    send_pools(&mut peer.sock, arena);
+    let peer = spawn_plain(role);
+    arena.send_to(&peer.sock).unwrap();
     peer
 }
 
@@ -108,35 +116,10 @@ pub fn spawn_env(role: &str, env: &[(&str, &std::ffi::OsStr)]) -> Peer {
     Peer { child, sock }
 }
 
-/// Sends the pool fds of `arena`: a count, then one fd per message.
-pub fn send_pools(sock: &mut UnixStream, arena: &Arena) {
-    let ids = arena.pool_ids();
-    send_u64(sock, ids.len() as u64);
-    for id in ids {
-        let fd = arena.pool_fd(id).unwrap();
-        let n = sys::send_with_fds(sock, &[1], &[fd.as_fd()]).unwrap();
-        assert_eq!(n, 1);
-    }
-}
-
-/// Receives pool fds sent by [`send_pools`].
-pub fn recv_pools(sock: &mut UnixStream) -> Vec<OwnedFd> {
-    let n = recv_u64(sock);
-    (0..n)
-        .map(|_| {
-            let mut b = [0u8; 1];
-            let (got, mut fds) = sys::recv_with_fds(sock, &mut b).unwrap();
-            assert_eq!((got, fds.len()), (1, 1));
-            fds.pop().unwrap()
-        })
-        .collect()
-}
-
-/// In a child: connects to the parent and joins its arena.
+/// In a child: connects to the parent and joins its arena (sent by [`spawn`]).
 pub fn child_connect() -> (UnixStream, Arena) {
-    let mut sock = child_socket();
-    let fds = recv_pools(&mut sock);
-    let arena = Arena::join(fds, ArenaConfig::new()).unwrap();
+    let sock = child_socket();
+    let arena = Arena::join_from(&sock, ArenaConfig::new()).unwrap();
     (sock, arena)
 }
 
@@ -145,6 +128,34 @@ pub fn child_socket() -> UnixStream {
     let name = std::env::var(SOCK_ENV).expect("spawned by common::spawn");
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     UnixStream::connect_addr(&addr).unwrap()
+}
+
+/// Sends `data` on `sock` with `fds` attached to its first byte (`SCM_RIGHTS`), without
+/// `SIGPIPE`. Returns the bytes sent.
+pub fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> usize {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(data)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .unwrap()
+}
+
+/// An empty memfd that allows sealing (close-on-exec).
+pub fn memfd(name: &str) -> File {
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
+    File::from(fd)
+}
+
+/// Seals a memfd's size (no shrinking, no growing, no further seals), as pools are.
+pub fn seal_size(file: &File) {
+    let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+    fcntl(file, FcntlArg::F_ADD_SEALS(seals)).unwrap();
 }
 
 pub fn send_u64(sock: &mut UnixStream, v: u64) {
