@@ -66,7 +66,7 @@ fn say(chan: &mut Chan, text: &str, num: i64) {
     h.set_greeting(text);
     h.set_num(num);
     chan.send(&mut m, None).unwrap();
-    chan.channel().flush_blocking(T).unwrap();
+    chan.flush_blocking(T).unwrap();
 }
 
 fn hear(chan: &mut Chan) -> (String, i64) {
@@ -88,7 +88,7 @@ fn one_gib_message_is_read_in_place_by_another_process() {
     let mut msg = chan.create_msg();
     build_blob(&mut msg, 4, CHUNK, 99);
     chan.send(&mut msg, None).unwrap();
-    chan.channel().flush_blocking(T).unwrap();
+    chan.flush_blocking(T).unwrap();
     // Sending added only the segment table (one small block).
     let before = arena.stats();
     assert!(before.bytes_in_use >= 1 << 30);
@@ -249,7 +249,7 @@ fn heap_mode_copies_through_the_socket() {
     build_blob(&mut msg, 3, 20 << 20, 5);
     chan.send(&mut msg, None).unwrap();
     // Queued parts keep the message frozen until written.
-    chan.channel().flush_blocking(T).unwrap();
+    chan.flush_blocking(T).unwrap();
     assert!(!msg.is_shared());
     assert_eq!(hear(&mut chan).0, "3 chunks, 62914560 bytes, tag 5, copied");
     common::wait_ok(peer);
@@ -612,7 +612,7 @@ fn handles_that_never_left_the_send_queue_are_given_back() {
     for _ in 0..n {
         tx.send(&mut msg, None).unwrap();
     }
-    assert!(tx.channel().queued_bytes() > 0, "the socket never filled");
+    assert!(tx.queued_bytes() > 0, "the socket never filled");
     assert_eq!(msg.shared_refs(), Some(n + 1));
     drop(tx);
     // The queued ones are back; those in the socket are the reader's to take (or not).
@@ -837,7 +837,7 @@ fn a_many_segment_message_that_never_left_is_freed_whole() {
     for _ in 0..20_000 {
         tx.send(&mut msg, None).unwrap();
     }
-    assert!(tx.channel().queued_bytes() > 0, "the socket never filled");
+    assert!(tx.queued_bytes() > 0, "the socket never filled");
     // The sender lets go of the message, and the receiver takes in (and drops) what reached the
     // socket: the last references are those of the frames still in the send queue...
     drop(msg);

@@ -55,7 +55,7 @@ fn child_read_and_drop() {
     let mut m = chan.create_msg();
     hello(&mut m, said);
     chan.send(&mut m, None).unwrap();
-    chan.channel().flush_blocking(T).unwrap();
+    chan.flush_blocking(T).unwrap();
 }
 
 /// Gives back the reference of a message handle it never reads; reports the arena's blocks.
@@ -110,7 +110,7 @@ fn intercept(arena: &Arena, msg: &mut MsgOut<cool_msg::Owned>) -> LendBlob {
     let (a, mut from_tx) = Channel::pair(ChannelConfig::new()).unwrap();
     let mut tx = Chan::new(a, Backing::Shm(arena.clone()));
     tx.send(msg, None).unwrap();
-    tx.channel().flush_blocking(T).unwrap();
+    tx.flush_blocking(T).unwrap();
     // Pool announcements first (the first message of an arena), then the handle's frame:
     // kind 2, then its 32-byte blob after the 24-byte header.
     let blob = loop {

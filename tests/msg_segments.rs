@@ -39,7 +39,7 @@ fn child_entry() {
     assert!(m.segment_count() > 1);
     assert_eq!(round_trip(&m.segments()), content(m.root().unwrap()));
     chan.send(&mut m, None).unwrap();
-    chan.channel().flush_blocking(T).unwrap();
+    chan.flush_blocking(T).unwrap();
     // Wait for the reader to finish (its answer), so the message outlives its reading.
     let _ = chan.recv_blocking(T).unwrap();
 }
@@ -60,7 +60,7 @@ fn receive_and_round_trip(role: &str, zero_copy: bool) {
     let mut done = chan.create_msg();
     done.init_root().init_hello_there().set_num(1);
     chan.send(&mut done, None).unwrap();
-    chan.channel().flush_blocking(T).unwrap();
+    chan.flush_blocking(T).unwrap();
     common::wait_ok(peer);
 }
 

@@ -13,9 +13,15 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use flowipc::transport::{
-    AsyncChannel, Channel, ChannelConfig, Error, Frame, OutFrame, SharedBytes, FLAG_HAS_FD,
-    FLAG_HELLO, HEADER_LEN, MAGIC,
+    AsyncChannel, Channel, ChannelConfig, Error, Frame, OutFrame, SharedBytes,
 };
+
+// The wire format as the transport module's docs define it (written out here, so that a change
+// of the format in the code shows up as failing tests).
+const MAGIC: [u8; 4] = *b"FIPC";
+const HEADER_LEN: usize = 16;
+const FLAG_HAS_FD: u32 = 1;
+const FLAG_HELLO: u32 = 1 << 3;
 
 // The auto traits of the public types (a regression is an API break).
 static_assertions::assert_impl_all!(Channel: Send, Sync, std::fmt::Debug);

@@ -141,8 +141,9 @@ impl<M: Owned> MsgChannel<M> {
         &self.backing
     }
 
-    /// The unstructured channel underneath (to flush, check the queue, set timers).
-    pub fn channel(&mut self) -> &mut Channel {
+    /// The unstructured channel underneath, for the layers above (the structured channel).
+    /// Not public: raw frames sent through it would break the message protocol.
+    pub(crate) fn channel(&mut self) -> &mut Channel {
         &mut self.chan
     }
 
@@ -155,6 +156,47 @@ impl<M: Owned> MsgChannel<M> {
     /// Whether a hosing error has been reported.
     pub fn is_hosed(&self) -> bool {
         self.hosed
+    }
+
+    /// Writes what the socket takes of the send queue; `Ok(true)` when it is empty (see
+    /// [`Channel::flush`]).
+    pub fn flush(&mut self) -> Result<bool, Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
+        let r = self.chan.flush().map_err(Error::from);
+        self.hose_on(r)
+    }
+
+    /// Writes the send queue, waiting up to `timeout` (`None`: no limit) for the socket to take
+    /// it; `Ok(true)` once empty, `Ok(false)` at the timeout (see
+    /// [`Channel::flush_blocking`]).
+    pub fn flush_blocking(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
+        let r = self.chan.flush_blocking(timeout).map_err(Error::from);
+        self.hose_on(r)
+    }
+
+    /// Bytes waiting in the send queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.chan.queued_bytes()
+    }
+
+    /// Ends sending gracefully: everything sent so far goes out, then the peer learns of the
+    /// end (see [`Channel::end_sending`]).
+    pub fn end_sending(&mut self) -> Result<(), Error> {
+        if self.hosed {
+            return Err(Error::Hosed);
+        }
+        let r = self.chan.end_sending().map_err(Error::from);
+        self.hose_on(r)
+    }
+
+    /// Whether the end of sending (and everything before it) has been written.
+    pub fn is_send_done(&self) -> bool {
+        self.chan.is_send_done()
     }
 
     /// Marks the channel hosed if `r` is a hosing error. The transport is hosed with it: its

@@ -48,8 +48,8 @@
 //!
 //! | bytes | field |
 //! |---|---|
-//! | 0..4 | magic [`MAGIC`] (`b"FIPC"`) |
-//! | 4..8 | flags, u32 little-endian: bit 0 [`FLAG_HAS_FD`], bit 1 [`FLAG_PING`], bit 2 [`FLAG_END`], bit 3 [`FLAG_HELLO`]; other bits must be 0 |
+//! | 0..4 | magic `b"FIPC"` |
+//! | 4..8 | flags, u32 little-endian: bit 0 `HAS_FD`, bit 1 `PING`, bit 2 `END`, bit 3 `HELLO`; other bits must be 0 |
 //! | 8..16 | payload length, u64 little-endian |
 //!
 //! Pings, the END frame and the hello have no payload; pings and the END frame have no fd.
@@ -58,9 +58,9 @@
 //! first frame of any kind (a channel that never sends sends no hello, so a socket may be
 //! wrapped, left unused and handed on: see [`Channel::from_stream`]). A side with fds enabled
 //! ([`ChannelConfig::with_fds`]) makes a `socketpair`, its *fd side socket*, and its hello is
-//! flagged [`FLAG_HAS_FD`] and carries the side socket's receiving end by `SCM_RIGHTS`, attached
+//! flagged `HAS_FD` and carries the side socket's receiving end by `SCM_RIGHTS`, attached
 //! to the hello's first byte; a side without fds sends a hello with no flag but
-//! [`FLAG_HELLO`]. The receiver reads the hello with `recvmsg`, never more than its 16 bytes, so
+//! `HELLO`. The receiver reads the hello with `recvmsg`, never more than its 16 bytes, so
 //! every fd those reads bring is the hello's; errors: [`Error::BadFrame`] (the first frame is
 //! not a hello, or has a payload or other flags; a later frame is flagged as a hello; the
 //! hello's fd is not a stream socket), [`Error::MissingFd`] / [`Error::UnexpectedFd`] /
@@ -69,7 +69,7 @@
 //! **Fds.** After the hello, the data socket is read with plain `recv` (no control buffer:
 //! cheaper in the kernel than `recvmsg`), and at most one fd travels per frame, on the side
 //! socket: the sender writes one byte with the fd attached (`SCM_RIGHTS`) on its side socket
-//! *before* the first byte of the frame flagged [`FLAG_HAS_FD`] goes on the data socket (a
+//! *before* the first byte of the frame flagged `HAS_FD` goes on the data socket (a
 //! queued frame's fd goes when its first byte is about to be written, or earlier), so the fd is
 //! queued on the side socket by the time the receiver can parse the frame. The receiver takes
 //! it (one byte, with `recvmsg`, `MSG_DONTWAIT`) when it parses the flagged frame, and never
@@ -137,8 +137,5 @@ mod error;
 
 pub use async_io::AsyncChannel;
 pub use buf::{AlignedBuf, SharedBytes, SharedOwner};
-pub use channel::{
-    Channel, ChannelConfig, Frame, OutFrame, DEFAULT_MAX_FRAME, FLAG_END, FLAG_HAS_FD, FLAG_HELLO,
-    FLAG_PING, HEADER_LEN, MAGIC,
-};
+pub use channel::{Channel, ChannelConfig, Frame, OutFrame, DEFAULT_MAX_FRAME};
 pub use error::Error;

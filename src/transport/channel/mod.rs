@@ -28,7 +28,7 @@ pub use self::config::{ChannelConfig, DEFAULT_MAX_FRAME};
 pub use self::frame::{Frame, OutFrame};
 use self::rx::{Parsed, Rx};
 use self::tx::{Kind, SendQueue};
-pub use self::wire::{FLAG_END, FLAG_HAS_FD, FLAG_HELLO, FLAG_PING, HEADER_LEN, MAGIC};
+use self::wire::{FLAG_END, FLAG_PING};
 use super::Error;
 use crate::poll::{Interest, Pollable};
 use crate::sys::{self, PollFd};

@@ -1,6 +1,6 @@
 //! The channel's unit tests: queueing, fd attribution, partial writes, timers, raw bad input.
 
-use super::wire::{Header, FLAG_END};
+use super::wire::{Header, FLAG_END, FLAG_HAS_FD, FLAG_HELLO, FLAG_PING, HEADER_LEN};
 use super::*;
 use crate::transport::SharedBytes;
 use std::io::{IoSlice, Read, Write};

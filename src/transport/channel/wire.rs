@@ -5,20 +5,20 @@
 use crate::transport::Error;
 
 /// The first 4 bytes of every frame header.
-pub const MAGIC: [u8; 4] = *b"FIPC";
+pub(crate) const MAGIC: [u8; 4] = *b"FIPC";
 /// Length of a frame header: magic (4) | flags u32 LE (4) | payload length u64 LE (8).
-pub const HEADER_LEN: usize = 16;
+pub(crate) const HEADER_LEN: usize = 16;
 /// Header flag: the frame carries one fd. On a hello, the fd rides with the frame's first byte
 /// (`SCM_RIGHTS`); on any other frame, it was sent before the frame on the sender's fd side
 /// socket (see [the module docs](crate::transport)).
-pub const FLAG_HAS_FD: u32 = 1;
+pub(crate) const FLAG_HAS_FD: u32 = 1;
 /// Header flag: a keep-alive ping (no payload, no fd); consumed silently by the receiver.
-pub const FLAG_PING: u32 = 1 << 1;
+pub(crate) const FLAG_PING: u32 = 1 << 1;
 /// Header flag: the sender ended its sending (no payload, no fd); nothing follows.
-pub const FLAG_END: u32 = 1 << 2;
+pub(crate) const FLAG_END: u32 = 1 << 2;
 /// Header flag: the hello, the first frame in each direction (no payload; with
 /// [`FLAG_HAS_FD`], its fd is the receiving end of the sender's fd side socket).
-pub const FLAG_HELLO: u32 = 1 << 3;
+pub(crate) const FLAG_HELLO: u32 = 1 << 3;
 const KNOWN_FLAGS: u32 = FLAG_HAS_FD | FLAG_PING | FLAG_END | FLAG_HELLO;
 
 /// What a frame after the hello is, as its header says.
