@@ -25,6 +25,8 @@
 pub use capnp;
 
 #[cfg(not(flowipc_loom))]
+mod hosing;
+#[cfg(not(flowipc_loom))]
 pub mod msg;
 #[cfg(not(flowipc_loom))]
 pub mod poll;

@@ -24,6 +24,7 @@ use super::wire::{
     Header, Kind,
 };
 use super::{Error, InSegs, MsgIn, MsgOut};
+use crate::hosing::Hosing;
 use crate::poll::{Interest, Pollable};
 use crate::shm::segments::OutMsg;
 use crate::shm::{Arena, ArenaConfig, LendBlob};
@@ -69,7 +70,7 @@ pub struct MsgChannel<M: Owned> {
     next_id: u64,
     /// The session token every frame carries (both ways), if the channel belongs to a session.
     token: Option<u128>,
-    hosed: bool,
+    hosing: Hosing,
     _root: std::marker::PhantomData<fn() -> M>,
 }
 
@@ -78,7 +79,7 @@ impl<M: Owned> std::fmt::Debug for MsgChannel<M> {
         f.debug_struct("MsgChannel")
             .field("channel", &self.chan)
             .field("backing", &self.backing)
-            .field("hosed", &self.hosed)
+            .field("hosed", &self.hosing.is_hosed())
             .finish()
     }
 }
@@ -97,7 +98,7 @@ impl<M: Owned> MsgChannel<M> {
             arenas,
             next_id: 1,
             token: None,
-            hosed: false,
+            hosing: Hosing::default(),
             _root: std::marker::PhantomData,
         }
     }
@@ -155,15 +156,13 @@ impl<M: Owned> MsgChannel<M> {
 
     /// Whether a hosing error has been reported.
     pub fn is_hosed(&self) -> bool {
-        self.hosed
+        self.hosing.is_hosed()
     }
 
     /// Writes what the socket takes of the send queue; `Ok(true)` when it is empty (see
     /// [`Channel::flush`]).
     pub fn flush(&mut self) -> Result<bool, Error> {
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
+        self.hosing.check::<Error>()?;
         let r = self.chan.flush().map_err(Error::from);
         self.hose_on(r)
     }
@@ -172,9 +171,7 @@ impl<M: Owned> MsgChannel<M> {
     /// it; `Ok(true)` once empty, `Ok(false)` at the timeout (see
     /// [`Channel::flush_blocking`]).
     pub fn flush_blocking(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
+        self.hosing.check::<Error>()?;
         let r = self.chan.flush_blocking(timeout).map_err(Error::from);
         self.hose_on(r)
     }
@@ -187,9 +184,7 @@ impl<M: Owned> MsgChannel<M> {
     /// Ends sending gracefully: everything sent so far goes out, then the peer learns of the
     /// end (see [`Channel::end_sending`]).
     pub fn end_sending(&mut self) -> Result<(), Error> {
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
+        self.hosing.check::<Error>()?;
         let r = self.chan.end_sending().map_err(Error::from);
         self.hose_on(r)
     }
@@ -203,13 +198,13 @@ impl<M: Owned> MsgChannel<M> {
     /// send queue is dropped, and with it the frames never written, whose lent handles are given
     /// back (each frame's `on_unsent`): the peer can never borrow them now.
     fn hose_on<T>(&mut self, r: Result<T, Error>) -> Result<T, Error> {
-        if let Err(e) = &r {
-            if e.is_hosing() {
-                self.hosed = true;
+        r.map_err(|e| {
+            let (e, now) = self.hosing.file(e);
+            if now {
                 self.chan.abandon();
             }
-        }
-        r
+            e
+        })
     }
 
     /// Sends `msg` with `fd` if given, else with the message's own fd if it has one
@@ -232,9 +227,7 @@ impl<M: Owned> MsgChannel<M> {
         fd: Option<BorrowedFd<'_>>,
         answers: u64,
     ) -> Result<u64, Error> {
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
+        self.hosing.check::<Error>()?;
         let r = self.send_inner(msg, fd, answers);
         self.hose_on(r)
     }
@@ -246,9 +239,7 @@ impl<M: Owned> MsgChannel<M> {
 
     /// Tells the peer that its message `id` arrived as a response nobody expected.
     pub(crate) fn send_unexpected_notice(&mut self, id: u64) -> Result<(), Error> {
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
+        self.hosing.check::<Error>()?;
         let (frame, _) = self.header(Kind::Notice, id);
         let r = self.chan.send(frame.as_ref()).map_err(Error::from);
         self.hose_on(r)
@@ -440,9 +431,7 @@ impl<M: Owned> MsgChannel<M> {
             .filter(|_| !poll_only)
             .map(|t| std::time::Instant::now() + t);
         loop {
-            if self.hosed {
-                return Err(Error::Hosed);
-            }
+            self.hosing.check::<Error>()?;
             let r = if poll_only {
                 self.chan.try_recv()
             } else {
@@ -539,7 +528,7 @@ impl<M: Owned> Drop for MsgChannel<M> {
         // Handles the peer sent that will never be read here hold references: take in what has
         // arrived (bounded) and drop it, so the peer's memory is freed. (The references of our
         // own handles that never left are given back by the transport's queue, as it drops.)
-        if !self.hosed {
+        if !self.hosing.is_hosed() {
             for _ in 0..100_000 {
                 match self.try_recv() {
                     Ok(Some(msg)) => drop(msg),
@@ -609,7 +598,7 @@ impl<M: Owned> Pollable for MsgChannel<M> {
     /// The transport's (see [`Channel`'s](Channel#impl-Pollable-for-Channel)); nothing once
     /// hosed.
     fn interest(&self) -> Interest<'_> {
-        if self.hosed {
+        if self.hosing.is_hosed() {
             Interest::none()
         } else {
             self.chan.interest()
@@ -618,9 +607,7 @@ impl<M: Owned> Pollable for MsgChannel<M> {
 
     /// The transport's timers and flush; receiving is [`try_recv`](MsgChannel::try_recv)'s.
     fn on_ready(&mut self) -> Result<(), Error> {
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
+        self.hosing.check::<Error>()?;
         let r = self.chan.on_ready().map_err(Error::from);
         self.hose_on(r)
     }

@@ -86,3 +86,13 @@ impl From<transport::Error> for Error {
         Error::Transport(e)
     }
 }
+
+impl crate::hosing::HosingError for Error {
+    fn is_hosing(&self) -> bool {
+        Error::is_hosing(self)
+    }
+
+    fn hosed() -> Self {
+        Error::Hosed
+    }
+}

@@ -12,6 +12,7 @@ use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
 use super::{Error, Metadata, SessionConfig};
+use crate::hosing::{Hosing, Report};
 use crate::msg::{Backing, MsgChannel, MsgIn};
 use crate::reactor::{self, Notifier, Registration, Source, Wait};
 use crate::schemas::session_capnp::master;
@@ -111,14 +112,16 @@ struct Link {
 /// A copy of a session-ending error for the error handler, when a call met it (the call
 /// returns the original). `None`: the error does not end the session.
 fn ending(e: &Error) -> Option<Error> {
+    use crate::hosing::HosingError;
+    if !e.is_hosing() {
+        return None;
+    }
     match e {
         Error::PeerGone => Some(Error::PeerGone),
         Error::IdleTimeout => Some(Error::IdleTimeout),
         Error::Protocol(w) => Some(Error::Protocol(w)),
         Error::Hosed => Some(Error::Hosed),
-        Error::Channel(c) if c.is_hosing() => Some(Error::Hosed),
-        Error::Transport(t) if t.is_hosing() => Some(Error::Hosed),
-        _ => None,
+        _ => Some(Error::Hosed),
     }
 }
 
@@ -255,6 +258,7 @@ impl Session {
             handlers: Mutex::new(Handlers {
                 on_error: Some(on_error),
                 on_passive_open,
+                hosing: Hosing::default(),
                 hosed: self.hosed.clone(),
                 closing: link.closing.clone(),
             }),
@@ -465,23 +469,30 @@ fn open_request(
 struct Handlers {
     on_error: Option<OnError>,
     on_passive_open: Option<PassiveOpen>,
+    /// The session's hosing state (the library's one state machine), kept here where the
+    /// errors are reported ...
+    hosing: Hosing,
+    /// ... and published for `Session::is_hosed` on other threads.
     hosed: Arc<AtomicBool>,
     closing: Arc<AtomicBool>,
 }
 
 impl Handlers {
+    /// Reports `e` (an error that ends the session) to the error handler, if it is the first.
     fn error(&mut self, e: Error) {
         if self.closing.load(Ordering::Acquire) {
             return;
         }
-        if let Some(h) = self.on_error.take() {
+        if let Report::First(e) = self.hosing.report(e) {
             self.hosed.store(true, Ordering::Release);
-            h(e);
+            if let Some(h) = self.on_error.take() {
+                h(e);
+            }
         }
     }
 
     fn opened(&mut self, chan: transport::Channel, mdt: Option<Metadata>) {
-        if self.on_error.is_none() || self.closing.load(Ordering::Acquire) {
+        if self.hosing.is_hosed() || self.closing.load(Ordering::Acquire) {
             return; // over
         }
         if let Some(h) = self.on_passive_open.as_mut() {

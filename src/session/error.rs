@@ -245,3 +245,20 @@ impl From<shm::Error> for Error {
         Error::Shm(e)
     }
 }
+
+/// The errors that end a session: the peer gone or silent, a protocol breach, and the master
+/// channel's own hosing errors.
+impl crate::hosing::HosingError for Error {
+    fn is_hosing(&self) -> bool {
+        match self {
+            Error::PeerGone | Error::IdleTimeout | Error::Protocol(_) | Error::Hosed => true,
+            Error::Channel(c) => c.is_hosing(),
+            Error::Transport(t) => t.is_hosing(),
+            _ => false,
+        }
+    }
+
+    fn hosed() -> Self {
+        Error::Hosed
+    }
+}

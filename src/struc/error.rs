@@ -106,3 +106,13 @@ impl From<crate::transport::Error> for Error {
         msg::Error::from(e).into()
     }
 }
+
+impl crate::hosing::HosingError for Error {
+    fn is_hosing(&self) -> bool {
+        Error::is_hosing(self)
+    }
+
+    fn hosed() -> Self {
+        Error::Hosed
+    }
+}

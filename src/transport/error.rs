@@ -177,6 +177,16 @@ impl std::error::Error for Error {
     }
 }
 
+impl crate::hosing::HosingError for Error {
+    fn is_hosing(&self) -> bool {
+        Error::is_hosing(self)
+    }
+
+    fn hosed() -> Self {
+        Error::Hosed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

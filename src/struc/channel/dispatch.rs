@@ -11,6 +11,7 @@ use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
 use super::{Channel, Expect, Handler, Request};
+use crate::hosing::Report;
 use crate::msg::channel::Incoming;
 use crate::msg::MsgIn;
 use crate::struc::{Error, MsgType};
@@ -20,39 +21,43 @@ where
     M: Owned + Introspect,
     for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
 {
-    /// Marks the channel hosed if `e` hoses it; returns `e` for the caller to report.
+    /// Marks the channel hosed if `e` hoses it (its handlers are dropped then); returns `e`
+    /// for the caller to report.
     pub(super) fn hose(&mut self, e: Error) -> Error {
-        if e.is_hosing() {
-            self.hosed = true;
-            self.on_error = None;
-            self.expect_one.clear();
-            self.expect_many.clear();
-            self.requests.clear();
-            self.sync_waiting.clear();
-            self.sync_arrived.clear();
-            self.on_unexpected = None;
-            self.on_remote_unexpected = None;
+        let (e, now) = self.hosing.file(e);
+        if now {
+            self.drop_handlers();
         }
         e
     }
 
-    /// A hosing error met while receiving goes to `on_error`; the caller sees `Hosed`.
+    fn drop_handlers(&mut self) {
+        self.on_error = None;
+        self.expect_one.clear();
+        self.expect_many.clear();
+        self.requests.clear();
+        self.sync_waiting.clear();
+        self.sync_arrived.clear();
+        self.on_unexpected = None;
+        self.on_remote_unexpected = None;
+    }
+
+    /// A hosing error met while receiving goes to `on_error`; the caller sees `Hosed`. (One
+    /// reported already, by a handler's call or a nested receive, is `Hosed` here.)
     pub(super) fn report(&mut self, e: Error) -> Error {
-        if !e.is_hosing() {
-            return e;
-        }
-        if self.hosed {
-            // Already reported (e.g. by a handler's call, or a nested receive).
-            return Error::Hosed;
-        }
-        let handler = self.on_error.take();
-        self.hose(Error::Hosed);
-        match handler {
-            Some(h) => {
-                h(e);
-                Error::Hosed
+        match self.hosing.report(e) {
+            Report::Return(e) => e,
+            Report::First(e) => {
+                let handler = self.on_error.take();
+                self.drop_handlers();
+                match handler {
+                    Some(h) => {
+                        h(e);
+                        Error::Hosed
+                    }
+                    None => e,
+                }
             }
-            None => e,
         }
     }
 
@@ -61,17 +66,15 @@ where
     pub(super) fn step(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
         match self.step_inner(timeout) {
             Ok(got) => Ok(got),
-            Err(_) if self.hosed => Err(Error::Hosed),
+            Err(_) if self.hosing.is_hosed() => Err(Error::Hosed),
             Err(e) => Err(self.hose(e)),
         }
     }
 
     /// Receives and dispatches one event (waiting up to `timeout`); `Ok(false)` if none came.
     pub(super) fn step_inner(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
-        if self.hosed {
-            // Hosed by a handler's call or a nested receive: reported there already.
-            return Err(Error::Hosed);
-        }
+        // Hosed by a handler's call or a nested receive: reported there already.
+        self.hosing.check::<Error>()?;
         match self.msgs.next_event(timeout) {
             Ok(Some(Incoming::Msg(m))) => {
                 self.dispatch(m)?;
@@ -125,7 +128,7 @@ where
     /// Hands cached messages of `which` to its `expect_msgs` handler while there is one, not
     /// already running.
     fn deliver_cached(&mut self, which: MsgType) {
-        while !self.hosed {
+        while !self.hosing.is_hosed() {
             let Some(m) = self.cache.get_mut(&which.0).and_then(VecDeque::pop_front) else {
                 return;
             };
@@ -172,11 +175,11 @@ where
         let id = m.id();
         if let Some(mut h) = self.on_unexpected.take() {
             h(self, m);
-            if self.on_unexpected.is_none() && !self.hosed {
+            if self.on_unexpected.is_none() && !self.hosing.is_hosed() {
                 self.on_unexpected = Some(h);
             }
         }
-        if !self.hosed {
+        if !self.hosing.is_hosed() {
             match self.msgs.send_unexpected_notice(id) {
                 Ok(()) => {}
                 // Not hosing (e.g. sending was ended): the notice is a courtesy, skip it.
@@ -190,7 +193,7 @@ where
     /// Hands queued responses of request `id` to its handler (one for a one-off request) while
     /// the handler is not already running.
     fn deliver_responses(&mut self, id: u64) {
-        while !self.hosed {
+        while !self.hosing.is_hosed() {
             let Some(req) = self.requests.get_mut(&id) else {
                 return;
             };

@@ -127,7 +127,7 @@ where
         self.expect_many.insert(which.0, None);
         while let Some(m) = self.cache.get_mut(&which.0).and_then(VecDeque::pop_front) {
             handler(self, m);
-            if self.hosed || !self.expect_many.contains_key(&which.0) {
+            if self.hosing.is_hosed() || !self.expect_many.contains_key(&which.0) {
                 return Ok(true);
             }
         }

@@ -26,6 +26,7 @@ use capnp::traits::Owned;
 
 use self::expect::{ByType, IdHasher, TimedOut};
 use super::{root_schema, Error};
+use crate::hosing::Hosing;
 use crate::msg::{Backing, MsgChannel, MsgIn, MsgOut};
 use crate::poll::{Interest, Pollable};
 use crate::transport;
@@ -62,7 +63,7 @@ pub struct Channel<M: Owned> {
     union_at: u32,
     union_len: u16,
     started: bool,
-    hosed: bool,
+    hosing: Hosing,
     on_error: Option<Box<dyn FnOnce(Error) + Send>>,
     expect_one: ByType<OneOff<M>>,
     /// `None` while the handler runs (taken out so it can get `&mut Channel`).
@@ -86,7 +87,7 @@ impl<M: Owned> fmt::Debug for Channel<M> {
         f.debug_struct("struc::Channel")
             .field("msgs", &self.msgs)
             .field("started", &self.started)
-            .field("hosed", &self.hosed)
+            .field("hosed", &self.hosing.is_hosed())
             .field("pending_requests", &self.requests.len())
             .field(
                 "cached",
@@ -128,7 +129,7 @@ where
             union_at,
             union_len,
             started: false,
-            hosed: false,
+            hosing: Hosing::default(),
             on_error: None,
             expect_one: ByType::default(),
             expect_many: ByType::default(),
@@ -192,7 +193,7 @@ where
 
     /// Whether a hosing error has been reported.
     pub fn is_hosed(&self) -> bool {
-        self.hosed
+        self.hosing.is_hosed()
     }
 
     /// Whether [`start`](Channel::start) was called.
@@ -201,11 +202,7 @@ where
     }
 
     fn check(&self) -> Result<(), Error> {
-        if self.hosed {
-            Err(Error::Hosed)
-        } else {
-            Ok(())
-        }
+        self.hosing.check()
     }
 
     /// [`check`](Self::check), and that receiving has started.
@@ -316,7 +313,7 @@ where
     /// When [`on_timer`](Channel::on_timer) should run next (keep-alive ping or idle timeout of
     /// the transport's [`ChannelConfig`](transport::ChannelConfig)); `None`: no timer.
     pub fn next_deadline(&mut self) -> Option<Instant> {
-        if self.hosed {
+        if self.hosing.is_hosed() {
             return None;
         }
         self.msgs.channel().next_deadline()
@@ -369,7 +366,7 @@ where
     /// The transport's, except that the socket is watched for reading only once
     /// [`start`](Channel::start)ed; nothing once hosed.
     fn interest(&self) -> Interest<'_> {
-        if self.hosed {
+        if self.hosing.is_hosed() {
             return Interest::none();
         }
         let i = self.msgs.interest();

@@ -30,6 +30,7 @@ use self::rx::{Parsed, Rx};
 use self::tx::{Kind, SendQueue};
 use self::wire::{FLAG_END, FLAG_PING};
 use super::Error;
+use crate::hosing::Hosing;
 use crate::poll::{Interest, Pollable};
 use crate::sys::{self, PollFd};
 
@@ -57,7 +58,7 @@ pub struct Channel {
     cfg: ChannelConfig,
     tx: SendQueue,
     rx: Rx,
-    hosed: bool,
+    hosing: Hosing,
     /// `end_sending` was called.
     ended: bool,
     /// The END frame is written and the socket shut down for writing.
@@ -85,7 +86,7 @@ impl fmt::Debug for Channel {
             .field("side_fd", &self.side.as_ref().map(|s| s.as_raw_fd()))
             .field("queued_bytes", &self.tx.bytes)
             .field("queued_chunks", &self.tx.chunks.len())
-            .field("hosed", &self.hosed)
+            .field("hosed", &self.hosing.is_hosed())
             .field("sending_ended", &self.ended)
             .field("send_done", &self.send_done)
             .field("config", &self.cfg)
@@ -145,7 +146,7 @@ impl Channel {
             cfg: config,
             tx: SendQueue::default(),
             rx: Rx::default(),
-            hosed: false,
+            hosing: Hosing::default(),
             ended: false,
             send_done: false,
             written: 0,
@@ -172,13 +173,13 @@ impl Channel {
 
     /// Whether a hosing error ended the channel.
     pub fn is_hosed(&self) -> bool {
-        self.hosed
+        self.hosing.is_hosed()
     }
 
     /// Records a hosing error (dropping everything queued or buffered) and returns it.
     pub(crate) fn hose(&mut self, e: Error) -> Error {
-        if e.is_hosing() {
-            self.hosed = true;
+        let (e, now) = self.hosing.file(e);
+        if now {
             self.tx = SendQueue::default();
             self.rx = Rx::default();
         }
@@ -188,9 +189,10 @@ impl Channel {
     /// Hoses the channel for a layer above that found it broken: both queues are dropped (the
     /// unwritten frames' `on_unsent` run), every later call answers [`Error::Hosed`].
     pub(crate) fn abandon(&mut self) {
-        self.hosed = true;
-        self.tx = SendQueue::default();
-        self.rx = Rx::default();
+        if self.hosing.mark() {
+            self.tx = SendQueue::default();
+            self.rx = Rx::default();
+        }
     }
 
     // -- sending --------------------------------------------------------------------------
@@ -241,9 +243,7 @@ impl Channel {
     /// Writes as much of the send queue as the socket takes now. `Ok(true)`: the queue is
     /// empty. Hosing errors: [`Error::Reset`], [`Error::Io`].
     pub fn flush(&mut self) -> Result<bool, Error> {
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
+        self.hosing.check::<Error>()?;
         loop {
             if self.tx.chunks.is_empty() {
                 self.side_full = false;
@@ -298,7 +298,7 @@ impl Channel {
     /// Whether the send queue is not empty: poll [`write_fd`](Channel::write_fd) for
     /// writability and call [`flush`](Channel::flush).
     pub fn wants_write(&self) -> bool {
-        !self.hosed && !self.tx.chunks.is_empty()
+        !self.hosing.is_hosed() && !self.tx.chunks.is_empty()
     }
 
     /// The fd to poll for writability while [`wants_write`](Channel::wants_write): the data
@@ -319,9 +319,7 @@ impl Channel {
     /// The peer receives every earlier frame, then [`Error::EndOfStream`]. Receiving on this
     /// channel goes on.
     pub fn end_sending(&mut self) -> Result<(), Error> {
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
+        self.hosing.check::<Error>()?;
         if self.ended {
             return Err(Error::SendingEnded);
         }
@@ -349,9 +347,7 @@ impl Channel {
     /// [`Error::FrameTooLarge`], [`Error::UnexpectedFd`], [`Error::MissingFd`],
     /// [`Error::TooManyFds`], [`Error::Io`].
     pub fn try_recv(&mut self) -> Result<Option<Frame>, Error> {
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
+        self.hosing.check::<Error>()?;
         match self.recv_inner(false) {
             Ok(f) => Ok(f),
             Err(e) => Err(self.hose(e)),
@@ -415,7 +411,7 @@ impl Channel {
     /// When [`on_timer`](Channel::on_timer) should run next: the earliest of the next
     /// keep-alive ping and the idle-timeout expiry (`None`: no timer, or hosed).
     pub fn next_deadline(&self) -> Option<Instant> {
-        if self.hosed {
+        if self.hosing.is_hosed() {
             return None;
         }
         let idle = self
@@ -438,9 +434,7 @@ impl Channel {
     /// (hosing) when nothing was received for `idle_timeout` (bytes waiting unread in the
     /// socket count as received). Early calls do nothing.
     pub fn on_timer(&mut self, now: Instant) -> Result<(), Error> {
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
+        self.hosing.check::<Error>()?;
         if let Some(idle) = self.cfg.idle_timeout {
             if now.saturating_duration_since(self.last_rx) >= idle {
                 let mut p = [PollFd::new(self.sock.as_fd(), true, false)];
@@ -472,7 +466,7 @@ impl Channel {
     /// peers that flood each other while receiving this way never deadlock.
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<Frame>, Error> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        if timeout.is_none() && !self.hosed {
+        if timeout.is_none() && !self.hosing.is_hosed() {
             // Nothing to flush and no timer to run: wait in `recv` itself.
             if self.next_deadline().is_none() && !self.wants_write() {
                 match self.recv_inner(true) {
@@ -551,7 +545,7 @@ impl Pollable for Channel {
     /// The socket for reading (until hosed), the [`write_fd`](Channel::write_fd) for writing
     /// while [`wants_write`](Channel::wants_write), the [`next_deadline`](Channel::next_deadline).
     fn interest(&self) -> Interest<'_> {
-        if self.hosed {
+        if self.hosing.is_hosed() {
             return Interest::none();
         }
         Interest::new(

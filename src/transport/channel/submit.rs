@@ -35,9 +35,7 @@ impl Channel {
             fd,
             unsent,
         } = frame;
-        if self.hosed {
-            return Err(Error::Hosed);
-        }
+        self.hosing.check::<Error>()?;
         if kind == Kind::Data && self.ended {
             return Err(Error::SendingEnded);
         }
