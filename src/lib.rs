@@ -13,6 +13,15 @@
 //! * [`session`]: sessions between applications: log-in safety, channel opening, session- and
 //!   app-scope arenas.
 //!
+//! Beside the layers:
+//! * [`poll`]: the one pollable contract of every sync_io core ([`poll::Pollable`]: an
+//!   interest, fds and a deadline, and `on_ready`), for a user's own poll loop.
+//! * The library thread: one per process, started with the first async face, it drives every
+//!   async channel, session and session server of the process through that same contract. No
+//!   face owns a thread of its own; handlers run there and should not block long (a blocking
+//!   call from a handler, like a `sync_request` or `open_channel`, runs the thread's other work
+//!   while it waits).
+//!
 //! `unsafe` code lives only in [`shm`] and in the crate-private syscall module.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, missing_debug_implementations)]

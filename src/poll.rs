@@ -134,13 +134,16 @@ pub(crate) fn wait(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let mut fds = [None, None];
-    for (slot, (fd, r, w)) in fds.iter_mut().zip(interest.fds()) {
-        if (r && read) || w {
-            *slot = Some(PollFd::new(fd, r && read, w));
-        }
-    }
-    let mut fds: Vec<PollFd<'_>> = fds.into_iter().flatten().collect();
+    let mut fds = interest
+        .fds()
+        .map(|(fd, r, w)| PollFd::new(fd, r && read, w))
+        .filter(|p| p.read || p.write);
     let timeout = until.map(|u| u.saturating_duration_since(Instant::now()));
-    crate::sys::poll(&mut fds, timeout).map(|_| ())
+    // (On the stack: this runs once per blocking wait.)
+    match (fds.next(), fds.next()) {
+        (None, _) => crate::sys::poll(&mut [], timeout),
+        (Some(a), None) => crate::sys::poll(&mut [a], timeout),
+        (Some(a), Some(b)) => crate::sys::poll(&mut [a, b], timeout),
+    }
+    .map(|_| ())
 }

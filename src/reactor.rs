@@ -89,7 +89,7 @@ struct Table {
     entries: HashMap<u64, Entry>,
     next_token: u64,
     /// The sources whose `on_ready` runs now: more than one in nested rounds (a handler of
-    /// the last one waits, see [`wait_until`]).
+    /// the last one waits, see [`nested_until`]).
     running: Vec<u64>,
 }
 

@@ -1332,3 +1332,53 @@ fn an_accept_handler_may_call_accept_and_drop_nothing_is_lost() {
     c.sync_connect().unwrap();
     assert_eq!(server.accept(T).unwrap().client_app().name, "cli");
 }
+
+/// The library thread serves the server, its log-ins and every session on both sides: 1 or 16
+/// sessions (each with a channel opened both ways) cost the same threads.
+#[test]
+fn sessions_and_their_server_need_no_threads_of_their_own() {
+    common::balance::isolated(
+        "sessions_and_their_server_need_no_threads_of_their_own",
+        || {
+            let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+            let dir = RunDir::new();
+            let u = universe(&dir.0);
+            let before = threads();
+            let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+            let open = |n: usize| {
+                let mut pairs = Vec::new();
+                for _ in 0..n {
+                    let (tx, rx) = mpsc::channel();
+                    let mut c = ClientSession::with_passive_open(
+                        &u.cli,
+                        &u.srv,
+                        |_| {},
+                        move |ch, _| tx.send(ch).unwrap(),
+                    );
+                    c.sync_connect().unwrap();
+                    let mut s = server.accept(T).unwrap();
+                    s.init_handlers(|_| {}).unwrap();
+                    // A channel opened by the server: the client's handler gets it.
+                    let mine = s.open_channel(None).unwrap();
+                    let theirs = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+                    pairs.push((c, s, mine, theirs));
+                }
+                pairs
+            };
+            let one = open(1);
+            let with_one = threads();
+            let sixteen = open(16);
+            let with_seventeen = threads();
+            drop((one, sixteen, server));
+            assert!(
+                with_one <= before + 1,
+                "threads: {before} before, {with_one} with a server and a session (the library \
+                 thread may have started with them)"
+            );
+            assert_eq!(
+                with_seventeen, with_one,
+                "threads with 17 sessions against 1"
+            );
+        },
+    );
+}

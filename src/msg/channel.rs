@@ -148,12 +148,6 @@ impl<M: Owned> MsgChannel<M> {
         &mut self.chan
     }
 
-    /// The fd to poll for writability while the send queue holds bytes: see
-    /// [`Channel::write_fd`].
-    pub fn write_fd(&self) -> BorrowedFd<'_> {
-        self.chan.write_fd()
-    }
-
     /// Whether a hosing error has been reported.
     pub fn is_hosed(&self) -> bool {
         self.hosing.is_hosed()
@@ -341,27 +335,21 @@ impl<M: Owned> MsgChannel<M> {
             }
         }
         let blob = out.share_shm().map_err(local)?;
-        let Some(arena) = out.arena().cloned() else {
+        let Some(arena) = out.arena() else {
             return Err(local(crate::shm::Error::BadConfig("no arena")));
         };
-        // The handle's reference goes with the frame: given back should the frame never
-        // wholly leave (refused here, or dropped unwritten with the queue), since the peer can
-        // then never borrow it.
-        let give_back = {
-            let arena = arena.clone();
-            move || {
-                let _ = arena.release_blob(&blob);
-            }
-        };
-        if let Err(e) = self.announce_pools(&arena) {
-            give_back();
+        if let Err(e) = self.announce_pools(arena) {
+            let _ = arena.release_blob(&blob);
             return Err(e);
         }
         let (h, id) = self.header(Kind::Shm, answers);
-        // Header and handle as two parts: the transport copies them once, into the frame.
+        // Header and handle as two parts: the transport copies them once, into the frame. The
+        // handle's reference goes with the frame: given back should the frame never wholly
+        // leave (refused here, or dropped unwritten with the queue), since the peer can then
+        // never borrow it.
         let parts = [h.as_ref(), blob.as_bytes()];
         self.chan
-            .send(OutFrame::parts(&parts).fd(fd).on_unsent(give_back))?;
+            .send(OutFrame::parts(&parts).fd(fd).lending(arena, blob))?;
         Ok(id)
     }
 

@@ -1,5 +1,6 @@
-//! The async-I/O face of the structured channel: a library thread receives and runs the
-//! handlers; every method may be called from any thread.
+//! The async-I/O face of the structured channel: the process's library thread (the reactor)
+//! receives and runs the handlers, one turn of the core at a time; every method may be called
+//! from any thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};

@@ -1,5 +1,5 @@
-//! The async-I/O face: [`AsyncChannel`], a [`Channel`] driven by a library thread that runs the
-//! user's handlers.
+//! The async-I/O face: [`AsyncChannel`], a [`Channel`] driven by the process's library thread
+//! (the reactor), which runs the user's handlers outside the channel's lock.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -1,12 +1,13 @@
 //! The unstructured transport: framed byte messages, each optionally carrying one fd, over a
 //! connected Unix-domain stream socket.
 //!
-//! * [`Channel`] is the sync_io core: non-blocking, no threads; it exposes its fd, and the owner
-//!   polls it and calls [`try_recv`](Channel::try_recv), [`flush`](Channel::flush) and
-//!   [`on_timer`](Channel::on_timer). [`recv_blocking`](Channel::recv_blocking) and
-//!   [`flush_blocking`](Channel::flush_blocking) run that loop for blocking users.
-//! * [`AsyncChannel`] is the async-I/O face built on it: a library thread runs the loop and
-//!   calls the user's handlers; sends work from any thread.
+//! * [`Channel`] is the sync_io core: non-blocking, no threads. It is
+//!   [`Pollable`](crate::poll::Pollable): the owner polls its `interest()`, calls `on_ready()`
+//!   (writes and timers) and [`try_recv`](Channel::try_recv).
+//!   [`recv_blocking`](Channel::recv_blocking) and [`flush_blocking`](Channel::flush_blocking)
+//!   run that loop for blocking users.
+//! * [`AsyncChannel`] is the async-I/O face built on it: the process's library thread drives it
+//!   and calls the user's handlers; sends work from any thread.
 //!
 //! # Example
 //!
@@ -92,8 +93,8 @@
 //! behind it, in order. [`Channel::flush`] (or the async thread) writes the queue when the
 //! socket is writable, coalescing queued frames into large vectored writes. When the side
 //! socket has no room for the next frame's fd (the peer has not yet parsed the frames whose
-//! fds fill it), the queue waits for the side socket: poll [`Channel::write_fd`] for
-//! writability, not `as_fd`, while [`Channel::wants_write`]. A high-water
+//! fds fill it), the queue waits for the side socket: the channel's
+//! [`interest`](crate::poll::Pollable::interest) names it as the fd to watch for writing. A high-water
 //! mark ([`ChannelConfig::with_high_water`]) bounds the queue: a frame that would pass it is refused
 //! with [`Error::HighWater`], and nothing of it is sent (see [`Channel::send`] for the exact
 //! rule). `SIGPIPE` is never raised (`MSG_NOSIGNAL`).

@@ -2,7 +2,7 @@
 //! segment table a sent message becomes, and the reader segments over it in another process.
 //!
 //! This is the only capnp-aware part of `shm`. It lives here (rather than in the message layer)
-//! because capnp's [`Allocator`] is an `unsafe` trait and reading segments in place means making
+//! because capnp's `Allocator` is an `unsafe` trait and reading segments in place means making
 //! slices from raw pointers into shared memory: `unsafe` code is kept to `shm` and `sys`.
 //!
 //! # The protocol that keeps readers sound

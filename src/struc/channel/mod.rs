@@ -331,17 +331,10 @@ where
         }
     }
 
-    /// Whether the send queue holds bytes (poll [`write_fd`](Channel::write_fd) for
-    /// writability, then [`flush`](Channel::flush)).
+    /// Whether the send queue holds bytes (the [`interest`](Pollable::interest) then has an
+    /// fd to watch for writing; [`flush`](Channel::flush) writes).
     pub fn wants_write(&mut self) -> bool {
         self.msgs.channel().wants_write()
-    }
-
-    /// The fd to poll for writability while [`wants_write`](Channel::wants_write): the
-    /// socket ([`as_fd`](AsFd::as_fd)), or the transport's fd side socket while that has no
-    /// room for the next frame's fd (see [`transport::Channel::write_fd`]).
-    pub fn write_fd(&self) -> BorrowedFd<'_> {
-        self.msgs.write_fd()
     }
 
     /// Handles messages until the channel is hosed (a server's loop); returns that error the

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use crate::shm::{Arena, LendBlob};
 use crate::transport::{AlignedBuf, SharedBytes};
 
 /// One received frame: its payload (8-aligned) and the fd that came with it, if any.
@@ -49,7 +50,7 @@ impl Frame {
 pub struct OutFrame<'a> {
     pub(super) payload: Payload<'a>,
     pub(super) fd: Option<FdArg<'a>>,
-    pub(super) unsent: Option<Unsent>,
+    pub(super) unsent: Option<Unsent<'a>>,
 }
 
 impl fmt::Debug for OutFrame<'_> {
@@ -106,7 +107,15 @@ impl<'a> OutFrame<'a> {
     /// is dropped without running. (A layer above gives back there what the frame lent the
     /// peer, which the peer can never take now.)
     pub fn on_unsent(mut self, f: impl FnOnce() + Send + Sync + 'static) -> Self {
-        self.unsent = Some(Unsent(Some(Box::new(f))));
+        self.unsent = Some(Unsent(Some(Give::Call(Box::new(f)))));
+        self
+    }
+
+    /// The frame carries a handle lent from `arena` (`blob`): should it never wholly leave,
+    /// the handle's reference is given back (the peer can never borrow it). No allocation and
+    /// no reference on the arena unless the frame is queued.
+    pub(crate) fn lending(mut self, arena: &'a Arena, blob: LendBlob) -> Self {
+        self.unsent = Some(Unsent(Some(Give::Lent(arena, blob))));
         self
     }
 
@@ -185,26 +194,53 @@ impl FdArg<'_> {
     }
 }
 
-/// A frame's [`on_unsent`](OutFrame::on_unsent): runs when dropped, unless
+/// What a frame gives back should it never wholly leave: runs when dropped, unless
 /// [`disarm`](Unsent::disarm)ed because the frame's last byte was written.
-pub(super) struct Unsent(Option<Box<dyn FnOnce() + Send + Sync>>);
+pub(super) struct Unsent<'a>(Option<Give<'a>>);
 
-impl Unsent {
+enum Give<'a> {
+    /// A user's `on_unsent`.
+    Call(Box<dyn FnOnce() + Send + Sync>),
+    /// A lent handle's reference, its arena borrowed while the frame is the caller's (a frame
+    /// written at once costs nothing more) ...
+    Lent(&'a Arena, LendBlob),
+    /// ... and held once it is queued.
+    LentHeld(Arena, LendBlob),
+}
+
+impl<'a> Unsent<'a> {
     pub(super) fn disarm(mut self) {
         self.0 = None;
     }
+
+    /// For the send queue: holds what was borrowed.
+    pub(super) fn into_queued(mut self) -> Unsent<'static> {
+        Unsent(self.0.take().map(|g| match g {
+            Give::Call(f) => Give::Call(f),
+            Give::Lent(arena, blob) => Give::LentHeld(arena.clone(), blob),
+            Give::LentHeld(arena, blob) => Give::LentHeld(arena, blob),
+        }))
+    }
 }
 
-impl fmt::Debug for Unsent {
+impl fmt::Debug for Unsent<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Unsent")
     }
 }
 
-impl Drop for Unsent {
+impl Drop for Unsent<'_> {
     fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
+        match self.0.take() {
+            None => {}
+            Some(Give::Call(f)) => f(),
+            // The peer can never borrow the handle now: its reference is given back.
+            Some(Give::Lent(arena, blob)) => {
+                let _ = arena.release_blob(&blob);
+            }
+            Some(Give::LentHeld(arena, blob)) => {
+                let _ = arena.release_blob(&blob);
+            }
         }
     }
 }

@@ -1,11 +1,14 @@
 //! The sync_io core: [`Channel`], a non-blocking framed channel over a Unix stream socket.
 //!
 //! * `wire`: the frame header, typed, and its checks;
-//! * `submit`: the send path (write at once what the socket takes, queue the rest);
+//! * `frame`: [`OutFrame`] (what a send takes and the queue owns, with its give-back should it
+//!   never leave) and [`Frame`] (what a receive hands out);
+//! * `submit`: the one send path (write at once what the socket takes, queue the rest);
 //! * `tx`: the send queue;
 //! * `rx`: the receive state (hello, small and big frames, fds from the side socket);
-//! * `config`: [`ChannelConfig`] and [`Frame`];
-//! * this module: the [`Channel`] that owns the sockets and drives the two.
+//! * `config`: [`ChannelConfig`];
+//! * this module: the [`Channel`] that owns the sockets and drives the two, and its
+//!   [`Pollable`] contract.
 
 mod config;
 mod frame;
@@ -75,7 +78,7 @@ pub struct Channel {
     /// The hello is sent (or queued): it goes just before the first frame of any kind.
     hello_sent: bool,
     /// The last flush stopped because the side socket had no room for the head frame's fd:
-    /// poll the side socket for writability ([`Channel::write_fd`]).
+    /// poll the side socket for writability (`write_fd`).
     side_full: bool,
 }
 
@@ -295,8 +298,8 @@ impl Channel {
         self.written
     }
 
-    /// Whether the send queue is not empty: poll [`write_fd`](Channel::write_fd) for
-    /// writability and call [`flush`](Channel::flush).
+    /// Whether the send queue is not empty (the [`interest`](Pollable::interest) then has an
+    /// fd to watch for writing: see `write_fd`), for [`flush`](Channel::flush).
     pub fn wants_write(&self) -> bool {
         !self.hosing.is_hosed() && !self.tx.chunks.is_empty()
     }
@@ -306,7 +309,7 @@ impl Channel {
     /// socket had no room for the next frame's fd (the peer has not yet parsed the frames
     /// whose fds fill it): then the side socket. Polling `as_fd` instead is correct but may
     /// spin in that case.
-    pub fn write_fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn write_fd(&self) -> BorrowedFd<'_> {
         match &self.side {
             Some(side) if self.side_full => side.as_fd(),
             _ => self.sock.as_fd(),
@@ -542,7 +545,7 @@ impl Channel {
 impl Pollable for Channel {
     type Error = Error;
 
-    /// The socket for reading (until hosed), the [`write_fd`](Channel::write_fd) for writing
+    /// The socket for reading (until hosed), the `write_fd` for writing
     /// while [`wants_write`](Channel::wants_write), the [`next_deadline`](Channel::next_deadline).
     fn interest(&self) -> Interest<'_> {
         if self.hosing.is_hosed() {

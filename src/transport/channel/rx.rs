@@ -40,7 +40,7 @@ pub(super) struct Rx {
     /// Fds that came with the hello's bytes.
     pub(super) hello_fds: Vec<OwnedFd>,
     /// The receiving end of the peer's fd side socket (from its hello): the fd of each frame
-    /// flagged [`FLAG_HAS_FD`] is read here when the frame is parsed, never waited for.
+    /// flagged `FLAG_HAS_FD` is read here when the frame is parsed, never waited for.
     pub(super) side: Option<UnixStream>,
 }
 

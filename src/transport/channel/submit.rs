@@ -238,7 +238,7 @@ impl Channel {
         header: [u8; HEADER_LEN],
         payload: Payload<'_>,
         fd: Option<FdArg<'_>>,
-        unsent: Option<Unsent>,
+        unsent: Option<Unsent<'_>>,
         cur: Cursor,
         kind: Kind,
     ) -> Result<(), Error> {
@@ -247,7 +247,7 @@ impl Channel {
         if let Some(u) = unsent {
             let queued = coalesced || self.tx.chunks.len() > chunks;
             match self.tx.chunks.back_mut() {
-                Some(last) if queued => last.unsent.push(u),
+                Some(last) if queued => last.unsent.push(u.into_queued()),
                 // Nothing was left to queue (a shared owner shrank): the frame is out.
                 _ => u.disarm(),
             }

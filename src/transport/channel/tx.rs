@@ -63,7 +63,7 @@ pub(super) struct Chunk {
     pub(super) left: usize,
     /// The `on_unsent` of the frames that end in this chunk: disarmed once it is written,
     /// run if it is dropped unwritten.
-    pub(super) unsent: Vec<Unsent>,
+    pub(super) unsent: Vec<Unsent<'static>>,
 }
 
 #[derive(Debug, Default)]
