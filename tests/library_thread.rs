@@ -41,19 +41,7 @@ fn faces(n: usize) -> Faces {
         f.transport.push((a, b, rx));
 
         let (a, b) = Channel::pair(ChannelConfig::new()).unwrap();
-        let server =
-            struc::AsyncChannel::new(struc::Channel::new(a, Backing::Heap).unwrap()).unwrap();
-        server
-            .expect_msgs(
-                MsgType::of::<Cool>("sumRequest").unwrap(),
-                |chan: &mut struc::Channel<Cool>, req| {
-                    let mut rsp = chan.create_msg();
-                    rsp.init_root().init_sum_response().set_sum(7);
-                    chan.send(&mut rsp, Some(&req)).unwrap();
-                },
-            )
-            .unwrap();
-        server.start(|_| {}).unwrap();
+        let server = sum_server(a);
         let mut client = struc::Channel::<Cool>::new(b, Backing::Heap).unwrap();
         client.start(|e| panic!("client: {e}")).unwrap();
         f.structured.push((server, client));

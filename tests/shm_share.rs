@@ -50,18 +50,6 @@ fn message(version: u16, fds: u16, total: u32) -> Vec<u8> {
     m
 }
 
-/// Whether every copy of the fd paired with `probe` is closed (the peer end reports EPIPE).
-fn closed_everywhere(probe: &mut UnixStream) -> bool {
-    probe.set_nonblocking(true).unwrap();
-    for _ in 0..500 {
-        match probe.write(&[1]) {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return true,
-            _ => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-    false
-}
-
 /// Entry point of every child process of this file (run by `common::spawn`, never directly).
 #[test]
 #[ignore = "child-process entry point, spawned by the other tests of this file"]

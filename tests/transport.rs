@@ -401,20 +401,6 @@ fn fed(bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>], cfg: ChannelConfig) ->
     fed_side(bytes, fds, cfg).0
 }
 
-/// Whether the other end of `probe` is closed everywhere: a write fails with EPIPE (SIGPIPE is
-/// ignored in Rust programs). A child being spawned by another test may hold a copy for an
-/// instant (between fork and exec), so this retries for a while.
-fn closed_everywhere(probe: &mut UnixStream) -> bool {
-    probe.set_nonblocking(true).unwrap();
-    for _ in 0..500 {
-        match probe.write(&[1]) {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return true,
-            _ => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-    false
-}
-
 #[test]
 fn bad_input_gets_its_specific_error_once() {
     within(120, "bad input", || {

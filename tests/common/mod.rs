@@ -271,3 +271,17 @@ pub fn dev_shm_leftovers() -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Whether the other end of `probe` is closed everywhere: a write fails with EPIPE (SIGPIPE is
+/// ignored in Rust programs). A child being spawned by another test may hold a copy for an
+/// instant (between fork and exec), so this retries for a while.
+pub fn closed_everywhere(probe: &mut UnixStream) -> bool {
+    probe.set_nonblocking(true).unwrap();
+    for _ in 0..500 {
+        match probe.write(&[1]) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return true,
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    false
+}
