@@ -85,6 +85,22 @@ impl LogIn {
         drop(reg);
     }
 
+    /// Drops this log-in if it is still waiting for its request (a silent connection, making
+    /// room for a new one): its connection is closed, its end reported as a log-in timeout.
+    /// Returns whether it did.
+    pub(super) fn evict(&self) -> bool {
+        let Ok(mut slot) = self.phase.try_lock() else {
+            return false; // its turn is running: not idle
+        };
+        if !matches!(*slot, Some(Phase::Waiting { .. })) {
+            return false;
+        }
+        *slot = None;
+        drop(slot);
+        self.done(Err(Error::LogInTimeout));
+        true
+    }
+
     /// A step of waiting for the request.
     fn wait(&self, mut core: Box<struc::Channel<Master>>, creds: sys::PeerCred) -> Step {
         let types = MsgType::of::<Master>("logIn")

@@ -90,5 +90,5 @@ pub use error::{Error, Rejection};
 pub use metadata::{Metadata, MAX_METADATA};
 pub use server::{
     InitChannelsFn, MetadataFn, ServerSession, SessionServer, SessionServerBuilder,
-    MAX_INIT_CHANNELS,
+    MAX_INIT_CHANNELS, MAX_PENDING_LOG_INS,
 };

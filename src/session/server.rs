@@ -1,6 +1,6 @@
 //! The server side: [`SessionServer`] accepts clients, [`ServerSession`] is one session.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::ops::Deref;
@@ -35,9 +35,14 @@ pub type MetadataFn =
 /// Most init channels one log-in may make (each side's count).
 pub const MAX_INIT_CHANNELS: u32 = 64;
 
-/// Most log-ins in progress plus accepted sessions nobody has taken yet: past it, new
-/// connections are closed at once (the client's `sync_connect` fails; it retries later).
-pub const MAX_PENDING_LOG_INS: usize = 64;
+/// Most log-ins in progress plus accepted sessions nobody has taken yet. Past it, a new
+/// connection makes room by dropping the oldest log-in still waiting for its request (reported
+/// to the accept calls as [`Error::LogInTimeout`], as it would have been at its timeout), so
+/// that silent connections cannot keep a client that logs in at once out; if every log-in has
+/// sent its request, the new connection is closed at once (the client's `sync_connect` fails;
+/// it retries later). A log-in waiting costs no thread: a connection, a few fds and a small
+/// state on the library thread.
+pub const MAX_PENDING_LOG_INS: usize = 1024;
 
 pub(super) type Accepted = Result<ServerSession, Error>;
 type Waiter = Box<dyn FnOnce(Accepted) + Send>;
@@ -50,6 +55,14 @@ struct Queue {
     ready: VecDeque<Accepted>,
     /// Log-ins in progress.
     logging_in: usize,
+}
+
+impl Queue {
+    /// What counts against [`MAX_PENDING_LOG_INS`]: log-ins in progress and sessions nobody
+    /// took (failed log-ins' errors hold nothing).
+    fn pending(&self) -> usize {
+        self.logging_in + self.ready.iter().filter(|r| r.is_ok()).count()
+    }
 }
 
 /// What the server's parts share: the acceptor, the log-ins and the dispatcher (sources on the
@@ -65,8 +78,8 @@ pub(super) struct Shared {
     /// Signalled when `queue` changes (a result, a handler, stop), for `accept`.
     changed: Condvar,
     pub(super) stop: AtomicBool,
-    /// The log-ins in progress, by id: their places on the library thread.
-    pub(super) logins: Mutex<HashMap<u64, Registration>>,
+    /// The log-ins in progress, by id (so oldest first): their places on the library thread.
+    pub(super) logins: Mutex<BTreeMap<u64, (Registration, Arc<LogIn>)>>,
     next_log_in: AtomicU64,
     /// Runs the `async_accept` handlers (set once the server is started).
     dispatcher: OnceLock<Notifier>,
@@ -294,7 +307,7 @@ impl SessionServer {
             queue: Mutex::new(Queue::default()),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
-            logins: Mutex::new(HashMap::new()),
+            logins: Mutex::new(BTreeMap::new()),
             next_log_in: AtomicU64::new(0),
             dispatcher: OnceLock::new(),
         });
@@ -502,11 +515,23 @@ impl Source for Dispatcher {
 }
 
 /// The acceptor: accepts connections and starts a log-in for each (up to
-/// [`MAX_PENDING_LOG_INS`] log-ins and untaken sessions; past it, closes them at once). It
-/// never runs user code.
+/// [`MAX_PENDING_LOG_INS`] log-ins and untaken sessions; past it, see there). It never runs
+/// user code.
 struct Acceptor {
     shared: Arc<Shared>,
     listener: UnixListener,
+}
+
+impl Acceptor {
+    /// Drops the oldest log-in still waiting for its request; false if there is none.
+    fn make_room(&self) -> bool {
+        let waiting: Vec<Arc<LogIn>> = lock(&self.shared.logins)
+            .values()
+            .map(|(_, l)| l.clone())
+            .collect();
+        // (Outside the lock: a log-in's end takes it to give up its place.)
+        waiting.iter().any(|l| l.evict())
+    }
 }
 
 impl Source for Acceptor {
@@ -528,13 +553,10 @@ impl Source for Acceptor {
                     };
                 }
             };
-            {
-                let mut q = lock(&shared.queue);
-                if q.logging_in + q.ready.len() >= MAX_PENDING_LOG_INS {
-                    continue; // `stream` dropped: closed
-                }
-                q.logging_in += 1;
+            if lock(&shared.queue).pending() >= MAX_PENDING_LOG_INS && !self.make_room() {
+                continue; // `stream` dropped: closed
             }
+            lock(&shared.queue).logging_in += 1;
             let id = shared.next_log_in.fetch_add(1, Ordering::Relaxed);
             match LogIn::new(shared.clone(), id, stream) {
                 Ok(log_in) => {
@@ -544,9 +566,10 @@ impl Source for Acceptor {
                     };
                     // Registered under the lock: a log-in done in its first turn removes
                     // itself only after it is there.
+                    let log_in = Arc::new(log_in);
                     let mut logins = lock(&shared.logins);
-                    let reg = reactor.register(Arc::new(log_in));
-                    logins.insert(id, reg);
+                    let reg = reactor.register(log_in.clone());
+                    logins.insert(id, (reg, log_in));
                 }
                 Err(e) => shared.log_in_done(Err(e)),
             }
