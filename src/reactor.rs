@@ -15,7 +15,10 @@
 //! from the reactor thread (a handler dropping its own channel) it returns at once, and the
 //! running `on_ready` finishes.
 //!
-//! A panicking `on_ready` (a user's handler panicked) takes out only its own source.
+//! A panicking `on_ready` (a user's handler panicked) takes out only its own source: it is not
+//! driven any more, with no further report (calls made on its face from other threads still
+//! work as far as they need no turn; a blocking wait for a turn's result waits out its
+//! timeout).
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -153,6 +156,9 @@ thread_local! {
 pub(crate) struct Registration {
     reactor: &'static Reactor,
     token: u64,
+    /// The process that registered it: a forked child inherits the registration, not the
+    /// thread (whose table it must not touch: its lock may have been held at the fork).
+    pid: u32,
 }
 
 impl std::fmt::Debug for Registration {
@@ -186,6 +192,7 @@ impl Reactor {
         Registration {
             reactor: self,
             token,
+            pid: std::process::id(),
         }
     }
 
@@ -324,6 +331,10 @@ struct Scratch {
     owner: Vec<u64>,
 }
 
+/// Most turns stacked by nested rounds (see [`nested_until`]); a wait deeper than that does not
+/// run the others' turns (it gives up at once, as at its deadline).
+const MAX_NESTING: usize = 16;
+
 /// For a blocking call made on the reactor thread (from a handler): runs the reactor's other
 /// sources until `done()` or `deadline`, whichever is first, so that what the call waits for
 /// (a response, from a peer served by this very thread perhaps) can arrive; returns the last
@@ -335,6 +346,10 @@ pub(crate) fn nested_until(mut done: impl FnMut() -> bool, deadline: Option<Inst
     let Ok(reactor) = get() else {
         return done();
     };
+    if reactor.table().running.len() > MAX_NESTING {
+        // Handlers waiting inside handlers, this deep: refuse rather than grow the stack.
+        return done();
+    }
     let mut scratch = Scratch::default();
     loop {
         if done() {
@@ -355,7 +370,9 @@ pub(crate) fn nested_until(mut done: impl FnMut() -> bool, deadline: Option<Inst
 impl Registration {
     /// Has the source's `on_ready` run soon (something changed that it must act on).
     pub(crate) fn notify(&self) {
-        self.notifier().notify();
+        if self.pid == std::process::id() {
+            self.notifier().notify();
+        }
     }
 
     /// A handle that only notifies: for what the source itself holds (holding the
@@ -402,6 +419,10 @@ impl Notifier {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        if self.pid != std::process::id() {
+            // Inherited by a forked child: the source never runs here; leave it be.
+            return;
+        }
         let on_reactor = self.on_its_thread();
         let mut t = self.reactor.table();
         let gone = t.entries.remove(&self.token);
@@ -415,8 +436,11 @@ impl Drop for Registration {
             }
         }
         drop(t);
-        // The source (and its fd duplicates) may be dropped here: outside the table's lock.
+        // The source (and its fds) may be dropped here: outside the table's lock.
         drop(gone);
+        // The thread may be in `poll` with the source's fds: the kernel holds their files for
+        // the call, so they stay open (the peer sees no end) until it returns. Wake it.
+        self.reactor.waker.wake();
     }
 }
 

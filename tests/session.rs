@@ -1424,3 +1424,31 @@ fn silent_connections_cannot_starve_a_log_in() {
         drop((s, c, silent, server));
     });
 }
+
+/// Found in review: `accept` from an `async_accept` handler never got a session while another
+/// handler waited (results go to handlers first, and the handlers' dispatcher was the turn
+/// running the caller).
+#[test]
+fn accept_from_a_handler_gets_a_session_while_other_handlers_wait() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let server = std::sync::Arc::new(SessionServer::new(&u.srv, &u.clients).unwrap());
+    let (tx, rx) = mpsc::channel();
+    let (srv, tx1) = (server.clone(), tx.clone());
+    server.async_accept(move |first| {
+        let second = srv.accept(T);
+        tx1.send(("h1", first.is_ok(), second.is_ok())).unwrap();
+    });
+    server.async_accept(move |r| tx.send(("h2", r.is_ok(), true)).unwrap());
+    let mut clients = Vec::new();
+    for app in [&u.cli, &u.other, &u.cli] {
+        let mut c = ClientSession::new(app, &u.srv, |_| {});
+        c.sync_connect().unwrap();
+        clients.push(c);
+    }
+    let mut got: Vec<_> = (0..2)
+        .map(|_| rx.recv_timeout(Duration::from_secs(30)).unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(got, [("h1", true, true), ("h2", true, true)]);
+}

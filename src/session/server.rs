@@ -97,7 +97,9 @@ impl Shared {
     /// A log-in ended with `result` (dropped if the server is stopping).
     pub(super) fn log_in_done(&self, result: Accepted) {
         let mut q = lock(&self.queue);
-        q.logging_in -= 1;
+        // (Saturating: a server dropped from a handler during a nested round resets the count
+        // under a log-in still finishing up the stack.)
+        q.logging_in = q.logging_in.saturating_sub(1);
         if !self.stop.load(Ordering::Acquire) {
             q.ready.push_back(result);
         }
@@ -342,18 +344,19 @@ impl SessionServer {
 
     /// Waits (up to `timeout`; `None`: no limit) for the next accepted session or failed
     /// log-in that no [`async_accept`](Self::async_accept) handler is waiting for.
-    /// [`Error::AcceptTimeout`] if none came (a later one is kept for the next call).
+    /// [`Error::AcceptTimeout`] if none came (a later one is kept for the next call). Called
+    /// from a handler (on the library thread), it takes the next result even if other handlers
+    /// wait, and the library thread serves the log-ins meanwhile.
     pub fn accept(&self, timeout: Option<Duration>) -> Result<ServerSession, Error> {
         let deadline = timeout.map(|t| Instant::now() + t);
         if reactor::on_reactor_thread() {
             // From a handler: the library thread serves the log-ins while this waits.
             let mut got = None;
+            // (The next result is taken even if other handlers wait: they are served by the
+            // dispatcher, whose turn may be the one up the stack, running this handler.)
             reactor::nested_until(
                 || {
-                    let mut q = lock(&self.shared.queue);
-                    if q.waiters.is_empty() {
-                        got = q.ready.pop_front();
-                    }
+                    got = lock(&self.shared.queue).ready.pop_front();
                     got.is_some() || self.shared.stop.load(Ordering::Acquire)
                 },
                 deadline,

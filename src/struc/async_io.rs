@@ -115,8 +115,9 @@ where
     fn core(&self) -> MutexGuard<'_, Channel<M>> {
         assert!(
             !self.in_own_handler(),
-            "a struc::AsyncChannel was called from one of its own handlers, which hold it: \
-             use the `&mut Channel` the handler gets"
+            "a struc::AsyncChannel was called from one of its own handlers (or from a handler \
+             running while one of its own waits), which hold it: use the `&mut Channel` the \
+             handler gets"
         );
         lock(&self.shared.core)
     }

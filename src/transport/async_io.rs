@@ -252,16 +252,23 @@ impl Source for Shared {
             };
             (done, wait, h.frames.len() == BATCH)
         };
-        // Handlers, outside the lock, in order: frames received before the error first.
+        // Handlers, outside the lock, in order: frames received before the error first. A
+        // handler may drop the channel: then no handler runs any more (the end-sending
+        // completions taken here are still owed: they get `Aborted`).
+        let stopped = || self.lock().stop;
         for f in h.frames.drain(..) {
+            if stopped() {
+                break;
+            }
             (h.on_frame)(f);
         }
+        let stop = stopped();
         for (cb, r) in done {
-            cb(r);
+            cb(if stop { Err(Error::Aborted) } else { r });
         }
         if let Some(e) = err {
             // `Hosed`: the error was reported to the send call that ran into it.
-            if e.is_hosing() {
+            if e.is_hosing() && !stopped() {
                 if let Some(cb) = h.on_error.take() {
                     cb(e);
                 }
@@ -368,5 +375,62 @@ mod tests {
         drop(a);
         let r = rx.recv_timeout(Duration::from_secs(20)).unwrap();
         assert!(matches!(r, Err(Error::Aborted)), "{r:?}");
+    }
+
+    /// Found in review: the library thread sleeping in `poll` kept the dropped channel's socket
+    /// open (the kernel holds polled files for the call) until some other event woke it.
+    #[test]
+    fn dropping_an_idle_async_channel_closes_its_socket_at_once() {
+        let (a, mut b) = Channel::pair(ChannelConfig::new()).unwrap();
+        let a = AsyncChannel::start(a, |_| {}, |_| {}).unwrap();
+        // Let the library thread settle into its poll, with a's socket in it.
+        std::thread::sleep(Duration::from_millis(100));
+        drop(a);
+        let r = b.recv_blocking(Some(Duration::from_secs(10)));
+        assert!(matches!(r, Err(Error::PeerGone)), "{r:?}");
+    }
+
+    /// Found in review: a turn went on running handlers for the frames it had read after one
+    /// of them dropped the channel.
+    #[test]
+    fn no_handler_runs_once_a_handler_dropped_its_channel() {
+        let (a, mut b) = Channel::pair(ChannelConfig::new()).unwrap();
+        for i in 0..10u8 {
+            b.send(&[i]).unwrap();
+        }
+        let slot: Arc<Mutex<Option<AsyncChannel>>> = Arc::default();
+        let after = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, a2, d2) = (slot.clone(), after.clone(), dropped.clone());
+        let (a3, d3) = (after.clone(), dropped.clone());
+        // Holding the slot's lock until the channel is in it: the first turn waits for that.
+        let mut filling = slot.lock().unwrap();
+        let chan = AsyncChannel::start(
+            a,
+            move |_| {
+                if d2.load(Ordering::SeqCst) {
+                    a2.fetch_add(1, Ordering::SeqCst);
+                } else if let Some(mine) = s.lock().unwrap().take() {
+                    d2.store(true, Ordering::SeqCst);
+                    drop(mine);
+                }
+            },
+            move |_| {
+                if d3.load(Ordering::SeqCst) {
+                    a3.fetch_add(100, Ordering::SeqCst);
+                }
+            },
+        )
+        .unwrap();
+        *filling = Some(chan);
+        drop(filling);
+        let end = std::time::Instant::now() + Duration::from_secs(20);
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < end, "the handler never ran");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(b); // an error the dropped channel must not report either
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(after.load(Ordering::SeqCst), 0);
     }
 }

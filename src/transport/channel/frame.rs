@@ -105,7 +105,8 @@ impl<'a> OutFrame<'a> {
     /// Runs `f` if the frame never wholly leaves: refused by the send, or dropped from the
     /// send queue unwritten (the channel hosed or dropped). Once its last byte is written `f`
     /// is dropped without running. (A layer above gives back there what the frame lent the
-    /// peer, which the peer can never take now.)
+    /// peer, which the peer can never take now.) `f` may run inside a call of the channel (or,
+    /// for an async channel, under its lock): it must not call the channel.
     pub fn on_unsent(mut self, f: impl FnOnce() + Send + Sync + 'static) -> Self {
         self.unsent = Some(Unsent(Some(Give::Call(Box::new(f)))));
         self

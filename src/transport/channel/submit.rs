@@ -243,9 +243,13 @@ impl Channel {
         kind: Kind,
     ) -> Result<(), Error> {
         let chunks = self.tx.chunks.len();
-        let coalesced = self.enqueue_bytes(header, payload, fd, cur, kind)?;
+        // A frame with a give-back is never merged with others into one chunk (nor others into
+        // its chunk): the give-back is disarmed when its chunk is wholly written, which must be
+        // when its own frame is.
+        let alone = unsent.is_some();
+        self.enqueue_bytes(header, payload, fd, cur, kind, alone)?;
         if let Some(u) = unsent {
-            let queued = coalesced || self.tx.chunks.len() > chunks;
+            let queued = self.tx.chunks.len() > chunks;
             match self.tx.chunks.back_mut() {
                 Some(last) if queued => last.unsent.push(u.into_queued()),
                 // Nothing was left to queue (a shared owner shrank): the frame is out.
@@ -255,7 +259,7 @@ impl Channel {
         Ok(())
     }
 
-    /// The bytes of [`enqueue`](Self::enqueue); `Ok(true)` if they went onto the tail chunk.
+    /// The bytes of [`enqueue`](Self::enqueue); onto the tail chunk if they may (not `alone`).
     fn enqueue_bytes(
         &mut self,
         header: [u8; HEADER_LEN],
@@ -263,7 +267,8 @@ impl Channel {
         fd: Option<FdArg<'_>>,
         cur: Cursor,
         kind: Kind,
-    ) -> Result<bool, Error> {
+        alone: bool,
+    ) -> Result<(), Error> {
         let starts_frame = cur.idx == 0 && cur.off == 0;
         let fd_frame = fd.is_some();
         let fd = match fd {
@@ -284,10 +289,11 @@ impl Channel {
                 let total = HEADER_LEN + parts.iter().map(|s| s.len()).sum::<usize>();
                 if starts_frame
                     && !fd_frame
+                    && !alone
                     && kind == Kind::Data
                     && self.tx.try_coalesce(&header, parts, total)
                 {
-                    return Ok(true);
+                    return Ok(());
                 }
                 let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
                 all.push(&header);
@@ -346,6 +352,6 @@ impl Channel {
                 }
             }
         }
-        Ok(false)
+        Ok(())
     }
 }

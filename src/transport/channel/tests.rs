@@ -593,3 +593,35 @@ fn on_unsent_runs_only_for_frames_that_never_wholly_leave() {
     assert!(matches!(a.send(counted(b"after")), Err(Error::Hosed)));
     assert_eq!(ran.load(Ordering::SeqCst), 8, "refused when hosed: runs");
 }
+
+/// Queued frames with a give-back are never merged into one chunk: a write that ends inside the
+/// second frame has wholly written the first, whose `on_unsent` must then never run (it would
+/// give back a handle the peer is about to borrow). Found in review.
+#[test]
+fn a_frame_wholly_written_before_a_partial_one_never_runs_on_unsent() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (mut a, _b) = pair();
+    let big = vec![0u8; 1 << 20];
+    while a.tx.chunks.is_empty() {
+        a.send(&big).unwrap();
+    }
+    let head_left: usize = a.tx.chunks.iter().map(|c| c.data.rest().len()).sum();
+    let ran = [Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0))];
+    let (f1, f2) = ([1u8; 100], vec![2u8; 30_000]);
+    for (payload, r) in [(&f1[..], ran[0].clone()), (&f2[..], ran[1].clone())] {
+        a.send(OutFrame::new(payload).on_unsent(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+        }))
+        .unwrap();
+    }
+    // A write that takes everything up to and including the first frame, and 10 bytes of the
+    // second; then the channel goes.
+    a.tx.consume(head_left + HEADER_LEN + 100 + 10);
+    drop(a);
+    assert_eq!(
+        ran[0].load(Ordering::SeqCst),
+        0,
+        "the first frame wholly left"
+    );
+    assert_eq!(ran[1].load(Ordering::SeqCst), 1, "the second never did");
+}

@@ -101,8 +101,9 @@ impl SendQueue {
             return false;
         };
         // (A tail whose frame has an fd may grow: the fd goes out before the chunk's first
-        // byte, so before every frame appended to it.)
-        if tail.kind != Kind::Data {
+        // byte, so before every frame appended to it. One with a give-back may not: that is
+        // disarmed when the whole chunk is written, which must be when its frame is.)
+        if tail.kind != Kind::Data || !tail.unsent.is_empty() {
             return false;
         }
         let ChunkData::Owned(v, _) = &mut tail.data else {
