@@ -168,6 +168,10 @@ fn child_churn(sock: &mut std::os::unix::net::UnixStream, arena: &Arena) {
     let mut rng = Rng::new(seed);
     let mut handles: Vec<ShmHandle<[u64; 4]>> = Vec::new();
     let mut blocks = Vec::new();
+    // A small allocation and free first: this thread has claimed its cache before the parent
+    // (which counts on reclaiming it) is told to go on, however slow the start (ASan, a loaded
+    // machine).
+    drop(arena.alloc(64).unwrap());
     send_u64(sock, 1);
     loop {
         match rng.below(6) {
