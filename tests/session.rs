@@ -205,6 +205,7 @@ fn child_entry() {
         Some("cli_retry") => cli_retry(),
         Some("srv_idle") => srv_idle(),
         Some("srv_other") => srv_other(),
+        Some("cli_open_then_die") => cli_open_then_die(),
         Some(other) => panic!("unknown role {other}"),
         None => {}
     }
@@ -1451,4 +1452,52 @@ fn accept_from_a_handler_gets_a_session_while_other_handlers_wait() {
         .collect();
     got.sort();
     assert_eq!(got, [("h1", true, true), ("h2", true, true)]);
+}
+
+/// A client that logs in, asks to open a channel (the server has not installed its handlers:
+/// the request waits), says so, and waits to be killed.
+fn cli_open_then_die() {
+    let mut ctl = child_socket();
+    let u = universe(&env_dir());
+    let mut s = ClientSession::new(&u.cli, &u.srv, |_| {});
+    connect(&mut s, ConnectOptions::new());
+    let s = std::sync::Arc::new(s);
+    let s2 = s.clone();
+    std::thread::spawn(move || {
+        let _ = s2.open_channel(None);
+    });
+    // The request is on its way once the master channel has it queued or written.
+    std::thread::sleep(Duration::from_millis(100));
+    send_u64(&mut ctl, 1);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A client killed while its channel opening waits for the server's handlers: once they are
+/// installed, the error handler gets the real cause (the peer gone), not the derived `Hosed`
+/// of answering the opening on a dead channel (the 20 of 20 trials).
+#[test]
+fn a_client_killed_with_an_opening_queued_ends_the_session_as_peer_gone() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    for round in 0..3 {
+        let mut cli = spawn_env("cli_open_then_die", &dir.env());
+        let mut s = server.accept(T).unwrap();
+        assert_eq!(recv_u64(&mut cli.sock), 1, "client asked to open");
+        cli.child.kill().unwrap();
+        cli.child.wait().unwrap();
+        // Let the library thread see the end before the handlers come.
+        std::thread::sleep(Duration::from_millis(50 * round));
+        let (tx, rx) = mpsc::channel();
+        s.init_handlers_with_passive_open(move |e| tx.send(e).unwrap(), |_, _| {})
+            .unwrap();
+        let e = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(matches!(e, Error::PeerGone), "round {round}: {e:?}");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "reported once"
+        );
+    }
 }

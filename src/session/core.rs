@@ -204,7 +204,8 @@ impl Session {
                     .init_open_channel_rsp()
                     .set_accepted(answer.is_some());
                 if let Err(e) = chan.send(&mut rsp, Some(&req)) {
-                    if e.is_hosing() {
+                    // (A derived `Hosed`: the cause was reported where it was met.)
+                    if e.is_hosing() && !matches!(e, struc::Error::Hosed) {
                         tx_open.push(Event::Error(e.into()));
                         return;
                     }
@@ -549,7 +550,14 @@ impl Dispatcher {
                 let sent = master.send(&mut rsp, Some(&req));
                 drop(master);
                 match sent {
-                    Err(e) if e.is_hosing() => h.error(e.into()),
+                    // A derived `Hosed` (the master failed before) is not the cause: that was
+                    // queued by whoever met it, and is reported from there.
+                    Err(e) if e.is_hosing() => {
+                        let e = Error::from(e);
+                        if !matches!(e, Error::Hosed) {
+                            h.error(e);
+                        }
+                    }
                     _ => {
                         if let Some((chan, mdt)) = answer {
                             h.opened(chan, mdt);
