@@ -106,14 +106,14 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         name: "bump-pointer CAS -> load and store",
-        file: "src/shm/alloc.rs",
+        file: "src/shm/space.rs",
         edits: &[("match bump.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {", "match { bump.store(end, Ordering::Relaxed); Ok::<u64, u64>(cur) } {")],
         check: STRESS,
     },
     Mutation {
         name: "free_extent double-free CAS -> store",
-        file: "src/shm/alloc.rs",
-        edits: &[("info_w\n            .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)\n", "Ok::<u64, u64>(info_w.swap(new, Ordering::Relaxed))\n")],
+        file: "src/shm/space.rs",
+        edits: &[("info_w\n        .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)\n", "Ok::<u64, u64>(info_w.swap(new, Ordering::Relaxed))\n")],
         check: Check::Race(&["--lib", "racing_double_frees"]),
     },
     Mutation {
