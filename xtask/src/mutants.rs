@@ -122,6 +122,30 @@ const MUTATIONS: &[Mutation] = &[
         edits: &[("if !matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)) {\n            return None;\n        }", "let _ = crate::sys::try_lock_byte(file, i as u64);\n        slot.owner.store(process_token(), Ordering::Release);\n        if true {\n            return Some(owner);\n        }")],
         check: STRESS,
     },
+    Mutation {
+        name: "freed extent listed before its trim",
+        file: "src/shm/space.rs",
+        edits: &[(
+            "    if trim(pages) {\n        // Still ours (not yet pushed): record that it is clean now.\n        info_w.store(new | FLAG_CLEAN, Ordering::Relaxed);\n    }\n    push(s, s.bucket(bucket_of(pages)), off);",
+            "    push(s, s.bucket(bucket_of(pages)), off);\n    if trim(pages) {\n        info_w.store(new | FLAG_CLEAN, Ordering::Relaxed);\n    }",
+        )],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "span chain pushed before its headers are written",
+        file: "src/shm/space.rs",
+        edits: &[
+            ("    for i in 0..n {\n        let b = span + i * size;", "    if n > 1 {\n        push_chain(s, s.class_head(c), span + size, span + (n - 1) * size);\n    }\n    for i in 0..n {\n        let b = span + i * size;"),
+            ("    if n > 1 {\n        push_chain(s, s.class_head(c), span + size, span + (n - 1) * size);\n    }\n    Ok(span)", "    Ok(span)"),
+        ],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "recycled span restarts block 0's generation",
+        file: "src/shm/space.rs",
+        edits: &[("let generation = if i == 0 { gen0 } else { 0 };", "let generation = if i == 0 { 0 } else { 0 };")],
+        check: Check::Loom,
+    },
 ];
 
 /// Runs every mutation; `Ok(false)` if any survived.
