@@ -6,7 +6,7 @@
 //!   *span* of pages is taken from the page allocator, carved into blocks, and all but one are
 //!   pushed with a single CAS.
 //! * **Large requests** get an extent of exactly `ceil((size + 16) / 4096)` pages of fresh space,
-//!   or a free extent at most [`slack`] longer (an eighth, and at least 16 pages: a 256 MiB + 8
+//!   or a free extent at most [`slack`](super::space::slack) longer (an eighth, and at least 16 pages: a 256 MiB + 8
 //!   request takes at most 288 MiB of a freed extent, and exactly 256 MiB + 4 KiB of fresh space,
 //!   never 512 MiB). Freed extents go to one of [`NUM_BUCKETS`] free lists (sixteen per doubling);
 //!   a request looks at a few extents of each bucket its acceptable range covers.
@@ -24,57 +24,18 @@
 //!   the block is not clean.
 //! * **Statistics** are kept per thread-cache slot (one plain counter per operation) plus the
 //!   pool's base counters, and summed on demand; see `tcache`.
+//!
+//! What runs between threads and processes (bump pointer, span refills, extent frees and reuse)
+//! is in `space`, over words that the loom models provide on the heap; this file adds the thread
+//! caches, the statistics, trimming and validation.
 
 use super::error::Error;
 use super::layout::*;
-use super::lockfree::{pop, push, push_chain, Words, LINK};
+use super::lockfree::{push, Words, LINK};
 use super::pool::{Pool, Slot, KNOWN_STARTS};
-use crate::sync::Ordering;
-
-/// Extents of each bucket examined for a fit before the next bucket (or fresh space).
-const BUCKET_TRIES: usize = 8;
-
-/// How many pages longer than `n` a reused free extent may be: an eighth, at least 16.
-#[inline]
-pub(crate) fn slack(n: u64) -> u64 {
-    (n / 8).max(16)
-}
-
-/// Where a block came from, as the allocator hands it out.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Grant {
-    /// Block offset (its header); the payload is at `off + BLOCK_HDR`.
-    pub(crate) off: u64,
-    /// Usable payload bytes (the class or extent size less the header).
-    pub(crate) capacity: u64,
-    /// The block's info word as it was while free (one word, so that a `Grant` is copied with
-    /// whole-word moves: a bool and a u32 side by side cost a store-forwarding stall here).
-    pub(crate) was: u64,
-}
-
-impl Grant {
-    /// Payload known to be all zeros.
-    #[inline]
-    pub(crate) fn clean(&self) -> bool {
-        self.was & FLAG_CLEAN != 0
-    }
-
-    /// Generation of this life of the block.
-    #[inline]
-    pub(crate) fn generation(&self) -> u32 {
-        info_generation(self.was)
-    }
-}
-
-/// Why a pool could not serve a request: it is full, or its shared metadata failed a check. Kept
-/// small (the public [`Error`] is made at the arena level) so that results pass in registers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Fail {
-    /// No room in this pool.
-    Full,
-    /// A peer scribbled over allocator metadata (the text says which check failed).
-    Corrupt(&'static str),
-}
+pub(crate) use super::space::{Fail, Grant};
+use super::space::{Res, Space};
+use crate::sync::{AtomicU64, Ordering};
 
 impl From<Fail> for Error {
     fn from(f: Fail) -> Error {
@@ -84,8 +45,6 @@ impl From<Fail> for Error {
         }
     }
 }
-
-type Res<T> = std::result::Result<T, Fail>;
 
 impl Pool {
     /// Allocates a block with `size` payload bytes.
@@ -123,15 +82,12 @@ impl Pool {
         }
         let off = match cached {
             Some(off) => off,
-            None => match pop(self, &self.hdr().classes[c].0.head) {
-                Some(off) => off,
-                None => match self.refill(c) {
-                    Ok(off) => off,
-                    Err(f) => {
-                        self.count_small(c, -1);
-                        return Err(f);
-                    }
-                },
+            None => match super::space::pop_or_refill(self, c, span_pages(c), size) {
+                Ok(off) => off,
+                Err(f) => {
+                    self.count_small(c, -1);
+                    return Err(f);
+                }
             },
         };
         // A block from a list must be a free block of this class: anything else means a list
@@ -143,151 +99,12 @@ impl Pool {
                 "free list holds something not a free block of its class",
             ));
         }
-        Ok(self.take(off, c as u64, size, flags))
-    }
-
-    /// Marks a block we own as allocated and describes it.
-    #[inline(always)]
-    fn take(&self, off: u64, class: u64, block: u64, flags: u64) -> Grant {
-        let info = self.word(off);
-        let old = info.load(Ordering::Relaxed);
-        let generation = info_generation(old);
-        info.store(
-            super::layout::info(STATE_ALLOC, class, flags, generation),
-            Ordering::Relaxed,
-        );
-        Grant {
-            off,
-            capacity: block - BLOCK_HDR,
-            was: old,
-        }
+        Ok(super::space::take(self, off, c as u64, size, flags))
     }
 
     #[inline]
     pub(crate) fn is_heap_block(&self, off: u64) -> bool {
-        off >= self.heap_off() && off % 16 == 0 && off <= self.capacity() - BLOCK_HDR
-    }
-
-    /// Takes a span for class `c`: returns its first block (ours) and frees the others.
-    #[inline(never)]
-    fn refill(&self, c: usize) -> Res<u64> {
-        let pages = span_pages(c);
-        let (span, _, clean) = self.alloc_pages(pages, 0)?;
-        let first_page = (span - self.heap_off()) / PAGE;
-        let size = CLASS_SIZES[c] as u64;
-        let n = pages * PAGE / size;
-        let flags = if clean { FLAG_CLEAN } else { 0 };
-        // Block 0 sits where the recycled extent's header was (if it was recycled): it continues
-        // that position's generations, so a stale blob of the extent cannot match it. Every other
-        // block start is a position that was never a block start before (see `lockfree`).
-        let gen0 = info_generation(self.word(span).load(Ordering::Relaxed));
-        for i in 0..n {
-            let b = span + i * size;
-            let generation = if i == 0 { gen0 } else { 0 };
-            self.word(b).store(
-                info(STATE_FREE, c as u64, flags, generation),
-                Ordering::Relaxed,
-            );
-            let next = if i + 1 < n { b + size } else { 0 };
-            self.word(b + LINK).store(next, Ordering::Relaxed);
-        }
-        // Release: a validation that finds these entries (Acquire in `block_at`) sees the block
-        // headers written above.
-        for i in 0..pages {
-            self.page_entry(first_page + i)
-                .store(pm_small(c as u64, i), Ordering::Release);
-        }
-        if n > 1 {
-            let head = &self.hdr().classes[c].0.head;
-            push_chain(self, head, span + size, span + (n - 1) * size);
-        }
-        Ok(span)
-    }
-
-    /// Takes `n` contiguous pages of fresh space, or a free extent of `n..=n + slack` pages
-    /// (`slack` 0 for spans, which need exactly `n`). Returns the offset, the pages taken and
-    /// whether they are known to be zero.
-    fn alloc_pages(&self, n: u64, slack: u64) -> Res<(u64, u64, bool)> {
-        let h = self.hdr();
-        let hi = n + slack;
-        for b in bucket_of(n)..=bucket_of(hi).min(NUM_BUCKETS - 1) {
-            if h.buckets[b].load(Ordering::Relaxed) == 0 {
-                continue;
-            }
-            let mut misfits = [0u64; BUCKET_TRIES];
-            let mut tried = 0;
-            let mut found = Ok(None);
-            while tried < BUCKET_TRIES {
-                let Some(off) = pop(self, &h.buckets[b]) else {
-                    break;
-                };
-                match self.extent_pages(off) {
-                    Ok(pages) if (n..=hi).contains(&pages) => {
-                        found = Ok(Some((off, pages)));
-                        break;
-                    }
-                    Ok(_) => {
-                        misfits[tried] = off;
-                        tried += 1;
-                    }
-                    // A bad entry is dropped from the list (it cannot be trusted), the rest kept.
-                    Err(f) => {
-                        found = Err(f);
-                        break;
-                    }
-                }
-            }
-            for &off in &misfits[..tried] {
-                push(self, &h.buckets[b], off);
-            }
-            if let Some((off, pages)) = found? {
-                let clean = self.word(off).load(Ordering::Relaxed) & FLAG_CLEAN != 0;
-                return Ok((off, pages, clean));
-            }
-        }
-        let bump = &h.bump.0;
-        let mut cur = bump.load(Ordering::Relaxed);
-        loop {
-            if cur < self.heap_off() || cur % PAGE != 0 {
-                return Err(Fail::Corrupt("bump pointer outside the heap"));
-            }
-            let end = match cur.checked_add(n * PAGE) {
-                Some(end) if end <= self.capacity() => end,
-                _ => return Err(Fail::Full),
-            };
-            match bump.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
-                // Fresh memfd pages read as zero, and nobody has touched these yet.
-                Ok(_) => return Ok((cur, n, true)),
-                Err(now) => cur = now,
-            }
-        }
-    }
-
-    /// Length in pages of the extent at `off`, from the page map, validated (the entry is
-    /// peer-writable and must not send us outside the heap).
-    fn extent_len(&self, off: u64) -> Res<u64> {
-        if !self.is_heap_block(off) || (off - self.heap_off()) % PAGE != 0 {
-            return Err(Fail::Corrupt("extent at a bad offset"));
-        }
-        let page = (off - self.heap_off()) / PAGE;
-        let e = self.page_entry(page).load(Ordering::Acquire);
-        let pages = pm_value(e);
-        if pm_kind(e) != PM_LARGE || pages == 0 || pages > self.heap_pages() - page {
-            return Err(Fail::Corrupt("extent page-map entry is bad"));
-        }
-        Ok(pages)
-    }
-
-    /// Length in pages of the free extent at `off` (validated: a popped offset is untrusted).
-    fn extent_pages(&self, off: u64) -> Res<u64> {
-        let pages = self.extent_len(off)?;
-        let i = self.word(off).load(Ordering::Relaxed);
-        if info_state(i) != STATE_FREE || info_class(i) != CLASS_LARGE {
-            return Err(Fail::Corrupt(
-                "extent list holds something not a free extent",
-            ));
-        }
-        Ok(pages)
+        super::space::is_heap_block(self, off)
     }
 
     #[inline(never)]
@@ -297,16 +114,15 @@ impl Pool {
             Some(p) if p <= max / PAGE => p,
             _ => return Err(Fail::Full),
         };
-        let (off, got, clean) = self.alloc_pages(pages, slack(pages))?;
-        if clean {
-            // Fresh space or a clean extent: make sure the header says so.
-            let w = self.word(off);
-            w.store(w.load(Ordering::Relaxed) | FLAG_CLEAN, Ordering::Relaxed);
-        }
+        let (off, got) = super::space::alloc_extent(self, pages)?;
         self.count_large((got * PAGE) as i64, 1);
-        self.page_entry((off - self.heap_off()) / PAGE)
-            .store(pm_large(got), Ordering::Release);
-        Ok(self.take(off, CLASS_LARGE, got * PAGE, flags))
+        Ok(super::space::take(
+            self,
+            off,
+            CLASS_LARGE,
+            got * PAGE,
+            flags,
+        ))
     }
 
     /// Frees the block at `off`, which the caller owns. `zeroed` says the payload is all zeros
@@ -318,17 +134,8 @@ impl Pool {
         }
         let info_w = self.word(off);
         let old = info_w.load(Ordering::Relaxed);
+        let new = super::space::freed_info(old, zeroed)?;
         let class = info_class(old);
-        if info_state(old) != STATE_ALLOC || (class as usize >= NUM_CLASSES && class != CLASS_LARGE)
-        {
-            return Err(Fail::Corrupt("freeing a block that is not allocated"));
-        }
-        let new = info(
-            STATE_FREE,
-            class,
-            if zeroed { FLAG_CLEAN } else { 0 },
-            info_generation(old).wrapping_add(1),
-        );
         if class == CLASS_LARGE {
             return self.free_extent(off, old, new, zeroed);
         }
@@ -355,24 +162,16 @@ impl Pool {
             self.count_small(c, -1);
         }
         if !cached {
-            push(self, &self.hdr().classes[c].0.head, off);
+            push(self, self.class_head(c), off);
         }
         Ok(())
     }
 
     #[cold]
     fn free_extent(&self, off: u64, old: u64, new: u64, zeroed: bool) -> Res<()> {
-        let pages = self.extent_len(off)?;
-        // The CAS makes a concurrent double free an error rather than a corrupt list.
-        let info_w = self.word(off);
-        info_w
-            .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)
-            .map_err(|_| Fail::Corrupt("block freed twice"))?;
-        if !zeroed && self.trims() && pages > 1 && self.trim_extent(off, pages) {
-            // Still ours (not yet pushed): record that it is clean now.
-            info_w.store(new | FLAG_CLEAN, Ordering::Relaxed);
-        }
-        push(self, &self.hdr().buckets[bucket_of(pages)], off);
+        let pages = super::space::free_extent(self, off, old, new, |pages| {
+            !zeroed && self.trims() && pages > 1 && self.trim_extent(off, pages)
+        })?;
         self.count_large(-((pages * PAGE) as i64), -1);
         Ok(())
     }
@@ -491,6 +290,38 @@ impl Pool {
     pub(crate) fn reserved(&self) -> u64 {
         let bump = self.hdr().bump.0.load(Ordering::Relaxed);
         bump.clamp(self.heap_off(), self.capacity()) - self.heap_off()
+    }
+}
+
+impl Space for Pool {
+    #[inline]
+    fn heap_start(&self) -> u64 {
+        self.heap_off()
+    }
+
+    #[inline]
+    fn heap_end(&self) -> u64 {
+        self.capacity()
+    }
+
+    #[inline]
+    fn bump(&self) -> &AtomicU64 {
+        &self.hdr().bump.0
+    }
+
+    #[inline]
+    fn class_head(&self, c: usize) -> &AtomicU64 {
+        &self.hdr().classes[c].0.head
+    }
+
+    #[inline]
+    fn bucket(&self, b: usize) -> &AtomicU64 {
+        &self.hdr().buckets[b]
+    }
+
+    #[inline]
+    fn page_entry(&self, page: u64) -> &AtomicU64 {
+        Pool::page_entry(self, page)
     }
 }
 

@@ -370,10 +370,7 @@ impl Pool {
     /// Whether `off` looks like a free block of class `c` (a cache entry worth trusting).
     #[inline]
     pub(crate) fn is_cached_block(&self, off: u64, c: usize) -> bool {
-        self.is_heap_block(off) && {
-            let i = self.word(off).load(Ordering::Relaxed);
-            info_state(i) == STATE_FREE && info_class(i) == c as u64
-        }
+        super::space::is_free_block(self, off, c)
     }
 
     /// Releases this thread's slot in this pool, if it has one (the arena is being dropped, or

@@ -106,14 +106,14 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         name: "bump-pointer CAS -> load and store",
-        file: "src/shm/alloc.rs",
+        file: "src/shm/space.rs",
         edits: &[("match bump.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {", "match { bump.store(end, Ordering::Relaxed); Ok::<u64, u64>(cur) } {")],
         check: STRESS,
     },
     Mutation {
         name: "free_extent double-free CAS -> store",
-        file: "src/shm/alloc.rs",
-        edits: &[("info_w\n            .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)\n", "Ok::<u64, u64>(info_w.swap(new, Ordering::Relaxed))\n")],
+        file: "src/shm/space.rs",
+        edits: &[("info_w\n        .compare_exchange(old, new, Ordering::Relaxed, Ordering::Relaxed)\n", "Ok::<u64, u64>(info_w.swap(new, Ordering::Relaxed))\n")],
         check: Check::Race(&["--lib", "racing_double_frees"]),
     },
     Mutation {
@@ -121,6 +121,30 @@ const MUTATIONS: &[Mutation] = &[
         file: "src/shm/tcache.rs",
         edits: &[("if !matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)) {\n            return None;\n        }", "let _ = crate::sys::try_lock_byte(file, i as u64);\n        slot.owner.store(process_token(), Ordering::Release);\n        if true {\n            return Some(owner);\n        }")],
         check: STRESS,
+    },
+    Mutation {
+        name: "freed extent listed before its trim",
+        file: "src/shm/space.rs",
+        edits: &[(
+            "    if trim(pages) {\n        // Still ours (not yet pushed): record that it is clean now.\n        info_w.store(new | FLAG_CLEAN, Ordering::Relaxed);\n    }\n    push(s, s.bucket(bucket_of(pages)), off);",
+            "    push(s, s.bucket(bucket_of(pages)), off);\n    if trim(pages) {\n        info_w.store(new | FLAG_CLEAN, Ordering::Relaxed);\n    }",
+        )],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "span chain pushed before its headers are written",
+        file: "src/shm/space.rs",
+        edits: &[
+            ("    for i in 0..n {\n        let b = span + i * size;", "    if n > 1 {\n        push_chain(s, s.class_head(c), span + size, span + (n - 1) * size);\n    }\n    for i in 0..n {\n        let b = span + i * size;"),
+            ("    if n > 1 {\n        push_chain(s, s.class_head(c), span + size, span + (n - 1) * size);\n    }\n    Ok(span)", "    Ok(span)"),
+        ],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "recycled span restarts block 0's generation",
+        file: "src/shm/space.rs",
+        edits: &[("let generation = if i == 0 { gen0 } else { 0 };", "let generation = if i == 0 { 0 } else { 0 };")],
+        check: Check::Loom,
     },
 ];
 
