@@ -28,7 +28,8 @@
 use super::error::Error;
 use super::layout::*;
 use super::lockfree::{pop, push, push_chain, Words, LINK};
-use super::pool::{Pool, Slot, KNOWN_STARTS};
+use super::pool::{Pool, KNOWN_STARTS};
+use super::slot;
 use crate::sync::Ordering;
 
 /// Extents of each bucket examined for a fit before the next bucket (or fresh space).
@@ -105,16 +106,10 @@ impl Pool {
         let mut cached = None;
         let counted = self
             .with_slot(|slot, counts| {
-                super::tcache::bump(&slot.classes[c].in_use, 1);
+                slot::bump(&slot.classes[c].in_use, 1);
                 if counts[c] > 0 {
-                    let head = &slot.classes[c].head;
-                    let off = head.load(Ordering::Relaxed);
-                    head.store(
-                        self.word(off.wrapping_add(LINK)).load(Ordering::Relaxed),
-                        Ordering::Relaxed,
-                    );
+                    cached = Some(slot::cache_pop(self, &slot.classes[c].head));
                     counts[c] -= 1;
-                    cached = Some(off);
                 }
             })
             .is_some();
@@ -340,12 +335,9 @@ impl Pool {
         let mut cached = false;
         let counted = self
             .with_slot(|slot, counts| {
-                super::tcache::bump(&slot.classes[c].in_use, -1);
+                slot::bump(&slot.classes[c].in_use, -1);
                 if counts[c] < super::tcache::cache_cap(c) {
-                    let head = &slot.classes[c].head;
-                    self.word(off + LINK)
-                        .store(head.load(Ordering::Relaxed), Ordering::Relaxed);
-                    head.store(off, Ordering::Relaxed);
+                    slot::cache_push(self, &slot.classes[c].head, off);
                     counts[c] += 1;
                     cached = true;
                 }
@@ -480,7 +472,7 @@ impl Pool {
         let mut bytes = h.base.0.bytes.load(Ordering::Relaxed);
         let mut blocks = h.base.0.blocks.load(Ordering::Relaxed);
         for slot in &h.slots {
-            let (b, n) = slot_usage(&slot.0);
+            let (b, n) = slot::usage(self, &slot.0);
             bytes = bytes.wrapping_add(b);
             blocks = blocks.wrapping_add(n);
         }
@@ -492,18 +484,6 @@ impl Pool {
         let bump = self.hdr().bump.0.load(Ordering::Relaxed);
         bump.clamp(self.heap_off(), self.capacity()) - self.heap_off()
     }
-}
-
-/// Bytes and blocks a slot's counters say are in use (wrapping).
-pub(crate) fn slot_usage(slot: &Slot) -> (u64, u64) {
-    let mut bytes = slot.large.bytes.load(Ordering::Relaxed);
-    let mut blocks = slot.large.blocks.load(Ordering::Relaxed);
-    for (c, k) in slot.classes.iter().enumerate() {
-        let n = k.in_use.load(Ordering::Relaxed);
-        bytes = bytes.wrapping_add(n.wrapping_mul(CLASS_SIZES[c] as u64));
-        blocks = blocks.wrapping_add(n);
-    }
-    (bytes, blocks)
 }
 
 #[cfg(all(test, not(flowipc_loom)))]
