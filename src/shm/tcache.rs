@@ -74,8 +74,14 @@ pub(crate) fn process_token() -> u64 {
         return t;
     }
     let t = ((std::process::id() as u64) << 32) | (super::arena::random_id() & 0xFFFF_FFFF);
-    TOKEN.store(t, Ordering::Relaxed);
-    t
+    // Threads claiming slots of different pools (each has its own `slot_mutex`) can get here at
+    // once: the first token stored is the process's. Had each stored its own, a slot claimed
+    // under the losing token would look like another process's to this process's next claim,
+    // whose lock (our own description) it gets: it would drain a live thread's cache.
+    match TOKEN.compare_exchange(0, t, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => t,
+        Err(first) => first,
+    }
 }
 
 static TOKEN: StdAtomicU64 = StdAtomicU64::new(0);
