@@ -120,7 +120,9 @@ const MUTATIONS: &[Mutation] = &[
         name: "thread-cache slot claim without its lock and CAS",
         file: "src/shm/slot.rs",
         edits: &[("if !locks.try_lock(i) {\n        return None;\n    }", "let _ = locks.try_lock(i);\n    slot.owner.store(token, Ordering::Release);\n    if true {\n        return Some(owner);\n    }")],
-        check: STRESS,
+        // Was `STRESS`, which caught it by timing alone (every run on the code before the slot
+        // protocol moved to `slot.rs`, no run after): the loom models catch it every time.
+        check: Check::Loom,
     },
     Mutation {
         name: "thread-cache slot claim without its lock (CAS kept)",
