@@ -31,8 +31,9 @@
 
 use super::error::Error;
 use super::layout::*;
-use super::lockfree::{push, Words, LINK};
-use super::pool::{Pool, Slot, KNOWN_STARTS};
+use super::lockfree::{push, Words};
+use super::pool::{Pool, KNOWN_STARTS};
+use super::slot;
 pub(crate) use super::space::{Fail, Grant};
 use super::space::{Res, Space};
 use crate::sync::{AtomicU64, Ordering};
@@ -64,16 +65,10 @@ impl Pool {
         let mut cached = None;
         let counted = self
             .with_slot(|slot, counts| {
-                super::tcache::bump(&slot.classes[c].in_use, 1);
+                slot::bump(&slot.classes[c].in_use, 1);
                 if counts[c] > 0 {
-                    let head = &slot.classes[c].head;
-                    let off = head.load(Ordering::Relaxed);
-                    head.store(
-                        self.word(off.wrapping_add(LINK)).load(Ordering::Relaxed),
-                        Ordering::Relaxed,
-                    );
+                    cached = Some(slot::cache_pop(self, &slot.classes[c].head));
                     counts[c] -= 1;
-                    cached = Some(off);
                 }
             })
             .is_some();
@@ -147,12 +142,9 @@ impl Pool {
         let mut cached = false;
         let counted = self
             .with_slot(|slot, counts| {
-                super::tcache::bump(&slot.classes[c].in_use, -1);
+                slot::bump(&slot.classes[c].in_use, -1);
                 if counts[c] < super::tcache::cache_cap(c) {
-                    let head = &slot.classes[c].head;
-                    self.word(off + LINK)
-                        .store(head.load(Ordering::Relaxed), Ordering::Relaxed);
-                    head.store(off, Ordering::Relaxed);
+                    slot::cache_push(self, &slot.classes[c].head, off);
                     counts[c] += 1;
                     cached = true;
                 }
@@ -279,7 +271,7 @@ impl Pool {
         let mut bytes = h.base.0.bytes.load(Ordering::Relaxed);
         let mut blocks = h.base.0.blocks.load(Ordering::Relaxed);
         for slot in &h.slots {
-            let (b, n) = slot_usage(&slot.0);
+            let (b, n) = slot::usage(self, &slot.0);
             bytes = bytes.wrapping_add(b);
             blocks = blocks.wrapping_add(n);
         }
@@ -323,18 +315,6 @@ impl Space for Pool {
     fn page_entry(&self, page: u64) -> &AtomicU64 {
         Pool::page_entry(self, page)
     }
-}
-
-/// Bytes and blocks a slot's counters say are in use (wrapping).
-pub(crate) fn slot_usage(slot: &Slot) -> (u64, u64) {
-    let mut bytes = slot.large.bytes.load(Ordering::Relaxed);
-    let mut blocks = slot.large.blocks.load(Ordering::Relaxed);
-    for (c, k) in slot.classes.iter().enumerate() {
-        let n = k.in_use.load(Ordering::Relaxed);
-        bytes = bytes.wrapping_add(n.wrapping_mul(CLASS_SIZES[c] as u64));
-        blocks = blocks.wrapping_add(n);
-    }
-    (bytes, blocks)
 }
 
 #[cfg(all(test, not(flowipc_loom)))]

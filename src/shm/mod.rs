@@ -73,6 +73,10 @@ mod layout;
 mod pool;
 #[cfg(not(flowipc_loom))]
 pub(crate) mod segments;
+#[cfg(flowipc_loom)]
+pub mod slot;
+#[cfg(not(flowipc_loom))]
+pub(crate) mod slot;
 #[cfg(not(flowipc_loom))]
 mod tcache;
 

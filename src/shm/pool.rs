@@ -12,6 +12,7 @@ use super::arena::Shared;
 use super::error::{Error, Result};
 use super::layout::*;
 use super::lockfree::Words;
+use super::slot::Counters;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
 /// One cache line (128 bytes covers the adjacent-line prefetcher too), so that the hot words of
@@ -25,36 +26,8 @@ pub(crate) struct ClassState {
     pub(crate) head: AtomicU64,
 }
 
-/// Usage counters: bytes and blocks in use (wrapping: counts added through one slot may be
-/// subtracted through another, so a single slot's values can be "negative").
-#[repr(C)]
-pub(crate) struct Counters {
-    pub(crate) bytes: AtomicU64,
-    pub(crate) blocks: AtomicU64,
-}
-
-/// A thread-cache slot (see `tcache`): claimed by one thread of one process at a time, which
-/// alone writes it (plain atomic loads and stores, no read-modify-write on the hot path).
-#[repr(C)]
-pub(crate) struct Slot {
-    /// Process token of the owner, 0 when free. Liveness comes from an OFD byte lock, not this.
-    pub(crate) owner: AtomicU64,
-    /// Large extents in use, as counted by the owning thread.
-    pub(crate) large: Counters,
-    /// Per class, the private list and the count, side by side: an allocation or a free
-    /// touches one cache line of the slot.
-    pub(crate) classes: [SlotClass; NUM_CLASSES],
-}
-
-/// A slot's state for one size class.
-#[repr(C)]
-pub(crate) struct SlotClass {
-    /// Private free list: plain block offsets chained through link words.
-    pub(crate) head: AtomicU64,
-    /// Small blocks of the class in use, as counted by the owning thread (wrapping: a block
-    /// allocated through one slot may be freed through another). One counter per operation.
-    pub(crate) in_use: AtomicU64,
-}
+/// A thread-cache slot of a pool (see `tcache` and `slot`).
+pub(crate) type Slot = super::slot::Slot<NUM_CLASSES>;
 
 /// The pool header at offset 0. Only atomics, so any process may read or write any field at any
 /// time without a data race; the immutable fields are written before the fd is shared.

@@ -38,9 +38,9 @@ use std::sync::{OnceLock, Weak};
 
 use super::arena::Shared;
 use super::layout::*;
-use super::lockfree::{push_chain, Words, LINK};
 use super::pool::{Pool, Slot};
-use crate::sync::Ordering;
+use super::slot::{self as protocol, bump, Counters, SlotLocks, SlotPool};
+use crate::sync::{AtomicU64, Ordering};
 
 /// Most blocks of class `c` one thread keeps cached: 32, and at most 64 KiB worth (at least 2).
 #[inline]
@@ -73,8 +73,14 @@ pub(crate) fn process_token() -> u64 {
         return t;
     }
     let t = ((std::process::id() as u64) << 32) | (super::arena::random_id() & 0xFFFF_FFFF);
-    TOKEN.store(t, Ordering::Relaxed);
-    t
+    // Threads claiming slots of different pools (each has its own `slot_mutex`) can get here at
+    // once: the first token stored is the process's. Had each stored its own, a slot claimed
+    // under the losing token would look like another process's to this process's next claim,
+    // whose lock (our own description) it gets: it would drain a live thread's cache.
+    match TOKEN.compare_exchange(0, t, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => t,
+        Err(first) => first,
+    }
 }
 
 static TOKEN: StdAtomicU64 = StdAtomicU64::new(0);
@@ -147,9 +153,59 @@ fn find(entries: &[Entry], pool: &Pool) -> Option<usize> {
         .position(|e| e.instance == pool.instance && e.pool == pool.id() && e.fork_gen == gen)
 }
 
+impl SlotPool<NUM_CLASSES> for Pool {
+    #[inline]
+    fn cache_slot(&self, i: u32) -> &Slot {
+        &self.hdr().slots[i as usize].0
+    }
+
+    #[inline]
+    fn shared_list(&self, c: usize) -> &AtomicU64 {
+        &self.hdr().classes[c].0.head
+    }
+
+    #[inline]
+    fn base_counters(&self) -> &Counters {
+        &self.hdr().base.0
+    }
+
+    #[inline]
+    fn class_bytes(&self, c: usize) -> u64 {
+        CLASS_SIZES[c] as u64
+    }
+
+    #[inline]
+    fn list_cap(&self, c: usize) -> u16 {
+        cache_cap(c)
+    }
+
+    #[inline]
+    fn valid_cached(&self, off: u64, c: usize) -> bool {
+        self.is_cached_block(off, c)
+    }
+}
+
+/// The slots' locks in production: OFD locks on byte `i` of the pool file, through this
+/// process's own open file description of it (`None` in a forked child, which neither takes nor
+/// drops its parent's locks). See [`SlotLocks`] for what the protocol assumes of them.
+struct OfdLocks<'a>(Option<&'a std::fs::File>);
+
+impl SlotLocks for OfdLocks<'_> {
+    fn try_lock(&self, i: u32) -> bool {
+        self.0
+            .is_some_and(|file| matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)))
+    }
+
+    fn unlock(&self, i: u32) {
+        if let Some(file) = self.0 {
+            let _ = crate::sys::unlock_byte(file, i as u64);
+        }
+    }
+}
+
 impl Pool {
     fn slot(&self, i: u32) -> &Slot {
-        &self.hdr().slots[i as usize].0
+        self.cache_slot(i)
     }
 
     /// Runs `f` on this thread's slot in this pool (claiming one on first use) and its private
@@ -213,9 +269,7 @@ impl Pool {
     }
 
     fn count_base(&self, bytes: i64, blocks: i64) {
-        let base = &self.hdr().base.0;
-        base.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-        base.blocks.fetch_add(blocks as u64, Ordering::Relaxed);
+        protocol::add(&self.hdr().base.0, bytes as u64, blocks as u64);
     }
 
     /// Our own open file description of the pool, opened by this process (a forked child
@@ -230,52 +284,20 @@ impl Pool {
         file.as_ref()
     }
 
-    /// Takes slot `i` over if nobody alive holds it: a free slot (if `free_too`) or one whose
-    /// owner process is gone. Returns the previous owner token (0: it was free). On success the
-    /// slot is ours and its OFD lock held by our file description. Call with `slot_mutex` held:
-    /// our own locks never conflict with each other, so threads of one process are kept apart
-    /// by the mutex, and slots owned by this process are skipped.
-    fn take_over(&self, i: u32, file: &std::fs::File, free_too: bool) -> Option<u64> {
-        let slot = self.slot(i);
-        let owner = slot.owner.load(Ordering::Acquire);
-        if owner == process_token() || (owner == 0 && !free_too) {
-            return None;
-        }
-        // The lock is free for a free slot and for one whose owner died; a live owner holds
-        // it. (Another process may be claiming this slot right now: then it holds the lock.)
-        if !matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)) {
-            return None;
-        }
-        // Every write of `owner` is made holding byte `i`'s lock (claims here, releases in
-        // `release_locked`), so holding it already excludes every other claimant: the CAS is a
-        // second guard, against an owner word changed outside the protocol (a peer scribbling),
-        // not a step the protocol needs. (Replacing it by a store passes every test, the
-        // allocator stress included; dropping both it and the lock check fails the stress.)
-        if slot
-            .owner
-            .compare_exchange(owner, process_token(), Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
-            let _ = crate::sys::unlock_byte(file, i as u64);
-            return None;
-        }
-        Some(owner)
-    }
-
-    /// Claims a free slot, or reclaims one whose owner process is gone.
+    /// Claims a free slot, or reclaims one whose owner process is gone (see
+    /// [`protocol::claim`]). Threads of this process share the lock file, so they are kept apart
+    /// by `slot_mutex` (and `take_over` skips slots of this process).
     fn claim_slot(&self) -> Option<u32> {
         let file = self.lock_file()?;
         let _guard = crate::sync::lock(&self.slot_mutex);
-        for i in 0..NUM_SLOTS as u32 {
-            if let Some(previous) = self.take_over(i, file, true) {
-                if previous != 0 {
-                    self.drain_slot(self.slot(i), None);
-                }
-                self.claimed.fetch_or(1 << i, Ordering::Relaxed);
-                return Some(i);
-            }
-        }
-        None
+        let i = protocol::claim(
+            self,
+            &OfdLocks(Some(file)),
+            process_token(),
+            NUM_SLOTS as u32,
+        )?;
+        self.claimed.fetch_or(1 << i, Ordering::Relaxed);
+        Some(i)
     }
 
     /// Hands slot `i` back: its private lists to the shared lists, its counters to the base.
@@ -284,14 +306,10 @@ impl Pool {
         self.release_locked(i, counts);
     }
 
+    /// [`protocol::release`], with `slot_mutex` held.
     fn release_locked(&self, i: u32, counts: Option<&[u16; NUM_CLASSES]>) {
-        let slot = self.slot(i);
-        self.drain_slot(slot, counts);
         self.claimed.fetch_and(!(1 << i), Ordering::Relaxed);
-        slot.owner.store(0, Ordering::Release);
-        if let Some(file) = self.lock_file() {
-            let _ = crate::sys::unlock_byte(file, i as u64);
-        }
+        protocol::release(self, &OfdLocks(self.lock_file()), i, counts);
     }
 
     /// Releases every slot this arena instance still holds. Only when the instance is being
@@ -320,51 +338,12 @@ impl Pool {
             return 0;
         };
         let _guard = crate::sync::lock(&self.slot_mutex);
-        let mut n = 0;
-        for i in 0..NUM_SLOTS as u32 {
-            if self.take_over(i, file, false).is_some() {
-                self.release_locked(i, None);
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// Moves a slot's private lists onto the shared lists and its counters into the base. The
-    /// caller has exclusive use of the slot. `counts` are the list lengths when the caller is the
-    /// owner; a reclaimer does not know them and walks at most [`cache_cap`] blocks per list,
-    /// validating each (a dead owner may have been killed mid-push: a chain that does not check
-    /// out is cut, leaking its rest rather than listing anything twice).
-    fn drain_slot(&self, slot: &Slot, counts: Option<&[u16; NUM_CLASSES]>) {
-        for c in 0..NUM_CLASSES {
-            let head = slot.classes[c].head.load(Ordering::Relaxed);
-            if head == 0 {
-                continue;
-            }
-            let bound = counts.map_or(cache_cap(c), |k| k[c]).max(1) as u64;
-            // Detach first: a crash from here on leaks the chain instead of listing it twice.
-            slot.classes[c].head.store(0, Ordering::Relaxed);
-            if !self.is_cached_block(head, c) {
-                continue;
-            }
-            let mut tail = head;
-            for _ in 1..bound {
-                let next = self.word(tail + LINK).load(Ordering::Relaxed);
-                if next == 0 || !self.is_cached_block(next, c) {
-                    break;
-                }
-                tail = next;
-            }
-            self.word(tail + LINK).store(0, Ordering::Relaxed);
-            push_chain(self, &self.hdr().classes[c].0.head, head, tail);
-        }
-        let (bytes, blocks) = super::alloc::slot_usage(slot);
-        self.count_base(bytes as i64, blocks as i64);
-        for k in &slot.classes {
-            k.in_use.store(0, Ordering::Relaxed);
-        }
-        slot.large.bytes.store(0, Ordering::Relaxed);
-        slot.large.blocks.store(0, Ordering::Relaxed);
+        protocol::reclaim_dead(
+            self,
+            &OfdLocks(Some(file)),
+            process_token(),
+            NUM_SLOTS as u32,
+        )
     }
 
     /// Whether `off` looks like a free block of class `c` (a cache entry worth trusting).
@@ -388,11 +367,4 @@ impl Pool {
             }
         });
     }
-}
-
-/// Adds to a counter only this thread writes: load and store, no read-modify-write.
-#[inline]
-pub(crate) fn bump(counter: &crate::sync::AtomicU64, delta: i64) {
-    let n = counter.load(Ordering::Relaxed);
-    counter.store(n.wrapping_add(delta as u64), Ordering::Relaxed);
 }

@@ -118,9 +118,29 @@ const MUTATIONS: &[Mutation] = &[
     },
     Mutation {
         name: "thread-cache slot claim without its lock and CAS",
-        file: "src/shm/tcache.rs",
-        edits: &[("if !matches!(crate::sys::try_lock_byte(file, i as u64), Ok(true)) {\n            return None;\n        }", "let _ = crate::sys::try_lock_byte(file, i as u64);\n        slot.owner.store(process_token(), Ordering::Release);\n        if true {\n            return Some(owner);\n        }")],
-        check: STRESS,
+        file: "src/shm/slot.rs",
+        edits: &[("if !locks.try_lock(i) {\n        return None;\n    }", "let _ = locks.try_lock(i);\n    slot.owner.store(token, Ordering::Release);\n    if true {\n        return Some(owner);\n    }")],
+        // Was `STRESS`, which caught it by timing alone (every run on the code before the slot
+        // protocol moved to `slot.rs`, no run after): the loom models catch it every time.
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "thread-cache slot claim without its lock (CAS kept)",
+        file: "src/shm/slot.rs",
+        edits: &[("if !locks.try_lock(i) {\n        return None;\n    }", "let _ = locks.try_lock(i);")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "slot release unlocks before clearing the owner",
+        file: "src/shm/slot.rs",
+        edits: &[("slot.owner.store(0, Ordering::Release);\n    locks.unlock(i);", "locks.unlock(i);\n    slot.owner.store(0, Ordering::Release);")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "reclaim drains one block per dead list",
+        file: "src/shm/slot.rs",
+        edits: &[("counts.map_or(pool.list_cap(c), |k| k[c])", "counts.map_or(1, |k| k[c])")],
+        check: Check::Loom,
     },
     Mutation {
         name: "freed extent listed before its trim",
