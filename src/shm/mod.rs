@@ -65,6 +65,8 @@ pub(crate) use arena::random_id;
 mod error;
 #[cfg(not(flowipc_loom))]
 mod handle;
+#[cfg(flowipc_loom)]
+pub mod layout;
 #[cfg(not(flowipc_loom))]
 mod layout;
 #[cfg(not(flowipc_loom))]
@@ -78,6 +80,10 @@ mod tcache;
 pub mod lockfree;
 #[cfg(not(flowipc_loom))]
 pub(crate) mod lockfree;
+#[cfg(flowipc_loom)]
+pub mod protocols;
+#[cfg(not(flowipc_loom))]
+pub(crate) mod protocols;
 
 #[cfg(not(flowipc_loom))]
 pub use arena::{Arena, ArenaConfig, Block, BlockRef, Stats, Verification};
