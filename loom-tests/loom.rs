@@ -44,6 +44,8 @@ use loom::sync::atomic::{
 use loom::sync::Arc;
 use loom::thread;
 
+mod segments;
+
 /// Preemption bound when `LOOM_MAX_PREEMPTIONS` is not set.
 const PREEMPTIONS: usize = 3;
 
