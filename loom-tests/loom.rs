@@ -45,6 +45,7 @@ use loom::sync::Arc;
 use loom::thread;
 
 mod alloc;
+mod segments;
 mod tcache;
 
 /// Preemption bound when `LOOM_MAX_PREEMPTIONS` is not set.

@@ -32,7 +32,8 @@
 use super::error::Error;
 use super::layout::*;
 use super::lockfree::{push, Words};
-use super::pool::{Pool, KNOWN_STARTS};
+use super::pool::Pool;
+use super::protocols::{block_start, NotStart};
 use super::slot;
 pub(crate) use super::space::{Fail, Grant};
 use super::space::{Res, Space};
@@ -196,68 +197,21 @@ impl Pool {
     /// next validation of it (the same blocks come back, message after message) reads its header
     /// alone, not the page map too.
     pub(crate) fn block_at(&self, off: u64) -> Result<(u64, u64), Error> {
-        if off < self.heap_off() || off >= self.capacity() - BLOCK_HDR {
-            return Err(Error::OutOfBounds {
+        block_start(
+            self,
+            &self.known_starts,
+            self.heap_off(),
+            self.capacity(),
+            off,
+        )
+        .map_err(|e| match e {
+            NotStart::OutOfBounds => Error::OutOfBounds {
                 pool: self.id(),
                 offset: off,
-            });
-        }
-        if off % 16 != 0 {
-            return Err(Error::Misaligned(off));
-        }
-        let slot = &self.known_starts[(off >> 4) as usize % KNOWN_STARTS];
-        // Acquire pairs with the Release store below: a thread that finds the entry another
-        // thread filled is ordered after the header reads that vouched for it.
-        let known = slot.load(std::sync::atomic::Ordering::Acquire);
-        if known as u32 as u64 == off >> 4 && known >> 32 != 0 {
-            let c = ((known >> 32) - 1) as usize % NUM_CLASSES;
-            // Acquire, as below: this process saw the header that made `off` a block start
-            // (when it validated it), and later header values are read from the word itself.
-            let info = self.word(off).load(Ordering::Acquire);
-            if info_class(info) != c as u64 {
-                return Err(Error::NotABlock(off));
-            }
-            return Ok((info, CLASS_SIZES[c] as u64 - BLOCK_HDR));
-        }
-        let rel = off - self.heap_off();
-        let page = rel / PAGE;
-        // Acquire pairs with the Release stores of refill/alloc_large: the block headers
-        // those wrote before publishing the entry are visible.
-        let e = self.page_entry(page).load(Ordering::Acquire);
-        let not_a_block = Error::NotABlock(off);
-        let (class, capacity) = match pm_kind(e) {
-            PM_SMALL => {
-                let (c, idx) = (pm_class(e) as usize, pm_value(e));
-                if c >= NUM_CLASSES || idx > page {
-                    return Err(not_a_block);
-                }
-                let at = rel - (page - idx) * PAGE;
-                if !is_block_start(c, at) {
-                    return Err(not_a_block);
-                }
-                (c as u64, CLASS_SIZES[c] as u64 - BLOCK_HDR)
-            }
-            PM_LARGE => {
-                let pages = pm_value(e);
-                if rel % PAGE != 0 || pages == 0 || pages > self.heap_pages() - page {
-                    return Err(not_a_block);
-                }
-                (CLASS_LARGE, pages * PAGE - BLOCK_HDR)
-            }
-            _ => return Err(not_a_block),
-        };
-        let info = self.word(off).load(Ordering::Acquire);
-        if info_class(info) != class {
-            return Err(not_a_block);
-        }
-        if class != CLASS_LARGE {
-            // `off >> 4` fits 32 bits: pools are at most 2^36 bytes.
-            slot.store(
-                (off >> 4) | (class + 1) << 32,
-                std::sync::atomic::Ordering::Release,
-            );
-        }
-        Ok((info, capacity))
+            },
+            NotStart::Misaligned => Error::Misaligned(off),
+            NotStart::NotABlock => Error::NotABlock(off),
+        })
     }
 
     /// Bytes and blocks in use in this pool: the base counters plus every slot's. A block

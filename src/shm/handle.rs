@@ -9,11 +9,9 @@ use super::alloc::Grant;
 use super::arena::{Arena, BlockRef};
 use super::error::{Error, Result};
 use super::layout::*;
-use super::lockfree::{
-    handle_word, is_sole, rc_acquire, rc_release, refs, ticket_issue, ticket_return, ticket_take,
-    Words, LINK,
-};
+use super::lockfree::{is_sole, rc_acquire, rc_release, refs, ticket_issue, Words, LINK};
 use super::pool::Pool;
+use super::protocols::{adopt_ticket, publish_block, Refusal, TAG_AT};
 use crate::sync::{AtomicU64, Ordering};
 
 /// Types that may live in shared memory and be read by another process.
@@ -85,10 +83,10 @@ pub fn type_tag<T: 'static>() -> u64 {
     h
 }
 
-/// Offset within the payload of the type tag (written once, before the object is published);
-/// the value follows at 16 so that it is 16-aligned. Count, tickets, liveness and generation are
-/// in the block header's link word (see [`handle_word`]).
-const TAG_AT: u64 = 0;
+/// Offset within the payload of the value: after the type tag (at [`TAG_AT`], written once,
+/// before the object is published), at 16 so that it is 16-aligned. Count, tickets, liveness and
+/// generation are in the block header's link word (see
+/// [`handle_word`](super::lockfree::handle_word)).
 const VALUE_AT: u64 = 16;
 
 /// A reference-counted `T` in an arena, shared across processes.
@@ -174,7 +172,7 @@ impl Arena {
 
     /// Marks an initialized object block as borrowable and returns its first handle.
     fn publish<T: ShmSafe>(&self, pool: &Pool, g: Grant, value_ptr: *mut T) -> ShmHandle<T> {
-        publish_block(pool, &g);
+        publish_block(pool, g.off, g.generation());
         ShmHandle {
             arena: self.clone(),
             pool: pool.id(),
@@ -231,7 +229,8 @@ impl Arena {
     /// Everything before the ticket CAS reads header words only (atomics, positions that are
     /// block starts forever), so a stale blob racing a free and reuse of its block touches
     /// nothing of the block's new life. The CAS itself checks liveness, generation and an
-    /// outstanding ticket in one step; only then, owning a reference, do we read the payload.
+    /// outstanding ticket in one step; only then, owning a reference, do we read the payload
+    /// (see [`adopt_ticket`]).
     pub(super) fn adopt(
         &self,
         blob: &LendBlob,
@@ -245,79 +244,14 @@ impl Arena {
             offset: blob.offset(),
             generation: blob.generation(),
         })?;
-        if info & FLAG_HANDLE == 0 {
-            return Err(Error::Stale);
-        }
-        let link = pool.word(off + LINK);
-        if !ticket_take(link, blob.generation()) {
-            return Err(Error::Stale);
-        }
-        // From here the block is ours to read: the ticket's reference keeps it alive.
-        if let Some((tag, need)) = typed {
-            let found = pool.word(off + BLOCK_HDR + TAG_AT).load(Ordering::Relaxed);
-            if capacity < need || found != tag {
-                ticket_return(link);
-                return Err(Error::TypeMismatch {
-                    expected: tag,
-                    found,
-                });
+        match adopt_ticket(pool, off, info, capacity, blob.generation(), typed) {
+            Ok(()) => Ok((pool, off, capacity)),
+            Err(Refusal::Stale) => Err(Error::Stale),
+            Err(Refusal::TypeMismatch { expected, found }) => {
+                Err(Error::TypeMismatch { expected, found })
             }
         }
-        Ok((pool, off, capacity))
     }
-}
-
-/// Makes a freshly allocated, initialized block borrowable, with one reference (the caller's).
-///
-/// Only now may a borrow accept the block. The flag is a fast pre-check for borrowers; the
-/// handle word is what counts: a borrower's ticket CAS (Acquire) reads-from the lender's
-/// `ticket_issue` (Release), which follows this Release store in the lender's thread, so the
-/// borrower sees everything written into the block before this call.
-pub(super) fn publish_block(pool: &Pool, g: &Grant) {
-    let info_w = pool.word(g.off);
-    let info = info_w.load(Ordering::Relaxed);
-    info_w.store(info | FLAG_HANDLE, Ordering::Relaxed);
-    pool.word(g.off + LINK)
-        .store(handle_word(g.generation()), Ordering::Release);
-}
-
-/// Makes an allocated block that its owner has filled (and that was never borrowable in its
-/// present generation, or was made private again by [`unpublish_block`]) borrowable, with one
-/// reference (the caller's), and returns the generation it now has.
-///
-/// The generation moves on (a block is republished after each thaw of the message it holds):
-/// a blob of an earlier publication is stale, as it would be for a block freed and reallocated.
-/// The owner alone holds the block, so plain stores suffice before the Release store that a
-/// borrower's ticket CAS synchronizes with (as in [`publish_block`]).
-pub(super) fn publish_in_place(pool: &Pool, off: u64) -> u32 {
-    let info_w = pool.word(off);
-    let old = info_w.load(Ordering::Relaxed);
-    let generation = info_generation(old).wrapping_add(1);
-    info_w.store(
-        info(
-            info_state(old),
-            info_class(old),
-            (old & 0xFFFF_0000) | FLAG_HANDLE,
-            generation,
-        ),
-        Ordering::Relaxed,
-    );
-    pool.word(off + LINK)
-        .store(handle_word(generation), Ordering::Release);
-    generation
-}
-
-/// Makes a block published with [`publish_in_place`] private again. The caller holds the only
-/// reference and no ticket is outstanding (checked with an Acquire load of the handle word, so
-/// every other holder's reads happened before): no one can borrow it any more (the handle word
-/// no longer says LIVE), and the caller may write the block again.
-pub(super) fn unpublish_block(pool: &Pool, off: u64) {
-    let info_w = pool.word(off);
-    info_w.store(
-        info_w.load(Ordering::Relaxed) & !FLAG_HANDLE,
-        Ordering::Relaxed,
-    );
-    pool.word(off + LINK).store(0, Ordering::Relaxed);
 }
 
 pub(super) fn release(pool: &Pool, off: u64) {

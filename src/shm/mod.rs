@@ -85,6 +85,10 @@ pub mod lockfree;
 #[cfg(not(flowipc_loom))]
 pub(crate) mod lockfree;
 #[cfg(flowipc_loom)]
+pub mod protocols;
+#[cfg(not(flowipc_loom))]
+pub(crate) mod protocols;
+#[cfg(flowipc_loom)]
 pub mod space;
 #[cfg(not(flowipc_loom))]
 pub(crate) mod space;

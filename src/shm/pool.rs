@@ -12,6 +12,7 @@ use super::arena::Shared;
 use super::error::{Error, Result};
 use super::layout::*;
 use super::lockfree::Words;
+use super::protocols::{page_entry_off, KNOWN_STARTS};
 use super::slot::Counters;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
@@ -84,13 +85,11 @@ pub struct Pool {
     /// Serializes slot claims and releases within this process (OFD locks do not conflict
     /// between threads of one process).
     pub(crate) slot_mutex: Mutex<()>,
-    /// Small-class block starts validated here before (see `block_at`), direct-mapped:
+    /// Small-class block starts validated here before (see `block_at` and
+    /// [`block_start`](super::protocols::block_start)), direct-mapped:
     /// `(offset / 16) | (class + 1) << 32`, 0 when empty. Process-local memory.
-    pub(crate) known_starts: [std::sync::atomic::AtomicU64; KNOWN_STARTS],
+    pub(crate) known_starts: [AtomicU64; KNOWN_STARTS],
 }
-
-/// Entries of [`Pool::known_starts`].
-pub(crate) const KNOWN_STARTS: usize = 16;
 
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -234,14 +233,9 @@ impl Pool {
         unsafe { &*(self.map.as_ptr() as *const PoolHeader) }
     }
 
-    /// The page-map word of heap page `page` (callers check `page` is below `heap_pages`).
+    /// The page-map word of heap page `page` (callers check `page` is within the heap).
     pub(crate) fn page_entry(&self, page: u64) -> &AtomicU64 {
-        self.word(HEADER_BYTES + page * 8)
-    }
-
-    /// Number of pages in the heap.
-    pub(crate) fn heap_pages(&self) -> u64 {
-        (self.capacity - self.heap_off) / PAGE
+        self.word(page_entry_off(page))
     }
 
     /// Raw pointer to byte `off` of the mapping. Callers keep `off` within the pool.

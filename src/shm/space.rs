@@ -149,32 +149,51 @@ pub fn pop_or_refill<S: Space + ?Sized>(s: &S, c: usize, pages: u64, size: u64) 
 pub fn refill<S: Space + ?Sized>(s: &S, c: usize, pages: u64, size: u64) -> Res<u64> {
     let (span, _, clean) = alloc_pages(s, pages, 0)?;
     let first_page = (span - s.heap_start()) / PAGE;
-    let n = pages * PAGE / size;
-    let flags = if clean { FLAG_CLEAN } else { 0 };
-    // Block 0 sits where the recycled extent's header was (if it was recycled): it continues
-    // that position's generations, so a stale blob of the extent cannot match it. Every other
-    // block start is a position that was never a block start before (see `lockfree`).
-    let gen0 = info_generation(s.word(span).load(Ordering::Relaxed));
-    for i in 0..n {
-        let b = span + i * size;
-        let generation = if i == 0 { gen0 } else { 0 };
-        s.word(b).store(
-            info(STATE_FREE, c as u64, flags, generation),
-            Ordering::Relaxed,
-        );
-        let next = if i + 1 < n { b + size } else { 0 };
-        s.word(b + LINK).store(next, Ordering::Relaxed);
-    }
-    // Release: a validation that finds these entries (Acquire in `block_at`) sees the block
-    // headers written above.
-    for i in 0..pages {
+    let n = carve_span(s, span, c, pages, size, clean, |i| {
         s.page_entry(first_page + i)
-            .store(pm_small(c as u64, i), Ordering::Release);
-    }
+    });
     if n > 1 {
         push_chain(s, s.class_head(c), span + size, span + (n - 1) * size);
     }
     Ok(span)
+}
+
+/// Carves the `pages` pages at `span` into free blocks of class `c` (`size` bytes each): writes
+/// their headers and links, then publishes the span's page-map entries (`page_entry(i)` is the
+/// entry of the span's page `i`). Returns the number of blocks; the caller owns them all (and
+/// pushes all but the first).
+///
+/// Block 0 sits where the recycled extent's header was (if it was recycled): it continues that
+/// position's generations, so a stale blob of the extent cannot match it. Every other block
+/// start is a position that was never a block start before (see `lockfree`).
+pub fn carve_span<'a, W: Words + ?Sized>(
+    mem: &'a W,
+    span: u64,
+    c: usize,
+    pages: u64,
+    size: u64,
+    clean: bool,
+    page_entry: impl Fn(u64) -> &'a AtomicU64,
+) -> u64 {
+    let n = pages * PAGE / size;
+    let flags = if clean { FLAG_CLEAN } else { 0 };
+    let gen0 = info_generation(mem.word(span).load(Ordering::Relaxed));
+    for i in 0..n {
+        let b = span + i * size;
+        let generation = if i == 0 { gen0 } else { 0 };
+        mem.word(b).store(
+            info(STATE_FREE, c as u64, flags, generation),
+            Ordering::Relaxed,
+        );
+        let next = if i + 1 < n { b + size } else { 0 };
+        mem.word(b + LINK).store(next, Ordering::Relaxed);
+    }
+    // Release: a validation that finds these entries (Acquire in `protocols::block_start`)
+    // sees the block headers written above.
+    for i in 0..pages {
+        page_entry(i).store(pm_small(c as u64, i), Ordering::Release);
+    }
+    n
 }
 
 /// Takes `n` contiguous pages of fresh space, or a free extent of `n..=n + slack` pages

@@ -155,7 +155,7 @@ const MUTATIONS: &[Mutation] = &[
         name: "span chain pushed before its headers are written",
         file: "src/shm/space.rs",
         edits: &[
-            ("    for i in 0..n {\n        let b = span + i * size;", "    if n > 1 {\n        push_chain(s, s.class_head(c), span + size, span + (n - 1) * size);\n    }\n    for i in 0..n {\n        let b = span + i * size;"),
+            ("    let n = carve_span(s, span, c, pages, size, clean, |i| {", "    let n = pages * PAGE / size;\n    if n > 1 {\n        push_chain(s, s.class_head(c), span + size, span + (n - 1) * size);\n    }\n    carve_span(s, span, c, pages, size, clean, |i| {"),
             ("    if n > 1 {\n        push_chain(s, s.class_head(c), span + size, span + (n - 1) * size);\n    }\n    Ok(span)", "    Ok(span)"),
         ],
         check: Check::Loom,
@@ -164,6 +164,51 @@ const MUTATIONS: &[Mutation] = &[
         name: "recycled span restarts block 0's generation",
         file: "src/shm/space.rs",
         edits: &[("let generation = if i == 0 { gen0 } else { 0 };", "let generation = if i == 0 { 0 } else { 0 };")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "message release: count checked, then decremented",
+        file: "src/shm/protocols.rs",
+        edits: &[("    if !rc_release(mem.word(off + LINK)) {\n        return Released::Held;", "    let w = mem.word(off + LINK);\n    let last = super::lockfree::refs(w.load(Ordering::Acquire)) == 1;\n    w.fetch_sub(1, Ordering::AcqRel);\n    if !last {\n        return Released::Held;")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "dissolve_if_sole: count read Relaxed",
+        file: "src/shm/protocols.rs",
+        edits: &[("    if !is_sole(mem.word(off + LINK)) {\n        return false;\n    }\n    if solo {", "    if super::lockfree::refs(mem.word(off + LINK).load(Ordering::Relaxed)) != 1 {\n        return false;\n    }\n    if solo {")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "republication in place keeps the generation",
+        file: "src/shm/protocols.rs",
+        edits: &[("let generation = info_generation(old).wrapping_add(1);", "let generation = info_generation(old);")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "validated-start cache store Release -> Relaxed",
+        file: "src/shm/protocols.rs",
+        edits: &[("slot.store((off >> 4) | (class + 1) << 32, Ordering::Release);", "slot.store((off >> 4) | (class + 1) << 32, Ordering::Relaxed);")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "span page-map publication Release -> Relaxed",
+        file: "src/shm/space.rs",
+        edits: &[("page_entry(i).store(pm_small(c as u64, i), Ordering::Release);", "page_entry(i).store(pm_small(c as u64, i), Ordering::Relaxed);")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "adoption of the wrong type keeps the ticket",
+        file: "src/shm/protocols.rs",
+        edits: &[("            ticket_return(link);\n", "")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "adoption reads the type tag before the ticket",
+        file: "src/shm/protocols.rs",
+        edits: &[
+            ("    let link = mem.word(off + LINK);\n    if !ticket_take(link, generation) {", "    let link = mem.word(off + LINK);\n    let early = mem.word(off + BLOCK_HDR + TAG_AT).load(Ordering::Relaxed);\n    if !ticket_take(link, generation) {"),
+            ("        let found = mem.word(off + BLOCK_HDR + TAG_AT).load(Ordering::Relaxed);\n", "        let found = early;\n"),
+        ],
         check: Check::Loom,
     },
 ];

@@ -44,24 +44,9 @@ pub use self::out::OutMsg;
 pub use self::seg_alloc::SegAlloc;
 pub use self::table::{SegTable, ShmSegments};
 
-/// Type tag of a segment table block (recorded like an object's, checked by borrowers).
-const TABLE_TAG: u64 = 0x5345_4754_4142_4c31; // "SEGTABL1"
-/// Payload offsets in a table block: tag, segment count, then 3 words per segment.
-const T_TAG: u64 = 0;
-const T_COUNT: u64 = 8;
-const T_ENTRIES: u64 = 16;
-const T_ENTRY: u64 = 24;
-/// Type tag of a one-segment message whose segment block is its own handle ("SEGSOLO1").
-const SOLO_TAG: u64 = 0x5345_4753_4f4c_4f31;
-/// Bytes at the start of a message's first arena segment kept back from capnp for the prefix of
-/// a one-segment handle: its tag (where every handle has its tag), then the used bytes of the
-/// segment, which follows.
-const PREFIX: u64 = 16;
-/// Flag in a table entry's offset (payload offsets are 16-aligned, so the bit is free): the
-/// segment starts [`PREFIX`] bytes into its block (a message's first segment).
-const ENTRY_PREFIXED: u64 = 1;
-/// Most segments a table may list (a 1 GiB message of small objects has about 70).
-pub const MAX_SEGMENTS: usize = 1 << 16;
+// The handle layouts are part of the protocols modelled under loom.
+pub use super::protocols::MAX_SEGMENTS;
+use super::protocols::{ENTRY_PREFIXED, PREFIX, SOLO_TAG, TABLE_TAG, T_ENTRIES, T_ENTRY};
 
 /// How a message's segments are sized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

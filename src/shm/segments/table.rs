@@ -10,10 +10,14 @@ use capnp::message::ReaderSegments;
 
 use super::super::arena::{Arena, BlockRef};
 use super::super::error::{Error, Result};
-use super::super::handle::{publish_block, publish_in_place, unpublish_block, LendBlob};
+use super::super::handle::LendBlob;
 use super::super::layout::*;
-use super::super::lockfree::{is_sole, rc_release, refs, ticket_issue, Words, LINK};
+use super::super::lockfree::{refs, ticket_issue, Words, LINK};
 use super::super::pool::Pool;
+use super::super::protocols::{
+    self, publish_block, publish_in_place, release_message, solo_used, table_count, write_entry,
+    write_solo_prefix, write_table_header, Released,
+};
 use super::*;
 use crate::sync::Ordering;
 
@@ -78,11 +82,6 @@ impl SegTable {
         self.off + BLOCK_HDR
     }
 
-    /// Payload offset of a one-segment handle's used bytes (after its tag).
-    pub(super) fn solo_used_at(&self) -> u64 {
-        self.payload() + 8
-    }
-
     /// Writes a table for `n` entries (segment, used bytes) and returns its first reference. If
     /// an entry is an error, the table is freed and the error returned.
     pub(super) fn create(
@@ -93,8 +92,7 @@ impl SegTable {
         let size = T_ENTRIES as usize + n * T_ENTRY as usize;
         let (pool, g) = arena.grant(size, 0)?;
         let p = g.off + BLOCK_HDR;
-        pool.word(p + T_TAG).store(TABLE_TAG, Ordering::Relaxed);
-        pool.word(p + T_COUNT).store(n as u64, Ordering::Relaxed);
+        write_table_header(pool, p, n as u64);
         for i in 0..n {
             let entry = entries
                 .next()
@@ -106,16 +104,11 @@ impl SegTable {
                     return Err(e);
                 }
             };
-            let e = p + T_ENTRIES + i as u64 * T_ENTRY;
-            pool.word(e).store(
-                r.pool as u64 | (r.generation as u64) << 32,
-                Ordering::Relaxed,
-            );
-            pool.word(e + 8).store(r.offset, Ordering::Relaxed);
-            pool.word(e + 16).store(used, Ordering::Relaxed);
+            let w0 = r.pool as u64 | (r.generation as u64) << 32;
+            write_entry(pool, p, i as u64, [w0, r.offset, used]);
         }
         // Borrowable from here on; the entries written above are ordered before any borrow.
-        publish_block(pool, &g);
+        publish_block(pool, g.off, g.generation());
         Ok(SegTable::held(
             arena,
             pool.id(),
@@ -138,8 +131,7 @@ impl SegTable {
         let pool = arena.pool(r.pool).ok_or(Error::UnknownPool(r.pool))?;
         let off = r.offset - BLOCK_HDR;
         let cap = words as u64 * 8 + PREFIX;
-        pool.word(r.offset).store(SOLO_TAG, Ordering::Relaxed);
-        pool.word(r.offset + 8).store(used, Ordering::Relaxed);
+        write_solo_prefix(pool, r.offset, used);
         let generation = publish_in_place(pool, off);
         r.generation = generation;
         Ok(SegTable::held(arena, r.pool, off, generation, cap, true))
@@ -167,18 +159,13 @@ impl SegTable {
     /// the handle ends (`Ok`). Otherwise hands `self` back unchanged (`Err`).
     pub(super) fn dissolve_if_sole(mut self) -> std::result::Result<(), SegTable> {
         // Acquire pairs with the Release of every other holder's drop: their reads of the
-        // segments happen before the builder writes them again.
-        if !is_sole(self.pool().word(self.off + LINK)) {
+        // segments happen before the builder writes them again. A one-segment handle is made
+        // private there; a table's block is ours to free.
+        let pool = self.pool();
+        if !protocols::dissolve_if_sole(pool, self.off, self.solo) {
             return Err(self);
         }
-        // No other holder and no outstanding ticket: no one can reach the handle any more.
-        let pool = self.pool();
-        if self.solo {
-            unpublish_block(pool, self.off);
-            // No longer a handle: no tag (freeing clears the prefix anyway).
-            pool.word(self.payload()).store(0, Ordering::Relaxed);
-            pool.word(self.solo_used_at()).store(0, Ordering::Relaxed);
-        } else {
+        if !self.solo {
             let _ = pool.free_block(self.off, false);
         }
         // The reference is gone with the handle; `self` (and its arena clone) drops normally.
@@ -187,15 +174,19 @@ impl SegTable {
     }
 }
 
-pub(super) fn read_entry(pool: &Pool, e: u64) -> (BlockRef, u64) {
-    let w0 = pool.word(e).load(Ordering::Relaxed);
+/// A table entry's words (see [`protocols::write_entry`]) as the segment and its used bytes.
+pub(super) fn entry_ref([w0, offset, used]: [u64; 3]) -> (BlockRef, u64) {
     let r = BlockRef {
         pool: w0 as u32,
-        offset: pool.word(e + 8).load(Ordering::Relaxed),
+        offset,
         generation: (w0 >> 32) as u32,
     };
-    let used = pool.word(e + 16).load(Ordering::Relaxed);
     (r, used)
+}
+
+/// Entry `i` of the table at payload `p`.
+pub(super) fn read_entry(pool: &Pool, p: u64, i: u64) -> (BlockRef, u64) {
+    entry_ref(protocols::read_entry(pool, p, i))
 }
 
 /// Checks a segment's used length against the `capacity` its bytes may span: a whole number
@@ -241,55 +232,51 @@ impl Drop for SegTable {
             return;
         }
         let pool = self.pool();
-        if !rc_release(pool.word(self.off + LINK)) {
-            return;
-        }
         let p = self.payload();
-        if self.solo {
-            // Last reference to a one-segment message: clear the prefix and what capnp wrote
-            // after it, and free the block as clean. That is `Block::release_zeroed_prefix`'s
-            // promise, made here through the pool directly (the block is the handle itself), on
-            // the same grounds: the segment was allocated zeroed, and capnp wrote at most the
-            // `used` bytes the prefix records, which was frozen (no writer) since it was sent.
-            // A peer that scribbles past `used` anyway breaks the protocol: a later zeroed
-            // allocation of this block would then see its bytes (garbage in a message, never
-            // memory unsafety: shared bytes are only read as bytes). `used` is clamped, so the
-            // clearing stays within the block whatever the prefix says.
-            let used = pool
-                .word(self.solo_used_at())
-                .load(Ordering::Relaxed)
-                .min(self.cap - PREFIX);
-            pool.zero(p, PREFIX + used);
-            let _ = pool.free_block(self.off, true);
-            return;
-        }
-        // Last reference: free every segment (zeroing its used prefix), then the table. A
-        // corrupt entry is skipped (leaked) rather than freed into a list it could damage.
-        let n = pool.word(p + T_COUNT).load(Ordering::Relaxed) as usize;
-        if n <= MAX_SEGMENTS && T_ENTRIES + n as u64 * T_ENTRY <= self.cap {
-            for i in 0..n as u64 {
-                let (r, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
-                let (r, skip) = unprefixed(r);
-                // An entry naming the table itself (corrupt) must not free it mid-walk.
-                if r.pool == self.pool && r.offset == p {
-                    continue;
-                }
-                let len = used.saturating_add(skip) as usize;
-                // SAFETY: this was the last reference to the table, which owns its segments (the
-                // builder gave them up when the table was made: `published`), so no one else
-                // holds or adopts segment `r`. A (corrupt) entry naming a block twice cannot
-                // make two owners: freeing the first bumps the block's generation, so the second
-                // `block_from_raw` is refused as stale; the self-reference is skipped above.
-                // `block_from_raw` validates `r` and `len`.
-                if let Ok(block) = unsafe { self.arena.block_from_raw(r, len) } {
-                    // SAFETY: capnp wrote at most the `used` bytes the table recorded (its
-                    // output prefix) of a segment that was allocated zeroed, after the `skip`
-                    // bytes of a first segment's prefix (cleared with them).
-                    unsafe { block.release_zeroed_prefix(len) };
-                }
+        // Last reference to a table: free every segment (zeroing its used prefix) as the walk
+        // hands it over, then the table. A corrupt entry is skipped (leaked) rather than freed
+        // into a list it could damage.
+        let released = release_message(pool, self.off, self.cap, self.solo, |entry| {
+            let (r, used) = entry_ref(entry);
+            let (r, skip) = unprefixed(r);
+            // An entry naming the table itself (corrupt) must not free it mid-walk.
+            if r.pool == self.pool && r.offset == p {
+                return;
+            }
+            let len = used.saturating_add(skip) as usize;
+            // SAFETY: this was the last reference to the table, which owns its segments (the
+            // builder gave them up when the table was made: `published`), so no one else
+            // holds or adopts segment `r`. A (corrupt) entry naming a block twice cannot make
+            // two owners: freeing the first bumps the block's generation, so the second
+            // `block_from_raw` is refused as stale; the self-reference is skipped above.
+            // `block_from_raw` validates `r` and `len`.
+            if let Ok(block) = unsafe { self.arena.block_from_raw(r, len) } {
+                // SAFETY: capnp wrote at most the `used` bytes the table recorded (its output
+                // prefix) of a segment that was allocated zeroed, after the `skip` bytes of a
+                // first segment's prefix (cleared with them).
+                unsafe { block.release_zeroed_prefix(len) };
+            }
+        });
+        match released {
+            Released::Held => {}
+            Released::LastSolo { used } => {
+                // Last reference to a one-segment message: clear the prefix and what capnp
+                // wrote after it, and free the block as clean. That is
+                // `Block::release_zeroed_prefix`'s promise, made here through the pool directly
+                // (the block is the handle itself), on the same grounds: the segment was
+                // allocated zeroed, and capnp wrote at most the `used` bytes the prefix
+                // records, which was frozen (no writer) since it was sent. A peer that
+                // scribbles past `used` anyway breaks the protocol: a later zeroed allocation
+                // of this block would then see its bytes (garbage in a message, never memory
+                // unsafety: shared bytes are only read as bytes). `used` is clamped, so the
+                // clearing stays within the block whatever the prefix says.
+                pool.zero(p, PREFIX + used);
+                let _ = pool.free_block(self.off, true);
+            }
+            Released::LastTable => {
+                let _ = pool.free_block(self.off, false);
             }
         }
-        let _ = pool.free_block(self.off, false);
     }
 }
 
@@ -354,7 +341,7 @@ pub(super) fn read_solo(table: SegTable) -> Result<ShmSegments> {
     let pool = table.pool();
     let p = table.off + BLOCK_HDR;
     // The ticket's reference keeps the block alive: its prefix is ours to read.
-    let used = pool.word(table.solo_used_at()).load(Ordering::Relaxed);
+    let used = solo_used(pool, table.payload());
     check_used(pool.id(), p + PREFIX, used, table.cap - PREFIX)?;
     let ptr = NonNull::new(pool.ptr(p + PREFIX)).ok_or(Error::Corrupt("null mapping"))?;
     Ok(ShmSegments {
@@ -368,17 +355,17 @@ pub(super) fn read_solo(table: SegTable) -> Result<ShmSegments> {
 pub(super) fn read_table(table: SegTable) -> Result<ShmSegments> {
     let pool = table.pool();
     let p = table.payload();
-    let n = pool.word(p + T_COUNT).load(Ordering::Relaxed);
+    let n = table_count(pool, p);
     if n == 0 || n as usize > MAX_SEGMENTS || T_ENTRIES + n * T_ENTRY > table.cap {
         return Err(Error::Corrupt(
             "segment table empty or longer than its block",
         ));
     }
-    let (r0, used0) = read_entry(pool, p + T_ENTRIES);
+    let (r0, used0) = read_entry(pool, p, 0);
     let ptr = segment(&table.arena, r0, used0)?;
     let rest = (1..n)
         .map(|i| {
-            let (at, used) = read_entry(pool, p + T_ENTRIES + i * T_ENTRY);
+            let (at, used) = read_entry(pool, p, i);
             SegSlot {
                 at,
                 used,
