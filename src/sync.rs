@@ -11,11 +11,11 @@
 //! under loom.
 
 #[cfg(not(flowipc_loom))]
-pub(crate) use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+pub(crate) use std::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
-// Under loom only the lock-free algorithms are compiled, and they need no 32-bit atomics.
+// Under loom only the lock-free algorithms (and the pool table of `shm::publish`) are compiled.
 #[cfg(flowipc_loom)]
-pub(crate) use loom::sync::atomic::{fence, AtomicU64, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// Locks `m`, taking the data of a poisoned lock too: the crate's locks guard state that a
 /// panicking user handler (never run under them) cannot leave half-written, so poisoning only

@@ -89,6 +89,10 @@ pub mod protocols;
 #[cfg(not(flowipc_loom))]
 pub(crate) mod protocols;
 #[cfg(flowipc_loom)]
+pub mod publish;
+#[cfg(not(flowipc_loom))]
+pub(crate) mod publish;
+#[cfg(flowipc_loom)]
 pub mod space;
 #[cfg(not(flowipc_loom))]
 pub(crate) mod space;

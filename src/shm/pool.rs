@@ -13,6 +13,7 @@ use super::error::{Error, Result};
 use super::layout::*;
 use super::lockfree::Words;
 use super::protocols::{page_entry_off, KNOWN_STARTS};
+use super::publish::{header_published, publish_header};
 use super::slot::Counters;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 
@@ -126,8 +127,8 @@ impl Pool {
         h.arena_id.store(arena_id, Ordering::Relaxed);
         h.next_pool_id.store(1, Ordering::Relaxed);
         h.bump.0.store(pool.heap_off, Ordering::Relaxed);
-        // Release: a process that sees the magic sees the fields above.
-        h.magic.store(MAGIC, Ordering::Release);
+        // A process that sees the magic sees the fields above.
+        publish_header(&h.magic, MAGIC);
         Ok(pool)
     }
 
@@ -168,7 +169,7 @@ impl Pool {
         // Id and arena id are read from the header once it is validated.
         let mut pool = Pool::map(file, size, 0, 0, trim)?;
         let h = pool.hdr();
-        if h.magic.load(Ordering::Acquire) != MAGIC {
+        if !header_published(&h.magic, MAGIC) {
             return Err(Error::NotAPool("bad magic"));
         }
         let version = h.version.load(Ordering::Relaxed);

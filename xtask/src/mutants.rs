@@ -211,6 +211,22 @@ const MUTATIONS: &[Mutation] = &[
         ],
         check: Check::Loom,
     },
+    Mutation {
+        name: "pool slot publication CAS Release -> Relaxed",
+        file: "src/shm/publish.rs",
+        edits: &[("            ptr,\n            Ordering::Release,\n            Ordering::Relaxed,", "            ptr,\n            Ordering::Relaxed,\n            Ordering::Relaxed,")],
+        check: Check::Loom,
+    },
+    Mutation {
+        name: "pool counted after its slot is published",
+        file: "src/shm/publish.rs",
+        edits: &[
+            ("        self.count.fetch_add(1, Ordering::AcqRel);\n        let ptr", "        let ptr"),
+            ("                self.known.fetch_max(id + 1, Ordering::AcqRel);", "                self.count.fetch_add(1, Ordering::AcqRel);\n                self.known.fetch_max(id + 1, Ordering::AcqRel);"),
+            ("                self.count.fetch_sub(1, Ordering::AcqRel);\n", ""),
+        ],
+        check: Check::Loom,
+    },
 ];
 
 /// Runs every mutation; `Ok(false)` if any survived.

@@ -7,6 +7,7 @@ use super::super::alloc::{Fail, Grant};
 use super::super::error::{Error, Result};
 use super::super::layout::*;
 use super::super::pool::Pool;
+use super::super::publish::claim_pool_id;
 use super::{Arena, Block, BlockRef};
 
 impl Arena {
@@ -92,7 +93,7 @@ impl Arena {
     fn grow_and_grant(&self, size: usize, flags: u64) -> Result<(&Pool, Grant)> {
         let _guard = crate::sync::lock(&self.shared.grow);
         // Another thread may have grown the arena while we waited.
-        let known = self.shared.known.load(Ordering::Acquire);
+        let known = self.shared.pools.known();
         if let Some(pool) = known.checked_sub(1).and_then(|id| self.pool(id)) {
             match pool.alloc_block(size, flags) {
                 Ok(g) => return Ok((pool, g)),
@@ -104,17 +105,8 @@ impl Arena {
         let max = self.shared.config.max_pools;
         // Claim an id arena-wide (all processes draw from pool 0's counter), without ever letting
         // the counter run past the limit.
-        let next = &pool0.hdr().next_pool_id;
-        let mut id = next.load(Ordering::Relaxed);
-        loop {
-            if id >= max {
-                return Err(Error::OutOfMemory { requested: size });
-            }
-            match next.compare_exchange_weak(id, id + 1, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => break,
-                Err(now) => id = now,
-            }
-        }
+        let id = claim_pool_id(&pool0.hdr().next_pool_id, max)
+            .ok_or(Error::OutOfMemory { requested: size })?;
         let need = match class_for(size) {
             Some(c) => span_pages(c) * PAGE,
             None => large_pages(size).ok_or(Error::OutOfMemory { requested: size })? * PAGE,

@@ -6,12 +6,13 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
 
 use super::error::{Error, Result};
 use super::layout::*;
 use super::pool::Pool;
+use super::publish::{PoolTable, Refused};
 
 mod allocate;
 mod block;
@@ -58,11 +59,9 @@ pub(crate) struct Shared {
     /// Process-unique number of this instance (keys the thread caches).
     instance: u64,
     config: ArenaConfig,
-    pools: Box<[OnceLock<Pool>]>,
-    /// One more than the highest pool id known here (bounds the scans).
-    known: AtomicU32,
-    /// Pools known here (checked on every send: is there a pool the peer was not told of?).
-    count: AtomicU32,
+    /// The pools known here, by id, with their count (checked on every send: is there a pool
+    /// the peer was not told of?) and one more than the highest id (bounds the scans).
+    pools: PoolTable<Pool>,
     /// Pool that served the last allocation: tried first.
     hint: AtomicU32,
     /// Serializes growth within this process (allocation itself never takes it).
@@ -72,7 +71,7 @@ pub(crate) struct Shared {
 impl Shared {
     #[inline]
     pub(crate) fn pool(&self, id: u32) -> Option<&Pool> {
-        self.pools.get(id as usize)?.get()
+        self.pools.get(id)
     }
 }
 
@@ -80,7 +79,7 @@ impl Drop for Shared {
     fn drop(&mut self) {
         // Hand every cache of this instance back while the pools are still mapped: this thread's
         // and those of threads that outlive the arena (which can no longer use them).
-        for pool in self.pools.iter().filter_map(OnceLock::get) {
+        for pool in self.pools.iter() {
             pool.release_thread_slot();
             pool.release_all_slots();
         }
@@ -147,7 +146,7 @@ impl Arena {
     }
 
     fn empty(id: u64, config: ArenaConfig) -> Arena {
-        let pools = (0..config.max_pools).map(|_| OnceLock::new()).collect();
+        let pools = PoolTable::new(config.max_pools);
         Arena {
             shared: Arc::new(Shared {
                 id,
@@ -157,8 +156,6 @@ impl Arena {
                 },
                 config,
                 pools,
-                known: AtomicU32::new(0),
-                count: AtomicU32::new(0),
                 hint: AtomicU32::new(0),
                 grow: Mutex::new(()),
             }),
@@ -175,17 +172,16 @@ impl Arena {
         let id = pool.id();
         pool.owner = Arc::downgrade(&self.shared);
         pool.instance = self.shared.instance;
-        let slot = self
-            .shared
+        // Counted before it can be found, and found by id before by scan (see `publish`): a
+        // channel that finds the pool and puts a message in it also sees the count that makes it
+        // announce the pool first.
+        self.shared
             .pools
-            .get(id as usize)
-            .ok_or(Error::BadConfig("pool id beyond max_pools"))?;
-        slot.set(pool).map_err(|_| Error::DuplicatePool(id))?;
-        // Counted before it can be found: a channel that finds the pool (through `known`) and
-        // puts a message in it must also see the count that makes it announce the pool first.
-        // (A count ahead of `known` is harmless: the announcement scan finds nothing new.)
-        self.shared.count.fetch_add(1, Ordering::AcqRel);
-        self.shared.known.fetch_max(id + 1, Ordering::AcqRel);
+            .insert(id, Box::new(pool))
+            .map_err(|r| match r {
+                Refused::OutOfRange => Error::BadConfig("pool id beyond max_pools"),
+                Refused::Taken => Error::DuplicatePool(id),
+            })?;
         Ok(())
     }
 
@@ -208,7 +204,7 @@ impl Arena {
     /// Number of pools this process knows.
     #[inline]
     pub(crate) fn pool_count(&self) -> u32 {
-        self.shared.count.load(Ordering::Acquire)
+        self.shared.pools.count()
     }
 
     /// The fd of pool `id`, to send to a process that joins the arena.
@@ -217,8 +213,7 @@ impl Arena {
     }
 
     pub(crate) fn pools(&self) -> impl Iterator<Item = &Pool> {
-        let n = self.shared.known.load(Ordering::Acquire) as usize;
-        self.shared.pools[..n].iter().filter_map(OnceLock::get)
+        self.shared.pools.iter()
     }
 
     /// Largest payload a single block can have.
