@@ -19,13 +19,15 @@
 //!   a CAS from null (`Release`, so it also refuses a second pool of the same id); readers load
 //!   the slot with `Acquire` ([`PoolTable::get`]) and see the whole `Pool` (its header fields
 //!   above, which the creating thread wrote before, included).
-//! * **Count** (pools known here): incremented (`AcqRel`) *before* the slot is published, and
-//!   decremented again if the slot was taken, so a thread that found a pool through its slot
-//!   reads a count that includes it (the channel's "announce new pools" check relies on it). A
-//!   count transiently ahead of the slots is harmless: the announcement scan finds nothing new.
-//! * **Known** (one more than the highest id published): `fetch_max` (`AcqRel`) *after* the
-//!   slot, so a reader that loads it (`Acquire`) and scans the slots below it finds every pool
-//!   whose id it covers.
+//! * **Count** (pools known here) and **known** (one more than the highest id published, the
+//!   bound of scans): raised (`AcqRel`: `fetch_add`, `fetch_max`) *before* the slot is
+//!   published, the count lowered again if the slot was taken. So a thread that found a pool
+//!   through its slot (by id: the allocation hint, a `BlockRef`) reads a count that includes it
+//!   and a bound that covers it: a channel that put a message in the pool then announces the pool
+//!   (its count check fires, its scan finds it) before the handle. Counts and bounds transiently
+//!   ahead of the slots are harmless: a scan skips empty slots, an announcement finds nothing new,
+//!   a grower that finds the last pool missing grows anew. A scan (`Acquire` bound, then
+//!   `Acquire` slots) finds every pool whose insertion happened before it.
 
 use std::marker::PhantomData;
 
@@ -74,7 +76,7 @@ pub enum Refused {
 /// the table lives; lookups are one `Acquire` load, insertions lock-free.
 pub struct PoolTable<T> {
     slots: Box<[AtomicPtr<T>]>,
-    /// One more than the highest id published.
+    /// One more than the highest id published (or being published).
     known: AtomicU32,
     /// Items published (possibly one ahead per insertion in progress).
     count: AtomicU32,
@@ -108,22 +110,21 @@ impl<T> PoolTable<T> {
     /// the table or taken.
     pub fn insert(&self, id: u32, item: Box<T>) -> Result<(), Refused> {
         let slot = self.slots.get(id as usize).ok_or(Refused::OutOfRange)?;
-        // Counted before it can be found (see the module docs).
+        // Counted and covered by the scan bound before it can be found (see the module docs).
         self.count.fetch_add(1, Ordering::AcqRel);
+        self.known.fetch_max(id + 1, Ordering::AcqRel);
         let ptr = Box::into_raw(item);
         // Release: a reader whose Acquire load of the slot reads `ptr` sees the item's contents
-        // and the count above.
+        // and the count and bound above.
         match slot.compare_exchange(
             std::ptr::null_mut(),
             ptr,
             Ordering::Release,
             Ordering::Relaxed,
         ) {
-            Ok(_) => {
-                self.known.fetch_max(id + 1, Ordering::AcqRel);
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err(_) => {
+                // The bound stays: the id is published (by whoever took it).
                 self.count.fetch_sub(1, Ordering::AcqRel);
                 // SAFETY: `ptr` came from `Box::into_raw` just above and was not published (the
                 // CAS failed), so this thread still owns it alone.
@@ -145,7 +146,7 @@ impl<T> PoolTable<T> {
         unsafe { ptr.as_ref() }
     }
 
-    /// One more than the highest id published (the slots worth scanning).
+    /// One more than the highest id published or being published (the slots worth scanning).
     #[inline]
     pub fn known(&self) -> u32 {
         self.known.load(Ordering::Acquire)

@@ -218,11 +218,11 @@ const MUTATIONS: &[Mutation] = &[
         check: Check::Loom,
     },
     Mutation {
-        name: "pool counted after its slot is published",
+        name: "pool counted and bounded after its slot (as before)",
         file: "src/shm/publish.rs",
         edits: &[
-            ("        self.count.fetch_add(1, Ordering::AcqRel);\n        let ptr", "        let ptr"),
-            ("                self.known.fetch_max(id + 1, Ordering::AcqRel);", "                self.count.fetch_add(1, Ordering::AcqRel);\n                self.known.fetch_max(id + 1, Ordering::AcqRel);"),
+            ("        self.count.fetch_add(1, Ordering::AcqRel);\n        self.known.fetch_max(id + 1, Ordering::AcqRel);\n        let ptr", "        let ptr"),
+            ("            Ok(_) => Ok(()),", "            Ok(_) => {\n                self.count.fetch_add(1, Ordering::AcqRel);\n                self.known.fetch_max(id + 1, Ordering::AcqRel);\n                Ok(())\n            }"),
             ("                self.count.fetch_sub(1, Ordering::AcqRel);\n", ""),
         ],
         check: Check::Loom,

@@ -172,9 +172,9 @@ impl Arena {
         let id = pool.id();
         pool.owner = Arc::downgrade(&self.shared);
         pool.instance = self.shared.instance;
-        // Counted before it can be found, and found by id before by scan (see `publish`): a
-        // channel that finds the pool and puts a message in it also sees the count that makes it
-        // announce the pool first.
+        // Counted and within the scan bound before it can be found (see `publish`): a channel
+        // that finds the pool and puts a message in it also sees the count and the bound that
+        // make it announce the pool first.
         self.shared
             .pools
             .insert(id, Box::new(pool))
