@@ -16,9 +16,9 @@
 //! running `on_ready` finishes.
 //!
 //! A panicking `on_ready` (a user's handler panicked) takes out only its own source: it is not
-//! driven any more, with no further report (calls made on its face from other threads still
-//! work as far as they need no turn; a blocking wait for a turn's result waits out its
-//! timeout).
+//! driven any more, and its [`Source::on_panicked`] ends what waits on it (its face is hosed:
+//! later calls answer `Hosed`, blocking waits return, pending completions get their error; the
+//! error handler is not called).
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -72,6 +72,10 @@ impl Wait {
 pub(crate) trait Source: Send + Sync {
     /// Does what is ready without blocking; says what to wait for next.
     fn on_ready(&self) -> Wait;
+
+    /// A handler panicked in this source's turn, and the source is off the thread for good:
+    /// end what waits on a turn of it (its face answers `Hosed` from now on).
+    fn on_panicked(&self) {}
 }
 
 struct Entry {
@@ -314,6 +318,10 @@ impl Reactor {
             Err(_) => t.entries.remove(&token),
         };
         drop(t);
+        if let Some(e) = &gone {
+            // (A second panic, in the face's own wrap-up, changes nothing more.)
+            let _ = catch_unwind(AssertUnwindSafe(|| e.source.on_panicked()));
+        }
         // Outside the table's lock (the source's drop may take locks of its own), and before
         // the turn is marked over.
         drop(gone);

@@ -11,7 +11,7 @@ use common::balance::{isolated, start_library_thread};
 use flowipc::msg::Backing;
 use flowipc::schemas::test_msgs_capnp::cool_msg;
 use flowipc::struc::{self, Error as StrucError, MsgType};
-use flowipc::transport::{AsyncChannel, Channel, ChannelConfig};
+use flowipc::transport::{self, AsyncChannel, Channel, ChannelConfig};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -223,11 +223,59 @@ fn a_panicking_handler_stops_only_its_own_channel() {
         &*d.recv_blocking(Some(T)).unwrap().unwrap().payload,
         b"reply"
     );
-    // The panicked one still sends from the caller's thread; it no longer receives.
-    panicky.send(b"sent anyway").unwrap();
-    assert_eq!(
-        &*b.recv_blocking(Some(T)).unwrap().unwrap().payload,
-        b"sent anyway"
-    );
+    // The panicked one is hosed: it answers `Hosed`, and an end-sending completion gets it.
+    let r = panicky.send(b"after the panic");
+    assert!(matches!(r, Err(transport::Error::Hosed)), "{r:?}");
+    let (tx, rx) = mpsc::channel();
+    panicky.async_end_sending(move |r| tx.send(r).unwrap());
+    let r = rx.recv_timeout(T).unwrap();
+    assert!(matches!(r, Err(transport::Error::Hosed)), "{r:?}");
     drop(panicky);
+}
+
+/// A handler's panic ends its structured channel's waits: a `sync_request` waiting (with no
+/// timeout) for a response returns `Hosed` instead of waiting for good.
+#[test]
+fn a_panicking_handler_ends_its_channels_waits() {
+    start_library_thread();
+    let (a, b) = Channel::pair(ChannelConfig::new()).unwrap();
+    let server = Arc::new(
+        struc::AsyncChannel::new(struc::Channel::<Cool>::new(a, Backing::Heap).unwrap()).unwrap(),
+    );
+    server
+        .expect_msgs(
+            MsgType::of::<Cool>("helloThere").unwrap(),
+            |_: &mut struc::Channel<Cool>, _| panic!("a handler panics (on purpose)"),
+        )
+        .unwrap();
+    server.start(|_| {}).unwrap();
+    let mut peer = struc::Channel::<Cool>::new(b, Backing::Heap).unwrap();
+    peer.start(|_| {}).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let s = server.clone();
+    let waiter = std::thread::spawn(move || {
+        let mut req = s.create_msg();
+        req.init_root().init_sum_request();
+        tx.send(s.sync_request(&mut req, None, None).map(|_| ()))
+            .unwrap();
+    });
+    // The request reaches the peer, which never answers; then the peer's hello panics the
+    // server's handler.
+    let got = loop {
+        peer.run_for(SHORT).unwrap();
+        if let Some(m) = peer
+            .take_cached(MsgType::of::<Cool>("sumRequest").unwrap())
+            .unwrap()
+        {
+            break m;
+        }
+    };
+    drop(got);
+    let mut hello = peer.create_msg();
+    hello.init_root().init_hello_there().set_num(1);
+    peer.send(&mut hello, None).unwrap();
+    let r = rx.recv_timeout(T).unwrap();
+    assert!(matches!(r, Err(StrucError::Hosed)), "{r:?}");
+    waiter.join().unwrap();
+    assert!(server.is_hosed());
 }

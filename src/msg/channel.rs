@@ -153,6 +153,14 @@ impl<M: Owned> MsgChannel<M> {
         self.hosing.is_hosed()
     }
 
+    /// Hoses the channel for a layer above (its transport's queues dropped, unwritten lent
+    /// handles given back).
+    pub(crate) fn abandon(&mut self) {
+        if self.hosing.mark() {
+            self.chan.abandon();
+        }
+    }
+
     /// Writes what the socket takes of the send queue; `Ok(true)` when it is empty (see
     /// [`Channel::flush`]).
     pub fn flush(&mut self) -> Result<bool, Error> {

@@ -49,7 +49,9 @@ fn io(e: std::io::Error) -> Error {
 /// session) with the channel locked, and get `&mut Channel` to act on it (answer, expect more).
 /// A handler calls this `AsyncChannel` through that `&mut Channel` only: its methods called
 /// from its own handlers fail with [`Error::InOwnHandler`] (those that return no `Result`
-/// panic) rather than wait for the lock the handler runs under. Other channels' methods may be
+/// panic) rather than wait for the lock the handler runs under. A handler that panics hoses its
+/// channel (later calls and waiting `sync_request`s get [`Error::Hosed`]; `on_error` is not
+/// called); the other channels go on. Other channels' methods may be
 /// called from a handler, blocking ones included (`sync_request` runs the library thread's
 /// other work while it waits).
 ///
@@ -361,6 +363,18 @@ where
     M: Owned + Introspect + 'static,
     for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
 {
+    fn on_panicked(&self) {
+        // The core's lock may be poisoned: its state is still whole (a handler panicked
+        // between two of the core's steps), and hosing it drops the handlers, the waiting
+        // `sync_request`s' senders among them: they return `Hosed`.
+        lock(&self.core).abandon();
+        self.dead.store(true, Ordering::Release);
+        let pending = std::mem::take(&mut *lock(&self.ending));
+        for f in pending {
+            f(Err(Error::Hosed));
+        }
+    }
+
     /// One turn: flush, receive and dispatch, timers (the core's `on_ready`, handlers under its
     /// lock with `&mut Channel`); then, outside it, the user's `on_error` and the end-sending
     /// completions.

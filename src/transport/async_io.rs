@@ -25,6 +25,8 @@ struct State {
     ready: Vec<(EndHandler, Result<(), Error>)>,
     /// After the hosing error: no more socket work, only completions.
     dead: bool,
+    /// Off the library thread for good (a handler panicked): no turn runs completions.
+    gone: bool,
     stop: bool,
 }
 
@@ -63,7 +65,8 @@ impl Shared {
 /// [`send`](AsyncChannel::send) (give them a `Weak<AsyncChannel>`: a strong `Arc` inside a
 /// handler is a reference cycle through the library thread, and the channel would never be
 /// dropped). Handlers should not block (they hold up every channel of the process) and
-/// should not panic (a panicking handler ends this channel's receiving and flushing; the other
+/// should not panic (a panicking handler hoses its channel: later calls answer
+/// [`Error::Hosed`], pending end-sending handlers get it, `on_error` is not called; the other
 /// channels go on).
 ///
 /// Dropping the `AsyncChannel` takes it off the library thread, waiting for a handler of its
@@ -115,6 +118,7 @@ impl AsyncChannel {
                 end_waiters: Vec::new(),
                 ready: Vec::new(),
                 dead: false,
+                gone: false,
                 stop: false,
             }),
             handlers: Mutex::new(Handlers {
@@ -169,6 +173,10 @@ impl AsyncChannel {
     pub fn async_end_sending(&self, on_done: impl FnOnce(Result<(), Error>) + Send + 'static) {
         let h: EndHandler = Box::new(on_done);
         let mut st = self.shared.lock();
+        if st.gone {
+            drop(st);
+            return h(Err(Error::Hosed));
+        }
         let r = if st.chan.is_sending_ended() && !st.chan.is_hosed() {
             Ok(())
         } else {
@@ -215,6 +223,19 @@ impl Drop for AsyncChannel {
 }
 
 impl Source for Shared {
+    fn on_panicked(&self) {
+        let mut st = self.lock();
+        st.chan.abandon();
+        st.dead = true;
+        st.gone = true;
+        let mut done = std::mem::take(&mut st.ready);
+        done.extend(st.end_waiters.drain(..).map(|h| (h, Err(Error::Hosed))));
+        drop(st);
+        for (h, r) in done {
+            h(r);
+        }
+    }
+
     /// One turn: timers, flush, up to `BATCH` frames; then, outside the state's lock, the
     /// frame handlers in order, the end-sending completions and the hosing error.
     fn on_ready(&self) -> Wait {

@@ -31,6 +31,15 @@ where
         e
     }
 
+    /// Hoses the channel for its async face (a handler panicked): handlers dropped, the
+    /// message channel's queues with them.
+    pub(crate) fn abandon(&mut self) {
+        if self.hosing.mark() {
+            self.drop_handlers();
+            self.msgs.abandon();
+        }
+    }
+
     fn drop_handlers(&mut self) {
         self.on_error = None;
         self.expect_one.clear();
