@@ -396,6 +396,18 @@ impl Obj {
         ticket_issue(self.word());
     }
 
+    /// After all threads are joined: each of the `lends` was borrowed (`adopted` of them) or
+    /// its blob released now, and then the object is freed ([`assert_freed`](Self::assert_freed)).
+    fn assert_lends_settled(&self, lends: usize, adopted: usize) {
+        let released = self.release_blobs();
+        assert_eq!(
+            adopted + released,
+            lends,
+            "{lends} lends: {adopted} borrowed, {released} released"
+        );
+        self.assert_freed();
+    }
+
     /// After all threads are joined: freed exactly once, and the handle word is what the model
     /// leaves there.
     fn assert_freed(&self) {
@@ -488,13 +500,7 @@ fn lend_while_borrowing() {
         obj.release();
         let adopted = borrower.join().unwrap();
         wrong_type.join().unwrap();
-        let released = obj.release_blobs();
-        assert_eq!(
-            adopted + released,
-            2,
-            "2 lends: {adopted} borrowed, {released} released"
-        );
-        obj.assert_freed();
+        obj.assert_lends_settled(2, adopted);
     });
 }
 
@@ -516,13 +522,7 @@ fn lend_publishes() {
         obj.lend();
         obj.release();
         let adopted = borrower.join().unwrap() as usize;
-        let released = obj.release_blobs();
-        assert_eq!(
-            adopted + released,
-            1,
-            "1 lend: {adopted} borrowed, {released} released"
-        );
-        obj.assert_freed();
+        obj.assert_lends_settled(1, adopted);
     });
 }
 
@@ -552,13 +552,7 @@ fn lend_publishes_later_writes() {
         obj.lend();
         obj.release();
         let adopted = borrower.join().unwrap() as usize;
-        let released = obj.release_blobs();
-        assert_eq!(
-            adopted + released,
-            1,
-            "1 lend: {adopted} borrowed, {released} released"
-        );
-        obj.assert_freed();
+        obj.assert_lends_settled(1, adopted);
     });
 }
 

@@ -116,13 +116,13 @@ fn ending(e: &Error) -> Option<Error> {
     if !e.is_hosing() {
         return None;
     }
-    match e {
-        Error::PeerGone => Some(Error::PeerGone),
-        Error::IdleTimeout => Some(Error::IdleTimeout),
-        Error::Protocol(w) => Some(Error::Protocol(w)),
-        Error::Hosed => Some(Error::Hosed),
-        _ => Some(Error::Hosed),
-    }
+    Some(match e {
+        Error::PeerGone => Error::PeerGone,
+        Error::IdleTimeout => Error::IdleTimeout,
+        Error::Protocol(w) => Error::Protocol(w),
+        // A channel's or transport's own hosing error (not `Clone`): the session is over.
+        _ => Error::Hosed,
+    })
 }
 
 /// An open session, as either side sees it ([`ClientSession`](super::ClientSession) and

@@ -52,6 +52,10 @@ pub(super) struct LogIn {
     shared: Arc<Shared>,
     id: u64,
     deadline: Instant,
+    /// The message awaited, and those that may not come first (nothing else is cached, however
+    /// much is sent): looked up once, not at every turn.
+    log_in_type: MsgType,
+    others: Vec<MsgType>,
     phase: Mutex<Option<Phase>>,
 }
 
@@ -66,10 +70,14 @@ impl LogIn {
         let mut core = struc::Channel::<Master>::new(chan, Backing::Heap)?;
         core.start(|_| {})?;
         let deadline = Instant::now() + cfg.log_in_timeout();
+        let log_in_type = MsgType::of::<Master>("logIn")?;
+        let others = proto::types(&["logInRsp", "resource", "openChannel", "openChannelRsp"])?;
         Ok(LogIn {
             shared,
             id,
             deadline,
+            log_in_type,
+            others,
             phase: Mutex::new(Some(Phase::Waiting {
                 core: Box::new(core),
                 creds,
@@ -103,20 +111,7 @@ impl LogIn {
 
     /// A step of waiting for the request.
     fn wait(&self, mut core: Box<struc::Channel<Master>>, creds: sys::PeerCred) -> Step {
-        let types = MsgType::of::<Master>("logIn")
-            .map_err(Error::from)
-            .and_then(|t| {
-                // Nothing but the log-in may come first (nothing else is cached, however much
-                // is sent).
-                let others =
-                    proto::types(&["logInRsp", "resource", "openChannel", "openChannelRsp"])?;
-                Ok((t, others))
-            });
-        let (log_in_type, others) = match types {
-            Ok(t) => t,
-            Err(e) => return Step::Done(Err(e)),
-        };
-        match proto::poll_for(&mut core, log_in_type, &others) {
+        match proto::poll_for(&mut core, self.log_in_type, &self.others) {
             Err(e) => Step::Done(Err(e)),
             Ok(None) if Instant::now() >= self.deadline => Step::Done(Err(Error::LogInTimeout)),
             Ok(None) => Step::Next(Phase::Waiting { core, creds }),

@@ -114,27 +114,24 @@ where
         })
     }
 
-    fn core(&self) -> MutexGuard<'_, Channel<M>> {
-        assert!(
-            !self.in_own_handler(),
-            "a struc::AsyncChannel was called from one of its own handlers (or from a handler \
-             running while one of its own waits), which hold it: use the `&mut Channel` the \
-             handler gets"
-        );
-        lock(&self.shared.core)
-    }
-
-    /// Whether the caller is one of this channel's handlers (its turn holds the core's lock).
-    fn in_own_handler(&self) -> bool {
-        self.shared.in_turn.load(Ordering::Relaxed) && reactor::on_reactor_thread()
-    }
-
-    fn check_not_in_own_handler(&self) -> Result<(), Error> {
-        if self.in_own_handler() {
-            Err(Error::InOwnHandler)
-        } else {
-            Ok(())
+    /// The core, locked; [`Error::InOwnHandler`] if the caller is one of this channel's
+    /// handlers, whose turn holds the lock already (waiting for it would never end).
+    fn try_core(&self) -> Result<MutexGuard<'_, Channel<M>>, Error> {
+        if self.shared.in_turn.load(Ordering::Relaxed) && reactor::on_reactor_thread() {
+            return Err(Error::InOwnHandler);
         }
+        Ok(lock(&self.shared.core))
+    }
+
+    /// [`try_core`](Self::try_core) for the methods that return no `Result`.
+    fn core(&self) -> MutexGuard<'_, Channel<M>> {
+        self.try_core().unwrap_or_else(|_| {
+            panic!(
+                "a struc::AsyncChannel was called from one of its own handlers (or from a handler \
+                 running while one of its own waits), which hold it: use the `&mut Channel` the \
+                 handler gets"
+            )
+        })
     }
 
     /// Has the library thread take a turn on the channel.
@@ -145,8 +142,11 @@ where
     }
 
     /// Runs `f` on the core and has the library thread take a turn if that left bytes to write.
-    fn with_core<T>(&self, f: impl FnOnce(&mut Channel<M>) -> T) -> T {
-        let mut core = self.core();
+    fn with_core<T>(
+        &self,
+        f: impl FnOnce(&mut Channel<M>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut core = self.try_core()?;
         let r = f(&mut core);
         let wake = core.wants_write();
         drop(core);
@@ -178,7 +178,6 @@ where
 
     /// See [`Channel::send`].
     pub fn send(&self, msg: &mut MsgOut<M>, originating: Option<&MsgIn<M>>) -> Result<(), Error> {
-        self.check_not_in_own_handler()?;
         self.with_core(|c| c.send(msg, originating))
     }
 
@@ -193,7 +192,6 @@ where
         originating: Option<&MsgIn<M>>,
         timeout: Option<Duration>,
     ) -> Result<MsgIn<M>, Error> {
-        self.check_not_in_own_handler()?;
         let (tx, rx) = mpsc::sync_channel(1);
         let id = self.with_core(|c| {
             if !c.is_started() {
@@ -257,14 +255,12 @@ where
         expect: Expect,
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<ReqId, Error> {
-        self.check_not_in_own_handler()?;
         self.with_core(|c| c.async_request(msg, originating, expect, handler))
     }
 
     /// See [`Channel::undo_expect_responses`].
     pub fn undo_expect_responses(&self, req: ReqId) -> Result<bool, Error> {
-        self.check_not_in_own_handler()?;
-        self.core().undo_expect_responses(req)
+        self.try_core()?.undo_expect_responses(req)
     }
 
     /// See [`Channel::expect_msg`] (a cached message is handed over inside this call, on this
@@ -274,7 +270,6 @@ where
         which: MsgType,
         handler: impl FnOnce(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
-        self.check_not_in_own_handler()?;
         self.with_core(|c| c.expect_msg(which, handler))
     }
 
@@ -284,14 +279,12 @@ where
         which: MsgType,
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
-        self.check_not_in_own_handler()?;
         self.with_core(|c| c.expect_msgs(which, handler))
     }
 
     /// See [`Channel::undo_expect_msgs`].
     pub fn undo_expect_msgs(&self, which: MsgType) -> Result<bool, Error> {
-        self.check_not_in_own_handler()?;
-        self.core().undo_expect_msgs(which)
+        self.try_core()?.undo_expect_msgs(which)
     }
 
     /// See [`Channel::set_unexpected_response_handler`].

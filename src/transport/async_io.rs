@@ -2,6 +2,7 @@
 //! (the reactor), which runs the user's handlers outside the channel's lock.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{Channel, Error, Frame, OutFrame};
@@ -23,11 +24,8 @@ struct State {
     end_waiters: Vec<EndHandler>,
     /// Handlers whose result is known, to run on the library thread.
     ready: Vec<(EndHandler, Result<(), Error>)>,
-    /// After the hosing error: no more socket work, only completions.
-    dead: bool,
     /// Off the library thread for good (a handler panicked): no turn runs completions.
     gone: bool,
-    stop: bool,
 }
 
 /// The user's handlers and the turn's scratch: only the reactor thread takes this lock, and
@@ -41,6 +39,9 @@ struct Handlers {
 struct Shared {
     state: Mutex<State>,
     handlers: Mutex<Handlers>,
+    /// The `AsyncChannel` is dropped: no handler runs any more (read between handlers, so
+    /// outside the state's lock).
+    stop: AtomicBool,
 }
 
 impl Shared {
@@ -117,15 +118,14 @@ impl AsyncChannel {
                 polling_out: true,
                 end_waiters: Vec::new(),
                 ready: Vec::new(),
-                dead: false,
                 gone: false,
-                stop: false,
             }),
             handlers: Mutex::new(Handlers {
                 on_frame: Box::new(on_frame),
                 on_error: Some(Box::new(on_error)),
                 frames: Vec::with_capacity(BATCH),
             }),
+            stop: AtomicBool::new(false),
         });
         // Its first turn comes at once: the core may hold frames read before it was handed
         // over, which no readiness of the socket would announce.
@@ -205,7 +205,7 @@ impl AsyncChannel {
 
 impl Drop for AsyncChannel {
     fn drop(&mut self) {
-        self.shared.lock().stop = true;
+        self.shared.stop.store(true, Ordering::Release);
         // Off the library thread: no turn of this channel runs after this (unless dropped from
         // one of its handlers: that turn ends once the handler returns, doing nothing more).
         drop(self.reg.take());
@@ -226,7 +226,6 @@ impl Source for Shared {
     fn on_panicked(&self) {
         let mut st = self.lock();
         st.chan.abandon();
-        st.dead = true;
         st.gone = true;
         let mut done = std::mem::take(&mut st.ready);
         done.extend(st.end_waiters.drain(..).map(|h| (h, Err(Error::Hosed))));
@@ -242,12 +241,14 @@ impl Source for Shared {
         let mut h = lock(&self.handlers);
         let h = &mut *h;
         let mut err = None;
+        let stopped = || self.stop.load(Ordering::Acquire);
         let (done, wait, more) = {
             let mut st = self.lock();
-            if st.stop {
+            if stopped() {
                 return Wait::idle();
             }
-            if !st.dead {
+            // (A hosed channel does no more socket work: only completions.)
+            if !st.chan.is_hosed() {
                 let chan = &mut st.chan;
                 err = chan.on_ready().err();
                 while err.is_none() && h.frames.len() < BATCH {
@@ -264,19 +265,14 @@ impl Source for Shared {
             } else if st.chan.is_hosed() {
                 done.extend(st.end_waiters.drain(..).map(|h| (h, Err(Error::Hosed))));
             }
-            st.dead |= err.is_some() || st.chan.is_hosed();
-            st.polling_out = !st.dead && st.chan.wants_write();
-            let wait = if st.dead {
-                Wait::idle()
-            } else {
-                Wait::from(st.chan.interest())
-            };
+            // (Both say nothing of a hosed channel: it wants no write, and no fd or timer.)
+            st.polling_out = st.chan.wants_write();
+            let wait = Wait::from(st.chan.interest());
             (done, wait, h.frames.len() == BATCH)
         };
         // Handlers, outside the lock, in order: frames received before the error first. A
         // handler may drop the channel: then no handler runs any more (the end-sending
         // completions taken here are still owed: they get `Aborted`).
-        let stopped = || self.lock().stop;
         for f in h.frames.drain(..) {
             if stopped() {
                 break;
