@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::transport::ChannelConfig;
+use crate::transport::{ChannelConfig, ChannelKind, WaitPolicy};
 
 /// Where a session's structured messages live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -13,14 +13,6 @@ pub enum ShmKind {
     Classic,
     /// No shared memory (the "vanilla" session): messages are copied through the sockets.
     Heap,
-}
-
-/// What a channel of the session is made of (Flow-IPC's `MqType`: flowipc has the socket kind).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ChannelKind {
-    /// A Unix stream socket (a `socketpair`), which may carry fds.
-    #[default]
-    SocketStream,
 }
 
 /// A session's settings. Both sides must agree on [`shm`](SessionConfig::with_shm),
@@ -41,6 +33,7 @@ pub enum ChannelKind {
 pub struct SessionConfig {
     shm: ShmKind,
     channel_kind: ChannelKind,
+    wait_policy: WaitPolicy,
     native_handles: bool,
     pool_size: u64,
     keep_alive: Option<(Duration, Duration)>,
@@ -53,6 +46,7 @@ impl Default for SessionConfig {
         SessionConfig {
             shm: ShmKind::Classic,
             channel_kind: ChannelKind::SocketStream,
+            wait_policy: WaitPolicy::default(),
             native_handles: true,
             pool_size: 1 << 30,
             keep_alive: Some((Duration::from_secs(1), Duration::from_secs(5))),
@@ -76,10 +70,24 @@ impl SessionConfig {
         self
     }
 
-    /// The channels' kind (must match the peer's).
+    /// The kind of the channels the session opens, init channels included (must match the
+    /// peer's). The session's own channel, which carries log-in and channel opening, is always
+    /// a socket.
     pub fn with_channel_kind(mut self, kind: ChannelKind) -> Self {
         self.channel_kind = kind;
         self
+    }
+
+    /// How this side's blocking calls wait on [`ChannelKind::ShmQueue`] channels (each side's
+    /// own setting).
+    pub fn with_wait_policy(mut self, policy: WaitPolicy) -> Self {
+        self.wait_policy = policy;
+        self
+    }
+
+    /// See [`with_wait_policy`](SessionConfig::with_wait_policy).
+    pub fn wait_policy(&self) -> WaitPolicy {
+        self.wait_policy
     }
 
     /// Whether channels carry fds (must match the peer's). Without, a channel refuses to send
@@ -157,7 +165,10 @@ impl SessionConfig {
 
     /// The configuration of the session's channels (init and opened ones).
     pub fn channel_config(&self) -> ChannelConfig {
-        ChannelConfig::new().with_fds(self.native_handles)
+        ChannelConfig::new()
+            .with_fds(self.native_handles)
+            .with_kind(self.channel_kind)
+            .with_wait_policy(self.wait_policy)
     }
 
     /// The configuration of the session's own (master) channel.
@@ -179,6 +190,7 @@ impl SessionConfig {
     pub(crate) fn channel_code(&self) -> u8 {
         match self.channel_kind {
             ChannelKind::SocketStream => 0,
+            ChannelKind::ShmQueue => 1,
         }
     }
 }

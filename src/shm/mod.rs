@@ -93,6 +93,12 @@ pub mod publish;
 #[cfg(not(flowipc_loom))]
 pub(crate) mod publish;
 #[cfg(flowipc_loom)]
+pub mod ring;
+#[cfg(not(flowipc_loom))]
+pub(crate) mod ring;
+#[cfg(not(flowipc_loom))]
+pub(crate) mod ring_map;
+#[cfg(flowipc_loom)]
 pub mod space;
 #[cfg(not(flowipc_loom))]
 pub(crate) mod space;

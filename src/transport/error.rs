@@ -17,6 +17,18 @@ use std::io;
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
+    /// The peer's channel is of another [`ChannelKind`](super::ChannelKind) (its hello says
+    /// which). Hosing.
+    KindMismatch {
+        /// This side's kind.
+        ours: super::ChannelKind,
+        /// The peer's.
+        theirs: super::ChannelKind,
+    },
+    /// The peer's shared-memory ring is not one (a file of the wrong size or not sealed, a bad
+    /// header), or its control words hold positions no correct peer writes. The text says
+    /// which. Hosing.
+    BadRing(&'static str),
     /// A system call failed in an unexpected way (hosing).
     Io(io::Error),
     /// The connection was reset (`ECONNRESET` or `EPIPE`: the peer closed its end, typically
@@ -104,6 +116,8 @@ impl Error {
     pub fn is_hosing(&self) -> bool {
         match self {
             Error::Io(_)
+            | Error::KindMismatch { .. }
+            | Error::BadRing(_)
             | Error::Reset
             | Error::PeerGone
             | Error::EndOfStream
@@ -136,6 +150,11 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io(_) => f.write_str("transport I/O error"),
+            Error::KindMismatch { ours, theirs } => write!(
+                f,
+                "the peer's channel kind is {theirs:?}, this side's is {ours:?}"
+            ),
+            Error::BadRing(what) => write!(f, "bad shared-memory ring: {what}"),
             Error::Reset => f.write_str("connection reset by peer"),
             Error::PeerGone => f.write_str("peer closed the connection"),
             Error::EndOfStream => f.write_str("peer ended its sending"),

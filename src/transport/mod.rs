@@ -138,5 +138,8 @@ mod error;
 
 pub use async_io::AsyncChannel;
 pub use buf::{AlignedBuf, SharedBytes, SharedOwner};
-pub use channel::{Channel, ChannelConfig, Frame, OutFrame, DEFAULT_MAX_FRAME};
+pub use channel::{
+    Channel, ChannelConfig, ChannelKind, Frame, OutFrame, WaitPolicy, DEFAULT_MAX_FRAME,
+    DEFAULT_RING_CAPACITY,
+};
 pub use error::Error;

@@ -12,6 +12,7 @@
 
 pub mod balance;
 pub mod msgs;
+pub mod raw;
 
 use std::fs::File;
 use std::io::{IoSlice, Read, Write};
@@ -26,6 +27,27 @@ use flowipc::shm::{Arena, ArenaConfig, LendBlob};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+
+/// The channel kind this test crate runs its suite over. A suite file under `suites/` is
+/// included by two test crates: `<suite>` runs it over sockets, `<suite>_shm_queue` over
+/// shared-memory queues (child processes re-execute the same binary, so they agree).
+pub fn kind() -> flowipc::transport::ChannelKind {
+    if env!("CARGO_CRATE_NAME").ends_with("_shm_queue") {
+        flowipc::transport::ChannelKind::ShmQueue
+    } else {
+        flowipc::transport::ChannelKind::SocketStream
+    }
+}
+
+/// A default channel configuration of this crate's [`kind`].
+pub fn channel_config() -> flowipc::transport::ChannelConfig {
+    flowipc::transport::ChannelConfig::new().with_kind(kind())
+}
+
+/// A default session configuration whose channels are of this crate's [`kind`].
+pub fn session_config() -> flowipc::session::SessionConfig {
+    flowipc::session::SessionConfig::new().with_channel_kind(kind())
+}
 
 const ROLE_ENV: &str = "FLOWIPC_TEST_ROLE";
 const SOCK_ENV: &str = "FLOWIPC_TEST_SOCK";

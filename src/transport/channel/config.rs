@@ -5,6 +5,63 @@ use std::time::Duration;
 /// Default [`max_frame`](ChannelConfig::with_max_frame): 1 GiB + 1 MiB.
 pub const DEFAULT_MAX_FRAME: u64 = (1 << 30) + (1 << 20);
 
+/// What carries a channel's frames. The Unix socket is there in every kind: it carries the
+/// set-up (the hello), the fds, and tells the peer's death (end of stream). Both ends must be of
+/// the same kind ([`Error::KindMismatch`](crate::transport::Error::KindMismatch) otherwise).
+///
+/// | kind | frames go | a small request/response costs (measured in `rtt/kinds`) |
+/// |---|---|---|
+/// | [`SocketStream`](ChannelKind::SocketStream) | through the socket | two socket hand-offs |
+/// | [`ShmQueue`](ChannelKind::ShmQueue) | through a ring in shared memory, one per direction | loads and stores when the reader is awake (spinning, see [`WaitPolicy`]); a futex wake when it sleeps |
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ChannelKind {
+    /// A Unix stream socket (a `socketpair` or a connection): every frame is written to it.
+    #[default]
+    SocketStream,
+    /// A single-producer single-consumer byte ring per direction, in a sealed memfd that its
+    /// producer makes and sends in its hello (no name anywhere: nothing outlives the two
+    /// processes). Frames are copied into the ring (a zero-copy message's frame is its small
+    /// handle, so a 1 GiB message costs what a 1 KiB one does); larger frames than the ring
+    /// flow through it in pieces. The receiver spins, then sleeps on a shared futex, as its
+    /// [`WaitPolicy`] says; the sender makes a system call only to wake a sleeping receiver.
+    ShmQueue,
+}
+
+/// How a [`ShmQueue`](ChannelKind::ShmQueue) channel's blocking calls wait for the peer:
+/// spin (no system call: the lowest latency, a busy CPU), then sleep in the kernel.
+///
+/// Only the blocking calls spin ([`recv_blocking`](crate::transport::Channel::recv_blocking)
+/// and what is built on it: `sync_request`, the msg and struc blocking receives); a poll loop
+/// of your own, and the library thread that drives the async faces, sleep in `poll` at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WaitPolicy {
+    /// Spin for up to this long, then sleep on a futex (`Duration::ZERO`: sleep at once).
+    SpinThenBlock(std::time::Duration),
+    /// Spin until the wait ends, never sleeping: the lowest latency, one CPU kept busy by each
+    /// waiting thread. Only for threads that have a CPU of their own: a spinner that shares
+    /// its CPU with the peer it waits for delays that peer.
+    BusyPoll,
+}
+
+impl WaitPolicy {
+    /// Sleep at once (no spinning).
+    pub const BLOCK: WaitPolicy = WaitPolicy::SpinThenBlock(std::time::Duration::ZERO);
+}
+
+impl Default for WaitPolicy {
+    /// Spin for 20 µs, then sleep. On a machine with two CPUs this catches a peer that answers
+    /// within a few microseconds on the other CPU, while a peer on the same CPU (which cannot run
+    /// while we spin) loses at most 20 µs once per wait before we give it the CPU.
+    fn default() -> Self {
+        WaitPolicy::SpinThenBlock(std::time::Duration::from_micros(20))
+    }
+}
+
+/// Default [`ring_capacity`](ChannelConfig::with_ring_capacity): 256 KiB per direction.
+pub const DEFAULT_RING_CAPACITY: u64 = 256 << 10;
+
 /// Settings of a [`Channel`](crate::transport::Channel), builder style.
 ///
 /// ```
@@ -25,6 +82,9 @@ pub struct ChannelConfig {
     pub(super) idle_timeout: Option<Duration>,
     pub(super) auto_ping: Option<Duration>,
     pub(super) fds: bool,
+    pub(super) kind: ChannelKind,
+    pub(super) wait: WaitPolicy,
+    pub(super) ring_capacity: u64,
 }
 
 impl Default for ChannelConfig {
@@ -35,6 +95,9 @@ impl Default for ChannelConfig {
             idle_timeout: None,
             auto_ping: None,
             fds: true,
+            kind: ChannelKind::SocketStream,
+            wait: WaitPolicy::default(),
+            ring_capacity: DEFAULT_RING_CAPACITY,
         }
     }
 }
@@ -81,6 +144,42 @@ impl ChannelConfig {
     pub fn with_fds(mut self, on: bool) -> Self {
         self.fds = on;
         self
+    }
+
+    /// What carries the frames (default [`ChannelKind::SocketStream`]); both ends must agree.
+    pub fn with_kind(mut self, kind: ChannelKind) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// How blocking calls wait on a [`ChannelKind::ShmQueue`] channel (ignored by the socket
+    /// kind, whose waits are the kernel's).
+    pub fn with_wait_policy(mut self, policy: WaitPolicy) -> Self {
+        self.wait = policy;
+        self
+    }
+
+    /// Bytes of the ring this side sends through, for [`ChannelKind::ShmQueue`] (rounded up to
+    /// a power of two, between 4 KiB and 1 GiB; default [`DEFAULT_RING_CAPACITY`]). A full ring
+    /// is not an error: sends queue locally, as on a full socket.
+    pub fn with_ring_capacity(mut self, bytes: u64) -> Self {
+        self.ring_capacity = bytes;
+        self
+    }
+
+    /// See [`with_kind`](ChannelConfig::with_kind).
+    pub fn kind(&self) -> ChannelKind {
+        self.kind
+    }
+
+    /// See [`with_wait_policy`](ChannelConfig::with_wait_policy).
+    pub fn wait_policy(&self) -> WaitPolicy {
+        self.wait
+    }
+
+    /// See [`with_ring_capacity`](ChannelConfig::with_ring_capacity).
+    pub fn ring_capacity(&self) -> u64 {
+        self.ring_capacity
     }
 
     /// See [`with_fds`](ChannelConfig::with_fds).

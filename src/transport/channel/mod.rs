@@ -12,6 +12,7 @@
 
 mod config;
 mod frame;
+mod ring;
 mod rx;
 mod submit;
 #[cfg(test)]
@@ -20,14 +21,16 @@ mod tx;
 mod wire;
 
 use std::fmt;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-pub use self::config::{ChannelConfig, DEFAULT_MAX_FRAME};
+pub use self::config::{
+    ChannelConfig, ChannelKind, WaitPolicy, DEFAULT_MAX_FRAME, DEFAULT_RING_CAPACITY,
+};
 pub use self::frame::{Frame, OutFrame};
 use self::rx::{Parsed, Rx};
 use self::tx::{Kind, SendQueue};
@@ -80,6 +83,9 @@ pub struct Channel {
     /// The last flush stopped because the side socket had no room for the head frame's fd:
     /// poll the side socket for writability (`write_fd`).
     side_full: bool,
+    /// The shared-memory rings of a [`ChannelKind::ShmQueue`] channel (`None`: the socket
+    /// kind).
+    link: Option<Box<ring::Link>>,
 }
 
 impl fmt::Debug for Channel {
@@ -92,6 +98,7 @@ impl fmt::Debug for Channel {
             .field("hosed", &self.hosing.is_hosed())
             .field("sending_ended", &self.ended)
             .field("send_done", &self.send_done)
+            .field("kind", &self.cfg.kind)
             .field("config", &self.cfg)
             .finish_non_exhaustive()
     }
@@ -143,6 +150,13 @@ impl Channel {
         } else {
             (None, None)
         };
+        let link = match config.kind {
+            ChannelKind::SocketStream => None,
+            ChannelKind::ShmQueue => Some(Box::new(ring::Link::new(
+                config.ring_capacity,
+                config.wait,
+            )?)),
+        };
         let now = Instant::now();
         Ok(Channel {
             sock: stream,
@@ -159,6 +173,7 @@ impl Channel {
             side_peer,
             hello_sent: false,
             side_full: false,
+            link,
         })
     }
 
@@ -264,13 +279,13 @@ impl Channel {
             let mut iov = Vec::with_capacity(limit.min(sys::IOV_MAX));
             let fd = self.tx.gather(limit, &mut iov);
             let res = if iov.is_empty() {
-                Ok(0)
+                Ok(Some(0))
             } else {
-                sys::try_send_vectored(self.sock.as_fd(), &iov, fd)
+                write_data(&self.sock, self.link.as_deref_mut(), &iov, fd)
             };
             drop(iov);
             match res {
-                Ok(n) => {
+                Ok(Some(n)) => {
                     if n > 0 {
                         self.note_tx();
                     }
@@ -279,8 +294,18 @@ impl Channel {
                         self.finish_sending();
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(self.hose(Error::from_io(e))),
+                Ok(None) => {
+                    if let Some(link) = &self.link {
+                        // A full ring: a peer that is gone will never make room.
+                        if link.peer_check_due() {
+                            if let Err(e) = ring::check_alive(self.sock.as_fd()) {
+                                return Err(self.hose(e));
+                            }
+                        }
+                    }
+                    return Ok(false);
+                }
+                Err(e) => return Err(self.hose(e)),
             }
         }
     }
@@ -363,8 +388,14 @@ impl Channel {
     /// After the hello, the data socket is read with plain `recv` (no control buffer: cheaper
     /// in the kernel than `recvmsg`); fds come from the side socket (see `Rx::take_fd`).
     fn recv_inner(&mut self, wait: bool) -> Result<Option<Frame>, Error> {
-        if !self.rx.hello_done && !self.rx.read_hello(self.sock.as_fd(), wait)? {
-            return Ok(None);
+        if !self.rx.hello_done {
+            if let Some(link) = &self.link {
+                link.settle();
+            }
+            if !self.rx.read_hello(self.sock.as_fd(), wait)? {
+                return Ok(None);
+            }
+            self.check_kind()?;
         }
         loop {
             if let Some(big) = self.rx.big.take_if(|b| b.filled >= b.payload.len()) {
@@ -375,15 +406,14 @@ impl Channel {
             }
             if let Some(big) = self.rx.big.as_mut() {
                 let dst = &mut big.payload[big.filled..];
-                match sys::recv_plain(self.sock.as_fd(), dst, wait) {
-                    Ok(0) => return Err(self.rx.eof_error()),
-                    Ok(n) => {
+                match read_data(&self.sock, self.link.as_deref_mut(), dst, wait)? {
+                    Some(0) => return Err(self.rx.eof_error()),
+                    Some(n) => {
                         big.filled += n;
                         self.note_rx();
                         continue;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                    Err(e) => return Err(Error::from_io(e)),
+                    None => return Ok(None),
                 }
             }
             if self.rx.start < self.rx.end {
@@ -397,14 +427,14 @@ impl Channel {
             let want = self.rx.make_room();
             let rx = &mut self.rx;
             let hi = rx.end.saturating_add(want).min(rx.buf.len());
-            match sys::recv_plain(self.sock.as_fd(), &mut rx.buf[rx.end..hi], wait) {
-                Ok(0) => return Err(rx.eof_error()),
-                Ok(n) => {
+            let dst = &mut rx.buf[rx.end..hi];
+            match read_data(&self.sock, self.link.as_deref_mut(), dst, wait)? {
+                Some(0) => return Err(rx.eof_error()),
+                Some(n) => {
                     rx.end += n;
                     self.note_rx();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) => return Err(Error::from_io(e)),
+                None => return Ok(None),
             }
         }
     }
@@ -445,6 +475,12 @@ impl Channel {
                     Ok(_) => p[0].ready.readable || p[0].ready.hangup || p[0].ready.error,
                     Err(e) => return Err(self.hose(Error::Io(e))),
                 };
+                let pending = pending
+                    || match self.link.as_deref().map(ring::Link::has_data) {
+                        Some(Err(e)) => return Err(self.hose(e)),
+                        Some(Ok(data)) => data,
+                        None => false,
+                    };
                 if !pending {
                     return Err(self.hose(Error::IdleTimeout));
                 }
@@ -469,7 +505,7 @@ impl Channel {
     /// peers that flood each other while receiving this way never deadlock.
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<Frame>, Error> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        if timeout.is_none() && !self.hosing.is_hosed() {
+        if timeout.is_none() && !self.hosing.is_hosed() && self.link.is_none() {
             // Nothing to flush and no timer to run: wait in `recv` itself.
             if self.next_deadline().is_none() && !self.wants_write() {
                 match self.recv_inner(true) {
@@ -535,10 +571,59 @@ impl Channel {
         if deadline.is_some_and(|d| d <= now) {
             return Ok(false);
         }
+        if self.link.is_some() {
+            return self.ring_wait(read, deadline).map(|()| true);
+        }
         if let Err(e) = crate::poll::wait(self.interest(), read, deadline) {
             return Err(self.hose(Error::Io(e)));
         }
         Ok(true)
+    }
+
+    /// [`wait`](Channel::wait) on a [`ChannelKind::ShmQueue`] channel: spins and sleeps on the
+    /// rings as the policy says (see `ring::Link::wait`).
+    fn ring_wait(&mut self, read: bool, deadline: Option<Instant>) -> Result<(), Error> {
+        let until = match (deadline, self.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let writing = self.wants_write();
+        let side = match &self.side {
+            Some(side) if writing && self.side_full => Some(side.as_fd()),
+            _ => None,
+        };
+        let space = writing && side.is_none();
+        let Some(link) = self.link.as_deref_mut() else {
+            return Ok(());
+        };
+        match link.wait(self.sock.as_fd(), side, read, space, until) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.hose(e)),
+        }
+    }
+
+    /// After the peer's hello: both ends must be of one kind; a ring's is mapped.
+    fn check_kind(&mut self) -> Result<(), Error> {
+        let theirs = if self.rx.ring_fd.is_some() {
+            ChannelKind::ShmQueue
+        } else {
+            ChannelKind::SocketStream
+        };
+        if theirs != self.cfg.kind {
+            return Err(Error::KindMismatch {
+                ours: self.cfg.kind,
+                theirs,
+            });
+        }
+        if let (Some(link), Some(fd)) = (self.link.as_deref_mut(), self.rx.ring_fd.take()) {
+            link.attach(fd)?;
+            // Reading the peer's ring may wake the peer with a doorbell byte on our socket,
+            // which must come after our hello: send it now if no send has yet.
+            if !self.hello_sent {
+                self.send_hello()?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -551,10 +636,26 @@ impl Pollable for Channel {
         if self.hosing.is_hosed() {
             return Interest::none();
         }
+        let Some(link) = &self.link else {
+            return Interest::new(
+                Some(self.sock.as_fd()),
+                self.wants_write().then(|| self.write_fd()),
+                self.next_deadline(),
+            );
+        };
+        // The rings have no fd: the socket is where the peer's doorbell bytes (for data, and
+        // for room in a full ring) arrive, armed here; the side socket is watched as usual.
+        let writing = self.wants_write();
+        let side_wait = writing && self.side_full && self.side.is_some();
+        let deadline = if link.arm_poll(writing && !side_wait) {
+            Some(Instant::now())
+        } else {
+            self.next_deadline()
+        };
         Interest::new(
             Some(self.sock.as_fd()),
-            self.wants_write().then(|| self.write_fd()),
-            self.next_deadline(),
+            side_wait.then(|| self.write_fd()),
+            deadline,
         )
     }
 
@@ -562,10 +663,49 @@ impl Pollable for Channel {
     /// [`try_recv`](Channel::try_recv)'s. Errors as [`flush`](Channel::flush) and
     /// [`on_timer`](Channel::on_timer).
     fn on_ready(&mut self) -> Result<(), Error> {
+        if let Some(link) = &self.link {
+            link.settle();
+        }
         self.run_due_timers()?;
         if self.wants_write() {
             self.flush()?;
         }
         Ok(())
+    }
+}
+
+/// Writes bytes of the stream: to the socket (with a hello's fd `attach`ed), or into our ring.
+/// `Ok(None)`: nothing was taken (a full socket or ring).
+fn write_data(
+    sock: &UnixStream,
+    link: Option<&mut ring::Link>,
+    iov: &[IoSlice<'_>],
+    attach: Option<BorrowedFd<'_>>,
+) -> Result<Option<usize>, Error> {
+    match link {
+        Some(link) => link.push(sock.as_fd(), iov),
+        None => match sys::try_send_vectored(sock.as_fd(), iov, attach) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(Error::from_io(e)),
+        },
+    }
+}
+
+/// Reads bytes of the stream (after the hello) into `dst`: from the socket (blocking if
+/// `wait`), or from the peer's ring. `Ok(None)`: nothing now; `Ok(Some(0))`: end of stream.
+fn read_data(
+    sock: &UnixStream,
+    link: Option<&mut ring::Link>,
+    dst: &mut [u8],
+    wait: bool,
+) -> Result<Option<usize>, Error> {
+    match link {
+        Some(link) => link.read(sock.as_fd(), dst),
+        None => match sys::recv_plain(sock.as_fd(), dst, wait) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(Error::from_io(e)),
+        },
     }
 }

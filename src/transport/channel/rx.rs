@@ -42,6 +42,8 @@ pub(super) struct Rx {
     /// The receiving end of the peer's fd side socket (from its hello): the fd of each frame
     /// flagged `FLAG_HAS_FD` is read here when the frame is parsed, never waited for.
     pub(super) side: Option<UnixStream>,
+    /// The peer's ring (from a `ShmQueue` peer's hello), until the channel maps it.
+    pub(super) ring_fd: Option<OwnedFd>,
 }
 
 pub(super) enum Parsed {
@@ -159,21 +161,28 @@ impl Rx {
             }
             let truncated = r.fds_truncated;
             self.hello_fds.extend(r.fds);
-            if truncated || self.hello_fds.len() > 1 {
+            if truncated || self.hello_fds.len() > 2 {
                 return Err(Error::TooManyFds); // all closed with the channel's state
             }
             self.hello_len += r.bytes;
         };
-        match (header.hello()?, self.hello_fds.pop()) {
-            (true, Some(fd)) => {
-                if !sys::is_stream_socket(fd.as_fd()) {
-                    return Err(Error::BadFrame("the hello's fd is not a stream socket"));
-                }
-                self.side = Some(UnixStream::from(fd));
+        let hello = header.hello()?;
+        let wanted = usize::from(hello.side) + usize::from(hello.ring);
+        match self.hello_fds.len().cmp(&wanted) {
+            std::cmp::Ordering::Less => return Err(Error::MissingFd),
+            std::cmp::Ordering::Greater => return Err(Error::UnexpectedFd),
+            std::cmp::Ordering::Equal => {}
+        }
+        // (In the order sent: the ring's, then the side socket's.)
+        let mut fds = std::mem::take(&mut self.hello_fds).into_iter();
+        if hello.ring {
+            self.ring_fd = fds.next();
+        }
+        if let Some(fd) = fds.next() {
+            if !sys::is_stream_socket(fd.as_fd()) {
+                return Err(Error::BadFrame("the hello's fd is not a stream socket"));
             }
-            (true, None) => return Err(Error::MissingFd),
-            (false, Some(_)) => return Err(Error::UnexpectedFd),
-            (false, None) => {}
+            self.side = Some(UnixStream::from(fd));
         }
         self.hello_done = true;
         Ok(true)

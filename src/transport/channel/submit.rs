@@ -1,13 +1,13 @@
 //! The send path: how a frame from a send call goes to the socket at once, as far as the socket
 //! takes it, and how the rest (with its fd, if that has not gone yet) is queued.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
 use super::frame::{FdArg, OutFrame, Payload, Unsent};
 use super::tx::{Chunk, ChunkData, Cursor, Kind};
-use super::wire::{Header, FLAG_HAS_FD, FLAG_HELLO, HEADER_LEN};
+use super::wire::{Header, FLAG_HAS_FD, FLAG_HELLO, FLAG_RING, HEADER_LEN};
 use super::Channel;
 use crate::sys::{self, PollFd};
 use crate::transport::Error;
@@ -118,8 +118,9 @@ impl Channel {
                 flat[at..at + p.len()].copy_from_slice(p);
                 at += p.len();
             }
-            match sys::try_send(self.sock.as_fd(), &flat[..total]) {
-                Ok(n) => {
+            let flat = [IoSlice::new(&flat[..total])];
+            match super::write_data(&self.sock, self.link.as_deref_mut(), &flat, None) {
+                Ok(Some(n)) => {
                     self.written += n as u64;
                     if n > 0 {
                         self.note_tx();
@@ -144,8 +145,8 @@ impl Channel {
                         return self.enqueue(header, payload, None, unsent, cur, kind);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(self.hose(Error::from_io(e))),
+                Ok(None) => {}
+                Err(e) => return Err(self.hose(e)),
             }
         }
         let count = match &payload {
@@ -175,17 +176,16 @@ impl Channel {
             } else {
                 None
             };
-            match sys::try_send_vectored(self.sock.as_fd(), &iov, attach) {
-                Ok(0) => break,
-                Ok(n) => {
+            match super::write_data(&self.sock, self.link.as_deref_mut(), &iov, attach) {
+                Ok(Some(0)) | Ok(None) => break,
+                Ok(Some(n)) => {
                     written += n;
                     self.written += n as u64;
                     cur.advance(&all, n);
                     done = written >= total;
                     self.note_tx();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(self.hose(Error::from_io(e))),
+                Err(e) => return Err(self.hose(e)),
             }
         }
         drop(all);
@@ -214,6 +214,32 @@ impl Channel {
     pub(super) fn send_hello(&mut self) -> Result<(), Error> {
         self.hello_sent = true;
         let theirs = self.side_peer.take();
+        if let Some(link) = &self.link {
+            // A ring channel's hello carries two fds (the ring, then the side socket's end): it
+            // is sent at once, alone, as the first bytes on an empty socket, which always takes
+            // them. It must be there before any doorbell byte, and the peer must map the ring
+            // before it reads anything from it.
+            let mut flags = FLAG_HELLO | FLAG_RING;
+            let mut fds = vec![link.ring_fd()];
+            if let Some(t) = &theirs {
+                flags |= FLAG_HAS_FD;
+                fds.push(t.as_fd());
+            }
+            let header = Header::new(flags, 0).encode();
+            return match sys::send_with_fds(&self.sock, &header, &fds) {
+                Ok(n) if n == HEADER_LEN => {
+                    self.written += n as u64;
+                    Ok(())
+                }
+                Ok(_) => Err(self.hose(Error::Io(io::ErrorKind::WriteZero.into()))),
+                // The peer is gone: what it sent is still in its ring, and reading reports its
+                // end after that (a ring send never learns it, as a socket send does).
+                Err(e) if matches!(Error::from_io(io::Error::from(e.kind())), Error::Reset) => {
+                    Ok(())
+                }
+                Err(e) => Err(self.hose(Error::from_io(e))),
+            };
+        }
         let flags = if theirs.is_some() {
             FLAG_HELLO | FLAG_HAS_FD
         } else {
@@ -224,6 +250,9 @@ impl Channel {
 
     /// Whether the data socket would take some bytes now (a zero-timeout `poll`).
     pub(super) fn data_writable(&mut self) -> Result<bool, Error> {
+        if let Some(link) = &self.link {
+            return link.has_space().map_err(|e| self.hose(e));
+        }
         let mut p = [PollFd::new(self.sock.as_fd(), false, true)];
         match sys::poll(&mut p, Some(Duration::ZERO)) {
             Ok(_) => Ok(p[0].ready.writable),

@@ -625,3 +625,70 @@ fn a_frame_wholly_written_before_a_partial_one_never_runs_on_unsent() {
     );
     assert_eq!(ran[1].load(Ordering::SeqCst), 1, "the second never did");
 }
+
+fn ring_pair(cap: u64) -> (Channel, Channel) {
+    Channel::pair(
+        ChannelConfig::new()
+            .with_kind(ChannelKind::ShmQueue)
+            .with_ring_capacity(cap),
+    )
+    .unwrap()
+}
+
+#[test]
+fn ring_carries_small_big_and_fd_frames_in_order_then_end() {
+    let (mut a, mut b) = ring_pair(4096);
+    let big = pattern(3, 100_000); // larger than the ring: it flows through in pieces
+    let sent = big.clone();
+    let sender = std::thread::spawn(move || {
+        a.send(b"hello").unwrap();
+        a.send(&sent).unwrap();
+        a.send(OutFrame::new(b"with fd").fd(tagged_fd(9).as_fd()))
+            .unwrap();
+        for i in 0..200 {
+            a.send(&pattern(i, i * 13)).unwrap();
+        }
+        a.end_sending().unwrap();
+        // The queue drains as the reader makes room.
+        assert!(a.flush_blocking(Some(Duration::from_secs(20))).unwrap());
+        assert!(a.is_send_done());
+        a
+    });
+    let mut got = drain(&mut b, 203);
+    assert_eq!(&*got[0].payload, b"hello");
+    assert_eq!(&*got[1].payload, &big[..]);
+    assert_eq!(&*got[2].payload, b"with fd");
+    assert_eq!(read_tag(got[2].fd.take().unwrap()), 9);
+    for (i, f) in got[3..].iter().enumerate() {
+        assert_eq!(&*f.payload, &pattern(i, i * 13)[..]);
+    }
+    assert!(matches!(
+        b.recv_blocking(Some(Duration::from_secs(5))),
+        Err(Error::EndOfStream)
+    ));
+    drop(sender.join().unwrap());
+}
+
+#[test]
+fn ring_kind_mismatch_is_reported() {
+    let (s1, s2) = UnixStream::pair().unwrap();
+    let mut a =
+        Channel::from_stream(s1, ChannelConfig::new().with_kind(ChannelKind::ShmQueue)).unwrap();
+    let mut b = Channel::from_stream(s2, ChannelConfig::new()).unwrap();
+    a.send(b"x").unwrap();
+    b.send(b"y").unwrap();
+    assert!(matches!(
+        b.recv_blocking(Some(Duration::from_secs(5))),
+        Err(Error::KindMismatch {
+            ours: ChannelKind::SocketStream,
+            theirs: ChannelKind::ShmQueue
+        })
+    ));
+    assert!(matches!(
+        a.recv_blocking(Some(Duration::from_secs(5))),
+        Err(Error::KindMismatch {
+            ours: ChannelKind::ShmQueue,
+            theirs: ChannelKind::SocketStream
+        })
+    ));
+}

@@ -19,7 +19,11 @@ pub(crate) const FLAG_END: u32 = 1 << 2;
 /// Header flag: the hello, the first frame in each direction (no payload; with
 /// [`FLAG_HAS_FD`], its fd is the receiving end of the sender's fd side socket).
 pub(crate) const FLAG_HELLO: u32 = 1 << 3;
-const KNOWN_FLAGS: u32 = FLAG_HAS_FD | FLAG_PING | FLAG_END | FLAG_HELLO;
+/// Header flag, on a hello only: the sender's channel is of kind `ShmQueue`, and the hello
+/// carries its ring's memfd (the first fd; the side socket, if flagged `HAS_FD`, is the
+/// second).
+pub(crate) const FLAG_RING: u32 = 1 << 4;
+const KNOWN_FLAGS: u32 = FLAG_HAS_FD | FLAG_PING | FLAG_END | FLAG_HELLO | FLAG_RING;
 
 /// What a frame after the hello is, as its header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +37,15 @@ pub(super) enum Kind {
 }
 
 /// A frame header: its flags and its payload length.
+/// What a hello announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Hello {
+    /// It carries the receiving end of the sender's fd side socket.
+    pub(super) side: bool,
+    /// It carries the sender's ring (kind `ShmQueue`).
+    pub(super) ring: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Header {
     pub(super) flags: u32,
@@ -105,7 +118,7 @@ impl Header {
         if (ping || end) && (has_fd || self.len != 0) {
             return Err(Error::BadFrame("ping or end frame with a payload or an fd"));
         }
-        if self.has(FLAG_HELLO) {
+        if self.has(FLAG_HELLO) || self.has(FLAG_RING) {
             return Err(Error::BadFrame("a hello after the first frame"));
         }
         if self.len > max_frame {
@@ -126,14 +139,17 @@ impl Header {
 
     /// Checks the first frame: a hello, with no payload. Returns whether it announces an fd
     /// (the receiving end of the sender's side socket).
-    pub(super) fn hello(self) -> Result<bool, Error> {
-        if !self.has(FLAG_HELLO) || self.flags & !(FLAG_HELLO | FLAG_HAS_FD) != 0 {
+    pub(super) fn hello(self) -> Result<Hello, Error> {
+        if !self.has(FLAG_HELLO) || self.flags & !(FLAG_HELLO | FLAG_HAS_FD | FLAG_RING) != 0 {
             return Err(Error::BadFrame("the first frame is not a hello"));
         }
         if self.len != 0 {
             return Err(Error::BadFrame("a hello with a payload"));
         }
-        Ok(self.has(FLAG_HAS_FD))
+        Ok(Hello {
+            side: self.has(FLAG_HAS_FD),
+            ring: self.has(FLAG_RING),
+        })
     }
 }
 

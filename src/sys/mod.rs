@@ -19,6 +19,8 @@ use nix::libc;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
+pub(crate) mod futex;
+
 /// Most fds one message may carry (a bound, so a peer cannot make us allocate without limit).
 pub(crate) const MAX_FDS_PER_MSG: usize = 8;
 

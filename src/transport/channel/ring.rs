@@ -1,0 +1,391 @@
+//! The shared-memory queue under a [`ChannelKind::ShmQueue`](super::ChannelKind::ShmQueue)
+//! channel: this side's outgoing ring (made here, sent in the hello), the peer's ring (mapped from
+//! its hello), and how this side waits and wakes the peer (the protocols are in
+//! `shm::ring`).
+//!
+//! The data socket stays: it carries the hello, it tells the peer's death (end of stream), and
+//! it is the fd a poll loop watches. A side that sleeps in `poll` (a poll loop, the library
+//! thread) arms its bells in `POLL` mode, and the peer wakes it with one byte on the socket (a
+//! *doorbell byte*, never parsed: after the hello, the socket carries nothing else). A blocking
+//! call sleeps in `FUTEX` mode on one bell and is woken by `FUTEX_WAKE`; it wakes up at least
+//! every [`SLICE`] to look at the socket, so a peer that died is seen within that time.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::config::WaitPolicy;
+use crate::shm::ring::{self, Consumer, Producer, RingError, AWAKE, FUTEX, POLL};
+use crate::shm::ring_map::{MapError, RingMap};
+use crate::sys::{self, futex, PollFd};
+use crate::transport::Error;
+
+/// Longest futex sleep before the socket is looked at (for the peer's death).
+const SLICE: Duration = Duration::from_millis(50);
+/// While busy-polling, how often the socket is looked at.
+const BUSY_CHECK: Duration = Duration::from_millis(1);
+
+/// `armed` bits: bells this side armed in `POLL` mode and has not taken back.
+const ARMED_DATA: u32 = 1;
+const ARMED_SPACE: u32 = 2;
+
+/// One side's rings and waiting state.
+#[derive(Debug)]
+pub(super) struct Link {
+    out: RingMap,
+    prod: Producer,
+    /// The peer's ring, once its hello is read.
+    inp: Option<RingMap>,
+    cons: Consumer,
+    policy: WaitPolicy,
+    /// Bells armed in `POLL` mode by [`Link::arm_poll`] (from `interest`, a `&self` call).
+    armed: AtomicU32,
+    /// The socket must be read before "nothing here" is believed: a doorbell byte may be
+    /// waiting, or the end of stream. Set whenever a wait went to the kernel or a waker may
+    /// have written a byte; cleared by reading the socket dry.
+    sock_due: AtomicBool,
+    /// The socket reached end of stream: what is still in the peer's ring is all there is.
+    eof: bool,
+}
+
+impl From<MapError> for Error {
+    fn from(e: MapError) -> Error {
+        match e {
+            MapError::Io(e) => Error::Io(e),
+            MapError::NotARing(what) => Error::BadRing(what),
+        }
+    }
+}
+
+fn corrupt(_: RingError) -> Error {
+    Error::BadRing("a position outside the ring")
+}
+
+/// Wakes a sleeper whose bell a push or pop took (`mode`): a futex wake, or a doorbell byte on
+/// our socket (a full socket already holds a wake; a failure is the peer's end, which the
+/// receive side reports).
+fn wake(mode: u32, bell: &crate::sync::AtomicU32, sock: BorrowedFd<'_>) {
+    match mode {
+        FUTEX => futex::wake(bell),
+        POLL => {
+            let _ = sys::try_send(sock, &[0]);
+        }
+        _ => {}
+    }
+}
+
+/// Whether the peer still holds its end of the socket: a closed (or dead) peer's end makes
+/// ours report a hang-up, while a peer that only ended its sending does not (that is end of
+/// stream for reading). [`Error::Reset`] when it is gone.
+pub(super) fn check_alive(sock: BorrowedFd<'_>) -> Result<(), Error> {
+    let mut p = [PollFd::new(sock, false, false)];
+    sys::poll(&mut p, Some(Duration::ZERO)).map_err(Error::Io)?;
+    if p[0].ready.hangup || p[0].ready.error {
+        return Err(Error::Reset);
+    }
+    Ok(())
+}
+
+impl Link {
+    /// This side's ring, made now (its fd goes in the hello).
+    pub(super) fn new(capacity: u64, policy: WaitPolicy) -> Result<Link, Error> {
+        Ok(Link {
+            out: RingMap::create(capacity)?,
+            prod: Producer { tail: 0 },
+            inp: None,
+            cons: Consumer { head: 0 },
+            policy,
+            armed: AtomicU32::new(0),
+            sock_due: AtomicBool::new(true),
+            eof: false,
+        })
+    }
+
+    /// The fd of our ring, for the hello.
+    pub(super) fn ring_fd(&self) -> BorrowedFd<'_> {
+        self.out.fd()
+    }
+
+    /// Maps the peer's ring, from its hello.
+    pub(super) fn attach(&mut self, fd: OwnedFd) -> Result<(), Error> {
+        let map = RingMap::open(fd)?;
+        let ctl = map.control();
+        if ctl.head.load(Ordering::Relaxed) != 0 {
+            return Err(Error::BadRing("a new ring that was read from"));
+        }
+        self.inp = Some(map);
+        Ok(())
+    }
+
+    /// Copies what fits of `iov` into our ring and wakes a sleeping peer. `Ok(None)`: full.
+    pub(super) fn push(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        iov: &[IoSlice<'_>],
+    ) -> Result<Option<usize>, Error> {
+        let ctl = self.out.control();
+        // Whole slices only, unless one could never fit: a small frame (one slice when sent
+        // at once; queued ones are coalesced whole) is never left half in the ring, so a
+        // sender that goes away leaves whole frames behind, as it usually does on a socket.
+        let cap = ring::RingBytes::cap(&self.out);
+        let mut room = self.prod.space(&ctl, cap).map_err(corrupt)?;
+        let mut k = 0;
+        for s in iov {
+            let len = s.len() as u64;
+            if len <= room {
+                room -= len;
+            } else if len > cap {
+                room = 0;
+            } else {
+                break;
+            }
+            k += 1;
+            if room == 0 {
+                break;
+            }
+        }
+        let (n, mode) = self
+            .prod
+            .push(&ctl, &self.out, &iov[..k])
+            .map_err(corrupt)?;
+        wake(mode, ctl.data_bell, sock);
+        Ok((n > 0).then_some(n))
+    }
+
+    /// Whether our ring has room.
+    pub(super) fn has_space(&self) -> Result<bool, Error> {
+        let ctl = self.out.control();
+        Ok(self
+            .prod
+            .space(&ctl, ring::RingBytes::cap(&self.out))
+            .map_err(corrupt)?
+            > 0)
+    }
+
+    /// Whether the peer's ring has bytes for us.
+    pub(super) fn has_data(&self) -> Result<bool, Error> {
+        let Some(inp) = &self.inp else {
+            return Ok(false);
+        };
+        let ctl = inp.control();
+        Ok(self
+            .cons
+            .available(&ctl, ring::RingBytes::cap(inp))
+            .map_err(corrupt)?
+            > 0)
+    }
+
+    /// Reads bytes of the stream into `dst`: from the peer's ring, and when it is empty, the
+    /// socket is read dry (doorbell bytes; the end of stream, after which the ring is read once
+    /// more: the peer published before it closed). `Ok(None)`: nothing now; `Ok(Some(0))`: end
+    /// of stream.
+    pub(super) fn read(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        dst: &mut [u8],
+    ) -> Result<Option<usize>, Error> {
+        self.settle();
+        loop {
+            if let Some(inp) = &self.inp {
+                let ctl = inp.control();
+                let (n, mode) = self.cons.pop(&ctl, inp, dst).map_err(corrupt)?;
+                wake(mode, ctl.space_bell, sock);
+                if n > 0 {
+                    return Ok(Some(n));
+                }
+            }
+            if self.eof {
+                return Ok(Some(0));
+            }
+            if !self.sock_due.swap(false, Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let mut bells = [0u8; 64];
+            match sys::recv_plain(sock, &mut bells, false) {
+                Ok(0) => self.eof = true,
+                // The peer closed with our hello or doorbell bytes unread (which is all we
+                // write on this socket): just its end, like end of stream.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => self.eof = true,
+                Ok(_) => self.sock_due.store(true, Ordering::Relaxed),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(Error::from_io(e)),
+            }
+        }
+    }
+
+    /// Whether the socket may hold news (the peer's end closed): set by every sleep that went
+    /// to the kernel.
+    pub(super) fn peer_check_due(&self) -> bool {
+        self.sock_due.load(Ordering::Relaxed)
+    }
+
+    /// Takes back the bells [`arm_poll`](Link::arm_poll) armed: a waker that took one first
+    /// wrote a doorbell byte, which the next read drains.
+    pub(super) fn settle(&self) {
+        let armed = self.armed.swap(0, Ordering::Relaxed);
+        if armed == 0 {
+            return;
+        }
+        let mut taken = false;
+        if armed & ARMED_DATA != 0 {
+            if let Some(inp) = &self.inp {
+                taken |= ring::disarm(inp.control().data_bell) == AWAKE;
+            }
+        }
+        if armed & ARMED_SPACE != 0 {
+            taken |= ring::disarm(self.out.control().space_bell) == AWAKE;
+        }
+        if taken {
+            self.sock_due.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Before a `poll` on the socket: arms the bells for data (once the peer's ring is mapped)
+    /// and, with `space`, for room in our ring, in `POLL` mode. Returns whether there is
+    /// something to do already (then the caller must not sleep).
+    pub(super) fn arm_poll(&self, space: bool) -> bool {
+        // A poll on the socket sees what is there: the next read must look.
+        self.sock_due.store(true, Ordering::Relaxed);
+        let mut ready = false;
+        let mut armed = 0;
+        if let Some(inp) = &self.inp {
+            armed |= ARMED_DATA;
+            let ctl = inp.control();
+            // A corrupt ring counts as ready: the read that follows reports it.
+            ready |= !self
+                .cons
+                .arm_data(&ctl, ring::RingBytes::cap(inp), POLL)
+                .unwrap_or(false);
+        }
+        if space {
+            armed |= ARMED_SPACE;
+            let ctl = self.out.control();
+            ready |= !self
+                .prod
+                .arm_space(&ctl, ring::RingBytes::cap(&self.out), POLL)
+                .unwrap_or(false);
+        }
+        self.armed.fetch_or(armed, Ordering::Relaxed);
+        ready
+    }
+
+    /// A blocking call's wait, until there is data (`read`), room (`space`), or `until`: spins
+    /// as the policy says, then sleeps on one bell's futex, or in `poll` when the socket or
+    /// the side socket must be watched too (`side`: the side socket, to wait for room for an
+    /// fd). Returns early (spurious returns are fine: the caller re-checks and waits again).
+    pub(super) fn wait(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        side: Option<BorrowedFd<'_>>,
+        read: bool,
+        space: bool,
+        until: Option<Instant>,
+    ) -> Result<(), Error> {
+        self.settle();
+        let data = read && self.inp.is_some();
+        let ready = |l: &Link| -> Result<bool, Error> {
+            Ok((data && l.has_data()?) || (space && l.has_space()?))
+        };
+        if ready(self)? || (read && self.sock_due.load(Ordering::Relaxed)) {
+            return Ok(());
+        }
+        // Waiting for the peer's hello, or for the side socket: only `poll` sees those.
+        let socket_only = (read && self.inp.is_none()) || side.is_some();
+        if !socket_only {
+            let spin = match self.policy {
+                WaitPolicy::BusyPoll => None,
+                WaitPolicy::SpinThenBlock(d) => Some(d),
+            };
+            if spin != Some(Duration::ZERO) {
+                let start = Instant::now();
+                let mut i = 0u32;
+                loop {
+                    if ready(self)? {
+                        return Ok(());
+                    }
+                    i = i.wrapping_add(1);
+                    if i % 64 == 0 {
+                        let now = Instant::now();
+                        if until.is_some_and(|u| now >= u) {
+                            return Ok(());
+                        }
+                        let spun = now - start;
+                        match spin {
+                            Some(d) if spun >= d => break,
+                            None if spun >= BUSY_CHECK => {
+                                // Look at the socket now and then (the peer's death).
+                                self.sock_due.store(true, Ordering::Relaxed);
+                                return Ok(());
+                            }
+                            _ => {}
+                        }
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+            if data != space {
+                return self.sleep_futex(sock, data, until);
+            }
+        }
+        self.sleep_poll(sock, side, space, until)
+    }
+
+    /// Sleeps on the one bell we wait on (data if `data`, else space), at most a slice.
+    fn sleep_futex(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        data: bool,
+        until: Option<Instant>,
+    ) -> Result<(), Error> {
+        let (ring, bell) = match (data, &self.inp) {
+            (true, Some(inp)) => (inp, inp.control().data_bell),
+            _ => (&self.out, self.out.control().space_bell),
+        };
+        let cap = ring::RingBytes::cap(ring);
+        let ctl = ring.control();
+        let sleep = if data {
+            self.cons.arm_data(&ctl, cap, FUTEX)
+        } else {
+            self.prod.arm_space(&ctl, cap, FUTEX)
+        }
+        .map_err(corrupt)?;
+        if sleep {
+            let left = until.map_or(SLICE, |u| u.saturating_duration_since(Instant::now()));
+            futex::wait(bell, FUTEX, Some(left.min(SLICE))).map_err(Error::Io)?;
+        }
+        if ring::disarm(bell) != AWAKE {
+            // Nobody woke us (a timeout, a signal): look at the socket before sleeping again.
+            self.sock_due.store(true, Ordering::Relaxed);
+            if !data {
+                check_alive(sock)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sleeps in `poll` on the socket (doorbell bytes, the hello, the end of stream) and, with
+    /// `side`, the side socket for writing.
+    fn sleep_poll(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        side: Option<BorrowedFd<'_>>,
+        space: bool,
+        until: Option<Instant>,
+    ) -> Result<(), Error> {
+        if self.arm_poll(space && side.is_none()) {
+            self.settle();
+            return Ok(());
+        }
+        let timeout = until.map(|u| u.saturating_duration_since(Instant::now()));
+        let r = match side {
+            Some(s) => sys::poll(
+                &mut [PollFd::new(sock, true, false), PollFd::new(s, false, true)],
+                timeout,
+            ),
+            None => sys::poll(&mut [PollFd::new(sock, true, false)], timeout),
+        };
+        self.settle();
+        r.map(drop).map_err(Error::Io)
+    }
+}
