@@ -102,6 +102,12 @@ impl Link {
         })
     }
 
+    /// Our ring's control words (tests scribble on them).
+    #[cfg(test)]
+    pub(super) fn out_control_for_tests(&self) -> crate::shm::ring::Control<'_> {
+        self.out.control()
+    }
+
     /// The fd of our ring, for the hello.
     pub(super) fn ring_fd(&self) -> BorrowedFd<'_> {
         self.out.fd()

@@ -170,7 +170,8 @@ impl Rx {
         let wanted = usize::from(hello.side) + usize::from(hello.ring);
         match self.hello_fds.len().cmp(&wanted) {
             std::cmp::Ordering::Less => return Err(Error::MissingFd),
-            std::cmp::Ordering::Greater => return Err(Error::UnexpectedFd),
+            std::cmp::Ordering::Greater if wanted == 0 => return Err(Error::UnexpectedFd),
+            std::cmp::Ordering::Greater => return Err(Error::TooManyFds),
             std::cmp::Ordering::Equal => {}
         }
         // (In the order sent: the ring's, then the side socket's.)

@@ -692,3 +692,133 @@ fn ring_kind_mismatch_is_reported() {
         })
     ));
 }
+
+/// A ring channel fed a hand-made hello (flags, fds) on a socket the test keeps; the channel's
+/// first receive's error.
+fn ring_hello_case(flags: u32, fds: &[BorrowedFd<'_>]) -> Error {
+    let (raw, theirs) = UnixStream::pair().unwrap();
+    let cfg = ChannelConfig::new().with_kind(ChannelKind::ShmQueue);
+    let mut c = Channel::from_stream(theirs, cfg).unwrap();
+    sys::send_with_fds(&raw, &encode_header(flags, 0), fds).unwrap();
+    let e = c.try_recv().expect_err("a bad hello");
+    assert!(matches!(c.try_recv(), Err(Error::Hosed)));
+    assert!(matches!(c.send(b"x"), Err(Error::Hosed)));
+    e
+}
+
+#[test]
+fn bad_ring_hellos_get_their_specific_error() {
+    use super::wire::FLAG_RING;
+    let hello = FLAG_HELLO | FLAG_RING;
+    assert!(matches!(ring_hello_case(hello, &[]), Error::MissingFd));
+    // A socket peer's hello (no ring) to a ring channel, and the other way round.
+    assert!(matches!(
+        ring_hello_case(FLAG_HELLO, &[]),
+        Error::KindMismatch {
+            ours: ChannelKind::ShmQueue,
+            theirs: ChannelKind::SocketStream
+        }
+    ));
+    // Not a ring: a pipe, an unsealed memfd, a sealed one of the wrong size or magic.
+    let (r, _w) = nix::unistd::pipe().unwrap();
+    assert!(matches!(
+        ring_hello_case(hello, &[r.as_fd()]),
+        Error::BadRing("the file's size is not sealed")
+    ));
+    let unsealed = sys::memfd_sealable("t").unwrap();
+    unsealed.set_len(4096 + 4096).unwrap();
+    assert!(matches!(
+        ring_hello_case(hello, &[unsealed.as_fd()]),
+        Error::BadRing("the file's size is not sealed")
+    ));
+    let odd = sys::memfd_sealable("t").unwrap();
+    odd.set_len(4096 + 5000).unwrap();
+    sys::seal_size(&odd).unwrap();
+    assert!(matches!(
+        ring_hello_case(hello, &[odd.as_fd()]),
+        Error::BadRing("the file's size is not a ring's")
+    ));
+    let blank = sys::memfd_sealable("t").unwrap();
+    blank.set_len(4096 + 8192).unwrap();
+    sys::seal_size(&blank).unwrap();
+    assert!(matches!(
+        ring_hello_case(hello, &[blank.as_fd()]),
+        Error::BadRing("bad magic")
+    ));
+    // Two fds where a ring alone is announced.
+    let ring = crate::shm::ring_map::RingMap::create(4096).unwrap();
+    assert!(matches!(
+        ring_hello_case(hello, &[ring.fd(), r.as_fd()]),
+        Error::TooManyFds
+    ));
+    // A ring that was already read from.
+    ring.control()
+        .head
+        .store(8, std::sync::atomic::Ordering::Relaxed);
+    assert!(matches!(
+        ring_hello_case(hello, &[ring.fd()]),
+        Error::BadRing("a new ring that was read from")
+    ));
+    // A socket channel that meets a ring's hello.
+    let (raw, theirs) = UnixStream::pair().unwrap();
+    let mut c = Channel::from_stream(theirs, ChannelConfig::new()).unwrap();
+    let ring = crate::shm::ring_map::RingMap::create(4096).unwrap();
+    sys::send_with_fds(&raw, &encode_header(hello, 0), &[ring.fd()]).unwrap();
+    assert!(matches!(
+        c.try_recv(),
+        Err(Error::KindMismatch {
+            ours: ChannelKind::SocketStream,
+            theirs: ChannelKind::ShmQueue
+        })
+    ));
+}
+
+#[test]
+fn ring_positions_out_of_range_are_bad_ring_once() {
+    use super::wire::FLAG_RING;
+    use crate::shm::ring::RingBytes;
+    use crate::shm::ring_map::RingMap;
+    use std::sync::atomic::Ordering::Relaxed;
+    let cfg = ChannelConfig::new().with_kind(ChannelKind::ShmQueue);
+    // The peer's tail more than a ring ahead of what we read; then behind it.
+    for tail in [4096 + 1, u64::MAX] {
+        let (raw, theirs) = UnixStream::pair().unwrap();
+        let mut c = Channel::from_stream(theirs, cfg.clone()).unwrap();
+        let ring = RingMap::create(4096).unwrap();
+        assert_eq!(ring.cap(), 4096);
+        ring.control().tail.store(tail, Relaxed);
+        sys::send_with_fds(
+            &raw,
+            &encode_header(FLAG_HELLO | FLAG_RING, 0),
+            &[ring.fd()],
+        )
+        .unwrap();
+        assert!(matches!(
+            c.try_recv(),
+            Err(Error::BadRing("a position outside the ring"))
+        ));
+        assert!(matches!(c.try_recv(), Err(Error::Hosed)));
+        drop(raw);
+    }
+    // The consumer's head (of our ring) scribbled: our next send finds it out of range.
+    let (mut a, mut b) = ring_pair(4096);
+    a.send(b"one").unwrap();
+    assert_eq!(
+        &*b.recv_blocking(Some(Duration::from_secs(5)))
+            .unwrap()
+            .unwrap()
+            .payload,
+        b"one"
+    );
+    a.link
+        .as_ref()
+        .unwrap()
+        .out_control_for_tests()
+        .head
+        .store(1 << 40, Relaxed);
+    assert!(matches!(
+        a.send(b"two"),
+        Err(Error::BadRing("a position outside the ring"))
+    ));
+    assert!(matches!(a.send(b"three"), Err(Error::Hosed)));
+}
