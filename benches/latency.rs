@@ -74,7 +74,75 @@ fn rtt(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rtt);
+/// The channel kinds side by side, with both floors in the same group: the raw two-process spin
+/// ping-pong over shared atomics (the hardware's) and the raw socket ping-pong; the small
+/// structured `sync_request` over the socket kind and over `ShmQueue` with each wait policy; and
+/// zero-copy 1 KiB and 1 GiB round trips over `ShmQueue` (a large message stays flat). Run it
+/// once per pinning (`FLOWIPC_PIN=same` and `split`); busy-polling is meant for split pinning.
+fn kinds(c: &mut Criterion) {
+    let mut client = peer::start();
+    let mut g = c.benchmark_group("rtt/kinds");
+    g.sampling_mode(SamplingMode::Flat);
+    g.sample_size(20);
+    g.warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(3));
+    g.bench_function("raw_spin_pingpong", |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                client.spin_rtt();
+            }
+            t.elapsed()
+        })
+    });
+    g.bench_function("raw_uds_64B", |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                client.raw_rtt();
+            }
+            t.elapsed()
+        })
+    });
+    g.bench_function(BenchmarkId::new("struc_sync_request", "socket"), |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                assert_eq!(client.struc_rtt(true), 42);
+            }
+            t.elapsed()
+        })
+    });
+    for (i, (name, _)) in peer::KINDS.iter().enumerate() {
+        g.bench_function(BenchmarkId::new("struc_sync_request", name), |b| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    assert_eq!(client.kind_rtt(i), 42);
+                }
+                t.elapsed()
+            })
+        });
+    }
+    for size in [1 << 10, 1 << 30] {
+        g.bench_with_input(
+            BenchmarkId::new("zero_copy_shm_queue", label(size)),
+            &size,
+            |b, &size| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        std::hint::black_box(client.queue_rtt(size));
+                    }
+                    t.elapsed()
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, rtt, kinds);
 
 fn main() {
     peer::serve_if_peer();

@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 use flowipc::msg::{Backing, MsgChannel, MsgOut};
 use flowipc::schemas::perf_demo_capnp::body;
 use flowipc::schemas::test_msgs_capnp::cool_msg;
-use flowipc::shm::{Arena, ArenaConfig};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use flowipc::shm::{Arena, ArenaConfig, ShmHandle};
 use flowipc::struc;
-use flowipc::transport::{Channel, ChannelConfig};
+use flowipc::transport::{Channel, ChannelConfig, ChannelKind, WaitPolicy};
 
 /// Set in the server process: the abstract socket name to connect to.
 pub const PEER_ENV: &str = "FLOWIPC_PERF_PEER";
@@ -71,7 +73,29 @@ impl Pin {
     }
 }
 
-/// The client's ends of the three connections, and the server process.
+/// The structured channels of the other kinds and wait policies, by label (the socket kind's
+/// are `struc_shm` / `struc_heap`): a `ShmQueue` channel (arena-backed, as `struc_shm`) per
+/// policy, on both sides.
+pub const KINDS: [(&str, WaitPolicy); 3] = [
+    ("shm_queue_block", WaitPolicy::BLOCK),
+    (
+        "shm_queue_default",
+        WaitPolicy::SpinThenBlock(Duration::from_micros(20)),
+    ),
+    ("shm_queue_busy", WaitPolicy::BusyPoll),
+];
+
+fn kind_config(policy: WaitPolicy) -> ChannelConfig {
+    config()
+        .with_kind(ChannelKind::ShmQueue)
+        .with_wait_policy(policy)
+}
+
+/// Slots of the spin ping-pong, a cache line pair apart.
+const PING: usize = 0;
+const PONG: usize = 16;
+
+/// The client's ends of the connections, and the server process.
 pub struct Client {
     pub raw: UnixStream,
     pub shm: MsgChannel<body::Owned>,
@@ -79,11 +103,19 @@ pub struct Client {
     /// Structured channels (CoolMsg), arena-backed and heap-backed.
     pub struc_shm: struc::Channel<cool_msg::Owned>,
     pub struc_heap: struc::Channel<cool_msg::Owned>,
+    /// Structured channels of kind `ShmQueue`, one per policy of [`KINDS`].
+    pub struc_kinds: Vec<struc::Channel<cool_msg::Owned>>,
+    /// A zero-copy message channel of kind `ShmQueue` (default policy).
+    pub shm_queue: MsgChannel<body::Owned>,
+    /// The spin ping-pong's words, in an arena the server maps (the hardware floor).
+    spin: ShmHandle<[AtomicU64; 32]>,
+    spin_seq: u64,
     server: Child,
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
+        self.spin[PING].store(u64::MAX, Ordering::Release);
         let _ = self.server.kill();
         let _ = self.server.wait();
     }
@@ -103,15 +135,38 @@ pub fn serve_if_peer() {
     let heap = connect();
     let struc_shm = connect();
     let struc_heap = connect();
+    let kinds: Vec<UnixStream> = KINDS.iter().map(|_| connect()).collect();
+    let shm_queue = connect();
+    let spin = connect();
     let arena = Arena::create(ArenaConfig::new()).expect("arena");
     let small = Arena::create(ArenaConfig::new().pool_size(16 << 20)).expect("arena");
-    let threads = [
+    let mut threads = vec![
+        std::thread::spawn({
+            let arena = arena.clone();
+            move || {
+                serve_msgs_with(
+                    shm_queue,
+                    Backing::Shm(arena),
+                    kind_config(WaitPolicy::default()),
+                )
+            }
+        }),
+        std::thread::spawn(move || serve_spin(spin)),
+    ];
+    for ((_, policy), s) in KINDS.iter().zip(kinds) {
+        let small = small.clone();
+        let policy = *policy;
+        threads.push(std::thread::spawn(move || {
+            serve_struc_with(s, Backing::Shm(small), kind_config(policy))
+        }));
+    }
+    threads.extend([
         std::thread::spawn(move || serve_raw(raw)),
         std::thread::spawn(move || serve_msgs(shm, Backing::Shm(arena))),
         std::thread::spawn(move || serve_msgs(heap, Backing::Heap)),
         std::thread::spawn(move || serve_struc(struc_shm, Backing::Shm(small))),
         std::thread::spawn(move || serve_struc(struc_heap, Backing::Heap)),
-    ];
+    ]);
     for t in threads {
         let _ = t.join();
     }
@@ -127,8 +182,49 @@ fn serve_raw(mut s: UnixStream) {
     }
 }
 
+/// The spin ping-pong's server: maps the client's arena, then answers each ping by spinning.
+fn serve_spin(s: UnixStream) {
+    let Ok(arena) = Arena::join_from(&s, ArenaConfig::new()) else {
+        return;
+    };
+    let mut blob = [0u8; 32];
+    if (&s).read_exact(&mut blob).is_err() {
+        return;
+    }
+    let Ok(blob) = flowipc::shm::LendBlob::from_bytes(&blob) else {
+        return;
+    };
+    let Ok(words) = arena.borrow::<[AtomicU64; 32]>(&blob) else {
+        return;
+    };
+    let mut seq = 0u64;
+    let mut idle = 0u64;
+    loop {
+        let v = words[PING].load(Ordering::Acquire);
+        if v == u64::MAX {
+            return;
+        }
+        if v != seq {
+            seq = v;
+            words[PONG].store(v, Ordering::Release);
+            idle = 0;
+            continue;
+        }
+        idle += 1;
+        if idle % (1 << 20) == 0 {
+            // Between samples: do not keep a vCPU from the client.
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        std::hint::spin_loop();
+    }
+}
+
 fn serve_msgs(s: UnixStream, backing: Backing) {
-    let chan = Channel::from_stream(s, config()).expect("channel");
+    serve_msgs_with(s, backing, config())
+}
+
+fn serve_msgs_with(s: UnixStream, backing: Backing, cfg: ChannelConfig) {
+    let chan = Channel::from_stream(s, cfg).expect("channel");
     let mut chan = MsgChannel::<body::Owned>::new(chan, backing);
     let mut cache: HashMap<usize, MsgOut<body::Owned>> = HashMap::new();
     while let Ok(Some(req)) = chan.recv_blocking(None) {
@@ -155,7 +251,11 @@ fn serve_msgs(s: UnixStream, backing: Backing) {
 
 /// Answers every `sumRequest` with its sum (the page's example), until the client goes.
 fn serve_struc(s: UnixStream, backing: Backing) {
-    let chan = Channel::from_stream(s, config()).expect("channel");
+    serve_struc_with(s, backing, config())
+}
+
+fn serve_struc_with(s: UnixStream, backing: Backing, cfg: ChannelConfig) {
+    let chan = Channel::from_stream(s, cfg).expect("channel");
     let mut chan = struc::Channel::<cool_msg::Owned>::new(chan, backing).expect("struc channel");
     let sum_request = struc::MsgType::of::<cool_msg::Owned>("sumRequest").expect("type");
     chan.start(|_| {}).expect("start");
@@ -207,20 +307,41 @@ pub fn start() -> Client {
     let heap = accept();
     let struc_shm = accept();
     let struc_heap = accept();
+    let kinds: Vec<UnixStream> = KINDS.iter().map(|_| accept()).collect();
+    let shm_queue = accept();
+    let spin_sock = accept();
     let arena = Arena::create(ArenaConfig::new().pool_size(64 << 20)).expect("arena");
-    let chan = |s| Channel::from_stream(s, config()).expect("channel");
-    let structured = |s, backing| {
-        let mut c = struc::Channel::new(chan(s), backing).expect("struc channel");
+    let chan = |s, cfg| Channel::from_stream(s, cfg).expect("channel");
+    let structured = |s, backing, cfg| {
+        let mut c = struc::Channel::new(chan(s, cfg), backing).expect("struc channel");
         c.start(|e| panic!("structured channel: {e}"))
             .expect("start");
         c
     };
+    let spin: ShmHandle<[AtomicU64; 32]> = arena
+        .construct(std::array::from_fn(|_| AtomicU64::new(0)))
+        .expect("spin words");
+    arena.send_to(&spin_sock).expect("send the arena");
+    (&spin_sock)
+        .write_all(spin.lend().as_bytes())
+        .expect("send the spin words");
     Client {
         raw,
-        shm: MsgChannel::new(chan(shm), Backing::Shm(arena.clone())),
-        heap: MsgChannel::new(chan(heap), Backing::Heap),
-        struc_shm: structured(struc_shm, Backing::Shm(arena)),
-        struc_heap: structured(struc_heap, Backing::Heap),
+        shm: MsgChannel::new(chan(shm, config()), Backing::Shm(arena.clone())),
+        heap: MsgChannel::new(chan(heap, config()), Backing::Heap),
+        struc_shm: structured(struc_shm, Backing::Shm(arena.clone()), config()),
+        struc_heap: structured(struc_heap, Backing::Heap, config()),
+        struc_kinds: KINDS
+            .iter()
+            .zip(kinds)
+            .map(|((_, p), s)| structured(s, Backing::Shm(arena.clone()), kind_config(*p)))
+            .collect(),
+        shm_queue: MsgChannel::new(
+            chan(shm_queue, kind_config(WaitPolicy::default())),
+            Backing::Shm(arena),
+        ),
+        spin,
+        spin_seq: 0,
         server,
     }
 }
@@ -245,6 +366,26 @@ impl Client {
         self.raw.read_exact(&mut buf).expect("raw read");
     }
 
+    /// One spin ping-pong over shared atomics (the hardware floor: no system call, no copy).
+    pub fn spin_rtt(&mut self) {
+        self.spin_seq += 1;
+        let seq = self.spin_seq;
+        self.spin[PING].store(seq, Ordering::Release);
+        while self.spin[PONG].load(Ordering::Acquire) != seq {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// One zero-copy round trip of `size` bytes over the `ShmQueue` channel.
+    pub fn queue_rtt(&mut self, size: usize) -> u8 {
+        round_trip(&mut self.shm_queue, size)
+    }
+
+    /// One structured `sync_request` over the `ShmQueue` channel of policy `KINDS[i]`.
+    pub fn kind_rtt(&mut self, i: usize) -> i64 {
+        sum_request(&mut self.struc_kinds[i])
+    }
+
     /// One request/response round trip for `size` bytes, ending after the response's first
     /// part was touched. Returns the first byte (so the touch is not optimized away).
     pub fn rtt(&mut self, zero_copy: bool, size: usize) -> u8 {
@@ -253,6 +394,22 @@ impl Client {
         } else {
             &mut self.heap
         };
+        round_trip(chan, size)
+    }
+
+    /// One structured `sync_request` (a small `sumRequest`) and its `sumResponse`.
+    pub fn struc_rtt(&mut self, zero_copy: bool) -> i64 {
+        let chan = if zero_copy {
+            &mut self.struc_shm
+        } else {
+            &mut self.struc_heap
+        };
+        sum_request(chan)
+    }
+}
+
+fn round_trip(chan: &mut MsgChannel<body::Owned>, size: usize) -> u8 {
+    {
         let mut req = chan.create_msg();
         req.init_root()
             .init_get_cache_req()
@@ -272,14 +429,10 @@ impl Client {
         assert_eq!(first.len(), PART.min(size));
         first[0]
     }
+}
 
-    /// One structured `sync_request` (a small `sumRequest`) and its `sumResponse`.
-    pub fn struc_rtt(&mut self, zero_copy: bool) -> i64 {
-        let chan = if zero_copy {
-            &mut self.struc_shm
-        } else {
-            &mut self.struc_heap
-        };
+fn sum_request(chan: &mut struc::Channel<cool_msg::Owned>) -> i64 {
+    {
         let mut req = chan.create_msg();
         let mut terms = req.init_root().init_sum_request().init_terms_to_add(2);
         terms.set(0, 20);
@@ -290,7 +443,9 @@ impl Client {
             _ => panic!("not a sumResponse"),
         }
     }
+}
 
+impl Client {
     /// Times `n` structured `sync_request` round trips; returns each one's duration.
     pub fn sample_struc(&mut self, zero_copy: bool, n: usize) -> Vec<Duration> {
         (0..n)

@@ -46,6 +46,7 @@ fn child_entry() {
         "pinger" => child_keepalive(Some(Duration::from_millis(50))),
         "silent" => child_keepalive(None),
         "async_echo" => child_async_echo(),
+        "hello_then_sleep" => child_hello_then_sleep(),
         other => panic!("unknown role {other}"),
     }
 }
@@ -321,6 +322,65 @@ fn a_peer_killed_mid_stream_is_reported_once_and_others_go_on() {
         assert!(cb.flush_blocking(WAIT).unwrap());
         assert!(matches!(next_error(&mut cb), Error::PeerGone));
         wait_ok(b);
+    });
+}
+
+/// Sends one frame (so the parent has its hello), then sleeps, reading nothing, until killed.
+fn child_hello_then_sleep() {
+    let mut c = child_channel(channel_config());
+    c.send(b"here").unwrap();
+    assert!(c.flush_blocking(WAIT).unwrap());
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+fn a_peer_killed_while_we_wait_is_reported_once_whatever_the_wait() {
+    use flowipc::transport::WaitPolicy;
+    within(120, "killed while waiting", || {
+        let policies = [
+            WaitPolicy::BLOCK,
+            WaitPolicy::default(),
+            WaitPolicy::BusyPoll,
+        ];
+        for policy in policies {
+            // Waiting to receive (spinning, then on the futex; or busy-polling).
+            let mut p = spawn_plain("hello_then_sleep");
+            let mut c = parent_channel(&mut p, channel_config().with_wait_policy(policy));
+            assert_eq!(&*recv(&mut c).payload, b"here");
+            let waiter = std::thread::spawn(move || {
+                let e = next_error(&mut c);
+                (e, c)
+            });
+            std::thread::sleep(Duration::from_millis(100)); // well into the wait
+            p.child.kill().unwrap();
+            p.child.wait().unwrap();
+            let (e, c) = waiter.join().unwrap();
+            assert!(matches!(e, Error::PeerGone | Error::Reset), "{policy:?}: {e:?}");
+            drop(c);
+
+            // Waiting for room: the peer reads nothing, the socket or ring fills, the rest is
+            // queued, and a blocking flush waits for room that never comes.
+            let mut p = spawn_plain("hello_then_sleep");
+            let mut c = parent_channel(&mut p, channel_config().with_wait_policy(policy));
+            assert_eq!(&*recv(&mut c).payload, b"here");
+            let chunk = vec![7u8; 64 << 10];
+            while c.queued_bytes() == 0 {
+                c.send(&chunk).unwrap();
+            }
+            let waiter = std::thread::spawn(move || {
+                let r = c.flush_blocking(WAIT);
+                (r, c)
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            p.child.kill().unwrap();
+            p.child.wait().unwrap();
+            let (r, mut c) = waiter.join().unwrap();
+            assert!(matches!(r, Err(Error::Reset)), "{policy:?}: {r:?}");
+            assert!(matches!(c.flush(), Err(Error::Hosed)));
+            assert!(matches!(c.try_recv(), Err(Error::Hosed)));
+        }
+        // (Rings are memfds, named nowhere: nothing can be left in /dev/shm.)
+        assert!(dev_shm_leftovers().is_empty());
     });
 }
 

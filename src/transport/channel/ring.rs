@@ -26,6 +26,13 @@ const SLICE: Duration = Duration::from_millis(50);
 /// While busy-polling, how often the socket is looked at.
 const BUSY_CHECK: Duration = Duration::from_millis(1);
 
+/// Spinning only checks the ring for this long before it starts to yield the CPU.
+const SPIN_PURE: Duration = Duration::from_micros(2);
+/// How often a spin-then-block wait yields the CPU after `SPIN_PURE`.
+const SPIN_YIELD: Duration = Duration::ZERO;
+/// How often a busy-polling wait yields the CPU (rarely: it is meant to own its CPU).
+const BUSY_YIELD: Duration = Duration::from_micros(50);
+
 /// `armed` bits: bells this side armed in `POLL` mode and has not taken back.
 const ARMED_DATA: u32 = 1;
 const ARMED_SPACE: u32 = 2;
@@ -305,6 +312,7 @@ impl Link {
             };
             if spin != Some(Duration::ZERO) {
                 let start = Instant::now();
+                let mut last_yield = start;
                 let mut i = 0u32;
                 loop {
                     if ready(self)? {
@@ -325,6 +333,19 @@ impl Link {
                                 return Ok(());
                             }
                             _ => {}
+                        }
+                        // Past the first microseconds, hand the CPU over now and then: a peer
+                        // that shares it (two processes on one vCPU) cannot answer while we
+                        // spin, and `sched_yield` lets it run at once. With a CPU of our own
+                        // the yield returns at once.
+                        let every = if spin.is_some() {
+                            SPIN_YIELD
+                        } else {
+                            BUSY_YIELD
+                        };
+                        if spun >= SPIN_PURE && now - last_yield >= every {
+                            std::thread::yield_now();
+                            last_yield = Instant::now();
                         }
                     }
                     std::hint::spin_loop();
