@@ -191,6 +191,7 @@ impl SessionConfig {
         match self.channel_kind {
             ChannelKind::SocketStream => 0,
             ChannelKind::ShmQueue => 1,
+            ChannelKind::PosixMq => 2,
         }
     }
 }

@@ -20,6 +20,7 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 pub(crate) mod futex;
+pub(crate) mod mq;
 
 /// Most fds one message may carry (a bound, so a peer cannot make us allocate without limit).
 pub(crate) const MAX_FDS_PER_MSG: usize = 8;

@@ -26,9 +26,9 @@ pub enum Error {
         theirs: super::ChannelKind,
     },
     /// The peer's shared-memory ring is not one (a file of the wrong size or not sealed, a bad
-    /// header), or its control words hold positions no correct peer writes. The text says
-    /// which. Hosing.
-    BadRing(&'static str),
+    /// header) or its control words hold positions no correct peer writes; or the peer's POSIX
+    /// message queue is not one. The text says which. Hosing.
+    BadQueue(&'static str),
     /// A system call failed in an unexpected way (hosing).
     Io(io::Error),
     /// The connection was reset (`ECONNRESET` or `EPIPE`: the peer closed its end, typically
@@ -117,7 +117,7 @@ impl Error {
         match self {
             Error::Io(_)
             | Error::KindMismatch { .. }
-            | Error::BadRing(_)
+            | Error::BadQueue(_)
             | Error::Reset
             | Error::PeerGone
             | Error::EndOfStream
@@ -154,7 +154,7 @@ impl fmt::Display for Error {
                 f,
                 "the peer's channel kind is {theirs:?}, this side's is {ours:?}"
             ),
-            Error::BadRing(what) => write!(f, "bad shared-memory ring: {what}"),
+            Error::BadQueue(what) => write!(f, "bad ring or message queue: {what}"),
             Error::Reset => f.write_str("connection reset by peer"),
             Error::PeerGone => f.write_str("peer closed the connection"),
             Error::EndOfStream => f.write_str("peer ended its sending"),

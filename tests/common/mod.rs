@@ -29,11 +29,14 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 /// The channel kind this test crate runs its suite over. A suite file under `suites/` is
-/// included by two test crates: `<suite>` runs it over sockets, `<suite>_shm_queue` over
-/// shared-memory queues (child processes re-execute the same binary, so they agree).
+/// included by three test crates: `<suite>` runs it over sockets, `<suite>_shm_queue` over
+/// shared-memory queues, `<suite>_posix_mq` over POSIX message queues (child processes re-execute the same binary, so they agree).
 pub fn kind() -> flowipc::transport::ChannelKind {
-    if env!("CARGO_CRATE_NAME").ends_with("_shm_queue") {
+    let name = env!("CARGO_CRATE_NAME");
+    if name.ends_with("_shm_queue") {
         flowipc::transport::ChannelKind::ShmQueue
+    } else if name.ends_with("_posix_mq") {
+        flowipc::transport::ChannelKind::PosixMq
     } else {
         flowipc::transport::ChannelKind::SocketStream
     }
@@ -72,7 +75,7 @@ impl Drop for Peer {
     }
 }
 
-fn unique_name() -> String {
+pub fn unique_name() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

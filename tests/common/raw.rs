@@ -17,6 +17,7 @@ pub const HEADER_LEN: usize = 16;
 pub const FLAG_HAS_FD: u32 = 1;
 pub const FLAG_HELLO: u32 = 1 << 3;
 pub const FLAG_RING: u32 = 1 << 4;
+pub const FLAG_MQ: u32 = 1 << 5;
 
 /// A ring's layout (see `flowipc::shm::ring_map`'s docs).
 pub const RING_DATA: u64 = 4096;
@@ -69,10 +70,49 @@ impl RawRing {
     }
 }
 
-/// The raw peer: the data socket, and the ring when the kind has one.
+/// A POSIX message queue made by hand (unlinked at once).
+pub struct RawQueue(pub nix::mqueue::MqdT);
+
+impl RawQueue {
+    pub fn new() -> RawQueue {
+        use nix::mqueue::{mq_open, mq_unlink, MQ_OFlag, MqAttr};
+        let name = format!(
+            "/flowipc-raw-{}-{}",
+            std::process::id(),
+            super::unique_name()
+        );
+        let attr = MqAttr::new(0, 8, 2048, 0);
+        let q = mq_open(
+            name.as_str(),
+            MQ_OFlag::O_CREAT | MQ_OFlag::O_EXCL | MQ_OFlag::O_RDWR | MQ_OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+            Some(&attr),
+        )
+        .unwrap();
+        mq_unlink(name.as_str()).unwrap();
+        RawQueue(q)
+    }
+
+    /// Sends `bytes` in 2 KiB messages (the reader must keep up: 8 fit).
+    pub fn push(&self, bytes: &[u8]) {
+        for m in bytes.chunks(2048) {
+            nix::mqueue::mq_send(&self.0, m, 0).unwrap();
+        }
+    }
+}
+
+impl Drop for RawQueue {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        let _ = nix::unistd::close(self.0.as_raw_fd());
+    }
+}
+
+/// The raw peer: the data socket, and the ring or queue when the kind has one.
 pub struct RawPeer {
     pub sock: UnixStream,
     pub ring: Option<RawRing>,
+    pub queue: Option<RawQueue>,
 }
 
 impl RawPeer {
@@ -81,10 +121,15 @@ impl RawPeer {
     pub fn hello(sock: UnixStream, side: Option<BorrowedFd<'_>>) -> RawPeer {
         let mut flags = FLAG_HELLO;
         let ring = (kind() == ChannelKind::ShmQueue).then(|| RawRing::new(1 << 16));
+        let queue = (kind() == ChannelKind::PosixMq).then(RawQueue::new);
         let mut fds = Vec::new();
         if let Some(r) = &ring {
             flags |= FLAG_RING;
             fds.push(r.file.as_fd());
+        }
+        if let Some(q) = &queue {
+            flags |= FLAG_MQ;
+            fds.push(q.0.as_fd());
         }
         if let Some(s) = side {
             flags |= FLAG_HAS_FD;
@@ -94,7 +139,7 @@ impl RawPeer {
             send_with_fds(&sock, &raw_frame(flags, 0, &[]), &fds),
             HEADER_LEN
         );
-        RawPeer { sock, ring }
+        RawPeer { sock, ring, queue }
     }
 
     /// Writes stream bytes: on the socket, or into the ring (then a doorbell byte).
@@ -105,12 +150,16 @@ impl RawPeer {
     /// Writes stream bytes with `fds` attached to the data socket: to the bytes themselves,
     /// or (ring) to a doorbell byte sent after them.
     pub fn write_with_fds(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
-        match &mut self.ring {
-            None => assert_eq!(send_with_fds(&self.sock, bytes, fds), bytes.len()),
-            Some(r) => {
+        match (&mut self.ring, &self.queue) {
+            (Some(r), _) => {
                 r.push(bytes);
                 assert_eq!(send_with_fds(&self.sock, &[0], fds), 1);
             }
+            (None, Some(q)) => {
+                q.push(bytes);
+                assert_eq!(send_with_fds(&self.sock, &[0], fds), 1);
+            }
+            (None, None) => assert_eq!(send_with_fds(&self.sock, bytes, fds), bytes.len()),
         }
     }
 }

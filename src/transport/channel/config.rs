@@ -26,6 +26,14 @@ pub enum ChannelKind {
     /// flow through it in pieces. The receiver spins, then sleeps on a shared futex, as its
     /// [`WaitPolicy`] says; the sender makes a system call only to wake a sleeping receiver.
     ShmQueue,
+    /// POSIX message queues (mq_overview(7)), one per direction, for parity with Flow-IPC's
+    /// `MqType::POSIX`: each queue is made by its sender and unlinked at once (its descriptor
+    /// travels in the hello, so it has no name while in use and nothing outlives a crash).
+    /// Every message is a system call on both sides, like the socket's, with smaller units
+    /// (2 KiB messages, 8 to a queue, within the kernel's default per-user limit): it is not
+    /// faster than the socket on any measure here (see the README's table); it exists for
+    /// programs that want the queues themselves.
+    PosixMq,
 }
 
 /// How a [`ShmQueue`](ChannelKind::ShmQueue) channel's blocking calls wait for the peer:

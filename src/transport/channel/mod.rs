@@ -12,6 +12,8 @@
 
 mod config;
 mod frame;
+mod link;
+mod mq;
 mod ring;
 mod rx;
 mod submit;
@@ -32,6 +34,7 @@ pub use self::config::{
     ChannelConfig, ChannelKind, WaitPolicy, DEFAULT_MAX_FRAME, DEFAULT_RING_CAPACITY,
 };
 pub use self::frame::{Frame, OutFrame};
+use self::link::Link;
 use self::rx::{Parsed, Rx};
 use self::tx::{Kind, SendQueue};
 use self::wire::{FLAG_END, FLAG_PING};
@@ -85,7 +88,7 @@ pub struct Channel {
     side_full: bool,
     /// The shared-memory rings of a [`ChannelKind::ShmQueue`] channel (`None`: the socket
     /// kind).
-    link: Option<Box<ring::Link>>,
+    link: Option<Box<Link>>,
 }
 
 impl fmt::Debug for Channel {
@@ -150,13 +153,7 @@ impl Channel {
         } else {
             (None, None)
         };
-        let link = match config.kind {
-            ChannelKind::SocketStream => None,
-            ChannelKind::ShmQueue => Some(Box::new(ring::Link::new(
-                config.ring_capacity,
-                config.wait,
-            )?)),
-        };
+        let link = Link::new(&config, stream.as_fd())?.map(Box::new);
         let now = Instant::now();
         Ok(Channel {
             sock: stream,
@@ -296,7 +293,7 @@ impl Channel {
                 }
                 Ok(None) => {
                     if let Some(link) = &self.link {
-                        // A full ring: a peer that is gone will never make room.
+                        // A full ring or queue: a peer that is gone will never make room.
                         if link.peer_check_due() {
                             if let Err(e) = ring::check_alive(self.sock.as_fd()) {
                                 return Err(self.hose(e));
@@ -476,7 +473,7 @@ impl Channel {
                     Err(e) => return Err(self.hose(Error::Io(e))),
                 };
                 let pending = pending
-                    || match self.link.as_deref().map(ring::Link::has_data) {
+                    || match self.link.as_deref().map(Link::has_data) {
                         Some(Err(e)) => return Err(self.hose(e)),
                         Some(Ok(data)) => data,
                         None => false,
@@ -580,8 +577,8 @@ impl Channel {
         Ok(true)
     }
 
-    /// [`wait`](Channel::wait) on a [`ChannelKind::ShmQueue`] channel: spins and sleeps on the
-    /// rings as the policy says (see `ring::Link::wait`).
+    /// [`wait`](Channel::wait) on a channel of another kind than the socket: on the rings, it
+    /// spins and sleeps as the policy says (see `ring::Link::wait`); on the queues, it polls.
     fn ring_wait(&mut self, read: bool, deadline: Option<Instant>) -> Result<(), Error> {
         let until = match (deadline, self.next_deadline()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -602,20 +599,17 @@ impl Channel {
         }
     }
 
-    /// After the peer's hello: both ends must be of one kind; a ring's is mapped.
+    /// After the peer's hello: both ends must be of one kind; a ring's is mapped, a queue's
+    /// taken.
     fn check_kind(&mut self) -> Result<(), Error> {
-        let theirs = if self.rx.ring_fd.is_some() {
-            ChannelKind::ShmQueue
-        } else {
-            ChannelKind::SocketStream
-        };
+        let theirs = self.rx.queue_kind;
         if theirs != self.cfg.kind {
             return Err(Error::KindMismatch {
                 ours: self.cfg.kind,
                 theirs,
             });
         }
-        if let (Some(link), Some(fd)) = (self.link.as_deref_mut(), self.rx.ring_fd.take()) {
+        if let (Some(link), Some(fd)) = (self.link.as_deref_mut(), self.rx.queue_fd.take()) {
             link.attach(fd)?;
             // Reading the peer's ring may wake the peer with a doorbell byte on our socket,
             // which must come after our hello: send it now if no send has yet.
@@ -643,20 +637,23 @@ impl Pollable for Channel {
                 self.next_deadline(),
             );
         };
-        // The rings have no fd: the socket is where the peer's doorbell bytes (for data, and
-        // for room in a full ring) arrive, armed here; the side socket is watched as usual.
+        // A ring has no fd: the socket is where the peer's doorbell bytes (for data, and for
+        // room in a full ring) arrive, armed here. A queue channel reads an epoll fd over the
+        // socket and the peer's queue. The side socket is watched as usual.
         let writing = self.wants_write();
         let side_wait = writing && self.side_full && self.side.is_some();
-        let deadline = if link.arm_poll(writing && !side_wait) {
+        let (read, write, ready) = link.interest(self.sock.as_fd(), writing && !side_wait);
+        let deadline = if ready {
             Some(Instant::now())
         } else {
             self.next_deadline()
         };
-        Interest::new(
-            Some(self.sock.as_fd()),
-            side_wait.then(|| self.write_fd()),
-            deadline,
-        )
+        let write = if side_wait {
+            Some(self.write_fd())
+        } else {
+            write
+        };
+        Interest::new(Some(read), write, deadline)
     }
 
     /// Runs the due timers and writes what the socket takes; receiving is
@@ -678,7 +675,7 @@ impl Pollable for Channel {
 /// `Ok(None)`: nothing was taken (a full socket or ring).
 fn write_data(
     sock: &UnixStream,
-    link: Option<&mut ring::Link>,
+    link: Option<&mut Link>,
     iov: &[IoSlice<'_>],
     attach: Option<BorrowedFd<'_>>,
 ) -> Result<Option<usize>, Error> {
@@ -696,7 +693,7 @@ fn write_data(
 /// `wait`), or from the peer's ring. `Ok(None)`: nothing now; `Ok(Some(0))`: end of stream.
 fn read_data(
     sock: &UnixStream,
-    link: Option<&mut ring::Link>,
+    link: Option<&mut Link>,
     dst: &mut [u8],
     wait: bool,
 ) -> Result<Option<usize>, Error> {

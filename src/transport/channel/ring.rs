@@ -60,13 +60,13 @@ impl From<MapError> for Error {
     fn from(e: MapError) -> Error {
         match e {
             MapError::Io(e) => Error::Io(e),
-            MapError::NotARing(what) => Error::BadRing(what),
+            MapError::NotARing(what) => Error::BadQueue(what),
         }
     }
 }
 
 fn corrupt(_: RingError) -> Error {
-    Error::BadRing("a position outside the ring")
+    Error::BadQueue("a position outside the ring")
 }
 
 /// Wakes a sleeper whose bell a push or pop took (`mode`): a futex wake, or a doorbell byte on
@@ -125,7 +125,7 @@ impl Link {
         let map = RingMap::open(fd)?;
         let ctl = map.control();
         if ctl.head.load(Ordering::Relaxed) != 0 {
-            return Err(Error::BadRing("a new ring that was read from"));
+            return Err(Error::BadQueue("a new ring that was read from"));
         }
         self.inp = Some(map);
         Ok(())

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use super::wire::{Header, Kind, HEADER_LEN};
-use super::Frame;
+use super::{ChannelKind, Frame};
 use crate::sys;
 use crate::transport::{AlignedBuf, Error};
 
@@ -42,8 +42,11 @@ pub(super) struct Rx {
     /// The receiving end of the peer's fd side socket (from its hello): the fd of each frame
     /// flagged `FLAG_HAS_FD` is read here when the frame is parsed, never waited for.
     pub(super) side: Option<UnixStream>,
-    /// The peer's ring (from a `ShmQueue` peer's hello), until the channel maps it.
-    pub(super) ring_fd: Option<OwnedFd>,
+    /// The peer's kind, as its hello says.
+    pub(super) queue_kind: ChannelKind,
+    /// The peer's ring or queue (from a `ShmQueue` or `PosixMq` peer's hello), until the
+    /// channel takes it.
+    pub(super) queue_fd: Option<OwnedFd>,
 }
 
 pub(super) enum Parsed {
@@ -167,17 +170,24 @@ impl Rx {
             self.hello_len += r.bytes;
         };
         let hello = header.hello()?;
-        let wanted = usize::from(hello.side) + usize::from(hello.ring);
+        let queue = hello.ring || hello.mq;
+        let wanted = usize::from(hello.side) + usize::from(queue);
         match self.hello_fds.len().cmp(&wanted) {
             std::cmp::Ordering::Less => return Err(Error::MissingFd),
             std::cmp::Ordering::Greater if wanted == 0 => return Err(Error::UnexpectedFd),
             std::cmp::Ordering::Greater => return Err(Error::TooManyFds),
             std::cmp::Ordering::Equal => {}
         }
-        // (In the order sent: the ring's, then the side socket's.)
+        // (In the order sent: the ring's or queue's, then the side socket's.)
         let mut fds = std::mem::take(&mut self.hello_fds).into_iter();
-        if hello.ring {
-            self.ring_fd = fds.next();
+        self.queue_kind = match (hello.ring, hello.mq) {
+            (true, false) => ChannelKind::ShmQueue,
+            (false, true) => ChannelKind::PosixMq,
+            (false, false) => ChannelKind::SocketStream,
+            (true, true) => return Err(Error::BadFrame("a hello of two kinds")),
+        };
+        if queue {
+            self.queue_fd = fds.next();
         }
         if let Some(fd) = fds.next() {
             if !sys::is_stream_socket(fd.as_fd()) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::frame::{FdArg, OutFrame, Payload, Unsent};
 use super::tx::{Chunk, ChunkData, Cursor, Kind};
-use super::wire::{Header, FLAG_HAS_FD, FLAG_HELLO, FLAG_RING, HEADER_LEN};
+use super::wire::{Header, FLAG_HAS_FD, FLAG_HELLO, FLAG_MQ, FLAG_RING, HEADER_LEN};
 use super::Channel;
 use crate::sys::{self, PollFd};
 use crate::transport::Error;
@@ -215,12 +215,17 @@ impl Channel {
         self.hello_sent = true;
         let theirs = self.side_peer.take();
         if let Some(link) = &self.link {
-            // A ring channel's hello carries two fds (the ring, then the side socket's end): it
+            // A ring or queue channel's hello carries two fds (the ring or queue, then the side
+            // socket's end): it
             // is sent at once, alone, as the first bytes on an empty socket, which always takes
             // them. It must be there before any doorbell byte, and the peer must map the ring
             // before it reads anything from it.
-            let mut flags = FLAG_HELLO | FLAG_RING;
-            let mut fds = vec![link.ring_fd()];
+            let mut flags = FLAG_HELLO
+                | match link.kind() {
+                    super::ChannelKind::PosixMq => FLAG_MQ,
+                    _ => FLAG_RING,
+                };
+            let mut fds = vec![link.hello_fd()];
             if let Some(t) = &theirs {
                 flags |= FLAG_HAS_FD;
                 fds.push(t.as_fd());

@@ -723,27 +723,27 @@ fn bad_ring_hellos_get_their_specific_error() {
     let (r, _w) = nix::unistd::pipe().unwrap();
     assert!(matches!(
         ring_hello_case(hello, &[r.as_fd()]),
-        Error::BadRing("the file's size is not sealed")
+        Error::BadQueue("the file's size is not sealed")
     ));
     let unsealed = sys::memfd_sealable("t").unwrap();
     unsealed.set_len(4096 + 4096).unwrap();
     assert!(matches!(
         ring_hello_case(hello, &[unsealed.as_fd()]),
-        Error::BadRing("the file's size is not sealed")
+        Error::BadQueue("the file's size is not sealed")
     ));
     let odd = sys::memfd_sealable("t").unwrap();
     odd.set_len(4096 + 5000).unwrap();
     sys::seal_size(&odd).unwrap();
     assert!(matches!(
         ring_hello_case(hello, &[odd.as_fd()]),
-        Error::BadRing("the file's size is not a ring's")
+        Error::BadQueue("the file's size is not a ring's")
     ));
     let blank = sys::memfd_sealable("t").unwrap();
     blank.set_len(4096 + 8192).unwrap();
     sys::seal_size(&blank).unwrap();
     assert!(matches!(
         ring_hello_case(hello, &[blank.as_fd()]),
-        Error::BadRing("bad magic")
+        Error::BadQueue("bad magic")
     ));
     // Two fds where a ring alone is announced.
     let ring = crate::shm::ring_map::RingMap::create(4096).unwrap();
@@ -757,7 +757,7 @@ fn bad_ring_hellos_get_their_specific_error() {
         .store(8, std::sync::atomic::Ordering::Relaxed);
     assert!(matches!(
         ring_hello_case(hello, &[ring.fd()]),
-        Error::BadRing("a new ring that was read from")
+        Error::BadQueue("a new ring that was read from")
     ));
     // A socket channel that meets a ring's hello.
     let (raw, theirs) = UnixStream::pair().unwrap();
@@ -795,7 +795,7 @@ fn ring_positions_out_of_range_are_bad_ring_once() {
         .unwrap();
         assert!(matches!(
             c.try_recv(),
-            Err(Error::BadRing("a position outside the ring"))
+            Err(Error::BadQueue("a position outside the ring"))
         ));
         assert!(matches!(c.try_recv(), Err(Error::Hosed)));
         drop(raw);
@@ -813,12 +813,13 @@ fn ring_positions_out_of_range_are_bad_ring_once() {
     a.link
         .as_ref()
         .unwrap()
+        .ring()
         .out_control_for_tests()
         .head
         .store(1 << 40, Relaxed);
     assert!(matches!(
         a.send(b"two"),
-        Err(Error::BadRing("a position outside the ring"))
+        Err(Error::BadQueue("a position outside the ring"))
     ));
     assert!(matches!(a.send(b"three"), Err(Error::Hosed)));
 }

@@ -23,7 +23,10 @@ pub(crate) const FLAG_HELLO: u32 = 1 << 3;
 /// carries its ring's memfd (the first fd; the side socket, if flagged `HAS_FD`, is the
 /// second).
 pub(crate) const FLAG_RING: u32 = 1 << 4;
-const KNOWN_FLAGS: u32 = FLAG_HAS_FD | FLAG_PING | FLAG_END | FLAG_HELLO | FLAG_RING;
+/// Header flag, on a hello only: the sender's channel is of kind `PosixMq`, and the hello
+/// carries its queue's descriptor (first, as a ring's).
+pub(crate) const FLAG_MQ: u32 = 1 << 5;
+const KNOWN_FLAGS: u32 = FLAG_HAS_FD | FLAG_PING | FLAG_END | FLAG_HELLO | FLAG_RING | FLAG_MQ;
 
 /// What a frame after the hello is, as its header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +47,8 @@ pub(super) struct Hello {
     pub(super) side: bool,
     /// It carries the sender's ring (kind `ShmQueue`).
     pub(super) ring: bool,
+    /// It carries the sender's queue (kind `PosixMq`).
+    pub(super) mq: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,7 +123,7 @@ impl Header {
         if (ping || end) && (has_fd || self.len != 0) {
             return Err(Error::BadFrame("ping or end frame with a payload or an fd"));
         }
-        if self.has(FLAG_HELLO) || self.has(FLAG_RING) {
+        if self.has(FLAG_HELLO) || self.has(FLAG_RING) || self.has(FLAG_MQ) {
             return Err(Error::BadFrame("a hello after the first frame"));
         }
         if self.len > max_frame {
@@ -140,7 +145,8 @@ impl Header {
     /// Checks the first frame: a hello, with no payload. Returns whether it announces an fd
     /// (the receiving end of the sender's side socket).
     pub(super) fn hello(self) -> Result<Hello, Error> {
-        if !self.has(FLAG_HELLO) || self.flags & !(FLAG_HELLO | FLAG_HAS_FD | FLAG_RING) != 0 {
+        let hello_flags = FLAG_HELLO | FLAG_HAS_FD | FLAG_RING | FLAG_MQ;
+        if !self.has(FLAG_HELLO) || self.flags & !hello_flags != 0 {
             return Err(Error::BadFrame("the first frame is not a hello"));
         }
         if self.len != 0 {
@@ -149,6 +155,7 @@ impl Header {
         Ok(Hello {
             side: self.has(FLAG_HAS_FD),
             ring: self.has(FLAG_RING),
+            mq: self.has(FLAG_MQ),
         })
     }
 }

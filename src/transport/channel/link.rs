@@ -1,0 +1,144 @@
+//! What carries the frames of a channel that is not of the socket kind: the shared-memory
+//! rings ([`ring`](super::ring)) or the POSIX message queues ([`mq`](super::mq)). The channel
+//! talks to either through this one type; the socket kind has none.
+
+use std::io::IoSlice;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::time::Instant;
+
+use super::config::{ChannelConfig, ChannelKind};
+use super::mq::MqLink;
+use super::ring;
+use crate::transport::Error;
+
+#[derive(Debug)]
+pub(super) enum Link {
+    Ring(ring::Link),
+    Mq(MqLink),
+}
+
+impl Link {
+    /// The link a channel of `cfg`'s kind needs (`None`: the socket kind).
+    pub(super) fn new(cfg: &ChannelConfig, sock: BorrowedFd<'_>) -> Result<Option<Link>, Error> {
+        Ok(match cfg.kind {
+            ChannelKind::SocketStream => None,
+            ChannelKind::ShmQueue => {
+                Some(Link::Ring(ring::Link::new(cfg.ring_capacity, cfg.wait)?))
+            }
+            ChannelKind::PosixMq => Some(Link::Mq(MqLink::new(sock)?)),
+        })
+    }
+
+    pub(super) fn kind(&self) -> ChannelKind {
+        match self {
+            Link::Ring(_) => ChannelKind::ShmQueue,
+            Link::Mq(_) => ChannelKind::PosixMq,
+        }
+    }
+
+    /// The fd the hello carries: our ring, or our queue.
+    pub(super) fn hello_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Link::Ring(l) => l.ring_fd(),
+            Link::Mq(l) => l.queue_fd(),
+        }
+    }
+
+    /// Takes the peer's ring or queue from its hello.
+    pub(super) fn attach(&mut self, fd: OwnedFd) -> Result<(), Error> {
+        match self {
+            Link::Ring(l) => l.attach(fd),
+            Link::Mq(l) => l.attach(fd),
+        }
+    }
+
+    pub(super) fn push(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        iov: &[IoSlice<'_>],
+    ) -> Result<Option<usize>, Error> {
+        match self {
+            Link::Ring(l) => l.push(sock, iov),
+            Link::Mq(l) => l.push(iov),
+        }
+    }
+
+    pub(super) fn read(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        dst: &mut [u8],
+    ) -> Result<Option<usize>, Error> {
+        match self {
+            Link::Ring(l) => l.read(sock, dst),
+            Link::Mq(l) => l.read(sock, dst),
+        }
+    }
+
+    pub(super) fn has_data(&self) -> Result<bool, Error> {
+        match self {
+            Link::Ring(l) => l.has_data(),
+            Link::Mq(l) => l.has_data(),
+        }
+    }
+
+    pub(super) fn has_space(&self) -> Result<bool, Error> {
+        match self {
+            Link::Ring(l) => l.has_space(),
+            Link::Mq(l) => l.has_space(),
+        }
+    }
+
+    /// Takes back what [`interest`](Link::interest) armed (a ring's bells).
+    pub(super) fn settle(&self) {
+        if let Link::Ring(l) = self {
+            l.settle();
+        }
+    }
+
+    /// Whether a full send path should check that the peer is still there.
+    pub(super) fn peer_check_due(&self) -> bool {
+        match self {
+            Link::Ring(l) => l.peer_check_due(),
+            Link::Mq(_) => true,
+        }
+    }
+
+    /// For a poll loop: the fd to read (the socket, or the epoll fd over the socket and the
+    /// peer's queue), the fd to watch for room in ours (none for a ring: its wake-ups come on
+    /// the socket), and whether there is something to do already (then do not sleep). `space`:
+    /// a send waits for room.
+    pub(super) fn interest<'a>(
+        &'a self,
+        sock: BorrowedFd<'a>,
+        space: bool,
+    ) -> (BorrowedFd<'a>, Option<BorrowedFd<'a>>, bool) {
+        match self {
+            Link::Ring(l) => (sock, None, l.arm_poll(space)),
+            Link::Mq(l) => (l.read_fd(), space.then(|| l.write_fd()), false),
+        }
+    }
+
+    /// A blocking call's wait (see each kind's).
+    pub(super) fn wait(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        side: Option<BorrowedFd<'_>>,
+        read: bool,
+        space: bool,
+        until: Option<Instant>,
+    ) -> Result<(), Error> {
+        match self {
+            Link::Ring(l) => l.wait(sock, side, read, space, until),
+            Link::Mq(l) => l.wait(sock, side, read, space, until),
+        }
+    }
+
+    /// The ring's control words (tests scribble on them).
+    #[cfg(test)]
+    pub(super) fn ring(&self) -> &ring::Link {
+        match self {
+            Link::Ring(l) => l,
+            Link::Mq(_) => panic!("not a ring"),
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The msg suite (`suites/msg.rs`) over `ChannelKind::PosixMq` channels: `common::kind()`
+//! picks the kind by this crate's name.
+
+mod common;
+include!("suites/msg.rs");

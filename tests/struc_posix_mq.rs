@@ -1,0 +1,5 @@
+//! The struc suite (`suites/struc.rs`) over `ChannelKind::PosixMq` channels: `common::kind()`
+//! picks the kind by this crate's name.
+
+mod common;
+include!("suites/struc.rs");
