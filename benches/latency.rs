@@ -113,7 +113,7 @@ fn kinds(c: &mut Criterion) {
             t.elapsed()
         })
     });
-    for (i, (name, _)) in peer::KINDS.iter().enumerate() {
+    for (i, (name, _, _)) in peer::KINDS.iter().enumerate() {
         g.bench_function(BenchmarkId::new("struc_sync_request", name), |b| {
             b.iter_custom(|iters| {
                 let t = Instant::now();

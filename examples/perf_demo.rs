@@ -24,6 +24,12 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// The 99th percentile.
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() * 99 / 100]
+}
+
 fn fmt(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
     if us < 1000.0 {
@@ -60,8 +66,14 @@ fn main() {
     let mut raw = Vec::new();
     let mut zc: Vec<Vec<Duration>> = vec![Vec::new(); sizes.len()];
     let (mut struc_shm, mut struc_heap) = (Vec::new(), Vec::new());
+    let mut spin = Vec::new();
+    let mut kinds: Vec<Vec<Duration>> = vec![Vec::new(); peer::KINDS.len()];
     client.sample_struc(true, 100);
     client.sample_struc(false, 100);
+    for (i, k) in kinds.iter_mut().enumerate() {
+        client.sample_kind(i, 100);
+        k.clear();
+    }
     for _ in 0..rounds {
         raw.extend(client.sample(None, 0, 100));
         for (i, &size) in sizes.iter().enumerate() {
@@ -69,7 +81,12 @@ fn main() {
         }
         struc_shm.extend(client.sample_struc(true, 100));
         struc_heap.extend(client.sample_struc(false, 100));
+        spin.extend(client.sample_spin(100));
+        for (i, k) in kinds.iter_mut().enumerate() {
+            k.extend(client.sample_kind(i, 100));
+        }
     }
+    let struc_socket_all = struc_shm.clone();
     let raw = median(raw);
     let (struc_shm, struc_heap) = (median(struc_shm), median(struc_heap));
     let zc: Vec<Duration> = zc.into_iter().map(median).collect();
@@ -143,4 +160,40 @@ fn main() {
         fmt(struc_heap),
         struc_heap.as_secs_f64() / raw.as_secs_f64()
     );
+
+    println!();
+    println!(
+        "channel kinds: structured sync_request (sumRequest -> sumResponse, arena-backed), \
+         {} round trips each",
+        struc_socket_all.len()
+    );
+    let spin = median(spin);
+    println!(
+        "  raw spin ping-pong over shared atomics (the hardware floor): {}",
+        fmt(spin)
+    );
+    println!(
+        "{:>20} | {:>10} | {:>10} | {:>12} | {:>10}",
+        "kind", "median", "p99", "vs socket", "vs spin"
+    );
+    println!("{}", "-".repeat(72));
+    let socket = (median(struc_socket_all.clone()), p99(struc_socket_all));
+    let mut rows = vec![("socket".to_string(), socket)];
+    for (i, k) in kinds.into_iter().enumerate() {
+        rows.push((peer::KINDS[i].0.to_string(), (median(k.clone()), p99(k))));
+    }
+    for (name, (med, tail)) in rows {
+        println!(
+            "{:>20} | {:>10} | {:>10} | {:>12} | {:>10}",
+            name,
+            fmt(med),
+            fmt(tail),
+            format!(
+                "{:.2}x / {:.2}x",
+                med.as_secs_f64() / socket.0.as_secs_f64(),
+                tail.as_secs_f64() / socket.1.as_secs_f64()
+            ),
+            format!("{:.1}x", med.as_secs_f64() / spin.as_secs_f64())
+        );
+    }
 }

@@ -74,21 +74,25 @@ impl Pin {
 }
 
 /// The structured channels of the other kinds and wait policies, by label (the socket kind's
-/// are `struc_shm` / `struc_heap`): a `ShmQueue` channel (arena-backed, as `struc_shm`) per
-/// policy, on both sides.
-pub const KINDS: [(&str, WaitPolicy); 3] = [
-    ("shm_queue_block", WaitPolicy::BLOCK),
+/// are `struc_shm` / `struc_heap`): arena-backed like `struc_shm`, the same policy on both
+/// sides.
+pub const KINDS: [(&str, ChannelKind, WaitPolicy); 4] = [
+    ("shm_queue_block", ChannelKind::ShmQueue, WaitPolicy::BLOCK),
     (
         "shm_queue_default",
+        ChannelKind::ShmQueue,
         WaitPolicy::SpinThenBlock(Duration::from_micros(20)),
     ),
-    ("shm_queue_busy", WaitPolicy::BusyPoll),
+    (
+        "shm_queue_busy",
+        ChannelKind::ShmQueue,
+        WaitPolicy::BusyPoll,
+    ),
+    ("posix_mq", ChannelKind::PosixMq, WaitPolicy::BLOCK),
 ];
 
-fn kind_config(policy: WaitPolicy) -> ChannelConfig {
-    config()
-        .with_kind(ChannelKind::ShmQueue)
-        .with_wait_policy(policy)
+fn kind_config(kind: ChannelKind, policy: WaitPolicy) -> ChannelConfig {
+    config().with_kind(kind).with_wait_policy(policy)
 }
 
 /// Slots of the spin ping-pong, a cache line pair apart.
@@ -103,7 +107,7 @@ pub struct Client {
     /// Structured channels (CoolMsg), arena-backed and heap-backed.
     pub struc_shm: struc::Channel<cool_msg::Owned>,
     pub struc_heap: struc::Channel<cool_msg::Owned>,
-    /// Structured channels of kind `ShmQueue`, one per policy of [`KINDS`].
+    /// Structured channels of the other kinds, one per entry of [`KINDS`].
     pub struc_kinds: Vec<struc::Channel<cool_msg::Owned>>,
     /// A zero-copy message channel of kind `ShmQueue` (default policy).
     pub shm_queue: MsgChannel<body::Owned>,
@@ -147,17 +151,17 @@ pub fn serve_if_peer() {
                 serve_msgs_with(
                     shm_queue,
                     Backing::Shm(arena),
-                    kind_config(WaitPolicy::default()),
+                    kind_config(ChannelKind::ShmQueue, WaitPolicy::default()),
                 )
             }
         }),
         std::thread::spawn(move || serve_spin(spin)),
     ];
-    for ((_, policy), s) in KINDS.iter().zip(kinds) {
+    for ((_, kind, policy), s) in KINDS.iter().zip(kinds) {
         let small = small.clone();
-        let policy = *policy;
+        let (kind, policy) = (*kind, *policy);
         threads.push(std::thread::spawn(move || {
-            serve_struc_with(s, Backing::Shm(small), kind_config(policy))
+            serve_struc_with(s, Backing::Shm(small), kind_config(kind, policy))
         }));
     }
     threads.extend([
@@ -334,10 +338,13 @@ pub fn start() -> Client {
         struc_kinds: KINDS
             .iter()
             .zip(kinds)
-            .map(|((_, p), s)| structured(s, Backing::Shm(arena.clone()), kind_config(*p)))
+            .map(|((_, k, p), s)| structured(s, Backing::Shm(arena.clone()), kind_config(*k, *p)))
             .collect(),
         shm_queue: MsgChannel::new(
-            chan(shm_queue, kind_config(WaitPolicy::default())),
+            chan(
+                shm_queue,
+                kind_config(ChannelKind::ShmQueue, WaitPolicy::default()),
+            ),
             Backing::Shm(arena),
         ),
         spin,
@@ -446,6 +453,28 @@ fn sum_request(chan: &mut struc::Channel<cool_msg::Owned>) -> i64 {
 }
 
 impl Client {
+    /// Times `n` structured `sync_request` round trips over `KINDS[i]`.
+    pub fn sample_kind(&mut self, i: usize, n: usize) -> Vec<Duration> {
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(self.kind_rtt(i));
+                t.elapsed()
+            })
+            .collect()
+    }
+
+    /// Times `n` spin ping-pongs.
+    pub fn sample_spin(&mut self, n: usize) -> Vec<Duration> {
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                self.spin_rtt();
+                t.elapsed()
+            })
+            .collect()
+    }
+
     /// Times `n` structured `sync_request` round trips; returns each one's duration.
     pub fn sample_struc(&mut self, zero_copy: bool, n: usize) -> Vec<Duration> {
         (0..n)

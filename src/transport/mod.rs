@@ -1,5 +1,7 @@
-//! The unstructured transport: framed byte messages, each optionally carrying one fd, over a
-//! connected Unix-domain stream socket.
+//! The unstructured transport: framed byte messages, each optionally carrying one fd, between
+//! two processes connected by a Unix-domain stream socket; the frames go through the socket
+//! itself, through a ring in shared memory, or through POSIX message queues
+//! ([`ChannelKind`]).
 //!
 //! * [`Channel`] is the sync_io core: non-blocking, no threads. It is
 //!   [`Pollable`](crate::poll::Pollable): the owner polls its `interest()`, calls `on_ready()`
@@ -50,7 +52,7 @@
 //! | bytes | field |
 //! |---|---|
 //! | 0..4 | magic `b"FIPC"` |
-//! | 4..8 | flags, u32 little-endian: bit 0 `HAS_FD`, bit 1 `PING`, bit 2 `END`, bit 3 `HELLO`; other bits must be 0 |
+//! | 4..8 | flags, u32 little-endian: bit 0 `HAS_FD`, bit 1 `PING`, bit 2 `END`, bit 3 `HELLO`, bit 4 `RING` and bit 5 `MQ` (on a hello only: the sender's [`ChannelKind`]); other bits must be 0 |
 //! | 8..16 | payload length, u64 little-endian |
 //!
 //! Pings, the END frame and the hello have no payload; pings and the END frame have no fd.
@@ -83,6 +85,55 @@
 //! side socket for a frame that is not flagged stays queued there and would be taken by the
 //! next flagged frame: the peer's own mistake, like sending the wrong fd. Every fd that is not
 //! delivered is closed; received fds are close-on-exec.
+//!
+//! # Kinds
+//!
+//! The frames above form one byte stream per direction, whatever carries it
+//! ([`ChannelConfig::with_kind`]; both ends must agree, or the first receive fails with
+//! [`Error::KindMismatch`]). The socket is there in every kind: it carries the hellos and the
+//! fds (on the side socket, as described above), and its end of stream is how the peer's
+//! death is seen.
+//!
+//! * [`ChannelKind::SocketStream`]: the stream is written to the socket.
+//! * [`ChannelKind::ShmQueue`]: each side makes a *ring* for what it sends: a memfd, sealed
+//!   against shrinking and growing, whose first page holds the header (magic `b"FIPCRING"` at
+//!   0, layout version 1 at 8, the capacity, a power of two, at 16, all u64) and the control
+//!   words (`tail`, the bytes published, at 128; `head`, the bytes consumed, at 256; the
+//!   consumer's and the producer's doorbells, u32, at 384 and 512); the ring's bytes follow at
+//!   4096. Its hello is flagged `RING` and carries the ring's fd (then the side socket's, if
+//!   `HAS_FD`); a ring side sends its hello at its first send, or when it has read the peer's,
+//!   whichever comes first. The producer copies frames in at `tail % capacity` and publishes the
+//!   new `tail`; the consumer copies them out and publishes `head`; each checks the other's
+//!   position (at most a ring ahead, never behind) or fails with [`Error::BadQueue`]. A small
+//!   frame goes in whole or waits in the send queue; one larger than the ring flows through it
+//!   in pieces. A side that waits for data (or room) says so in a doorbell and is woken with
+//!   `FUTEX_WAKE` (a blocking call) or with a byte on the socket (a poll loop, the library
+//!   thread); a sender whose peer is awake makes no system call. How a blocking call waits is
+//!   its [`WaitPolicy`]. After the hello, a ring side writes nothing on the socket but those
+//!   wake-up bytes, which the peer drops; the socket's end of stream (or reset) means the peer
+//!   closed, and what it published before is still read out of its ring first.
+//! * [`ChannelKind::PosixMq`]: each side makes a POSIX message queue for what it sends,
+//!   unlinks its name at once and sends its descriptor in a hello flagged `MQ`; the stream
+//!   travels in messages of up to 2 KiB. The channel's fd to poll for reading is an epoll fd
+//!   over the socket and the peer's queue.
+//!
+//! Bytes that a ring or queue peer writes on the socket after its hello are dropped (with any
+//! fd attached: the kernel closes it). A send to a ring or queue whose reader is gone is not
+//! refused (nothing tells the writer, as `EPIPE` does on a socket): the receiving side reports
+//! the end, and a blocking flush that waits for room reports [`Error::Reset`].
+//!
+//! ```
+//! use std::time::Duration;
+//! use flowipc::transport::{Channel, ChannelConfig, ChannelKind, Error, WaitPolicy};
+//!
+//! let cfg = ChannelConfig::new()
+//!     .with_kind(ChannelKind::ShmQueue)
+//!     .with_wait_policy(WaitPolicy::SpinThenBlock(Duration::from_micros(10)));
+//! let (mut a, mut b) = Channel::pair(cfg)?;
+//! a.send(b"through shared memory")?;
+//! assert_eq!(&*b.recv_blocking(None)?.unwrap().payload, b"through shared memory");
+//! # Ok::<(), Error>(())
+//! ```
 //!
 //! # Sending
 //!
