@@ -47,6 +47,7 @@ fn child_entry() {
         "silent" => child_keepalive(None),
         "async_echo" => child_async_echo(),
         "hello_then_sleep" => child_hello_then_sleep(),
+        "slow_echo" => child_slow_echo(),
         other => panic!("unknown role {other}"),
     }
 }
@@ -381,6 +382,92 @@ fn a_peer_killed_while_we_wait_is_reported_once_whatever_the_wait() {
         }
         // (Rings are memfds, named nowhere: nothing can be left in /dev/shm.)
         assert!(dev_shm_leftovers().is_empty());
+    });
+}
+
+/// Echoes every frame, pausing now and then so that the parent's queue fills and its poll
+/// loop must sleep (for data, and for room).
+fn child_slow_echo() {
+    let mut c = child_channel(channel_config());
+    let mut n = 0u64;
+    loop {
+        match c.recv_blocking(None) {
+            Ok(Some(f)) => {
+                n += 1;
+                if n % 16 == 0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                c.send(&f.payload).unwrap();
+            }
+            Err(Error::EndOfStream | Error::PeerGone | Error::Reset) => break,
+            Err(e) => panic!("slow echo child: {e}"),
+            Ok(None) => unreachable!("no timeout"),
+        }
+    }
+    assert!(c.flush_blocking(WAIT).unwrap_or(false) || c.is_hosed());
+}
+
+/// One turn of a user's own poll loop (nix's `poll`) over the channel's interest.
+fn poll_turn(c: &mut Channel) {
+    use flowipc::poll::Pollable;
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    let interest = c.interest();
+    let mut fds: Vec<PollFd> = interest
+        .fds()
+        .map(|(fd, read, write)| {
+            let mut events = PollFlags::empty();
+            events.set(PollFlags::POLLIN, read);
+            events.set(PollFlags::POLLOUT, write);
+            PollFd::new(fd, events)
+        })
+        .collect();
+    let timeout = interest.deadline().map_or(PollTimeout::from(5_000u16), |d| {
+        let ms = d.saturating_duration_since(Instant::now()).as_millis();
+        PollTimeout::from(ms.min(5_000) as u16)
+    });
+    nix::poll::poll(&mut fds, timeout).unwrap();
+    c.on_ready().unwrap();
+}
+
+#[test]
+fn a_poll_loop_of_our_own_drives_the_channel_both_ways() {
+    within(120, "own poll loop", || {
+        let mut p = spawn_plain("slow_echo");
+        let mut c = parent_channel(&mut p, channel_config());
+        // 3 MiB in 48 KiB frames, sent without waiting: more than any kind's buffer, so the
+        // rest waits in our queue and goes as the echo makes room; every frame comes back.
+        const N: u64 = 64;
+        for i in 0..N {
+            let mut v = vec![0u8; 48 << 10];
+            fill(&mut v, i);
+            c.send(&v).unwrap();
+        }
+        assert!(c.queued_bytes() > 0, "nothing was left to wait for room");
+        let mut got = 0;
+        let start = Instant::now();
+        while got < N {
+            assert!(start.elapsed() < Duration::from_secs(60), "stuck at {got}");
+            poll_turn(&mut c);
+            while let Some(f) = c.try_recv().unwrap() {
+                assert!(check(&f.payload, got), "frame {got}");
+                got += 1;
+            }
+        }
+        assert_eq!(c.queued_bytes(), 0);
+        c.end_sending().unwrap();
+        while !c.is_send_done() {
+            poll_turn(&mut c);
+        }
+        let e = loop {
+            poll_turn(&mut c);
+            match c.try_recv() {
+                Ok(Some(f)) => panic!("an extra frame of {} bytes", f.payload.len()),
+                Ok(None) => {}
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(e, Error::PeerGone), "{e:?}");
+        wait_ok(p);
     });
 }
 
