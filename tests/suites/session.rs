@@ -248,6 +248,7 @@ fn srv_life() {
     let u = universe(&dir);
     let held = common::balance::Held::now(&[]);
     let server = SessionServer::builder(&u.srv, &u.clients)
+        .config(session_config())
         // The client says in its metadata how many channels the server should open.
         .init_channels(|app, n_cli, m| {
             assert_eq!(app.name, "cli");
@@ -404,7 +405,8 @@ fn cli_life() {
         &u.srv,
         |e| panic!("client session: {e}"),
         move |ch, m| open_tx.send((ch, m)).unwrap(),
-    );
+    )
+    .config(session_config());
     connect(
         &mut s,
         ConnectOptions::new()
@@ -484,7 +486,7 @@ fn cli_short() {
     let _ctl = child_socket();
     let u = universe(&env_dir());
     let (err_tx, err_rx) = mpsc::channel();
-    let mut s = ClientSession::new(&u.cli, &u.srv, move |e| err_tx.send(e).unwrap());
+    let mut s = new_client(&u.cli, &u.srv, move |e| err_tx.send(e).unwrap());
     connect(&mut s, ConnectOptions::new());
     let mut c = started(s.structured(s.open_channel(None).unwrap()).unwrap());
     let mut h = hello(&c, 9);
@@ -509,7 +511,7 @@ fn a_client_reconnects_while_the_server_restarts() {
     let mut cli = spawn_env("cli_retry", &dir.env());
     std::thread::sleep(Duration::from_millis(100));
     for round in 1..=2u64 {
-        let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+        let server = new_server(&u.srv, &u.clients).unwrap();
         let mut s = server.accept(T).unwrap();
         s.init_handlers(|_| {}).unwrap();
         assert_eq!(recv_u64(&mut cli.sock), round, "client connected");
@@ -530,7 +532,7 @@ fn cli_retry() {
     let u = universe(&env_dir());
     for round in 1..=2u64 {
         let (err_tx, err_rx) = mpsc::channel();
-        let mut s = ClientSession::new(&u.cli, &u.srv, move |e| err_tx.send(e).unwrap());
+        let mut s = new_client(&u.cli, &u.srv, move |e| err_tx.send(e).unwrap());
         let absent = connect(&mut s, ConnectOptions::new());
         if round == 1 {
             assert!(absent > 0, "the server was absent at first");
@@ -635,15 +637,25 @@ fn every_log_in_check_rejects_with_its_error_on_both_sides_and_the_server_goes_o
             session_config().with_native_handles(false),
             Rejection::Config,
         ),
+        (
+            "channel kind",
+            u.clients.clone(),
+            u.cli.clone(),
+            session_config().with_channel_kind(match common::kind() {
+                transport::ChannelKind::ShmQueue => transport::ChannelKind::SocketStream,
+                _ => transport::ChannelKind::ShmQueue,
+            }),
+            Rejection::Config,
+        ),
     ];
     for (what, clients, cli, cfg, want) in cases {
-        let server = SessionServer::new(&u.srv, &clients).unwrap();
-        let client = ClientSession::new(&cli, &u.srv, |_| {}).config(cfg);
+        let server = new_server(&u.srv, &clients).unwrap();
+        let client = new_client(&cli, &u.srv, |_| {}).config(cfg);
         let (c, s) = log_in_both(&server, client);
         assert_eq!(rejected(&c), want, "{what}: client side {c:?}");
         assert_eq!(rejected(&s), want, "{what}: server side");
         // The server goes on serving.
-        let mut ok = ClientSession::new(&u.other, &u.srv, |_| {});
+        let mut ok = new_client(&u.other, &u.srv, |_| {});
         ok.sync_connect().unwrap();
         let mut s = server.accept(T).unwrap();
         s.init_handlers(|_| {}).unwrap();
@@ -651,6 +663,22 @@ fn every_log_in_check_rejects_with_its_error_on_both_sides_and_the_server_goes_o
         drop((s, ok, server));
         assert_eq!(dir.entries(), Vec::<String>::new());
     }
+}
+
+/// A server of this crate's channel kind (`SessionServer::new` with [`session_config`]).
+fn new_server(app: &ServerApp, clients: &ClientApps) -> Result<SessionServer, Error> {
+    SessionServer::builder(app, clients)
+        .config(session_config())
+        .build()
+}
+
+/// A client of this crate's channel kind (`ClientSession::new` with [`session_config`]).
+fn new_client(
+    app: &ClientApp,
+    srv: &ServerApp,
+    on_error: impl FnOnce(Error) + Send + 'static,
+) -> ClientSession {
+    ClientSession::new(app, srv, on_error).config(session_config())
 }
 
 /// The configuration of a session's own channel (the log-in's), which is a socket whatever the
@@ -698,7 +726,7 @@ fn honest(l: &mut log_in::Builder<'_>, app: &str, server: &str) {
 fn protocol_version_lies_and_bad_requests_are_rejected() {
     let dir = RunDir::new();
     let u = universe(&dir.0);
-    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    let server = new_server(&u.srv, &u.clients).unwrap();
     type Fill = Box<dyn FnOnce(log_in::Builder<'_>)>;
     let cases: Vec<(&str, Rejection, Fill)> = vec![
         (
@@ -772,7 +800,7 @@ fn protocol_version_lies_and_bad_requests_are_rejected() {
         "{e:?}"
     );
     drop(raw);
-    let mut ok = ClientSession::new(&u.cli, &u.srv, |_| {});
+    let mut ok = new_client(&u.cli, &u.srv, |_| {});
     ok.sync_connect().unwrap();
     server.accept(T).unwrap();
 }
@@ -783,14 +811,14 @@ fn protocol_version_lies_and_bad_requests_are_rejected() {
 fn a_second_server_instance_is_refused() {
     let dir = RunDir::new();
     let u = universe(&dir.0);
-    let first = SessionServer::new(&u.srv, &u.clients).unwrap();
-    let e = SessionServer::new(&u.srv, &u.clients).unwrap_err();
+    let first = new_server(&u.srv, &u.clients).unwrap();
+    let e = new_server(&u.srv, &u.clients).unwrap_err();
     assert!(
         matches!(e, Error::AlreadyRunning { pid: Some(p) } if p == std::process::id()),
         "{e:?}"
     );
     // The first is untouched.
-    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {});
+    let mut c = new_client(&u.cli, &u.srv, |_| {});
     c.sync_connect().unwrap();
     first.accept(T).unwrap();
     drop(first);
@@ -802,7 +830,7 @@ fn a_killed_servers_files_are_taken_over_and_absent_servers_are_reported_at_once
     let dir = RunDir::new();
     let u = universe(&dir.0);
     // No server: no PID file.
-    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {});
+    let mut c = new_client(&u.cli, &u.srv, |_| {});
     let t = Instant::now();
     assert!(matches!(c.sync_connect(), Err(Error::ServerAbsent(_))));
     // A server in another process, with a session open with us, SIGKILLed: our error handler
@@ -810,7 +838,7 @@ fn a_killed_servers_files_are_taken_over_and_absent_servers_are_reported_at_once
     let mut srv = spawn_env("srv_idle", &dir.env());
     assert_eq!(recv_u64(&mut srv.sock), 1);
     let (tx, rx) = mpsc::channel();
-    let mut live = ClientSession::new(&u.cli, &u.srv, move |e| tx.send(e).unwrap());
+    let mut live = new_client(&u.cli, &u.srv, move |e| tx.send(e).unwrap());
     live.sync_connect().unwrap();
     assert_eq!(recv_u64(&mut srv.sock), 2, "accepted");
     srv.child.kill().unwrap();
@@ -828,7 +856,7 @@ fn a_killed_servers_files_are_taken_over_and_absent_servers_are_reported_at_once
         "absent is reported at once"
     );
     // The next server takes them over.
-    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    let server = new_server(&u.srv, &u.clients).unwrap();
     c.sync_connect().unwrap();
     server.accept(T).unwrap();
     drop(c);
@@ -839,7 +867,7 @@ fn a_killed_servers_files_are_taken_over_and_absent_servers_are_reported_at_once
 fn srv_idle() {
     let mut ctl = child_socket();
     let u = universe(&env_dir());
-    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    let server = new_server(&u.srv, &u.clients).unwrap();
     send_u64(&mut ctl, 1);
     let mut s = server.accept(T).unwrap();
     s.init_handlers(|_| {}).unwrap();
@@ -863,7 +891,7 @@ fn open_pair(
         .config(cfg.clone())
         .build()
         .unwrap();
-    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {}).config(cfg);
+    let mut c = new_client(&u.cli, &u.srv, |_| {}).config(cfg);
     c.sync_connect().unwrap();
     let mut s = server.accept(T).unwrap();
     let (tx, rx) = mpsc::channel();
@@ -904,7 +932,7 @@ fn a_vanilla_session_copies_and_has_no_arenas() {
         .init_channels(|_, _, _| 1)
         .build()
         .unwrap();
-    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {}).config(cfg);
+    let mut c = new_client(&u.cli, &u.srv, |_| {}).config(cfg);
     c.sync_connect().unwrap();
     let mut s = server.accept(T).unwrap();
     s.init_handlers(|_| {}).unwrap();
@@ -940,7 +968,7 @@ fn a_silent_peer_ends_the_session_by_idle_timeout_once() {
         .build()
         .unwrap();
     // This client never pings.
-    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {})
+    let mut c = new_client(&u.cli, &u.srv, |_| {})
         .config(session_config().with_keep_alive(None));
     c.sync_connect().unwrap();
     let mut s = server.accept(T).unwrap();
@@ -980,10 +1008,11 @@ fn lending_checks_the_arena() {
 fn session_round(dir: &Path) {
     let u = universe(dir);
     let server = SessionServer::builder(&u.srv, &u.clients)
+        .config(session_config())
         .init_channels(|_, _, _| 1)
         .build()
         .unwrap();
-    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {});
+    let mut c = new_client(&u.cli, &u.srv, |_| {});
     c.sync_connect().unwrap();
     let mut s = server.accept(T).unwrap();
     s.init_handlers(|_| {}).unwrap();
@@ -1032,7 +1061,7 @@ fn a_process_can_be_server_in_one_split_and_client_in_another() {
     let dir = RunDir::new();
     let u = universe(&dir.0);
     // Split 1: this process serves `srv`; a session with ourselves stands in for its client.
-    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    let server = new_server(&u.srv, &u.clients).unwrap();
     // Split 2: another process serves `srv2`, and this process is its client (`other`).
     let peer = spawn_env("srv_other", &dir.env());
     let srv2 = srv2_app(&dir.0);
@@ -1042,9 +1071,10 @@ fn a_process_can_be_server_in_one_split_and_client_in_another() {
         &srv2,
         |_| {},
         move |ch, _| tx.send(ch).unwrap(),
-    );
+    )
+    .config(session_config());
     connect(&mut c2, ConnectOptions::new());
-    let mut c1 = ClientSession::new(&u.cli, &u.srv, |_| {});
+    let mut c1 = new_client(&u.cli, &u.srv, |_| {});
     c1.sync_connect().unwrap();
     let mut s1 = server.accept(T).unwrap();
     s1.init_handlers(|_| {}).unwrap();
@@ -1071,7 +1101,7 @@ fn srv_other() {
     let _ctl = child_socket();
     let dir = env_dir();
     let u = universe(&dir);
-    let server = SessionServer::new(&srv2_app(&dir), &u.clients).unwrap();
+    let server = new_server(&srv2_app(&dir), &u.clients).unwrap();
     let mut s = server.accept(T).unwrap();
     let (tx, rx) = mpsc::channel();
     s.init_handlers(move |e| tx.send(e).unwrap()).unwrap();
@@ -1088,7 +1118,7 @@ fn srv_other() {
 fn many_sessions_at_once_share_their_apps_arena_and_async_accept_serves_them_in_order() {
     let dir = RunDir::new();
     let u = universe(&dir.0);
-    let server = std::sync::Arc::new(SessionServer::new(&u.srv, &u.clients).unwrap());
+    let server = std::sync::Arc::new(new_server(&u.srv, &u.clients).unwrap());
     let (tx, rx) = mpsc::channel();
     for _ in 0..4 {
         let tx = tx.clone();
@@ -1106,7 +1136,7 @@ fn many_sessions_at_once_share_their_apps_arena_and_async_accept_serves_them_in_
                 u.srv.clone(),
             );
             std::thread::spawn(move || {
-                let mut c = ClientSession::new(&cli, &srv, |_| {});
+                let mut c = new_client(&cli, &srv, |_| {});
                 c.sync_connect().unwrap();
                 c
             })
@@ -1173,7 +1203,7 @@ fn the_run_dirs_files_have_the_permissions_of_the_level() {
         (Permissions::Unrestricted, 0o666, 0o644),
     ] {
         let app = u.srv.clone().permissions(level);
-        let server = SessionServer::new(&app, &u.clients).unwrap();
+        let server = new_server(&app, &u.clients).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(server.socket_path()), sock, "{level:?}");
         assert_eq!(mode(server.pid_file()), pid, "{level:?}");
@@ -1192,20 +1222,20 @@ fn the_run_dirs_files_have_the_permissions_of_the_level() {
     let long =
         ServerApp::new(App::current("srv").unwrap(), ["cli"]).run_dir(dir.0.join("x".repeat(120)));
     assert!(matches!(
-        SessionServer::new(&long, &u.clients),
+        new_server(&long, &u.clients),
         Err(Error::PathTooLong(_))
     ));
     assert_eq!(dir.entries(), Vec::<String>::new(), "nothing made");
     // Group or unrestricted permissions in the per-user default run dir: refused, plainly.
     let grp = ServerApp::new(App::current("srv").unwrap(), ["cli"]).permissions(Permissions::Group);
     assert!(matches!(
-        SessionServer::new(&grp, &u.clients),
+        new_server(&grp, &u.clients),
         Err(Error::RunDir { source, .. }) if source.kind() == std::io::ErrorKind::InvalidInput
     ));
     // A bad app name is refused before anything is made.
     let bad = ServerApp::new(App::current("../etc").unwrap(), ["cli"]).run_dir(&dir.0);
     assert!(matches!(
-        SessionServer::new(&bad, &u.clients),
+        new_server(&bad, &u.clients),
         Err(Error::BadAppName(_))
     ));
 }
@@ -1214,10 +1244,10 @@ fn the_run_dirs_files_have_the_permissions_of_the_level() {
 fn the_error_handler_fires_once_even_when_a_call_meets_the_end_first() {
     let dir = RunDir::new();
     let u = universe(&dir.0);
-    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    let server = new_server(&u.srv, &u.clients).unwrap();
     for _ in 0..10 {
         let (tx, rx) = mpsc::channel();
-        let mut c = ClientSession::new(&u.cli, &u.srv, move |e| tx.send(e).unwrap());
+        let mut c = new_client(&u.cli, &u.srv, move |e| tx.send(e).unwrap());
         c.sync_connect().unwrap();
         let mut s = server.accept(T).unwrap();
         s.init_handlers(|_| {}).unwrap();
@@ -1308,7 +1338,7 @@ fn handlers_may_open_channels_back_at_the_same_time() {
 fn an_accept_handler_may_call_accept_and_drop_nothing_is_lost() {
     let dir = RunDir::new();
     let u = universe(&dir.0);
-    let server = std::sync::Arc::new(SessionServer::new(&u.srv, &u.clients).unwrap());
+    let server = std::sync::Arc::new(new_server(&u.srv, &u.clients).unwrap());
     let (tx, rx) = mpsc::channel();
     let srv = server.clone();
     server.async_accept(move |first| {
@@ -1320,9 +1350,9 @@ fn an_accept_handler_may_call_accept_and_drop_nothing_is_lost() {
         ))
         .unwrap();
     });
-    let mut a = ClientSession::new(&u.cli, &u.srv, |_| {});
+    let mut a = new_client(&u.cli, &u.srv, |_| {});
     a.sync_connect().unwrap();
-    let mut b = ClientSession::new(&u.other, &u.srv, |_| {});
+    let mut b = new_client(&u.other, &u.srv, |_| {});
     b.sync_connect().unwrap();
     let (first, second) = rx.recv_timeout(Duration::from_secs(30)).unwrap();
     assert_eq!(first.unwrap(), "cli");
@@ -1332,7 +1362,7 @@ fn an_accept_handler_may_call_accept_and_drop_nothing_is_lost() {
         server.accept(Some(Duration::from_millis(20))),
         Err(Error::AcceptTimeout)
     ));
-    let mut c = ClientSession::new(&u.cli, &u.srv, |_| {});
+    let mut c = new_client(&u.cli, &u.srv, |_| {});
     c.sync_connect().unwrap();
     assert_eq!(server.accept(T).unwrap().client_app().name, "cli");
 }
@@ -1348,7 +1378,7 @@ fn sessions_and_their_server_need_no_threads_of_their_own() {
             let dir = RunDir::new();
             let u = universe(&dir.0);
             let before = threads();
-            let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+            let server = new_server(&u.srv, &u.clients).unwrap();
             let open = |n: usize| {
                 let mut pairs = Vec::new();
                 for _ in 0..n {
@@ -1358,7 +1388,8 @@ fn sessions_and_their_server_need_no_threads_of_their_own() {
                         &u.srv,
                         |_| {},
                         move |ch, _| tx.send(ch).unwrap(),
-                    );
+                    )
+    .config(session_config());
                     c.sync_connect().unwrap();
                     let mut s = server.accept(T).unwrap();
                     s.init_handlers(|_| {}).unwrap();
@@ -1396,14 +1427,14 @@ fn silent_connections_cannot_starve_a_log_in() {
         let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
         let dir = RunDir::new();
         let u = universe(&dir.0);
-        let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+        let server = new_server(&u.srv, &u.clients).unwrap();
         common::balance::start_library_thread();
         let before = threads();
         let n = MAX_PENDING_LOG_INS + 76;
         let mut silent: Vec<std::os::unix::net::UnixStream> = (0..n)
             .map(|_| std::os::unix::net::UnixStream::connect(u.srv.socket_path()).unwrap())
             .collect();
-        let mut c = ClientSession::new(&u.cli, &u.srv, |_| {});
+        let mut c = new_client(&u.cli, &u.srv, |_| {});
         c.sync_connect().unwrap();
         let mut timeouts = 0;
         let s = loop {
@@ -1436,7 +1467,7 @@ fn silent_connections_cannot_starve_a_log_in() {
 fn accept_from_a_handler_gets_a_session_while_other_handlers_wait() {
     let dir = RunDir::new();
     let u = universe(&dir.0);
-    let server = std::sync::Arc::new(SessionServer::new(&u.srv, &u.clients).unwrap());
+    let server = std::sync::Arc::new(new_server(&u.srv, &u.clients).unwrap());
     let (tx, rx) = mpsc::channel();
     let (srv, tx1) = (server.clone(), tx.clone());
     server.async_accept(move |first| {
@@ -1446,7 +1477,7 @@ fn accept_from_a_handler_gets_a_session_while_other_handlers_wait() {
     server.async_accept(move |r| tx.send(("h2", r.is_ok(), true)).unwrap());
     let mut clients = Vec::new();
     for app in [&u.cli, &u.other, &u.cli] {
-        let mut c = ClientSession::new(app, &u.srv, |_| {});
+        let mut c = new_client(app, &u.srv, |_| {});
         c.sync_connect().unwrap();
         clients.push(c);
     }
@@ -1462,7 +1493,7 @@ fn accept_from_a_handler_gets_a_session_while_other_handlers_wait() {
 fn cli_open_then_die() {
     let mut ctl = child_socket();
     let u = universe(&env_dir());
-    let mut s = ClientSession::new(&u.cli, &u.srv, |_| {});
+    let mut s = new_client(&u.cli, &u.srv, |_| {});
     connect(&mut s, ConnectOptions::new());
     let s = std::sync::Arc::new(s);
     let s2 = s.clone();
@@ -1484,7 +1515,7 @@ fn cli_open_then_die() {
 fn a_client_killed_with_an_opening_queued_ends_the_session_as_peer_gone() {
     let dir = RunDir::new();
     let u = universe(&dir.0);
-    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    let server = new_server(&u.srv, &u.clients).unwrap();
     for round in 0..3 {
         let mut cli = spawn_env("cli_open_then_die", &dir.env());
         let mut s = server.accept(T).unwrap();
