@@ -159,7 +159,13 @@ pub fn serve_if_peer() {
     ];
     for ((_, kind, policy), s) in KINDS.iter().zip(kinds) {
         let small = small.clone();
-        let (kind, policy) = (*kind, *policy);
+        // The server's side of the busy-polling kind spins for up to 1 ms instead of forever:
+        // between bursts of requests an idle busy-poller would take its CPU from every other
+        // measurement.
+        let (kind, mut policy) = (*kind, *policy);
+        if policy == WaitPolicy::BusyPoll {
+            policy = WaitPolicy::SpinThenBlock(Duration::from_millis(1));
+        }
         threads.push(std::thread::spawn(move || {
             serve_struc_with(s, Backing::Shm(small), kind_config(kind, policy))
         }));
@@ -202,7 +208,8 @@ fn serve_spin(s: UnixStream) {
         return;
     };
     let mut seq = 0u64;
-    let mut idle = 0u64;
+    let mut last = Instant::now();
+    let mut i = 0u32;
     loop {
         let v = words[PING].load(Ordering::Acquire);
         if v == u64::MAX {
@@ -211,13 +218,14 @@ fn serve_spin(s: UnixStream) {
         if v != seq {
             seq = v;
             words[PONG].store(v, Ordering::Release);
-            idle = 0;
+            last = Instant::now();
             continue;
         }
-        idle += 1;
-        if idle % (1 << 20) == 0 {
-            // Between samples: do not keep a vCPU from the client.
-            std::thread::sleep(Duration::from_micros(50));
+        i = i.wrapping_add(1);
+        if i % 256 == 0 && last.elapsed() > Duration::from_micros(200) {
+            // Between bursts of pings: sleep, so as not to take a CPU from the other
+            // measurements (the first ping of a burst waits out one sleep).
+            std::thread::sleep(Duration::from_millis(1));
         }
         std::hint::spin_loop();
     }

@@ -45,7 +45,10 @@ pub enum ChannelKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum WaitPolicy {
-    /// Spin for up to this long, then sleep on a futex (`Duration::ZERO`: sleep at once).
+    /// Spin for up to this long, then sleep on a futex (`Duration::ZERO`: sleep at once). After
+    /// three spins in a row that ran out and were followed by the peer's answer within the
+    /// spin's length once asleep (a peer on our own CPU, which cannot run while we spin, or one
+    /// slower than the spin), the next 64 waits sleep at once.
     SpinThenBlock(std::time::Duration),
     /// Spin until the wait ends, never sleeping: the lowest latency, one CPU kept busy by each
     /// waiting thread. Only for threads that have a CPU of their own: a spinner that shares
@@ -59,9 +62,12 @@ impl WaitPolicy {
 }
 
 impl Default for WaitPolicy {
-    /// Spin for 20 µs, then sleep. On a machine with two CPUs this catches a peer that answers
-    /// within a few microseconds on the other CPU, while a peer on the same CPU (which cannot run
-    /// while we spin) loses at most 20 µs once per wait before we give it the CPU.
+    /// Spin for 20 µs, then sleep; adaptively: after three spins in a row that ran out and were
+    /// followed by the peer's answer right after we slept, the next 64 waits sleep at once. On a machine with two CPUs this catches a
+    /// peer that answers within microseconds from the other CPU (a futex wake-up across CPUs
+    /// costs tens of microseconds on some VMs), and stops wasting time when the peer shares our
+    /// CPU (it cannot run while we spin; `sched_yield` would hand the CPU to whichever thread
+    /// is runnable for a whole time slice, so there is none).
     fn default() -> Self {
         WaitPolicy::SpinThenBlock(std::time::Duration::from_micros(20))
     }

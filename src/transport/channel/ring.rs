@@ -26,12 +26,25 @@ const SLICE: Duration = Duration::from_millis(50);
 /// While busy-polling, how often the socket is looked at.
 const BUSY_CHECK: Duration = Duration::from_millis(1);
 
-/// Spinning only checks the ring for this long before it starts to yield the CPU.
-const SPIN_PURE: Duration = Duration::from_micros(2);
-/// How often a spin-then-block wait yields the CPU after `SPIN_PURE`.
-const SPIN_YIELD: Duration = Duration::ZERO;
-/// How often a busy-polling wait yields the CPU (rarely: it is meant to own its CPU).
-const BUSY_YIELD: Duration = Duration::from_micros(50);
+/// Spins in a row that end without the peer's answer before spinning is paused.
+const SPIN_FAILS: u32 = 3;
+/// Waits that sleep at once once spinning is paused.
+const SPIN_SKIPS: u32 = 64;
+/// How often a busy-polling wait yields the CPU (rarely: it is meant to own its CPU; `sched_yield`
+/// only hands it over to another runnable thread, which then runs for its time slice).
+const BUSY_YIELD: Duration = Duration::from_millis(1);
+
+/// How a wait's spinning phase ended.
+enum Spun {
+    /// There is what we wait for.
+    Ready,
+    /// The caller's deadline passed.
+    Deadline,
+    /// Busy-polling: time to look at the socket.
+    CheckSocket,
+    /// The spin's time is up (or there is none): sleep.
+    GaveUp,
+}
 
 /// `armed` bits: bells this side armed in `POLL` mode and has not taken back.
 const ARMED_DATA: u32 = 1;
@@ -54,6 +67,12 @@ pub(super) struct Link {
     sock_due: AtomicBool,
     /// The socket reached end of stream: what is still in the peer's ring is all there is.
     eof: bool,
+    /// Spins in a row that the peer did not answer within.
+    spin_fails: u32,
+    /// Waits left that skip spinning (see [`Link::spin`]).
+    skip_spins: u32,
+    /// When the last spin ran out, and how long it was (judged when the sleep after it ends).
+    gave_up: Option<(Instant, Duration)>,
 }
 
 impl From<MapError> for Error {
@@ -106,6 +125,9 @@ impl Link {
             armed: AtomicU32::new(0),
             sock_due: AtomicBool::new(true),
             eof: false,
+            spin_fails: 0,
+            skip_spins: 0,
+            gave_up: None,
         })
     }
 
@@ -306,56 +328,75 @@ impl Link {
         // Waiting for the peer's hello, or for the side socket: only `poll` sees those.
         let socket_only = (read && self.inp.is_none()) || side.is_some();
         if !socket_only {
-            let spin = match self.policy {
-                WaitPolicy::BusyPoll => None,
-                WaitPolicy::SpinThenBlock(d) => Some(d),
-            };
-            if spin != Some(Duration::ZERO) {
-                let start = Instant::now();
-                let mut last_yield = start;
-                let mut i = 0u32;
-                loop {
-                    if ready(self)? {
-                        return Ok(());
-                    }
-                    i = i.wrapping_add(1);
-                    if i % 64 == 0 {
-                        let now = Instant::now();
-                        if until.is_some_and(|u| now >= u) {
-                            return Ok(());
-                        }
-                        let spun = now - start;
-                        match spin {
-                            Some(d) if spun >= d => break,
-                            None if spun >= BUSY_CHECK => {
-                                // Look at the socket now and then (the peer's death).
-                                self.sock_due.store(true, Ordering::Relaxed);
-                                return Ok(());
-                            }
-                            _ => {}
-                        }
-                        // Past the first microseconds, hand the CPU over now and then: a peer
-                        // that shares it (two processes on one vCPU) cannot answer while we
-                        // spin, and `sched_yield` lets it run at once. With a CPU of our own
-                        // the yield returns at once.
-                        let every = if spin.is_some() {
-                            SPIN_YIELD
-                        } else {
-                            BUSY_YIELD
-                        };
-                        if spun >= SPIN_PURE && now - last_yield >= every {
-                            std::thread::yield_now();
-                            last_yield = Instant::now();
-                        }
-                    }
-                    std::hint::spin_loop();
+            match self.spin(&ready, until)? {
+                Spun::Ready | Spun::Deadline => return Ok(()),
+                Spun::CheckSocket => {
+                    // Busy-polling looks at the socket now and then (the peer's death).
+                    self.sock_due.store(true, Ordering::Relaxed);
+                    return Ok(());
                 }
+                Spun::GaveUp => {}
             }
             if data != space {
                 return self.sleep_futex(sock, data, until);
             }
         }
         self.sleep_poll(sock, side, space, until)
+    }
+
+    /// The spinning phase of a wait, as the policy says. A spin-then-block wait adapts: after
+    /// [`SPIN_FAILS`] spins in a row that ran out and were followed by the peer's answer within
+    /// the spin's own length once we slept (the peer shares our CPU, where it cannot run while
+    /// we spin, or it is just slower than the spin), the next [`SPIN_SKIPS`] waits sleep at
+    /// once; then spinning is tried again. A spin that runs out because the peer is idle (the
+    /// sleep after it is long) does not count.
+    fn spin(
+        &mut self,
+        ready: &dyn Fn(&Link) -> Result<bool, Error>,
+        until: Option<Instant>,
+    ) -> Result<Spun, Error> {
+        let budget = match self.policy {
+            WaitPolicy::BusyPoll => None,
+            WaitPolicy::SpinThenBlock(d) if d.is_zero() => return Ok(Spun::GaveUp),
+            WaitPolicy::SpinThenBlock(_) if self.skip_spins > 0 => {
+                self.skip_spins -= 1;
+                return Ok(Spun::GaveUp);
+            }
+            WaitPolicy::SpinThenBlock(d) => Some(d),
+        };
+        let start = Instant::now();
+        let mut last_yield = start;
+        let mut i = 0u32;
+        loop {
+            if ready(self)? {
+                self.spin_fails = 0;
+                return Ok(Spun::Ready);
+            }
+            i = i.wrapping_add(1);
+            if i % 64 == 0 {
+                let now = Instant::now();
+                if until.is_some_and(|u| now >= u) {
+                    return Ok(Spun::Deadline);
+                }
+                let spun = now - start;
+                match budget {
+                    Some(d) if spun >= d => {
+                        // Whether this spin only held back a peer that shares our CPU is
+                        // known once the sleep ends (see `sleep_futex`).
+                        self.gave_up = Some((now, d));
+                        return Ok(Spun::GaveUp);
+                    }
+                    None if spun >= BUSY_CHECK => return Ok(Spun::CheckSocket),
+                    None if now - last_yield >= BUSY_YIELD => {
+                        // A busy-poller that shares its CPU after all must not hold it forever.
+                        std::thread::yield_now();
+                        last_yield = Instant::now();
+                    }
+                    _ => {}
+                }
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Sleeps on the one bell we wait on (data if `data`, else space), at most a slice.
@@ -381,7 +422,19 @@ impl Link {
             let left = until.map_or(SLICE, |u| u.saturating_duration_since(Instant::now()));
             futex::wait(bell, FUTEX, Some(left.min(SLICE))).map_err(Error::Io)?;
         }
-        if ring::disarm(bell) != AWAKE {
+        let woken = ring::disarm(bell) == AWAKE;
+        if let Some((at, spin)) = self.gave_up.take() {
+            if woken && at.elapsed() < spin * 2 {
+                self.spin_fails += 1;
+                if self.spin_fails >= SPIN_FAILS {
+                    self.spin_fails = 0;
+                    self.skip_spins = SPIN_SKIPS;
+                }
+            } else {
+                self.spin_fails = 0;
+            }
+        }
+        if !woken {
             // Nobody woke us (a timeout, a signal): look at the socket before sleeping again.
             self.sock_due.store(true, Ordering::Relaxed);
             if !data {
