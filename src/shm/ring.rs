@@ -141,12 +141,19 @@ impl Producer {
         Ok((taken, ring_if_asleep(ctl.data_bell)))
     }
 
-    /// Arms the space bell with `mode` and re-checks: `true` if the ring is still full (sleep;
-    /// the consumer's next pop wakes us), `false` if not (do not sleep). Either way the owner
-    /// takes the bell back with [`disarm`] once it runs again.
-    pub fn arm_space(&self, ctl: &Control<'_>, cap: u64, mode: u32) -> Result<bool, RingError> {
+    /// Arms the space bell with `mode` and re-checks: `true` if the ring still has no room for
+    /// `need` bytes (at least 1, at most `cap`; sleep: the consumer's next pop wakes us),
+    /// `false` if it has (do not sleep). Either way the owner takes the bell back with
+    /// [`disarm`] once it runs again.
+    pub fn arm_space(
+        &self,
+        ctl: &Control<'_>,
+        cap: u64,
+        mode: u32,
+        need: u64,
+    ) -> Result<bool, RingError> {
         arm(ctl.space_bell, mode);
-        Ok(self.space(ctl, cap)? == 0)
+        Ok(self.space(ctl, cap)? < need.clamp(1, cap))
     }
 }
 

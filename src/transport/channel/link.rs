@@ -52,13 +52,16 @@ impl Link {
         }
     }
 
+    /// Writes what fits of `iov` (with `whole`, `iov` is one frame: a ring takes a small one
+    /// whole or not at all). `Ok(None)`: nothing fits now.
     pub(super) fn push(
         &mut self,
         sock: BorrowedFd<'_>,
         iov: &[IoSlice<'_>],
+        whole: bool,
     ) -> Result<Option<usize>, Error> {
         match self {
-            Link::Ring(l) => l.push(sock, iov),
+            Link::Ring(l) => l.push(sock, iov, whole),
             Link::Mq(l) => l.push(iov),
         }
     }

@@ -278,7 +278,7 @@ impl Channel {
             let res = if iov.is_empty() {
                 Ok(Some(0))
             } else {
-                write_data(&self.sock, self.link.as_deref_mut(), &iov, fd)
+                write_data(&self.sock, self.link.as_deref_mut(), &iov, fd, false)
             };
             drop(iov);
             match res {
@@ -671,16 +671,18 @@ impl Pollable for Channel {
     }
 }
 
-/// Writes bytes of the stream: to the socket (with a hello's fd `attach`ed), or into our ring.
-/// `Ok(None)`: nothing was taken (a full socket or ring).
+/// Writes bytes of the stream: to the socket (with a hello's fd `attach`ed), or into our ring or
+/// queue (`whole`: `iov` is one frame, see `Link::push`). `Ok(None)`: nothing was taken (a full
+/// socket, ring or queue).
 fn write_data(
     sock: &UnixStream,
     link: Option<&mut Link>,
     iov: &[IoSlice<'_>],
     attach: Option<BorrowedFd<'_>>,
+    whole: bool,
 ) -> Result<Option<usize>, Error> {
     match link {
-        Some(link) => link.push(sock.as_fd(), iov),
+        Some(link) => link.push(sock.as_fd(), iov, whole),
         None => match sys::try_send_vectored(sock.as_fd(), iov, attach) {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),

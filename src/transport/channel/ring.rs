@@ -73,6 +73,9 @@ pub(super) struct Link {
     skip_spins: u32,
     /// When the last spin ran out, and how long it was (judged when the sleep after it ends).
     gave_up: Option<(Instant, Duration)>,
+    /// Room the next push needs: the length of the slice the last push left for lack of room
+    /// (a small frame goes in whole), or 1.
+    need: u64,
 }
 
 impl From<MapError> for Error {
@@ -128,6 +131,7 @@ impl Link {
             spin_fails: 0,
             skip_spins: 0,
             gave_up: None,
+            need: 1,
         })
     }
 
@@ -158,13 +162,20 @@ impl Link {
         &mut self,
         sock: BorrowedFd<'_>,
         iov: &[IoSlice<'_>],
+        whole: bool,
     ) -> Result<Option<usize>, Error> {
         let ctl = self.out.control();
-        // Whole slices only, unless one could never fit: a small frame (one slice when sent
-        // at once; queued ones are coalesced whole) is never left half in the ring, so a
-        // sender that goes away leaves whole frames behind, as it usually does on a socket.
+        // Whole slices only, unless one could never fit; and with `whole` (`iov` is one frame),
+        // all of it or nothing unless it could never fit: a small frame (queued ones are
+        // coalesced whole) is never left half in the ring, so a sender that goes away leaves
+        // whole frames behind, as it usually does on a socket.
         let cap = ring::RingBytes::cap(&self.out);
         let mut room = self.prod.space(&ctl, cap).map_err(corrupt)?;
+        let total: u64 = iov.iter().map(|s| s.len() as u64).sum();
+        if whole && total > room && total <= cap {
+            self.need = total;
+            return Ok(None);
+        }
         let mut k = 0;
         for s in iov {
             let len = s.len() as u64;
@@ -180,6 +191,8 @@ impl Link {
                 break;
             }
         }
+        // Until the slice that did not fit has room, a wait for room waits for that much.
+        self.need = iov.get(k).map_or(1, |s| (s.len() as u64).clamp(1, cap));
         let (n, mode) = self
             .prod
             .push(&ctl, &self.out, &iov[..k])
@@ -188,14 +201,12 @@ impl Link {
         Ok((n > 0).then_some(n))
     }
 
-    /// Whether our ring has room.
+    /// Whether our ring has room for what the last push could not take (a whole small frame,
+    /// or any byte of a larger one).
     pub(super) fn has_space(&self) -> Result<bool, Error> {
         let ctl = self.out.control();
-        Ok(self
-            .prod
-            .space(&ctl, ring::RingBytes::cap(&self.out))
-            .map_err(corrupt)?
-            > 0)
+        let room = self.prod.space(&ctl, ring::RingBytes::cap(&self.out));
+        Ok(room.map_err(corrupt)? >= self.need)
     }
 
     /// Whether the peer's ring has bytes for us.
@@ -298,7 +309,7 @@ impl Link {
             let ctl = self.out.control();
             ready |= !self
                 .prod
-                .arm_space(&ctl, ring::RingBytes::cap(&self.out), POLL)
+                .arm_space(&ctl, ring::RingBytes::cap(&self.out), POLL, self.need)
                 .unwrap_or(false);
         }
         self.armed.fetch_or(armed, Ordering::Relaxed);
@@ -415,7 +426,7 @@ impl Link {
         let sleep = if data {
             self.cons.arm_data(&ctl, cap, FUTEX)
         } else {
-            self.prod.arm_space(&ctl, cap, FUTEX)
+            self.prod.arm_space(&ctl, cap, FUTEX, self.need)
         }
         .map_err(corrupt)?;
         if sleep {

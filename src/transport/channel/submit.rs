@@ -119,7 +119,7 @@ impl Channel {
                 at += p.len();
             }
             let flat = [IoSlice::new(&flat[..total])];
-            match super::write_data(&self.sock, self.link.as_deref_mut(), &flat, None) {
+            match super::write_data(&self.sock, self.link.as_deref_mut(), &flat, None, true) {
                 Ok(Some(n)) => {
                     self.written += n as u64;
                     if n > 0 {
@@ -176,7 +176,8 @@ impl Channel {
             } else {
                 None
             };
-            match super::write_data(&self.sock, self.link.as_deref_mut(), &iov, attach) {
+            let link = self.link.as_deref_mut();
+            match super::write_data(&self.sock, link, &iov, attach, written == 0) {
                 Ok(Some(0)) | Ok(None) => break,
                 Ok(Some(n)) => {
                     written += n;

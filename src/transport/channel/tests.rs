@@ -823,3 +823,26 @@ fn ring_positions_out_of_range_are_bad_ring_once() {
     ));
     assert!(matches!(a.send(b"three"), Err(Error::Hosed)));
 }
+
+#[test]
+fn a_flush_waiting_for_room_for_a_whole_frame_sees_the_reader_go() {
+    // Two 1.5 KB frames fill most of a 4 KiB ring; the third waits (a small frame goes in
+    // whole): room for 1 KB is not room for it. The reader goes without reading.
+    let (mut a, mut b) = ring_pair(4096);
+    for i in 0..3 {
+        a.send(&pattern(i, 1500)).unwrap();
+    }
+    assert_eq!(a.queued_bytes(), 1516);
+    // (Receiving until there is nothing reads the socket dry: no news is due from it now.)
+    b.send(b"x").unwrap();
+    assert_eq!(&*a.try_recv().unwrap().unwrap().payload, b"x");
+    assert!(a.try_recv().unwrap().is_none());
+    drop(b);
+    // Not a busy loop on the 1 KB of room until the time limit: the wait for room is a wait
+    // for 1516 bytes, which looks at the socket between sleeps and finds the reader gone.
+    assert!(matches!(
+        a.flush_blocking(Some(Duration::from_secs(20))),
+        Err(Error::Reset)
+    ));
+    assert!(matches!(a.flush(), Err(Error::Hosed)));
+}
