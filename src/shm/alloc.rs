@@ -50,17 +50,19 @@ impl From<Fail> for Error {
 
 impl Pool {
     /// Allocates a block with `size` payload bytes.
-    /// `flags` (e.g. [`FLAG_HANDLE`]) are recorded in the block's info word.
+    /// `flags` (e.g. [`FLAG_HANDLE`]) are recorded in the block's info word. With `carve` false
+    /// only freed space serves (a cached or listed block, a free extent): no fresh space is
+    /// carved, and [`Fail::Full`] means "nothing freed fits here".
     #[inline(always)]
-    pub(crate) fn alloc_block(&self, size: usize, flags: u64) -> Res<Grant> {
+    pub(crate) fn alloc_block(&self, size: usize, flags: u64, carve: bool) -> Res<Grant> {
         match class_for(size) {
-            Some(c) => self.alloc_small(c, flags),
-            None => self.alloc_large(size, flags),
+            Some(c) => self.alloc_small(c, flags, carve),
+            None => self.alloc_large(size, flags, carve),
         }
     }
 
     #[inline(always)]
-    fn alloc_small(&self, c: usize, flags: u64) -> Res<Grant> {
+    fn alloc_small(&self, c: usize, flags: u64, carve: bool) -> Res<Grant> {
         let size = CLASS_SIZES[c] as u64;
         // Fast path: this thread's private list, and its own counters (see `tcache`).
         let mut cached = None;
@@ -78,7 +80,7 @@ impl Pool {
         }
         let off = match cached {
             Some(off) => off,
-            None => match super::space::pop_or_refill(self, c, span_pages(c), size) {
+            None => match super::space::pop_or_refill(self, c, span_pages(c), size, carve) {
                 Ok(off) => off,
                 Err(f) => {
                     self.count_small(c, -1);
@@ -104,13 +106,13 @@ impl Pool {
     }
 
     #[inline(never)]
-    fn alloc_large(&self, size: usize, flags: u64) -> Res<Grant> {
+    fn alloc_large(&self, size: usize, flags: u64, carve: bool) -> Res<Grant> {
         let max = self.capacity() - self.heap_off();
         let pages = match large_pages(size) {
             Some(p) if p <= max / PAGE => p,
             _ => return Err(Fail::Full),
         };
-        let (off, got) = super::space::alloc_extent(self, pages)?;
+        let (off, got) = super::space::alloc_extent(self, pages, carve)?;
         self.count_large((got * PAGE) as i64, 1);
         Ok(super::space::take(
             self,
