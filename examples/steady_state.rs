@@ -1,20 +1,39 @@
 //! Builds and drops large messages repeatedly in one arena and reports, per build, the minor
 //! page faults and time of the build and of the drop, and the arena's carved vs live bytes.
 //!
+//! With `RECEIVER_DROPS=1`, each message is sent through a channel to a receiver that maps the
+//! arena separately (as another process would) and drops it last: the drop is then timed there.
+//!
 //! Run: `cargo run --release --example steady_state -- [MiB ...]` (default 64 256 1024).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use flowipc::msg::MsgOut;
+use flowipc::msg::{Backing, MsgChannel, MsgOut};
 use flowipc::schemas::perf_demo_capnp::body;
 use flowipc::shm::{Arena, ArenaConfig};
+use flowipc::transport::{Channel, ChannelConfig};
 
 const PART: usize = 16 * 1024;
 
 fn faults() -> i64 {
-    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
-        .map(|u| u.minor_page_faults())
-        .unwrap_or(0)
+    usage().0
+}
+
+/// Minor faults, CPU time (user + system) and involuntary context switches of this process: a
+/// slow step whose CPU time is short was preempted (the machine is shared), not slow itself.
+fn usage() -> (i64, Duration, i64) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let Ok(u) = getrusage(UsageWho::RUSAGE_SELF) else {
+        return (0, Duration::ZERO, 0);
+    };
+    let cpu = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    (
+        u.minor_page_faults(),
+        cpu(u.user_time()) + cpu(u.system_time()),
+        u.involuntary_context_switches(),
+    )
 }
 
 fn build(msg: &mut MsgOut<body::Owned>, size: usize) {
@@ -47,24 +66,47 @@ fn main() {
     for mib in sizes {
         let size = mib << 20;
         let arena = Arena::create(ArenaConfig::new()).expect("arena");
+        let mut chans = std::env::var_os("RECEIVER_DROPS").map(|_| {
+            let cfg = ChannelConfig::new();
+            let (a, b) = Channel::pair(cfg).expect("channel pair");
+            (
+                MsgChannel::<body::Owned>::new(a, Backing::Shm(arena.clone())),
+                MsgChannel::<body::Owned>::new(b, Backing::Heap),
+            )
+        });
         println!("{mib} MiB:");
         for round in 1..=rounds {
             let (f0, t0) = (faults(), Instant::now());
             let mut msg = MsgOut::<body::Owned>::new_in(&arena);
             build(&mut msg, size);
-            let (bf, bt) = (faults() - f0, t0.elapsed());
-            let s = arena.stats();
-            let segs = msg.segment_count();
-            let (f1, t1) = (faults(), Instant::now());
-            drop(msg);
-            let (df, dt) = (faults() - f1, t1.elapsed());
+            let build = (faults() - f0, t0.elapsed());
+            let (segs, stats) = (msg.segment_count(), arena.stats());
+            // What is dropped last: the message itself, or the receiver's view of it.
+            let last: Box<dyn std::any::Any> = match &mut chans {
+                Some((tx, rx)) => {
+                    tx.send(&mut msg, None).expect("send");
+                    let got = rx.recv_blocking(None).expect("recv").expect("a message");
+                    assert!(got.is_zero_copy());
+                    drop(msg);
+                    Box::new(got)
+                }
+                None => Box::new(msg),
+            };
+            let (u1, t1) = (usage(), Instant::now());
+            drop(last);
+            let (dt, u2) = (t1.elapsed(), usage());
+            let (df, dcpu, dcs) = (u2.0 - u1.0, u2.1 - u1.1, u2.2 - u1.2);
             println!(
-                "  build {round}: {bf:>7} faults {:>8.1} ms ({segs} segs) | drop {df:>6} faults {:>8.1} ms | carved {:>5} MiB live {:>5} MiB pools {}",
-                bt.as_secs_f64() * 1e3,
+                "  build {round}: {:>7} faults {:>8.1} ms ({segs} segs) | drop {df:>6} faults \
+                 {:>8.1} ms (cpu {:>6.1} ms, {dcs} preemptions) | carved {:>5} MiB live {:>5} MiB \
+                 pools {}",
+                build.0,
+                build.1.as_secs_f64() * 1e3,
                 dt.as_secs_f64() * 1e3,
-                s.bytes_reserved >> 20,
-                s.bytes_in_use >> 20,
-                s.pools
+                dcpu.as_secs_f64() * 1e3,
+                stats.bytes_reserved >> 20,
+                stats.bytes_in_use >> 20,
+                stats.pools
             );
         }
     }
