@@ -8,6 +8,8 @@
 //!   from `cur` to `cur + n pages`. The read-modify-write alone makes claims disjoint; no data
 //!   travels with it (fresh memfd pages are zero and untouched), so no ordering is needed. Whoever
 //!   claims the pages publishes them later by a `Release` (a free-list push or a page-map entry).
+//!   A caller may ask for freed space only (`carve` false, see [`alloc_pages`]): the same steps
+//!   without this one (the arena asks every pool for freed space before any carves).
 //! * **Block headers** (info word at `off`, link word at `off + LINK`): written with `Relaxed`
 //!   stores by the block's owner only, always *before* the block is published by a `Release`
 //!   push (a span's chain in [`refill`], a freed extent in [`free_extent`]), and read by the next
