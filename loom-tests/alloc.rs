@@ -165,9 +165,13 @@ impl Heap {
         }
     }
 
-    /// `Pool::alloc_large` of a `pages`-page extent: returns its offset and length in pages.
+    /// `Pool::alloc_large` of a `pages`-page extent as the arena asks for it: freed space first
+    /// (`carve` false), then fresh space. Returns its offset and length in pages.
     fn alloc_large(&self, pages: u64, who: u64) -> Res<(u64, u64)> {
-        let (off, got) = space::alloc_extent(self, pages)?;
+        let (off, got) = match space::alloc_extent(self, pages, false) {
+            Err(Fail::Full) => space::alloc_extent(self, pages, true)?,
+            other => other?,
+        };
         let g = space::take(self, off, CLASS_LARGE, got * PAGE, 0);
         self.own(off, got * PAGE, g.generation(), g.clean(), who);
         Ok((off, got))
@@ -204,7 +208,7 @@ impl Heap {
 
     /// `Pool::alloc_small` of the model's class (past the thread cache): returns the block.
     fn alloc_small(&self, who: u64) -> Res<u64> {
-        let off = space::pop_or_refill(self, C, SPAN_PAGES, SIZE)?;
+        let off = space::pop_or_refill(self, C, SPAN_PAGES, SIZE, true)?;
         if !space::is_free_block(self, off, C) {
             return Err(Fail::Corrupt(
                 "free list holds something not a free block of its class",

@@ -131,6 +131,39 @@ fn freed_extents_are_reused_by_requests_of_about_their_size() {
     assert_empty(&arena);
 }
 
+/// Freed space in any pool comes before fresh space in any: after the arena grew by a pool
+/// (which then serves first), a freed extent of the first pool is reused rather than carved anew
+/// in the second, for extents and for small blocks alike.
+#[test]
+fn freed_space_in_another_pool_is_reused_before_fresh_space_in_the_current_one() {
+    let arena = Arena::create(ArenaConfig::new().pool_size(32 << 20).max_pools(4)).unwrap();
+    let (a, small) = (arena.alloc(8 << 20).unwrap(), arena.alloc(3000).unwrap());
+    let filler = arena.alloc(20 << 20).unwrap();
+    assert_eq!((a.block_ref().pool, filler.block_ref().pool), (0, 0));
+    // Pool 0 has no room for another 8 MiB: the arena grows, and pool 1 serves from now on.
+    let b = arena.alloc(8 << 20).unwrap();
+    assert_eq!(b.block_ref().pool, 1);
+    let (a_at, small_at) = (a.block_ref(), small.block_ref());
+    drop((a, small));
+    let reserved = arena.stats().bytes_reserved;
+    // Pool 1 has fresh room for both, but pool 0 has them freed.
+    let c = arena.alloc(8 << 20).unwrap();
+    assert_eq!((c.block_ref().pool, c.block_ref().offset), (0, a_at.offset));
+    let d = arena.alloc(3000).unwrap();
+    assert_eq!(
+        (d.block_ref().pool, d.block_ref().offset),
+        (0, small_at.offset)
+    );
+    assert_eq!(arena.stats().bytes_reserved, reserved, "nothing carved");
+    // With nothing freed anywhere, fresh space is carved where there is room.
+    let e = arena.alloc(8 << 20).unwrap();
+    assert_eq!(e.block_ref().pool, 1);
+    assert!(arena.stats().bytes_reserved > reserved);
+    drop((b, c, d, e, filler));
+    assert_eq!(arena.stats().pools, 2);
+    assert_empty(&arena);
+}
+
 #[test]
 fn random_large_sizes_do_not_fragment_without_bound() {
     let arena = Arena::create(ArenaConfig::new().pool_size(1 << 30).max_pools(1)).unwrap();

@@ -1,8 +1,10 @@
-//! The two-process harness shared by `benches/latency.rs` and `examples/perf_demo.rs`.
+//! The two-process harness shared by `benches/latency.rs`, `benches/steady.rs` and
+//! `examples/perf_demo.rs`.
 //!
 //! The measuring process (client) binds an abstract Unix socket and re-executes its own binary
-//! with [`PEER_ENV`] set; that process (server) connects three times: a raw socket for the
-//! ping-pong floor, a zero-copy (arena-backed) message channel and a heap (copying) one. Like
+//! with [`PEER_ENV`] set; that process (server) connects: a raw socket for the ping-pong floor,
+//! a zero-copy (arena-backed) message channel and a heap (copying) one, two structured channels,
+//! and a sink that reads and drops what the client sends ([`Client::sink`]). Like
 //! Flow-IPC's perf_demo, a request names a size and the response carries that many bytes in
 //! 16 KiB parts (`GetCacheRsp.fileParts`). The server builds each size's response once and
 //! re-sends it unchanged (a cached file): in place that costs a reference, on the heap a copy
@@ -114,6 +116,8 @@ pub struct Client {
     /// The spin ping-pong's words, in an arena the server maps (the hardware floor).
     spin: ShmHandle<[AtomicU64; 32]>,
     spin_seq: u64,
+    /// Messages the client builds go here (see [`Client::sink`]).
+    pub sink: MsgChannel<body::Owned>,
     server: Child,
 }
 
@@ -142,6 +146,7 @@ pub fn serve_if_peer() {
     let kinds: Vec<UnixStream> = KINDS.iter().map(|_| connect()).collect();
     let shm_queue = connect();
     let spin = connect();
+    let sink = connect();
     let arena = Arena::create(ArenaConfig::new()).expect("arena");
     let small = Arena::create(ArenaConfig::new().pool_size(16 << 20)).expect("arena");
     let mut threads = vec![
@@ -176,6 +181,7 @@ pub fn serve_if_peer() {
         std::thread::spawn(move || serve_msgs(heap, Backing::Heap)),
         std::thread::spawn(move || serve_struc(struc_shm, Backing::Shm(small))),
         std::thread::spawn(move || serve_struc(struc_heap, Backing::Heap)),
+        std::thread::spawn(move || serve_sink(sink)),
     ]);
     for t in threads {
         let _ = t.join();
@@ -261,6 +267,36 @@ fn serve_msgs_with(s: UnixStream, backing: Backing, cfg: ChannelConfig) {
     }
 }
 
+/// Reads every `GetCacheRsp` the client sends (its part count and the first part's first byte,
+/// in place), drops it, and only then acknowledges it with a `GetCacheReq` naming the part count
+/// and that byte: the client's `MsgOut` is the message's last reference when the ack arrives.
+fn serve_sink(s: UnixStream) {
+    let chan = Channel::from_stream(s, config()).expect("channel");
+    let mut chan = MsgChannel::<body::Owned>::new(chan, Backing::Heap);
+    while let Ok(Some(msg)) = chan.recv_blocking(None) {
+        let seen = match msg.root().and_then(|r| Ok(r.which()?)) {
+            Ok(body::GetCacheRsp(Ok(rsp))) => rsp.get_file_parts().ok().map(|parts| {
+                let first = parts
+                    .get(0)
+                    .get_data()
+                    .ok()
+                    .and_then(|d| d.first().copied());
+                (parts.len(), first.unwrap_or(0))
+            }),
+            _ => None,
+        };
+        drop(msg);
+        let Some((parts, first)) = seen else { break };
+        let mut ack = chan.create_msg();
+        ack.init_root()
+            .init_get_cache_req()
+            .set_file_name(format!("{parts} {first}").as_str());
+        if chan.send(&mut ack, None).is_err() {
+            break;
+        }
+    }
+}
+
 /// Answers every `sumRequest` with its sum (the page's example), until the client goes.
 fn serve_struc(s: UnixStream, backing: Backing) {
     serve_struc_with(s, backing, config())
@@ -322,6 +358,7 @@ pub fn start() -> Client {
     let kinds: Vec<UnixStream> = KINDS.iter().map(|_| accept()).collect();
     let shm_queue = accept();
     let spin_sock = accept();
+    let sink = accept();
     let arena = Arena::create(ArenaConfig::new().pool_size(64 << 20)).expect("arena");
     let chan = |s, cfg| Channel::from_stream(s, cfg).expect("channel");
     let structured = |s, backing, cfg| {
@@ -357,6 +394,7 @@ pub fn start() -> Client {
         ),
         spin,
         spin_seq: 0,
+        sink: MsgChannel::new(chan(sink, config()), Backing::Heap),
         server,
     }
 }
@@ -461,6 +499,29 @@ fn sum_request(chan: &mut struc::Channel<cool_msg::Owned>) -> i64 {
 }
 
 impl Client {
+    /// Sends `msg` (a `GetCacheRsp`, in place if it is arena-backed) to the server, which reads
+    /// it, drops it and acknowledges; returns once the ack is here, with the part count and the
+    /// first byte the server saw. From then on `msg` is the message's only reference.
+    pub fn sink(&mut self, msg: &mut MsgOut<body::Owned>) -> (u32, u8) {
+        self.sink.send(msg, None).expect("send to the sink");
+        let ack = self
+            .sink
+            .recv_blocking(None)
+            .expect("receive the ack")
+            .expect("an ack");
+        let root = ack.root().expect("root");
+        let Ok(body::GetCacheReq(Ok(req))) = root.which() else {
+            panic!("not an ack");
+        };
+        let text = req.get_file_name().expect("name");
+        let text = text.to_str().expect("utf-8");
+        let (parts, first) = text.split_once(' ').expect("two numbers");
+        (
+            parts.parse().expect("part count"),
+            first.parse().expect("first byte"),
+        )
+    }
+
     /// Times `n` structured `sync_request` round trips over `KINDS[i]`.
     pub fn sample_kind(&mut self, i: usize, n: usize) -> Vec<Duration> {
         (0..n)

@@ -227,8 +227,9 @@ pub enum Released {
 }
 
 /// Gives back one reference to the message handle at `off` (payload capacity `cap`). The last
-/// reference, in any process, hands each segment entry of a table to `segment` (a corrupt count
-/// hands none: the segments leak rather than be freed wrongly) and says what is left to free.
+/// reference, in any process, hands each segment entry of a table to `segment`, last entry first
+/// (a corrupt count hands none: the segments leak rather than be freed wrongly) and says what is
+/// left to free.
 ///
 /// Everything any holder did with the message happens-before the callbacks ([`rc_release`]).
 pub fn release_message<W: Words + ?Sized>(
@@ -248,7 +249,9 @@ pub fn release_message<W: Words + ?Sized>(
     }
     let n = table_count(mem, p);
     if n <= MAX_SEGMENTS as u64 && T_ENTRIES + n * T_ENTRY <= cap {
-        for i in 0..n {
+        // Last first, as a builder frees the segments it owns (see `SegAlloc`): the next message
+        // of the same shape gets each segment's block back for the same segment.
+        for i in (0..n).rev() {
             segment(read_entry(mem, p, i));
         }
     }

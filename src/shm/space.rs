@@ -8,6 +8,8 @@
 //!   from `cur` to `cur + n pages`. The read-modify-write alone makes claims disjoint; no data
 //!   travels with it (fresh memfd pages are zero and untouched), so no ordering is needed. Whoever
 //!   claims the pages publishes them later by a `Release` (a free-list push or a page-map entry).
+//!   A caller may ask for freed space only (`carve` false, see [`alloc_pages`]): the same steps
+//!   without this one (the arena asks every pool for freed space before any carves).
 //! * **Block headers** (info word at `off`, link word at `off + LINK`): written with `Relaxed`
 //!   stores by the block's owner only, always *before* the block is published by a `Release`
 //!   push (a span's chain in [`refill`], a freed extent in [`free_extent`]), and read by the next
@@ -134,20 +136,27 @@ pub fn take<S: Space + ?Sized>(s: &S, off: u64, class: u64, block: u64, flags: u
 }
 
 /// A block of class `c` from the class's shared list, or else from a new span of `pages` pages
-/// carved in blocks of `size` bytes (the caller then owns it).
+/// carved in blocks of `size` bytes (the caller then owns it). With `carve` false the span may
+/// only be a freed extent, never fresh space ([`alloc_pages`]).
 #[inline(always)]
-pub fn pop_or_refill<S: Space + ?Sized>(s: &S, c: usize, pages: u64, size: u64) -> Res<u64> {
+pub fn pop_or_refill<S: Space + ?Sized>(
+    s: &S,
+    c: usize,
+    pages: u64,
+    size: u64,
+    carve: bool,
+) -> Res<u64> {
     match pop(s, s.class_head(c)) {
         Some(off) => Ok(off),
-        None => refill(s, c, pages, size),
+        None => refill(s, c, pages, size, carve),
     }
 }
 
 /// Takes a span of `pages` pages for class `c` (blocks of `size` bytes): returns its first block
-/// (ours) and frees the others.
+/// (ours) and frees the others. `carve`: as for [`alloc_pages`].
 #[inline(never)]
-pub fn refill<S: Space + ?Sized>(s: &S, c: usize, pages: u64, size: u64) -> Res<u64> {
-    let (span, _, clean) = alloc_pages(s, pages, 0)?;
+pub fn refill<S: Space + ?Sized>(s: &S, c: usize, pages: u64, size: u64, carve: bool) -> Res<u64> {
+    let (span, _, clean) = alloc_pages(s, pages, 0, carve)?;
     let first_page = (span - s.heap_start()) / PAGE;
     let n = carve_span(s, span, c, pages, size, clean, |i| {
         s.page_entry(first_page + i)
@@ -196,10 +205,19 @@ pub fn carve_span<'a, W: Words + ?Sized>(
     n
 }
 
-/// Takes `n` contiguous pages of fresh space, or a free extent of `n..=n + slack` pages
-/// (`slack` 0 for spans, which need exactly `n`). Returns the offset, the pages taken and
-/// whether they are known to be zero.
-pub fn alloc_pages<S: Space + ?Sized>(s: &S, n: u64, slack: u64) -> Res<(u64, u64, bool)> {
+/// Takes a free extent of `n..=n + slack` pages (`slack` 0 for spans, which need exactly `n`),
+/// or else, if `carve`, `n` contiguous pages of fresh space (without `carve`, no free extent
+/// fits: [`Fail::Full`]). Returns the offset, the pages taken and whether they are known to be
+/// zero.
+///
+/// The arena asks every pool for freed space before it asks any for fresh space (see
+/// `Arena::grant_with`): fresh space is carved only when nothing freed fits anywhere.
+pub fn alloc_pages<S: Space + ?Sized>(
+    s: &S,
+    n: u64,
+    slack: u64,
+    carve: bool,
+) -> Res<(u64, u64, bool)> {
     let hi = n + slack;
     for b in bucket_of(n)..=bucket_of(hi).min(NUM_BUCKETS - 1) {
         let bucket = s.bucket(b);
@@ -237,6 +255,9 @@ pub fn alloc_pages<S: Space + ?Sized>(s: &S, n: u64, slack: u64) -> Res<(u64, u6
             return Ok((off, pages, clean));
         }
     }
+    if !carve {
+        return Err(Fail::Full);
+    }
     let bump = s.bump();
     let mut cur = bump.load(Ordering::Relaxed);
     loop {
@@ -258,12 +279,12 @@ pub fn alloc_pages<S: Space + ?Sized>(s: &S, n: u64, slack: u64) -> Res<(u64, u6
 /// Extents of each bucket examined for a fit before the next bucket (or fresh space).
 const BUCKET_TRIES: usize = 8;
 
-/// Takes an extent for `pages` pages (fresh, or a free one at most [`slack`] longer) and
-/// publishes its length in the page map. Returns its offset and length in pages; the caller owns
-/// it and marks it allocated ([`take`]).
+/// Takes an extent for `pages` pages (a free one at most [`slack`] longer, or else, if `carve`,
+/// fresh space) and publishes its length in the page map. Returns its offset and length in pages;
+/// the caller owns it and marks it allocated ([`take`]).
 #[inline]
-pub fn alloc_extent<S: Space + ?Sized>(s: &S, pages: u64) -> Res<(u64, u64)> {
-    let (off, got, clean) = alloc_pages(s, pages, slack(pages))?;
+pub fn alloc_extent<S: Space + ?Sized>(s: &S, pages: u64, carve: bool) -> Res<(u64, u64)> {
+    let (off, got, clean) = alloc_pages(s, pages, slack(pages), carve)?;
     if clean {
         // Fresh space or a clean extent: make sure the header says so.
         let w = s.word(off);

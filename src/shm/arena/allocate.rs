@@ -47,6 +47,14 @@ impl Arena {
     /// Allocates and hands the block to `make`, which builds the result in place (going
     /// through an intermediate `(pool, grant)` pair costs a store-forwarding stall on the fast
     /// path).
+    ///
+    /// **Freed space before fresh space, arena-wide.** The hinted pool (the one that served last)
+    /// is asked for freed space only: a cached or listed block, or a free extent. Only when it has
+    /// none does [`grant_elsewhere`](Self::grant_elsewhere) ask the other pools for freed space,
+    /// then carve fresh space (hinted pool first), then grow the arena. Carving fresh space in
+    /// the hinted pool while a fitting extent waits in another pool would grow the footprint for
+    /// nothing, and make every page of the block fault again: a 1 GiB message that spilled into a
+    /// second pool was built afresh in that pool the next time, every other time.
     #[inline(always)]
     pub(crate) fn grant_with<'s, R>(
         &'s self,
@@ -56,7 +64,7 @@ impl Arena {
     ) -> Result<R> {
         let hint = self.shared.hint.load(Ordering::Relaxed);
         if let Some(pool) = self.pool(hint) {
-            match pool.alloc_block(size, flags) {
+            match pool.alloc_block(size, flags, false) {
                 Ok(g) => return Ok(make(pool, g)),
                 Err(Fail::Full) => {}
                 Err(f) => return Err(f.into()),
@@ -66,7 +74,8 @@ impl Arena {
         Ok(make(pool, g))
     }
 
-    /// The hinted pool is full: try the others, then grow.
+    /// Nothing freed fits in the hinted pool: freed space in another pool, else fresh space in
+    /// the hinted pool, then in the others, then growth. The pool that serves becomes the hint.
     #[inline(never)]
     fn grant_elsewhere(&self, size: usize, flags: u64, hint: u32) -> Result<(&Pool, Grant)> {
         if size > self.max_block_size() {
@@ -75,16 +84,21 @@ impl Arena {
                 max: self.max_block_size(),
             });
         }
-        for pool in self.pools() {
-            if pool.id() != hint {
-                match pool.alloc_block(size, flags) {
-                    Ok(g) => {
+        let hinted = self.pool(hint).into_iter();
+        let others = || self.pools().filter(|p| p.id() != hint);
+        let tries = others()
+            .map(|p| (p, false))
+            .chain(hinted.chain(others()).map(|p| (p, true)));
+        for (pool, carve) in tries {
+            match pool.alloc_block(size, flags, carve) {
+                Ok(g) => {
+                    if pool.id() != hint {
                         self.shared.hint.store(pool.id(), Ordering::Relaxed);
-                        return Ok((pool, g));
                     }
-                    Err(Fail::Full) => {}
-                    Err(f) => return Err(f.into()),
+                    return Ok((pool, g));
                 }
+                Err(Fail::Full) => {}
+                Err(f) => return Err(f.into()),
             }
         }
         self.grow_and_grant(size, flags)
@@ -95,7 +109,7 @@ impl Arena {
         // Another thread may have grown the arena while we waited.
         let known = self.shared.pools.known();
         if let Some(pool) = known.checked_sub(1).and_then(|id| self.pool(id)) {
-            match pool.alloc_block(size, flags) {
+            match pool.alloc_block(size, flags, true) {
                 Ok(g) => return Ok((pool, g)),
                 Err(Fail::Full) => {}
                 Err(f) => return Err(f.into()),
@@ -124,7 +138,7 @@ impl Arena {
         self.insert(pool)?;
         let pool = self.pool(id).ok_or(Error::UnknownPool(id))?;
         self.shared.hint.store(id, Ordering::Relaxed);
-        match pool.alloc_block(size, flags) {
+        match pool.alloc_block(size, flags, true) {
             Ok(g) => Ok((pool, g)),
             Err(Fail::Full) => Err(Error::OutOfMemory { requested: size }),
             Err(f) => Err(f.into()),

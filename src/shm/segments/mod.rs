@@ -25,6 +25,16 @@
 //! * The last reference to a table, dropped in any process, zeroes each segment's used prefix
 //!   and frees it, then frees the table.
 //!
+//! # Steady state
+//! A message's segments are freed **last first**, by a table as by a builder that still owns
+//! them (capnp hands them back first to last; the builder frees them once the last is back).
+//! The free lists are stacks, so the next message of the same shape gets each segment's own
+//! block back: the pages it touches are those the segment touched last time, and a build costs
+//! no page fault from the second on. (Freed first to last, a partly used last segment went to
+//! a segment that fills it, and its untouched tail faulted in: about 2,000 faults in the second
+//! build of a 64 MiB or 256 MiB message.) Zeroing is paid by the drop of the last reference
+//! (see `alloc`): about a `memset` of what was written.
+//!
 //! # Where each part lives
 //! * `seg_alloc`: the allocator side ([`SegAlloc`], the segment list shared with its message);
 //! * `heap`: heap segments ([`HeapSeg`]) and their per-thread recycling;

@@ -21,8 +21,12 @@ pub(super) enum Mem {
 pub(super) struct Seg {
     pub(super) ptr: NonNull<u8>,
     pub(super) words: u32,
-    /// `None` once capnp handed the segment back (`deallocate_segment` ran).
+    /// `None` once capnp handed the segment back and it was freed (or given up to a table).
     pub(super) mem: Option<Mem>,
+    /// Set when capnp handed back an arena segment the builder still owns: the bytes to clear
+    /// when it is freed, with the others, once the last segment is back (see
+    /// [`SegAlloc::deallocate_segment`]).
+    pub(super) returned: Option<usize>,
     /// The block's first [`PREFIX`] bytes, before the `words` capnp got, are kept back for a
     /// one-segment message's handle prefix (see [`OutMsg::share_shm`]). Set on a message's
     /// first arena segment.
@@ -31,7 +35,7 @@ pub(super) struct Seg {
 
 impl Seg {
     pub(super) fn live(&self) -> bool {
-        self.mem.is_some()
+        self.mem.is_some() && self.returned.is_none()
     }
 }
 
@@ -65,6 +69,11 @@ impl Segs {
 
     pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Seg> {
         self.first.iter_mut().chain(self.more.iter_mut())
+    }
+
+    /// The segments, last first.
+    pub(super) fn iter_mut_rev(&mut self) -> impl Iterator<Item = &mut Seg> {
+        self.more.iter_mut().rev().chain(self.first.iter_mut())
     }
 }
 
@@ -200,43 +209,58 @@ unsafe impl Allocator for SegAlloc {
             ptr,
             words,
             mem: Some(mem),
+            returned: None,
             prefix,
         });
         (ptr, words)
     }
 
+    /// capnp hands every segment back at once (when the builder is dropped), first to last.
+    /// Arena segments the builder still owns are freed when the last one is back, **last
+    /// first**: the free lists are stacks, so the next message of the same shape then gets, for
+    /// each of its segments, the very block the same segment had, whose touched pages are the
+    /// ones it touches again (first to last, a partly used last segment would be handed to a
+    /// segment that fills it, faulting in its untouched tail). A table frees its segments in the
+    /// same order (`protocols::release_message`).
     unsafe fn deallocate_segment(&mut self, ptr: NonNull<u8>, _word_size: u32, words_used: u32) {
         let mut list = self.shared.lock();
         let published = list.published;
-        let Some((mem, prefix)) = list
-            .segs
-            .iter_mut()
-            .find(|s| s.ptr == ptr && s.live())
-            .and_then(|s| Some((s.mem.take()?, s.prefix)))
-        else {
+        let Some(seg) = list.segs.iter_mut().find(|s| s.ptr == ptr && s.live()) else {
             return;
         };
-        drop(list);
-        match mem {
-            // A table owns it now; its last reference frees it.
-            Mem::Shm(_) if published => {}
-            Mem::Shm(r) => {
-                if let Some(arena) = &self.shared.arena {
-                    // SAFETY: the block was allocated for this segment and turned into `r` by
-                    // `into_raw`; this is its only re-adoption (the segment is marked gone).
-                    if let Ok(block) = unsafe { arena.block_from_raw(r, 0) } {
-                        let skip = if prefix { PREFIX as usize } else { 0 };
-                        // SAFETY: capnp wrote at most `words_used` words of a zeroed block after
-                        // the `skip` bytes of the prefix (which is cleared with them).
-                        unsafe { block.release_zeroed_prefix(skip + words_used as usize * 8) };
-                    }
-                }
+        let heap = match &seg.mem {
+            // Ours to free, with the others: what capnp wrote after the prefix (if any), which
+            // is cleared with it.
+            Some(Mem::Shm(_)) if !published => {
+                let skip = if seg.prefix { PREFIX as usize } else { 0 };
+                seg.returned = Some(skip + words_used as usize * 8);
+                None
             }
-            Mem::Heap(seg) => {
-                // Only what capnp wrote needs clearing when the buffer is recycled.
-                seg.written(words_used as usize * 8);
-                drop(seg);
+            // A table owns it now (its last reference frees it), or a heap buffer.
+            _ => seg.mem.take(),
+        };
+        if let Some(Mem::Heap(seg)) = heap {
+            // Only what capnp wrote needs clearing when the buffer is recycled.
+            seg.written(words_used as usize * 8);
+        }
+        if list.segs.iter().any(Seg::live) {
+            return;
+        }
+        let Some(arena) = &self.shared.arena else {
+            return;
+        };
+        for seg in list.segs.iter_mut_rev() {
+            let (Some(len), Some(Mem::Shm(r))) = (seg.returned, &seg.mem) else {
+                continue;
+            };
+            // SAFETY: the block was allocated for this segment and turned into `r` by
+            // `into_raw`; this is its only re-adoption (the segment is marked gone just below).
+            if let Ok(block) = unsafe { arena.block_from_raw(*r, 0) } {
+                // SAFETY: capnp wrote at most `words_used` words of a zeroed block after the
+                // prefix (which `len` covers, and which is cleared with them).
+                unsafe { block.release_zeroed_prefix(len) };
             }
+            seg.mem = None;
         }
     }
 }

@@ -365,3 +365,56 @@ fn forged_one_segment_handles_are_refused_with_the_specific_error() {
     assert_eq!(arena.stats().blocks_in_use, 1);
     arena.verify().unwrap();
 }
+
+/// The segments of a message, in order (their payload addresses).
+fn segment_ptrs(msg: &OutMsg) -> Vec<*const u8> {
+    let out = msg.builder().get_segments_for_output();
+    out.iter().map(|s| s.as_ptr()).collect()
+}
+
+/// A message of many segments of one size (the free lists are stacks): freed last first,
+/// whether its builder or a table frees them, so the next message of the same shape gets each
+/// segment's own block back (its touched pages are the ones it touches again), and the arena
+/// carves nothing more.
+#[test]
+fn the_next_message_of_the_same_shape_gets_each_segments_block_back() {
+    let arena = Arena::create(ArenaConfig::new().pool_size(256 << 20)).unwrap();
+    // 32 KiB parts into segments of at most 256 KiB (extents), first segment 8 KiB: a dozen
+    // segments of the same size after the first few.
+    let sizes = SegmentSizes {
+        first_words: 1024,
+        max_growth_words: 32 << 10,
+    };
+    let build = || {
+        let mut msg = OutMsg::new(Some(arena.clone()), sizes);
+        let b = msg.builder_mut();
+        let mut list = b.initn_root::<capnp::data_list::Builder<'_>>(100);
+        for i in 0..100 {
+            list.set(i, &[i as u8; 32 << 10]);
+        }
+        msg
+    };
+    let first = build();
+    let ptrs = segment_ptrs(&first);
+    assert!(ptrs.len() > 10, "{} segments", ptrs.len());
+    // Freed by its builder.
+    drop(first);
+    let mut again = build();
+    assert_eq!(segment_ptrs(&again), ptrs);
+    // Freed by its table, whose last reference a receiver drops (the table block is the only
+    // new allocation: its class's first span).
+    let blob = again.share_shm().unwrap();
+    let held = arena.borrow_segments(&blob).unwrap();
+    drop(again);
+    drop(held);
+    assert_eq!(arena.stats().blocks_in_use, 0);
+    let reserved = arena.stats().bytes_reserved;
+    for _ in 0..2 {
+        let mut msg = build();
+        assert_eq!(segment_ptrs(&msg), ptrs);
+        arena.release_blob(&msg.share_shm().unwrap()).unwrap();
+    }
+    assert_eq!(arena.stats().bytes_reserved, reserved, "nothing carved");
+    assert_eq!(arena.stats().blocks_in_use, 0);
+    arena.verify().unwrap();
+}
