@@ -211,7 +211,17 @@ fn sigkilled_peer_never_hangs_or_corrupts_the_allocator() {
         // Allocate alongside the child, then kill it at a random instant.
         let kill_after = Duration::from_millis(5 + rng.below(40));
         let arena2 = arena.clone();
-        let worker = std::thread::spawn(move || churn(&arena2, 1000 + round, 400));
+        let (started, has_cache) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            // A small allocation first: this thread claims its cache before the kill. (A claim
+            // made after it may take the dead child's cache over, as claims do, and leave
+            // nothing for the reclaim below to find: with large allocations first, slowed by
+            // the faults of fresh pages, that happened.)
+            drop(arena2.alloc(64).unwrap());
+            started.send(()).unwrap();
+            churn(&arena2, 1000 + round, 400)
+        });
+        has_cache.recv().unwrap();
         std::thread::sleep(kill_after);
         peer.child.kill().unwrap(); // SIGKILL
         let status = peer.child.wait().unwrap();
