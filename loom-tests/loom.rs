@@ -46,6 +46,7 @@ use loom::thread;
 
 mod alloc;
 mod pools;
+mod ring;
 mod segments;
 mod tcache;
 

@@ -204,8 +204,14 @@ impl Consumer {
 
 /// The sleeper's half of the handshake, before its re-check: the mode is stored, then a
 /// `SeqCst` fence orders that store before the re-check's loads.
+///
+/// The store is a swap (whose result is not needed) so that every write to a bell is a
+/// read-modify-write. The protocol does not need that, but the loom models do: loom orders a
+/// plain store and another thread's concurrent read-modify-write only partially, and then lets
+/// a later swap read either of them, which C11 forbids (a `disarm` would report a wake that no
+/// waker took). The cost is nil next to the fence, on the path to a sleep.
 fn arm(bell: &AtomicU32, mode: u32) {
-    bell.store(mode, Ordering::Relaxed);
+    bell.swap(mode, Ordering::Relaxed);
     fence(Ordering::SeqCst);
 }
 

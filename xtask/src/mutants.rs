@@ -3,8 +3,9 @@
 //!
 //! Each [`Mutation`] names a file, one exact piece of code in it (which must occur exactly once:
 //! a mutation that no longer applies is an error, so the list follows the code) and what to put
-//! there instead, and the check that must fail once it is applied: the loom models, or a test
-//! that races real threads and processes. The work happens in a scratch copy of the workspace
+//! there instead, and the check that must fail once it is applied: the loom models (all of them,
+//! or the named models, each of which must fail), or a test that races real threads and
+//! processes. The work happens in a scratch copy of the workspace
 //! (`target/mutants/work`, with its own target directories so that the incremental builds of
 //! one mutation after another stay cheap); the checkout is never touched.
 //!
@@ -24,6 +25,9 @@ use crate::Result;
 enum Check {
     /// Every loom model (`--cfg flowipc_loom`, `LOOM_MAX_PREEMPTIONS=3`).
     Loom,
+    /// These loom models (names as in `loom-tests`, without the module), run alone: each of them
+    /// must fail.
+    LoomModels(&'static [&'static str]),
     /// One test target of the crate (`cargo test --release <args>`), run up to three times.
     Race(&'static [&'static str]),
 }
@@ -37,6 +41,13 @@ struct Mutation {
 }
 
 const STRESS: Check = Check::Race(&["--test", "shm_stress"]);
+
+/// The environment of a loom run.
+const LOOM_ENV: &[(&str, &str)] = &[
+    ("RUSTFLAGS", "--cfg flowipc_loom"),
+    ("CARGO_TARGET_DIR", "../loom-target"),
+    ("LOOM_MAX_PREEMPTIONS", "3"),
+];
 
 /// The mutations, most important first.
 const MUTATIONS: &[Mutation] = &[
@@ -227,6 +238,66 @@ const MUTATIONS: &[Mutation] = &[
         ],
         check: Check::Loom,
     },
+    Mutation {
+        name: "ring push: tail store Release -> Relaxed",
+        file: "src/shm/ring.rs",
+        edits: &[("ctl.tail.store(at, Ordering::Release);", "ctl.tail.store(at, Ordering::Relaxed);")],
+        check: Check::LoomModels(&["ring_spsc_publish_consume"]),
+    },
+    Mutation {
+        name: "ring consumer: tail load Acquire -> Relaxed",
+        file: "src/shm/ring.rs",
+        edits: &[("let tail = ctl.tail.load(Ordering::Acquire);", "let tail = ctl.tail.load(Ordering::Relaxed);")],
+        check: Check::LoomModels(&["ring_spsc_publish_consume"]),
+    },
+    Mutation {
+        name: "ring pop: head store Release -> Relaxed",
+        file: "src/shm/ring.rs",
+        edits: &[("ctl.head.store(self.head, Ordering::Release);", "ctl.head.store(self.head, Ordering::Relaxed);")],
+        check: Check::LoomModels(&["ring_spsc_publish_consume", "ring_space_bell_no_lost_wakeup"]),
+    },
+    Mutation {
+        name: "ring producer: head load Acquire -> Relaxed",
+        file: "src/shm/ring.rs",
+        edits: &[("let head = ctl.head.load(Ordering::Acquire);", "let head = ctl.head.load(Ordering::Relaxed);")],
+        check: Check::LoomModels(&["ring_spsc_publish_consume", "ring_space_bell_no_lost_wakeup"]),
+    },
+    Mutation {
+        name: "ring waker without its fence",
+        file: "src/shm/ring.rs",
+        edits: &[("fn ring_if_asleep(bell: &AtomicU32) -> u32 {\n    fence(Ordering::SeqCst);\n", "fn ring_if_asleep(bell: &AtomicU32) -> u32 {\n")],
+        check: Check::LoomModels(&["ring_data_bell_no_lost_wakeup", "ring_space_bell_no_lost_wakeup", "ring_disarm_accounts_for_wakes"]),
+    },
+    Mutation {
+        name: "ring sleeper's arm without its fence",
+        file: "src/shm/ring.rs",
+        edits: &[("    bell.swap(mode, Ordering::Relaxed);\n    fence(Ordering::SeqCst);\n", "    bell.swap(mode, Ordering::Relaxed);\n")],
+        check: Check::LoomModels(&["ring_data_bell_no_lost_wakeup", "ring_space_bell_no_lost_wakeup", "ring_disarm_accounts_for_wakes"]),
+    },
+    Mutation {
+        name: "ring push: data bell looked at before the tail store",
+        file: "src/shm/ring.rs",
+        edits: &[("        ctl.tail.store(at, Ordering::Release);\n        Ok((taken, ring_if_asleep(ctl.data_bell)))", "        let mode = ring_if_asleep(ctl.data_bell);\n        ctl.tail.store(at, Ordering::Release);\n        Ok((taken, mode))")],
+        check: Check::LoomModels(&["ring_data_bell_no_lost_wakeup", "ring_disarm_accounts_for_wakes"]),
+    },
+    Mutation {
+        name: "ring pop: space bell looked at before the head store",
+        file: "src/shm/ring.rs",
+        edits: &[("        ctl.head.store(self.head, Ordering::Release);\n        Ok((n, ring_if_asleep(ctl.space_bell)))", "        let mode = ring_if_asleep(ctl.space_bell);\n        ctl.head.store(self.head, Ordering::Release);\n        Ok((n, mode))")],
+        check: Check::LoomModels(&["ring_space_bell_no_lost_wakeup"]),
+    },
+    Mutation {
+        name: "ring waker takes the bell with a load and a store",
+        file: "src/shm/ring.rs",
+        edits: &[("        return AWAKE;\n    }\n    bell.swap(AWAKE, Ordering::AcqRel)\n", "        return AWAKE;\n    }\n    let mode = bell.load(Ordering::Relaxed);\n    bell.store(AWAKE, Ordering::Relaxed);\n    mode\n")],
+        check: Check::LoomModels(&["ring_disarm_accounts_for_wakes"]),
+    },
+    Mutation {
+        name: "ring disarm with a load and a store",
+        file: "src/shm/ring.rs",
+        edits: &[("pub fn disarm(bell: &AtomicU32) -> u32 {\n    bell.swap(AWAKE, Ordering::AcqRel)\n", "pub fn disarm(bell: &AtomicU32) -> u32 {\n    let mode = bell.load(Ordering::Acquire);\n    bell.store(AWAKE, Ordering::Release);\n    mode\n")],
+        check: Check::LoomModels(&["ring_disarm_accounts_for_wakes"]),
+    },
 ];
 
 /// Runs every mutation; `Ok(false)` if any survived.
@@ -245,6 +316,8 @@ const CI: &[&str] = &[
     "message release: count checked, then decremented",
     "adoption reads the type tag before the ticket",
     "pool counted and bounded after its slot (as before)",
+    "ring push: tail store Release -> Relaxed",
+    "ring waker without its fence",
 ];
 
 pub fn run(root: &Path, ci: bool) -> Result<bool> {
@@ -304,27 +377,31 @@ pub fn run(root: &Path, ci: bool) -> Result<bool> {
 fn check(work: &Path, check: Check) -> Result<Option<String>> {
     match check {
         Check::Loom => {
-            let out = cargo(
-                work,
-                &["test", "--release", "--test", "loom"],
-                &[
-                    ("RUSTFLAGS", "--cfg flowipc_loom"),
-                    ("CARGO_TARGET_DIR", "../loom-target"),
-                    ("LOOM_MAX_PREEMPTIONS", "3"),
-                ],
-            )?;
+            let out = cargo(work, &["test", "--release", "--test", "loom"], LOOM_ENV)?;
             Ok(out.failed.then(|| {
-                let models: Vec<&str> = out
-                    .stdout
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED"))
-                    .collect();
+                let models = failed_models(&out.stdout);
                 if models.is_empty() {
                     "the loom build or run".to_string()
                 } else {
                     format!("loom {}", models.join(", "))
                 }
             }))
+        }
+        Check::LoomModels(models) => {
+            let mut args = vec!["test", "--release", "--test", "loom", "--"];
+            args.extend_from_slice(models);
+            let out = cargo(work, &args, LOOM_ENV)?;
+            let failed = failed_models(&out.stdout);
+            let passed: Vec<&str> = models
+                .iter()
+                .copied()
+                .filter(|m| !failed.iter().any(|f| f.rsplit("::").next() == Some(*m)))
+                .collect();
+            if !passed.is_empty() {
+                println!("  (these models passed: {})", passed.join(", "));
+                return Ok(None);
+            }
+            Ok(Some(format!("loom {}", failed.join(", "))))
         }
         Check::Race(args) => {
             let mut cmd = vec!["test", "--release"];
@@ -338,6 +415,14 @@ fn check(work: &Path, check: Check) -> Result<Option<String>> {
             Ok(None)
         }
     }
+}
+
+/// The models a loom run reports as failed.
+fn failed_models(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED"))
+        .collect()
 }
 
 struct Outcome {
