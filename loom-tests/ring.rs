@@ -285,7 +285,10 @@ fn ring_space_bell_no_lost_wakeup() {
                         assert_eq!(n, 2, "a pop frees 2 bytes");
                         break;
                     }
-                    if prod.arm_space(&r.ctl(), r.cap(), FUTEX).unwrap() {
+                    if prod
+                        .arm_space(&r.ctl(), r.cap(), FUTEX, msg.len() as u64)
+                        .unwrap()
+                    {
                         r.futex_wait(&r.space_bell);
                     }
                     disarm(&r.space_bell);
