@@ -22,7 +22,14 @@ pub(crate) struct MqState {
     pub curmsgs: usize,
 }
 
-/// One message queue descriptor, non-blocking.
+/// A timeout already past: the timed calls below never wait, whatever the queue's `O_NONBLOCK`
+/// says (the flag belongs to the open queue, which the peer shares and may change).
+const PAST: libc::timespec = libc::timespec {
+    tv_sec: 0,
+    tv_nsec: 0,
+};
+
+/// One message queue descriptor; its calls never wait.
 #[derive(Debug)]
 pub(crate) struct Mq {
     fd: OwnedFd,
@@ -62,9 +69,8 @@ impl Mq {
         Ok(Mq { fd })
     }
 
-    /// A queue from a descriptor the peer sent; checked to be one (`mq_getattr` works on it)
-    /// with sane limits, and made non-blocking on this side (the flag is the open file's,
-    /// shared with the peer, which keeps its own non-blocking too).
+    /// A queue from a descriptor the peer sent; checked to be one (`mq_getattr` works on it).
+    /// Its `O_NONBLOCK` flag is the peer's to change: the calls here never wait regardless.
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Mq> {
         let mq = Mq { fd };
         mq.state()?;
@@ -96,14 +102,14 @@ impl Mq {
     pub(crate) fn try_send(&self, msg: &[u8]) -> io::Result<bool> {
         loop {
             // SAFETY: `msg` is a live slice of `msg.len()` bytes that the kernel only reads;
-            // the descriptor is open for the call.
+            // `PAST` is a static timespec it only reads; the descriptor is open for the call.
             let r = unsafe {
                 libc::mq_timedsend(
                     self.fd.as_raw_fd(),
                     msg.as_ptr().cast(),
                     msg.len(),
                     0,
-                    std::ptr::null(),
+                    &PAST,
                 )
             };
             if r == 0 {
@@ -111,7 +117,7 @@ impl Mq {
             }
             let e = io::Error::last_os_error();
             match e.kind() {
-                io::ErrorKind::WouldBlock => return Ok(false),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => return Ok(false),
                 io::ErrorKind::Interrupted => continue,
                 _ => return Err(e),
             }
@@ -125,14 +131,15 @@ impl Mq {
             let mut prio = 0u32;
             // SAFETY: `buf` is a live, exclusively borrowed slice of `buf.len()` bytes, of which
             // the kernel writes at most that many (it fails with EMSGSIZE rather than write
-            // past it); `prio` is a live u32; the descriptor is open for the call.
+            // past it); `prio` is a live u32; `PAST` is a static timespec the kernel only reads;
+            // the descriptor is open for the call.
             let r = unsafe {
                 libc::mq_timedreceive(
                     self.fd.as_raw_fd(),
                     buf.as_mut_ptr().cast(),
                     buf.len(),
                     &mut prio,
-                    std::ptr::null(),
+                    &PAST,
                 )
             };
             if let Ok(n) = usize::try_from(r) {
@@ -140,11 +147,27 @@ impl Mq {
             }
             let e = io::Error::last_os_error();
             match e.kind() {
-                io::ErrorKind::WouldBlock => return Ok(None),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => return Ok(None),
                 io::ErrorKind::Interrupted => continue,
                 _ => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+impl Mq {
+    /// Clears the open queue's `O_NONBLOCK`, as a peer may (tests).
+    pub(crate) fn clear_nonblock(&self) -> io::Result<()> {
+        // SAFETY: mq_attr is plain integers, all-zero is valid (flags 0: blocking).
+        let attr: libc::mq_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: `attr` is a live mq_attr the kernel only reads (mq_flags); the old-attribute
+        // pointer is null (not wanted); the descriptor is open for the call.
+        let r = unsafe { libc::mq_setattr(self.fd.as_raw_fd(), &attr, std::ptr::null_mut()) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

@@ -98,6 +98,17 @@ impl Link {
         }
     }
 
+    /// Reads the socket dry of what a poll saw there (doorbell bytes, junk, the end of
+    /// stream), for a loop that may only be sending: unread bytes would keep the socket
+    /// readable and the loop spinning. A ring drains only when a poll may have seen something.
+    pub(super) fn drain(&mut self, sock: BorrowedFd<'_>) -> Result<(), Error> {
+        match self {
+            Link::Ring(l) if l.peer_check_due() => l.drain(sock).map(drop),
+            Link::Ring(_) => Ok(()),
+            Link::Mq(l) => l.drain(sock).map(drop),
+        }
+    }
+
     /// Whether a full send path should check that the peer is still there.
     pub(super) fn peer_check_due(&self) -> bool {
         match self {
@@ -133,6 +144,15 @@ impl Link {
         match self {
             Link::Ring(l) => l.wait(sock, side, read, space, until),
             Link::Mq(l) => l.wait(sock, side, read, space, until),
+        }
+    }
+
+    /// The queue link (tests).
+    #[cfg(test)]
+    pub(super) fn mq(&self) -> &MqLink {
+        match self {
+            Link::Mq(l) => l,
+            Link::Ring(_) => panic!("not a queue"),
         }
     }
 

@@ -46,10 +46,15 @@ use crate::sys::{self, PollFd};
 /// A framed, non-blocking channel over a connected Unix stream socket: the sync_io core.
 ///
 /// It never blocks and owns no thread. Sends write at once when they can and queue the rest;
-/// the owner polls [`as_fd`](AsFd::as_fd) for readability (then calls
-/// [`try_recv`](Channel::try_recv)), for writability while [`wants_write`](Channel::wants_write)
-/// (then calls [`flush`](Channel::flush)), and wakes up at
-/// [`next_deadline`](Channel::next_deadline) (then calls [`on_timer`](Channel::on_timer)).
+/// the owner polls what [`interest`](Pollable::interest) names (an fd to read, one to write
+/// while something is queued, a deadline), then calls [`on_ready`](Pollable::on_ready) (writes,
+/// timers) and [`try_recv`](Channel::try_recv). Ask `interest` again before every poll: on a
+/// [`ChannelKind::ShmQueue`] channel it is also what tells the peer to wake this side with a
+/// byte on the socket, and on a [`ChannelKind::PosixMq`] channel the fd to read is an epoll fd,
+/// not [`as_fd`](AsFd::as_fd). (On the socket kind, polling `as_fd` for readability and, while
+/// [`wants_write`](Channel::wants_write), for writability, and calling
+/// [`on_timer`](Channel::on_timer) at [`next_deadline`](Channel::next_deadline) does the
+/// same.)
 /// [`recv_blocking`](Channel::recv_blocking) and [`flush_blocking`](Channel::flush_blocking) do
 /// all of that for simple blocking users. See [the module docs](super) for the wire format and
 /// the error model.
@@ -660,8 +665,25 @@ impl Pollable for Channel {
     /// [`try_recv`](Channel::try_recv)'s. Errors as [`flush`](Channel::flush) and
     /// [`on_timer`](Channel::on_timer).
     fn on_ready(&mut self) -> Result<(), Error> {
+        self.hosing.check::<Error>()?;
         if let Some(link) = &self.link {
             link.settle();
+            // What a poll saw on the socket must be read now, or the socket stays readable and
+            // a loop that only sends would spin: the peer's hello (which also maps its ring or
+            // queue), then wake-up bytes and the end of stream (which `try_recv` reports).
+            let res = if self.rx.hello_done {
+                let sock = self.sock.as_fd();
+                self.link.as_deref_mut().map_or(Ok(()), |l| l.drain(sock))
+            } else {
+                match self.rx.read_hello(self.sock.as_fd(), false) {
+                    Ok(true) => self.check_kind(),
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            };
+            if let Err(e) = res {
+                return Err(self.hose(e));
+            }
         }
         self.run_due_timers()?;
         if self.wants_write() {

@@ -64,6 +64,12 @@ impl MqLink {
         self.out.as_fd()
     }
 
+    /// Our queue (tests change its flags, as a peer may).
+    #[cfg(test)]
+    pub(super) fn out_queue(&self) -> &Mq {
+        &self.out
+    }
+
     /// The fd a poll loop watches for reading.
     pub(super) fn read_fd(&self) -> BorrowedFd<'_> {
         self.epoll.0.as_fd()
@@ -155,17 +161,33 @@ impl MqLink {
             if self.eof {
                 return Ok(Some(0));
             }
-            let mut scratch = [0u8; 64];
+            if !self.drain(sock)? && !self.eof {
+                // More bytes than one drain takes (a peer writing junk): the next call goes on.
+                return Ok(None);
+            }
+            if !self.eof {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads the socket dry: nothing but the hello is written on it by a channel, so other
+    /// bytes mean nothing and are dropped (with any fd attached: the kernel closes it), at most
+    /// a bounded amount per call; notes the end of stream. Returns whether the socket is dry
+    /// (or at its end).
+    pub(super) fn drain(&mut self, sock: BorrowedFd<'_>) -> Result<bool, Error> {
+        let mut scratch = [0u8; 512];
+        for _ in 0..16 {
             match sys::recv_plain(sock, &mut scratch, false) {
                 Ok(0) => self.eof = true,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => self.eof = true,
-                // Nothing but the hello is written on this socket by a channel; other bytes
-                // mean nothing and are dropped (with any fd attached: the kernel closes it).
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(Error::from_io(e)),
             }
+            return Ok(true);
         }
+        Ok(false)
     }
 
     /// A blocking call's wait: the epoll fd (if `read`), our queue for room (`space`) or the

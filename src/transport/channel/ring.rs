@@ -46,6 +46,11 @@ enum Spun {
     GaveUp,
 }
 
+/// Empty futex slices in a row after which an idle reader sleeps in `poll` instead.
+const IDLE_SLICES: u32 = 4;
+/// Reads of the socket one drain makes at most.
+const DRAIN_READS: usize = 16;
+
 /// `armed` bits: bells this side armed in `POLL` mode and has not taken back.
 const ARMED_DATA: u32 = 1;
 const ARMED_SPACE: u32 = 2;
@@ -76,6 +81,8 @@ pub(super) struct Link {
     /// Room the next push needs: the length of the slice the last push left for lack of room
     /// (a small frame goes in whole), or 1.
     need: u64,
+    /// Futex slices in a row that ended with nothing (see [`IDLE_SLICES`]).
+    idle_slices: u32,
 }
 
 impl From<MapError> for Error {
@@ -132,6 +139,7 @@ impl Link {
             skip_spins: 0,
             gave_up: None,
             need: 1,
+            idle_slices: 0,
         })
     }
 
@@ -191,8 +199,13 @@ impl Link {
                 break;
             }
         }
-        // Until the slice that did not fit has room, a wait for room waits for that much.
-        self.need = iov.get(k).map_or(1, |s| (s.len() as u64).clamp(1, cap));
+        // Until the slice that did not fit has room, a wait for room waits for that much (any
+        // room, after a slice too big for the ring went in part).
+        let partial = k > 0 && iov[k - 1].len() as u64 > cap;
+        self.need = match iov.get(k) {
+            Some(s) if !partial => (s.len() as u64).clamp(1, cap),
+            _ => 1,
+        };
         let (n, mode) = self
             .prod
             .push(&ctl, &self.out, &iov[..k])
@@ -238,26 +251,43 @@ impl Link {
                 let (n, mode) = self.cons.pop(&ctl, inp, dst).map_err(corrupt)?;
                 wake(mode, ctl.space_bell, sock);
                 if n > 0 {
+                    self.idle_slices = 0;
                     return Ok(Some(n));
                 }
             }
             if self.eof {
                 return Ok(Some(0));
             }
-            if !self.sock_due.swap(false, Ordering::Relaxed) {
+            if !self.sock_due.load(Ordering::Relaxed) {
                 return Ok(None);
             }
-            let mut bells = [0u8; 64];
+            if !self.drain(sock)? && !self.eof {
+                // More bytes than one drain takes (a peer writing junk): the next call goes on.
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Reads the socket dry of doorbell bytes (which mean nothing once read), at most a bounded
+    /// amount per call (a peer that writes junk without end cannot hold us here), noting the
+    /// end of stream. Returns whether the socket is dry (or at its end); `sock_due` is cleared
+    /// then.
+    pub(super) fn drain(&mut self, sock: BorrowedFd<'_>) -> Result<bool, Error> {
+        let mut bells = [0u8; 512];
+        for _ in 0..DRAIN_READS {
             match sys::recv_plain(sock, &mut bells, false) {
                 Ok(0) => self.eof = true,
                 // The peer closed with our hello or doorbell bytes unread (which is all we
                 // write on this socket): just its end, like end of stream.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => self.eof = true,
-                Ok(_) => self.sock_due.store(true, Ordering::Relaxed),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(Error::from_io(e)),
             }
+            self.sock_due.store(false, Ordering::Relaxed);
+            return Ok(true);
         }
+        Ok(false)
     }
 
     /// Whether the socket may hold news (the peer's end closed): set by every sleep that went
@@ -291,11 +321,16 @@ impl Link {
     /// and, with `space`, for room in our ring, in `POLL` mode. Returns whether there is
     /// something to do already (then the caller must not sleep).
     pub(super) fn arm_poll(&self, space: bool) -> bool {
+        self.arm(true, space)
+    }
+
+    /// [`arm_poll`](Link::arm_poll), the data bell only if `read`.
+    fn arm(&self, read: bool, space: bool) -> bool {
         // A poll on the socket sees what is there: the next read must look.
         self.sock_due.store(true, Ordering::Relaxed);
         let mut ready = false;
         let mut armed = 0;
-        if let Some(inp) = &self.inp {
+        if let (true, Some(inp)) = (read, &self.inp) {
             armed |= ARMED_DATA;
             let ctl = inp.control();
             // A corrupt ring counts as ready: the read that follows reports it.
@@ -333,7 +368,9 @@ impl Link {
         let ready = |l: &Link| -> Result<bool, Error> {
             Ok((data && l.has_data()?) || (space && l.has_space()?))
         };
-        if ready(self)? || (read && self.sock_due.load(Ordering::Relaxed)) {
+        // (News on the socket is the caller's to read, once the peer's ring is mapped: before
+        // that, the wait is a poll on the socket, which the hello makes readable.)
+        if ready(self)? || (data && self.sock_due.load(Ordering::Relaxed)) {
             return Ok(());
         }
         // Waiting for the peer's hello, or for the side socket: only `poll` sees those.
@@ -348,11 +385,14 @@ impl Link {
                 }
                 Spun::GaveUp => {}
             }
-            if data != space {
+            // A reader idle for a while sleeps in poll instead: it sees the peer's end at once
+            // and is not woken every slice (a wake-up then costs the peer a doorbell byte).
+            let idle = data && self.idle_slices >= IDLE_SLICES;
+            if data != space && !idle {
                 return self.sleep_futex(sock, data, until);
             }
         }
-        self.sleep_poll(sock, side, space, until)
+        self.sleep_poll(sock, side, read, space, until)
     }
 
     /// The spinning phase of a wait, as the policy says. A spin-then-block wait adapts: after
@@ -445,8 +485,11 @@ impl Link {
                 self.spin_fails = 0;
             }
         }
-        if !woken {
+        if woken {
+            self.idle_slices = 0;
+        } else {
             // Nobody woke us (a timeout, a signal): look at the socket before sleeping again.
+            self.idle_slices = self.idle_slices.saturating_add(1);
             self.sock_due.store(true, Ordering::Relaxed);
             if !data {
                 check_alive(sock)?;
@@ -461,22 +504,40 @@ impl Link {
         &mut self,
         sock: BorrowedFd<'_>,
         side: Option<BorrowedFd<'_>>,
+        read: bool,
         space: bool,
         until: Option<Instant>,
     ) -> Result<(), Error> {
-        if self.arm_poll(space && side.is_none()) {
+        let space = space && side.is_none();
+        if self.arm(read, space) {
             self.settle();
             return Ok(());
         }
-        let timeout = until.map(|u| u.saturating_duration_since(Instant::now()));
+        // The socket is watched for reading only when reading, or when room in our ring is
+        // awaited (the peer's wake-up byte comes there); a hang-up (the peer's end) is
+        // reported whatever is watched. Bytes nobody reads now would make the poll return at
+        // once, every time.
+        let watch = read || space;
+        let mut timeout = until.map(|u| u.saturating_duration_since(Instant::now()));
+        if !read {
+            timeout = Some(timeout.map_or(SLICE, |t| t.min(SLICE)));
+        }
         let r = match side {
             Some(s) => sys::poll(
-                &mut [PollFd::new(sock, true, false), PollFd::new(s, false, true)],
+                &mut [PollFd::new(sock, watch, false), PollFd::new(s, false, true)],
                 timeout,
             ),
-            None => sys::poll(&mut [PollFd::new(sock, true, false)], timeout),
+            None => sys::poll(&mut [PollFd::new(sock, watch, false)], timeout),
         };
         self.settle();
-        r.map(drop).map_err(Error::Io)
+        r.map_err(Error::Io)?;
+        if !read {
+            check_alive(sock)?;
+        }
+        if space {
+            // The wake-up byte is the reader's to drain; while only sending, drain it here.
+            self.drain(sock)?;
+        }
+        Ok(())
     }
 }

@@ -846,3 +846,105 @@ fn a_flush_waiting_for_room_for_a_whole_frame_sees_the_reader_go() {
     ));
     assert!(matches!(a.flush(), Err(Error::Hosed)));
 }
+
+/// CPU time this thread has used.
+fn thread_cpu() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let u = getrusage(UsageWho::RUSAGE_THREAD).unwrap();
+    let tv =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    tv(u.user_time()) + tv(u.system_time())
+}
+
+/// Runs `f` and asserts that it slept rather than spun: under a quarter of its wall time on
+/// this thread's CPU. (Load from elsewhere can only lower the share: no false failure.)
+fn sleeps_rather_than_spins(what: &str, f: impl FnOnce()) {
+    let (cpu0, t0) = (thread_cpu(), Instant::now());
+    f();
+    let (cpu, wall) = (thread_cpu() - cpu0, t0.elapsed());
+    assert!(
+        cpu < wall / 4,
+        "{what}: a busy loop, {cpu:?} of CPU in {wall:?}"
+    );
+}
+
+#[test]
+fn a_ring_receiver_waiting_for_the_peers_hello_sleeps() {
+    // (Found in review: the socket's news flag, set until the first read of the ring, made
+    // every wait return at once until the peer's hello came.)
+    let (_a, mut b) = ring_pair(4096);
+    sleeps_rather_than_spins("recv_blocking before the hello", || {
+        assert!(b
+            .recv_blocking(Some(Duration::from_millis(300)))
+            .unwrap()
+            .is_none());
+    });
+}
+
+#[test]
+fn a_ring_flush_waiting_for_the_side_socket_sleeps() {
+    // (Found in review: the wait polled the socket for reading while only sending, and the
+    // peer's unread hello made every poll return at once.)
+    let (mut a, mut b) = ring_pair(1 << 20);
+    b.send(b"b's hello goes first").unwrap();
+    let f = tagged_fd(1);
+    while !a.wants_write() {
+        a.send(OutFrame::new(b"f").fd(f.as_fd())).unwrap();
+    }
+    assert!(a.side_full);
+    sleeps_rather_than_spins("flush_blocking for the side socket", || {
+        assert!(!a.flush_blocking(Some(Duration::from_millis(300))).unwrap());
+    });
+    drop(b);
+}
+
+#[test]
+fn a_queue_peer_clearing_o_nonblock_cannot_make_us_wait() {
+    // (Found in review: O_NONBLOCK belongs to the open queue, which the peer shares.)
+    let cfg = ChannelConfig::new().with_kind(ChannelKind::PosixMq);
+    let (mut a, mut b) = Channel::pair(cfg).unwrap();
+    a.send(b"one").unwrap();
+    let got = b
+        .recv_blocking(Some(Duration::from_secs(5)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(&*got.payload, b"one");
+    // The queue b reads is a's: a (the peer, for b) makes it blocking.
+    a.link
+        .as_ref()
+        .unwrap()
+        .mq()
+        .out_queue()
+        .clear_nonblock()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        tx.send(b.try_recv().map(|f| f.is_none()).unwrap()).unwrap();
+        b
+    });
+    assert!(rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("try_recv waited"));
+    // Sends never wait either: fill a's queue (8 messages) and more.
+    for i in 0..20 {
+        a.send(&pattern(i, 100)).unwrap();
+    }
+    assert!(a.queued_bytes() > 0);
+    drop(reader.join().unwrap());
+}
+
+#[test]
+fn a_send_only_poll_loop_on_a_ring_drains_the_socket() {
+    // (Found in review: a loop that only sends never read the peer's hello or its wake-up
+    // bytes, so the socket stayed readable and every poll returned at once.)
+    use crate::poll::Pollable;
+    let (mut a, mut b) = ring_pair(4096);
+    b.send(b"hello from b").unwrap(); // b's hello is on a's socket; a never receives
+    a.send(b"x").unwrap();
+    a.on_ready().unwrap();
+    let i = a.interest();
+    let mut fds: Vec<PollFd<'_>> = i.fds().map(|(fd, r, w)| PollFd::new(fd, r, w)).collect();
+    // Nothing is ready: no wake-up owed, the hello read.
+    assert_eq!(sys::poll(&mut fds, Some(Duration::ZERO)).unwrap(), 0);
+    drop(b);
+}
