@@ -32,7 +32,13 @@ pub enum ChannelKind {
     /// Every message is a system call on both sides, like the socket's, with smaller units
     /// (2 KiB messages, 8 to a queue, within the kernel's default per-user limit): it is not
     /// faster than the socket on any measure here (see the README's table); it exists for
-    /// programs that want the queues themselves.
+    /// programs that want the queues themselves. Mind the kernel's limits: each queue (two per
+    /// channel, made when the channel is) is charged about 17 KB to the user's
+    /// `RLIMIT_MSGQUEUE`, 800 KiB by default for all the user's processes together, so about
+    /// 23 channels fit; past it, making a channel fails with [`Error::Io`] (`EMFILE`). There
+    /// is also a system-wide cap on queues (`/proc/sys/fs/mqueue/queues_max`, 256 by default).
+    ///
+    /// [`Error::Io`]: crate::transport::Error::Io
     PosixMq,
 }
 
