@@ -110,10 +110,12 @@ struct Link {
 }
 
 /// A copy of a session-ending error for the error handler, when a call met it (the call
-/// returns the original). `None`: the error does not end the session.
+/// returns the original). `None`: the error does not end the session, or is a derived `Hosed`
+/// (the master failed before: whoever met the cause reports it, and a `Hosed` queued ahead of
+/// it would take its place as the one report).
 fn ending(e: &Error) -> Option<Error> {
     use crate::hosing::HosingError;
-    if !e.is_hosing() {
+    if !e.is_hosing() || matches!(e, Error::Hosed) {
         return None;
     }
     Some(match e {

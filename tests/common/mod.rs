@@ -12,6 +12,7 @@
 
 pub mod balance;
 pub mod msgs;
+pub mod session;
 
 use std::fs::File;
 use std::io::{IoSlice, Read, Write};
