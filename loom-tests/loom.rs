@@ -45,6 +45,7 @@ use loom::sync::Arc;
 use loom::thread;
 
 mod alloc;
+mod ledger;
 mod pools;
 mod segments;
 mod tcache;

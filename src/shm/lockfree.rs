@@ -32,7 +32,9 @@
 //!
 //! Crash safety: every step that changes shared state is one atomic instruction, and no step
 //! waits for another process. A process killed between two steps leaves at worst a block that
-//! nobody will free (a leak), never a list that is cut or a lock that is held.
+//! nobody will free (a leak), never a list that is cut or a lock that is held. The references a
+//! session's client held when it died are given back by the server from the client's ledger
+//! (see `shm::ledger`).
 
 use crate::sync::{fence, AtomicU64, Ordering};
 
@@ -167,6 +169,13 @@ const TICKETS_MAX: u64 = 0xFFFF / 2;
 #[inline]
 pub fn handle_word(generation: u32) -> u64 {
     LIVE | ((generation as u64 & GEN_MASK) << GEN_SHIFT) | 1
+}
+
+/// Whether a handle word is that of the live object of `generation` (as a blob of that
+/// generation names it).
+#[inline]
+pub fn is_live_of(word: u64, generation: u32) -> bool {
+    word & (LIVE | (GEN_MASK << GEN_SHIFT)) == LIVE | ((generation as u64 & GEN_MASK) << GEN_SHIFT)
 }
 
 /// References held (handles plus unborrowed lends) in a handle word.
