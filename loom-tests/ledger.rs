@@ -13,20 +13,55 @@ use loom::thread;
 
 use super::{model, Obj, GEN, OBJ};
 
-/// The dead client made the object (its handle: one reference) and lent it twice; the server
-/// adopted the first lend at once. Then, at the same time: a server thread borrows the second
-/// blob (which arrived late), reads and drops it; another drops the server's first handle after
-/// reading; and the settlement gives back the client's handle and the lends the server did not
-/// adopt through the session (lent 2, adopted 1: up to one ticket). Whoever comes first gets the
-/// second lend's reference (the late borrower or the settlement, never both), nothing is freed
-/// under a reader, and the object is freed exactly once, after everyone.
+/// The dead client made the object, lent it twice and dropped its handle; the server adopted
+/// the first lend at once. Then, at the same time: a server thread borrows the second blob
+/// (which arrived late), reads and drops it; another drops the server's first handle after
+/// reading; and the settlement takes back the lends the server did not adopt through the session
+/// (lent 2, adopted 1: up to one ticket). Whoever comes first gets the second lend's reference
+/// (the late borrower or the settlement, never both), nothing is freed under a reader, and the
+/// object is freed exactly once, after everyone.
 #[test]
 fn settle_races_borrow_and_drop() {
     model(|| {
         let obj = Arc::new(Obj::new(false));
         obj.lend();
         obj.lend();
-        // The server's first adoption, before the death.
+        // The server's first adoption, before the death; the client's handle is dropped.
+        assert!(ticket_take(obj.word(), GEN));
+        obj.adopted.fetch_add(1, Relaxed);
+        obj.release();
+        let o = obj.clone();
+        let late = thread::spawn(move || o.borrow() as u64);
+        let o = obj.clone();
+        let dropper = thread::spawn(move || {
+            o.read();
+            o.release();
+        });
+        // The settlement: the ledger says held 0, lent 2; the session adopted 1.
+        let n = settle_refs(&obj.mem, OBJ, GEN, 2 - 1, 0);
+        for _ in 0..n {
+            obj.release();
+        }
+        let borrowed = late.join().unwrap();
+        dropper.join().unwrap();
+        assert_eq!(
+            n + borrowed,
+            1,
+            "the second lend was taken {} times (settled {n}, borrowed {borrowed})",
+            n + borrowed
+        );
+        obj.assert_freed();
+    });
+}
+
+/// As above with the client's handle still held when it died (the ledger says held 1): the
+/// settlement gives it back too, whatever the late borrower and the server's drop do meanwhile.
+#[test]
+fn settle_gives_back_a_held_handle_racing_a_borrow() {
+    model(|| {
+        let obj = Arc::new(Obj::new(false));
+        obj.lend();
+        obj.lend();
         assert!(ticket_take(obj.word(), GEN));
         obj.adopted.fetch_add(1, Relaxed);
         let o = obj.clone();
@@ -36,19 +71,13 @@ fn settle_races_borrow_and_drop() {
             o.read();
             o.release();
         });
-        // The settlement: the ledger says held 1, lent 2; the session adopted 1.
         let n = settle_refs(&obj.mem, OBJ, GEN, 2 - 1, 1);
         for _ in 0..n {
             obj.release();
         }
         let borrowed = late.join().unwrap();
         dropper.join().unwrap();
-        assert_eq!(
-            (n - 1) + borrowed,
-            1,
-            "the second lend was taken {} times (settled {n}, borrowed {borrowed})",
-            n - 1 + borrowed
-        );
+        assert_eq!(n + borrowed, 2, "settled {n}, borrowed {borrowed}");
         obj.assert_freed();
     });
 }

@@ -18,6 +18,7 @@
 mod common;
 
 use std::collections::VecDeque;
+use std::io::Write;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,7 @@ fn child_entry() {
             std::env::var(STOP_ENV).ok().map(|v| v.parse().unwrap()),
         ),
         Some("cli_quiet") => cli_quiet(),
+        Some("cli_keeps") => cli_keeps(),
         Some(other) => panic!("unknown role {other}"),
         None => {}
     }
@@ -82,6 +84,26 @@ fn cli_quiet() {
     connect(&mut s, ConnectOptions::new());
     send_u64(&mut ctl, 1);
     assert_eq!(recv_u64(&mut ctl), 2);
+}
+
+/// Makes an object in the app-scope arena, lends it to the server, ends its session and keeps
+/// the object; once the server saw the end (2), checks it and drops it.
+fn cli_keeps() {
+    let mut ctl = child_socket();
+    let u = universe(&env_dir());
+    let mut s = ClientSession::new(&u.cli, &u.srv, |_| {});
+    connect(&mut s, ConnectOptions::new());
+    let h: ShmHandle<Obj> = s.arena(Scope::App).unwrap().construct([7, 7]).unwrap();
+    let blob = s.lend_object(&h).unwrap();
+    ctl.write_all(blob.as_bytes()).unwrap();
+    assert_eq!(recv_u64(&mut ctl), 1, "borrowed");
+    drop(s);
+    send_u64(&mut ctl, 1);
+    assert_eq!(recv_u64(&mut ctl), 2, "the server saw the end");
+    assert_eq!(*h, [7, 7]);
+    assert_eq!(h.ref_count(), 2, "the server's and ours");
+    drop(h);
+    send_u64(&mut ctl, 3);
 }
 
 /// Lends objects to the server until killed: each round makes one (three in four in the
@@ -196,6 +218,40 @@ impl Serving<'_> {
             }
         }
     }
+}
+
+/// A client that ends its session alive keeps what it holds: the server gives nothing back at
+/// that end (the client closed its ledger first), and the client's object lives on, until both
+/// drop it.
+#[test]
+fn a_client_that_ends_its_session_alive_keeps_what_it_holds() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+    let mut cli = spawn_env("cli_keeps", &dir.env());
+    let mut s = server.accept(T).unwrap();
+    let (etx, errors) = mpsc::channel();
+    s.init_handlers(move |e| etx.send(e).unwrap()).unwrap();
+    let mut b = [0u8; LendBlob::LEN];
+    std::io::Read::read_exact(&mut cli.sock, &mut b).unwrap();
+    let theirs: ShmHandle<Obj> = s.borrow_object(&LendBlob::from_bytes(&b).unwrap()).unwrap();
+    send_u64(&mut cli.sock, 1);
+    assert_eq!(recv_u64(&mut cli.sock), 1, "the client ended its session");
+    let e = errors.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(matches!(e, Error::PeerGone), "{e:?}");
+    assert_eq!(
+        theirs.ref_count(),
+        2,
+        "nothing given back for a live client"
+    );
+    send_u64(&mut cli.sock, 2);
+    assert_eq!(recv_u64(&mut cli.sock), 3);
+    wait_ok(cli);
+    assert_eq!(theirs.ref_count(), 1, "the client dropped its own");
+    assert_eq!(*theirs, [7, 7]);
+    let app = server.app_arena("cli").unwrap();
+    drop((theirs, s));
+    assert_eq!(app.stats().blocks_in_use, 0);
 }
 
 #[test]

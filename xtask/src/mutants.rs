@@ -227,6 +227,12 @@ const MUTATIONS: &[Mutation] = &[
         ],
         check: Check::Loom,
     },
+    Mutation {
+        name: "settlement takes a lend by check-then-subtract",
+        file: "src/shm/protocols.rs",
+        edits: &[("    while taken < lent && ticket_take(link, generation) {\n        taken += 1;\n    }", "    while taken < lent && tickets(link.load(Ordering::Acquire)) > 0 {\n        link.fetch_sub(1 << 32, Ordering::AcqRel);\n        taken += 1;\n    }")],
+        check: Check::Loom,
+    },
 ];
 
 /// Runs every mutation; `Ok(false)` if any survived.
@@ -245,6 +251,7 @@ const CI: &[&str] = &[
     "message release: count checked, then decremented",
     "adoption reads the type tag before the ticket",
     "pool counted and bounded after its slot (as before)",
+    "settlement takes a lend by check-then-subtract",
 ];
 
 pub fn run(root: &Path, ci: bool) -> Result<bool> {

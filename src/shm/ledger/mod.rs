@@ -523,3 +523,6 @@ fn give_back(arenas: &[&Arena], key: Key, tickets: u64, held: u64) -> u64 {
     }
     n
 }
+
+#[cfg(test)]
+mod tests;
