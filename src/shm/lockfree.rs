@@ -242,10 +242,9 @@ pub fn is_sole(word: &AtomicU64) -> bool {
 /// borrowed twice (the blobs are identical), and the third attempt is refused.
 #[inline]
 pub fn ticket_take(word: &AtomicU64, generation: u32) -> bool {
-    let want = LIVE | ((generation as u64 & GEN_MASK) << GEN_SHIFT);
     let mut cur = word.load(Ordering::Acquire);
     loop {
-        if cur & (LIVE | (GEN_MASK << GEN_SHIFT)) != want || tickets(cur) == 0 {
+        if !is_live_of(cur, generation) || tickets(cur) == 0 {
             return false;
         }
         match word.compare_exchange_weak(
