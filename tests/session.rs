@@ -1370,9 +1370,7 @@ fn cli_open_then_die() {
     // The request is on its way once the master channel has it queued or written.
     std::thread::sleep(Duration::from_millis(100));
     send_u64(&mut ctl, 1);
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    until_parent_gone(&mut ctl);
 }
 
 /// A client killed while its channel opening waits for the server's handlers: once they are

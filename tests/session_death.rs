@@ -99,9 +99,7 @@ fn cli_die(mode: &str) {
         }
         other => panic!("unknown mode {other}"),
     }
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    until_parent_gone(&mut ctl);
 }
 
 /// Spawns a `cli_die` client in `mode` and takes its session on the server.

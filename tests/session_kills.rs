@@ -164,9 +164,7 @@ fn cli_lender(seed: u64, stop: Option<u64>) {
             break;
         }
     }
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    until_parent_gone(&mut ctl);
 }
 
 /// The server's side of one lender: borrows what comes, keeps one in four for good (`held`,

@@ -179,6 +179,12 @@ pub fn recv_blob(sock: &mut UnixStream) -> LendBlob {
     LendBlob::from_bytes(&b).unwrap()
 }
 
+/// In a child that waits to be killed: returns once the parent is gone (its end of `sock`
+/// closed), so that a parent killed first (a test run stopped) leaves no child behind.
+pub fn until_parent_gone(sock: &mut UnixStream) {
+    let _ = sock.read_to_end(&mut Vec::new());
+}
+
 /// Waits for the child to exit and asserts it succeeded.
 pub fn wait_ok(mut peer: Peer) {
     let status = peer.child.wait().unwrap();
