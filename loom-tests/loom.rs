@@ -45,6 +45,7 @@ use loom::sync::Arc;
 use loom::thread;
 
 mod alloc;
+mod ledger;
 mod pools;
 mod ring;
 mod segments;

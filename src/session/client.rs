@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 use super::core::{Master, OnError, PassiveOpen};
+use super::lends::Lends;
 use super::proto::{self, PROTOCOL_VERSION};
 use super::{
     ClientApp, Error, InitChannels, Metadata, Rejection, ServerApp, Session, SessionConfig, ShmKind,
@@ -275,7 +276,8 @@ impl ClientSession {
             init.push(kind, chan);
         }
         core.pause();
-        let session = Session::open(core, token, config, self.server.name.clone(), arenas)?;
+        let lends = Lends::client(&arenas)?;
+        let session = Session::open(core, token, config, self.server.name.clone(), arenas, lends)?;
         let on_error = self
             .on_error
             .get_mut()

@@ -11,6 +11,7 @@ use capnp::dynamic_value;
 use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
+use super::lends::Lends;
 use super::{Error, Metadata, SessionConfig};
 use crate::hosing::{Hosing, Report};
 use crate::msg::{Backing, MsgChannel, MsgIn};
@@ -79,15 +80,26 @@ const PASSIVE_YES: u8 = 1;
 const PASSIVE_NO: u8 = 2;
 
 /// The session's events, waiting for its dispatcher.
-#[derive(Default)]
 struct Events {
     queue: Mutex<VecDeque<Event>>,
     /// Set once the user's handlers are installed (events wait until then).
     dispatcher: OnceLock<Notifier>,
+    lends: Arc<Lends>,
 }
 
 impl Events {
+    /// `e` ends the session: if the peer is gone, what it held and was lent is given back
+    /// first (on the server: see `shm::ledger`), so that the error handler finds it done.
+    fn ending(&self, e: &Error) {
+        if matches!(e, Error::PeerGone) {
+            self.lends.peer_gone();
+        }
+    }
+
     fn push(&self, ev: Event) {
+        if let Event::Error(e) = &ev {
+            self.ending(e);
+        }
         lock(&self.queue).push_back(ev);
         if let Some(n) = self.dispatcher.get() {
             n.notify();
@@ -110,10 +122,12 @@ struct Link {
 }
 
 /// A copy of a session-ending error for the error handler, when a call met it (the call
-/// returns the original). `None`: the error does not end the session.
+/// returns the original). `None`: the error does not end the session, or is a derived `Hosed`
+/// (the master failed before: whoever met the cause reports it, and a `Hosed` queued ahead of
+/// it would take its place as the one report).
 fn ending(e: &Error) -> Option<Error> {
     use crate::hosing::HosingError;
-    if !e.is_hosing() {
+    if !e.is_hosing() || matches!(e, Error::Hosed) {
         return None;
     }
     Some(match e {
@@ -143,6 +157,7 @@ pub struct Session {
     session_arena: Option<Arena>,
     app_arena: Option<Arena>,
     hosed: Arc<AtomicBool>,
+    lends: Arc<Lends>,
 }
 
 impl std::fmt::Debug for Session {
@@ -168,6 +183,7 @@ impl Session {
             session_arena: None,
             app_arena: None,
             hosed: Arc::new(AtomicBool::new(false)),
+            lends: Arc::new(Lends::server(&(None, None))),
         }
     }
 
@@ -180,8 +196,14 @@ impl Session {
         config: SessionConfig,
         peer_app: String,
         arenas: (Option<Arena>, Option<Arena>),
+        lends: Lends,
     ) -> Result<Session, Error> {
-        let events = Arc::new(Events::default());
+        let lends = Arc::new(lends);
+        let events = Arc::new(Events {
+            queue: Mutex::default(),
+            dispatcher: OnceLock::new(),
+            lends: lends.clone(),
+        });
         let master = Arc::new(struc::AsyncChannel::new(core)?);
         let passive = Arc::new(AtomicU8::new(PASSIVE_UNKNOWN));
         let cfg = config.channel_config();
@@ -236,6 +258,7 @@ impl Session {
             session_arena: arenas.0,
             app_arena: arenas.1,
             hosed: Arc::new(AtomicBool::new(false)),
+            lends,
         })
     }
 
@@ -407,22 +430,29 @@ impl Session {
     /// Lends `handle` (an object in one of the session's arenas) to the peer: send the blob any
     /// way you like; the peer's [`borrow_object`](Session::borrow_object) turns it into a handle
     /// to the same object. The blob says which arena.
+    ///
+    /// If the client dies, the server gives back what the client held and the lends it never
+    /// adopted (see [the module docs](super#when-a-client-dies)); lend and borrow through the
+    /// session for that to be exact. A server's lend to a client whose death was settled is
+    /// refused ([`Error::Hosed`]).
     pub fn lend_object<T: ShmSafe>(&self, handle: &ShmHandle<T>) -> Result<LendBlob, Error> {
         let id = handle.arena().id();
         if self.arenas()?.any(|a| a.id() == id) {
-            Ok(handle.lend())
+            self.lends.lend(handle)
         } else {
             Err(Error::ForeignArena)
         }
     }
 
-    /// Borrows the object the peer lent (see [`lend_object`](Session::lend_object)).
+    /// Borrows the object the peer lent (see [`lend_object`](Session::lend_object)). A dead
+    /// client's lends that the server had not borrowed when it learned of the death were given
+    /// back: borrowing one then fails ([`shm::Error::Stale`](crate::shm::Error::Stale)).
     pub fn borrow_object<T: ShmSafe>(&self, blob: &LendBlob) -> Result<ShmHandle<T>, Error> {
         let arena = self
             .arenas()?
             .find(|a| a.id() as u32 == blob.arena_tag())
             .ok_or(Error::Shm(crate::shm::Error::ForeignBlob))?;
-        Ok(arena.borrow(blob)?)
+        self.lends.borrow(arena, blob)
     }
 
     /// The session's arenas (session scope, then app scope); [`Error::NoArena`] in a vanilla
@@ -437,6 +467,9 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        // The client's ledger closes before its socket does: the server, seeing the end, then
+        // knows the client lives on with what it holds.
+        self.lends.close();
         let Some(link) = self.link.take() else {
             return;
         };
@@ -555,6 +588,7 @@ impl Dispatcher {
                     Err(e) if e.is_hosing() => {
                         let e = Error::from(e);
                         if !matches!(e, Error::Hosed) {
+                            self.events.ending(&e);
                             h.error(e);
                         }
                     }

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::core::Master;
+use super::lends::Lends;
 use super::proto::{self, LogInReq};
 use super::server::{Accepted, ServerSession, Shared, MAX_INIT_CHANNELS};
 use super::{ClientApp, Error, InitChannels, Metadata, Rejection, Session, ShmKind};
@@ -218,7 +219,8 @@ fn answer(
                 token,
                 shared.config.clone(),
                 made.client_app.name.clone(),
-                made.arenas,
+                made.arenas.clone(),
+                Lends::server(&made.arenas),
             ) {
                 Ok(session) => Answer::Accepted(ServerSession::new(
                     session,

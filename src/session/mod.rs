@@ -24,7 +24,35 @@
 //! peer's passive-open handler gets the other end), [`structured`](Session::structured)
 //! channels in the session's arena carrying its token, the session-scope and app-scope arenas,
 //! [`lend_object`](Session::lend_object) / [`borrow_object`](Session::borrow_object). The
-//! error handler fires once, when the peer is gone or silent past the keep-alive's idle timeout.
+//! error handler fires once, when the peer is gone or silent past the keep-alive's idle timeout,
+//! with that first real cause ([`Error::PeerGone`], [`Error::IdleTimeout`], [`Error::Protocol`]),
+//! whatever the order in which the library met the events and also when the handlers are
+//! installed after the cause: never the `Hosed` that calls meeting the ended session get.
+//!
+//! # When a client dies
+//!
+//! A client keeps, in its session arena, a ledger of what it holds of the objects of the
+//! session's two arenas ([`ShmHandle`](crate::shm::ShmHandle)s it made, cloned or borrowed, and
+//! its lends), and the server keeps what it lent the client and adopted of the client's lends.
+//! When the session ends because the client process died (the server sees [`Error::PeerGone`]),
+//! the server gives back, before its error handler runs: the references the client's handles
+//! held, the client's lends nobody adopted, and the server's lends the client never adopted; and
+//! it reclaims the client's thread caches. The last reference given back frees an object, so
+//! the app-scope arena, which outlives sessions, returns to what it held before the client.
+//!
+//! * What the server borrowed of the dead client's objects is its own reference: it stays valid
+//!   until the server drops it. A lend of the client's that the server had not borrowed by then
+//!   is void: borrowing it fails ([`shm::Error::Stale`](crate::shm::Error::Stale)).
+//! * A client that ends its session alive (drops it) closes its ledger first: what it still
+//!   holds stays its own (and is not given back if the process dies later).
+//! * Lend and borrow through [`lend_object`](Session::lend_object) and
+//!   [`borrow_object`](Session::borrow_object): lends are counted per object, and the session
+//!   tells the server's own adoptions apart. A lend made with [`ShmHandle::lend`](
+//!   crate::shm::ShmHandle::lend) directly is not the session's to settle.
+//! * Messages (`structured` channels) are not in the ledger: a client killed with a message of
+//!   the app-scope arena in flight leaks it (session-scope messages go with the session arena).
+//! * A process killed in the few instructions between an allocation or a reference-count step and
+//!   its record in the ledger leaks that one block, as every block leaked before the ledger.
 //!
 //! # Example
 //!
@@ -77,6 +105,7 @@ mod client;
 mod config;
 mod core;
 mod error;
+pub(crate) mod lends;
 mod login;
 mod metadata;
 mod proto;

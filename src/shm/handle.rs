@@ -9,6 +9,7 @@ use super::alloc::Grant;
 use super::arena::{Arena, BlockRef};
 use super::error::{Error, Result};
 use super::layout::*;
+use super::ledger::{Delta, Key};
 use super::lockfree::{is_sole, rc_acquire, rc_release, refs, ticket_issue, Words, LINK};
 use super::pool::Pool;
 use super::protocols::{adopt_ticket, publish_block, Refusal, TAG_AT};
@@ -128,7 +129,7 @@ unsafe impl<T: ShmSafe> Sync for ShmHandle<T> {}
 impl Arena {
     /// Constructs `value` in the arena and returns the first handle to it (count 1).
     pub fn construct<T: ShmSafe>(&self, value: T) -> Result<ShmHandle<T>> {
-        let (pool, g, value_ptr) = self.grant_object::<T>(false)?;
+        let (pool, g, value_ptr) = self.grant_noted::<T>(false)?;
         // SAFETY: the block is ours (just allocated, not yet published) and has room for a `T`
         // at `value_ptr`, which is 16-aligned (payloads are 16-aligned, the object header is 16
         // bytes, align_of::<T>() <= 16 checked in grant_object). `write` neither reads nor drops
@@ -142,8 +143,26 @@ impl Arena {
     /// for every bit pattern, so zero is a valid `T`. Fill it through
     /// [`get_mut`](ShmHandle::get_mut) before sharing it.
     pub fn construct_zeroed<T: ShmSafe>(&self) -> Result<ShmHandle<T>> {
-        let (pool, g, value_ptr) = self.grant_object::<T>(true)?;
+        let (pool, g, value_ptr) = self.grant_noted::<T>(true)?;
         Ok(self.publish(pool, g, value_ptr))
+    }
+
+    /// [`grant_object`](Arena::grant_object), recorded (held once) in the arena's session ledger
+    /// if it keeps one, before the object is published.
+    fn grant_noted<T: ShmSafe>(&self, zeroed: bool) -> Result<(&Pool, Grant, *mut T)> {
+        let Some(ledger) = self.ledger() else {
+            return self.grant_object::<T>(zeroed);
+        };
+        ledger.gain_new(|| {
+            let (pool, g, ptr) = self.grant_object::<T>(zeroed)?;
+            let key = Key {
+                arena: self.id(),
+                pool: pool.id(),
+                off: g.off,
+                generation: g.generation(),
+            };
+            Ok((key, (pool, g, ptr)))
+        })
     }
 
     /// Allocates a block for a `T` and writes its type tag; the value is the caller's to write
@@ -196,10 +215,24 @@ impl Arena {
                 found: blob.type_tag(),
             });
         }
-        let (pool, off, _) = self.adopt(
-            blob,
-            Some((expected, VALUE_AT + std::mem::size_of::<T>() as u64)),
-        )?;
+        let typed = Some((expected, VALUE_AT + std::mem::size_of::<T>() as u64));
+        let (pool, off, _) = match self.ledger() {
+            None => self.adopt(blob, typed)?,
+            Some(ledger) => {
+                let key = Key {
+                    arena: self.id(),
+                    pool: blob.pool(),
+                    off: blob.offset().wrapping_sub(BLOCK_HDR),
+                    generation: blob.generation(),
+                };
+                let d = Delta {
+                    held: 1,
+                    took: 1,
+                    ..Delta::default()
+                };
+                ledger.gain(key, d, || self.adopt(blob, typed))?
+            }
+        };
         let value_ptr = pool.ptr(off + BLOCK_HDR + VALUE_AT) as *mut T;
         Ok(ShmHandle {
             arena: self.clone(),
@@ -274,11 +307,40 @@ impl<T: ShmSafe> ShmHandle<T> {
         self.pool().word(self.off + LINK)
     }
 
+    /// The object, as a session ledger names it.
+    pub(crate) fn key(&self) -> Key {
+        Key {
+            arena: self.arena.id(),
+            pool: self.pool,
+            off: self.off,
+            generation: self.generation,
+        }
+    }
+
+    /// Gains a reference with `op` (a clone, a lend), recorded as `d` in the arena's session
+    /// ledger if it keeps one (see `shm::ledger`).
+    #[inline]
+    fn gain(&self, d: Delta, op: impl FnOnce()) {
+        match self.arena.ledger() {
+            None => op(),
+            Some(l) => {
+                let _ = l.gain(self.key(), d, || {
+                    op();
+                    Ok(())
+                });
+            }
+        }
+    }
+
     /// Adds a reference on behalf of another process and returns it packed in a blob; send the
     /// blob, and the receiver adopts the reference with [`Arena::borrow`]. A blob that is never
     /// borrowed keeps the object alive: give it back with [`Arena::release_blob`].
     pub fn lend(&self) -> LendBlob {
-        ticket_issue(self.rc());
+        let d = Delta {
+            lent: 1,
+            ..Delta::default()
+        };
+        self.gain(d, || ticket_issue(self.rc()));
         LendBlob::new(
             self.arena.id() as u32,
             self.pool,
@@ -334,7 +396,11 @@ impl<T: ShmSafe> Deref for ShmHandle<T> {
 
 impl<T: ShmSafe> Clone for ShmHandle<T> {
     fn clone(&self) -> Self {
-        rc_acquire(self.rc());
+        let d = Delta {
+            held: 1,
+            ..Delta::default()
+        };
+        self.gain(d, || rc_acquire(self.rc()));
         ShmHandle {
             arena: self.arena.clone(),
             pool: self.pool,
@@ -348,7 +414,16 @@ impl<T: ShmSafe> Clone for ShmHandle<T> {
 
 impl<T: ShmSafe> Drop for ShmHandle<T> {
     fn drop(&mut self) {
-        release(self.pool(), self.off);
+        match self.arena.ledger() {
+            None => release(self.pool(), self.off),
+            Some(l) => {
+                let d = Delta {
+                    held: -1,
+                    ..Delta::default()
+                };
+                l.lose(self.key(), d, || release(self.pool(), self.off));
+            }
+        }
     }
 }
 

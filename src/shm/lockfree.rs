@@ -32,7 +32,9 @@
 //!
 //! Crash safety: every step that changes shared state is one atomic instruction, and no step
 //! waits for another process. A process killed between two steps leaves at worst a block that
-//! nobody will free (a leak), never a list that is cut or a lock that is held.
+//! nobody will free (a leak), never a list that is cut or a lock that is held. The references a
+//! session's client held when it died are given back by the server from the client's ledger
+//! (see `shm::ledger`).
 
 use crate::sync::{fence, AtomicU64, Ordering};
 
@@ -169,6 +171,13 @@ pub fn handle_word(generation: u32) -> u64 {
     LIVE | ((generation as u64 & GEN_MASK) << GEN_SHIFT) | 1
 }
 
+/// Whether a handle word is that of the live object of `generation` (as a blob of that
+/// generation names it).
+#[inline]
+pub fn is_live_of(word: u64, generation: u32) -> bool {
+    word & (LIVE | (GEN_MASK << GEN_SHIFT)) == LIVE | ((generation as u64 & GEN_MASK) << GEN_SHIFT)
+}
+
 /// References held (handles plus unborrowed lends) in a handle word.
 #[inline]
 pub fn refs(word: u64) -> u64 {
@@ -233,10 +242,9 @@ pub fn is_sole(word: &AtomicU64) -> bool {
 /// borrowed twice (the blobs are identical), and the third attempt is refused.
 #[inline]
 pub fn ticket_take(word: &AtomicU64, generation: u32) -> bool {
-    let want = LIVE | ((generation as u64 & GEN_MASK) << GEN_SHIFT);
     let mut cur = word.load(Ordering::Acquire);
     loop {
-        if cur & (LIVE | (GEN_MASK << GEN_SHIFT)) != want || tickets(cur) == 0 {
+        if !is_live_of(cur, generation) || tickets(cur) == 0 {
             return false;
         }
         match word.compare_exchange_weak(

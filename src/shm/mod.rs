@@ -18,7 +18,9 @@
 //! * [`Block`]: an owned allocation (like `Box<[u8]>`), freed on drop.
 //! * [`ShmHandle<T>`]: a ref-counted `T` (like `Arc<T>`, for [`ShmSafe`] plain data) whose count
 //!   lives in shared memory. [`ShmHandle::lend`] packs one reference into a 32-byte
-//!   [`LendBlob`] for another process; [`Arena::borrow`] validates and adopts it there.
+//!   [`LendBlob`] for another process; [`Arena::borrow`] validates and adopts it there. The
+//!   arenas of a session keep a ledger of what the client holds, so that the server gives it
+//!   back if the client dies (see [`session`](crate::session#when-a-client-dies)).
 //!
 //! # Trust model
 //! Peers are cooperating processes (the same application suite), not adversaries: a peer can
@@ -69,6 +71,8 @@ mod handle;
 pub mod layout;
 #[cfg(not(flowipc_loom))]
 mod layout;
+#[cfg(not(flowipc_loom))]
+pub(crate) mod ledger;
 #[cfg(not(flowipc_loom))]
 mod pool;
 #[cfg(not(flowipc_loom))]

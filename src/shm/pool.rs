@@ -52,6 +52,9 @@ pub(crate) struct PoolHeader {
     pub(crate) classes: [Line<ClassState>; NUM_CLASSES],
     pub(crate) buckets: [AtomicU64; NUM_BUCKETS],
     pub(crate) slots: [Line<Slot>; NUM_SLOTS],
+    /// The first page of the ledger a session's client keeps in this (session-scope) arena, if
+    /// any (see `shm::ledger`): `pool << 36 | payload offset`, 0 for none.
+    pub(crate) ledger: AtomicU64,
 }
 
 const_assert!(std::mem::size_of::<PoolHeader>() as u64 <= HEADER_BYTES);

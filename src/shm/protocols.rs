@@ -12,12 +12,18 @@
 //! * **Segment tables** ([`write_entry`], [`read_entry`], [`write_solo_prefix`],
 //!   [`solo_used`], [`release_message`], [`dissolve_if_sole`]): the handle a frozen message
 //!   becomes, its entries, and who frees or takes back its segments.
+//! * **Settling a dead holder's references** ([`settle_refs`]): the survivor of a session takes
+//!   back the lends the dead peer's ledger (see `shm::ledger`) says were never adopted, and the
+//!   references it says the peer held, for the caller to give back.
 //! * **Validated block starts** ([`block_start`]; spans are carved by `space::carve_span`): a span's block headers and
 //!   page-map entries are published together, and a validation remembers a small-class block
 //!   start in a process-local cache whose hits must see what the first validation saw.
 
 use super::layout::*;
-use super::lockfree::{handle_word, is_sole, rc_release, ticket_return, ticket_take, Words, LINK};
+use super::lockfree::{
+    handle_word, is_live_of, is_sole, rc_release, refs, ticket_return, ticket_take, tickets, Words,
+    LINK,
+};
 use crate::sync::{AtomicU64, Ordering};
 
 // --- message handles: layout --------------------------------------------------------------------
@@ -279,6 +285,40 @@ pub fn dissolve_if_sole<W: Words + ?Sized>(mem: &W, off: u64, solo: bool) -> boo
         mem.word(p + 8).store(0, Ordering::Relaxed);
     }
     true
+}
+
+// --- settling a dead holder's references --------------------------------------------------------
+
+/// The references to give back for a holder that died (a session's peer): up to `lent` lend
+/// tickets of the live object of `generation` at `off` that are still outstanding (lends that
+/// no one adopted), each taken with [`ticket_take`] exactly as a borrower would take it (so a
+/// borrower racing the settlement gets either the reference or a refusal, never the same one),
+/// plus the `held` references the holder's ledger lists (clamped to the references held by
+/// handles anywhere, a peer's ledger being peer-written). Returns how many references the caller
+/// now owns: it gives each back as the last holder's drop would (the last one frees the block).
+///
+/// The dead holder's references keep the object alive, so nothing here can touch a block of
+/// another life: tickets are taken by the generation-checked CAS, and `held` counts only while
+/// the word is still the object's.
+pub fn settle_refs<W: Words + ?Sized>(
+    mem: &W,
+    off: u64,
+    generation: u32,
+    lent: u64,
+    held: u64,
+) -> u64 {
+    let link = mem.word(off + LINK);
+    let mut taken = 0;
+    while taken < lent && ticket_take(link, generation) {
+        taken += 1;
+    }
+    let w = link.load(Ordering::Relaxed);
+    if !is_live_of(w, generation) {
+        return taken;
+    }
+    // Handles' references (the tickets we took are ours now, and counted in `refs`).
+    let by_handles = refs(w).saturating_sub(tickets(w)).saturating_sub(taken);
+    taken + held.min(by_handles)
 }
 
 // --- validated block starts ---------------------------------------------------------------------

@@ -13,6 +13,7 @@
 pub mod balance;
 pub mod msgs;
 pub mod raw;
+pub mod session;
 
 use std::fs::File;
 use std::io::{IoSlice, Read, Write};
@@ -201,6 +202,12 @@ pub fn recv_blob(sock: &mut UnixStream) -> LendBlob {
     let mut b = [0u8; LendBlob::LEN];
     sock.read_exact(&mut b).unwrap();
     LendBlob::from_bytes(&b).unwrap()
+}
+
+/// In a child that waits to be killed: returns once the parent is gone (its end of `sock`
+/// closed), so that a parent killed first (a test run stopped) leaves no child behind.
+pub fn until_parent_gone(sock: &mut UnixStream) {
+    let _ = sock.read_to_end(&mut Vec::new());
 }
 
 /// Waits for the child to exit and asserts it succeeded.

@@ -3,11 +3,11 @@
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::session::*;
 use common::*;
 use flowipc::msg::{MsgIn, MsgOut};
 use flowipc::schemas::session_capnp::{log_in, log_in_rsp, master};
@@ -19,89 +19,7 @@ use flowipc::session::{
 use flowipc::struc::{self, MsgType};
 use flowipc::transport::{self, OutFrame};
 
-const T: Option<Duration> = Some(Duration::from_secs(30));
-const DIR_ENV: &str = "FLOWIPC_TEST_RUN_DIR";
 type Cool = struc::Channel<cool_msg::Owned>;
-
-// -- support ----------------------------------------------------------------------------------
-
-/// A unique run dir for one test, removed when dropped (even after a failure).
-struct RunDir(PathBuf);
-
-impl RunDir {
-    fn new() -> RunDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = PathBuf::from(format!(
-            "/tmp/fipc-t{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir(&p).unwrap();
-        RunDir(p)
-    }
-
-    fn entries(&self) -> Vec<String> {
-        entries(&self.0)
-    }
-
-    fn env(&self) -> [(&'static str, &std::ffi::OsStr); 1] {
-        [(DIR_ENV, self.0.as_os_str())]
-    }
-}
-
-impl Drop for RunDir {
-    /// Removes the dir; and unless the test failed already, checks that nothing was left in it
-    /// (every test drops its servers first: the dir is declared first, dropped last) nor in
-    /// /dev/shm.
-    fn drop(&mut self) {
-        let left = std::fs::read_dir(&self.0).map(|d| d.count()).unwrap_or(0);
-        let _ = std::fs::remove_dir_all(&self.0);
-        if !std::thread::panicking() {
-            assert_eq!(left, 0, "files left in the run dir {}", self.0.display());
-            assert_eq!(dev_shm_leftovers(), Vec::<String>::new());
-        }
-    }
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-/// In a child: the run dir the parent gave.
-fn env_dir() -> PathBuf {
-    PathBuf::from(std::env::var_os(DIR_ENV).expect("run dir in the environment"))
-}
-
-/// The universe: a server app `srv` that accepts `cli` and `other`; `stranger` is known but not
-/// allowed. All are this test binary (tests cannot run as other users or programs).
-struct Universe {
-    srv: ServerApp,
-    cli: ClientApp,
-    other: ClientApp,
-    stranger: ClientApp,
-    clients: ClientApps,
-}
-
-fn universe(dir: &Path) -> Universe {
-    let srv = ServerApp::new(App::current("srv").unwrap(), ["cli", "other"]).run_dir(dir);
-    let cli = ClientApp::new(App::current("cli").unwrap());
-    let other = ClientApp::new(App::current("other").unwrap());
-    let stranger = ClientApp::new(App::current("stranger").unwrap());
-    let clients = ClientApp::master_set([&cli, &other, &stranger]);
-    Universe {
-        srv,
-        cli,
-        other,
-        stranger,
-        clients,
-    }
-}
 
 fn ty(name: &str) -> MsgType {
     MsgType::of::<cool_msg::Owned>(name).unwrap()
@@ -119,23 +37,6 @@ fn read_mdt(m: Option<&Metadata>) -> (String, u32) {
     let r = m.expect("metadata").read::<channel_mdt::Owned>().unwrap();
     let m = r.get().unwrap();
     (m.get_purpose().unwrap().to_string().unwrap(), m.get_n())
-}
-
-/// Connects, retrying while the server is absent (the page's loop), for up to 30 s.
-/// Returns how many times the server was absent.
-fn connect(s: &mut ClientSession, opts: ConnectOptions) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut absent = 0;
-    loop {
-        match s.sync_connect_with(opts.clone()) {
-            Ok(()) => return absent,
-            Err(Error::ServerAbsent(_)) if Instant::now() < deadline => {
-                absent += 1;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("connect: {e}"),
-        }
-    }
 }
 
 /// The next message of type `name` on a started sync_io channel.
@@ -1503,9 +1404,7 @@ fn cli_open_then_die() {
     // The request is on its way once the master channel has it queued or written.
     std::thread::sleep(Duration::from_millis(100));
     send_u64(&mut ctl, 1);
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    until_parent_gone(&mut ctl);
 }
 
 /// A client killed while its channel opening waits for the server's handlers: once they are

@@ -298,6 +298,12 @@ const MUTATIONS: &[Mutation] = &[
         edits: &[("pub fn disarm(bell: &AtomicU32) -> u32 {\n    bell.swap(AWAKE, Ordering::AcqRel)\n", "pub fn disarm(bell: &AtomicU32) -> u32 {\n    let mode = bell.load(Ordering::Acquire);\n    bell.store(AWAKE, Ordering::Release);\n    mode\n")],
         check: Check::LoomModels(&["ring_disarm_accounts_for_wakes"]),
     },
+    Mutation {
+        name: "settlement takes a lend by check-then-subtract",
+        file: "src/shm/protocols.rs",
+        edits: &[("    while taken < lent && ticket_take(link, generation) {\n        taken += 1;\n    }", "    while taken < lent && tickets(link.load(Ordering::Acquire)) > 0 {\n        link.fetch_sub(1 << 32, Ordering::AcqRel);\n        taken += 1;\n    }")],
+        check: Check::Loom,
+    },
 ];
 
 /// Runs every mutation; `Ok(false)` if any survived.
@@ -318,6 +324,7 @@ const CI: &[&str] = &[
     "pool counted and bounded after its slot (as before)",
     "ring push: tail store Release -> Relaxed",
     "ring waker without its fence",
+    "settlement takes a lend by check-then-subtract",
 ];
 
 pub fn run(root: &Path, ci: bool) -> Result<bool> {

@@ -7,10 +7,11 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::AtomicU32;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::error::{Error, Result};
 use super::layout::*;
+use super::ledger::Ledger;
 use super::pool::Pool;
 use super::publish::{PoolTable, Refused};
 
@@ -66,6 +67,8 @@ pub(crate) struct Shared {
     hint: AtomicU32,
     /// Serializes growth within this process (allocation itself never takes it).
     grow: Mutex<()>,
+    /// The session ledger this instance's handles record in, if any (see `shm::ledger`).
+    ledger: OnceLock<Arc<Ledger>>,
 }
 
 impl Shared {
@@ -158,6 +161,7 @@ impl Arena {
                 pools,
                 hint: AtomicU32::new(0),
                 grow: Mutex::new(()),
+                ledger: OnceLock::new(),
             }),
         }
     }
@@ -236,5 +240,16 @@ impl Arena {
     /// many caches were reclaimed. Also happens by itself when a thread claims a cache slot.
     pub fn reclaim_dead_caches(&self) -> usize {
         self.pools().map(Pool::reclaim_dead_slots).sum()
+    }
+
+    /// The session ledger this instance's handles record in (see `shm::ledger`).
+    #[inline]
+    pub(crate) fn ledger(&self) -> Option<&Ledger> {
+        self.shared.ledger.get().map(|l| &**l)
+    }
+
+    /// Makes this instance's handles record in `ledger` (once); false if they record elsewhere.
+    pub(crate) fn set_ledger(&self, ledger: Arc<Ledger>) -> bool {
+        self.shared.ledger.set(ledger).is_ok()
     }
 }
