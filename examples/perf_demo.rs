@@ -67,6 +67,7 @@ fn main() {
     let mut zc: Vec<Vec<Duration>> = vec![Vec::new(); sizes.len()];
     let (mut struc_shm, mut struc_heap) = (Vec::new(), Vec::new());
     let mut spin = Vec::new();
+    let mut struc_socket = Vec::new();
     let mut kinds: Vec<Vec<Duration>> = vec![Vec::new(); peer::KINDS.len()];
     client.sample_struc(true, 100);
     client.sample_struc(false, 100);
@@ -82,11 +83,18 @@ fn main() {
         struc_shm.extend(client.sample_struc(true, 100));
         struc_heap.extend(client.sample_struc(false, 100));
         spin.extend(client.sample_spin(100));
+        // The kinds are compared in steady state: each block starts after a few round trips
+        // of its own (the other blocks left its two sides idle long enough for a waiting side
+        // to have gone to sleep in poll).
+        client.sample_struc(true, 5);
+        let socket_block = client.sample_struc(true, 100);
+        struc_socket.extend(socket_block);
         for (i, k) in kinds.iter_mut().enumerate() {
+            client.sample_kind(i, 5);
             k.extend(client.sample_kind(i, 100));
         }
     }
-    let struc_socket_all = struc_shm.clone();
+    let struc_socket_all = struc_socket;
     let raw = median(raw);
     let (struc_shm, struc_heap) = (median(struc_shm), median(struc_heap));
     let zc: Vec<Duration> = zc.into_iter().map(median).collect();
