@@ -389,6 +389,9 @@ fn a_peer_killed_while_we_wait_is_reported_once_whatever_the_wait() {
 /// loop must sleep (for data, and for room).
 fn child_slow_echo() {
     let mut c = child_channel(channel_config());
+    // Away at first: the parent's burst fills whatever carries it and the rest waits in its
+    // queue (reading at once, this side could keep up with a socket).
+    std::thread::sleep(Duration::from_millis(300));
     let mut n = 0u64;
     loop {
         match c.recv_blocking(None) {
