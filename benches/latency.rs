@@ -13,7 +13,18 @@ mod peer;
 
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, BenchmarkId, Criterion, SamplingMode};
+use criterion::{criterion_group, Bencher, BenchmarkId, Criterion, SamplingMode};
+
+/// Times `iters` calls of `f` (criterion's custom timing: the round trips are the whole work).
+fn timed(b: &mut Bencher<'_>, mut f: impl FnMut()) {
+    b.iter_custom(|iters| {
+        let t = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        t.elapsed()
+    })
+}
 
 fn label(size: usize) -> String {
     match size {
@@ -31,23 +42,15 @@ fn rtt(c: &mut Criterion) {
     g.warm_up_time(Duration::from_secs(1));
     g.measurement_time(Duration::from_secs(3));
     g.bench_function("raw_uds_64B", |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                client.raw_rtt();
-            }
-            t.elapsed()
+        timed(b, || {
+            client.raw_rtt();
         })
     });
     // Structured request/response (a small sumRequest; sync_request on a struc::Channel).
     for (mode, zero_copy) in [("shm", true), ("heap", false)] {
         g.bench_function(BenchmarkId::new("struc_sync_request", mode), |b| {
-            b.iter_custom(|iters| {
-                let t = Instant::now();
-                for _ in 0..iters {
-                    assert_eq!(client.struc_rtt(zero_copy), 42);
-                }
-                t.elapsed()
+            timed(b, || {
+                assert_eq!(client.struc_rtt(zero_copy), 42);
             })
         });
     }
@@ -59,12 +62,8 @@ fn rtt(c: &mut Criterion) {
                 g.measurement_time(Duration::from_secs(if size >= 1 << 30 { 20 } else { 5 }));
             }
             g.bench_with_input(BenchmarkId::new(mode, label(size)), &size, |b, &size| {
-                b.iter_custom(|iters| {
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        std::hint::black_box(client.rtt(zero_copy, size));
-                    }
-                    t.elapsed()
+                timed(b, || {
+                    std::hint::black_box(client.rtt(zero_copy, size));
                 })
             });
             g.sample_size(20);
@@ -87,40 +86,24 @@ fn kinds(c: &mut Criterion) {
     g.warm_up_time(Duration::from_secs(1));
     g.measurement_time(Duration::from_secs(3));
     g.bench_function("raw_spin_pingpong", |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                client.spin_rtt();
-            }
-            t.elapsed()
+        timed(b, || {
+            client.spin_rtt();
         })
     });
     g.bench_function("raw_uds_64B", |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                client.raw_rtt();
-            }
-            t.elapsed()
+        timed(b, || {
+            client.raw_rtt();
         })
     });
     g.bench_function(BenchmarkId::new("struc_sync_request", "socket"), |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                assert_eq!(client.struc_rtt(true), 42);
-            }
-            t.elapsed()
+        timed(b, || {
+            assert_eq!(client.struc_rtt(true), 42);
         })
     });
     for (i, (name, _, _)) in peer::KINDS.iter().enumerate() {
         g.bench_function(BenchmarkId::new("struc_sync_request", name), |b| {
-            b.iter_custom(|iters| {
-                let t = Instant::now();
-                for _ in 0..iters {
-                    assert_eq!(client.kind_rtt(i), 42);
-                }
-                t.elapsed()
+            timed(b, || {
+                assert_eq!(client.kind_rtt(i), 42);
             })
         });
     }
@@ -129,12 +112,8 @@ fn kinds(c: &mut Criterion) {
             BenchmarkId::new("zero_copy_shm_queue", label(size)),
             &size,
             |b, &size| {
-                b.iter_custom(|iters| {
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        std::hint::black_box(client.queue_rtt(size));
-                    }
-                    t.elapsed()
+                timed(b, || {
+                    std::hint::black_box(client.queue_rtt(size));
                 })
             },
         );

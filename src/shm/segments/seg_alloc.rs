@@ -256,8 +256,10 @@ unsafe impl Allocator for SegAlloc {
             // SAFETY: the block was allocated for this segment and turned into `r` by
             // `into_raw`; this is its only re-adoption (the segment is marked gone just below).
             if let Ok(block) = unsafe { arena.block_from_raw(*r, 0) } {
-                // SAFETY: capnp wrote at most `words_used` words of a zeroed block after the
-                // prefix (which `len` covers, and which is cleared with them).
+                // SAFETY: the block was allocated zeroed (capnp's builder needs that), the
+                // segment capnp saw starts after the prefix, and capnp writes only within the
+                // `words_used` words it reported when it handed the segment back; `len` is the
+                // prefix plus those words, so every byte from `len` on is still zero.
                 unsafe { block.release_zeroed_prefix(len) };
             }
             seg.mem = None;

@@ -2,13 +2,14 @@
 //! rings ([`ring`](super::ring)) or the POSIX message queues ([`mq`](super::mq)). The channel
 //! talks to either through this one type; the socket kind has none.
 
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::config::{ChannelConfig, ChannelKind};
 use super::mq::MqLink;
 use super::ring;
+use crate::sys::{self, PollFd};
 use crate::transport::Error;
 
 #[derive(Debug)]
@@ -164,4 +165,40 @@ impl Link {
             Link::Mq(_) => panic!("not a ring"),
         }
     }
+}
+
+/// Whether the peer still holds its end of the socket: a closed (or dead) peer's end makes
+/// ours report a hang-up, while a peer that only ended its sending does not (that is end of
+/// stream for reading). [`Error::Reset`] when it is gone.
+pub(super) fn check_alive(sock: BorrowedFd<'_>) -> Result<(), Error> {
+    let mut p = [PollFd::new(sock, false, false)];
+    sys::poll(&mut p, Some(Duration::ZERO)).map_err(Error::Io)?;
+    if p[0].ready.hangup || p[0].ready.error {
+        return Err(Error::Reset);
+    }
+    Ok(())
+}
+
+/// Reads of the socket one drain makes at most (a peer that writes junk without end cannot
+/// hold the caller).
+const DRAIN_READS: usize = 16;
+
+/// Reads a ring or queue channel's socket dry: after the hello a channel writes nothing there
+/// but wake-up bytes, which mean nothing once read (any fd attached is closed by the kernel).
+/// Notes the end of stream in `eof`: a zero read, or a reset (the peer closed with our hello or
+/// wake-up bytes unread). Returns whether the socket is dry or at its end; `false` after
+/// [`DRAIN_READS`] full reads, when more may wait.
+pub(super) fn drain_socket(sock: BorrowedFd<'_>, eof: &mut bool) -> Result<bool, Error> {
+    let mut bytes = [0u8; 512];
+    for _ in 0..DRAIN_READS {
+        match sys::recv_plain(sock, &mut bytes, false) {
+            Ok(0) => *eof = true,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => *eof = true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(Error::from_io(e)),
+        }
+        return Ok(true);
+    }
+    Ok(false)
 }

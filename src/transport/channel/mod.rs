@@ -12,6 +12,8 @@
 
 mod config;
 mod frame;
+#[cfg(test)]
+mod kind_tests;
 mod link;
 mod mq;
 mod ring;
@@ -300,7 +302,7 @@ impl Channel {
                     if let Some(link) = &self.link {
                         // A full ring or queue: a peer that is gone will never make room.
                         if link.peer_check_due() {
-                            if let Err(e) = ring::check_alive(self.sock.as_fd()) {
+                            if let Err(e) = link::check_alive(self.sock.as_fd()) {
                                 return Err(self.hose(e));
                             }
                         }
@@ -604,6 +606,26 @@ impl Channel {
         }
     }
 
+    /// On a ring or queue channel, reads what a poll saw on the socket, or the socket stays
+    /// readable and a loop that only sends would spin: the peer's hello (which also maps its
+    /// ring or queue), then wake-up bytes and the end of stream (which `try_recv` reports).
+    fn take_socket_news(&mut self) -> Result<(), Error> {
+        let Some(link) = self.link.as_deref_mut() else {
+            return Ok(());
+        };
+        link.settle();
+        let res = if self.rx.hello_done {
+            link.drain(self.sock.as_fd())
+        } else {
+            match self.rx.read_hello(self.sock.as_fd(), false) {
+                Ok(true) => self.check_kind(),
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            }
+        };
+        res.map_err(|e| self.hose(e))
+    }
+
     /// After the peer's hello: both ends must be of one kind; a ring's is mapped, a queue's
     /// taken.
     fn check_kind(&mut self) -> Result<(), Error> {
@@ -665,25 +687,8 @@ impl Pollable for Channel {
     /// [`try_recv`](Channel::try_recv)'s. Errors as [`flush`](Channel::flush) and
     /// [`on_timer`](Channel::on_timer).
     fn on_ready(&mut self) -> Result<(), Error> {
-        self.hosing.check::<Error>()?;
-        if let Some(link) = &self.link {
-            link.settle();
-            // What a poll saw on the socket must be read now, or the socket stays readable and
-            // a loop that only sends would spin: the peer's hello (which also maps its ring or
-            // queue), then wake-up bytes and the end of stream (which `try_recv` reports).
-            let res = if self.rx.hello_done {
-                let sock = self.sock.as_fd();
-                self.link.as_deref_mut().map_or(Ok(()), |l| l.drain(sock))
-            } else {
-                match self.rx.read_hello(self.sock.as_fd(), false) {
-                    Ok(true) => self.check_kind(),
-                    Ok(false) => Ok(()),
-                    Err(e) => Err(e),
-                }
-            };
-            if let Err(e) = res {
-                return Err(self.hose(e));
-            }
+        if self.link.is_some() && !self.hosing.is_hosed() {
+            self.take_socket_news()?;
         }
         self.run_due_timers()?;
         if self.wants_write() {

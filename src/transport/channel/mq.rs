@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
+use super::link::{check_alive, drain_socket};
 use crate::sys::mq::Mq;
 use crate::sys::{self, PollFd};
 use crate::transport::Error;
@@ -161,10 +162,8 @@ impl MqLink {
             if self.eof {
                 return Ok(Some(0));
             }
-            if !self.drain(sock)? && !self.eof {
-                // More bytes than one drain takes (a peer writing junk): the next call goes on.
-                return Ok(None);
-            }
+            // (Junk beyond one drain's bound is left for the next call.)
+            self.drain(sock)?;
             if !self.eof {
                 return Ok(None);
             }
@@ -176,18 +175,7 @@ impl MqLink {
     /// a bounded amount per call; notes the end of stream. Returns whether the socket is dry
     /// (or at its end).
     pub(super) fn drain(&mut self, sock: BorrowedFd<'_>) -> Result<bool, Error> {
-        let mut scratch = [0u8; 512];
-        for _ in 0..16 {
-            match sys::recv_plain(sock, &mut scratch, false) {
-                Ok(0) => self.eof = true,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => self.eof = true,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(Error::from_io(e)),
-            }
-            return Ok(true);
-        }
-        Ok(false)
+        drain_socket(sock, &mut self.eof)
     }
 
     /// A blocking call's wait: the epoll fd (if `read`), our queue for room (`space`) or the
@@ -219,7 +207,7 @@ impl MqLink {
         }
         .map_err(Error::Io)?;
         if n == 0 && !read {
-            super::ring::check_alive(sock)?;
+            check_alive(sock)?;
         }
         Ok(())
     }

@@ -10,12 +10,13 @@
 //! call sleeps in `FUTEX` mode on one bell and is woken by `FUTEX_WAKE`; it wakes up at least
 //! every [`SLICE`] to look at the socket, so a peer that died is seen within that time.
 
-use std::io::{self, IoSlice};
+use std::io::IoSlice;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::config::WaitPolicy;
+use super::link::{check_alive, drain_socket};
 use crate::shm::ring::{self, Consumer, Producer, RingError, AWAKE, FUTEX, POLL};
 use crate::shm::ring_map::{MapError, RingMap};
 use crate::sys::{self, futex, PollFd};
@@ -48,8 +49,6 @@ enum Spun {
 
 /// Empty futex slices in a row after which an idle reader sleeps in `poll` instead.
 const IDLE_SLICES: u32 = 4;
-/// Reads of the socket one drain makes at most.
-const DRAIN_READS: usize = 16;
 
 /// `armed` bits: bells this side armed in `POLL` mode and has not taken back.
 const ARMED_DATA: u32 = 1;
@@ -109,18 +108,6 @@ fn wake(mode: u32, bell: &crate::sync::AtomicU32, sock: BorrowedFd<'_>) {
         }
         _ => {}
     }
-}
-
-/// Whether the peer still holds its end of the socket: a closed (or dead) peer's end makes
-/// ours report a hang-up, while a peer that only ended its sending does not (that is end of
-/// stream for reading). [`Error::Reset`] when it is gone.
-pub(super) fn check_alive(sock: BorrowedFd<'_>) -> Result<(), Error> {
-    let mut p = [PollFd::new(sock, false, false)];
-    sys::poll(&mut p, Some(Duration::ZERO)).map_err(Error::Io)?;
-    if p[0].ready.hangup || p[0].ready.error {
-        return Err(Error::Reset);
-    }
-    Ok(())
 }
 
 impl Link {
@@ -273,21 +260,11 @@ impl Link {
     /// end of stream. Returns whether the socket is dry (or at its end); `sock_due` is cleared
     /// then.
     pub(super) fn drain(&mut self, sock: BorrowedFd<'_>) -> Result<bool, Error> {
-        let mut bells = [0u8; 512];
-        for _ in 0..DRAIN_READS {
-            match sys::recv_plain(sock, &mut bells, false) {
-                Ok(0) => self.eof = true,
-                // The peer closed with our hello or doorbell bytes unread (which is all we
-                // write on this socket): just its end, like end of stream.
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => self.eof = true,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(Error::from_io(e)),
-            }
+        let dry = drain_socket(sock, &mut self.eof)?;
+        if dry {
             self.sock_due.store(false, Ordering::Relaxed);
-            return Ok(true);
         }
-        Ok(false)
+        Ok(dry)
     }
 
     /// Whether the socket may hold news (the peer's end closed): set by every sleep that went
@@ -299,10 +276,12 @@ impl Link {
     /// Takes back the bells [`arm_poll`](Link::arm_poll) armed: a waker that took one first
     /// wrote a doorbell byte, which the next read drains.
     pub(super) fn settle(&self) {
-        let armed = self.armed.swap(0, Ordering::Relaxed);
-        if armed == 0 {
+        // (A plain load first: every read comes here, and a blocking caller never arms in
+        // poll mode, so the read-modify-write is for poll loops only.)
+        if self.armed.load(Ordering::Relaxed) == 0 {
             return;
         }
+        let armed = self.armed.swap(0, Ordering::Relaxed);
         let mut taken = false;
         if armed & ARMED_DATA != 0 {
             if let Some(inp) = &self.inp {
