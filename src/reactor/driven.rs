@@ -1,0 +1,130 @@
+//! A threadless reactor's face to its owner: one fd (an epoll set mirroring what the sources
+//! wait for, and the waker), a deadline, and a call that runs what is due without blocking.
+//!
+//! The set mirrors the sources' [`Wait`](super::Wait)s by fd number after every
+//! [`drive`](Reactor::drive): level-triggered, so an fd that stays ready keeps the owner's loop
+//! awake exactly as `poll` on it would. An fd closed by a source taken out leaves the set by
+//! itself (the kernel drops closed files from epoll sets); one whose number a new source reuses
+//! is added again because its owner changed.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::{Reactor, Scratch};
+use crate::poll::Interest;
+use crate::sync::lock;
+use crate::sys::epoll::{Ctl, Epoll};
+use crate::sys::Waker;
+
+/// Per fd number in the set: watched for reading, for writing, and by which sources.
+type Entry = (bool, bool, Vec<u64>);
+
+pub(crate) struct Driven {
+    epoll: Epoll,
+    /// What the epoll set holds now (the waker aside).
+    set: Mutex<HashMap<RawFd, Entry>>,
+    /// The working lists of `drive` (another driver meanwhile makes its own).
+    scratch: Mutex<Scratch>,
+}
+
+impl Driven {
+    pub(super) fn new(waker: &Waker) -> std::io::Result<Driven> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(Ctl::Add, waker.as_fd().as_raw_fd(), true, false)?;
+        Ok(Driven {
+            epoll,
+            set: Mutex::default(),
+            scratch: Mutex::default(),
+        })
+    }
+}
+
+impl Reactor {
+    fn driven(&self) -> &Driven {
+        self.driven
+            .as_ref()
+            .expect("only threadless reactors are driven by their owner")
+    }
+
+    /// What the owner's loop waits for: the one fd, readable when a source's fd is ready or a
+    /// source was notified; and the earliest deadline of a source (now if one is due).
+    pub(crate) fn interest(&self) -> Interest<'_> {
+        let now = Instant::now();
+        let t = self.table();
+        let mut deadline: Option<Instant> = None;
+        for (&token, e) in t.entries.iter() {
+            if t.is_running(token) {
+                continue;
+            }
+            let d = if e.due { Some(now) } else { e.wait.deadline };
+            if let Some(d) = d {
+                deadline = Some(deadline.map_or(d, |m| m.min(d)));
+            }
+        }
+        Interest::new(Some(self.driven().epoll.as_fd()), None, deadline)
+    }
+
+    /// Runs, without blocking, every source that is due: notified, past its deadline, or with
+    /// a ready fd; then mirrors what they wait for now in the set.
+    pub(crate) fn drive(&self) {
+        let d = self.driven();
+        let mut own = Scratch::default();
+        let mut shared = d.scratch.try_lock().ok();
+        let s = shared.as_deref_mut().unwrap_or(&mut own);
+        // (Zero timeout: only marks the sources whose fds are ready, and takes the wake-ups.)
+        self.poll(s, Some(Instant::now()));
+        self.run_due(s);
+        drop(shared);
+        self.mirror();
+    }
+
+    /// Whether the fd of [`interest`](Reactor::interest) is readable now (for a driver that
+    /// learns of readiness by edges, such as tokio's: after a turn, is there more?).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn ready_now(&self) -> bool {
+        self.driven().epoll.any_ready()
+    }
+
+    /// Brings the epoll set in line with what the sources wait for now.
+    fn mirror(&self) {
+        let d = self.driven();
+        let mut want: HashMap<RawFd, Entry> = HashMap::new();
+        {
+            let t = self.table();
+            for (&token, e) in t.entries.iter() {
+                for &(fd, r, w) in e.wait.fds.iter().flatten() {
+                    let x = want.entry(fd).or_insert((false, false, Vec::new()));
+                    x.0 |= r;
+                    x.1 |= w;
+                    x.2.push(token);
+                }
+            }
+        }
+        let mut set = lock(&d.set);
+        for fd in set.keys() {
+            if !want.contains_key(fd) {
+                // (Fails if the fd was closed: it left the set by itself then.)
+                let _ = d.epoll.ctl(Ctl::Remove, *fd, false, false);
+            }
+        }
+        for (fd, x) in want.iter_mut() {
+            x.2.sort_unstable();
+            match set.get(fd) {
+                Some(old) if old == x => {}
+                Some(old) if old.2 == x.2 => {
+                    if d.epoll.ctl(Ctl::Modify, *fd, x.0, x.1).is_err() {
+                        let _ = d.epoll.ctl(Ctl::Add, *fd, x.0, x.1);
+                    }
+                }
+                // New, or another source's now (the number may name another file).
+                _ => {
+                    let _ = d.epoll.ctl(Ctl::Remove, *fd, false, false);
+                    let _ = d.epoll.ctl(Ctl::Add, *fd, x.0, x.1);
+                }
+            }
+        }
+        *set = want;
+    }
+}

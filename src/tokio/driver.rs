@@ -1,0 +1,79 @@
+//! The one adapter of a threadless reactor to tokio: a task that drives it when its fd is
+//! readable or its deadline comes; and waiting for one fd (a log-in's).
+
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::Interest;
+
+use crate::reactor::Reactor;
+use crate::sys;
+
+/// The task driving a reactor; dropping it stops the task (at its next wait: a turn running on
+/// another worker finishes first).
+#[derive(Debug)]
+pub(super) struct Driver(tokio::task::JoinHandle<()>);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts the task that drives `reactor` (in the current runtime).
+pub(super) fn drive(reactor: Arc<Reactor>) -> std::io::Result<Driver> {
+    // (A copy of the fd for tokio, which it owns: the same epoll set.)
+    let own = reactor
+        .interest()
+        .read_fd()
+        .ok_or_else(|| std::io::Error::other("not a threadless reactor"))?
+        .try_clone_to_owned()?;
+    let fd = sys::tokio_fd(own, Interest::READABLE)?;
+    Ok(Driver(tokio::spawn(async move {
+        loop {
+            reactor.drive();
+            if reactor.ready_now() {
+                // More is ready (tokio reports edges, and this one came before the turn):
+                // another turn, after the runtime's other tasks had theirs.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let deadline = reactor.interest().deadline();
+            tokio::select! {
+                ready = fd.readable() => match ready {
+                    // (Cleared before the next turn: an edge after this is seen again.)
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(_) => return,
+                },
+                () = sleep_until(deadline) => {}
+            }
+        }
+    })))
+}
+
+/// Sleeps until `deadline` (for good if `None`).
+pub(super) async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits until `fd` is readable (or writable, if `write`), or `deadline`.
+pub(super) async fn ready(
+    fd: BorrowedFd<'_>,
+    write: bool,
+    deadline: Option<Instant>,
+) -> std::io::Result<()> {
+    let interest = if write {
+        Interest::READABLE | Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    };
+    let fd = sys::tokio_fd(fd.try_clone_to_owned()?, interest)?;
+    tokio::select! {
+        r = fd.ready(interest) => r.map(drop),
+        () = sleep_until(deadline) => Ok(()),
+    }
+}
