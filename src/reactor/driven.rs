@@ -18,6 +18,9 @@ use crate::sync::lock;
 use crate::sys::epoll::{Ctl, Epoll};
 use crate::sys::Waker;
 
+/// Most sources with fds that [`Reactor::drive`] runs all at each call rather than poll.
+const FEW: usize = 2;
+
 /// Per fd number in the set: watched for reading, for writing, and by which sources.
 type Entry = (bool, bool, Vec<u64>);
 
@@ -69,22 +72,48 @@ impl Reactor {
     /// Runs, without blocking, every source that is due: notified, past its deadline, or with
     /// a ready fd; then mirrors what they wait for now in the set.
     pub(crate) fn drive(&self) {
+        let _in = InDrive::enter();
         let d = self.driven();
         let mut own = Scratch::default();
         let mut shared = d.scratch.try_lock().ok();
         let s = shared.as_deref_mut().unwrap_or(&mut own);
-        // (Zero timeout: only marks the sources whose fds are ready, and takes the wake-ups.)
-        self.poll(s, Some(Instant::now()));
+        if !self.run_all_if_few() {
+            // (Zero timeout: only marks the sources whose fds are ready, and takes the
+            // wake-ups.)
+            self.poll(s, Some(Instant::now()));
+        }
         self.run_due(s);
         drop(shared);
         self.mirror();
     }
 
-    /// Whether the fd of [`interest`](Reactor::interest) is readable now (for a driver that
-    /// learns of readiness by edges, such as tokio's: after a turn, is there more?).
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) fn ready_now(&self) -> bool {
-        self.driven().epoll.any_ready()
+    /// With at most [`FEW`] sources waiting for fds, marks them all due instead of asking
+    /// which fds are ready (a turn with nothing to read costs one failed read, no more than
+    /// the `poll` it saves, and the source whose fd is ready, the usual case, reads anyway);
+    /// takes the wake-ups only if one was sent. `false`: more sources, poll them.
+    fn run_all_if_few(&self) -> bool {
+        let mut t = self.table();
+        let with_fds = t
+            .entries
+            .values()
+            .filter(|e| e.wait.fds[0].is_some())
+            .count();
+        if with_fds > FEW {
+            return false;
+        }
+        let super::Table {
+            entries, running, ..
+        } = &mut *t;
+        for (token, e) in entries.iter_mut() {
+            if e.wait.fds[0].is_some() && !running.iter().any(|(r, _)| r == token) {
+                e.due = true;
+            }
+        }
+        drop(t);
+        if self.woken.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            self.waker.drain();
+        }
+        true
     }
 
     /// Brings the epoll set in line with what the sources wait for now.
@@ -92,7 +121,10 @@ impl Reactor {
         let d = self.driven();
         let mut want: HashMap<RawFd, Entry> = HashMap::new();
         {
-            let t = self.table();
+            let mut t = self.table();
+            if !std::mem::take(&mut t.fds_changed) {
+                return;
+            }
             for (&token, e) in t.entries.iter() {
                 for &(fd, r, w) in e.wait.fds.iter().flatten() {
                     let x = want.entry(fd).or_insert((false, false, Vec::new()));
@@ -126,5 +158,30 @@ impl Reactor {
             }
         }
         *set = want;
+    }
+}
+
+thread_local! {
+    static IN_DRIVE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the calling thread runs a `drive` (which mirrors the set when its turns are done).
+pub(super) fn in_drive() -> bool {
+    IN_DRIVE.with(|c| c.get() > 0)
+}
+
+/// Marks the thread as in a `drive` while it lives.
+struct InDrive;
+
+impl InDrive {
+    fn enter() -> InDrive {
+        IN_DRIVE.with(|c| c.set(c.get() + 1));
+        InDrive
+    }
+}
+
+impl Drop for InDrive {
+    fn drop(&mut self) {
+        IN_DRIVE.with(|c| c.set(c.get() - 1));
     }
 }

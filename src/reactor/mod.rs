@@ -104,6 +104,11 @@ struct Table {
     /// rounds (a handler of the last one waits, see [`Reactor::nested_until`]), or when several
     /// threads drive a threadless reactor.
     running: Vec<(u64, ThreadId)>,
+    /// Drops waiting for a turn to end (see `turn_done`).
+    dropping: usize,
+    /// The fds some source waits for changed since a threadless reactor's set was mirrored
+    /// (a source came, went, or wants other fds).
+    fds_changed: bool,
 }
 
 impl Table {
@@ -118,6 +123,9 @@ pub(crate) struct Reactor {
     /// Signalled each time an `on_ready` returns (for drops waiting on it).
     turn_done: Condvar,
     waker: Waker,
+    /// A wake-up was sent since the waker was last drained (a threadless reactor's `drive`
+    /// drains it only then).
+    woken: std::sync::atomic::AtomicBool,
     /// The library thread, which drives this reactor for good; `None`: a threadless reactor,
     /// driven by its owner (and by the blocking calls made on its sources).
     thread: Option<ThreadId>,
@@ -155,6 +163,7 @@ fn start() -> std::io::Result<Arc<Reactor>> {
         table: Mutex::new(Table::default()),
         turn_done: Condvar::new(),
         waker,
+        woken: Default::default(),
         thread: Some(thread.thread().id()),
         driven: None,
     });
@@ -206,15 +215,22 @@ impl Reactor {
             table: Mutex::new(Table::default()),
             turn_done: Condvar::new(),
             waker,
+            woken: Default::default(),
             thread: None,
             driven: Some(driven),
         }))
     }
 
+    /// Wakes whoever waits on the reactor (its thread, or its owner's loop).
+    fn wake(&self) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.waker.wake();
+    }
+
     /// Whether a blocking call on the calling thread must run this reactor's turns itself while
     /// it waits: the reactor has no thread, or the caller is its thread (a handler waiting).
     pub(crate) fn must_drive(&self) -> bool {
-        self.thread.is_none_or(|t| t == thread::current().id())
+        self.thread.map_or(true, |t| t == thread::current().id())
     }
 
     /// Whether the reactor has a thread of its own (the library thread).
@@ -235,8 +251,9 @@ impl Reactor {
                 due: true,
             },
         );
+        t.fds_changed = true;
         drop(t);
-        self.waker.wake();
+        self.wake();
         Registration {
             reactor: self.clone(),
             token,
@@ -309,6 +326,8 @@ impl Reactor {
         match sys::poll_raw(&mut s.fds, timeout) {
             Ok(_) => {
                 if s.fds[0].ready().any() {
+                    self.woken
+                        .store(false, std::sync::atomic::Ordering::Release);
                     self.waker.drain();
                 }
                 let mut t = self.table();
@@ -353,13 +372,26 @@ impl Reactor {
         let mut t = self.table();
         let gone = match wait {
             Ok(wait) => {
+                let mut changed = false;
                 if let Some(e) = t.entries.get_mut(&token) {
+                    changed = e.wait.fds != wait.fds;
                     e.wait = wait;
+                }
+                if changed {
+                    t.fds_changed = true;
+                    // A turn outside the owner's `drive` (a blocking call's, on another
+                    // thread): the owner's loop must mirror the new fds before it waits.
+                    if self.driven.is_some() && !driven::in_drive() {
+                        self.wake();
+                    }
                 }
                 None
             }
             // A user's handler panicked: only its own source stops.
-            Err(_) => t.entries.remove(&token),
+            Err(_) => {
+                t.fds_changed = true;
+                t.entries.remove(&token)
+            }
         };
         drop(t);
         if let Some(e) = &gone {
@@ -370,8 +402,13 @@ impl Reactor {
         // the turn is marked over.
         drop(gone);
         let me = thread::current().id();
-        self.table().running.retain(|&r| r != (token, me));
-        self.turn_done.notify_all();
+        let mut t = self.table();
+        t.running.retain(|&r| r != (token, me));
+        // (Under the lock, which a drop holds from its look at `running` to its wait: no
+        // wake-up is lost. Without waiters, no system call.)
+        if t.dropping > 0 {
+            self.turn_done.notify_all();
+        }
     }
 }
 
@@ -474,7 +511,7 @@ impl Notifier {
             e.due = true;
         }
         drop(t);
-        reactor.waker.wake();
+        reactor.wake();
     }
 }
 
@@ -489,13 +526,16 @@ impl Drop for Registration {
         let me = thread::current().id();
         let mut t = self.reactor.table();
         let gone = t.entries.remove(&self.token);
+        t.fds_changed = true;
         if !t.running.contains(&(self.token, me)) {
             while t.is_running(self.token) {
+                t.dropping += 1;
                 t = self
                     .reactor
                     .turn_done
                     .wait(t)
                     .unwrap_or_else(|e| e.into_inner());
+                t.dropping -= 1;
             }
         }
         drop(t);
@@ -504,7 +544,7 @@ impl Drop for Registration {
         // The thread may be in `poll` with the source's fds: the kernel holds their files for
         // the call, so they stay open (the peer sees no end) until it returns. Wake it. (A
         // threadless reactor's owner takes the fds out of its set at its next turn.)
-        self.reactor.waker.wake();
+        self.reactor.wake();
     }
 }
 

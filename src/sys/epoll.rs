@@ -61,16 +61,6 @@ impl Epoll {
         }
         Ok(())
     }
-
-    /// Whether any fd of the set is ready now (level-triggered: nothing is consumed).
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) fn any_ready(&self) -> bool {
-        let mut ev = [libc::epoll_event { events: 0, u64: 0 }];
-        // SAFETY: the kernel writes at most `ev.len()` (1) events into `ev`, which lives
-        // across the call; a zero timeout never blocks.
-        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), ev.as_mut_ptr(), 1, 0) };
-        n > 0
-    }
 }
 
 impl AsFd for Epoll {

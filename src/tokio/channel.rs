@@ -70,42 +70,45 @@ where
         self.inner.send(msg, originating)
     }
 
-    /// Sends a request and waits for its one response, up to `timeout` ([`Error::Timeout`],
-    /// not hosing). Cancel-safe: dropped before the response, the channel stays usable and the
+    /// Sends a request (at this call, not at the first poll) and gives a future of its one
+    /// response, up to `timeout` ([`Error::Timeout`], not hosing). The future borrows only the
+    /// channel. Cancel-safe: dropped before the response, the channel stays usable and the
     /// late response is dropped quietly.
-    pub async fn request(
+    pub fn request(
         &self,
         msg: &mut MsgOut<M>,
         originating: Option<&MsgIn<M>>,
         timeout: Option<Duration>,
-    ) -> Result<MsgIn<M>, Error> {
+    ) -> impl std::future::Future<Output = Result<MsgIn<M>, Error>> + Send + '_ {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut tx = Some(tx);
-        let id = self
+        let sent = self
             .inner
             .async_request(msg, originating, Expect::OneOff, move |_, rsp| {
                 if let Some(tx) = tx.take() {
                     let _ = tx.send(rsp);
                 }
-            })?;
-        let mut guard = Abandon(&self.inner, Some(id));
-        let got = match timeout {
-            Some(t) => tokio::time::timeout(t, rx).await.ok(),
-            None => Some(rx.await),
-        };
-        match got {
-            Some(Ok(rsp)) => {
-                guard.1 = None;
-                Ok(rsp)
-            }
-            // The handler was dropped uncalled: the channel is hosed.
-            Some(Err(_)) => Err(Error::Hosed),
-            None => {
-                drop(guard);
-                if self.inner.is_hosed() {
-                    Err(Error::Hosed)
-                } else {
-                    Err(Error::Timeout)
+            });
+        async move {
+            let mut guard = Abandon(&self.inner, Some(sent?));
+            let got = match timeout {
+                Some(t) => tokio::time::timeout(t, rx).await.ok(),
+                None => Some(rx.await),
+            };
+            match got {
+                Some(Ok(rsp)) => {
+                    guard.1 = None;
+                    Ok(rsp)
+                }
+                // The handler was dropped uncalled: the channel is hosed.
+                Some(Err(_)) => Err(Error::Hosed),
+                None => {
+                    drop(guard);
+                    if self.inner.is_hosed() {
+                        Err(Error::Hosed)
+                    } else {
+                        Err(Error::Timeout)
+                    }
                 }
             }
         }

@@ -31,14 +31,13 @@ pub(super) fn drive(reactor: Arc<Reactor>) -> std::io::Result<Driver> {
         .try_clone_to_owned()?;
     let fd = sys::tokio_fd(own, Interest::READABLE)?;
     Ok(Driver(tokio::spawn(async move {
+        // Edges are enough: the reactor's set is level-triggered, and tokio sees an edge for
+        // every event that reaches it after `clear_ready` (an event on an fd of the set wakes
+        // the set's watchers even when the fd was ready already). A source that leaves
+        // something ready unread says so by asking for another turn at once (its deadline:
+        // now), which the deadline below honours.
         loop {
             reactor.drive();
-            if reactor.ready_now() {
-                // More is ready (tokio reports edges, and this one came before the turn):
-                // another turn, after the runtime's other tasks had theirs.
-                tokio::task::yield_now().await;
-                continue;
-            }
             let deadline = reactor.interest().deadline();
             tokio::select! {
                 ready = fd.readable() => match ready {

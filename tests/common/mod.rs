@@ -338,7 +338,7 @@ pub fn poll_interests(interests: &[flowipc::poll::Interest<'_>], max: Duration) 
     let ms = deadline
         .saturating_duration_since(Instant::now())
         .as_millis();
-    let t = PollTimeout::try_from(ms.min(60_000) as u16).unwrap_or(PollTimeout::MAX);
+    let t = PollTimeout::from(ms.min(60_000) as u16);
     let _ = nix::poll::poll(&mut fds, t);
 }
 
