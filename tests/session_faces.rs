@@ -386,3 +386,41 @@ fn cli_keep_alive() {
         }
     }
 }
+
+/// A sync_io server's blocking `accept` drives the server itself (no thread of the library's
+/// serves the log-in), and so does a sync_io session's blocking `open_channel`.
+#[test]
+fn blocking_calls_of_sync_io_objects_drive_them() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let config = SessionConfig::new().with_event_loop(EventLoop::SyncIo);
+    let server = SessionServer::builder(&u.srv, &u.clients)
+        .config(config.clone())
+        .build()
+        .unwrap();
+    let (cli, srv_app) = (u.cli.clone(), u.srv.clone());
+    // The client: sync_io too, on a thread of the test's, blocking calls only.
+    let client = std::thread::spawn(move || {
+        let mut c = ClientSession::new(&cli, &srv_app, |_| {}).config(config);
+        connect(&mut c, ConnectOptions::new());
+        let chan = c.open_channel(None);
+        (c, chan.map(|_| ()))
+    });
+    let mut s = server.accept(T).unwrap();
+    let (tx, rx) = mpsc::channel();
+    s.init_handlers_with_passive_open(|_| {}, move |ch, _| tx.send(ch).unwrap())
+        .unwrap();
+    // The client's opening waits for our session's turn: drive it (our own loop).
+    let end = Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        if let Ok(ch) = rx.try_recv() {
+            break ch;
+        }
+        assert!(Instant::now() < end, "the opening never came");
+        poll_interests(&[s.interest()], Duration::from_millis(100));
+        s.on_ready().unwrap();
+    };
+    let (c, opened) = client.join().unwrap();
+    opened.unwrap();
+    drop((got, s, c, server));
+}

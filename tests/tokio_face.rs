@@ -347,3 +347,49 @@ fn the_tokio_tutorial_runs() {
         assert!(text.contains(line), "no {line:?} in {text}");
     }
 }
+
+/// `accept` is cancel-safe (a session that logs in after its future was dropped waits for the
+/// next `accept`), and so is `open_channel` (dropped before the answer, the session stays
+/// usable and the next opening gets its own channel).
+#[test]
+fn accept_and_open_channel_are_cancel_safe() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    runtime().block_on(async {
+        let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+        // A dropped accept.
+        let r = tokio::time::timeout(Duration::from_millis(50), server.accept()).await;
+        assert!(r.is_err(), "nobody logged in yet");
+        let mut c = ClientSession::new(&u.cli, &u.srv, |_| {});
+        let (connected, accepted) = tokio::join!(c.connect(), server.accept());
+        connected.unwrap();
+        let mut s = accepted.unwrap();
+        // The server has no passive-open handler yet: openings wait for it.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let r = tokio::time::timeout(Duration::from_millis(50), c.open_channel(None)).await;
+        assert!(r.is_err(), "the opening waits (its future is dropped here)");
+        s.init_handlers_with_passive_open(|_| {}, move |ch, _| tx.send(ch).unwrap())
+            .unwrap();
+        let mine = c.open_channel(None).await.unwrap();
+        // The peer got both openings' ends; the abandoned one's other end is closed.
+        let mut theirs = Vec::new();
+        while theirs.len() < 2 {
+            theirs.push(rx.recv().await.unwrap());
+        }
+        let mut live = 0;
+        for mut t in theirs {
+            t.send(b"x").ok();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // (The abandoned one: the peer gone, or the send's reset before it.)
+            if matches!(t.try_recv(), Ok(None)) {
+                live += 1;
+            }
+        }
+        assert_eq!(
+            live, 1,
+            "one opening's channel lives, the abandoned one's is closed"
+        );
+        assert!(!c.is_hosed() && !s.is_hosed());
+        drop((mine, s, c, server));
+    });
+}

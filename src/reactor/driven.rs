@@ -185,3 +185,102 @@ impl Drop for InDrive {
         IN_DRIVE.with(|c| c.set(c.get() - 1));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Source, Wait};
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Reads what its socket has; waits for it to be readable.
+    struct Reader {
+        fd: OwnedFd,
+        runs: AtomicUsize,
+    }
+
+    impl Source for Reader {
+        fn on_ready(&self) -> Wait {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            let mut b = [0u8; 64];
+            while matches!(crate::sys::recv_plain(self.fd.as_fd(), &mut b, false), Ok(n) if n > 0) {
+            }
+            Wait {
+                fds: [Some((self.fd.as_raw_fd(), true, false)), None],
+                deadline: None,
+            }
+        }
+    }
+
+    fn reader() -> (UnixStream, Arc<Reader>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let r = Arc::new(Reader {
+            fd: b.into(),
+            runs: AtomicUsize::new(0),
+        });
+        (a, r)
+    }
+
+    /// Whether the owner's one fd says "call drive" within `ms`.
+    fn readable(r: &Reactor, ms: u64) -> bool {
+        let i = r.interest();
+        if i.deadline().is_some_and(|d| d <= Instant::now()) {
+            return true;
+        }
+        let fd = crate::sys::PollFd::new(i.read_fd().unwrap(), true, false);
+        crate::sys::poll(&mut [fd], Some(Duration::from_millis(ms))).unwrap() > 0
+    }
+
+    #[test]
+    fn the_one_fd_wakes_the_owner_for_a_ready_source_and_a_notification() {
+        let r = Reactor::threadless().unwrap();
+        let (mut peer, src) = reader();
+        let reg = r.register(src.clone());
+        assert!(readable(&r, 0), "a new source is due");
+        r.drive();
+        assert_eq!(src.runs.load(Ordering::SeqCst), 1);
+        assert!(!readable(&r, 20), "nothing to do");
+        peer.write_all(b"x").unwrap();
+        assert!(readable(&r, 1000), "its fd is ready");
+        r.drive();
+        assert_eq!(src.runs.load(Ordering::SeqCst), 2);
+        assert!(!readable(&r, 20), "read: nothing to do");
+        let n = reg.notifier();
+        std::thread::spawn(move || n.notify()).join().unwrap();
+        assert!(readable(&r, 1000), "notified from another thread");
+        r.drive();
+        assert_eq!(src.runs.load(Ordering::SeqCst), 3);
+        assert!(!readable(&r, 20));
+    }
+
+    #[test]
+    fn a_reused_fd_number_is_watched_for_its_new_source() {
+        let r = Reactor::threadless().unwrap();
+        // More sources than run-all handles, so that readiness comes from the set.
+        let others: Vec<_> = (0..FEW + 1).map(|_| reader()).collect();
+        let _regs: Vec<_> = others.iter().map(|(_, s)| r.register(s.clone())).collect();
+        let (peer, first) = reader();
+        let number = first.fd.as_raw_fd();
+        let reg = r.register(first);
+        r.drive();
+        drop((reg, peer)); // its fd closes
+        let (mut peer, second) = reader();
+        // (The lowest free number: the one just closed, or close to it.)
+        let reused = second.fd.as_raw_fd() == number;
+        let _reg = r.register(second.clone());
+        r.drive();
+        assert_eq!(second.runs.load(Ordering::SeqCst), 1);
+        peer.write_all(b"x").unwrap();
+        assert!(
+            readable(&r, 1000),
+            "the new source's fd is watched (reused: {reused})"
+        );
+        r.drive();
+        assert_eq!(second.runs.load(Ordering::SeqCst), 2);
+    }
+}

@@ -38,14 +38,17 @@ pub(super) fn drive(reactor: Arc<Reactor>) -> std::io::Result<Driver> {
         // now), which the deadline below honours.
         loop {
             reactor.drive();
-            let deadline = reactor.interest().deadline();
-            tokio::select! {
-                ready = fd.readable() => match ready {
-                    // (Cleared before the next turn: an edge after this is seen again.)
-                    Ok(mut guard) => guard.clear_ready(),
-                    Err(_) => return,
+            let ready = match reactor.interest().deadline() {
+                None => fd.readable().await,
+                Some(d) => tokio::select! {
+                    ready = fd.readable() => ready,
+                    () = tokio::time::sleep_until(d.into()) => continue,
                 },
-                () = sleep_until(deadline) => {}
+            };
+            match ready {
+                // (Cleared before the next turn: an edge after this is seen again.)
+                Ok(mut guard) => guard.clear_ready(),
+                Err(_) => return,
             }
         }
     })))
