@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{Reactor, Scratch};
@@ -17,6 +17,20 @@ use crate::poll::Interest;
 use crate::sync::lock;
 use crate::sys::epoll::{Ctl, Epoll};
 use crate::sys::Waker;
+
+/// A threadless reactor driven by another's turns (see [`Reactor::carry`]).
+struct Carried(Arc<Reactor>);
+
+impl super::Source for Carried {
+    fn on_ready(&self) -> super::Wait {
+        self.0.drive();
+        let i = self.0.interest();
+        super::Wait {
+            fds: [i.read_fd().map(|fd| (fd.as_raw_fd(), true, false)), None],
+            deadline: i.deadline(),
+        }
+    }
+}
 
 /// Most sources with fds that [`Reactor::drive`] runs all at each call rather than poll.
 const FEW: usize = 2;
@@ -72,7 +86,7 @@ impl Reactor {
     /// Runs, without blocking, every source that is due: notified, past its deadline, or with
     /// a ready fd; then mirrors what they wait for now in the set.
     pub(crate) fn drive(&self) {
-        let _in = InDrive::enter();
+        let _in = InDrive::enter(self);
         let d = self.driven();
         let mut own = Scratch::default();
         let mut shared = d.scratch.try_lock().ok();
@@ -114,6 +128,13 @@ impl Reactor {
             self.waker.drain();
         }
         true
+    }
+
+    /// Has this reactor drive `child` (a threadless one) while the registration lives: its one
+    /// fd and deadline become a source of this one's. For what is not handed to its owner yet
+    /// (a session a server accepted, before `accept` takes it).
+    pub(crate) fn carry(self: &Arc<Self>, child: Arc<Reactor>) -> super::Registration {
+        self.register(Arc::new(Carried(child)))
     }
 
     /// Brings the epoll set in line with what the sources wait for now.
@@ -162,27 +183,33 @@ impl Reactor {
 }
 
 thread_local! {
-    static IN_DRIVE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The reactors whose `drive` the thread runs (nested: a handler's blocking call may
+    /// drive another reactor), by address.
+    static IN_DRIVE: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Whether the calling thread runs a `drive` (which mirrors the set when its turns are done).
-pub(super) fn in_drive() -> bool {
-    IN_DRIVE.with(|c| c.get() > 0)
+/// Whether the calling thread runs a `drive` of `r` (which looks at every source again and
+/// mirrors the set when its turns are done).
+pub(super) fn in_drive(r: &Reactor) -> bool {
+    let me = r as *const Reactor as usize;
+    IN_DRIVE.with(|v| v.borrow().contains(&me))
 }
 
-/// Marks the thread as in a `drive` while it lives.
+/// Marks the thread as in a `drive` of a reactor while it lives.
 struct InDrive;
 
 impl InDrive {
-    fn enter() -> InDrive {
-        IN_DRIVE.with(|c| c.set(c.get() + 1));
+    fn enter(r: &Reactor) -> InDrive {
+        IN_DRIVE.with(|v| v.borrow_mut().push(r as *const Reactor as usize));
         InDrive
     }
 }
 
 impl Drop for InDrive {
     fn drop(&mut self) {
-        IN_DRIVE.with(|c| c.set(c.get() - 1));
+        IN_DRIVE.with(|v| {
+            v.borrow_mut().pop();
+        });
     }
 }
 
@@ -194,7 +221,6 @@ mod tests {
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::net::UnixStream;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     use std::time::Duration;
 
     /// Reads what its socket has; waits for it to be readable.

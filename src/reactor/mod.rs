@@ -223,8 +223,11 @@ impl Reactor {
 
     /// Wakes whoever waits on the reactor (its thread, or its owner's loop).
     fn wake(&self) {
-        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        // The byte first, then the flag: a `drive` that sees the flag finds the byte (one
+        // that comes between the two leaves the byte, and the readable fd brings the owner
+        // back to a drive that sees the flag; never a byte with the flag down for good).
         self.waker.wake();
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether a blocking call on the calling thread must run this reactor's turns itself while
@@ -379,11 +382,13 @@ impl Reactor {
                 }
                 if changed {
                     t.fds_changed = true;
-                    // A turn outside the owner's `drive` (a blocking call's, on another
-                    // thread): the owner's loop must mirror the new fds before it waits.
-                    if self.driven.is_some() && !driven::in_drive() {
-                        self.wake();
-                    }
+                }
+                // A threadless reactor's turn outside its owner's `drive` (a blocking call's
+                // nested round, on any thread): what the owner's loop waits on may be stale
+                // (new fds, a new deadline, a notification the owner's drive skipped while
+                // this turn ran), so it must look again.
+                if self.driven.is_some() && !driven::in_drive(self) {
+                    self.wake();
                 }
                 None
             }

@@ -374,7 +374,7 @@ impl SessionServer {
             // dispatcher, whose turn may be the one up the stack, running this handler.)
             self.shared.reactor.nested_until(
                 || {
-                    got = lock(&self.shared.queue).ready.pop_front();
+                    got = lock(&self.shared.queue).ready.pop_front().map(hand_over);
                     got.is_some() || self.shared.stop.load(Ordering::Acquire)
                 },
                 deadline,
@@ -389,7 +389,8 @@ impl SessionServer {
         loop {
             if q.waiters.is_empty() {
                 if let Some(r) = q.ready.pop_front() {
-                    return r;
+                    drop(q);
+                    return hand_over(r);
                 }
             }
             if self.shared.stop.load(Ordering::Acquire) {
@@ -431,7 +432,8 @@ impl SessionServer {
         let mut q = lock(&self.shared.queue);
         if q.waiters.is_empty() {
             if let Some(r) = q.ready.pop_front() {
-                return std::task::Poll::Ready(r);
+                drop(q);
+                return std::task::Poll::Ready(hand_over(r));
             }
         }
         if self.shared.stop.load(Ordering::Acquire) {
@@ -555,7 +557,7 @@ impl Source for Dispatcher {
             }
             if let (Some(w), Some(r)) = (q.waiters.pop_front(), q.ready.pop_front()) {
                 drop(q);
-                w(r);
+                w(hand_over(r));
             }
         }
     }
@@ -625,6 +627,9 @@ impl Source for Acceptor {
 /// usable once [`init_handlers`](ServerSession::init_handlers) is called (before it, the
 /// session's keep-alive runs and the client's channel openings wait).
 pub struct ServerSession {
+    /// Until handed over (sync_io): the server drives the session (see `Reactor::carry`).
+    /// Declared first: dropped before the session.
+    carried: Option<Registration>,
     session: Session,
     client_app: ClientApp,
     init: InitChannels,
@@ -637,8 +642,10 @@ impl ServerSession {
         client_app: ClientApp,
         init: InitChannels,
         client_metadata: Option<Metadata>,
+        carried: Option<Registration>,
     ) -> Self {
         ServerSession {
+            carried,
             session,
             client_app,
             init,
@@ -700,6 +707,17 @@ impl ServerSession {
     pub(super) fn session(&self) -> &Session {
         &self.session
     }
+
+    /// Handed over to the user: its owner drives it from now on.
+    fn taken(mut self) -> ServerSession {
+        self.carried = None;
+        self
+    }
+}
+
+/// A result handed over (see [`ServerSession::taken`]).
+fn hand_over(r: Accepted) -> Accepted {
+    r.map(ServerSession::taken)
 }
 
 impl Deref for ServerSession {

@@ -9,7 +9,7 @@ use capnp::dynamic_value;
 use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
-use super::driver::{self, Driver};
+use super::driver::Driven;
 use crate::msg::{MsgIn, MsgOut};
 use crate::reactor::Reactor;
 use crate::struc::{self, AsyncChannel, Error, Expect, MsgType, ReqId};
@@ -25,13 +25,13 @@ fn io(e: std::io::Error) -> Error {
 pub struct Channel<M: Owned> {
     inner: AsyncChannel<M>,
     reactor: Arc<Reactor>,
-    driver: std::sync::OnceLock<Driver>,
+    driven: Driven,
 }
 
 impl<M: Owned> std::fmt::Debug for Channel<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("tokio::Channel")
-            .field("started", &self.driver.get().is_some())
+            .field("inner", &self.inner)
             .finish()
     }
 }
@@ -43,20 +43,24 @@ where
 {
     /// Wraps a (not yet started) core: set expectations, then [`start`](Channel::start).
     pub fn new(core: struc::Channel<M>) -> Result<Self, Error> {
+        let reactor = Reactor::threadless().map_err(io)?;
         Ok(Channel {
             inner: AsyncChannel::new(core)?,
-            reactor: Reactor::threadless().map_err(io)?,
-            driver: std::sync::OnceLock::new(),
+            driven: Driven::new(reactor.clone()),
+            reactor,
         })
     }
 
     /// Starts receiving, in a task of the current runtime. `on_error` gets the hosing error
     /// met while receiving (at most once).
     pub fn start(&self, on_error: impl FnOnce(Error) + Send + 'static) -> Result<(), Error> {
-        self.inner.start_in(&self.reactor, on_error)?;
-        let d = driver::drive(self.reactor.clone()).map_err(io)?;
-        let _ = self.driver.set(d);
-        Ok(())
+        self.driven.ensure().map_err(io)?;
+        self.inner.start_in(&self.reactor, on_error)
+    }
+
+    /// The task driving the channel, in this runtime (again, if the one that ran it ended).
+    fn driven(&self) -> Result<(), Error> {
+        self.driven.ensure().map_err(io)
     }
 
     /// A new, empty message with the channel's backing.
@@ -82,13 +86,14 @@ where
     ) -> impl std::future::Future<Output = Result<MsgIn<M>, Error>> + Send + '_ {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut tx = Some(tx);
-        let sent = self
-            .inner
-            .async_request(msg, originating, Expect::OneOff, move |_, rsp| {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(rsp);
-                }
-            });
+        let sent = self.driven().and_then(|()| {
+            self.inner
+                .async_request(msg, originating, Expect::OneOff, move |_, rsp| {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(rsp);
+                    }
+                })
+        });
         async move {
             let mut guard = Abandon(&self.inner, Some(sent?));
             let got = match timeout {
@@ -118,6 +123,7 @@ where
     /// [`Stream`](futures_core::Stream) or with [`Messages::recv`]. One stream per type: a
     /// second replaces the first (see [`struc::Channel::expect_msgs`]).
     pub fn messages(&self, which: MsgType) -> Result<Messages<M>, Error> {
+        self.driven()?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.inner.expect_msgs(which, move |_, m| {
             let _ = tx.send(m);
@@ -138,6 +144,7 @@ where
     /// Ends sending gracefully and waits until everything sent so far and the end are
     /// written (see [`AsyncChannel::async_end_sending`]).
     pub async fn end_sending(&self) -> Result<(), Error> {
+        self.driven()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.inner.async_end_sending(move |r| {
             let _ = tx.send(r);

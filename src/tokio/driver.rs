@@ -13,7 +13,7 @@ use crate::sys;
 /// The task driving a reactor; dropping it stops the task (at its next wait: a turn running on
 /// another worker finishes first).
 #[derive(Debug)]
-pub(super) struct Driver(tokio::task::JoinHandle<()>);
+struct Driver(tokio::task::JoinHandle<()>);
 
 impl Drop for Driver {
     fn drop(&mut self) {
@@ -21,8 +21,47 @@ impl Drop for Driver {
     }
 }
 
+/// A reactor and the task that drives it. The task belongs to a runtime: if that runtime
+/// ended (its tasks went with it) while the object lives on, the next async call starts it
+/// again in the caller's runtime.
+#[derive(Debug)]
+pub(super) struct Driven {
+    reactor: Arc<Reactor>,
+    task: std::sync::Mutex<Option<Driver>>,
+}
+
+impl Driven {
+    pub(super) fn new(reactor: Arc<Reactor>) -> Driven {
+        Driven {
+            reactor,
+            task: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Has a task of the current runtime drive the reactor (one already running is kept).
+    pub(super) fn ensure(&self) -> std::io::Result<()> {
+        let mut t = crate::sync::lock(&self.task);
+        if t.as_ref().is_some_and(|d| !d.0.is_finished()) {
+            return Ok(());
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(std::io::Error::other(
+                "flowipc's tokio face is used outside a tokio runtime",
+            ));
+        }
+        *t = Some(drive(self.reactor.clone())?);
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Reactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reactor")
+    }
+}
+
 /// Starts the task that drives `reactor` (in the current runtime).
-pub(super) fn drive(reactor: Arc<Reactor>) -> std::io::Result<Driver> {
+fn drive(reactor: Arc<Reactor>) -> std::io::Result<Driver> {
     // (A copy of the fd for tokio, which it owns: the same epoll set.)
     let own = reactor
         .interest()

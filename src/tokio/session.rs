@@ -2,7 +2,7 @@
 
 use std::ops::Deref;
 
-use super::driver::{self, Driver};
+use super::driver::{self, Driven};
 use crate::session::{
     self, ClientApp, ClientApps, ConnectOptions, Error, EventLoop, Metadata, OpenOptions,
     ServerApp, Session, SessionConfig, SessionServerBuilder,
@@ -25,7 +25,7 @@ use crate::transport;
 pub struct ClientSession {
     inner: session::ClientSession,
     /// Set once connected.
-    driver: Option<Driver>,
+    driven: Option<Driven>,
 }
 
 impl ClientSession {
@@ -58,7 +58,7 @@ impl ClientSession {
         let config = Session::config(&inner).clone();
         ClientSession {
             inner: inner.config(config.with_event_loop(EventLoop::SyncIo)),
-            driver: None,
+            driven: None,
         }
     }
 
@@ -66,7 +66,7 @@ impl ClientSession {
     pub fn config(self, config: SessionConfig) -> Self {
         ClientSession {
             inner: self.inner.config(config.with_event_loop(EventLoop::SyncIo)),
-            driver: None,
+            driven: None,
         }
     }
 
@@ -101,7 +101,9 @@ impl ClientSession {
         }
         drop(guard);
         let reactor = self.inner.reactor().ok_or(Error::NotStarted)?.clone();
-        self.driver = Some(driver::drive(reactor).map_err(Error::Io)?);
+        let driven = Driven::new(reactor);
+        driven.ensure().map_err(Error::Io)?;
+        self.driven = Some(driven);
         Ok(())
     }
 
@@ -167,7 +169,7 @@ async fn open_channel(s: &Session, opts: &OpenOptions) -> Result<transport::Chan
 #[derive(Debug)]
 pub struct SessionServer {
     inner: session::SessionServer,
-    _driver: Driver,
+    driven: Driven,
 }
 
 impl SessionServer {
@@ -180,15 +182,14 @@ impl SessionServer {
     /// here).
     pub fn build(builder: SessionServerBuilder) -> Result<SessionServer, Error> {
         let inner = builder.sync_io().build()?;
-        let driver = driver::drive(inner.reactor().clone()).map_err(Error::Io)?;
-        Ok(SessionServer {
-            inner,
-            _driver: driver,
-        })
+        let driven = Driven::new(inner.reactor().clone());
+        driven.ensure().map_err(Error::Io)?;
+        Ok(SessionServer { inner, driven })
     }
 
     /// The next accepted session (or failed log-in). Cancel-safe.
     pub async fn accept(&self) -> Result<ServerSession, Error> {
+        self.driven.ensure().map_err(Error::Io)?;
         let s = std::future::poll_fn(|cx| self.inner.poll_accept(cx)).await?;
         ServerSession::new(s)
     }
@@ -204,17 +205,14 @@ impl SessionServer {
 #[derive(Debug)]
 pub struct ServerSession {
     inner: session::ServerSession,
-    _driver: Driver,
+    driven: Driven,
 }
 
 impl ServerSession {
     fn new(inner: session::ServerSession) -> Result<ServerSession, Error> {
-        let reactor = inner.reactor().ok_or(Error::NotStarted)?.clone();
-        let driver = driver::drive(reactor).map_err(Error::Io)?;
-        Ok(ServerSession {
-            inner,
-            _driver: driver,
-        })
+        let driven = Driven::new(inner.reactor().ok_or(Error::NotStarted)?.clone());
+        driven.ensure().map_err(Error::Io)?;
+        Ok(ServerSession { inner, driven })
     }
 
     /// Opens a channel (see [`Session::open_channel`]), waiting without blocking.
@@ -226,11 +224,12 @@ impl ServerSession {
         if let Some(m) = metadata {
             opts = opts.metadata(m.clone());
         }
-        open_channel(&self.inner, &opts).await
+        self.open_channel_with(&opts).await
     }
 
     /// [`open_channel`](ServerSession::open_channel) with options.
     pub async fn open_channel_with(&self, opts: &OpenOptions) -> Result<transport::Channel, Error> {
+        self.driven.ensure().map_err(Error::Io)?;
         open_channel(&self.inner, opts).await
     }
 }
