@@ -393,3 +393,99 @@ fn accept_and_open_channel_are_cancel_safe() {
         drop((mine, s, c, server));
     });
 }
+
+// ---- review12: adversarial tests ----
+
+/// A session that logged in but waits for `accept` (the server busy with the previous one) is
+/// a sync_io session nobody drives: it neither answers nor sends pings, so the client's idle
+/// timeout ends it. The library-thread face keeps such sessions alive (their master channel
+/// runs on the library thread from log-in on).
+#[test]
+fn review12_a_session_waiting_for_accept_is_kept_alive() {
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    runtime().block_on(async {
+        let ka = SessionConfig::new().with_keep_alive(Some((
+            Duration::from_millis(50),
+            Duration::from_millis(400),
+        )));
+        let server = SessionServer::build(
+            flowipc::session::SessionServer::builder(&u.srv, &u.clients).config(ka.clone()),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let mut c = ClientSession::new(&u.cli, &u.srv, move |e| {
+            let _ = tx.send(e);
+        })
+        .config(ka);
+        c.connect().await.unwrap();
+        // The server's loop accepts a while later (it served another session meanwhile).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let s = server.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let got = rx.try_recv();
+        assert!(
+            got.is_err() && !c.is_hosed(),
+            "the client's session ended while the server's waited for accept: {got:?}"
+        );
+        drop((s, c, server));
+    });
+}
+
+/// A pending `accept` polled again (each `select!` round of a loop makes a new one) adds one
+/// more waker each time to the server's list, which only a change of its queue empties: an
+/// idle server's list grows without bound.
+#[test]
+fn review12_a_pending_accept_holds_one_waker() {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::task::{Context, Wake, Waker};
+    struct Counted;
+    impl Wake for Counted {
+        fn wake(self: Arc<Self>) {}
+    }
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    runtime().block_on(async {
+        let server = SessionServer::new(&u.srv, &u.clients).unwrap();
+        let w = Arc::new(Counted);
+        let waker = Waker::from(w.clone());
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..1000 {
+            // A loop's round: a new accept future, polled once, dropped (another branch won).
+            let mut f = std::pin::pin!(server.accept());
+            assert!(f.as_mut().poll(&mut cx).is_pending());
+        }
+        drop(waker);
+        let held = Arc::strong_count(&w) - 1;
+        assert!(held <= 1, "the server holds {held} wakers of one idle task");
+        drop(server);
+    });
+}
+
+/// The runtime that started a channel's task shuts down while the channel lives on (a second
+/// runtime uses it, as tests and `block_on` wrappers do): the channel is no longer driven,
+/// and says nothing of it: a request times out (or, without a timeout, waits for good) though
+/// the peer answers.
+#[test]
+fn review12_a_channel_whose_runtime_ended_says_so() {
+    let first = runtime();
+    let (client, server) = first.block_on(async {
+        let (client, server) = pair();
+        client.start(|_| {}).unwrap();
+        (client, server)
+    });
+    drop(first);
+    runtime().block_on(async {
+        answer_sums(&server);
+        server.start(|_| {}).unwrap();
+        let mut req = sum_request(&client, &[1, 2], 1);
+        let r = client
+            .request(&mut req, None, Some(Duration::from_millis(1000)))
+            .await;
+        assert!(
+            !matches!(r, Err(struc::Error::Timeout)),
+            "the peer answered; the client's task went with its runtime: {r:?}"
+        );
+    });
+}

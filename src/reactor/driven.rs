@@ -309,4 +309,258 @@ mod tests {
         r.drive();
         assert_eq!(second.runs.load(Ordering::SeqCst), 2);
     }
+
+    // ---- review12: adversarial tests ----
+
+    /// The fd, polled for `ms` as an owner's loop that computed its interest earlier sleeps on
+    /// it (that interest had no deadline).
+    fn fd_readable(r: &Reactor, ms: u64) -> bool {
+        let i = r.interest();
+        let fd = crate::sys::PollFd::new(i.read_fd().unwrap(), true, false);
+        crate::sys::poll(&mut [fd], Some(Duration::from_millis(ms))).unwrap() > 0
+    }
+
+    /// Its second turn runs on another thread (a blocking call's nested round) and is held
+    /// there until released; it then says `then`.
+    struct Held {
+        runs: AtomicUsize,
+        entered: std::sync::mpsc::SyncSender<()>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+        then: Wait,
+    }
+
+    impl Source for Held {
+        fn on_ready(&self) -> Wait {
+            let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == 2 {
+                self.entered.send(()).unwrap();
+                let _ = crate::sync::lock(&self.release).recv();
+                return self.then;
+            }
+            Wait::idle()
+        }
+    }
+
+    /// A turn of `src` on another thread, inside a nested round (as a blocking call made off
+    /// the owner's thread runs it), held until `release` is sent. Returns the thread.
+    fn turn_elsewhere(
+        r: &Arc<Reactor>,
+        src: &Arc<Held>,
+        n: super::super::Notifier,
+    ) -> std::thread::JoinHandle<bool> {
+        let (r, s) = (r.clone(), src.clone());
+        std::thread::spawn(move || {
+            n.notify();
+            r.nested_until(
+                || s.runs.load(Ordering::SeqCst) >= 2,
+                Some(Instant::now() + Duration::from_secs(10)),
+            )
+        })
+    }
+
+    fn held(
+        then: Wait,
+    ) -> (
+        Arc<Held>,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (etx, erx) = std::sync::mpsc::sync_channel(1);
+        let (rtx, rrx) = std::sync::mpsc::channel();
+        let src = Arc::new(Held {
+            runs: AtomicUsize::new(0),
+            entered: etx,
+            release: Mutex::new(rrx),
+            then,
+        });
+        (src, erx, rtx)
+    }
+
+    /// A source notified while its turn runs on another thread (a blocking call's nested
+    /// round): the owner's `drive` meanwhile takes the wake-up but skips the running source,
+    /// and its interest leaves it out; when the turn ends the source is due, and the owner
+    /// must hear of it.
+    #[test]
+    fn review12_a_notification_during_a_turn_on_another_thread_wakes_the_owner() {
+        let r = Reactor::threadless().unwrap();
+        let (src, entered, release) = held(Wait::idle());
+        let reg = r.register(src.clone());
+        r.drive();
+        assert!(!readable(&r, 0));
+        let b = turn_elsewhere(&r, &src, reg.notifier());
+        entered.recv().unwrap();
+        // Meanwhile: a send queued bytes, say, and notifies the source.
+        reg.notify();
+        // The owner's loop wakes, drives (the source runs elsewhere: skipped), and sleeps on
+        // its interest (the running source is not in it).
+        r.drive();
+        assert!(r.interest().deadline().is_none(), "precondition");
+        release.send(()).unwrap();
+        assert!(b.join().unwrap());
+        assert!(
+            fd_readable(&r, 1000),
+            "the source is due (notified during its turn) but its owner sleeps"
+        );
+    }
+
+    /// The same with a deadline: a turn on another thread that sets a timer (a keep-alive ping)
+    /// which the owner's interest, computed while the turn ran, does not have.
+    #[test]
+    fn review12_a_timer_set_by_a_turn_on_another_thread_reaches_the_owner() {
+        let r = Reactor::threadless().unwrap();
+        let (src, entered, release) = held(Wait {
+            fds: [None, None],
+            deadline: Some(Instant::now() + Duration::from_millis(300)),
+        });
+        let reg = r.register(src.clone());
+        r.drive();
+        let b = turn_elsewhere(&r, &src, reg.notifier());
+        entered.recv().unwrap();
+        r.drive();
+        let owners = r.interest().deadline();
+        assert!(
+            owners.is_none(),
+            "precondition: the owner sleeps without a deadline"
+        );
+        release.send(()).unwrap();
+        assert!(b.join().unwrap());
+        assert!(
+            fd_readable(&r, 1500),
+            "the source's timer is due within 300 ms; its owner sleeps past it"
+        );
+    }
+
+    /// Y's source: idle, then asks for another turn at once, then waits for its socket.
+    struct Steps {
+        fd: OwnedFd,
+        runs: AtomicUsize,
+    }
+
+    impl Source for Steps {
+        fn on_ready(&self) -> Wait {
+            let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+            let mut b = [0u8; 64];
+            while matches!(crate::sys::recv_plain(self.fd.as_fd(), &mut b, false), Ok(n) if n > 0) {
+            }
+            match n {
+                1 => Wait::idle(),
+                2 => Wait::again(),
+                _ => Wait {
+                    fds: [Some((self.fd.as_raw_fd(), true, false)), None],
+                    deadline: None,
+                },
+            }
+        }
+    }
+
+    /// X's source: a handler making a blocking call on Y (which drives Y in a nested round).
+    struct Nest {
+        y: Arc<Reactor>,
+        n: super::super::Notifier,
+        steps: Arc<Steps>,
+    }
+
+    impl Source for Nest {
+        fn on_ready(&self) -> Wait {
+            self.n.notify();
+            let s = self.steps.clone();
+            self.y.nested_until(
+                || s.runs.load(Ordering::SeqCst) >= 3,
+                Some(Instant::now() + Duration::from_secs(10)),
+            );
+            Wait::idle()
+        }
+    }
+
+    /// A handler of reactor X (run in X's `drive`) makes a blocking call on threadless reactor
+    /// Y, whose nested round runs a turn of Y's source that changes its fds: Y's owner must
+    /// mirror them. `in_drive` is per thread, not per reactor: Y's turn thinks it runs in Y's
+    /// drive, does not wake Y's owner, and X's drive mirrors X only.
+    #[test]
+    fn review12_a_nested_round_of_another_reactor_inside_a_drive_is_mirrored() {
+        let x = Reactor::threadless().unwrap();
+        let y = Reactor::threadless().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let steps = Arc::new(Steps {
+            fd: b.into(),
+            runs: AtomicUsize::new(0),
+        });
+        let yreg = y.register(steps.clone());
+        y.drive();
+        assert!(!readable(&y, 0));
+        let _xreg = x.register(Arc::new(Nest {
+            y: y.clone(),
+            n: yreg.notifier(),
+            steps: steps.clone(),
+        }));
+        x.drive();
+        assert_eq!(steps.runs.load(Ordering::SeqCst), 3, "Y's turns ran nested");
+        (&a).write_all(b"x").unwrap();
+        assert!(
+            readable(&y, 1000),
+            "Y's source waits for its socket, which is readable; Y's one fd does not say so"
+        );
+    }
+
+    /// No fds: runs when notified.
+    struct Idle(AtomicUsize);
+    impl Source for Idle {
+        fn on_ready(&self) -> Wait {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Wait::idle()
+        }
+    }
+
+    /// A notification racing a `drive` (few sources: the waker is drained only when `woken`):
+    /// `wake` sets `woken` before it writes, so a drive between the two takes the flag and
+    /// drains nothing; the byte then stays with `woken` false, and every later drive leaves it:
+    /// the one fd stays readable with nothing to do (a poll loop spins) until the next wake-up.
+    #[test]
+    fn review12_a_wake_up_racing_a_drive_is_not_left_behind() {
+        let r = Reactor::threadless().unwrap();
+        let src = Arc::new(Idle(AtomicUsize::new(0)));
+        let reg = r.register(src.clone());
+        r.drive();
+        let n = reg.notifier();
+        let go = Arc::new(std::sync::Barrier::new(2));
+        let g = go.clone();
+        let rounds = 300_000;
+        let t = std::thread::spawn(move || {
+            for _ in 0..rounds {
+                g.wait();
+                n.notify();
+                g.wait();
+            }
+        });
+        let mut stuck = 0;
+        let started = Instant::now();
+        for i in 0..rounds {
+            go.wait();
+            r.drive();
+            go.wait();
+            r.drive(); // takes the wake-up if the first drive did not
+            if readable(&r, 0) {
+                stuck = i + 1;
+                // Let the notifier finish.
+                for _ in i + 1..rounds {
+                    go.wait();
+                    go.wait();
+                }
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(2) {
+                for _ in i + 1..rounds {
+                    go.wait();
+                    go.wait();
+                }
+                break;
+            }
+        }
+        t.join().unwrap();
+        assert_eq!(
+            stuck, 0,
+            "round {stuck}: the one fd is readable with nothing due"
+        );
+    }
 }

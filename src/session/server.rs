@@ -439,8 +439,13 @@ impl SessionServer {
         if self.shared.stop.load(Ordering::Acquire) {
             return std::task::Poll::Ready(Err(Error::Aborted));
         }
-        // (Under the queue's lock: a change after this look wakes the task.)
-        lock(&self.shared.wakers).push(cx.waker().clone());
+        // (Under the queue's lock: a change after this look wakes the task. One entry per
+        // task: a pending accept polled again, or a new one of the same task, is not added
+        // twice.)
+        let mut wakers = lock(&self.shared.wakers);
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
         std::task::Poll::Pending
     }
 
