@@ -406,8 +406,8 @@ fn review12_a_session_waiting_for_accept_is_kept_alive() {
     let u = universe(&dir.0);
     runtime().block_on(async {
         let ka = SessionConfig::new().with_keep_alive(Some((
-            Duration::from_millis(50),
-            Duration::from_millis(400),
+            Duration::from_millis(100),
+            Duration::from_millis(2000),
         )));
         let server = SessionServer::build(
             flowipc::session::SessionServer::builder(&u.srv, &u.clients).config(ka.clone()),
@@ -420,7 +420,7 @@ fn review12_a_session_waiting_for_accept_is_kept_alive() {
         .config(ka);
         c.connect().await.unwrap();
         // The server's loop accepts a while later (it served another session meanwhile).
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_millis(3000)).await;
         let s = server.accept().await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let got = rx.try_recv();
@@ -488,4 +488,28 @@ fn review12_a_channel_whose_runtime_ended_says_so() {
             "the peer answered; the client's task went with its runtime: {r:?}"
         );
     });
+}
+
+/// Starting a tokio object outside a runtime (or on one built without `enable_io`) is a
+/// usage error the call can return; it panics inside tokio instead.
+#[test]
+fn review12_starting_outside_a_runtime_is_an_error_not_a_panic() {
+    let (client, _server) = pair();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| client.start(|_| {})));
+    assert!(
+        matches!(r, Ok(Err(_))),
+        "Channel::start outside a runtime panicked"
+    );
+    let no_io = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let (client, _server) = no_io.block_on(async { pair() });
+    let r = no_io.block_on(async {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| client.start(|_| {})))
+    });
+    assert!(
+        matches!(r, Ok(Err(_))),
+        "Channel::start on a runtime without IO panicked"
+    );
 }

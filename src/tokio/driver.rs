@@ -3,7 +3,7 @@
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 
@@ -49,7 +49,22 @@ impl Driven {
                 "flowipc's tokio face is used outside a tokio runtime",
             ));
         }
-        *t = Some(drive(self.reactor.clone())?);
+        // A runtime built without its timer panics at the first timer: ask now, and say so.
+        let timers = std::panic::catch_unwind(|| drop(tokio::time::sleep(Duration::ZERO)));
+        if timers.is_err() {
+            return Err(std::io::Error::other(
+                "flowipc's tokio face needs the runtime's timers (enable_time or enable_all)",
+            ));
+        }
+        // (Registering the fd panics likewise without the IO driver.)
+        let task =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drive(self.reactor.clone())))
+                .map_err(|_| {
+                    std::io::Error::other(
+                "flowipc's tokio face needs the runtime's IO driver (enable_io or enable_all)",
+            )
+                })??;
+        *t = Some(task);
         Ok(())
     }
 }
