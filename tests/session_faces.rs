@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -18,24 +17,12 @@ use flowipc::session::{
     ClientSession, ConnectOptions, Error, EventLoop, SessionConfig, SessionServer,
 };
 use flowipc::struc::{self, Expect, MsgType};
-use flowipc::transport::{self, ChannelKind};
+use flowipc::transport;
 
 type Cool = struc::Channel<cool_msg::Owned>;
-const KIND_ENV: &str = "FLOWIPC_TEST_KIND";
-const KINDS: [(&str, ChannelKind); 3] = [
-    ("socket", ChannelKind::SocketStream),
-    ("shm_queue", ChannelKind::ShmQueue),
-    ("posix_mq", ChannelKind::PosixMq),
-];
 
 fn ty(name: &str) -> MsgType {
     MsgType::of::<cool_msg::Owned>(name).unwrap()
-}
-
-/// The kind the parent gave this child.
-fn env_kind() -> ChannelKind {
-    let k = std::env::var(KIND_ENV).expect("kind in the environment");
-    KINDS.iter().find(|(n, _)| *n == k).expect("known kind").1
 }
 
 fn sync_io_config() -> SessionConfig {
@@ -68,35 +55,7 @@ fn child_entry() {
 /// channel kind.
 #[test]
 fn a_whole_session_life_in_one_poll_loop_per_process() {
-    for (name, _) in KINDS {
-        let dir = RunDir::new();
-        let mut env = dir.env().to_vec();
-        env.push((KIND_ENV, std::ffi::OsStr::new(name)));
-        let mut srv = spawn_env("srv_sync_io", &env);
-        assert_eq!(recv_u64(&mut srv.sock), 1, "{name}: server ready");
-        let mut cli = spawn_env("cli_sync_io", &env);
-        let mut b = [0u8; 8];
-        if cli.sock.read_exact(&mut b).is_err() {
-            panic!("{name}: client failed: {:?}", cli.child.wait());
-        }
-        assert_eq!(
-            u64::from_le_bytes(b),
-            2,
-            "{name}: client done, no thread started"
-        );
-        // The client dies without a word: the server's loop learns it, once.
-        cli.child.kill().unwrap();
-        cli.child.wait().unwrap();
-        if srv.sock.read_exact(&mut b).is_err() {
-            panic!("{name}: server failed: {:?}", srv.child.wait());
-        }
-        assert_eq!(
-            u64::from_le_bytes(b),
-            3,
-            "{name}: server saw the death once"
-        );
-        wait_ok(srv);
-    }
+    life_over_every_kind("srv_sync_io", "cli_sync_io");
 }
 
 fn srv_sync_io() {

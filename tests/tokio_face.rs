@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -15,24 +14,16 @@ use flowipc::schemas::test_msgs_capnp::cool_msg;
 use flowipc::session::{Error, SessionConfig};
 use flowipc::struc::{self, MsgType};
 use flowipc::tokio::{Channel, ClientSession, SessionServer};
-use flowipc::transport::{self, ChannelConfig, ChannelKind};
+use flowipc::transport::{self, ChannelConfig};
 
 type M = cool_msg::Owned;
-const KIND_ENV: &str = "FLOWIPC_TEST_KIND";
-const KINDS: [(&str, ChannelKind); 3] = [
-    ("socket", ChannelKind::SocketStream),
-    ("shm_queue", ChannelKind::ShmQueue),
-    ("posix_mq", ChannelKind::PosixMq),
-];
 
 fn ty(name: &str) -> MsgType {
     MsgType::of::<M>(name).unwrap()
 }
 
 fn config() -> SessionConfig {
-    let k = std::env::var(KIND_ENV).expect("kind in the environment");
-    let kind = KINDS.iter().find(|(n, _)| *n == k).expect("known kind").1;
-    SessionConfig::new().with_channel_kind(kind)
+    SessionConfig::new().with_channel_kind(env_kind())
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -90,26 +81,7 @@ fn child_entry() {
 /// end seen once by the server; neither process starts a thread.
 #[test]
 fn a_tokio_session_across_processes() {
-    for (name, _) in KINDS {
-        let dir = RunDir::new();
-        let mut env = dir.env().to_vec();
-        env.push((KIND_ENV, std::ffi::OsStr::new(name)));
-        let mut srv = spawn_env("srv_tokio", &env);
-        assert_eq!(recv_u64(&mut srv.sock), 1, "{name}: server ready");
-        let mut cli = spawn_env("cli_tokio", &env);
-        let mut b = [0u8; 8];
-        if cli.sock.read_exact(&mut b).is_err() {
-            panic!("{name}: client failed: {:?}", cli.child.wait());
-        }
-        assert_eq!(u64::from_le_bytes(b), 2, "{name}: client done");
-        cli.child.kill().unwrap();
-        cli.child.wait().unwrap();
-        if srv.sock.read_exact(&mut b).is_err() {
-            panic!("{name}: server failed: {:?}", srv.child.wait());
-        }
-        assert_eq!(u64::from_le_bytes(b), 3, "{name}: server saw the end once");
-        wait_ok(srv);
-    }
+    life_over_every_kind("srv_tokio", "cli_tokio");
 }
 
 async fn srv_tokio() {

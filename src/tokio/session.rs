@@ -112,11 +112,7 @@ impl ClientSession {
         &self,
         metadata: Option<&Metadata>,
     ) -> Result<transport::Channel, Error> {
-        let mut opts = OpenOptions::new();
-        if let Some(m) = metadata {
-            opts = opts.metadata(m.clone());
-        }
-        open_channel(&self.inner, &opts).await
+        self.open_channel_with(&with_metadata(metadata)).await
     }
 
     /// [`open_channel`](ClientSession::open_channel) with options.
@@ -134,6 +130,14 @@ impl Deref for ClientSession {
     type Target = Session;
     fn deref(&self) -> &Session {
         &self.inner
+    }
+}
+
+/// Options of an opening with `metadata` (the rest as the session says).
+fn with_metadata(metadata: Option<&Metadata>) -> OpenOptions {
+    match metadata {
+        Some(m) => OpenOptions::new().metadata(m.clone()),
+        None => OpenOptions::new(),
     }
 }
 
@@ -220,11 +224,7 @@ impl ServerSession {
         &self,
         metadata: Option<&Metadata>,
     ) -> Result<transport::Channel, Error> {
-        let mut opts = OpenOptions::new();
-        if let Some(m) = metadata {
-            opts = opts.metadata(m.clone());
-        }
-        self.open_channel_with(&opts).await
+        self.open_channel_with(&with_metadata(metadata)).await
     }
 
     /// [`open_channel`](ServerSession::open_channel) with options.
