@@ -140,6 +140,9 @@ impl Reactor {
     /// Brings the epoll set in line with what the sources wait for now.
     fn mirror(&self) {
         let d = self.driven();
+        // The set's lock first, then the table's: two drivers mirror one after the other, the
+        // later with the later table (never an older one over a newer).
+        let mut set = lock(&d.set);
         let mut want: HashMap<RawFd, Entry> = HashMap::new();
         {
             let mut t = self.table();
@@ -155,7 +158,6 @@ impl Reactor {
                 }
             }
         }
-        let mut set = lock(&d.set);
         for fd in set.keys() {
             if !want.contains_key(fd) {
                 // (Fails if the fd was closed: it left the set by itself then.)

@@ -94,11 +94,14 @@ where
                     }
                 })
         });
+        // (Made here, not in the future: a future dropped unpolled abandons the request too.)
+        let guard = sent.map(|id| Abandon(&self.inner, Some(id)));
         async move {
-            let mut guard = Abandon(&self.inner, Some(sent?));
+            let mut guard = guard?;
+            let mut rx = rx;
             let got = match timeout {
-                Some(t) => tokio::time::timeout(t, rx).await.ok(),
-                None => Some(rx.await),
+                Some(t) => tokio::time::timeout(t, &mut rx).await.ok(),
+                None => Some((&mut rx).await),
             };
             match got {
                 Some(Ok(rsp)) => {
@@ -109,6 +112,10 @@ where
                 Some(Err(_)) => Err(Error::Hosed),
                 None => {
                     drop(guard);
+                    // It may have come between the timeout and the abandon.
+                    if let Ok(rsp) = rx.try_recv() {
+                        return Ok(rsp);
+                    }
                     if self.inner.is_hosed() {
                         Err(Error::Hosed)
                     } else {
