@@ -50,6 +50,8 @@ pub mod struc;
 mod sync;
 #[cfg(not(flowipc_loom))]
 mod sys;
+#[cfg(all(feature = "tokio", not(flowipc_loom)))]
+pub mod tokio;
 #[cfg(not(flowipc_loom))]
 pub mod transport;
 

@@ -118,6 +118,9 @@ pub struct Client {
     spin_seq: u64,
     /// Messages the client builds go here (see [`Client::sink`]).
     pub sink: MsgChannel<body::Owned>,
+    /// A structured channel like `struc_shm` (the same server), not started: for a face to
+    /// take (`benches/faces.rs`).
+    pub struc_spare: Option<struc::Channel<cool_msg::Owned>>,
     server: Child,
 }
 
@@ -147,6 +150,7 @@ pub fn serve_if_peer() {
     let shm_queue = connect();
     let spin = connect();
     let sink = connect();
+    let spare = connect();
     let arena = Arena::create(ArenaConfig::new()).expect("arena");
     let small = Arena::create(ArenaConfig::new().pool_size(16 << 20)).expect("arena");
     let mut threads = vec![
@@ -179,8 +183,12 @@ pub fn serve_if_peer() {
         std::thread::spawn(move || serve_raw(raw)),
         std::thread::spawn(move || serve_msgs(shm, Backing::Shm(arena))),
         std::thread::spawn(move || serve_msgs(heap, Backing::Heap)),
-        std::thread::spawn(move || serve_struc(struc_shm, Backing::Shm(small))),
+        std::thread::spawn({
+            let small = small.clone();
+            move || serve_struc(struc_shm, Backing::Shm(small))
+        }),
         std::thread::spawn(move || serve_struc(struc_heap, Backing::Heap)),
+        std::thread::spawn(move || serve_struc(spare, Backing::Shm(small))),
         std::thread::spawn(move || serve_sink(sink)),
     ]);
     for t in threads {
@@ -359,6 +367,7 @@ pub fn start() -> Client {
     let shm_queue = accept();
     let spin_sock = accept();
     let sink = accept();
+    let spare = accept();
     let arena = Arena::create(ArenaConfig::new().pool_size(64 << 20)).expect("arena");
     let chan = |s, cfg| Channel::from_stream(s, cfg).expect("channel");
     let structured = |s, backing, cfg| {
@@ -390,11 +399,15 @@ pub fn start() -> Client {
                 shm_queue,
                 kind_config(ChannelKind::ShmQueue, WaitPolicy::default()),
             ),
-            Backing::Shm(arena),
+            Backing::Shm(arena.clone()),
         ),
         spin,
         spin_seq: 0,
         sink: MsgChannel::new(chan(sink, config()), Backing::Heap),
+        struc_spare: Some(
+            struc::Channel::new(chan(spare, config()), Backing::Shm(arena.clone()))
+                .expect("struc channel"),
+        ),
         server,
     }
 }

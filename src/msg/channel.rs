@@ -148,6 +148,11 @@ impl<M: Owned> MsgChannel<M> {
         &mut self.chan
     }
 
+    /// [`channel`](MsgChannel::channel), to read.
+    pub(crate) fn channel_ref(&self) -> &Channel {
+        &self.chan
+    }
+
     /// Whether a hosing error has been reported.
     pub fn is_hosed(&self) -> bool {
         self.hosing.is_hosed()

@@ -110,13 +110,14 @@ mod login;
 mod metadata;
 mod proto;
 mod server;
+mod sync_io;
 
 /// What a session's channels are made of: the transport's kinds (both sides must agree).
 pub use crate::transport::{ChannelKind, WaitPolicy};
 pub use app::{default_run_dir, App, ClientApp, ClientApps, Permissions, ServerApp};
 pub use client::{ClientSession, ConnectOptions};
-pub use config::{SessionConfig, ShmKind};
-pub use core::{InitChannels, Scope, Session};
+pub use config::{EventLoop, SessionConfig, ShmKind};
+pub use core::{InitChannels, OpenOptions, Scope, Session};
 pub use error::{Error, Rejection};
 pub use metadata::{Metadata, MAX_METADATA};
 pub use server::{

@@ -2,7 +2,7 @@
 //! receives and runs the handlers, one turn of the core at a time; every method may be called
 //! from any thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,7 @@ use capnp::traits::Owned;
 use super::{Channel, Error, Expect, MsgType, ReqId};
 use crate::msg::{MsgIn, MsgOut};
 use crate::poll::Pollable;
-use crate::reactor::{self, Registration, Source, Wait};
+use crate::reactor::{self, Reactor, Registration, Source, Wait};
 use crate::sync::lock;
 
 type Done = Box<dyn FnOnce(Result<(), Error>) + Send>;
@@ -26,9 +26,9 @@ struct Shared<M: Owned> {
     stop: AtomicBool,
     /// The channel is hosed and its error handled: its turns only complete end-sending.
     dead: AtomicBool,
-    /// A turn holds the core's lock (set and cleared by the library thread only): a call
-    /// from that thread now comes from one of the channel's handlers.
-    in_turn: AtomicBool,
+    /// A turn holds the core's lock: the [`reactor::thread_tag`] of the thread running it
+    /// (0: none). A call from that thread now comes from one of the channel's handlers.
+    in_turn: AtomicU64,
     /// A hosing error met on the library thread, for the user's `on_error`, which runs after
     /// the core is unlocked (so that it may call this channel). Shared with the core's own
     /// `on_error` (not the whole `Shared`: the core is in it, and a cycle would never be freed).
@@ -106,7 +106,7 @@ where
                 ending: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
                 dead: AtomicBool::new(false),
-                in_turn: AtomicBool::new(false),
+                in_turn: AtomicU64::new(0),
                 error: Arc::new(Mutex::new(None)),
                 on_error: Mutex::new(None),
             }),
@@ -117,7 +117,7 @@ where
     /// The core, locked; [`Error::InOwnHandler`] if the caller is one of this channel's
     /// handlers, whose turn holds the lock already (waiting for it would never end).
     fn try_core(&self) -> Result<MutexGuard<'_, Channel<M>>, Error> {
-        if self.shared.in_turn.load(Ordering::Relaxed) && reactor::on_reactor_thread() {
+        if self.shared.in_turn.load(Ordering::Relaxed) == reactor::thread_tag() {
             return Err(Error::InOwnHandler);
         }
         Ok(lock(&self.shared.core))
@@ -160,7 +160,15 @@ where
     /// channel). `on_error` gets the hosing error met while receiving (one met by a call is
     /// returned by it instead): at most once.
     pub fn start(&self, on_error: impl FnOnce(Error) + Send + 'static) -> Result<(), Error> {
-        let reactor = reactor::get().map_err(io)?;
+        self.start_in(&reactor::get().map_err(io)?, on_error)
+    }
+
+    /// [`start`](Self::start) on `reactor` (a threadless one: its owner drives the channel).
+    pub(crate) fn start_in(
+        &self,
+        reactor: &std::sync::Arc<Reactor>,
+        on_error: impl FnOnce(Error) + Send + 'static,
+    ) -> Result<(), Error> {
         let slot = self.shared.error.clone();
         // The core's own start refuses a second one (AlreadyStarted).
         self.core().start(move |e| *lock(&slot) = Some(e))?;
@@ -201,12 +209,14 @@ where
                 let _ = tx.try_send(rsp);
             })
         })?;
-        let got = if reactor::on_reactor_thread() {
-            // From a handler of another channel: the library thread runs the other channels
-            // (this one included) while this waits.
+        let reactor = self.reg.get().map(|r| r.reactor());
+        let got = if let Some(reactor) = reactor.filter(|r| r.must_drive()) {
+            // From a handler of another channel (on the library thread), or on a threadless
+            // reactor: this thread runs the reactor's other sources (this channel included)
+            // while it waits.
             let deadline = timeout.map(|t| Instant::now() + t);
             let mut got = Err(true);
-            reactor::nested_until(
+            reactor.nested_until(
                 || match rx.try_recv() {
                     Ok(rsp) => {
                         got = Ok(rsp);
@@ -335,19 +345,30 @@ where
     }
 }
 
+impl<M: Owned> AsyncChannel<M> {
+    /// Stops waiting for `req`'s responses: a late one is dropped quietly (as a timed-out
+    /// `sync_request`'s is). (Not from one of the channel's own handlers: nothing is done.)
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn abandon_request_any(&self, req: ReqId) {
+        if self.shared.in_turn.load(Ordering::Relaxed) != reactor::thread_tag() {
+            lock(&self.shared.core).abandon_request(req);
+        }
+    }
+}
+
 /// Marks a turn holding the core; unmarks when dropped (a panicking handler included).
-struct InTurn<'a>(&'a AtomicBool);
+struct InTurn<'a>(&'a AtomicU64);
 
 impl<'a> InTurn<'a> {
-    fn enter(flag: &'a AtomicBool) -> Self {
-        flag.store(true, Ordering::Relaxed);
+    fn enter(flag: &'a AtomicU64) -> Self {
+        flag.store(reactor::thread_tag(), Ordering::Relaxed);
         InTurn(flag)
     }
 }
 
 impl Drop for InTurn<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
+        self.0.store(0, Ordering::Relaxed);
     }
 }
 

@@ -188,6 +188,9 @@ where
     pub fn unset_remote_unexpected_response_handler(&mut self) {
         self.on_remote_unexpected = None;
     }
+}
+
+impl<M: Owned> Channel<M> {
     /// Stops expecting responses to `req` like
     /// [`undo_expect_responses`](Channel::undo_expect_responses), and drops any that still
     /// arrive quietly (for a request whose waiter gave up: not unexpected responses).

@@ -260,12 +260,25 @@ where
         }
     }
 
-    /// [`process_ready`](Channel::process_ready) for a caller that handles a hosing error
-    /// itself: it is returned (once; `Hosed` after), not handed to `on_error`.
-    pub(crate) fn process_ready_returning(&mut self) -> Result<(), Error> {
+    /// Its transport's keep-alive: `(auto_ping, idle_timeout)` (see
+    /// [`transport::Channel::keep_alive`]).
+    pub fn keep_alive(&self) -> (Option<Duration>, Option<Duration>) {
+        self.msgs.channel_ref().keep_alive()
+    }
+
+    /// Changes its transport's keep-alive (see [`transport::Channel::set_keep_alive`]): a
+    /// peer silent for `idle_timeout` then hoses the channel with the transport's
+    /// [`IdleTimeout`](transport::Error::IdleTimeout), reported once.
+    pub fn set_keep_alive(&mut self, auto_ping: Option<Duration>, idle_timeout: Option<Duration>) {
+        self.msgs.channel().set_keep_alive(auto_ping, idle_timeout)
+    }
+
+    /// Receives and dispatches the next event that has arrived, if any, without waiting:
+    /// `Ok(false)` if none had (for callers that look for what an event brought after each
+    /// one, before reading on to a close behind it). Hosing errors are returned (not given to `on_error`).
+    pub(crate) fn step_ready(&mut self) -> Result<bool, Error> {
         self.check_started()?;
-        while self.step(Some(Duration::ZERO))? {}
-        Ok(())
+        self.step(Some(Duration::ZERO))
     }
 
     /// Waits for and handles messages for `duration` (a blocking user's event loop).

@@ -193,6 +193,24 @@ impl Channel {
         &self.cfg
     }
 
+    /// The keep-alive now: `(auto_ping, idle_timeout)` (see
+    /// [`ChannelConfig::with_auto_ping`] and [`ChannelConfig::with_idle_timeout`]).
+    pub fn keep_alive(&self) -> (Option<Duration>, Option<Duration>) {
+        (self.cfg.auto_ping, self.cfg.idle_timeout)
+    }
+
+    /// Changes the keep-alive (`None`: off). Both periods count from this call: the first ping
+    /// goes out `auto_ping` from now if nothing is sent meanwhile, and the idle timeout needs
+    /// `idle_timeout` of silence from now. A poll loop should ask for the
+    /// [`interest`](crate::poll::Pollable::interest) again (its deadline moved).
+    pub fn set_keep_alive(&mut self, auto_ping: Option<Duration>, idle_timeout: Option<Duration>) {
+        let now = Instant::now();
+        self.cfg.auto_ping = auto_ping;
+        self.cfg.idle_timeout = idle_timeout;
+        self.last_tx = now;
+        self.last_rx = now;
+    }
+
     /// Whether a hosing error ended the channel.
     pub fn is_hosed(&self) -> bool {
         self.hosing.is_hosed()
