@@ -184,16 +184,33 @@ impl<M: Owned> MsgChannel<M> {
     }
 
     /// Ends sending gracefully: everything sent so far goes out, then the peer learns of the
-    /// end (see [`Channel::end_sending`]).
+    /// end (see [`Channel::end_sending`]; the peer's receives then answer `Ok(None)` and its
+    /// [`is_peer_ended`](MsgChannel::is_peer_ended) is true).
     pub fn end_sending(&mut self) -> Result<(), Error> {
         self.hosing.check::<Error>()?;
         let r = self.chan.end_sending().map_err(Error::from);
         self.hose_on(r)
     }
 
+    /// [`end_sending`](MsgChannel::end_sending) (unless called before), then waits up to
+    /// `timeout` for it and everything before it to be written (see
+    /// [`Channel::end_sending_blocking`]): `Ok(true)` once written, `Ok(false)` at the timeout.
+    pub fn end_sending_blocking(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        self.hosing.check::<Error>()?;
+        let r = self.chan.end_sending_blocking(timeout).map_err(Error::from);
+        self.hose_on(r)
+    }
+
     /// Whether the end of sending (and everything before it) has been written.
     pub fn is_send_done(&self) -> bool {
         self.chan.is_send_done()
+    }
+
+    /// Whether the peer ended its sending and every message it sent before has been received:
+    /// nothing more will come, and receives answer `Ok(None)` at once. The graceful end, not an
+    /// error: this side may go on sending (see [`Channel::is_peer_ended`]).
+    pub fn is_peer_ended(&self) -> bool {
+        self.chan.is_peer_ended()
     }
 
     /// Marks the channel hosed if `r` is a hosing error. The transport is hosed with it: its
@@ -391,7 +408,8 @@ impl<M: Owned> MsgChannel<M> {
         Ok(())
     }
 
-    /// Receives the next message if one is ready (non-blocking). `Ok(None)`: nothing yet.
+    /// Receives the next message if one is ready (non-blocking). `Ok(None)`: nothing yet (or,
+    /// once [`is_peer_ended`](MsgChannel::is_peer_ended), nothing ever again).
     pub fn try_recv(&mut self) -> Result<Option<MsgIn<M>>, Error> {
         loop {
             match self.next_event(Some(Duration::ZERO))? {
@@ -403,7 +421,9 @@ impl<M: Owned> MsgChannel<M> {
     }
 
     /// Waits up to `timeout` (forever if `None`) for the next message, flushing queued sends
-    /// meanwhile. `Ok(None)` on timeout.
+    /// meanwhile. `Ok(None)` on timeout, or at once when the peer has ended its sending
+    /// ([`is_peer_ended`](MsgChannel::is_peer_ended); with no timeout, that is the only
+    /// `None`): `while let Some(m) = chan.recv_blocking(None)? { .. }` reads to the end.
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<MsgIn<M>>, Error> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {

@@ -253,6 +253,8 @@ pub struct MsgIn<M: Owned> {
     words: usize,
     id: u64,
     answers: u64,
+    /// The root union's discriminant, once a structured channel's dispatch has read it.
+    union_arm: Option<u16>,
     _root: PhantomData<fn() -> M>,
 }
 
@@ -275,6 +277,7 @@ impl<M: Owned> MsgIn<M> {
             words,
             id,
             answers,
+            union_arm: None,
             _root: PhantomData,
         }
     }
@@ -290,9 +293,21 @@ impl<M: Owned> MsgIn<M> {
         self.answers
     }
 
-    /// The bytes of segment 0 (where the root pointer is), if any.
-    pub(crate) fn segment0(&self) -> Option<&[u8]> {
-        self.reader.get_segments().get_segment(0)
+    /// The root read as `T` (any pointer reader: the structured channel reads the union's
+    /// discriminant of any root type this way).
+    pub(crate) fn root_as<'a, T: capnp::traits::FromPointerReader<'a>>(
+        &'a self,
+    ) -> capnp::Result<T> {
+        self.reader.get_root::<T>()
+    }
+
+    /// The root union's discriminant, if a structured channel's dispatch read it.
+    pub(crate) fn union_arm(&self) -> Option<u16> {
+        self.union_arm
+    }
+
+    pub(crate) fn set_union_arm(&mut self, arm: u16) {
+        self.union_arm = Some(arm);
     }
 
     /// The root, read in place.

@@ -223,7 +223,6 @@ impl From<struc::Error> for Error {
             struc::Error::Msg(msg::Error::Transport(t)) => match t {
                 transport::Error::PeerGone
                 | transport::Error::Reset
-                | transport::Error::EndOfStream
                 | transport::Error::Truncated { .. } => Error::PeerGone,
                 transport::Error::IdleTimeout => Error::IdleTimeout,
                 transport::Error::Hosed => Error::Hosed,

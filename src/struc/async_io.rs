@@ -10,7 +10,7 @@ use capnp::dynamic_value;
 use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
-use super::{Channel, Error, Expect, MsgType, ReqId};
+use super::{Channel, Error, Expect, MsgKind, ReqId};
 use crate::msg::{MsgIn, MsgOut};
 use crate::poll::Pollable;
 use crate::reactor::{self, Registration, Source, Wait};
@@ -240,6 +240,8 @@ where
                 }
                 if timed_out && !core.is_hosed() {
                     Err(Error::Timeout)
+                } else if core.is_peer_ended() {
+                    Err(Error::PeerEnded)
                 } else {
                     Err(Error::Hosed)
                 }
@@ -267,7 +269,7 @@ where
     /// thread; later ones on the library thread).
     pub fn expect_msg(
         &self,
-        which: MsgType,
+        which: impl MsgKind<M>,
         handler: impl FnOnce(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.with_core(|c| c.expect_msg(which, handler))
@@ -276,14 +278,14 @@ where
     /// See [`Channel::expect_msgs`] (cached messages are handed over inside this call).
     pub fn expect_msgs(
         &self,
-        which: MsgType,
+        which: impl MsgKind<M>,
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.with_core(|c| c.expect_msgs(which, handler))
     }
 
     /// See [`Channel::undo_expect_msgs`].
-    pub fn undo_expect_msgs(&self, which: MsgType) -> Result<bool, Error> {
+    pub fn undo_expect_msgs(&self, which: impl MsgKind<M>) -> Result<bool, Error> {
         self.try_core()?.undo_expect_msgs(which)
     }
 
@@ -316,6 +318,17 @@ where
     /// Whether a hosing error has been reported.
     pub fn is_hosed(&self) -> bool {
         self.core().is_hosed()
+    }
+
+    /// See [`Channel::is_peer_ended`].
+    pub fn is_peer_ended(&self) -> bool {
+        self.core().is_peer_ended()
+    }
+
+    /// See [`Channel::set_peer_end_handler`] (it runs on the library thread; inside this call
+    /// if the peer has ended already).
+    pub fn set_peer_end_handler(&self, handler: impl FnOnce(&mut Channel<M>) + Send + 'static) {
+        self.core().set_peer_end_handler(handler)
     }
 
     /// Ends sending gracefully; `on_done` runs (on the library thread) once everything sent so

@@ -69,10 +69,12 @@
 mod async_io;
 mod channel;
 mod error;
+pub(crate) mod kind;
 
 pub use self::async_io::AsyncChannel;
 pub use self::channel::{Channel, Expect, ReqId};
 pub use self::error::Error;
+pub use self::kind::{MsgKind, Root};
 
 use capnp::introspect::{Introspect, TypeVariant};
 use capnp::schema::StructSchema;
