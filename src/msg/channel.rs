@@ -10,6 +10,8 @@
 //! * `SHM`: a 32-byte lend blob naming the message's segment table in the arena.
 //! * `HEAP`: the message in capnp's standard stream framing (segment count - 1, sizes in words,
 //!   padding to 8 bytes, then the segments).
+//! * `NOTICE`: the id of our message that the peer received as a response nobody expected is
+//!   the header's answered id; a description follows (UTF-8, at most 512 bytes, possibly none).
 //!
 //! A `SHM` or `HEAP` frame may carry one fd of the user's.
 
@@ -30,6 +32,9 @@ use crate::shm::segments::OutMsg;
 use crate::shm::{Arena, ArenaConfig, LendBlob};
 use crate::transport::{Channel, Frame, OutFrame, SharedBytes};
 
+/// Longest description an unexpected-response notice carries.
+pub(crate) const MAX_NOTICE_TEXT: usize = 512;
+
 /// Heap messages of at most this many segments and bytes are sent from their segments as they
 /// are (copied if they have to be queued); bigger ones are frozen and their segments queued by
 /// reference.
@@ -42,8 +47,8 @@ pub(crate) enum Incoming<M: Owned> {
     /// A message.
     Msg(MsgIn<M>),
     /// The peer's notice that a message we sent, with this id, arrived as a response nobody
-    /// expected.
-    UnexpectedResponse(u64),
+    /// expected, and the peer's description of it.
+    UnexpectedResponse(u64, String),
 }
 
 /// Where a channel's new messages keep their segments.
@@ -256,11 +261,17 @@ impl<M: Owned> MsgChannel<M> {
         self.next_id
     }
 
-    /// Tells the peer that its message `id` arrived as a response nobody expected.
-    pub(crate) fn send_unexpected_notice(&mut self, id: u64) -> Result<(), Error> {
+    /// Tells the peer that its message `id` arrived as a response nobody expected, with a
+    /// description (UTF-8, cut to [`MAX_NOTICE_TEXT`] bytes at a character boundary).
+    pub(crate) fn send_unexpected_notice(&mut self, id: u64, text: &str) -> Result<(), Error> {
         self.hosing.check::<Error>()?;
+        let mut end = text.len().min(MAX_NOTICE_TEXT);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
         let (frame, _) = self.header(Kind::Notice, id);
-        let r = self.chan.send(frame.as_ref()).map_err(Error::from);
+        let parts = [frame.as_ref(), text[..end].as_bytes()];
+        let r = self.chan.send(OutFrame::parts(&parts)).map_err(Error::from);
         self.hose_on(r)
     }
 
@@ -414,7 +425,7 @@ impl<M: Owned> MsgChannel<M> {
         loop {
             match self.next_event(Some(Duration::ZERO))? {
                 Some(Incoming::Msg(m)) => return Ok(Some(m)),
-                Some(Incoming::UnexpectedResponse(_)) => continue,
+                Some(Incoming::UnexpectedResponse(..)) => continue,
                 None => return Ok(None),
             }
         }
@@ -430,7 +441,7 @@ impl<M: Owned> MsgChannel<M> {
             let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
             match self.next_event(left)? {
                 Some(Incoming::Msg(m)) => return Ok(Some(m)),
-                Some(Incoming::UnexpectedResponse(_)) => continue,
+                Some(Incoming::UnexpectedResponse(..)) => continue,
                 None => return Ok(None),
             }
         }
@@ -476,10 +487,14 @@ impl<M: Owned> MsgChannel<M> {
         let msg = |m: MsgIn<M>| Some(Incoming::Msg(m));
         match kind {
             Kind::Notice => {
-                if buf.len() != hlen || fd.is_some() || answers == 0 {
+                let text = &buf[hlen..];
+                if text.len() > MAX_NOTICE_TEXT || fd.is_some() || answers == 0 {
                     return Err(Error::BadMessage("malformed unexpected-response notice"));
                 }
-                Ok(Some(Incoming::UnexpectedResponse(answers)))
+                let text = std::str::from_utf8(text).map_err(|_| {
+                    Error::BadMessage("unexpected-response notice text is not UTF-8")
+                })?;
+                Ok(Some(Incoming::UnexpectedResponse(answers, text.into())))
             }
             Kind::Pool => {
                 self.add_pool(&buf[hlen..], fd)?;

@@ -58,13 +58,13 @@ fn io(e: std::io::Error) -> Error {
 /// ```
 /// use std::time::{Duration, Instant};
 /// use flowipc::msg::Backing;
-/// use flowipc::schemas::test_msgs_capnp::cool_msg;
-/// use flowipc::struc::{AsyncChannel, Channel, MsgType};
+/// use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
+/// use flowipc::struc::{AsyncChannel, Channel};
 /// use flowipc::transport::{self, ChannelConfig};
 ///
 /// let (a, b) = transport::Channel::pair(ChannelConfig::new())?;
 /// let server = AsyncChannel::new(Channel::<cool_msg::Owned>::new(b, Backing::Heap)?)?;
-/// server.expect_msgs(MsgType::of::<cool_msg::Owned>("sumRequest")?, |chan, req| {
+/// server.expect_msgs(CoolMsgKind::SumRequest, |chan, req| {
 ///     let mut rsp = chan.create_msg();
 ///     rsp.init_root().init_sum_response().set_sum(42);
 ///     chan.send(&mut rsp, Some(&req)).unwrap();
@@ -76,7 +76,7 @@ fn io(e: std::io::Error) -> Error {
 /// let mut req = client.create_msg();
 /// req.init_root().init_sum_request();
 /// let rsp = client.sync_request(&mut req, None, Some(Duration::from_secs(10)))?;
-/// assert!(matches!(rsp.root()?.which()?, cool_msg::SumResponse(Ok(s)) if s.get_sum() == 42));
+/// assert!(matches!(rsp.which()?, cool_msg::SumResponse(Ok(s)) if s.get_sum() == 42));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct AsyncChannel<M: Owned> {
@@ -300,7 +300,7 @@ where
     /// See [`Channel::set_remote_unexpected_response_handler`].
     pub fn set_remote_unexpected_response_handler(
         &self,
-        handler: impl FnMut(u64) + Send + 'static,
+        handler: impl FnMut(u64, &str) + Send + 'static,
     ) {
         self.core().set_remote_unexpected_response_handler(handler)
     }

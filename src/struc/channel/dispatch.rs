@@ -13,7 +13,7 @@ use super::{Channel, Expect, Handler, Request};
 use crate::hosing::Report;
 use crate::msg::channel::Incoming;
 use crate::msg::MsgIn;
-use crate::struc::kind::discriminant;
+use crate::struc::kind::{arm_name, discriminant};
 use crate::struc::{Error, MsgType};
 
 impl<M> Channel<M>
@@ -90,9 +90,9 @@ where
                 self.dispatch(m)?;
                 Ok(true)
             }
-            Ok(Some(Incoming::UnexpectedResponse(id))) => {
+            Ok(Some(Incoming::UnexpectedResponse(id, text))) => {
                 if let Some(h) = self.on_remote_unexpected.as_mut() {
-                    h(id);
+                    h(id, &text);
                 }
                 Ok(true)
             }
@@ -193,8 +193,15 @@ where
         if self.timed_out.remove(&answers) {
             return Ok(()); // a late response to a timed-out sync_request: dropped quietly
         }
-        // Unexpected: dropped; our handler hears of it, and so does the sender.
+        // Unexpected: dropped; our handler hears of it, and so does the sender (with what it
+        // was, as Flow-IPC says it).
         let id = m.id();
+        let arm = discriminant(&m, self.union_at)
+            .ok()
+            .and_then(|d| arm_name::<M>(MsgType(d)))
+            .unwrap_or_else(|| "message of an unknown type".into());
+        let text =
+            format!("{arm} {id} answers message {answers}, which expects no response (any more)");
         if let Some(mut h) = self.on_unexpected.take() {
             h(self, m);
             if self.on_unexpected.is_none() && !self.hosing.is_hosed() {
@@ -202,7 +209,7 @@ where
             }
         }
         if !self.hosing.is_hosed() {
-            match self.msgs.send_unexpected_notice(id) {
+            match self.msgs.send_unexpected_notice(id, &text) {
                 Ok(()) => {}
                 // Not hosing (e.g. sending was ended): the notice is a courtesy, skip it.
                 Err(e) if !e.is_hosing() => {}

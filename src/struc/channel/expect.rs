@@ -214,10 +214,11 @@ where
     }
 
     /// Called with the id of each of our messages that the peer received as an unexpected
-    /// response.
+    /// response, and the peer's description of it (e.g. `"sumResponse 7 answers message 3,
+    /// which expects no response (any more)"`; at most 512 bytes).
     pub fn set_remote_unexpected_response_handler(
         &mut self,
-        handler: impl FnMut(u64) + Send + 'static,
+        handler: impl FnMut(u64, &str) + Send + 'static,
     ) {
         self.on_remote_unexpected = Some(Box::new(handler));
     }

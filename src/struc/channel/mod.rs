@@ -79,7 +79,7 @@ pub struct Channel<M: Owned> {
     /// Requests whose `sync_request` timed out: their late responses are dropped quietly.
     timed_out: TimedOut,
     on_unexpected: Option<Handler<M>>,
-    on_remote_unexpected: Option<Box<dyn FnMut(u64) + Send>>,
+    on_remote_unexpected: Option<Box<dyn FnMut(u64, &str) + Send>>,
     /// The peer ended its sending, and everything it sent before has been dispatched.
     peer_ended: bool,
     on_peer_end: Option<Box<dyn FnOnce(&mut Channel<M>) + Send>>,
