@@ -523,10 +523,28 @@ fn garbage_message_frames() {
             "segment sizes exceed the frame",
         ),
     ];
+    // Unexpected-response notices: kind 4, id 0, the answered id, then a UTF-8 description of
+    // at most 512 bytes.
+    let notice = |answers: u8, text: &[u8]| {
+        let mut f = vec![4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        f.extend_from_slice(&[answers, 0, 0, 0, 0, 0, 0, 0]);
+        f.extend_from_slice(text);
+        f
+    };
+    let mut cases: Vec<(Vec<u8>, &str)> = cases.iter().map(|(b, w)| (b.to_vec(), *w)).collect();
+    cases.push((notice(0, b""), "malformed unexpected-response notice"));
+    cases.push((notice(3, &[b'x'; 513]), "malformed unexpected-response notice"));
+    cases.push((
+        notice(3, &[0xff, 0xfe]),
+        "unexpected-response notice text is not UTF-8",
+    ));
     for (bytes, what) in cases {
         let (mut a, b) = Channel::pair(channel_config()).unwrap();
         let mut rx = MsgChannel::<cool_msg::Owned>::new(b, Backing::Heap);
-        a.send(bytes).unwrap();
+        // A well-formed notice (no message for a plain channel: skipped), then the bad frame.
+        a.send(&notice(3, "sumResponse 1 answers message 3".as_bytes()))
+            .unwrap();
+        a.send(&bytes).unwrap();
         let first = rx.recv_blocking(T).unwrap_err();
         assert!(
             matches!(first, Error::BadMessage(w) if w == what),
