@@ -270,7 +270,7 @@ impl<M: Owned> MsgChannel<M> {
             end -= 1;
         }
         let (frame, _) = self.header(Kind::Notice, id);
-        let parts = [frame.as_ref(), text[..end].as_bytes()];
+        let parts = [frame.as_ref(), &text.as_bytes()[..end]];
         let r = self.chan.send(OutFrame::parts(&parts)).map_err(Error::from);
         self.hose_on(r)
     }

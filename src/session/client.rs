@@ -207,6 +207,10 @@ impl ClientSession {
                     .and_then(|t| t.to_str().ok())
                     .unwrap_or("")
                     .to_owned();
+                log::warn!(
+                    target: "flowipc::session",
+                    "log-in refused by the server ({reason:?}): {detail}"
+                );
                 return Err(Error::LogInRejected { reason, detail });
             }
             Ok(log_in_rsp::Accepted(a)) => a,

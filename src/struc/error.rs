@@ -115,8 +115,18 @@ impl From<crate::transport::Error> for Error {
 }
 
 impl crate::hosing::HosingError for Error {
+    const TARGET: &'static str = "flowipc::struc";
+
     fn is_hosing(&self) -> bool {
         Error::is_hosing(self)
+    }
+
+    /// The message layer's errors were logged there.
+    fn log_level(&self) -> Option<log::Level> {
+        match self {
+            Error::Msg(_) | Error::Hosed => None,
+            _ => Some(log::Level::Warn),
+        }
     }
 
     fn hosed() -> Self {

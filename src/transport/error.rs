@@ -193,8 +193,18 @@ impl std::error::Error for Error {
 }
 
 impl crate::hosing::HosingError for Error {
+    const TARGET: &'static str = "flowipc::transport";
+
     fn is_hosing(&self) -> bool {
         Error::is_hosing(self)
+    }
+
+    /// The peer gone is ordinary news (info); anything else is a warning.
+    fn log_level(&self) -> Option<log::Level> {
+        Some(match self {
+            Error::PeerGone | Error::Reset => log::Level::Info,
+            _ => log::Level::Warn,
+        })
     }
 
     fn hosed() -> Self {

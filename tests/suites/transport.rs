@@ -74,15 +74,13 @@ fn recv(c: &mut Channel) -> Frame {
 
 /// The error the channel reports next (frames before it are skipped), checking that it is
 /// reported once: the next call says `Hosed`.
-/// Receives to the peer's graceful end (within the bound): `Ok(None)`, no error, not hosed,
+/// Receives the peer's graceful end (within the bound): `Ok(None)`, no error, not hosed,
 /// and every later receive answers `Ok(None)` at once.
 fn assert_peer_ended(c: &mut Channel) {
-    loop {
-        match c.recv_blocking(WAIT) {
-            Ok(Some(f)) => panic!("an extra frame of {} bytes", f.payload.len()),
-            Ok(None) => break,
-            Err(e) => panic!("{e}"),
-        }
+    match c.recv_blocking(WAIT) {
+        Ok(Some(f)) => panic!("an extra frame of {} bytes", f.payload.len()),
+        Ok(None) => {}
+        Err(e) => panic!("{e}"),
     }
     assert!(c.is_peer_ended(), "no end within the bound");
     assert!(!c.is_hosed());

@@ -54,6 +54,8 @@ struct Request<M: Owned> {
     queued: VecDeque<MsgIn<M>>,
 }
 type OneOff<M> = Box<dyn FnOnce(&mut Channel<M>, MsgIn<M>) + Send>;
+type RemoteUnexpected = Box<dyn FnMut(u64, &str) + Send>;
+type PeerEnd<M> = Box<dyn FnOnce(&mut Channel<M>) + Send>;
 
 /// A structured channel of root type `M` (see the [module docs](super)).
 pub struct Channel<M: Owned> {
@@ -79,10 +81,10 @@ pub struct Channel<M: Owned> {
     /// Requests whose `sync_request` timed out: their late responses are dropped quietly.
     timed_out: TimedOut,
     on_unexpected: Option<Handler<M>>,
-    on_remote_unexpected: Option<Box<dyn FnMut(u64, &str) + Send>>,
+    on_remote_unexpected: Option<RemoteUnexpected>,
     /// The peer ended its sending, and everything it sent before has been dispatched.
     peer_ended: bool,
-    on_peer_end: Option<Box<dyn FnOnce(&mut Channel<M>) + Send>>,
+    on_peer_end: Option<PeerEnd<M>>,
 }
 
 impl<M: Owned> fmt::Debug for Channel<M> {
