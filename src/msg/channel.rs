@@ -25,10 +25,10 @@ use super::wire::{
     heap_segments, pool_body, read_pool_body, segment_table_len, write_segment_table, Encoded,
     Header, Kind,
 };
-use super::{Error, InSegs, MsgIn, MsgOut};
+use super::{Body, Error, InSegs, MsgIn, MsgOut};
 use crate::hosing::Hosing;
 use crate::poll::{Interest, Pollable};
-use crate::shm::segments::OutMsg;
+use crate::shm::segments::{Adopted, OutMsg};
 use crate::shm::{Arena, ArenaConfig, LendBlob};
 use crate::transport::{Channel, Frame, OutFrame, SharedBytes};
 
@@ -297,11 +297,11 @@ impl<M: Owned> MsgChannel<M> {
         // The message's own fd rides along unless the caller gives another: lent out of the
         // message for the send and put back after (no duplicate).
         let own = if fd.is_none() { msg.take_fd() } else { None };
-        let r = self.send_out(
-            msg.inner_mut(),
-            fd.or(own.as_ref().map(|f| f.as_fd())),
-            answers,
-        );
+        let fd = fd.or(own.as_ref().map(|f| f.as_fd()));
+        let r = match msg.body_mut() {
+            Body::Own(out) => self.send_out(out, fd, answers),
+            Body::Adopted(a) => self.send_adopted(a, fd, answers),
+        };
         if let Some(own) = own {
             msg.set_fd(own);
         }
@@ -315,23 +315,13 @@ impl<M: Owned> MsgChannel<M> {
         fd: Option<BorrowedFd<'_>>,
         answers: u64,
     ) -> Result<u64, Error> {
-        let Some(arena_id) = out.arena().map(Arena::id) else {
+        let Some(arena) = out.arena() else {
             // Heap, small: the segments are copied into the socket as they are (the transport
             // copies what it has to queue), with no allocation and no freeze.
             let segs = out.output_segments();
-            let n = segs.len();
             let bytes = segs.iter().fold(0usize, |a, s| a.saturating_add(s.len()));
-            if n <= SMALL_HEAP_SEGMENTS && bytes <= SMALL_HEAP_BYTES {
-                let (h, id) = self.header(Kind::Heap, answers);
-                let mut table = [0u8; segment_table_len(SMALL_HEAP_SEGMENTS)];
-                let table = &mut table[..segment_table_len(n)];
-                write_segment_table(table, segs.iter().map(|s| s.len()));
-                let mut parts: [&[u8]; SMALL_HEAP_SEGMENTS + 2] = [&[]; SMALL_HEAP_SEGMENTS + 2];
-                parts[0] = h.as_ref();
-                parts[1] = table;
-                parts[2..n + 2].copy_from_slice(&segs);
-                self.chan.send(OutFrame::parts(&parts[..n + 2]).fd(fd))?;
-                return Ok(id);
+            if segs.len() <= SMALL_HEAP_SEGMENTS && bytes <= SMALL_HEAP_BYTES {
+                return self.send_heap_parts(&segs, fd, answers);
             }
             drop(segs);
             // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen
@@ -355,25 +345,96 @@ impl<M: Owned> MsgChannel<M> {
             self.chan.send(OutFrame::shared(shared).fd(fd))?;
             return Ok(id);
         };
-        match self.arenas.get(&(arena_id as u32)) {
-            // Handles carry 32 bits of the arena id: two arenas alike in those cannot share a
-            // channel (a 1 in 2^31 chance per pair).
-            Some(known) if known.id() != arena_id => {
-                return Err(local(crate::shm::Error::BadConfig(
-                    "another arena on this channel has the same 32-bit tag",
-                )));
-            }
-            Some(_) => {}
-            None => {
-                if let Some(arena) = out.arena() {
-                    self.arenas.insert(arena_id as u32, arena.clone());
-                }
-            }
-        }
+        self.know_arena(arena)?;
         let blob = out.share_shm().map_err(local)?;
         let Some(arena) = out.arena() else {
             return Err(local(crate::shm::Error::BadConfig("no arena")));
         };
+        self.send_blob(arena, blob, fd, answers)
+    }
+
+    /// Sends an adopted message (see [`MsgOut::from_builder`]): in place through its flat copy
+    /// in the channel's arena, or its segments through the socket on a heap channel.
+    fn send_adopted(
+        &mut self,
+        a: &mut Adopted,
+        fd: Option<BorrowedFd<'_>>,
+        answers: u64,
+    ) -> Result<u64, Error> {
+        match &self.backing {
+            Backing::Heap => {
+                if a.segments().is_empty() {
+                    // An empty message still has its root pointer, in one segment.
+                    let _ = a.root_mut();
+                }
+                self.send_heap_parts(&a.segments(), fd, answers)
+            }
+            Backing::Shm(arena) => {
+                let arena = arena.clone();
+                self.know_arena(&arena)?;
+                let blob = a.share_shm(&arena).map_err(local)?;
+                self.send_blob(&arena, blob, fd, answers)
+            }
+        }
+    }
+
+    /// Sends a heap message from its segments as they are (the transport copies what it has
+    /// to queue).
+    fn send_heap_parts(
+        &mut self,
+        segs: &[&[u8]],
+        fd: Option<BorrowedFd<'_>>,
+        answers: u64,
+    ) -> Result<u64, Error> {
+        let n = segs.len();
+        let (h, id) = self.header(Kind::Heap, answers);
+        if n <= SMALL_HEAP_SEGMENTS {
+            // No allocation: the table and the parts on the stack.
+            let mut table = [0u8; segment_table_len(SMALL_HEAP_SEGMENTS)];
+            let table = &mut table[..segment_table_len(n)];
+            write_segment_table(table, segs.iter().map(|s| s.len()));
+            let mut parts: [&[u8]; SMALL_HEAP_SEGMENTS + 2] = [&[]; SMALL_HEAP_SEGMENTS + 2];
+            parts[0] = h.as_ref();
+            parts[1] = table;
+            parts[2..n + 2].copy_from_slice(segs);
+            self.chan.send(OutFrame::parts(&parts[..n + 2]).fd(fd))?;
+        } else {
+            let mut table = vec![0u8; segment_table_len(n)];
+            write_segment_table(&mut table, segs.iter().map(|s| s.len()));
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(n + 2);
+            parts.push(h.as_ref());
+            parts.push(&table);
+            parts.extend_from_slice(segs);
+            self.chan.send(OutFrame::parts(&parts).fd(fd))?;
+        }
+        Ok(id)
+    }
+
+    /// Makes `arena` one whose handles this channel sends (and reads). Handles carry 32 bits
+    /// of the arena id: two arenas alike in those cannot share a channel (a 1 in 2^31 chance
+    /// per pair).
+    fn know_arena(&mut self, arena: &Arena) -> Result<(), Error> {
+        match self.arenas.get(&(arena.id() as u32)) {
+            Some(known) if known.id() != arena.id() => Err(local(crate::shm::Error::BadConfig(
+                "another arena on this channel has the same 32-bit tag",
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                self.arenas.insert(arena.id() as u32, arena.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends the handle of a message in `arena` (its pools announced first); its reference
+    /// goes with the frame.
+    fn send_blob(
+        &mut self,
+        arena: &Arena,
+        blob: LendBlob,
+        fd: Option<BorrowedFd<'_>>,
+        answers: u64,
+    ) -> Result<u64, Error> {
         if let Err(e) = self.announce_pools(arena) {
             let _ = arena.release_blob(&blob);
             return Err(e);
