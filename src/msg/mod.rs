@@ -112,8 +112,8 @@ impl<M: Owned> MsgOut<M> {
         }
     }
 
-    /// Adopts a message built with capnp's own `Builder` (of any allocator: capnp's
-    /// `HeapAllocator`, a scratch space of `'static` life, one of your own), as it is.
+    /// Adopts a message built with capnp's own `Builder` (of any `Send + Sync` allocator:
+    /// capnp's `HeapAllocator`, a scratch space of `'static` life, one of your own), as it is.
     ///
     /// What it costs: adopting, nothing (the segments stay where the builder's allocator put
     /// them; [`segments`](MsgOut::segments) are those very bytes). Sending it over a heap
@@ -139,7 +139,7 @@ impl<M: Owned> MsgOut<M> {
     /// ```
     pub fn from_builder<A>(builder: capnp::message::Builder<A>) -> Self
     where
-        A: capnp::message::Allocator + Send + 'static,
+        A: capnp::message::Allocator + Send + Sync + 'static,
     {
         MsgOut {
             body: Body::Adopted(Adopted::new(builder)),

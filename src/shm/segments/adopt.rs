@@ -13,14 +13,14 @@ use super::SegTable;
 use super::MAX_SEGMENTS;
 
 /// What an adopted builder offers, whatever its allocator.
-trait AnyBuilder: Send {
+trait AnyBuilder: Send + Sync {
     fn segments(&self) -> capnp::OutputSegments<'_>;
     fn root(&self) -> capnp::Result<any_pointer::Reader<'_>>;
     fn root_mut(&mut self) -> any_pointer::Builder<'_>;
     fn size_in_words(&self) -> usize;
 }
 
-impl<A: Allocator + Send> AnyBuilder for Builder<A> {
+impl<A: Allocator + Send + Sync> AnyBuilder for Builder<A> {
     fn segments(&self) -> capnp::OutputSegments<'_> {
         self.get_segments_for_output()
     }
@@ -55,7 +55,7 @@ impl fmt::Debug for Adopted {
 
 impl Adopted {
     /// Takes `builder` over as it is: nothing is copied.
-    pub fn new<A: Allocator + Send + 'static>(builder: Builder<A>) -> Adopted {
+    pub fn new<A: Allocator + Send + Sync + 'static>(builder: Builder<A>) -> Adopted {
         Adopted {
             builder: Box::new(builder),
             copy: None,
