@@ -29,7 +29,7 @@
 //! * `pub enum CoolMsgKind { HelloThere = 0, .. }` (`#[repr(u16)]`, the schema's
 //!   discriminants; variants named as capnp's `Which` names the arms);
 //! * `impl flowipc::struc::Root for cool_msg::Owned` (the kind enum and the `which()` arm);
-//! * `impl flowipc::struc::MsgKind<cool_msg::Owned> for CoolMsgKind` and
+//! * `impl flowipc::struc::KindOf<cool_msg::Owned> for CoolMsgKind` and
 //!   `From<CoolMsgKind> for flowipc::struc::MsgType`.
 //!
 //! Generic structs get none (their `Which` has type parameters).
@@ -432,10 +432,7 @@ fn write_kind(
     }
     writeln!(out, "}}")?;
     writeln!(out)?;
-    writeln!(
-        out,
-        "impl {fl}::struc::MsgKind<{path}::Owned> for {kind} {{"
-    )?;
+    writeln!(out, "impl {fl}::struc::KindOf<{path}::Owned> for {kind} {{")?;
     writeln!(out, "    fn msg_type(self) -> {ty} {{")?;
     writeln!(out, "        {ty}(self as u16)")?;
     writeln!(out, "    }}")?;

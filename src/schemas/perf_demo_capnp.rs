@@ -993,7 +993,7 @@ pub enum BodyKind {
     GetCacheRsp = 1,
 }
 
-impl crate::struc::MsgKind<body::Owned> for BodyKind {
+impl crate::struc::KindOf<body::Owned> for BodyKind {
     fn msg_type(self) -> crate::struc::MsgType {
         crate::struc::MsgType(self as u16)
     }

@@ -2621,7 +2621,7 @@ pub enum LogInRspKind {
     Rejected = 1,
 }
 
-impl crate::struc::MsgKind<log_in_rsp::Owned> for LogInRspKind {
+impl crate::struc::KindOf<log_in_rsp::Owned> for LogInRspKind {
     fn msg_type(self) -> crate::struc::MsgType {
         crate::struc::MsgType(self as u16)
     }
@@ -2665,7 +2665,7 @@ pub enum MasterKind {
     OpenChannelRsp = 4,
 }
 
-impl crate::struc::MsgKind<master::Owned> for MasterKind {
+impl crate::struc::KindOf<master::Owned> for MasterKind {
     fn msg_type(self) -> crate::struc::MsgType {
         crate::struc::MsgType(self as u16)
     }

@@ -2524,7 +2524,7 @@ pub enum CoolMsgKind {
     Ping = 6,
 }
 
-impl crate::struc::MsgKind<cool_msg::Owned> for CoolMsgKind {
+impl crate::struc::KindOf<cool_msg::Owned> for CoolMsgKind {
     fn msg_type(self) -> crate::struc::MsgType {
         crate::struc::MsgType(self as u16)
     }

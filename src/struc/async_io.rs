@@ -10,7 +10,7 @@ use capnp::dynamic_value;
 use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
-use super::{Channel, Error, Expect, MsgKind, ReqId};
+use super::{Channel, Error, Expect, KindOf, ReqId};
 use crate::msg::{MsgIn, MsgOut};
 use crate::poll::Pollable;
 use crate::reactor::{self, Registration, Source, Wait};
@@ -269,7 +269,7 @@ where
     /// thread; later ones on the library thread).
     pub fn expect_msg(
         &self,
-        which: impl MsgKind<M>,
+        which: impl KindOf<M>,
         handler: impl FnOnce(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.with_core(|c| c.expect_msg(which, handler))
@@ -278,14 +278,14 @@ where
     /// See [`Channel::expect_msgs`] (cached messages are handed over inside this call).
     pub fn expect_msgs(
         &self,
-        which: impl MsgKind<M>,
+        which: impl KindOf<M>,
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.with_core(|c| c.expect_msgs(which, handler))
     }
 
     /// See [`Channel::undo_expect_msgs`].
-    pub fn undo_expect_msgs(&self, which: impl MsgKind<M>) -> Result<bool, Error> {
+    pub fn undo_expect_msgs(&self, which: impl KindOf<M>) -> Result<bool, Error> {
         self.try_core()?.undo_expect_msgs(which)
     }
 

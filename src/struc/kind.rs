@@ -1,6 +1,6 @@
 //! Message kinds the compiler checks: [`Root`], implemented for a schema's root type by the
 //! code `flowipc-build` generates (a `<Struct>Kind` enum per struct with an anonymous union),
-//! and [`MsgKind`], what `expect_msg(s)` and the cache take: that enum, or the unchecked
+//! and [`KindOf`], what `expect_msg(s)` and the cache take: that enum, or the unchecked
 //! [`MsgType`].
 
 use std::fmt;
@@ -22,17 +22,17 @@ use crate::msg::MsgIn;
 ///
 /// ```
 /// use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
-/// use flowipc::struc::{MsgKind, MsgType, Root};
+/// use flowipc::struc::{KindOf, MsgType, Root};
 ///
 /// let k = CoolMsgKind::SumRequest;
-/// assert_eq!(MsgKind::<cool_msg::Owned>::msg_type(k), MsgType::of::<cool_msg::Owned>("sumRequest")?);
+/// assert_eq!(KindOf::<cool_msg::Owned>::msg_type(k), MsgType::of::<cool_msg::Owned>("sumRequest")?);
 /// assert_eq!(<cool_msg::Owned as Root>::kind(MsgType(1)), Some(k));
 /// assert_eq!(<cool_msg::Owned as Root>::kind(MsgType(99)), None);
 /// # Ok::<(), flowipc::struc::Error>(())
 /// ```
 pub trait Root: Owned {
     /// The enum of the union's arms.
-    type Kind: MsgKind<Self> + Into<MsgType> + Copy + Eq + Hash + fmt::Debug + Send + Sync;
+    type Kind: KindOf<Self> + Into<MsgType> + Copy + Eq + Hash + fmt::Debug + Send + Sync;
     /// The union's arm with its contents: the generated `WhichReader`.
     type Which<'a>;
     /// `root.which()`: the generated accessor of the arm.
@@ -44,12 +44,12 @@ pub trait Root: Owned {
 /// What names a message type of root `M` to [`expect_msg`](super::Channel::expect_msg) and
 /// the others: `M`'s [`Kind`](Root::Kind) (checked by the compiler), or a [`MsgType`] (for any
 /// root, unchecked: e.g. [`MsgType::of`] by the arm's name in the schema).
-pub trait MsgKind<M: ?Sized>: Copy {
+pub trait KindOf<M: ?Sized>: Copy {
     /// The discriminant.
     fn msg_type(self) -> MsgType;
 }
 
-impl<M: ?Sized> MsgKind<M> for MsgType {
+impl<M: ?Sized> KindOf<M> for MsgType {
     fn msg_type(self) -> MsgType {
         self
     }

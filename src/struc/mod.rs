@@ -81,7 +81,7 @@ pub(crate) mod kind;
 pub use self::async_io::AsyncChannel;
 pub use self::channel::{Channel, Expect, ReqId};
 pub use self::error::Error;
-pub use self::kind::{MsgKind, Root};
+pub use self::kind::{KindOf, Root};
 
 use capnp::introspect::{Introspect, TypeVariant};
 use capnp::schema::StructSchema;

@@ -13,7 +13,7 @@ use capnp::traits::Owned;
 
 use super::{Channel, Expect, Handler, ReqId, Request};
 use crate::msg::{MsgIn, MsgOut};
-use crate::struc::{Error, MsgKind, MsgType};
+use crate::struc::{Error, KindOf, MsgType};
 
 impl<M> Channel<M>
 where
@@ -133,7 +133,7 @@ where
     /// expected.
     pub fn expect_msg(
         &mut self,
-        which: impl MsgKind<M>,
+        which: impl KindOf<M>,
         handler: impl FnOnce(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.check()?;
@@ -154,7 +154,7 @@ where
     /// once, in the order they were sent. `Ok(false)` if `which` is already expected.
     pub fn expect_msgs(
         &mut self,
-        which: impl MsgKind<M>,
+        which: impl KindOf<M>,
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.check()?;
@@ -180,7 +180,7 @@ where
 
     /// Stops [`expect_msgs`](Channel::expect_msgs) for `which`; later ones are cached again.
     /// Returns whether it was expected.
-    pub fn undo_expect_msgs(&mut self, which: impl MsgKind<M>) -> Result<bool, Error> {
+    pub fn undo_expect_msgs(&mut self, which: impl KindOf<M>) -> Result<bool, Error> {
         self.check()?;
         Ok(self.expect_many.remove(&which.msg_type().0).is_some())
     }
@@ -192,7 +192,7 @@ where
     /// The sync_io way to expect one message: the oldest cached message of type `which`, if
     /// any, handed back directly (no handler); `None` if none is cached (then register with
     /// [`expect_msg`](Channel::expect_msg) to get the next one).
-    pub fn take_cached(&mut self, which: impl MsgKind<M>) -> Result<Option<MsgIn<M>>, Error> {
+    pub fn take_cached(&mut self, which: impl KindOf<M>) -> Result<Option<MsgIn<M>>, Error> {
         self.check()?;
         Ok(self
             .cache
@@ -201,7 +201,7 @@ where
     }
 
     /// Messages of type `which` waiting in the cache.
-    pub fn cached(&self, which: impl MsgKind<M>) -> usize {
+    pub fn cached(&self, which: impl KindOf<M>) -> usize {
         self.cache.get(&which.msg_type().0).map_or(0, VecDeque::len)
     }
 
