@@ -65,6 +65,12 @@ fn receive_and_round_trip(role: &str, zero_copy: bool) {
     assert_eq!(round_trip(&segs), want);
     drop(segs);
     drop(got);
+    release_child(&mut chan, peer);
+}
+
+/// Tells the child that we are done reading (it keeps its messages until then) and waits for
+/// it to exit.
+fn release_child(chan: &mut common::msgs::Chan, peer: common::Peer) {
     let mut done = chan.create_msg();
     done.init_root().init_hello_there().set_num(1);
     chan.send(&mut done, None).unwrap();
@@ -86,15 +92,7 @@ fn a_heap_message_is_written_out_from_its_segments_in_another_process() {
 fn capnp_builder(n: u32, tag: u8) -> capnp::message::Builder<capnp::message::HeapAllocator> {
     let alloc = capnp::message::HeapAllocator::new().first_segment_words(64);
     let mut b = capnp::message::Builder::new(alloc);
-    let mut blob = b.init_root::<cool_msg::Builder<'_>>().init_blob();
-    blob.set_tag(tag as u64);
-    let mut list = blob.init_chunks(n);
-    for c in 0..n {
-        list.reborrow()
-            .get(c)
-            .init_data(20_000)
-            .fill(tag.wrapping_add(c as u8));
-    }
+    common::msgs::blob_into(b.init_root(), n, tag);
     b
 }
 
@@ -154,11 +152,7 @@ fn receive_adopted(role: &str, zero_copy: bool) {
     assert_eq!((tag, &chunks), (9, &want.1));
     assert_eq!(content(a.root().unwrap()), want);
     drop((a, b, c));
-    let mut done = chan.create_msg();
-    done.init_root().init_hello_there().set_num(1);
-    chan.send(&mut done, None).unwrap();
-    chan.flush_blocking(T).unwrap();
-    common::wait_ok(peer);
+    release_child(&mut chan, peer);
 }
 
 #[test]
