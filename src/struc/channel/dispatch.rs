@@ -5,8 +5,6 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use capnp::dynamic_value;
-use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
 use super::{Channel, Expect, Handler, Request};
@@ -16,11 +14,7 @@ use crate::msg::MsgIn;
 use crate::struc::kind::{arm_name, discriminant};
 use crate::struc::{Error, MsgType};
 
-impl<M> Channel<M>
-where
-    M: Owned + Introspect,
-    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
-{
+impl<M: Owned> Channel<M> {
     /// Marks the channel hosed if `e` hoses it (its handlers are dropped then); returns `e`
     /// for the caller to report.
     pub(super) fn hose(&mut self, e: Error) -> Error {

@@ -7,19 +7,13 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
-use capnp::dynamic_value;
-use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
 use super::{Channel, Expect, Handler, ReqId, Request};
 use crate::msg::{MsgIn, MsgOut};
 use crate::struc::{Error, KindOf, MsgType};
 
-impl<M> Channel<M>
-where
-    M: Owned + Introspect,
-    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
-{
+impl<M: Owned> Channel<M> {
     /// Sends a request and blocks for its one response (up to `timeout`; `None`: no limit),
     /// handling other incoming messages meanwhile. [`Error::Timeout`] is not hosing; a response
     /// arriving later is dropped quietly (not an unexpected response). [`Error::PeerEnded`]

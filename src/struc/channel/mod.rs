@@ -20,8 +20,6 @@ use std::hash::BuildHasherDefault;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use capnp::dynamic_value;
-use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
 use self::expect::{ByType, IdHasher, TimedOut};
@@ -109,11 +107,7 @@ impl<M: Owned> fmt::Debug for Channel<M> {
     }
 }
 
-impl<M> Channel<M>
-where
-    M: Owned + Introspect,
-    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
-{
+impl<M: Owned> Channel<M> {
     /// Takes over an unstructured channel; new messages use `backing`. Fails with
     /// [`Error::NoRootUnion`] if `M` has no anonymous union at its root.
     pub fn new(chan: transport::Channel, backing: Backing) -> Result<Self, Error> {
@@ -399,11 +393,7 @@ where
     }
 }
 
-impl<M> Pollable for Channel<M>
-where
-    M: Owned + Introspect,
-    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
-{
+impl<M: Owned> Pollable for Channel<M> {
     type Error = Error;
 
     /// The transport's, except that the socket is watched for reading only once
