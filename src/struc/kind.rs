@@ -30,6 +30,33 @@ use crate::msg::MsgIn;
 /// assert_eq!(<cool_msg::Owned as Root>::kind(MsgType(99)), None);
 /// # Ok::<(), flowipc::struc::Error>(())
 /// ```
+///
+/// What the compiler refuses: a typo,
+///
+/// ```compile_fail
+/// # use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
+/// # fn f(chan: &mut flowipc::struc::Channel<cool_msg::Owned>) {
+/// let _ = chan.expect_msgs(CoolMsgKind::SumRequst, |_, _| {});
+/// # }
+/// ```
+///
+/// and the kind of another schema's root:
+///
+/// ```compile_fail
+/// # use flowipc::schemas::{perf_demo_capnp::BodyKind, test_msgs_capnp::cool_msg};
+/// # fn f(chan: &mut flowipc::struc::Channel<cool_msg::Owned>) {
+/// let _ = chan.expect_msgs(BodyKind::GetCacheReq, |_, _| {});
+/// # }
+/// ```
+///
+/// while the right one compiles:
+///
+/// ```
+/// # use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
+/// # fn f(chan: &mut flowipc::struc::Channel<cool_msg::Owned>) {
+/// let _ = chan.expect_msgs(CoolMsgKind::SumRequest, |_, _| {});
+/// # }
+/// ```
 pub trait Root: Owned {
     /// The enum of the union's arms.
     type Kind: KindOf<Self> + Into<MsgType> + Copy + Eq + Hash + fmt::Debug + Send + Sync;

@@ -296,6 +296,43 @@ fn an_fd_rides_on_a_structured_message() {
     .unwrap();
     b.run_for(SHORT).unwrap();
     assert_eq!(*text.lock().unwrap(), "via fd");
+
+    // A request with an fd, answered with one: the server reads the client's pipe and answers
+    // its length, with a pipe of its own.
+    b.expect_msgs(CoolMsgKind::SumRequest, |chan, mut req| {
+        let mut got = String::new();
+        std::fs::File::from(req.take_fd().expect("the request's fd"))
+            .read_to_string(&mut got)
+            .unwrap();
+        let (r, mut w) = std::io::pipe().unwrap();
+        w.write_all(got.to_uppercase().as_bytes()).unwrap();
+        drop(w);
+        let mut rsp = chan.create_msg();
+        rsp.init_root().init_sum_response().set_sum(got.len() as i64);
+        chan.send_with_fd(&mut rsp, Some(&req), Some(r.as_fd()))
+            .unwrap();
+    })
+    .unwrap();
+    let server = std::thread::spawn(move || {
+        b.run_for(Duration::from_millis(300)).unwrap();
+        b
+    });
+    let (r, mut w) = std::io::pipe().unwrap();
+    w.write_all(b"sync with fd").unwrap();
+    drop(w);
+    let mut req = a.create_msg();
+    req.init_root().init_sum_request();
+    let mut rsp = a
+        .sync_request_with_fd(&mut req, None, Some(r.as_fd()), Some(Duration::from_secs(10)))
+        .unwrap();
+    drop(r);
+    assert_eq!(num_of(&rsp), 12);
+    let mut back = String::new();
+    std::fs::File::from(rsp.take_fd().expect("the response's fd"))
+        .read_to_string(&mut back)
+        .unwrap();
+    assert_eq!(back, "SYNC WITH FD");
+    drop(server.join().unwrap());
 }
 
 #[test]
