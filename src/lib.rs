@@ -41,6 +41,7 @@ pub mod msg;
 pub mod poll;
 #[cfg(not(flowipc_loom))]
 mod reactor;
+#[cfg(not(flowipc_loom))]
 pub mod schemas;
 #[cfg(not(flowipc_loom))]
 pub mod session;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use flowipc::msg::{Backing, MsgChannel, MsgOut};
 use flowipc::schemas::perf_demo_capnp::body;
-use flowipc::schemas::test_msgs_capnp::cool_msg;
+use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use flowipc::shm::{Arena, ArenaConfig, ShmHandle};
@@ -254,7 +254,7 @@ fn serve_msgs_with(s: UnixStream, backing: Backing, cfg: ChannelConfig) {
     let mut chan = MsgChannel::<body::Owned>::new(chan, backing);
     let mut cache: HashMap<usize, MsgOut<body::Owned>> = HashMap::new();
     while let Ok(Some(req)) = chan.recv_blocking(None) {
-        let size = match req.root().and_then(|r| r.which().map_err(Into::into)) {
+        let size = match req.which() {
             Ok(body::GetCacheReq(Ok(r))) => r
                 .get_file_name()
                 .ok()
@@ -282,7 +282,7 @@ fn serve_sink(s: UnixStream) {
     let chan = Channel::from_stream(s, config()).expect("channel");
     let mut chan = MsgChannel::<body::Owned>::new(chan, Backing::Heap);
     while let Ok(Some(msg)) = chan.recv_blocking(None) {
-        let seen = match msg.root().and_then(|r| Ok(r.which()?)) {
+        let seen = match msg.which() {
             Ok(body::GetCacheRsp(Ok(rsp))) => rsp.get_file_parts().ok().map(|parts| {
                 let first = parts
                     .get(0)
@@ -313,10 +313,10 @@ fn serve_struc(s: UnixStream, backing: Backing) {
 fn serve_struc_with(s: UnixStream, backing: Backing, cfg: ChannelConfig) {
     let chan = Channel::from_stream(s, cfg).expect("channel");
     let mut chan = struc::Channel::<cool_msg::Owned>::new(chan, backing).expect("struc channel");
-    let sum_request = struc::MsgType::of::<cool_msg::Owned>("sumRequest").expect("type");
+    let sum_request = CoolMsgKind::SumRequest;
     chan.start(|_| {}).expect("start");
     chan.expect_msgs(sum_request, |chan, req| {
-        let Ok(cool_msg::SumRequest(Ok(r))) = req.root().and_then(|r| Ok(r.which()?)) else {
+        let Ok(cool_msg::SumRequest(Ok(r))) = req.which() else {
             return;
         };
         let sum: i64 = r.get_terms_to_add().map(|t| t.iter().sum()).unwrap_or(0);

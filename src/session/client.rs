@@ -540,6 +540,10 @@ fn read_answer(rsp: &MsgIn<Master>, n_cli: u32, config: &SessionConfig) -> Resul
                     .and_then(|t| t.to_str().ok())
                     .unwrap_or("")
                     .to_owned();
+                log::warn!(
+                    target: "flowipc::session",
+                    "log-in refused by the server ({reason:?}): {detail}"
+                );
                 return Err(Error::LogInRejected { reason, detail });
             }
             Ok(log_in_rsp::Accepted(a)) => a,

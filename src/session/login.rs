@@ -283,6 +283,7 @@ fn try_answer(
                 r.set_detail(detail.as_str());
             }
             let _ = core.send(&mut rsp, Some(req_msg));
+            log::warn!(target: "flowipc::session", "log-in refused ({reason:?}): {detail}");
             return Ok(Err(Error::LogInRejected { reason, detail }));
         }
     };

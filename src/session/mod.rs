@@ -91,7 +91,7 @@
 //! c.send(&mut msg, None)?;
 //! # s.start(|_| {})?;
 //! # let got = loop {
-//! #     if let Some(m) = s.take_cached(flowipc::struc::MsgType::of::<cool_msg::Owned>("helloThere")?)? { break m; }
+//! #     if let Some(m) = s.take_cached(flowipc::schemas::test_msgs_capnp::CoolMsgKind::HelloThere)? { break m; }
 //! #     s.run_for(Duration::from_millis(10))?;
 //! # };
 //! # assert!(got.is_zero_copy());

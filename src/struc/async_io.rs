@@ -10,7 +10,7 @@ use capnp::dynamic_value;
 use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
-use super::{Channel, Error, Expect, MsgType, ReqId};
+use super::{Channel, Error, Expect, KindOf, ReqId};
 use crate::msg::{MsgIn, MsgOut};
 use crate::poll::Pollable;
 use crate::reactor::{self, Reactor, Registration, Source, Wait};
@@ -58,13 +58,13 @@ fn io(e: std::io::Error) -> Error {
 /// ```
 /// use std::time::{Duration, Instant};
 /// use flowipc::msg::Backing;
-/// use flowipc::schemas::test_msgs_capnp::cool_msg;
-/// use flowipc::struc::{AsyncChannel, Channel, MsgType};
+/// use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
+/// use flowipc::struc::{AsyncChannel, Channel};
 /// use flowipc::transport::{self, ChannelConfig};
 ///
 /// let (a, b) = transport::Channel::pair(ChannelConfig::new())?;
 /// let server = AsyncChannel::new(Channel::<cool_msg::Owned>::new(b, Backing::Heap)?)?;
-/// server.expect_msgs(MsgType::of::<cool_msg::Owned>("sumRequest")?, |chan, req| {
+/// server.expect_msgs(CoolMsgKind::SumRequest, |chan, req| {
 ///     let mut rsp = chan.create_msg();
 ///     rsp.init_root().init_sum_response().set_sum(42);
 ///     chan.send(&mut rsp, Some(&req)).unwrap();
@@ -76,7 +76,7 @@ fn io(e: std::io::Error) -> Error {
 /// let mut req = client.create_msg();
 /// req.init_root().init_sum_request();
 /// let rsp = client.sync_request(&mut req, None, Some(Duration::from_secs(10)))?;
-/// assert!(matches!(rsp.root()?.which()?, cool_msg::SumResponse(Ok(s)) if s.get_sum() == 42));
+/// assert!(matches!(rsp.which()?, cool_msg::SumResponse(Ok(s)) if s.get_sum() == 42));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct AsyncChannel<M: Owned> {
@@ -250,6 +250,8 @@ where
                 }
                 if timed_out && !core.is_hosed() {
                     Err(Error::Timeout)
+                } else if core.is_peer_ended() {
+                    Err(Error::PeerEnded)
                 } else {
                     Err(Error::Hosed)
                 }
@@ -277,7 +279,7 @@ where
     /// thread; later ones on the library thread).
     pub fn expect_msg(
         &self,
-        which: MsgType,
+        which: impl KindOf<M>,
         handler: impl FnOnce(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.with_core(|c| c.expect_msg(which, handler))
@@ -286,14 +288,14 @@ where
     /// See [`Channel::expect_msgs`] (cached messages are handed over inside this call).
     pub fn expect_msgs(
         &self,
-        which: MsgType,
+        which: impl KindOf<M>,
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.with_core(|c| c.expect_msgs(which, handler))
     }
 
     /// See [`Channel::undo_expect_msgs`].
-    pub fn undo_expect_msgs(&self, which: MsgType) -> Result<bool, Error> {
+    pub fn undo_expect_msgs(&self, which: impl KindOf<M>) -> Result<bool, Error> {
         self.try_core()?.undo_expect_msgs(which)
     }
 
@@ -308,7 +310,7 @@ where
     /// See [`Channel::set_remote_unexpected_response_handler`].
     pub fn set_remote_unexpected_response_handler(
         &self,
-        handler: impl FnMut(u64) + Send + 'static,
+        handler: impl FnMut(u64, &str) + Send + 'static,
     ) {
         self.core().set_remote_unexpected_response_handler(handler)
     }
@@ -326,6 +328,17 @@ where
     /// Whether a hosing error has been reported.
     pub fn is_hosed(&self) -> bool {
         self.core().is_hosed()
+    }
+
+    /// See [`Channel::is_peer_ended`].
+    pub fn is_peer_ended(&self) -> bool {
+        self.core().is_peer_ended()
+    }
+
+    /// See [`Channel::set_peer_end_handler`] (it runs on the library thread; inside this call
+    /// if the peer has ended already).
+    pub fn set_peer_end_handler(&self, handler: impl FnOnce(&mut Channel<M>) + Send + 'static) {
+        self.core().set_peer_end_handler(handler)
     }
 
     /// Ends sending gracefully; `on_done` runs (on the library thread) once everything sent so

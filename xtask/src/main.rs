@@ -272,28 +272,30 @@ fn generated_files(generated_dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Compiles the schemas and generates their Rust code into `out_dir`.
+/// Compiles the schemas and generates their Rust code into `out_dir` (capnpc's, and the message
+/// kinds flowipc-build adds, naming flowipc as `crate`).
 fn generate(schema_dir: &Path, schemas: &[Schema], out_dir: &Path) -> Result<()> {
-    let mut compile = capnpc_embedded::CompileCommand::new();
-    // The prefix makes the file names recorded in the output (`// source:` and the schema nodes'
-    // display names) relative, so the output does not depend on where the checkout is.
-    compile.src_prefix(schema_dir);
-    // Our schemas import none of the standard `/capnp/*.capnp` files (some distributions' `capnp`
-    // packages do not ship them, and users may compile these schemas with such a tool): keep it
-    // that way by not offering them.
-    compile.no_standard_import();
-    for schema in schemas {
-        compile.file(&schema.path);
-    }
-    let request = compile
-        .compile()
-        .map_err(|e| format!("capnp compile failed: {e}"))?;
-
-    capnpc::codegen::CodeGenerationCommand::new()
+    let mut build = flowipc_build::Schemas::new();
+    // The embedded compiler (`capnpc-embedded`, pinned here); the prefix makes the file names
+    // recorded in the output (`// source:` and the schema nodes' display names) relative, so
+    // the output does not depend on where the checkout is.
+    build
+        .compiler(flowipc_build::Compiler::Embedded)
+        .src_prefix(schema_dir)
+        // Our schemas import none of the standard `/capnp/*.capnp` files (some distributions'
+        // `capnp` packages do not ship them, and users may compile these schemas with such a
+        // tool): keep it that way by not offering them.
+        .no_standard_import()
         .output_directory(out_dir)
         .default_parent_module(vec![PARENT_MODULE.into()])
-        .run(&request[..])
-        .map_err(|e| format!("capnpc code generation failed: {e}"))?;
+        .capnp_root("::capnp")
+        .flowipc_root("crate");
+    for schema in schemas {
+        build.file(&schema.path);
+    }
+    build
+        .run()
+        .map_err(|e| format!("code generation failed: {e}"))?;
 
     for schema in schemas {
         if !out_dir.join(schema.file_name()).is_file() {

@@ -119,8 +119,14 @@ impl Arena {
         let max = self.shared.config.max_pools;
         // Claim an id arena-wide (all processes draw from pool 0's counter), without ever letting
         // the counter run past the limit.
-        let id = claim_pool_id(&pool0.hdr().next_pool_id, max)
-            .ok_or(Error::OutOfMemory { requested: size })?;
+        let Some(id) = claim_pool_id(&pool0.hdr().next_pool_id, max) else {
+            log::warn!(
+                target: "flowipc::shm",
+                "arena {:#x} is full: {max} pools (max_pools), a block of {size} bytes refused",
+                self.shared.id
+            );
+            return Err(Error::OutOfMemory { requested: size });
+        };
         let need = match class_for(size) {
             Some(c) => span_pages(c) * PAGE,
             None => large_pages(size).ok_or(Error::OutOfMemory { requested: size })? * PAGE,
@@ -136,6 +142,12 @@ impl Arena {
             self.shared.config.trim,
         )?;
         self.insert(pool)?;
+        log::info!(
+            target: "flowipc::shm",
+            "arena {:#x} grew: pool {id} of {} bytes (for a block of {size} bytes)",
+            self.shared.id,
+            capacity.min(MAX_POOL_BYTES)
+        );
         let pool = self.pool(id).ok_or(Error::UnknownPool(id))?;
         self.shared.hint.store(id, Ordering::Relaxed);
         match pool.alloc_block(size, flags, true) {
