@@ -225,7 +225,7 @@ fn corrupt_pool_headers() {
                 e,
                 Error::VersionMismatch {
                     found: 99,
-                    expected: 3
+                    expected: 4
                 }
             )
         }),

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::msg::Backing;
 use crate::schemas::session_capnp::{log_in_rsp, master};
-use crate::shm::{Arena, ArenaConfig};
+use crate::shm::Arena;
 use crate::struc::{self, MsgType};
 use crate::sys;
 use crate::transport;
@@ -261,7 +261,8 @@ impl ClientSession {
                 return Err(Error::Protocol("unexpected or repeated resource"));
             }
         }
-        let join = |fd: OwnedFd| Arena::join([fd], ArenaConfig::new().max_pools(1));
+        // (The other pools of a grown arena come once the session is open: see `pools`.)
+        let join = |fd: OwnedFd| Arena::join([fd], config.arena_config());
         let arenas = match (
             got.remove(&(proto::RES_SESSION_ARENA, 0)),
             got.remove(&(proto::RES_APP_ARENA, 0)),
@@ -289,6 +290,7 @@ impl ClientSession {
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        session.watch_growth();
         session.install_handlers(on_error, on_passive_open)?;
         self.session = session;
         self.init = init;

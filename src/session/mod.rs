@@ -108,6 +108,7 @@ mod error;
 pub(crate) mod lends;
 mod login;
 mod metadata;
+mod pools;
 mod proto;
 mod server;
 

@@ -8,6 +8,8 @@ use flowipc::session::{
     App, ClientApp, ClientApps, ClientSession, ConnectOptions, Error, ServerApp,
 };
 
+use flowipc::schemas::session_capnp::log_in;
+
 use super::dev_shm_leftovers;
 
 pub const T: Option<Duration> = Some(Duration::from_secs(30));
@@ -88,6 +90,24 @@ pub fn universe(dir: &Path) -> Universe {
         stranger,
         clients,
     }
+}
+
+/// Fills a hand-made log-in request as the real client would (this process, app `app`,
+/// SHM-classic over sockets, fds on).
+pub fn honest(l: &mut log_in::Builder<'_>, app: &str, server: &str) {
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    l.set_protocol_version(1);
+    l.set_client_app(app);
+    l.set_server_app(server);
+    l.set_pid(std::process::id() as i32);
+    l.set_uid(uid);
+    l.set_gid(gid);
+    let mut c = l.reborrow().init_config();
+    c.set_shm_kind(1);
+    c.set_native_handles(true);
 }
 
 /// Connects, retrying while the server is absent (the page's loop), for up to 30 s.

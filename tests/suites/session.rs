@@ -607,22 +607,6 @@ fn raw_log_in(srv: &ServerApp, fill: impl FnOnce(log_in::Builder<'_>)) -> Result
     }
 }
 
-fn honest(l: &mut log_in::Builder<'_>, app: &str, server: &str) {
-    let (uid, gid) = (
-        nix::unistd::geteuid().as_raw(),
-        nix::unistd::getegid().as_raw(),
-    );
-    l.set_protocol_version(1);
-    l.set_client_app(app);
-    l.set_server_app(server);
-    l.set_pid(std::process::id() as i32);
-    l.set_uid(uid);
-    l.set_gid(gid);
-    let mut c = l.reborrow().init_config();
-    c.set_shm_kind(1);
-    c.set_native_handles(true);
-}
-
 #[test]
 fn protocol_version_lies_and_bad_requests_are_rejected() {
     let dir = RunDir::new();
