@@ -83,11 +83,14 @@
 //!     move |chan, _metadata| tx.send(chan).unwrap(),
 //! )?;
 //!
-//! // The client opens a channel; both make it structured (zero-copy, in the session's arena).
+//! // The client opens a channel; both make it structured (zero-copy, in the session's arena;
+//! // small messages are copied, which costs less).
 //! let mut c = client.structured::<cool_msg::Owned>(client.open_channel(None)?)?;
 //! let mut s = session.structured::<cool_msg::Owned>(rx.recv()?)?;
 //! let mut msg = c.create_msg();
-//! msg.init_root().init_hello_there().set_num(7);
+//! let mut hello = msg.init_root().init_hello_there();
+//! hello.set_num(7);
+//! hello.set_greeting("hello ".repeat(1000).as_str());
 //! c.send(&mut msg, None)?;
 //! # s.start(|_| {})?;
 //! # let got = loop {
