@@ -37,7 +37,7 @@ use crate::transport::{Channel, Frame, OutFrame, SharedBytes};
 const SMALL_HEAP_SEGMENTS: usize = 6;
 const SMALL_HEAP_BYTES: usize = 16 << 10;
 
-/// Arena-backed messages of at most this many bytes (and [`SMALL_HEAP_SEGMENTS`] segments) are
+/// Arena-backed messages of at most this many bytes (and six segments) are
 /// sent inline by default: see [`MsgChannel::with_inline_max`].
 pub const DEFAULT_INLINE_MAX: usize = 4 << 10;
 

@@ -7,8 +7,10 @@ use crate::transport::{ChannelConfig, ChannelKind, WaitPolicy};
 /// Where a session's structured messages live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ShmKind {
-    /// SHM-classic: a session-scope arena and an app-scope arena, each one shared-memory pool
-    /// both processes map; messages cross without copies.
+    /// SHM-classic: a session-scope arena and an app-scope arena, shared-memory pools both
+    /// processes map (growing by pools up to [`SessionConfig::with_arena_limit`]); messages
+    /// cross without copies (small ones are copied, which costs less: see
+    /// [`MsgChannel::with_inline_max`](crate::msg::MsgChannel::with_inline_max)).
     #[default]
     Classic,
     /// No shared memory (the "vanilla" session): messages are copied through the sockets.

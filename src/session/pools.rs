@@ -36,6 +36,10 @@ impl Known {
             .is_some_and(|w| w & (1 << (id % 64)) != 0)
     }
 
+    fn count(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+
     fn set(&mut self, id: u32) {
         let word = id as usize / 64;
         if self.0.len() <= word {
@@ -108,6 +112,10 @@ impl Pools {
         // master. Two announcements at once may send a pool twice: the peer skips the second.)
         let new: Vec<u32> = {
             let known = lock(&self.known);
+            // (Every pool known here is known there: the common case, no list made.)
+            if known[i].count() >= arena.pool_count() {
+                return Ok(());
+            }
             arena
                 .pool_ids()
                 .into_iter()
