@@ -177,14 +177,8 @@ fn reported_once(count: &AtomicUsize, what: &str) {
 fn answering(s: &flowipc::session::Session, chan: flowipc::transport::Channel) -> Async {
     let c = Async::new(s.structured(chan).unwrap()).unwrap();
     c.expect_msgs(ty("sumRequest"), |chan, req| {
-        let Ok(cool_msg::SumRequest(Ok(r))) = req.root().and_then(|r| Ok(r.which()?)) else {
-            return;
-        };
-        let sum: i64 = r.get_terms_to_add().map(|t| t.iter().sum()).unwrap_or(0);
-        let mut rsp = chan.create_msg();
-        rsp.init_root().init_sum_response().set_sum(sum);
         // (The peer may be gone: its end is the session's to report.)
-        let _ = chan.send(&mut rsp, Some(&req));
+        let _ = common::msgs::answer_sum(chan, req);
     })
     .unwrap();
     c.expect_msgs(ty("blob"), |_, _| {}).unwrap();
@@ -451,13 +445,7 @@ fn load_client() {
     let u = universe(&env_dir());
     let n = env_n();
     let chans: Vec<_> = (0..LOAD_SESSIONS)
-        .map(|_| {
-            let (count, last) = Default::default();
-            let s = client(&u, SessionConfig::new(), &count, &last);
-            let c = Async::new(s.structured(s.open_channel(None).unwrap()).unwrap()).unwrap();
-            c.start(|_| {}).unwrap();
-            (s, c)
-        })
+        .map(|_| client_with_channel(&u))
         .collect();
     assert_eq!(recv_u64(&mut ctl), 1, "go");
     let totals = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
@@ -657,18 +645,24 @@ fn storm_log_in() {
     }
 }
 
-/// Logs in, opens a channel and makes `sync_request`s until killed (says 1 before the first).
-fn storm_requester() {
-    let mut ctl = child_socket();
-    let u = universe(&env_dir());
+/// In a child: a client session of app `cli` (its end counted nowhere) with a channel it
+/// opened, structured and started.
+fn client_with_channel(u: &Universe) -> (ClientSession, Async) {
     let s = client(
-        &u,
+        u,
         SessionConfig::new(),
         &Default::default(),
         &Default::default(),
     );
     let c = Async::new(s.structured(s.open_channel(None).unwrap()).unwrap()).unwrap();
     c.start(|_| {}).unwrap();
+    (s, c)
+}
+
+/// Logs in, opens a channel and makes `sync_request`s until killed (says 1 before the first).
+fn storm_requester() {
+    let mut ctl = child_socket();
+    let (_s, c) = client_with_channel(&universe(&env_dir()));
     send_u64(&mut ctl, 1);
     for i in 0.. {
         assert!(sum_request(&c, i).unwrap());
@@ -680,14 +674,7 @@ fn storm_large() {
     let mut ctl = child_socket();
     let u = universe(&env_dir());
     let big: u64 = std::env::var(BIG_ENV).unwrap().parse().unwrap();
-    let s = client(
-        &u,
-        SessionConfig::new(),
-        &Default::default(),
-        &Default::default(),
-    );
-    let c = Async::new(s.structured(s.open_channel(None).unwrap()).unwrap()).unwrap();
-    c.start(|_| {}).unwrap();
+    let (_s, c) = client_with_channel(&u);
     send_u64(&mut ctl, 1);
     loop {
         let mut m = c.create_msg();

@@ -333,13 +333,7 @@ fn cli_life() {
     // 2. Serve the sum request on a library thread.
     let s0 = struc::AsyncChannel::new(s.structured::<cool_msg::Owned>(s0).unwrap()).unwrap();
     s0.expect_msgs(ty("sumRequest"), |chan, req| {
-        let cool_msg::SumRequest(Ok(r)) = req.root().unwrap().which().unwrap() else {
-            panic!("not a sumRequest");
-        };
-        let sum: i64 = r.get_terms_to_add().unwrap().iter().sum();
-        let mut rsp = chan.create_msg();
-        rsp.init_root().init_sum_response().set_sum(sum);
-        chan.send(&mut rsp, Some(&req)).unwrap();
+        common::msgs::answer_sum(chan, req).unwrap()
     })
     .unwrap();
     s0.start(|e| panic!("s0: {e}")).unwrap();

@@ -663,13 +663,7 @@ fn concurrent_sync_requests_from_several_threads() {
         let (client, server) = async_pair(ab, bb);
         server
             .expect_msgs(ty("sumRequest"), |chan, req| {
-                let Ok(cool_msg::SumRequest(Ok(r))) = req.root().unwrap().which() else {
-                    panic!()
-                };
-                let sum: i64 = r.get_terms_to_add().unwrap().iter().sum();
-                let mut rsp = chan.create_msg();
-                rsp.init_root().init_sum_response().set_sum(sum);
-                chan.send(&mut rsp, Some(&req)).unwrap();
+                common::msgs::answer_sum(chan, req).unwrap()
             })
             .unwrap();
         server.start(|e| panic!("server: {e}")).unwrap();
