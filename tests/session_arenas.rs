@@ -165,6 +165,22 @@ fn session_arenas_grow_past_a_pool_up_to_their_limit_across_processes() {
             .sum();
         assert!(bytes <= limit, "{bytes} bytes of pools");
     }
+    // A second session of the same app (here) logs in to the grown app-scope arena: the pools
+    // past 0 come once its session is open.
+    let mut c2 = ClientSession::new(&u.cli, &u.srv, |_| {}).config(config());
+    c2.sync_connect().unwrap();
+    let s2 = server.accept(T).unwrap();
+    let want = s.arena(Scope::App).unwrap().pool_ids();
+    assert!(want.len() > 2, "{want:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c2.arena(Scope::App).unwrap().pool_ids() != want {
+        assert!(
+            Instant::now() < deadline,
+            "the app arena's pools never came"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop((c2, s2));
     send_u64(&mut cli.sock, 3);
     wait_ok(cli);
     drop((c, s, server));
