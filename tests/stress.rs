@@ -276,11 +276,13 @@ fn flood(shm: ShmKind) {
     };
     let (anon0, shmem0, blocks0) = (status_kib("RssAnon:"), status_kib("RssShmem:"), blocks());
     let t = Instant::now();
+    let mut words = 0;
     for i in 0..n {
         let mut m = c.create_msg();
         let mut h = m.init_root().init_hello_there();
         h.set_num(i as i64);
         h.set_greeting("flood");
+        words = m.size_in_words();
         c.send(&mut m, None)
             .unwrap_or_else(|e| panic!("send {i} of {n} refused: {e}"));
     }
@@ -289,9 +291,10 @@ fn flood(shm: ShmKind) {
     let shmem = status_kib("RssShmem:").saturating_sub(shmem0) * 1024;
     let held_blocks = blocks() - blocks0;
     println!(
-        "flood ({shm:?}): {n} messages accepted in {sent_in:?} by a peer that does not read; \
-         per queued message: {:.1} bytes private (RssAnon), {:.1} bytes shared (RssShmem), \
-         {:.4} session-arena blocks",
+        "flood ({shm:?}): {n} messages of {} bytes accepted in {sent_in:?} by a peer that does \
+         not read; per queued message: {:.1} bytes private (RssAnon), {:.1} bytes shared \
+         (RssShmem), {:.4} session-arena blocks",
+        words * 8,
         anon as f64 / n as f64,
         shmem as f64 / n as f64,
         held_blocks as f64 / n as f64
