@@ -7,6 +7,9 @@
 //! and copying (heap) modes. The server is this bench binary re-executed
 //! once (see `peer/mod.rs`); both processes are pinned alike (`FLOWIPC_PIN`, default `same`).
 //!
+//! A third group, `rtt/inline`, compares sending small arena-backed messages in place and
+//! inline (copied into the frame), size by size: where the default inline limit comes from.
+//!
 //! Run: `cargo bench --bench latency` (`-- rtt/zero_copy` for a subset).
 
 mod peer;
@@ -30,7 +33,8 @@ fn label(size: usize) -> String {
     match size {
         s if s >= 1 << 30 => format!("{}GiB", s >> 30),
         s if s >= 1 << 20 => format!("{}MiB", s >> 20),
-        s => format!("{}KiB", s >> 10),
+        s if s >= 1 << 10 => format!("{}KiB", s >> 10),
+        s => format!("{s}B"),
     }
 }
 
@@ -121,7 +125,39 @@ fn kinds(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rtt, kinds);
+/// Where sending a small arena-backed message inline (copied into the frame) stops paying off
+/// against sending it in place (a handle): the same round trip over two arena-backed channels
+/// that differ only in that, size by size, in one group. `MsgChannel`'s default inline limit
+/// (`msg::DEFAULT_INLINE_MAX`) is read off this.
+fn inline(c: &mut Criterion) {
+    let mut client = peer::start();
+    let mut g = c.benchmark_group("rtt/inline");
+    g.sampling_mode(SamplingMode::Flat);
+    g.sample_size(20);
+    g.warm_up_time(Duration::from_secs(1));
+    g.measurement_time(Duration::from_secs(2));
+    for size in [
+        64,
+        512,
+        1 << 10,
+        2 << 10,
+        4 << 10,
+        8 << 10,
+        16 << 10,
+        32 << 10,
+    ] {
+        for (i, (mode, _)) in peer::SEND_MODES.iter().enumerate() {
+            g.bench_with_input(BenchmarkId::new(*mode, label(size)), &size, |b, &size| {
+                timed(b, || {
+                    std::hint::black_box(client.send_mode_rtt(i, size));
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, rtt, kinds, inline);
 
 fn main() {
     peer::serve_if_peer();

@@ -1,6 +1,7 @@
 //! Loom models of pool publication: how an arena grows by a pool and how the other threads of
 //! the process find it ([`PoolTable`], which `Arena` keeps its pools in), how pool ids stay
-//! unique ([`claim_pool_id`], over pool 0's `next_pool_id`), and the pool header's magic word
+//! unique ([`claim_pool_id`], over pool 0's `next_pool_id`), how growth stays under the arena's
+//! byte limit ([`claim_up_to`], over pool 0's `pool_bytes`), and the pool header's magic word
 //! ([`publish_header`] / [`header_published`], as `Pool::create` and `Pool::open` use them).
 //!
 //! A model pool stands for a `Pool`: a few header words (loom atomics written `Relaxed`, as
@@ -15,7 +16,9 @@
 //! the pool (no magic yet) or sees every field.
 
 use flowipc::shm::layout::{LAYOUT_VERSION, MAGIC};
-use flowipc::shm::publish::{claim_pool_id, header_published, publish_header, PoolTable, Refused};
+use flowipc::shm::publish::{
+    claim_pool_id, claim_up_to, header_published, publish_header, PoolTable, Refused,
+};
 use loom::cell::UnsafeCell;
 use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use loom::sync::Arc;
@@ -159,6 +162,27 @@ fn concurrent_growth_unique_ids() {
             table.get(id).unwrap().check(id);
         }
         assert_eq!((table.count(), table.known()), (3, 3));
+    });
+}
+
+/// Model 2b, two growths claiming pool bytes at once under the arena's byte limit: 5 units left,
+/// each wants 3 and needs at least 2. Whichever claims first gets 3, the other the 2 that are
+/// left; the claims never sum past the limit, and a third claim finds no room.
+#[test]
+fn concurrent_growth_stays_under_the_byte_limit() {
+    model(|| {
+        let total = Arc::new(AtomicU64::new(0));
+        let growers: Vec<_> = (0..2)
+            .map(|_| {
+                let total = total.clone();
+                thread::spawn(move || claim_up_to(&total, 2, 3, 5, 1))
+            })
+            .collect();
+        let mut got: Vec<Option<u64>> = growers.into_iter().map(|g| g.join().unwrap()).collect();
+        got.sort_unstable();
+        assert_eq!(got, [Some(2), Some(3)]);
+        assert_eq!(total.load(Relaxed), 5);
+        assert_eq!(claim_up_to(&total, 1, 1, 5, 1), None);
     });
 }
 

@@ -11,7 +11,9 @@ struct Master {
     logIn @0 :LogIn;
     # Server -> client, the response to logIn.
     logInRsp @1 :LogInRsp;
-    # Server -> client, before logInRsp: one resource, its fd riding on the message.
+    # Server -> client, before logInRsp: one resource, its fd riding on the message. Either
+    # way, once the session is open: a pool of a session arena (kind 0 or 1, index: the pool
+    # id), one the peer may not know yet (the arenas grow by pools).
     resource @2 :Resource;
     # Either way, once the session is open: "here is the other end of a new channel" (its fd
     # rides on the message).
@@ -71,7 +73,7 @@ struct LogInRsp {
 
 struct Resource {
   # 0: session-scope arena pool, 1: app-scope arena pool, 2: init channel by client, 3: init
-  # channel by server.
+  # channel by server. For an arena pool, `index` is the pool id (0 at log-in).
   kind @0 :UInt8;
   index @1 :UInt32;
 }

@@ -51,7 +51,8 @@ fn the_session_tutorial_runs_as_two_programs() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "client: {text}");
     assert!(text.contains("server absent, retrying"), "{text}");
-    assert!(text.contains("42 (zero-copy: true)"), "{text}");
+    // (A small answer is copied into its frame, which costs less than a handle.)
+    assert!(text.contains("42 (zero-copy: false)"), "{text}");
     assert!(text.contains("sum = 12"), "{text}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {

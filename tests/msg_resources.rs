@@ -71,7 +71,9 @@ fn child_release() {
 fn send_read_rewrite() {
     let arena = Arena::create(ArenaConfig::new().pool_size(8 << 20)).unwrap();
     let peer = common::spawn_plain("read_and_drop");
-    let mut chan = chan_over(peer.sock.try_clone().unwrap(), Backing::Shm(arena.clone()));
+    // (Every message in place, the small one too: the handle path is under test.)
+    let mut chan =
+        chan_over(peer.sock.try_clone().unwrap(), Backing::Shm(arena.clone())).with_inline_max(0);
     let mut small = chan.create_msg();
     hello(&mut small, 7);
     let mut big = chan.create_msg();
@@ -108,7 +110,7 @@ fn a_sent_message_written_again_leaks_nothing_across_processes() {
 /// message's frame never reaches a reader: its reference is the caller's to give back).
 fn intercept(arena: &Arena, msg: &mut MsgOut<cool_msg::Owned>) -> LendBlob {
     let (a, mut from_tx) = Channel::pair(ChannelConfig::new()).unwrap();
-    let mut tx = Chan::new(a, Backing::Shm(arena.clone()));
+    let mut tx = Chan::new(a, Backing::Shm(arena.clone())).with_inline_max(0);
     tx.send(msg, None).unwrap();
     tx.flush_blocking(T).unwrap();
     // Pool announcements first (the first message of an arena), then the handle's frame:

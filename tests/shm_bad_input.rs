@@ -225,7 +225,7 @@ fn corrupt_pool_headers() {
                 e,
                 Error::VersionMismatch {
                     found: 99,
-                    expected: 3
+                    expected: 4
                 }
             )
         }),
@@ -268,6 +268,8 @@ fn pools_of_other_arenas_duplicates_and_missing_pool_zero() {
     let e = Arena::create(ArenaConfig::new().max_pools(0)).unwrap_err();
     assert!(matches!(e, Error::BadConfig(_)), "{e:?}");
     let e = Arena::create(ArenaConfig::new().pool_size(1)).unwrap_err();
+    assert!(matches!(e, Error::BadConfig(_)), "{e:?}");
+    let e = Arena::create(ArenaConfig::new().max_bytes(4096)).unwrap_err();
     assert!(matches!(e, Error::BadConfig(_)), "{e:?}");
     assert_sane(&a, 0);
     assert_sane(&b, 0);

@@ -386,3 +386,38 @@ fn add_pools_from_refuses_bad_shares_and_leaves_the_arena_as_it_was() {
     assert_usable(&joined);
     assert_usable(&arena);
 }
+
+/// The creator's byte limit is the arena's: a joiner that asks for none obeys it, the pools
+/// both grow by count against the same limit, and a growth that would pass it fails with
+/// `LimitReached` while what still fits goes on working, in both instances.
+#[test]
+fn the_creators_byte_limit_binds_every_instance() {
+    let limit = 3 << 20;
+    let arena = Arena::create(small_pools().max_bytes(limit)).unwrap();
+    let (mine, theirs) = UnixStream::pair().unwrap();
+    arena.send_to(&mine).unwrap();
+    let joined = Arena::join_from(&theirs, ArenaConfig::new().pool_size(1 << 20)).unwrap();
+    // Each grows the arena by a pool (1 MiB each, the joiner's is sized to fit its filler).
+    let a = grow_to(&arena, 2);
+    let b = joined.construct_zeroed::<Filler>().unwrap();
+    assert_ne!(b.block_ref().pool, 0);
+    arena.send_to(&mine).unwrap();
+    joined.add_pools_from(&theirs).unwrap();
+    let bytes = |x: &Arena| -> u64 {
+        x.pool_ids()
+            .iter()
+            .map(|&id| x.pool(id).unwrap().capacity())
+            .sum()
+    };
+    // Another pool passes the limit, whichever instance asks.
+    for x in [&arena, &joined] {
+        let e = x.construct_zeroed::<Filler>().unwrap_err();
+        assert!(
+            matches!(e, Error::LimitReached { limit: l, .. } if l == limit),
+            "{e:?}"
+        );
+        assert!(bytes(x) <= limit, "{} bytes of pools", bytes(x));
+        assert_usable(x);
+    }
+    drop((a, b));
+}

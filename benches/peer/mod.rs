@@ -3,7 +3,8 @@
 //!
 //! The measuring process (client) binds an abstract Unix socket and re-executes its own binary
 //! with [`PEER_ENV`] set; that process (server) connects: a raw socket for the ping-pong floor,
-//! a zero-copy (arena-backed) message channel and a heap (copying) one, two structured channels,
+//! a zero-copy (arena-backed) message channel and a heap (copying) one, two arena-backed ones
+//! that send every message in place and inline ([`Client::send_mode_rtt`]), two structured channels,
 //! and a sink that reads and drops what the client sends ([`Client::sink`]). Like
 //! Flow-IPC's perf_demo, a request names a size and the response carries that many bytes in
 //! 16 KiB parts (`GetCacheRsp.fileParts`). The server builds each size's response once and
@@ -97,6 +98,11 @@ fn kind_config(kind: ChannelKind, policy: WaitPolicy) -> ChannelConfig {
     config().with_kind(kind).with_wait_policy(policy)
 }
 
+/// Arena-backed message channels that differ only in how they send: every message in place
+/// (inline limit 0) or every message up to 64 KiB inline (copied into the frame), both sides
+/// alike. Comparing them size by size shows where copying starts to cost more than the handle.
+pub const SEND_MODES: [(&str, usize); 2] = [("in_place", 0), ("inline", 64 << 10)];
+
 /// Slots of the spin ping-pong, a cache line pair apart.
 const PING: usize = 0;
 const PONG: usize = 16;
@@ -121,6 +127,8 @@ pub struct Client {
     /// A structured channel like `struc_shm` (the same server), not started: for a face to
     /// take (`benches/faces.rs`).
     pub struc_spare: Option<struc::Channel<cool_msg::Owned>>,
+    /// One arena-backed channel per entry of [`SEND_MODES`].
+    pub modes: Vec<MsgChannel<body::Owned>>,
     server: Child,
 }
 
@@ -151,6 +159,7 @@ pub fn serve_if_peer() {
     let spin = connect();
     let sink = connect();
     let spare = connect();
+    let modes: Vec<UnixStream> = SEND_MODES.iter().map(|_| connect()).collect();
     let arena = Arena::create(ArenaConfig::new()).expect("arena");
     let small = Arena::create(ArenaConfig::new().pool_size(16 << 20)).expect("arena");
     let mut threads = vec![
@@ -161,11 +170,18 @@ pub fn serve_if_peer() {
                     shm_queue,
                     Backing::Shm(arena),
                     kind_config(ChannelKind::ShmQueue, WaitPolicy::default()),
+                    flowipc::msg::DEFAULT_INLINE_MAX,
                 )
             }
         }),
         std::thread::spawn(move || serve_spin(spin)),
     ];
+    for ((_, inline), s) in SEND_MODES.iter().zip(modes) {
+        let (arena, inline) = (arena.clone(), *inline);
+        threads.push(std::thread::spawn(move || {
+            serve_msgs_with(s, Backing::Shm(arena), config(), inline)
+        }));
+    }
     for ((_, kind, policy), s) in KINDS.iter().zip(kinds) {
         let small = small.clone();
         // The server's side of the busy-polling kind spins for up to 1 ms instead of forever:
@@ -246,12 +262,12 @@ fn serve_spin(s: UnixStream) {
 }
 
 fn serve_msgs(s: UnixStream, backing: Backing) {
-    serve_msgs_with(s, backing, config())
+    serve_msgs_with(s, backing, config(), flowipc::msg::DEFAULT_INLINE_MAX)
 }
 
-fn serve_msgs_with(s: UnixStream, backing: Backing, cfg: ChannelConfig) {
+fn serve_msgs_with(s: UnixStream, backing: Backing, cfg: ChannelConfig, inline: usize) {
     let chan = Channel::from_stream(s, cfg).expect("channel");
-    let mut chan = MsgChannel::<body::Owned>::new(chan, backing);
+    let mut chan = MsgChannel::<body::Owned>::new(chan, backing).with_inline_max(inline);
     let mut cache: HashMap<usize, MsgOut<body::Owned>> = HashMap::new();
     while let Ok(Some(req)) = chan.recv_blocking(None) {
         let size = match req.which() {
@@ -368,6 +384,7 @@ pub fn start() -> Client {
     let spin_sock = accept();
     let sink = accept();
     let spare = accept();
+    let modes: Vec<UnixStream> = SEND_MODES.iter().map(|_| accept()).collect();
     let arena = Arena::create(ArenaConfig::new().pool_size(64 << 20)).expect("arena");
     let chan = |s, cfg| Channel::from_stream(s, cfg).expect("channel");
     let structured = |s, backing, cfg| {
@@ -408,6 +425,14 @@ pub fn start() -> Client {
             struc::Channel::new(chan(spare, config()), Backing::Shm(arena.clone()))
                 .expect("struc channel"),
         ),
+        modes: SEND_MODES
+            .iter()
+            .zip(modes)
+            .map(|((_, inline), s)| {
+                MsgChannel::new(chan(s, config()), Backing::Shm(arena.clone()))
+                    .with_inline_max(*inline)
+            })
+            .collect(),
         server,
     }
 }
@@ -461,6 +486,11 @@ impl Client {
             &mut self.heap
         };
         round_trip(chan, size)
+    }
+
+    /// One round trip for `size` bytes over the channel of send mode `i` (see [`SEND_MODES`]).
+    pub fn send_mode_rtt(&mut self, i: usize, size: usize) -> u8 {
+        round_trip(&mut self.modes[i], size)
     }
 
     /// One structured `sync_request` (a small `sumRequest`) and its `sumResponse`.

@@ -9,7 +9,8 @@
 //!   Sent once per pool, before the first handle that points into it.
 //! * `SHM`: a 32-byte lend blob naming the message's segment table in the arena.
 //! * `HEAP`: the message in capnp's standard stream framing (segment count - 1, sizes in words,
-//!   padding to 8 bytes, then the segments).
+//!   padding to 8 bytes, then the segments): a heap-backed message, or a small arena-backed one
+//!   (see [`MsgChannel::with_inline_max`]).
 //! * `NOTICE`: the id of our message that the peer received as a response nobody expected is
 //!   the header's answered id; a description follows (UTF-8, at most 512 bytes, possibly none).
 //!
@@ -40,6 +41,10 @@ pub(crate) const MAX_NOTICE_TEXT: usize = 512;
 /// reference.
 const SMALL_HEAP_SEGMENTS: usize = 6;
 const SMALL_HEAP_BYTES: usize = 16 << 10;
+
+/// Arena-backed messages of at most this many bytes (and six segments) are
+/// sent inline by default: see [`MsgChannel::with_inline_max`].
+pub const DEFAULT_INLINE_MAX: usize = 4 << 10;
 
 /// What a frame turned out to be, for the layers that care about more than messages.
 #[derive(Debug)]
@@ -73,6 +78,8 @@ pub struct MsgChannel<M: Owned> {
     /// Arenas whose handles we accept, by the 32-bit tag blobs carry.
     arenas: SmallMap<u32, Arena>,
     next_id: u64,
+    /// Arena messages of at most this many bytes are copied into their frame.
+    inline_max: usize,
     /// The session token every frame carries (both ways), if the channel belongs to a session.
     token: Option<u128>,
     hosing: Hosing,
@@ -102,6 +109,7 @@ impl<M: Owned> MsgChannel<M> {
             announced: SmallMap::default(),
             arenas,
             next_id: 1,
+            inline_max: DEFAULT_INLINE_MAX,
             token: None,
             hosing: Hosing::default(),
             _root: std::marker::PhantomData,
@@ -127,6 +135,25 @@ impl<M: Owned> MsgChannel<M> {
             self.arenas.insert(arena.id() as u32, arena.clone());
         }
         self
+    }
+
+    /// Sends arena-backed messages of at most `bytes` bytes (used bytes of their segments, at
+    /// most six segments) inline: copied into the frame like a heap message, instead of in
+    /// place. Default: [`DEFAULT_INLINE_MAX`] (4 KiB), where copying a message costs less than
+    /// the handle (freeze, lend, borrow, release): measured by `cargo bench --bench latency --
+    /// rtt/inline`. A message waiting in the send queue (a peer that does not read) then holds
+    /// only its bytes of private memory, no arena block; the receiver's [`MsgIn`] is not
+    /// [zero-copy](MsgIn::is_zero_copy) and the sent `MsgOut` is not frozen. `0`: every arena
+    /// message goes in place. Larger messages always go in place, whatever their size (a
+    /// 1 GiB message costs what a 1 KiB one does).
+    pub fn with_inline_max(mut self, bytes: usize) -> Self {
+        self.inline_max = bytes;
+        self
+    }
+
+    /// See [`with_inline_max`](MsgChannel::with_inline_max).
+    pub fn inline_max(&self) -> usize {
+        self.inline_max
     }
 
     /// The session token frames carry, if any.
@@ -320,15 +347,21 @@ impl<M: Owned> MsgChannel<M> {
         fd: Option<BorrowedFd<'_>>,
         answers: u64,
     ) -> Result<u64, Error> {
+        // Small (heap-backed, or arena-backed up to the inline limit): the segments are copied
+        // into the frame as they are (the transport copies what it has to queue), with no
+        // allocation, no freeze and, for an arena message, no shared memory held while the
+        // frame waits.
+        let limit = match out.arena() {
+            Some(_) => self.inline_max,
+            None => SMALL_HEAP_BYTES,
+        };
+        let segs = out.output_segments();
+        let bytes = segs.iter().fold(0usize, |a, s| a.saturating_add(s.len()));
+        if segs.len() <= SMALL_HEAP_SEGMENTS && bytes <= limit {
+            return self.send_heap_parts(&segs, fd, answers);
+        }
+        drop(segs);
         let Some(arena) = out.arena() else {
-            // Heap, small: the segments are copied into the socket as they are (the transport
-            // copies what it has to queue), with no allocation and no freeze.
-            let segs = out.output_segments();
-            let bytes = segs.iter().fold(0usize, |a, s| a.saturating_add(s.len()));
-            if segs.len() <= SMALL_HEAP_SEGMENTS && bytes <= SMALL_HEAP_BYTES {
-                return self.send_heap_parts(&segs, fd, answers);
-            }
-            drop(segs);
             // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen
             // while queued) rather than copying.
             let parts = out.share_heap().map_err(local)?;

@@ -8,6 +8,11 @@
 //! (for a one-segment message, the segment block itself); the last one dropped, in whichever
 //! process, frees every segment.
 //!
+//! A small arena-backed message (up to 4 KiB by default, see
+//! [`MsgChannel::with_inline_max`]) is copied into its frame instead: below that size the copy
+//! costs less than the handle, and a message waiting for a peer that does not read holds only
+//! its bytes, no arena block.
+//!
 //! A sent message is *frozen* while a receiver holds it: writing to the `MsgOut` again copies it
 //! first (copy-on-write, like [`Arc::make_mut`](std::sync::Arc::make_mut)), so a `MsgIn` never
 //! sees bytes change under it. Re-sending an unchanged `MsgOut` adds one reference and copies
@@ -28,15 +33,21 @@
 //! let mut rx = MsgChannel::<body::Owned>::new(b, Backing::Heap);
 //!
 //! let mut msg = tx.create_msg();
-//! msg.init_root().init_get_cache_req().set_file_name("/etc/motd");
-//! tx.send(&mut msg, None)?;
+//! let mut part = msg.init_root().init_get_cache_rsp().init_file_parts(1).get(0);
+//! part.init_data(1 << 20).fill(7);
+//! tx.send(&mut msg, None)?; // 1 MiB: sent in place
 //!
 //! let got = rx.recv_blocking(None)?.expect("a message");
 //! assert!(got.is_zero_copy());
 //! match got.root()?.which()? {
-//!     body::GetCacheReq(req) => assert_eq!(req?.get_file_name()?.to_str()?, "/etc/motd"),
+//!     body::GetCacheRsp(rsp) => assert_eq!(rsp?.get_file_parts()?.get(0).get_data()?[0], 7),
 //!     _ => unreachable!(),
 //! }
+//!
+//! let mut small = tx.create_msg();
+//! small.init_root().init_get_cache_req().set_file_name("/etc/motd");
+//! tx.send(&mut small, None)?; // small: copied into the frame
+//! assert!(!rx.recv_blocking(None)?.expect("a message").is_zero_copy());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -51,7 +62,7 @@ use std::os::fd::OwnedFd;
 use capnp::message::{Reader, ReaderOptions, ReaderSegments};
 use capnp::traits::Owned;
 
-pub use self::channel::{Backing, MsgChannel};
+pub use self::channel::{Backing, MsgChannel, DEFAULT_INLINE_MAX};
 pub use self::error::Error;
 pub use crate::shm::segments::SegmentSizes;
 use crate::shm::segments::{Adopted, OutMsg, ShmSegments};

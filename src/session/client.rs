@@ -16,7 +16,7 @@ use super::{
 use crate::msg::{Backing, MsgIn};
 use crate::poll::{Interest, Pollable};
 use crate::schemas::session_capnp::{log_in_rsp, master};
-use crate::shm::{Arena, ArenaConfig};
+use crate::shm::Arena;
 use crate::struc::{self, MsgType};
 use crate::sync::lock;
 use crate::sys;
@@ -296,6 +296,7 @@ impl ClientSession {
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        session.watch_growth();
         session.install_handlers(on_error, on_passive_open)?;
         self.session = session;
         self.init = init;
@@ -494,7 +495,8 @@ impl Connecting {
         let mut core = core.into_inner().unwrap_or_else(|e| e.into_inner());
         let a = accepted.ok_or(Error::NotStarted)?;
         let mut got = a.got;
-        let join = |fd: OwnedFd| Arena::join([fd], ArenaConfig::new().max_pools(1));
+        // (The other pools of a grown arena come once the session is open: see `pools`.)
+        let join = |fd: OwnedFd| Arena::join([fd], config.arena_config());
         let arenas = match (
             got.remove(&(proto::RES_SESSION_ARENA, 0)),
             got.remove(&(proto::RES_APP_ARENA, 0)),

@@ -7,8 +7,10 @@ use crate::transport::{ChannelConfig, ChannelKind, WaitPolicy};
 /// Where a session's structured messages live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ShmKind {
-    /// SHM-classic: a session-scope arena and an app-scope arena, each one shared-memory pool
-    /// both processes map; messages cross without copies.
+    /// SHM-classic: a session-scope arena and an app-scope arena, shared-memory pools both
+    /// processes map (growing by pools up to [`SessionConfig::with_arena_limit`]); messages
+    /// cross without copies (small ones are copied, which costs less: see
+    /// [`MsgChannel::with_inline_max`](crate::msg::MsgChannel::with_inline_max)).
     #[default]
     Classic,
     /// No shared memory (the "vanilla" session): messages are copied through the sockets.
@@ -56,6 +58,7 @@ pub struct SessionConfig {
     wait_policy: WaitPolicy,
     native_handles: bool,
     pool_size: u64,
+    arena_limit: u64,
     keep_alive: Option<(Duration, Duration)>,
     log_in_timeout: Duration,
     open_timeout: Duration,
@@ -71,6 +74,7 @@ impl Default for SessionConfig {
             wait_policy: WaitPolicy::default(),
             native_handles: true,
             pool_size: 1 << 30,
+            arena_limit: 64 << 30,
             keep_alive: Some((Duration::from_secs(1), Duration::from_secs(5))),
             log_in_timeout: Duration::from_secs(10),
             open_timeout: Duration::from_secs(60),
@@ -82,7 +86,7 @@ impl Default for SessionConfig {
 
 impl SessionConfig {
     /// The defaults: SHM-classic, socket channels with fd passing, 1 GiB pools (sparse: only
-    /// touched pages cost memory), a keep-alive ping every second and a 5-second idle timeout on
+    /// touched pages cost memory) up to 64 GiB per arena, a keep-alive ping every second and a 5-second idle timeout on
     /// the session's own channel, 10 s to log in, 60 s to open a channel.
     pub fn new() -> Self {
         Self::default()
@@ -121,10 +125,24 @@ impl SessionConfig {
         self
     }
 
-    /// Bytes of each arena's one pool (the server's setting decides). Arenas do not grow past it:
-    /// a message that does not fit fails to send with an out-of-memory error.
+    /// Bytes of each pool of the session's arenas: the first one (the server's setting), and
+    /// those each side grows the arenas by when they are full (each side's own; a message
+    /// larger than a pool gets a pool of its own, sized to fit). See
+    /// [`with_arena_limit`](SessionConfig::with_arena_limit).
     pub fn with_pool_size(mut self, bytes: u64) -> Self {
         self.pool_size = bytes;
+        self
+    }
+
+    /// Most bytes each of the session's arenas may take, its pools together (default 64 GiB;
+    /// pools are sparse, so this bounds the memory an arena can ever use, not what it uses).
+    /// The server's setting decides, for both sides: it is recorded in each arena when the
+    /// server makes it (the app-scope arena, shared by the app's sessions, at the app's first
+    /// log-in). An arena grows by pools up to it; past it, what does not fit fails with
+    /// [`shm::Error::LimitReached`](crate::shm::Error::LimitReached) (sending a message:
+    /// [`msg::Error::Shm`](crate::msg::Error::Shm), not fatal), and the session goes on.
+    pub fn with_arena_limit(mut self, bytes: u64) -> Self {
+        self.arena_limit = bytes;
         self
     }
 
@@ -170,6 +188,20 @@ impl SessionConfig {
     /// See [`with_pool_size`](SessionConfig::with_pool_size).
     pub fn pool_size(&self) -> u64 {
         self.pool_size
+    }
+
+    /// See [`with_arena_limit`](SessionConfig::with_arena_limit).
+    pub fn arena_limit(&self) -> u64 {
+        self.arena_limit
+    }
+
+    /// The configuration of the arenas the session makes or joins (`max_bytes` applies where
+    /// the server makes them).
+    pub(crate) fn arena_config(&self) -> crate::shm::ArenaConfig {
+        crate::shm::ArenaConfig::new()
+            .pool_size(self.pool_size)
+            .max_pools(1024)
+            .max_bytes(self.arena_limit)
     }
 
     /// See [`with_keep_alive`](SessionConfig::with_keep_alive).

@@ -12,6 +12,7 @@ use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
 use super::lends::Lends;
+use super::pools::Pools;
 use super::{Error, Metadata, SessionConfig};
 use crate::hosing::{Hosing, Report};
 use crate::msg::{Backing, MsgChannel, MsgIn};
@@ -161,6 +162,7 @@ pub struct Session {
     app_arena: Option<Arena>,
     hosed: Arc<AtomicBool>,
     lends: Arc<Lends>,
+    pools: Arc<Pools>,
 }
 
 impl std::fmt::Debug for Session {
@@ -187,6 +189,7 @@ impl Session {
             app_arena: None,
             hosed: Arc::new(AtomicBool::new(false)),
             lends: Arc::new(Lends::server(&(None, None))),
+            pools: Arc::new(Pools::new(&(None, None))),
         }
     }
 
@@ -241,12 +244,28 @@ impl Session {
                 }
             },
         )?;
-        // After log-in only channel openings and their answers come: anything else is dropped.
-        for other in ["logIn", "logInRsp", "resource"] {
+        // After log-in, the pools either side's arenas grew by come as resources (see `pools`).
+        let pools = Arc::new(Pools::new(&arenas));
+        let (tx_res, sink) = (events.clone(), pools.clone());
+        master.expect_msgs(MsgType::of::<Master>("resource")?, move |_, mut m| {
+            let fd = m.take_fd();
+            let got = match m.root().and_then(|r| Ok(r.which()?)) {
+                Ok(master::Resource(Ok(r))) => sink.received(r.get_kind(), r.get_index(), fd),
+                _ => Err(Error::Protocol("unreadable resource")),
+            };
+            if let Err(e) = got {
+                tx_res.push(Event::Error(e));
+            }
+        })?;
+        // Only channel openings and their answers come besides: anything else is dropped.
+        for other in ["logIn", "logInRsp"] {
             master.expect_msgs(MsgType::of::<Master>(other)?, |_, _| {})?;
         }
         let tx_err = events.clone();
         master.start_in(&reactor, move |e| tx_err.push(Event::Error(e.into())))?;
+        pools.set_master(&master);
+        // The pools past 0 of an app-scope arena that grew before this session.
+        pools.announce_all()?;
         Ok(Session {
             link: Some(Link {
                 reactor,
@@ -264,7 +283,14 @@ impl Session {
             app_arena: arenas.1,
             hosed: Arc::new(AtomicBool::new(false)),
             lends,
+            pools,
         })
+    }
+
+    /// Has this side's growth of the session's arenas announced to the peer at once (the
+    /// client's: see `pools`).
+    pub(crate) fn watch_growth(&self) {
+        self.pools.watch_growth();
     }
 
     /// Installs the user's handlers (once): from now on the session is usable, and its events
@@ -512,11 +538,14 @@ impl Session {
     /// refused ([`Error::Hosed`]).
     pub fn lend_object<T: ShmSafe>(&self, handle: &ShmHandle<T>) -> Result<LendBlob, Error> {
         let id = handle.arena().id();
-        if self.arenas()?.any(|a| a.id() == id) {
-            self.lends.lend(handle)
-        } else {
-            Err(Error::ForeignArena)
+        if !self.arenas()?.any(|a| a.id() == id) {
+            return Err(Error::ForeignArena);
         }
+        // The pool goes to the peer before the blob can (see `pools`).
+        self.pools
+            .announce(handle.arena())
+            .map_err(|e| self.report(e))?;
+        self.lends.lend(handle)
     }
 
     /// Borrows the object the peer lent (see [`lend_object`](Session::lend_object)). A dead
@@ -527,7 +556,19 @@ impl Session {
             .arenas()?
             .find(|a| a.id() as u32 == blob.arena_tag())
             .ok_or(Error::Shm(crate::shm::Error::ForeignBlob))?;
-        self.lends.borrow(arena, blob)
+        match self.lends.borrow(arena, blob) {
+            // A pool the peer made: its announcement is on its way on the master channel.
+            Err(Error::Shm(crate::shm::Error::UnknownPool(id)))
+                if self.pools.wait_for(
+                    arena,
+                    id,
+                    std::time::Instant::now() + self.config.open_timeout(),
+                ) =>
+            {
+                self.lends.borrow(arena, blob)
+            }
+            r => r,
+        }
     }
 
     /// The session's arenas (session scope, then app scope); [`Error::NoArena`] in a vanilla

@@ -18,7 +18,7 @@ use super::{ClientApp, Error, InitChannels, Metadata, Rejection, Session, ShmKin
 use crate::msg::{Backing, MsgIn};
 use crate::poll::{Interest, Pollable};
 use crate::reactor::{Source, Wait};
-use crate::shm::{Arena, ArenaConfig};
+use crate::shm::Arena;
 use crate::struc::{self, MsgType};
 use crate::sync::lock;
 use crate::sys;
@@ -346,7 +346,7 @@ fn provide(
     let refuse = |detail: String| (Rejection::Resources, detail);
     // Arenas: the session's own, and the client app's (made at its first session).
     let arenas = if cfg.shm() == ShmKind::Classic {
-        let pool = ArenaConfig::new().pool_size(cfg.pool_size()).max_pools(1);
+        let pool = cfg.arena_config();
         let session = Arena::create(pool.clone());
         let app = {
             let mut m = lock(&shared.app_arenas);

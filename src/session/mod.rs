@@ -29,6 +29,17 @@
 //! whatever the order in which the library met the events and also when the handlers are
 //! installed after the cause: never the `Hosed` that calls meeting the ended session get.
 //!
+//! # Arenas grow
+//!
+//! The session-scope and app-scope arenas start with one pool
+//! ([`SessionConfig::with_pool_size`]) and grow by pools, either side's allocations alike, up
+//! to the arena limit ([`SessionConfig::with_arena_limit`], the server's, recorded in each
+//! arena); past it an allocation fails with [`shm::Error::LimitReached`](crate::shm::Error)
+//! and the session goes on. A pool one side makes reaches the other before any handle into it
+//! can: a structured channel announces it ahead of the message, a lend on the session's own
+//! channel ahead of the blob (the peer's [`borrow_object`](Session::borrow_object) waits for
+//! it if the blob came faster, by another way), and the client announces its own growth at once.
+//!
 //! # When a client dies
 //!
 //! A client keeps, in its session arena, a ledger of what it holds of the objects of the
@@ -83,11 +94,14 @@
 //!     move |chan, _metadata| tx.send(chan).unwrap(),
 //! )?;
 //!
-//! // The client opens a channel; both make it structured (zero-copy, in the session's arena).
+//! // The client opens a channel; both make it structured (zero-copy, in the session's arena;
+//! // small messages are copied, which costs less).
 //! let mut c = client.structured::<cool_msg::Owned>(client.open_channel(None)?)?;
 //! let mut s = session.structured::<cool_msg::Owned>(rx.recv()?)?;
 //! let mut msg = c.create_msg();
-//! msg.init_root().init_hello_there().set_num(7);
+//! let mut hello = msg.init_root().init_hello_there();
+//! hello.set_num(7);
+//! hello.set_greeting("hello ".repeat(1000).as_str());
 //! c.send(&mut msg, None)?;
 //! # s.start(|_| {})?;
 //! # let got = loop {
@@ -108,6 +122,7 @@ mod error;
 pub(crate) mod lends;
 mod login;
 mod metadata;
+mod pools;
 mod proto;
 mod server;
 mod sync_io;

@@ -43,6 +43,16 @@ pub enum Error {
         /// Requested payload bytes.
         requested: usize,
     },
+    /// The arena has no room for the request, and a pool that would hold it would take the
+    /// arena's pools past their byte limit (see
+    /// [`ArenaConfig::max_bytes`](crate::shm::ArenaConfig::max_bytes)). Nothing was made: what
+    /// fits still does.
+    LimitReached {
+        /// Requested payload bytes.
+        requested: usize,
+        /// The arena's byte limit.
+        limit: u64,
+    },
     /// The request exceeds what one pool can ever hold.
     TooLarge {
         /// Requested payload bytes.
@@ -119,6 +129,10 @@ impl Error {
             OutOfMemory { requested } => OutOfMemory {
                 requested: *requested,
             },
+            LimitReached { requested, limit } => LimitReached {
+                requested: *requested,
+                limit: *limit,
+            },
             TooLarge { requested, max } => TooLarge {
                 requested: *requested,
                 max: *max,
@@ -163,6 +177,11 @@ impl fmt::Display for Error {
             Error::OutOfMemory { requested } => {
                 write!(f, "arena exhausted: no room for {requested} bytes")
             }
+            Error::LimitReached { requested, limit } => write!(
+                f,
+                "arena limit reached: no room for {requested} bytes, and a new pool for them \
+                 would take the arena past {limit} bytes"
+            ),
             Error::TooLarge { requested, max } => {
                 write!(
                     f,

@@ -26,7 +26,7 @@ pub const NUM_SLOTS: usize = 64;
 /// Identifies a flowipc pool ("FLOWIPC" + NUL, little-endian).
 pub const MAGIC: u64 = u64::from_le_bytes(*b"FLOWIPC\0");
 /// Version of this layout; pools of another version are refused.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Largest pool: the free-list heads keep offsets in 32 bits of 16-byte units (leaving 32 bits
 /// of ABA tag). Arenas hold many pools, so this bounds one block, not an arena.
 pub const MAX_POOL_BYTES: u64 = 1 << 36;

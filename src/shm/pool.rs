@@ -55,6 +55,12 @@ pub(crate) struct PoolHeader {
     /// The first page of the ledger a session's client keeps in this (session-scope) arena, if
     /// any (see `shm::ledger`): `pool << 36 | payload offset`, 0 for none.
     pub(crate) ledger: AtomicU64,
+    /// Most bytes the arena's pools may take together (used in pool 0 only; written by the
+    /// creator, obeyed by every process that grows the arena).
+    pub(crate) byte_limit: AtomicU64,
+    /// Bytes of the arena's pools so far, claimed before each pool is made (pool 0 only; see
+    /// [`claim_up_to`](super::publish::claim_up_to)).
+    pub(crate) pool_bytes: AtomicU64,
 }
 
 const_assert!(std::mem::size_of::<PoolHeader>() as u64 <= HEADER_BYTES);
@@ -107,8 +113,15 @@ impl fmt::Debug for Pool {
 
 impl Pool {
     /// Creates a pool of `capacity` bytes (rounded up to pages). The memory is sparse: pages cost
-    /// RAM only once touched.
-    pub(crate) fn create(id: u32, arena_id: u64, capacity: u64, trim: bool) -> Result<Pool> {
+    /// RAM only once touched. Pool 0 records the arena's byte limit, `limit`, and counts its own
+    /// bytes as the first claimed against it.
+    pub(crate) fn create(
+        id: u32,
+        arena_id: u64,
+        capacity: u64,
+        trim: bool,
+        limit: u64,
+    ) -> Result<Pool> {
         let capacity = capacity.div_ceil(PAGE) * PAGE;
         if capacity < MIN_POOL_BYTES {
             return Err(Error::BadConfig("pool smaller than the minimum pool size"));
@@ -129,6 +142,10 @@ impl Pool {
         h.heap_off.store(pool.heap_off, Ordering::Relaxed);
         h.arena_id.store(arena_id, Ordering::Relaxed);
         h.next_pool_id.store(1, Ordering::Relaxed);
+        if id == 0 {
+            h.byte_limit.store(limit, Ordering::Relaxed);
+            h.pool_bytes.store(capacity, Ordering::Relaxed);
+        }
         h.bump.0.store(pool.heap_off, Ordering::Relaxed);
         // A process that sees the magic sees the fields above.
         publish_header(&h.magic, MAGIC);

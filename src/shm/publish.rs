@@ -15,6 +15,9 @@
 //! * **Id claim** (pool 0's `next_pool_id`, shared by all processes): a CAS loop, `Relaxed`,
 //!   that never passes the limit ([`claim_pool_id`]). It orders nothing: the id's uniqueness is
 //!   all it gives (the RMWs of one word form one total order).
+//! * **Byte claim** (pool 0's `pool_bytes`, shared by all processes, against its `byte_limit`):
+//!   the same bounded CAS loop, claiming a pool's bytes before the pool is made
+//!   ([`claim_up_to`]); `Relaxed`, for the same reason. The claims never sum past the limit.
 //! * **Slot** (process-local, one per pool id): the pool, boxed and fully built, is published by
 //!   a CAS from null (`Release`, so it also refuses a second pool of the same id); readers load
 //!   the slot with `Acquire` ([`PoolTable::get`]) and see the whole `Pool` (its header fields
@@ -59,6 +62,26 @@ pub fn claim_pool_id(next: &AtomicU32, max: u32) -> Option<u32> {
         match next.compare_exchange_weak(id, id + 1, Ordering::Relaxed, Ordering::Relaxed) {
             Ok(_) => return Some(id),
             Err(now) => id = now,
+        }
+    }
+}
+
+/// Claims between `least` and `want` units (both multiples of `unit`) from the arena-wide
+/// running total `total`, never letting it pass `limit`: as much of `want` as fits, in whole
+/// `unit`s, if that is at least `least`. Returns the amount claimed, or `None` if not even
+/// `least` fits. Claims from any number of threads and processes sum to at most `limit`.
+#[inline]
+pub fn claim_up_to(total: &AtomicU64, least: u64, want: u64, limit: u64, unit: u64) -> Option<u64> {
+    let mut cur = total.load(Ordering::Relaxed);
+    loop {
+        let room = limit.saturating_sub(cur) / unit * unit;
+        if room < least {
+            return None;
+        }
+        let n = want.min(room);
+        match total.compare_exchange_weak(cur, cur + n, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Some(n),
+            Err(now) => cur = now,
         }
     }
 }

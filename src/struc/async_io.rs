@@ -359,6 +359,11 @@ where
 }
 
 impl<M: Owned> AsyncChannel<M> {
+    /// The reactor that drives the channel, once started.
+    pub(crate) fn reactor(&self) -> Option<&std::sync::Arc<Reactor>> {
+        self.reg.get().map(|r| r.reactor())
+    }
+
     /// Stops waiting for `req`'s responses: a late one is dropped quietly (as a timed-out
     /// `sync_request`'s is). (Not from one of the channel's own handlers: nothing is done.)
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]

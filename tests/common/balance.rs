@@ -73,20 +73,38 @@ pub fn balanced(rounds: usize, arenas: &[&Arena], mut round: impl FnMut(usize)) 
 
 /// Runs `body` in a process of its own: this test binary re-executed to run only `test` (the
 /// calling test's name, as the harness knows it), so that process-wide counts measure `body`
-/// alone. In the parent, waits for that process and asserts it ran the test and passed.
+/// alone. In the parent, waits for that process and asserts it ran the test and passed, and
+/// passes on what the body printed (seen with `--nocapture`). Ignored tests run isolated too.
 pub fn isolated(test: &str, body: impl FnOnce()) {
     if std::env::var(ISOLATED_ENV).as_deref() == Ok(test) {
         body();
         return;
     }
     let out = Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            test,
+            "--exact",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ISOLATED_ENV, test)
         .stdin(Stdio::null())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // (The harness's own lines left out; its "test <name> ... " may start the body's first.)
+    for line in stdout.lines() {
+        let line = match line.strip_prefix("test ") {
+            Some(rest) => rest.split_once(" ... ").map_or("", |(_, after)| after),
+            None => line,
+        };
+        let harness = line.starts_with("running ") || line.starts_with("test result:");
+        if !line.is_empty() && !harness && line != "ok" {
+            println!("{line}");
+        }
+    }
     assert!(
         out.status.success() && stdout.contains("1 passed"),
         "isolated run of {test} failed ({}):\n{stdout}\n{stderr}",
@@ -94,12 +112,28 @@ pub fn isolated(test: &str, body: impl FnOnce()) {
     );
 }
 
+/// A field of `/proc/self/status` in KiB (`"VmRSS:"`, `"RssAnon:"`, `"RssShmem:"`...); 0 if
+/// absent.
+pub fn status_kib(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Threads of this process.
+pub fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
 /// Open fds of this process (the directory handle used to list them not counted).
 pub fn open_fds() -> usize {
     fd_targets().len()
 }
 
-fn fd_targets() -> Vec<String> {
+pub fn fd_targets() -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return Vec::new();
     };

@@ -3,8 +3,9 @@
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use flowipc::msg::{Backing, MsgChannel, MsgOut};
+use flowipc::msg::{Backing, MsgChannel, MsgIn, MsgOut};
 use flowipc::schemas::test_msgs_capnp::cool_msg;
+use flowipc::struc;
 use flowipc::transport::{Channel, ChannelConfig};
 
 pub type Chan = MsgChannel<cool_msg::Owned>;
@@ -50,4 +51,19 @@ pub fn chunks_of(root: cool_msg::Reader<'_>) -> (u64, Vec<Vec<u8>>) {
         .map(|c| c.get_data().unwrap().to_vec())
         .collect();
     (b.get_tag(), data)
+}
+
+/// Answers a `sumRequest` with the sum of its terms (the page's example server); panics on any
+/// other message. The send's result is the caller's (a peer may be gone).
+pub fn answer_sum(
+    chan: &mut struc::Channel<cool_msg::Owned>,
+    req: MsgIn<cool_msg::Owned>,
+) -> Result<(), struc::Error> {
+    let cool_msg::SumRequest(Ok(r)) = req.root().unwrap().which().unwrap() else {
+        panic!("not a sumRequest");
+    };
+    let sum: i64 = r.get_terms_to_add().unwrap().iter().sum();
+    let mut rsp = chan.create_msg();
+    rsp.init_root().init_sum_response().set_sum(sum);
+    chan.send(&mut rsp, Some(&req))
 }

@@ -5,8 +5,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flowipc::session::{
-    App, ClientApp, ClientApps, ClientSession, ConnectOptions, Error, ServerApp,
+    App, ClientApp, ClientApps, ClientSession, ConnectOptions, Error, ServerApp, SessionServer,
+    MAX_PENDING_LOG_INS,
 };
+
+use flowipc::schemas::session_capnp::log_in;
 
 use super::dev_shm_leftovers;
 
@@ -90,6 +93,24 @@ pub fn universe(dir: &Path) -> Universe {
     }
 }
 
+/// Fills a hand-made log-in request as the real client would (this process, app `app`,
+/// SHM-classic over sockets, fds on).
+pub fn honest(l: &mut log_in::Builder<'_>, app: &str, server: &str) {
+    let (uid, gid) = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    l.set_protocol_version(1);
+    l.set_client_app(app);
+    l.set_server_app(server);
+    l.set_pid(std::process::id() as i32);
+    l.set_uid(uid);
+    l.set_gid(gid);
+    let mut c = l.reborrow().init_config();
+    c.set_shm_kind(1);
+    c.set_native_handles(true);
+}
+
 /// Connects, retrying while the server is absent (the page's loop), for up to 30 s.
 /// Returns how many times the server was absent.
 pub fn connect(s: &mut ClientSession, opts: ConnectOptions) -> usize {
@@ -150,4 +171,50 @@ pub fn life_over_every_kind(server: &str, client: &str) {
         assert_eq!(u64::from_le_bytes(b), 3, "{name}: server saw the end once");
         super::wait_ok(srv);
     }
+}
+
+/// Holds `MAX_PENDING_LOG_INS + beyond` connections to `server`'s socket that never say a word
+/// while `client` logs in, and checks that it gets its session, that the oldest silent ones
+/// were dropped to make room (reported to accept as log-in timeouts, their connections closed)
+/// and that they cost the process no thread. Returns how many log-in timeouts accept reported.
+pub fn log_in_among_silent(
+    u: &Universe,
+    server: &SessionServer,
+    mut client: ClientSession,
+    beyond: usize,
+) -> usize {
+    use std::io::Read;
+    super::balance::start_library_thread();
+    let before = super::balance::threads();
+    let n = MAX_PENDING_LOG_INS + beyond;
+    let mut silent: Vec<std::os::unix::net::UnixStream> = (0..n)
+        .map(|_| std::os::unix::net::UnixStream::connect(u.srv.socket_path()).unwrap())
+        .collect();
+    client.sync_connect().unwrap();
+    let mut timeouts = 0;
+    let s = loop {
+        match server.accept(T) {
+            Ok(s) => break s,
+            Err(Error::LogInTimeout) => timeouts += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    assert_eq!(s.client_app().name, "cli");
+    assert!(
+        timeouts >= beyond,
+        "only {timeouts} of {n} silent connections made room"
+    );
+    assert_eq!(
+        super::balance::threads(),
+        before,
+        "{n} silent connections cost no thread"
+    );
+    // The dropped ones were closed: the oldest see the end of their stream.
+    let mut b = [0u8; 1];
+    silent[0]
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(silent[0].read(&mut b).unwrap(), 0);
+    drop((s, client, silent));
+    timeouts
 }

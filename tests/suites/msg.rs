@@ -51,15 +51,6 @@ fn check_blob(root: cool_msg::Reader<'_>) -> (usize, usize, u64) {
     (chunks.len() as usize, bytes, blob.get_tag())
 }
 
-fn status_kib(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn say(chan: &mut Chan, text: &str, num: i64) {
     let mut m = chan.create_msg();
     let mut h = m.init_root().init_hello_there();
@@ -114,18 +105,18 @@ fn one_gib_message_is_read_in_place_by_another_process() {
 
 fn child_one_gib() {
     let mut chan = chan_over(common::child_socket(), Backing::Heap);
-    let anon0 = status_kib("RssAnon:");
-    let shm0 = status_kib("RssShmem:");
+    let anon0 = common::balance::status_kib("RssAnon:");
+    let shm0 = common::balance::status_kib("RssShmem:");
     let msg = chan.recv_blocking(T).unwrap().unwrap();
     assert!(msg.is_zero_copy());
     assert!(msg.size_in_words() * 8 >= 1 << 30);
     let (chunks, bytes, tag) = check_blob(msg.root().unwrap());
-    let shm_growth = status_kib("RssShmem:") - shm0;
+    let shm_growth = common::balance::status_kib("RssShmem:") - shm0;
     assert!(
         shm_growth >= 1 << 20,
         "read 1 GiB in place: RssShmem grew {shm_growth} KiB"
     );
-    let anon = status_kib("RssAnon:").saturating_sub(anon0);
+    let anon = common::balance::status_kib("RssAnon:").saturating_sub(anon0);
     assert_eq!(msg.shared_refs(), Some(2));
     drop(msg);
     say(
@@ -283,10 +274,12 @@ fn child_entry() {
 
 // ---- In one process: allocation failure and bad input from the peer. ----
 
+/// A sender in `arena` and a heap receiver. The sender sends every message in place, however
+/// small (the handle path is what the tests that use it look at).
 fn pair(arena: &Arena) -> (Chan, Chan) {
     let (a, b) = Channel::pair(channel_config()).unwrap();
     (
-        MsgChannel::new(a, Backing::Shm(arena.clone())),
+        MsgChannel::new(a, Backing::Shm(arena.clone())).with_inline_max(0),
         MsgChannel::new(b, Backing::Heap),
     )
 }
@@ -335,7 +328,8 @@ impl Mitm {
         let (a, from_tx) = Channel::pair(channel_config()).unwrap();
         let (to_rx, d) = Channel::pair(channel_config()).unwrap();
         Mitm {
-            tx: MsgChannel::new(a, Backing::Shm(arena.clone())),
+            // (Every message in place: the handles are what is relayed or forged.)
+            tx: MsgChannel::new(a, Backing::Shm(arena.clone())).with_inline_max(0),
             from_tx,
             to_rx,
             rx: MsgChannel::new(d, Backing::Heap),
@@ -625,7 +619,7 @@ fn a_receiver_dropped_unread_gives_the_references_back() {
 fn handles_that_never_left_the_send_queue_are_given_back() {
     let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
     let (a, b) = Channel::pair(channel_config()).unwrap();
-    let mut tx = Chan::new(a, Backing::Shm(arena.clone()));
+    let mut tx = Chan::new(a, Backing::Shm(arena.clone())).with_inline_max(0);
     let mut msg = tx.create_msg();
     hello(&mut msg, 1);
     // The peer does not read: the socket fills and later frames wait in the send queue.
@@ -675,8 +669,8 @@ fn a_pool_learned_late_is_still_announced_before_use() {
     let pair = |x: &Arena, y: &Arena| {
         let (s, r) = Channel::pair(channel_config()).unwrap();
         (
-            Chan::new(s, Backing::Shm(x.clone())),
-            Chan::new(r, Backing::Shm(y.clone())),
+            Chan::new(s, Backing::Shm(x.clone())).with_inline_max(0),
+            Chan::new(r, Backing::Shm(y.clone())).with_inline_max(0),
         )
     };
     let (mut p2_to_p1, mut p1_from_p2) = pair(&a2, &a1);
@@ -851,7 +845,7 @@ fn heap_messages_of_one_to_many_segments_cross_intact() {
 fn a_many_segment_message_that_never_left_is_freed_whole() {
     let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
     let (a, b) = Channel::pair(channel_config()).unwrap();
-    let mut tx = Chan::new(a, Backing::Shm(arena.clone()));
+    let mut tx = Chan::new(a, Backing::Shm(arena.clone())).with_inline_max(0);
     // The peer does not read: the socket fills and later frames wait in the send queue.
     let mut msg = many_segments(Some(arena.clone()), 6, 64);
     assert!(msg.segment_count() > 1);

@@ -299,6 +299,12 @@ const MUTATIONS: &[Mutation] = &[
         check: Check::LoomModels(&["ring_disarm_accounts_for_wakes"]),
     },
     Mutation {
+        name: "pool bytes claimed by load-then-store",
+        file: "src/shm/publish.rs",
+        edits: &[("match total.compare_exchange_weak(cur, cur + n, Ordering::Relaxed, Ordering::Relaxed) {", "match { total.store(cur + n, Ordering::Relaxed); Ok::<u64, u64>(cur) } {")],
+        check: Check::LoomModels(&["concurrent_growth_stays_under_the_byte_limit"]),
+    },
+    Mutation {
         name: "settlement takes a lend by check-then-subtract",
         file: "src/shm/protocols.rs",
         edits: &[("    while taken < lent && ticket_take(link, generation) {\n        taken += 1;\n    }", "    while taken < lent && tickets(link.load(Ordering::Acquire)) > 0 {\n        link.fetch_sub(1 << 32, Ordering::AcqRel);\n        taken += 1;\n    }")],

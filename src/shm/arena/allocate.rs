@@ -7,7 +7,7 @@ use super::super::alloc::{Fail, Grant};
 use super::super::error::{Error, Result};
 use super::super::layout::*;
 use super::super::pool::Pool;
-use super::super::publish::claim_pool_id;
+use super::super::publish::{claim_pool_id, claim_up_to};
 use super::{Arena, Block, BlockRef};
 
 impl Arena {
@@ -116,10 +116,32 @@ impl Arena {
             }
         }
         let pool0 = self.pool(0).ok_or(Error::UnknownPool(0))?;
+        let hdr = pool0.hdr();
+        let need = match class_for(size) {
+            Some(c) => span_pages(c) * PAGE,
+            None => large_pages(size).ok_or(Error::OutOfMemory { requested: size })? * PAGE,
+        };
+        // The smallest pool that holds the request, and the one we would like (a pool size).
+        let mut least = need + HEADER_BYTES;
+        while least - heap_off(least) < need {
+            least += page_map_bytes(least) + PAGE;
+        }
+        let want = self.shared.config.pool_size.div_ceil(PAGE) * PAGE;
+        let want = want.max(least).min(MAX_POOL_BYTES);
+        // Claim its bytes arena-wide (all processes count in pool 0), never past the limit the
+        // creator recorded: as much of `want` as fits, if at least `least` does.
+        let limit = hdr.byte_limit.load(Ordering::Relaxed);
+        let capacity =
+            claim_up_to(&hdr.pool_bytes, least, want, limit, PAGE).ok_or(Error::LimitReached {
+                requested: size,
+                limit,
+            })?;
+        let unclaim = || hdr.pool_bytes.fetch_sub(capacity, Ordering::Relaxed);
         let max = self.shared.config.max_pools;
         // Claim an id arena-wide (all processes draw from pool 0's counter), without ever letting
         // the counter run past the limit.
-        let Some(id) = claim_pool_id(&pool0.hdr().next_pool_id, max) else {
+        let Some(id) = claim_pool_id(&hdr.next_pool_id, max) else {
+            unclaim();
             log::warn!(
                 target: "flowipc::shm",
                 "arena {:#x} is full: {max} pools (max_pools), a block of {size} bytes refused",
@@ -127,29 +149,21 @@ impl Arena {
             );
             return Err(Error::OutOfMemory { requested: size });
         };
-        let need = match class_for(size) {
-            Some(c) => span_pages(c) * PAGE,
-            None => large_pages(size).ok_or(Error::OutOfMemory { requested: size })? * PAGE,
-        };
-        let mut capacity = self.shared.config.pool_size.max(need + HEADER_BYTES);
-        while capacity - heap_off(capacity) < need {
-            capacity += page_map_bytes(capacity) + PAGE;
-        }
-        let pool = Pool::create(
-            id,
-            self.shared.id,
-            capacity.min(MAX_POOL_BYTES),
-            self.shared.config.trim,
-        )?;
-        self.insert(pool)?;
+        let pool = Pool::create(id, self.shared.id, capacity, self.shared.config.trim, limit)
+            .inspect_err(|_| {
+                unclaim();
+            })?;
+        self.insert(pool).inspect_err(|_| {
+            unclaim();
+        })?;
         log::info!(
             target: "flowipc::shm",
-            "arena {:#x} grew: pool {id} of {} bytes (for a block of {size} bytes)",
-            self.shared.id,
-            capacity.min(MAX_POOL_BYTES)
+            "arena {:#x} grew: pool {id} of {capacity} bytes (for a block of {size} bytes)",
+            self.shared.id
         );
         let pool = self.pool(id).ok_or(Error::UnknownPool(id))?;
         self.shared.hint.store(id, Ordering::Relaxed);
+        self.grew();
         match pool.alloc_block(size, flags, true) {
             Ok(g) => Ok((pool, g)),
             Err(Fail::Full) => Err(Error::OutOfMemory { requested: size }),

@@ -16,6 +16,7 @@ pub struct ArenaConfig {
     pub(super) pool_size: u64,
     pub(super) max_pools: u32,
     pub(super) trim: bool,
+    pub(super) max_bytes: u64,
 }
 
 impl Default for ArenaConfig {
@@ -24,13 +25,14 @@ impl Default for ArenaConfig {
             pool_size: 1 << 30,
             max_pools: 64,
             trim: false,
+            max_bytes: u64::MAX,
         }
     }
 }
 
 impl ArenaConfig {
-    /// The defaults: 1 GiB pools (sparse: only touched pages cost RAM), up to 64 pools, no
-    /// trimming.
+    /// The defaults: 1 GiB pools (sparse: only touched pages cost RAM), up to 64 pools, no byte
+    /// limit, no trimming.
     pub fn new() -> Self {
         Self::default()
     }
@@ -46,6 +48,29 @@ impl ArenaConfig {
     /// [`Error::OutOfMemory`].
     pub fn max_pools(mut self, n: u32) -> Self {
         self.max_pools = n;
+        self
+    }
+
+    /// Most bytes the arena's pools may take together (pools are sparse: this bounds the RAM
+    /// the arena can ever use, not what it uses). The process that [creates](super::Arena::create)
+    /// the arena records it in the arena: every process that grows the arena obeys the
+    /// creator's limit (a joiner's own setting is not used). A growth that would pass it gets a
+    /// smaller pool if that still fits the request, else fails with [`Error::LimitReached`]
+    /// (nothing is made; the arena stays usable). The first pool is cut to the limit if it is
+    /// larger. At least the smallest pool (about 84 KiB); default: no limit.
+    ///
+    /// ```
+    /// use flowipc::shm::{Arena, ArenaConfig, Error};
+    /// let arena = Arena::create(ArenaConfig::new().pool_size(1 << 20).max_bytes(3 << 20))?;
+    /// let a = arena.alloc(1 << 20)?; // pool 0 cannot hold it with its header: pool 1, 1 MiB+
+    /// let e = arena.alloc(2 << 20).unwrap_err(); // another 2 MiB+ pool would pass 3 MiB
+    /// assert!(matches!(e, Error::LimitReached { limit, .. } if limit == 3 << 20));
+    /// let small = arena.alloc(1000)?; // what fits still does
+    /// # drop((a, small));
+    /// # Ok::<(), flowipc::shm::Error>(())
+    /// ```
+    pub fn max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = bytes;
         self
     }
 
@@ -65,6 +90,9 @@ impl ArenaConfig {
         }
         if self.pool_size < MIN_POOL_BYTES || self.pool_size > MAX_POOL_BYTES {
             return Err(Error::BadConfig("pool_size must be in 84 KiB..=1 TiB"));
+        }
+        if self.max_bytes < MIN_POOL_BYTES {
+            return Err(Error::BadConfig("max_bytes must be at least 84 KiB"));
         }
         Ok(())
     }

@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     grow: Mutex<()>,
     /// The session ledger this instance's handles record in, if any (see `shm::ledger`).
     ledger: OnceLock<Arc<Ledger>>,
+    /// Called after this instance grew the arena by a pool (a session announces it).
+    on_growth: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Shared {
@@ -111,11 +113,13 @@ impl Arena {
     pub fn create(config: ArenaConfig) -> Result<Arena> {
         config.validate()?;
         let arena = Arena::empty(random_id(), config);
+        let cfg = &arena.shared.config;
         let pool = Pool::create(
             0,
             arena.shared.id,
-            arena.shared.config.pool_size,
-            arena.shared.config.trim,
+            cfg.pool_size.min(cfg.max_bytes / PAGE * PAGE),
+            cfg.trim,
+            cfg.max_bytes,
         )?;
         arena.insert(pool)?;
         Ok(arena)
@@ -167,6 +171,7 @@ impl Arena {
                 hint: AtomicU32::new(0),
                 grow: Mutex::new(()),
                 ledger: OnceLock::new(),
+                on_growth: OnceLock::new(),
             }),
         }
     }
@@ -251,6 +256,25 @@ impl Arena {
     #[inline]
     pub(crate) fn ledger(&self) -> Option<&Ledger> {
         self.shared.ledger.get().map(|l| &**l)
+    }
+
+    /// Has `f` called each time this instance grows the arena by a pool, once the pool is
+    /// usable (once; false if a hook is set already). It runs on the allocating thread, with
+    /// this instance's growth lock held: it must not allocate in the arena.
+    pub(crate) fn on_growth(&self, f: Box<dyn Fn() + Send + Sync>) -> bool {
+        self.shared.on_growth.set(f).is_ok()
+    }
+
+    pub(super) fn grew(&self) {
+        if let Some(f) = self.shared.on_growth.get() {
+            f();
+        }
+    }
+
+    /// Whether pool `id` exists arena-wide (some process claimed its id), known here or not.
+    pub(crate) fn pool_claimed(&self, id: u32) -> bool {
+        self.pool(0)
+            .is_some_and(|p| id < p.hdr().next_pool_id.load(crate::sync::Ordering::Relaxed))
     }
 
     /// Makes this instance's handles record in `ledger` (once); false if they record elsewhere.
