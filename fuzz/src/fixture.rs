@@ -24,6 +24,46 @@ pub const QUAD: [u64; 4] = [1, 2, 3, 4];
 pub const MSG_HEADER_LEN: usize = 24;
 const KIND_POOL: u8 = 1;
 
+/// A real in-place sender (a `MsgChannel` backed by an arena) whose frames are caught raw: the
+/// bytes a peer's send puts on the wire.
+pub struct Lender {
+    tx: MsgChannel<cool_msg::Owned>,
+    catch: Channel,
+    /// The last pool announcement the sender made (header and body).
+    pub pool_frame: Vec<u8>,
+}
+
+impl Lender {
+    /// A sender of messages in `arena`.
+    pub fn new(arena: &Arena) -> Lender {
+        let (a, b) = Channel::pair(ChannelConfig::new()).expect("a pair");
+        Lender {
+            tx: MsgChannel::new(a, Backing::Shm(arena.clone())),
+            catch: b,
+            pool_frame: Vec::new(),
+        }
+    }
+
+    /// Sends `m` in place: the message's frame (header and blob), and its blob (one lent
+    /// reference). Pool announcements on the way are kept in `pool_frame`.
+    pub fn send(&mut self, m: &mut MsgOut<cool_msg::Owned>) -> (LendBlob, Vec<u8>) {
+        self.tx.send(m, None).expect("a send");
+        loop {
+            let f = self
+                .catch
+                .try_recv()
+                .expect("a frame")
+                .expect("sent at once");
+            if f.payload.first() == Some(&KIND_POOL) {
+                self.pool_frame = f.payload.to_vec();
+                continue;
+            }
+            let blob = LendBlob::from_bytes(&f.payload[MSG_HEADER_LEN..]).expect("a blob");
+            return (blob, f.payload.to_vec());
+        }
+    }
+}
+
 /// The fixture (see the module docs).
 pub struct Fixture {
     /// The arena everything lives in.
@@ -40,10 +80,8 @@ pub struct Fixture {
     pub texts: [String; 2],
     /// The frames of the real sends, header and blob (the first lend of each).
     pub frames: [Vec<u8>; 2],
-    /// The pool announcement frame of the real sender (header and body).
-    pub pool_frame: Vec<u8>,
-    lender: MsgChannel<cool_msg::Owned>,
-    catch: Channel,
+    /// The real sender (its `pool_frame`: the arena's announcement).
+    pub lender: Lender,
     /// The blocks in use once all is made.
     blocks: u64,
     lent: Vec<LendBlob>,
@@ -68,8 +106,7 @@ impl Fixture {
         let view = Arena::join(fd, ArenaConfig::new()).expect("a second view");
         let counter = arena.construct(AtomicU64::new(COUNTER)).expect("an object");
         let quad = arena.construct(QUAD).expect("an object");
-        let (a, b) = Channel::pair(ChannelConfig::new()).expect("a pair");
-        let lender = MsgChannel::new(a, Backing::Shm(arena.clone()));
+        let lender = Lender::new(&arena);
         let mut solo = MsgOut::<cool_msg::Owned>::new_in(&arena);
         {
             let mut h = solo.init_root().init_hello_there();
@@ -100,9 +137,7 @@ impl Fixture {
             msgs: [solo, many],
             texts,
             frames: [Vec::new(), Vec::new()],
-            pool_frame: Vec::new(),
             lender,
-            catch: b,
             blocks: 0,
             lent: Vec::new(),
         };
@@ -119,21 +154,9 @@ impl Fixture {
     /// Lends one reference of message `k` (0 or 1) through a real send: its blob, and the
     /// frame it came in (header and blob).
     pub fn lend_msg(&mut self, k: usize) -> (LendBlob, Vec<u8>) {
-        self.lender.send(&mut self.msgs[k], None).expect("a send");
-        loop {
-            let f = self
-                .catch
-                .try_recv()
-                .expect("a frame")
-                .expect("sent at once");
-            if f.payload.first() == Some(&KIND_POOL) {
-                self.pool_frame = f.payload.to_vec();
-                continue;
-            }
-            let blob = LendBlob::from_bytes(&f.payload[MSG_HEADER_LEN..]).expect("a blob");
-            self.lent.push(blob);
-            return (blob, f.payload.to_vec());
-        }
+        let (blob, frame) = self.lender.send(&mut self.msgs[k]);
+        self.lent.push(blob);
+        (blob, frame)
     }
 
     /// Lends one reference of object `k` (0: the counter, 1: the four words).

@@ -150,8 +150,8 @@ pub fn run(data: &[u8]) {
                     let mask: [u8; 16] = inp.array();
                     let which = inp.u8();
                     let mut f = head.to_vec();
-                    f.extend(flip(&fx.pool_frame[MSG_HEADER_LEN..], &mask));
-                    let fd = if which % 4 == 0 {
+                    f.extend(flip(&fx.lender.pool_frame[MSG_HEADER_LEN..], &mask));
+                    let fd = if which.is_multiple_of(4) {
                         pool_fd(fx)
                     } else {
                         some_fd(which)
@@ -249,7 +249,7 @@ pub fn seeds() -> Vec<Seed> {
             }
             if setup & 1 == 0 {
                 // The pool announcement first (the receiver joins the arena with it).
-                let head = with_token(&fx.pool_frame[..MSG_HEADER_LEN], setup);
+                let head = with_token(&fx.lender.pool_frame[..MSG_HEADER_LEN], setup);
                 p.u8(OP_POOL).chunk(&head).bytes(&[0; 16]).u8(0);
             }
             for k in 0..2u8 {

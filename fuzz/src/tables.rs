@@ -23,10 +23,10 @@ use std::os::unix::fs::FileExt;
 
 use flowipc::msg::{Backing, MsgChannel, MsgOut, SegmentSizes};
 use flowipc::schemas::test_msgs_capnp::cool_msg;
-use flowipc::shm::{Arena, ArenaConfig, LendBlob};
+use flowipc::shm::{Arena, ArenaConfig};
 use flowipc::transport::{Channel, ChannelConfig, OutFrame};
 
-use crate::fixture::MSG_HEADER_LEN;
+use crate::fixture::Lender;
 use crate::msg_frames::read_all;
 use crate::{Input, Program, Seed};
 
@@ -34,8 +34,7 @@ use crate::{Input, Program, Seed};
 struct State {
     arena: Arena,
     pool: File,
-    lender: MsgChannel<cool_msg::Owned>,
-    catch: Channel,
+    lender: Lender,
 }
 
 impl State {
@@ -43,29 +42,11 @@ impl State {
         let arena = Arena::create(ArenaConfig::new().pool_size(1 << 20)).expect("an arena");
         let fd = arena.pool_fd(0).expect("pool 0").try_clone_to_owned();
         let pool = File::from(fd.expect("a duplicate fd"));
-        let (a, b) = Channel::pair(ChannelConfig::new()).expect("a pair");
-        let lender = MsgChannel::new(a, Backing::Shm(arena.clone()));
+        let lender = Lender::new(&arena);
         State {
             arena,
             pool,
             lender,
-            catch: b,
-        }
-    }
-
-    /// Sends `m` in place: the frame (header and blob) the peer would receive.
-    fn send(&mut self, m: &mut MsgOut<cool_msg::Owned>) -> Vec<u8> {
-        self.lender.send(m, None).expect("a send");
-        loop {
-            let f = self
-                .catch
-                .try_recv()
-                .expect("a frame")
-                .expect("sent at once");
-            // (Pool announcements go first, once.)
-            if f.payload.first() == Some(&2) {
-                return f.payload.to_vec();
-            }
         }
     }
 }
@@ -108,8 +89,7 @@ pub fn run(data: &[u8]) {
         let mut slot = cell.borrow_mut();
         let st = slot.get_or_insert_with(State::new);
         let mut msg = build(&st.arena, &mut inp);
-        let frame = st.send(&mut msg);
-        let blob = LendBlob::from_bytes(&frame[MSG_HEADER_LEN..]).expect("a blob");
+        let (blob, frame) = st.lender.send(&mut msg);
         // What the handle block holds (and no byte of another block, whose header a scribble
         // could break: that is the allocator's metadata, not a table): a table's count and
         // entries (16 + 24 bytes a segment), or a one-segment message's prefix and words.
