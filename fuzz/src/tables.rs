@@ -6,14 +6,14 @@
 //! picks): the last one walks the scribbled table to free the segments.
 //!
 //! The scribbles go through the pool's memfd (`pwrite`), as the other process's writes would
-//! land. The arena is kept from input to input unless the input scribbled on bytes the release
-//! trusts (a one-segment message's prefix, any byte of a table) or left blocks behind (a
-//! corrupt entry leaks its segment by design): then the next input gets a new arena. A scribbled
-//! `used` or entry can leave bytes in a block that is freed as zeroed (the protocol breach
-//! `SegTable`'s drop describes), and capnp's builder trusts the zeroed blocks it is given, so a
-//! later input's *sender* would build on the garbage (seen: a capnp panic on a far pointer to a
-//! segment that does not exist). That is the scribbling peer breaking its own side's contract,
-//! not a parser's fault; the receiver's reading is what this target checks.
+//! land. The arena is kept from input to input only when the input flipped no bit (or left no
+//! block behind: a corrupt entry leaks its segment by design); otherwise the next input gets a
+//! new arena. A scribbled count, prefix, entry or word can leave bytes in a block that is freed
+//! as zeroed (the protocol breach `SegTable`'s drop describes), and capnp's builder trusts the
+//! zeroed blocks it is given, so a later input's *sender* would build on the garbage (seen: capnp
+//! panics in `zero_object` under `init_hello_there`, on a far pointer to a segment that does not
+//! exist). That is the scribbling peer breaking its own side's contract, not a parser's fault;
+//! the receiver's reading is what this target checks.
 //!
 //! Oracles: no panic; receive errors are hosing and reported once.
 
@@ -35,6 +35,9 @@ struct State {
     arena: Arena,
     pool: File,
     lender: Lender,
+    /// The type tag of a one-segment message's blob (a message of one segment whose segment
+    /// has no prefix is sent as a table of one entry instead).
+    solo_tag: u64,
 }
 
 impl State {
@@ -42,11 +45,16 @@ impl State {
         let arena = Arena::create(ArenaConfig::new().pool_size(1 << 20)).expect("an arena");
         let fd = arena.pool_fd(0).expect("pool 0").try_clone_to_owned();
         let pool = File::from(fd.expect("a duplicate fd"));
-        let lender = Lender::new(&arena);
+        let mut lender = Lender::new(&arena);
+        let mut probe = MsgOut::<cool_msg::Owned>::new_in(&arena);
+        probe.init_root().init_hello_there().set_num(1);
+        let (blob, _) = lender.send(&mut probe);
+        arena.release_blob(&blob).expect("an unborrowed lend");
         State {
             arena,
             pool,
             lender,
+            solo_tag: blob.type_tag(),
         }
     }
 }
@@ -93,21 +101,19 @@ pub fn run(data: &[u8]) {
         // What the handle block holds (and no byte of another block, whose header a scribble
         // could break: that is the allocator's metadata, not a table): a table's count and
         // entries (16 + 24 bytes a segment), or a one-segment message's prefix and words.
-        let solo = msg.segment_count() <= 1;
+        let solo = blob.type_tag() == st.solo_tag;
         let span = if solo {
             16 + 8 * msg.size_in_words()
         } else {
-            16 + 24 * msg.segment_count()
+            16 + 24 * msg.segment_count().max(1)
         } as u64;
-        let trusted = if solo { 16 } else { span };
         let mut dirty = false;
         // The scribbles: each an offset in the span and a masked run.
         while inp.more() {
             let at = u64::from(inp.u16()) % span;
             let n = usize::from(inp.u8() % 32).min((span - at) as usize);
             let mask = inp.bytes(n);
-            let cut = trusted.saturating_sub(at).min(mask.len() as u64) as usize;
-            dirty |= mask[..cut].iter().any(|&b| b != 0);
+            dirty |= mask.iter().any(|&b| b != 0);
             let at = blob.offset() + at;
             let mut cur = vec![0u8; mask.len()];
             st.pool.read_exact_at(&mut cur, at).expect("pread");
