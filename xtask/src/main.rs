@@ -11,6 +11,8 @@
 //!   loom models, or a race test). Exits 0 when every mutation is caught, 1 (with the table)
 //!   when one survives. See `mutants.rs` for the list.
 //!
+//! * `fuzz build | seeds | run <target> | ci`: the fuzz targets of `fuzz/` (see `fuzz.rs`).
+//!
 //! All fail (exit 2) on errors, such as a schema that does not compile or a schema with no
 //! `pub mod <stem>_capnp;` line in `src/schemas/mod.rs` (that file is never rewritten).
 
@@ -20,6 +22,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod fuzz;
 mod mutants;
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
@@ -34,7 +37,12 @@ tasks:
   mutants          check that every listed mutation of a lock-free protocol is caught
                    (exit 0: all caught, 1: one survived, 2: error)
   mutants --ci     the same for the dozen most important (the others are only checked to
-                   still apply): what .ci/run runs";
+                   still apply): what .ci/run runs
+{FUZZ}";
+
+fn usage() -> String {
+    USAGE.replace("{FUZZ}", fuzz::USAGE)
+}
 
 /// Where the schemas live, relative to the workspace root.
 const SCHEMA_DIR: &str = "schemas";
@@ -67,12 +75,22 @@ fn main() -> ExitCode {
                 }
             };
         }
+        ["fuzz", rest @ ..] => {
+            return match workspace_root().and_then(|root| fuzz::run(&root, rest)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("xtask fuzz: error: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         ["help" | "-h" | "--help"] => {
-            println!("{USAGE}");
+            println!("{}", usage());
             return ExitCode::SUCCESS;
         }
         _ => {
-            eprintln!("{USAGE}");
+            eprintln!("{}", usage());
             return ExitCode::from(2);
         }
     };
