@@ -74,8 +74,10 @@ impl Turns for Receiver<'_> {
         true
     }
 
+    /// Hosed once, or the peer's graceful end (an ordinary outcome, not an error: the
+    /// channel answers `Ok(None)` from then on and says `is_peer_ended`).
     fn ended(&self) -> bool {
-        self.ended
+        self.ended || self.rx.is_peer_ended()
     }
 
     fn read_fd(&self) -> Option<BorrowedFd<'_>> {

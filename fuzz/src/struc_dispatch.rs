@@ -75,8 +75,10 @@ impl Turns for Receiver {
         }
     }
 
+    /// Hosed once, or the peer's graceful end (an ordinary outcome, not an error: the
+    /// channel answers `Ok(None)` from then on and says `is_peer_ended`).
     fn ended(&self) -> bool {
-        self.ended
+        self.ended || self.chan.is_peer_ended()
     }
 
     fn read_fd(&self) -> Option<BorrowedFd<'_>> {
@@ -142,7 +144,7 @@ fn receiver(b: transport::Channel, token: bool) -> Receiver {
     chan.set_unexpected_response_handler(|_, m| {
         let _ = format!("{m:#}");
     });
-    chan.set_remote_unexpected_response_handler(|_| {});
+    chan.set_remote_unexpected_response_handler(|_, _| {});
     let mut req = chan.create_msg();
     req.init_root().init_hit_me_with_your_best_shot();
     chan.async_request(&mut req, None, Expect::OneOff, |_, m| {
