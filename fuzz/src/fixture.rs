@@ -38,7 +38,8 @@ impl Lender {
     pub fn new(arena: &Arena) -> Lender {
         let (a, b) = Channel::pair(ChannelConfig::new()).expect("a pair");
         Lender {
-            tx: MsgChannel::new(a, Backing::Shm(arena.clone())),
+            // (Every message in place, however small: the fixture lends their blobs.)
+            tx: MsgChannel::new(a, Backing::Shm(arena.clone())).with_inline_max(0),
             catch: b,
             pool_frame: Vec::new(),
         }
