@@ -52,7 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         h.set_num(41);
     }
     let rsp = chan.sync_request(&mut hello, None, timeout)?;
-    if let cool_msg::HelloThere(Ok(h)) = rsp.root()?.which()? {
+    if let cool_msg::HelloThere(Ok(h)) = rsp.which()? {
         println!(
             "client: server says {:?}, {} (zero-copy: {})",
             h.get_greeting()?.to_str()?,
@@ -71,7 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let rsp = chan.sync_request(&mut req, None, timeout)?;
-    if let cool_msg::SumResponse(Ok(s)) = rsp.root()?.which()? {
+    if let cool_msg::SumResponse(Ok(s)) = rsp.which()? {
         println!("client: sum = {}", s.get_sum());
     }
     Ok(())

@@ -18,9 +18,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use flowipc::msg::MsgIn;
-use flowipc::schemas::test_msgs_capnp::{channel_mdt, cool_msg};
+use flowipc::schemas::test_msgs_capnp::{channel_mdt, cool_msg, CoolMsgKind};
 use flowipc::session::{Error, ServerSession, SessionServer};
-use flowipc::struc::MsgType;
 use flowipc::transport;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -95,10 +94,9 @@ fn go_do_ipc_yay(
 /// Answers `helloThere` with a `helloThere` and `sumRequest` with its `sumResponse`, until the
 /// client ends the channel.
 fn answer(mut chan: flowipc::struc::Channel<cool_msg::Owned>) {
-    let ty = |n| MsgType::of::<cool_msg::Owned>(n).expect("a CoolMsg field");
     let hello = |chan: &mut flowipc::struc::Channel<cool_msg::Owned>,
                  req: MsgIn<cool_msg::Owned>| {
-        let Ok(cool_msg::HelloThere(Ok(h))) = req.root().and_then(|r| Ok(r.which()?)) else {
+        let Ok(cool_msg::HelloThere(Ok(h))) = req.which() else {
             return;
         };
         let mut rsp = chan.create_msg();
@@ -108,7 +106,7 @@ fn answer(mut chan: flowipc::struc::Channel<cool_msg::Owned>) {
         let _ = chan.send(&mut rsp, Some(&req));
     };
     let sum = |chan: &mut flowipc::struc::Channel<cool_msg::Owned>, req: MsgIn<cool_msg::Owned>| {
-        let Ok(cool_msg::SumRequest(Ok(r))) = req.root().and_then(|r| Ok(r.which()?)) else {
+        let Ok(cool_msg::SumRequest(Ok(r))) = req.which() else {
             return;
         };
         let terms: i64 = r.get_terms_to_add().map(|t| t.iter().sum()).unwrap_or(0);
@@ -118,8 +116,8 @@ fn answer(mut chan: flowipc::struc::Channel<cool_msg::Owned>) {
             .set_sum(terms * r.get_constant_factor());
         let _ = chan.send(&mut rsp, Some(&req));
     };
-    if chan.expect_msgs(ty("helloThere"), hello).is_err()
-        || chan.expect_msgs(ty("sumRequest"), sum).is_err()
+    if chan.expect_msgs(CoolMsgKind::HelloThere, hello).is_err()
+        || chan.expect_msgs(CoolMsgKind::SumRequest, sum).is_err()
         || chan
             .start(|e| println!("server: channel over: {e}"))
             .is_err()

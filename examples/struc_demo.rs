@@ -18,9 +18,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use flowipc::msg::Backing;
-use flowipc::schemas::test_msgs_capnp::cool_msg;
+use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
 use flowipc::shm::{Arena, ArenaConfig};
-use flowipc::struc::{AsyncChannel, Channel, Expect, MsgType};
+use flowipc::struc::{AsyncChannel, Channel, Expect};
 use flowipc::transport::{self, ChannelConfig};
 
 type Cool = cool_msg::Owned;
@@ -98,17 +98,23 @@ fn server(name: &str) -> Result<(), Box<dyn std::error::Error>> {
     let sock = UnixStream::connect_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)?;
     let chan = structured(sock)?;
     let (end_tx, end_rx) = mpsc::channel();
+    let error_tx = end_tx.clone();
+    // The client's graceful end (no error), after every message it sent before.
+    chan.set_peer_end_handler(move |_| {
+        println!("server: the client ended its sending");
+        let _ = end_tx.send(());
+    });
     // Started before any expectation: the early helloThere waits in the cache.
     chan.start(move |e| {
-        println!("server: channel ended: {e}");
-        let _ = end_tx.send(());
+        println!("server: channel error: {e}");
+        let _ = error_tx.send(());
     })?;
     std::thread::sleep(Duration::from_millis(100));
-    chan.expect_msg(MsgType::of::<Cool>("helloThere")?, |_, m| {
+    chan.expect_msg(CoolMsgKind::HelloThere, |_, m| {
         println!("server: got (from the cache) {m}");
     })?;
-    chan.expect_msgs(MsgType::of::<Cool>("sumRequest")?, |chan, req| {
-        let Ok(cool_msg::SumRequest(Ok(r))) = req.root().and_then(|r| Ok(r.which()?)) else {
+    chan.expect_msgs(CoolMsgKind::SumRequest, |chan, req| {
+        let Ok(cool_msg::SumRequest(Ok(r))) = req.which() else {
             return;
         };
         let sum: i64 = r.get_terms_to_add().map(|t| t.iter().sum()).unwrap_or(0);
@@ -118,18 +124,15 @@ fn server(name: &str) -> Result<(), Box<dyn std::error::Error>> {
             .set_sum(sum * r.get_constant_factor());
         let _ = chan.send(&mut rsp, Some(&req));
     })?;
-    chan.expect_msgs(
-        MsgType::of::<Cool>("hitMeWithYourBestShot")?,
-        |chan, req| {
-            for n in 1..=3 {
-                let mut rsp = chan.create_msg();
-                let mut shot = rsp.init_root().init_my_best_shot();
-                shot.set_text("take that");
-                shot.set_num(n);
-                let _ = chan.send(&mut rsp, Some(&req));
-            }
-        },
-    )?;
+    chan.expect_msgs(CoolMsgKind::HitMeWithYourBestShot, |chan, req| {
+        for n in 1..=3 {
+            let mut rsp = chan.create_msg();
+            let mut shot = rsp.init_root().init_my_best_shot();
+            shot.set_text("take that");
+            shot.set_num(n);
+            let _ = chan.send(&mut rsp, Some(&req));
+        }
+    })?;
     end_rx.recv_timeout(Duration::from_secs(30))?;
     Ok(())
 }

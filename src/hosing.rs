@@ -10,11 +10,37 @@
 //! ```
 
 /// An error type with hosing errors and a `Hosed` answer.
-pub(crate) trait HosingError: Sized {
+pub(crate) trait HosingError: Sized + std::error::Error {
     /// Whether this error ends the channel.
     fn is_hosing(&self) -> bool;
     /// The answer to every call once the channel is hosed.
     fn hosed() -> Self;
+    /// The `log` target of the layer (`flowipc::transport`, ...).
+    const TARGET: &'static str;
+    /// How a hosing error met in this layer is logged, when it hoses: `None` for one that the
+    /// layer below met and logged already (or `Hosed`).
+    fn log_level(&self) -> Option<log::Level> {
+        Some(log::Level::Warn)
+    }
+}
+
+/// Logs the error that hosed a channel now, with its sources (`Display` does not repeat them),
+/// at the level its layer gives it.
+fn log_hosed<E: HosingError>(e: &E) {
+    let Some(level) = e.log_level() else {
+        return;
+    };
+    if !log::log_enabled!(target: E::TARGET, level) {
+        return;
+    }
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        why.push_str(": ");
+        why.push_str(&s.to_string());
+        source = s.source();
+    }
+    log::log!(target: E::TARGET, level, "channel hosed: {why}");
 }
 
 /// A channel's hosing state (see the module docs).
@@ -52,6 +78,9 @@ impl Hosing {
     pub(crate) fn file<E: HosingError>(&mut self, e: E) -> (E, bool) {
         let now = e.is_hosing() && !self.hosed;
         self.hosed |= e.is_hosing();
+        if now {
+            log_hosed(&e);
+        }
         (e, now)
     }
 
@@ -64,6 +93,7 @@ impl Hosing {
         if !e.is_hosing() {
             Report::Return(e)
         } else if self.mark() {
+            log_hosed(&e);
             Report::First(e)
         } else {
             Report::Return(E::hosed())
@@ -91,7 +121,16 @@ mod tests {
         Hosed,
     }
 
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{self:?}")
+        }
+    }
+
+    impl std::error::Error for E {}
+
     impl HosingError for E {
+        const TARGET: &'static str = "flowipc::test";
         fn is_hosing(&self) -> bool {
             !matches!(self, E::Refused)
         }

@@ -41,6 +41,7 @@ pub mod msg;
 pub mod poll;
 #[cfg(not(flowipc_loom))]
 mod reactor;
+#[cfg(not(flowipc_loom))]
 pub mod schemas;
 #[cfg(not(flowipc_loom))]
 pub mod session;
@@ -50,6 +51,8 @@ pub mod struc;
 mod sync;
 #[cfg(not(flowipc_loom))]
 mod sys;
+#[cfg(all(feature = "tokio", not(flowipc_loom)))]
+pub mod tokio;
 #[cfg(not(flowipc_loom))]
 pub mod transport;
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::balance::{isolated, start_library_thread};
 use flowipc::msg::Backing;
-use flowipc::schemas::test_msgs_capnp::cool_msg;
-use flowipc::struc::{self, Error as StrucError, MsgType};
+use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
+use flowipc::struc::{self, Error as StrucError};
 use flowipc::transport::{self, AsyncChannel, Channel, ChannelConfig};
 
 const T: Duration = Duration::from_secs(20);
@@ -64,7 +64,7 @@ fn exercise(f: &mut Faces) {
         req.init_root().init_sum_request();
         let rsp = client.sync_request(&mut req, None, Some(T)).unwrap();
         assert!(matches!(
-            rsp.root().unwrap().which().unwrap(),
+            rsp.which().unwrap(),
             cool_msg::SumResponse(Ok(s)) if s.get_sum() == 7
         ));
     }
@@ -104,7 +104,7 @@ fn sum_server(chan: Channel) -> struc::AsyncChannel<Cool> {
         struc::AsyncChannel::new(struc::Channel::new(chan, Backing::Heap).unwrap()).unwrap();
     server
         .expect_msgs(
-            MsgType::of::<Cool>("sumRequest").unwrap(),
+            CoolMsgKind::SumRequest,
             |chan: &mut struc::Channel<Cool>, req| {
                 let mut rsp = chan.create_msg();
                 rsp.init_root().init_sum_response().set_sum(7);
@@ -137,12 +137,12 @@ fn a_handler_may_wait_for_a_response_served_by_the_same_library_thread() {
         move |_frame| {
             let mut req = cl.create_msg();
             req.init_root().init_sum_request();
-            let r = cl.sync_request(&mut req, None, Some(T)).map(|rsp| {
-                match rsp.root().unwrap().which().unwrap() {
-                    cool_msg::SumResponse(Ok(s)) => s.get_sum(),
-                    _ => -1,
-                }
-            });
+            let r =
+                cl.sync_request(&mut req, None, Some(T))
+                    .map(|rsp| match rsp.which().unwrap() {
+                        cool_msg::SumResponse(Ok(s)) => s.get_sum(),
+                        _ => -1,
+                    });
             tx.lock().unwrap().send(r).unwrap();
         },
         |_| {},
@@ -174,7 +174,7 @@ fn an_async_channel_called_from_its_own_handler_says_so() {
     let m = me.clone();
     server
         .expect_msgs(
-            MsgType::of::<Cool>("sumRequest").unwrap(),
+            CoolMsgKind::SumRequest,
             move |chan: &mut struc::Channel<Cool>, req| {
                 let own = m.get().and_then(|w| w.upgrade()).unwrap();
                 let mut rsp = chan.create_msg();
@@ -192,9 +192,7 @@ fn an_async_channel_called_from_its_own_handler_says_so() {
     let mut req = client.create_msg();
     req.init_root().init_sum_request();
     let rsp = client.sync_request(&mut req, None, Some(T)).unwrap();
-    assert!(
-        matches!(rsp.root().unwrap().which().unwrap(), cool_msg::SumResponse(Ok(s)) if s.get_sum() == 1)
-    );
+    assert!(matches!(rsp.which().unwrap(), cool_msg::SumResponse(Ok(s)) if s.get_sum() == 1));
     let (wrong, right) = rx.recv_timeout(T).unwrap();
     assert!(matches!(wrong, Err(StrucError::InOwnHandler)), "{wrong:?}");
     assert!(right.is_ok(), "{right:?}");
@@ -244,7 +242,7 @@ fn a_panicking_handler_ends_its_channels_waits() {
     );
     server
         .expect_msgs(
-            MsgType::of::<Cool>("helloThere").unwrap(),
+            CoolMsgKind::HelloThere,
             |_: &mut struc::Channel<Cool>, _| panic!("a handler panics (on purpose)"),
         )
         .unwrap();
@@ -263,10 +261,7 @@ fn a_panicking_handler_ends_its_channels_waits() {
     // server's handler.
     let got = loop {
         peer.run_for(SHORT).unwrap();
-        if let Some(m) = peer
-            .take_cached(MsgType::of::<Cool>("sumRequest").unwrap())
-            .unwrap()
-        {
+        if let Some(m) = peer.take_cached(CoolMsgKind::SumRequest).unwrap() {
             break m;
         }
     };

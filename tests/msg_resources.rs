@@ -19,7 +19,7 @@ fn hello(m: &mut MsgOut<cool_msg::Owned>, num: i64) {
 }
 
 fn num_of(m: &flowipc::msg::MsgIn<cool_msg::Owned>) -> i64 {
-    match m.root().unwrap().which() {
+    match m.which() {
         Ok(cool_msg::HelloThere(Ok(h))) => h.get_num(),
         Ok(cool_msg::Blob(Ok(_))) => {
             let (tag, data) = chunks_of(m.root().unwrap());

@@ -11,10 +11,10 @@ use std::time::Duration;
 use common::session::*;
 use common::*;
 use flowipc::msg::MsgIn;
-use flowipc::schemas::test_msgs_capnp::cool_msg;
+use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
 use flowipc::session::{ClientSession, ConnectOptions, Error, Scope, ServerSession, SessionServer};
 use flowipc::shm::{LendBlob, ShmHandle};
-use flowipc::struc::{self, MsgType};
+use flowipc::struc;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -32,17 +32,13 @@ fn child_entry() {
     }
 }
 
-fn ty(name: &str) -> MsgType {
-    MsgType::of::<cool_msg::Owned>(name).unwrap()
-}
-
-fn recv_type(c: &mut Cool, name: &str) -> MsgIn<cool_msg::Owned> {
+fn recv_type(c: &mut Cool, kind: CoolMsgKind) -> MsgIn<cool_msg::Owned> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(m) = c.take_cached(ty(name)).unwrap() {
+        if let Some(m) = c.take_cached(kind).unwrap() {
             return m;
         }
-        assert!(std::time::Instant::now() < deadline, "no {name} in time");
+        assert!(std::time::Instant::now() < deadline, "no {kind:?} in time");
         c.run_for(Duration::from_millis(5)).unwrap();
     }
 }
@@ -242,8 +238,8 @@ fn a_client_killed_while_lending_ends_the_session_as_peer_gone() {
         c.start(|_| {}).unwrap();
         let mut held: Vec<ShmHandle<u64>> = Vec::new();
         for _ in 0..2 {
-            let m = recv_type(&mut c, "blob");
-            let cool_msg::Blob(Ok(b)) = m.root().unwrap().which().unwrap() else {
+            let m = recv_type(&mut c, CoolMsgKind::Blob);
+            let cool_msg::Blob(Ok(b)) = m.which().unwrap() else {
                 panic!("not a blob");
             };
             let blob =
@@ -271,7 +267,7 @@ fn a_client_killed_during_its_request_ends_the_session_as_peer_gone() {
             .structured(chans.recv_timeout(Duration::from_secs(30)).unwrap())
             .unwrap();
         c.start(|_| {}).unwrap();
-        let req = recv_type(&mut c, "helloThere");
+        let req = recv_type(&mut c, CoolMsgKind::HelloThere);
         assert_eq!(recv_u64(&mut cli.sock), 1);
         kill_now(&mut cli);
         std::thread::sleep(Duration::from_millis(20 * round));

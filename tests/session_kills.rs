@@ -25,10 +25,10 @@ use std::time::{Duration, Instant};
 use common::session::*;
 use common::*;
 use flowipc::msg::MsgIn;
-use flowipc::schemas::test_msgs_capnp::cool_msg;
+use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
 use flowipc::session::{ClientSession, ConnectOptions, Error, Scope, SessionServer};
 use flowipc::shm::{self, LendBlob, ShmHandle};
-use flowipc::struc::{self, MsgType};
+use flowipc::struc;
 
 type Cool = struc::Channel<cool_msg::Owned>;
 type Obj = [u64; 2];
@@ -55,10 +55,6 @@ fn child_entry() {
     }
 }
 
-fn blob_type() -> MsgType {
-    MsgType::of::<cool_msg::Owned>("blob").unwrap()
-}
-
 fn blob_msg(c: &Cool, blob: &LendBlob) -> flowipc::msg::MsgOut<cool_msg::Owned> {
     let mut m = c.create_msg();
     m.init_root()
@@ -70,7 +66,7 @@ fn blob_msg(c: &Cool, blob: &LendBlob) -> flowipc::msg::MsgOut<cool_msg::Owned> 
 }
 
 fn blob_of(m: &MsgIn<cool_msg::Owned>) -> LendBlob {
-    let cool_msg::Blob(Ok(b)) = m.root().unwrap().which().unwrap() else {
+    let cool_msg::Blob(Ok(b)) = m.which().unwrap() else {
         panic!("not a blob");
     };
     LendBlob::from_bytes(b.get_chunks().unwrap().get(0).get_data().unwrap()).unwrap()
@@ -151,7 +147,7 @@ fn cli_lender(seed: u64, stop: Option<u64>) {
             mine.pop_front();
         }
         at(i, 4);
-        while let Ok(Some(m)) = c.take_cached(blob_type()) {
+        while let Ok(Some(m)) = c.take_cached(CoolMsgKind::Blob) {
             if rng.below(2) == 0 {
                 borrowed.push_back(s.borrow_object(&blob_of(&m)).unwrap());
             }
@@ -182,7 +178,7 @@ impl Serving<'_> {
     fn serve_for(&mut self, d: Duration) -> bool {
         let end = Instant::now() + d;
         loop {
-            match self.c.take_cached(blob_type()) {
+            match self.c.take_cached(CoolMsgKind::Blob) {
                 Ok(Some(m)) => {
                     let blob = blob_of(&m);
                     match self.s.borrow_object::<Obj>(&blob) {

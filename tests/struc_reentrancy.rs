@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flowipc::msg::{Backing, MsgIn, MsgOut};
 use flowipc::schemas::perf_demo_capnp::body;
-use flowipc::schemas::test_msgs_capnp::cool_msg;
+use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
 use flowipc::struc::{AsyncChannel, Channel, Error, Expect, MsgType};
 use flowipc::transport::{self, ChannelConfig};
 
@@ -16,9 +16,6 @@ type Cool = Channel<cool_msg::Owned>;
 type In = MsgIn<cool_msg::Owned>;
 const SHORT: Duration = Duration::from_millis(50);
 
-fn ty(n: &str) -> MsgType {
-    MsgType::of::<cool_msg::Owned>(n).unwrap()
-}
 fn started() -> (Cool, Cool) {
     let (a, b) = transport::Channel::pair(ChannelConfig::new()).unwrap();
     let mut a = Cool::new(a, Backing::Heap).unwrap();
@@ -37,7 +34,7 @@ fn hello(c: &mut Cool, n: i64, orig: Option<&In>) {
     c.send(&mut m, orig).unwrap();
 }
 fn num(m: &In) -> i64 {
-    match m.root().unwrap().which().unwrap() {
+    match m.which().unwrap() {
         cool_msg::HelloThere(h) => h.unwrap().get_num(),
         cool_msg::SumResponse(s) => s.unwrap().get_sum(),
         _ => -1,
@@ -61,7 +58,7 @@ fn f1_nested_receive_in_expect_msgs_handler_strands_cache() {
     let (mut a, mut b) = started();
     let got: Arc<Mutex<Vec<i64>>> = Arc::default();
     let g = got.clone();
-    b.expect_msgs(ty("helloThere"), move |ch, m| {
+    b.expect_msgs(CoolMsgKind::HelloThere, move |ch, m| {
         let n = num(&m);
         g.lock().unwrap().push(n);
         if n == 1 {
@@ -75,7 +72,11 @@ fn f1_nested_receive_in_expect_msgs_handler_strands_cache() {
     b.run_for(SHORT).unwrap();
     hello(&mut a, 4, None);
     b.run_for(SHORT).unwrap();
-    assert_eq!(b.cached(ty("helloThere")), 0, "stranded in the cache");
+    assert_eq!(
+        b.cached(CoolMsgKind::HelloThere),
+        0,
+        "stranded in the cache"
+    );
     assert_eq!(*got.lock().unwrap(), [1, 2, 3, 4]);
 }
 
@@ -86,11 +87,11 @@ fn f2_nested_sync_request_loses_outer_response() {
     let (mut a, mut b) = started();
     let server = std::thread::spawn(move || {
         let mut reqs = Vec::new();
-        b.expect_msgs(ty("sumRequest"), |_, _| {}).unwrap();
-        b.undo_expect_msgs(ty("sumRequest")).unwrap();
+        b.expect_msgs(CoolMsgKind::SumRequest, |_, _| {}).unwrap();
+        b.undo_expect_msgs(CoolMsgKind::SumRequest).unwrap();
         while reqs.is_empty() {
             b.run_for(SHORT).unwrap();
-            while let Some(m) = b.take_cached(ty("sumRequest")).unwrap() {
+            while let Some(m) = b.take_cached(CoolMsgKind::SumRequest).unwrap() {
                 reqs.push(m);
             }
         }
@@ -98,7 +99,7 @@ fn f2_nested_sync_request_loses_outer_response() {
         sum_rsp(&mut b, 1, &reqs[0]); // then the answer to R1
         while reqs.len() < 2 {
             b.run_for(SHORT).unwrap();
-            while let Some(m) = b.take_cached(ty("sumRequest")).unwrap() {
+            while let Some(m) = b.take_cached(CoolMsgKind::SumRequest).unwrap() {
                 reqs.push(m);
             }
         }
@@ -110,7 +111,7 @@ fn f2_nested_sync_request_loses_outer_response() {
     a.set_unexpected_response_handler(move |_, _| {
         u.fetch_add(1, Ordering::SeqCst);
     });
-    a.expect_msg(ty("helloThere"), |ch, _| {
+    a.expect_msg(CoolMsgKind::HelloThere, |ch, _| {
         let mut r2 = sum_req(ch);
         let rsp = ch
             .sync_request(&mut r2, None, Some(Duration::from_secs(1)))
@@ -138,14 +139,14 @@ fn f3_reregistration_during_cache_drain_is_clobbered() {
         hello(&mut a, n, None);
     }
     b.run_for(SHORT).unwrap();
-    assert_eq!(b.cached(ty("helloThere")), 2);
+    assert_eq!(b.cached(CoolMsgKind::HelloThere), 2);
     let who: Arc<Mutex<Vec<(&str, i64)>>> = Arc::default();
     let w = who.clone();
-    b.expect_msgs(ty("helloThere"), move |ch, m| {
+    b.expect_msgs(CoolMsgKind::HelloThere, move |ch, m| {
         w.lock().unwrap().push(("old", num(&m)));
-        ch.undo_expect_msgs(ty("helloThere")).unwrap();
+        ch.undo_expect_msgs(CoolMsgKind::HelloThere).unwrap();
         let w2 = w.clone();
-        ch.expect_msgs(ty("helloThere"), move |_, m| {
+        ch.expect_msgs(CoolMsgKind::HelloThere, move |_, m| {
             w2.lock().unwrap().push(("new", num(&m)))
         })
         .unwrap();
@@ -175,7 +176,7 @@ fn f4_indefinite_response_during_nested_receive_is_unexpected() {
     })
     .unwrap();
     b.run_for(SHORT).unwrap();
-    let r = b.take_cached(ty("sumRequest")).unwrap().unwrap();
+    let r = b.take_cached(CoolMsgKind::SumRequest).unwrap().unwrap();
     sum_rsp(&mut b, 1, &r);
     sum_rsp(&mut b, 2, &r);
     a.run_for(SHORT).unwrap();
@@ -212,12 +213,12 @@ fn f6_notice_after_end_sending_breaks_process_ready() {
     let (mut a, mut b) = started();
     hello(&mut a, 1, None);
     b.run_for(SHORT).unwrap();
-    let m = b.take_cached(ty("helloThere")).unwrap().unwrap();
+    let m = b.take_cached(CoolMsgKind::HelloThere).unwrap().unwrap();
     hello(&mut b, 10, Some(&m)); // a response to a notification: unexpected on a
     hello(&mut b, 11, None);
     a.end_sending().unwrap();
     let r = a.process_ready();
-    assert_eq!(a.cached(ty("helloThere")), 1, "batch stopped early");
+    assert_eq!(a.cached(CoolMsgKind::HelloThere), 1, "batch stopped early");
     r.expect("process_ready");
 }
 

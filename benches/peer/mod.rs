@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use flowipc::msg::{Backing, MsgChannel, MsgOut};
 use flowipc::schemas::perf_demo_capnp::body;
-use flowipc::schemas::test_msgs_capnp::cool_msg;
+use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use flowipc::shm::{Arena, ArenaConfig, ShmHandle};
@@ -125,6 +125,9 @@ pub struct Client {
     spin_seq: u64,
     /// Messages the client builds go here (see [`Client::sink`]).
     pub sink: MsgChannel<body::Owned>,
+    /// A structured channel like `struc_shm` (the same server), not started: for a face to
+    /// take (`benches/faces.rs`).
+    pub struc_spare: Option<struc::Channel<cool_msg::Owned>>,
     /// One arena-backed channel per entry of [`SEND_MODES`].
     pub modes: Vec<MsgChannel<body::Owned>>,
     server: Child,
@@ -156,6 +159,7 @@ pub fn serve_if_peer() {
     let shm_queue = connect();
     let spin = connect();
     let sink = connect();
+    let spare = connect();
     let modes: Vec<UnixStream> = SEND_MODES.iter().map(|_| connect()).collect();
     let arena = Arena::create(ArenaConfig::new()).expect("arena");
     let small = Arena::create(ArenaConfig::new().pool_size(16 << 20)).expect("arena");
@@ -196,8 +200,12 @@ pub fn serve_if_peer() {
         std::thread::spawn(move || serve_raw(raw)),
         std::thread::spawn(move || serve_msgs(shm, Backing::Shm(arena))),
         std::thread::spawn(move || serve_msgs(heap, Backing::Heap)),
-        std::thread::spawn(move || serve_struc(struc_shm, Backing::Shm(small))),
+        std::thread::spawn({
+            let small = small.clone();
+            move || serve_struc(struc_shm, Backing::Shm(small))
+        }),
         std::thread::spawn(move || serve_struc(struc_heap, Backing::Heap)),
+        std::thread::spawn(move || serve_struc(spare, Backing::Shm(small))),
         std::thread::spawn(move || serve_sink(sink)),
     ]);
     for t in threads {
@@ -265,7 +273,7 @@ fn serve_msgs_with(s: UnixStream, backing: Backing, cfg: ChannelConfig, inline: 
     let mut chan = MsgChannel::<body::Owned>::new(chan, backing).with_inline_max(inline);
     let mut cache: HashMap<usize, MsgOut<body::Owned>> = HashMap::new();
     while let Ok(Some(req)) = chan.recv_blocking(None) {
-        let size = match req.root().and_then(|r| r.which().map_err(Into::into)) {
+        let size = match req.which() {
             Ok(body::GetCacheReq(Ok(r))) => r
                 .get_file_name()
                 .ok()
@@ -293,7 +301,7 @@ fn serve_sink(s: UnixStream) {
     let chan = Channel::from_stream(s, config()).expect("channel");
     let mut chan = MsgChannel::<body::Owned>::new(chan, Backing::Heap);
     while let Ok(Some(msg)) = chan.recv_blocking(None) {
-        let seen = match msg.root().and_then(|r| Ok(r.which()?)) {
+        let seen = match msg.which() {
             Ok(body::GetCacheRsp(Ok(rsp))) => rsp.get_file_parts().ok().map(|parts| {
                 let first = parts
                     .get(0)
@@ -324,10 +332,10 @@ fn serve_struc(s: UnixStream, backing: Backing) {
 fn serve_struc_with(s: UnixStream, backing: Backing, cfg: ChannelConfig) {
     let chan = Channel::from_stream(s, cfg).expect("channel");
     let mut chan = struc::Channel::<cool_msg::Owned>::new(chan, backing).expect("struc channel");
-    let sum_request = struc::MsgType::of::<cool_msg::Owned>("sumRequest").expect("type");
+    let sum_request = CoolMsgKind::SumRequest;
     chan.start(|_| {}).expect("start");
     chan.expect_msgs(sum_request, |chan, req| {
-        let Ok(cool_msg::SumRequest(Ok(r))) = req.root().and_then(|r| Ok(r.which()?)) else {
+        let Ok(cool_msg::SumRequest(Ok(r))) = req.which() else {
             return;
         };
         let sum: i64 = r.get_terms_to_add().map(|t| t.iter().sum()).unwrap_or(0);
@@ -378,6 +386,7 @@ pub fn start() -> Client {
     let shm_queue = accept();
     let spin_sock = accept();
     let sink = accept();
+    let spare = accept();
     let modes: Vec<UnixStream> = SEND_MODES.iter().map(|_| accept()).collect();
     let arena = Arena::create(ArenaConfig::new().pool_size(64 << 20)).expect("arena");
     let chan = |s, cfg| Channel::from_stream(s, cfg).expect("channel");
@@ -416,6 +425,10 @@ pub fn start() -> Client {
         spin,
         spin_seq: 0,
         sink: MsgChannel::new(chan(sink, config()), Backing::Heap).with_inline_max(0),
+        struc_spare: Some(
+            struc::Channel::new(chan(spare, config()), Backing::Shm(arena.clone()))
+                .expect("struc channel"),
+        ),
         modes: SEND_MODES
             .iter()
             .zip(modes)

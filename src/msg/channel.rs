@@ -11,6 +11,8 @@
 //! * `HEAP`: the message in capnp's standard stream framing (segment count - 1, sizes in words,
 //!   padding to 8 bytes, then the segments): a heap-backed message, or a small arena-backed one
 //!   (see [`MsgChannel::with_inline_max`]).
+//! * `NOTICE`: the id of our message that the peer received as a response nobody expected is
+//!   the header's answered id; a description follows (UTF-8, at most 512 bytes, possibly none).
 //!
 //! A `SHM` or `HEAP` frame may carry one fd of the user's.
 
@@ -24,12 +26,15 @@ use super::wire::{
     heap_segments, pool_body, read_pool_body, segment_table_len, write_segment_table, Encoded,
     Header, Kind,
 };
-use super::{Error, InSegs, MsgIn, MsgOut};
+use super::{Body, Error, InSegs, MsgIn, MsgOut};
 use crate::hosing::Hosing;
 use crate::poll::{Interest, Pollable};
-use crate::shm::segments::OutMsg;
+use crate::shm::segments::{Adopted, OutMsg};
 use crate::shm::{Arena, ArenaConfig, LendBlob};
 use crate::transport::{Channel, Frame, OutFrame, SharedBytes};
+
+/// Longest description an unexpected-response notice carries.
+pub(crate) const MAX_NOTICE_TEXT: usize = 512;
 
 /// Heap messages of at most this many segments and bytes are sent from their segments as they
 /// are (copied if they have to be queued); bigger ones are frozen and their segments queued by
@@ -47,8 +52,8 @@ pub(crate) enum Incoming<M: Owned> {
     /// A message.
     Msg(MsgIn<M>),
     /// The peer's notice that a message we sent, with this id, arrived as a response nobody
-    /// expected.
-    UnexpectedResponse(u64),
+    /// expected, and the peer's description of it.
+    UnexpectedResponse(u64, String),
 }
 
 /// Where a channel's new messages keep their segments.
@@ -176,6 +181,11 @@ impl<M: Owned> MsgChannel<M> {
         &mut self.chan
     }
 
+    /// [`channel`](MsgChannel::channel), to read.
+    pub(crate) fn channel_ref(&self) -> &Channel {
+        &self.chan
+    }
+
     /// Whether a hosing error has been reported.
     pub fn is_hosed(&self) -> bool {
         self.hosing.is_hosed()
@@ -212,16 +222,33 @@ impl<M: Owned> MsgChannel<M> {
     }
 
     /// Ends sending gracefully: everything sent so far goes out, then the peer learns of the
-    /// end (see [`Channel::end_sending`]).
+    /// end (see [`Channel::end_sending`]; the peer's receives then answer `Ok(None)` and its
+    /// [`is_peer_ended`](MsgChannel::is_peer_ended) is true).
     pub fn end_sending(&mut self) -> Result<(), Error> {
         self.hosing.check::<Error>()?;
         let r = self.chan.end_sending().map_err(Error::from);
         self.hose_on(r)
     }
 
+    /// [`end_sending`](MsgChannel::end_sending) (unless called before), then waits up to
+    /// `timeout` for it and everything before it to be written (see
+    /// [`Channel::end_sending_blocking`]): `Ok(true)` once written, `Ok(false)` at the timeout.
+    pub fn end_sending_blocking(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        self.hosing.check::<Error>()?;
+        let r = self.chan.end_sending_blocking(timeout).map_err(Error::from);
+        self.hose_on(r)
+    }
+
     /// Whether the end of sending (and everything before it) has been written.
     pub fn is_send_done(&self) -> bool {
         self.chan.is_send_done()
+    }
+
+    /// Whether the peer ended its sending and every message it sent before has been received:
+    /// nothing more will come, and receives answer `Ok(None)` at once. The graceful end, not an
+    /// error: this side may go on sending (see [`Channel::is_peer_ended`]).
+    pub fn is_peer_ended(&self) -> bool {
+        self.chan.is_peer_ended()
     }
 
     /// Marks the channel hosed if `r` is a hosing error. The transport is hosed with it: its
@@ -267,11 +294,17 @@ impl<M: Owned> MsgChannel<M> {
         self.next_id
     }
 
-    /// Tells the peer that its message `id` arrived as a response nobody expected.
-    pub(crate) fn send_unexpected_notice(&mut self, id: u64) -> Result<(), Error> {
+    /// Tells the peer that its message `id` arrived as a response nobody expected, with a
+    /// description (UTF-8, cut to [`MAX_NOTICE_TEXT`] bytes at a character boundary).
+    pub(crate) fn send_unexpected_notice(&mut self, id: u64, text: &str) -> Result<(), Error> {
         self.hosing.check::<Error>()?;
+        let mut end = text.len().min(MAX_NOTICE_TEXT);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
         let (frame, _) = self.header(Kind::Notice, id);
-        let r = self.chan.send(frame.as_ref()).map_err(Error::from);
+        let parts = [frame.as_ref(), &text.as_bytes()[..end]];
+        let r = self.chan.send(OutFrame::parts(&parts)).map_err(Error::from);
         self.hose_on(r)
     }
 
@@ -297,11 +330,11 @@ impl<M: Owned> MsgChannel<M> {
         // The message's own fd rides along unless the caller gives another: lent out of the
         // message for the send and put back after (no duplicate).
         let own = if fd.is_none() { msg.take_fd() } else { None };
-        let r = self.send_out(
-            msg.inner_mut(),
-            fd.or(own.as_ref().map(|f| f.as_fd())),
-            answers,
-        );
+        let fd = fd.or(own.as_ref().map(|f| f.as_fd()));
+        let r = match msg.body_mut() {
+            Body::Own(out) => self.send_out(out, fd, answers),
+            Body::Adopted(a) => self.send_adopted(a, fd, answers),
+        };
         if let Some(own) = own {
             msg.set_fd(own);
         }
@@ -325,48 +358,12 @@ impl<M: Owned> MsgChannel<M> {
         };
         // (Its size first, which lists nothing: a large message pays nothing for the check.)
         if out.size_in_words().saturating_mul(8) <= limit {
-            return self.send_small(out, fd, answers, limit);
+            let segs = out.output_segments();
+            if segs.len() <= SMALL_HEAP_SEGMENTS {
+                return self.send_heap_parts(&segs, fd, answers);
+            }
         }
-        self.send_large(out, fd, answers)
-    }
-
-    /// Sends a message of at most `limit` bytes (see `send_out`) copied into its frame if it has
-    /// few enough segments.
-    fn send_small(
-        &mut self,
-        out: &mut OutMsg,
-        fd: Option<BorrowedFd<'_>>,
-        answers: u64,
-        limit: usize,
-    ) -> Result<u64, Error> {
-        let segs = out.output_segments();
-        let n = segs.len();
-        let bytes = segs.iter().fold(0usize, |a, s| a.saturating_add(s.len()));
-        if n <= SMALL_HEAP_SEGMENTS && bytes <= limit {
-            let (h, id) = self.header(Kind::Heap, answers);
-            let mut table = [0u8; segment_table_len(SMALL_HEAP_SEGMENTS)];
-            let table = &mut table[..segment_table_len(n)];
-            write_segment_table(table, segs.iter().map(|s| s.len()));
-            let mut parts: [&[u8]; SMALL_HEAP_SEGMENTS + 2] = [&[]; SMALL_HEAP_SEGMENTS + 2];
-            parts[0] = h.as_ref();
-            parts[1] = table;
-            parts[2..n + 2].copy_from_slice(&segs);
-            self.chan.send(OutFrame::parts(&parts[..n + 2]).fd(fd))?;
-            return Ok(id);
-        }
-        drop(segs);
-        self.send_large(out, fd, answers)
-    }
-
-    /// Sends a message that is not copied into its frame: in place (arena-backed), or its heap
-    /// segments queued by reference.
-    fn send_large(
-        &mut self,
-        out: &mut OutMsg,
-        fd: Option<BorrowedFd<'_>>,
-        answers: u64,
-    ) -> Result<u64, Error> {
-        let Some(arena_id) = out.arena().map(Arena::id) else {
+        let Some(arena) = out.arena() else {
             // Heap: the segments ride in the socket; the queue keeps `Arc`s of them (frozen
             // while queued) rather than copying.
             let parts = out.share_heap().map_err(local)?;
@@ -388,25 +385,96 @@ impl<M: Owned> MsgChannel<M> {
             self.chan.send(OutFrame::shared(shared).fd(fd))?;
             return Ok(id);
         };
-        match self.arenas.get(&(arena_id as u32)) {
-            // Handles carry 32 bits of the arena id: two arenas alike in those cannot share a
-            // channel (a 1 in 2^31 chance per pair).
-            Some(known) if known.id() != arena_id => {
-                return Err(local(crate::shm::Error::BadConfig(
-                    "another arena on this channel has the same 32-bit tag",
-                )));
-            }
-            Some(_) => {}
-            None => {
-                if let Some(arena) = out.arena() {
-                    self.arenas.insert(arena_id as u32, arena.clone());
-                }
-            }
-        }
+        self.know_arena(arena)?;
         let blob = out.share_shm().map_err(local)?;
         let Some(arena) = out.arena() else {
             return Err(local(crate::shm::Error::BadConfig("no arena")));
         };
+        self.send_blob(arena, blob, fd, answers)
+    }
+
+    /// Sends an adopted message (see [`MsgOut::from_builder`]): in place through its flat copy
+    /// in the channel's arena, or its segments through the socket on a heap channel.
+    fn send_adopted(
+        &mut self,
+        a: &mut Adopted,
+        fd: Option<BorrowedFd<'_>>,
+        answers: u64,
+    ) -> Result<u64, Error> {
+        match &self.backing {
+            Backing::Heap => {
+                if a.segments().is_empty() {
+                    // An empty message still has its root pointer, in one segment.
+                    let _ = a.root_mut();
+                }
+                self.send_heap_parts(&a.segments(), fd, answers)
+            }
+            Backing::Shm(arena) => {
+                let arena = arena.clone();
+                self.know_arena(&arena)?;
+                let blob = a.share_shm(&arena).map_err(local)?;
+                self.send_blob(&arena, blob, fd, answers)
+            }
+        }
+    }
+
+    /// Sends a heap message from its segments as they are (the transport copies what it has
+    /// to queue).
+    fn send_heap_parts(
+        &mut self,
+        segs: &[&[u8]],
+        fd: Option<BorrowedFd<'_>>,
+        answers: u64,
+    ) -> Result<u64, Error> {
+        let n = segs.len();
+        let (h, id) = self.header(Kind::Heap, answers);
+        if n <= SMALL_HEAP_SEGMENTS {
+            // No allocation: the table and the parts on the stack.
+            let mut table = [0u8; segment_table_len(SMALL_HEAP_SEGMENTS)];
+            let table = &mut table[..segment_table_len(n)];
+            write_segment_table(table, segs.iter().map(|s| s.len()));
+            let mut parts: [&[u8]; SMALL_HEAP_SEGMENTS + 2] = [&[]; SMALL_HEAP_SEGMENTS + 2];
+            parts[0] = h.as_ref();
+            parts[1] = table;
+            parts[2..n + 2].copy_from_slice(segs);
+            self.chan.send(OutFrame::parts(&parts[..n + 2]).fd(fd))?;
+        } else {
+            let mut table = vec![0u8; segment_table_len(n)];
+            write_segment_table(&mut table, segs.iter().map(|s| s.len()));
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(n + 2);
+            parts.push(h.as_ref());
+            parts.push(&table);
+            parts.extend_from_slice(segs);
+            self.chan.send(OutFrame::parts(&parts).fd(fd))?;
+        }
+        Ok(id)
+    }
+
+    /// Makes `arena` one whose handles this channel sends (and reads). Handles carry 32 bits
+    /// of the arena id: two arenas alike in those cannot share a channel (a 1 in 2^31 chance
+    /// per pair).
+    fn know_arena(&mut self, arena: &Arena) -> Result<(), Error> {
+        match self.arenas.get(&(arena.id() as u32)) {
+            Some(known) if known.id() != arena.id() => Err(local(crate::shm::Error::BadConfig(
+                "another arena on this channel has the same 32-bit tag",
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                self.arenas.insert(arena.id() as u32, arena.clone());
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends the handle of a message in `arena` (its pools announced first); its reference
+    /// goes with the frame.
+    fn send_blob(
+        &mut self,
+        arena: &Arena,
+        blob: LendBlob,
+        fd: Option<BorrowedFd<'_>>,
+        answers: u64,
+    ) -> Result<u64, Error> {
         if let Err(e) = self.announce_pools(arena) {
             let _ = arena.release_blob(&blob);
             return Err(e);
@@ -452,26 +520,29 @@ impl<M: Owned> MsgChannel<M> {
         Ok(())
     }
 
-    /// Receives the next message if one is ready (non-blocking). `Ok(None)`: nothing yet.
+    /// Receives the next message if one is ready (non-blocking). `Ok(None)`: nothing yet (or,
+    /// once [`is_peer_ended`](MsgChannel::is_peer_ended), nothing ever again).
     pub fn try_recv(&mut self) -> Result<Option<MsgIn<M>>, Error> {
         loop {
             match self.next_event(Some(Duration::ZERO))? {
                 Some(Incoming::Msg(m)) => return Ok(Some(m)),
-                Some(Incoming::UnexpectedResponse(_)) => continue,
+                Some(Incoming::UnexpectedResponse(..)) => continue,
                 None => return Ok(None),
             }
         }
     }
 
     /// Waits up to `timeout` (forever if `None`) for the next message, flushing queued sends
-    /// meanwhile. `Ok(None)` on timeout.
+    /// meanwhile. `Ok(None)` on timeout, or at once when the peer has ended its sending
+    /// ([`is_peer_ended`](MsgChannel::is_peer_ended); with no timeout, that is the only
+    /// `None`): `while let Some(m) = chan.recv_blocking(None)? { .. }` reads to the end.
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<MsgIn<M>>, Error> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
             let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
             match self.next_event(left)? {
                 Some(Incoming::Msg(m)) => return Ok(Some(m)),
-                Some(Incoming::UnexpectedResponse(_)) => continue,
+                Some(Incoming::UnexpectedResponse(..)) => continue,
                 None => return Ok(None),
             }
         }
@@ -517,10 +588,14 @@ impl<M: Owned> MsgChannel<M> {
         let msg = |m: MsgIn<M>| Some(Incoming::Msg(m));
         match kind {
             Kind::Notice => {
-                if buf.len() != hlen || fd.is_some() || answers == 0 {
+                let text = &buf[hlen..];
+                if text.len() > MAX_NOTICE_TEXT || fd.is_some() || answers == 0 {
                     return Err(Error::BadMessage("malformed unexpected-response notice"));
                 }
-                Ok(Some(Incoming::UnexpectedResponse(answers)))
+                let text = std::str::from_utf8(text).map_err(|_| {
+                    Error::BadMessage("unexpected-response notice text is not UTF-8")
+                })?;
+                Ok(Some(Incoming::UnexpectedResponse(answers, text.into())))
             }
             Kind::Pool => {
                 self.add_pool(&buf[hlen..], fd)?;

@@ -88,8 +88,18 @@ impl From<transport::Error> for Error {
 }
 
 impl crate::hosing::HosingError for Error {
+    const TARGET: &'static str = "flowipc::msg";
+
     fn is_hosing(&self) -> bool {
         Error::is_hosing(self)
+    }
+
+    /// The transport's errors were logged there.
+    fn log_level(&self) -> Option<log::Level> {
+        match self {
+            Error::Transport(_) | Error::Hosed => None,
+            _ => Some(log::Level::Warn),
+        }
     }
 
     fn hosed() -> Self {

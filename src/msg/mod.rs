@@ -65,7 +65,7 @@ use capnp::traits::Owned;
 pub use self::channel::{Backing, MsgChannel, DEFAULT_INLINE_MAX};
 pub use self::error::Error;
 pub use crate::shm::segments::SegmentSizes;
-use crate::shm::segments::{OutMsg, ShmSegments};
+use crate::shm::segments::{Adopted, OutMsg, ShmSegments};
 use crate::shm::Arena;
 use crate::transport::AlignedBuf;
 
@@ -89,11 +89,18 @@ pub fn check_list_len(len: usize) -> Result<u32, Error> {
 }
 
 /// An out-message: a capnp builder of root type `M` (e.g. `my_schema_capnp::my_root::Owned`)
-/// whose segments come from an arena (zero-copy) or the heap (copying).
+/// whose segments come from an arena (zero-copy) or the heap (copying), or a capnp `Builder`
+/// made elsewhere and adopted as it is ([`from_builder`](MsgOut::from_builder)).
 pub struct MsgOut<M: Owned> {
-    inner: OutMsg,
+    body: Body,
     fd: Option<OwnedFd>,
     _root: PhantomData<fn() -> M>,
+}
+
+/// A message's builder: flowipc's own (segments in an arena or on the heap), or an adopted one.
+pub(crate) enum Body {
+    Own(OutMsg),
+    Adopted(Adopted),
 }
 
 impl<M: Owned> MsgOut<M> {
@@ -110,7 +117,43 @@ impl<M: Owned> MsgOut<M> {
     /// An empty message with explicit segment sizing.
     pub fn with_sizes(arena: Option<Arena>, sizes: SegmentSizes) -> Self {
         MsgOut {
-            inner: OutMsg::new(arena, sizes),
+            body: Body::Own(OutMsg::new(arena, sizes)),
+            fd: None,
+            _root: PhantomData,
+        }
+    }
+
+    /// Adopts a message built with capnp's own `Builder` (of any `Send + Sync` allocator:
+    /// capnp's `HeapAllocator`, a scratch space of `'static` life, one of your own), as it is.
+    ///
+    /// What it costs: adopting, nothing (the segments stay where the builder's allocator put
+    /// them; [`segments`](MsgOut::segments) are those very bytes). Sending it over a heap
+    /// channel writes the segments into the socket, as any heap message. Sending it in place
+    /// (a channel backed by an arena) copies the segments *flat* into that arena once (a
+    /// `memcpy` of each segment into a block of its own: no traversal, far pointers stay valid,
+    /// no deep copy), and re-sending it unchanged reuses that copy; writing to it afterwards
+    /// writes the builder itself (the receivers read the copy, so there is nothing to thaw),
+    /// and the next send copies again. A message built from the start with the channel's
+    /// [`create_msg`](MsgChannel::create_msg) costs no copy at all.
+    ///
+    /// ```
+    /// use flowipc::capnp::message::Builder;
+    /// use flowipc::msg::MsgOut;
+    /// use flowipc::schemas::test_msgs_capnp::cool_msg;
+    ///
+    /// let mut b = Builder::new_default();
+    /// b.init_root::<cool_msg::Builder>().init_hello_there().set_num(7);
+    /// let first = b.get_segments_for_output()[0].as_ptr();
+    /// let m = MsgOut::<cool_msg::Owned>::from_builder(b);
+    /// assert_eq!(m.segments()[0].as_ptr(), first, "in place");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_builder<A>(builder: capnp::message::Builder<A>) -> Self
+    where
+        A: capnp::message::Allocator + Send + Sync + 'static,
+    {
+        MsgOut {
+            body: Body::Adopted(Adopted::new(builder)),
             fd: None,
             _root: PhantomData,
         }
@@ -118,17 +161,26 @@ impl<M: Owned> MsgOut<M> {
 
     /// Clears the root and returns its builder (copy-on-write if the message is shared).
     pub fn init_root(&mut self) -> M::Builder<'_> {
-        self.inner.builder_mut().init_root::<M::Builder<'_>>()
+        match &mut self.body {
+            Body::Own(o) => o.builder_mut().init_root::<M::Builder<'_>>(),
+            Body::Adopted(a) => a.root_mut().init_as::<M::Builder<'_>>(),
+        }
     }
 
     /// The root's builder, to modify an existing message (copy-on-write if shared).
     pub fn get_root(&mut self) -> capnp::Result<M::Builder<'_>> {
-        self.inner.builder_mut().get_root::<M::Builder<'_>>()
+        match &mut self.body {
+            Body::Own(o) => o.builder_mut().get_root::<M::Builder<'_>>(),
+            Body::Adopted(a) => a.root_mut().get_as::<M::Builder<'_>>(),
+        }
     }
 
     /// Reads the message (never copies).
     pub fn root(&self) -> capnp::Result<M::Reader<'_>> {
-        self.inner.builder().get_root_as_reader::<M::Reader<'_>>()
+        match &self.body {
+            Body::Own(o) => o.builder().get_root_as_reader::<M::Reader<'_>>(),
+            Body::Adopted(a) => a.root()?.get_as::<M::Reader<'_>>(),
+        }
     }
 
     /// Sets the root to a deep copy of `value` (copy-on-write if shared).
@@ -136,34 +188,55 @@ impl<M: Owned> MsgOut<M> {
     where
         for<'a> M::Reader<'a>: capnp::traits::SetterInput<M>,
     {
-        self.inner.builder_mut().set_root::<M>(value)
+        match &mut self.body {
+            Body::Own(o) => o.builder_mut().set_root::<M>(value),
+            Body::Adopted(a) => a.root_mut().set_as::<M>(value),
+        }
     }
 
-    /// Whether the segments are in shared memory (sent in place).
+    /// Whether the segments are in shared memory (sent in place). An adopted message's are
+    /// not (its sends in place go through a copy, see [`from_builder`](MsgOut::from_builder)).
     pub fn is_shm(&self) -> bool {
-        self.inner.is_shm()
+        match &self.body {
+            Body::Own(o) => o.is_shm(),
+            Body::Adopted(_) => false,
+        }
     }
 
     /// Whether a receiver (or a queued send) still holds this message, so the next write will
-    /// copy it first.
+    /// copy it first. (Never for an adopted message: receivers hold its copy.)
     pub fn is_shared(&self) -> bool {
-        self.inner.is_frozen_by_others()
+        match &self.body {
+            Body::Own(o) => o.is_frozen_by_others(),
+            Body::Adopted(_) => false,
+        }
     }
 
     /// References to the frozen segment table, if the message was sent in place: 1 means only
-    /// this `MsgOut`; every receiver's `MsgIn` (and every handle in flight) adds one.
+    /// this `MsgOut`; every receiver's `MsgIn` (and every handle in flight) adds one. (For an
+    /// adopted message, its arena copy's.)
     pub fn shared_refs(&self) -> Option<u64> {
-        self.inner.table_refs()
+        match &self.body {
+            Body::Own(o) => o.table_refs(),
+            Body::Adopted(a) => a.table_refs(),
+        }
     }
 
     /// Words the message uses (what a copy would move).
     pub fn size_in_words(&self) -> usize {
-        self.inner.size_in_words()
+        match &self.body {
+            Body::Own(o) => o.size_in_words(),
+            Body::Adopted(a) => a.size_in_words(),
+        }
     }
 
-    /// Words its segments reserve, used or not (growth is capped, see [`SegmentSizes`]).
+    /// Words its segments reserve, used or not (growth is capped, see [`SegmentSizes`]); for
+    /// an adopted message, those it uses (its allocator's reserve is its own).
     pub fn reserved_words(&self) -> u64 {
-        self.inner.reserved_words()
+        match &self.body {
+            Body::Own(o) => o.reserved_words(),
+            Body::Adopted(a) => a.size_in_words() as u64,
+        }
     }
 
     /// Number of segments the message has now (its receiver sees as many). A message whose
@@ -177,13 +250,19 @@ impl<M: Owned> MsgOut<M> {
     /// `capnp::serialize::write_message_segments(&mut out, &msg.segments())`. Each slice is
     /// the segment's used bytes. A message whose root was never written has no segments yet.
     pub fn segments(&self) -> capnp::OutputSegments<'_> {
-        self.inner.builder().get_segments_for_output()
+        match &self.body {
+            Body::Own(o) => o.builder().get_segments_for_output(),
+            Body::Adopted(a) => a.segments(),
+        }
     }
 
     /// The arena allocation failure that left part of the message on the heap, if any: such a
     /// message cannot be sent in place until the arena has room again (`send` retries the copy).
     pub fn alloc_failure(&self) -> Option<crate::shm::Error> {
-        self.inner.alloc_failure()
+        match &self.body {
+            Body::Own(o) => o.alloc_failure(),
+            Body::Adopted(_) => None,
+        }
     }
 
     /// Pairs an fd (native handle) with the message: it rides along every time the message is
@@ -204,8 +283,8 @@ impl<M: Owned> MsgOut<M> {
         self.fd.as_ref().map(|f| f.as_fd())
     }
 
-    pub(crate) fn inner_mut(&mut self) -> &mut OutMsg {
-        &mut self.inner
+    pub(crate) fn body_mut(&mut self) -> &mut Body {
+        &mut self.body
     }
 }
 
@@ -264,6 +343,8 @@ pub struct MsgIn<M: Owned> {
     words: usize,
     id: u64,
     answers: u64,
+    /// The root union's discriminant, once a structured channel's dispatch has read it.
+    union_arm: Option<u16>,
     _root: PhantomData<fn() -> M>,
 }
 
@@ -286,6 +367,7 @@ impl<M: Owned> MsgIn<M> {
             words,
             id,
             answers,
+            union_arm: None,
             _root: PhantomData,
         }
     }
@@ -301,9 +383,21 @@ impl<M: Owned> MsgIn<M> {
         self.answers
     }
 
-    /// The bytes of segment 0 (where the root pointer is), if any.
-    pub(crate) fn segment0(&self) -> Option<&[u8]> {
-        self.reader.get_segments().get_segment(0)
+    /// The root read as `T` (any pointer reader: the structured channel reads the union's
+    /// discriminant of any root type this way).
+    pub(crate) fn root_as<'a, T: capnp::traits::FromPointerReader<'a>>(
+        &'a self,
+    ) -> capnp::Result<T> {
+        self.reader.get_root::<T>()
+    }
+
+    /// The root union's discriminant, if a structured channel's dispatch read it.
+    pub(crate) fn union_arm(&self) -> Option<u16> {
+        self.union_arm
+    }
+
+    pub(crate) fn set_union_arm(&mut self, arm: u16) {
+        self.union_arm = Some(arm);
     }
 
     /// The root, read in place.

@@ -979,3 +979,43 @@ pub mod file_part {
         pub(crate) const TYPE_ID: u64 = 0xe3d4_0908_705c_2b7a;
     }
 }
+
+// Added by flowipc-build: the message kinds of each struct with an anonymous union.
+
+/// The kinds of `Body` message: the arms of its anonymous union (flowipc's
+/// structured channels dispatch on them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u16)]
+pub enum BodyKind {
+    /// `getCacheReq`
+    GetCacheReq = 0,
+    /// `getCacheRsp`
+    GetCacheRsp = 1,
+}
+
+impl crate::struc::KindOf<body::Owned> for BodyKind {
+    fn msg_type(self) -> crate::struc::MsgType {
+        crate::struc::MsgType(self as u16)
+    }
+}
+
+impl ::core::convert::From<BodyKind> for crate::struc::MsgType {
+    fn from(k: BodyKind) -> crate::struc::MsgType {
+        crate::struc::MsgType(k as u16)
+    }
+}
+
+impl crate::struc::Root for body::Owned {
+    type Kind = BodyKind;
+    type Which<'a> = body::WhichReader<'a>;
+    fn which<'a>(root: <Self as crate::capnp::traits::Owned>::Reader<'a>) -> ::core::result::Result<<Self as crate::struc::Root>::Which<'a>, crate::capnp::NotInSchema> {
+        root.which()
+    }
+    fn kind(t: crate::struc::MsgType) -> ::core::option::Option<BodyKind> {
+        match t.0 {
+            0 => ::core::option::Option::Some(BodyKind::GetCacheReq),
+            1 => ::core::option::Option::Some(BodyKind::GetCacheRsp),
+            _ => ::core::option::Option::None,
+        }
+    }
+}

@@ -2607,3 +2607,90 @@ pub mod open_channel_rsp {
         pub(crate) const TYPE_ID: u64 = 0x8ad9_6ce6_2824_6364;
     }
 }
+
+// Added by flowipc-build: the message kinds of each struct with an anonymous union.
+
+/// The kinds of `LogInRsp` message: the arms of its anonymous union (flowipc's
+/// structured channels dispatch on them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u16)]
+pub enum LogInRspKind {
+    /// `accepted`
+    Accepted = 0,
+    /// `rejected`
+    Rejected = 1,
+}
+
+impl crate::struc::KindOf<log_in_rsp::Owned> for LogInRspKind {
+    fn msg_type(self) -> crate::struc::MsgType {
+        crate::struc::MsgType(self as u16)
+    }
+}
+
+impl ::core::convert::From<LogInRspKind> for crate::struc::MsgType {
+    fn from(k: LogInRspKind) -> crate::struc::MsgType {
+        crate::struc::MsgType(k as u16)
+    }
+}
+
+impl crate::struc::Root for log_in_rsp::Owned {
+    type Kind = LogInRspKind;
+    type Which<'a> = log_in_rsp::WhichReader<'a>;
+    fn which<'a>(root: <Self as crate::capnp::traits::Owned>::Reader<'a>) -> ::core::result::Result<<Self as crate::struc::Root>::Which<'a>, crate::capnp::NotInSchema> {
+        root.which()
+    }
+    fn kind(t: crate::struc::MsgType) -> ::core::option::Option<LogInRspKind> {
+        match t.0 {
+            0 => ::core::option::Option::Some(LogInRspKind::Accepted),
+            1 => ::core::option::Option::Some(LogInRspKind::Rejected),
+            _ => ::core::option::Option::None,
+        }
+    }
+}
+
+/// The kinds of `Master` message: the arms of its anonymous union (flowipc's
+/// structured channels dispatch on them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u16)]
+pub enum MasterKind {
+    /// `logIn`
+    LogIn = 0,
+    /// `logInRsp`
+    LogInRsp = 1,
+    /// `resource`
+    Resource = 2,
+    /// `openChannel`
+    OpenChannel = 3,
+    /// `openChannelRsp`
+    OpenChannelRsp = 4,
+}
+
+impl crate::struc::KindOf<master::Owned> for MasterKind {
+    fn msg_type(self) -> crate::struc::MsgType {
+        crate::struc::MsgType(self as u16)
+    }
+}
+
+impl ::core::convert::From<MasterKind> for crate::struc::MsgType {
+    fn from(k: MasterKind) -> crate::struc::MsgType {
+        crate::struc::MsgType(k as u16)
+    }
+}
+
+impl crate::struc::Root for master::Owned {
+    type Kind = MasterKind;
+    type Which<'a> = master::WhichReader<'a>;
+    fn which<'a>(root: <Self as crate::capnp::traits::Owned>::Reader<'a>) -> ::core::result::Result<<Self as crate::struc::Root>::Which<'a>, crate::capnp::NotInSchema> {
+        root.which()
+    }
+    fn kind(t: crate::struc::MsgType) -> ::core::option::Option<MasterKind> {
+        match t.0 {
+            0 => ::core::option::Option::Some(MasterKind::LogIn),
+            1 => ::core::option::Option::Some(MasterKind::LogInRsp),
+            2 => ::core::option::Option::Some(MasterKind::Resource),
+            3 => ::core::option::Option::Some(MasterKind::OpenChannel),
+            4 => ::core::option::Option::Some(MasterKind::OpenChannelRsp),
+            _ => ::core::option::Option::None,
+        }
+    }
+}

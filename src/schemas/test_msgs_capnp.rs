@@ -2500,3 +2500,58 @@ pub mod channel_mdt {
         pub(crate) const TYPE_ID: u64 = 0xcda0_0cff_731a_8665;
     }
 }
+
+// Added by flowipc-build: the message kinds of each struct with an anonymous union.
+
+/// The kinds of `CoolMsg` message: the arms of its anonymous union (flowipc's
+/// structured channels dispatch on them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u16)]
+pub enum CoolMsgKind {
+    /// `helloThere`
+    HelloThere = 0,
+    /// `sumRequest`
+    SumRequest = 1,
+    /// `sumResponse`
+    SumResponse = 2,
+    /// `hitMeWithYourBestShot`
+    HitMeWithYourBestShot = 3,
+    /// `myBestShot`
+    MyBestShot = 4,
+    /// `blob`
+    Blob = 5,
+    /// `ping`
+    Ping = 6,
+}
+
+impl crate::struc::KindOf<cool_msg::Owned> for CoolMsgKind {
+    fn msg_type(self) -> crate::struc::MsgType {
+        crate::struc::MsgType(self as u16)
+    }
+}
+
+impl ::core::convert::From<CoolMsgKind> for crate::struc::MsgType {
+    fn from(k: CoolMsgKind) -> crate::struc::MsgType {
+        crate::struc::MsgType(k as u16)
+    }
+}
+
+impl crate::struc::Root for cool_msg::Owned {
+    type Kind = CoolMsgKind;
+    type Which<'a> = cool_msg::WhichReader<'a>;
+    fn which<'a>(root: <Self as crate::capnp::traits::Owned>::Reader<'a>) -> ::core::result::Result<<Self as crate::struc::Root>::Which<'a>, crate::capnp::NotInSchema> {
+        root.which()
+    }
+    fn kind(t: crate::struc::MsgType) -> ::core::option::Option<CoolMsgKind> {
+        match t.0 {
+            0 => ::core::option::Option::Some(CoolMsgKind::HelloThere),
+            1 => ::core::option::Option::Some(CoolMsgKind::SumRequest),
+            2 => ::core::option::Option::Some(CoolMsgKind::SumResponse),
+            3 => ::core::option::Option::Some(CoolMsgKind::HitMeWithYourBestShot),
+            4 => ::core::option::Option::Some(CoolMsgKind::MyBestShot),
+            5 => ::core::option::Option::Some(CoolMsgKind::Blob),
+            6 => ::core::option::Option::Some(CoolMsgKind::Ping),
+            _ => ::core::option::Option::None,
+        }
+    }
+}

@@ -17,6 +17,26 @@ pub enum ShmKind {
     Heap,
 }
 
+/// Who drives a session's work: its keep-alive, the channel openings it answers, its
+/// handlers; and, for a server, the log-ins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventLoop {
+    /// The process's one library thread (the default): the handlers run there, there is
+    /// nothing to drive.
+    #[default]
+    LibraryThread,
+    /// Your own loop (sync_io): the library starts no thread for the session. Its
+    /// [`ClientSession`](super::ClientSession), [`SessionServer`](super::SessionServer) and
+    /// [`ServerSession`](super::ServerSession) are each a [`Pollable`](crate::poll::Pollable):
+    /// watch its [`interest`](crate::poll::Pollable::interest) (one fd and a deadline) and call
+    /// [`on_ready`](crate::poll::Pollable::on_ready), which runs the handlers on your thread.
+    /// Blocking calls ([`open_channel`](super::Session::open_channel),
+    /// [`accept`](super::SessionServer::accept)) drive the session themselves while they wait.
+    /// The tokio face (cargo feature `tokio`) is built on this.
+    SyncIo,
+}
+
 /// A session's settings. Both sides must agree on [`shm`](SessionConfig::with_shm),
 /// [`channel_kind`](SessionConfig::with_channel_kind) and
 /// [`native_handles`](SessionConfig::with_native_handles), or log-in fails with
@@ -42,6 +62,8 @@ pub struct SessionConfig {
     keep_alive: Option<(Duration, Duration)>,
     log_in_timeout: Duration,
     open_timeout: Duration,
+    channel_keep_alive: Option<(Duration, Duration)>,
+    event_loop: EventLoop,
 }
 
 impl Default for SessionConfig {
@@ -56,6 +78,8 @@ impl Default for SessionConfig {
             keep_alive: Some((Duration::from_secs(1), Duration::from_secs(5))),
             log_in_timeout: Duration::from_secs(10),
             open_timeout: Duration::from_secs(60),
+            channel_keep_alive: None,
+            event_loop: EventLoop::LibraryThread,
         }
     }
 }
@@ -185,6 +209,42 @@ impl SessionConfig {
         self.keep_alive
     }
 
+    /// `(ping period, idle timeout)` of this side's end of every channel the session makes:
+    /// init channels and the channels opened either way (`None`, the default: no keep-alive on
+    /// them; [`Session::open_channel_with`](super::Session::open_channel_with) can choose per
+    /// channel). A channel whose peer sends nothing for the idle timeout ends with
+    /// [`transport::Error::IdleTimeout`](crate::transport::Error::IdleTimeout); set both sides'
+    /// (each side's timeout counts on the other's pings).
+    pub fn with_channel_keep_alive(mut self, k: Option<(Duration, Duration)>) -> Self {
+        self.channel_keep_alive = k;
+        self
+    }
+
+    /// See [`with_channel_keep_alive`](SessionConfig::with_channel_keep_alive).
+    pub fn channel_keep_alive(&self) -> Option<(Duration, Duration)> {
+        self.channel_keep_alive
+    }
+
+    /// Who drives the session (see [`EventLoop`]; default: the library thread). For a server,
+    /// its log-ins and every session it accepts.
+    pub fn with_event_loop(mut self, e: EventLoop) -> Self {
+        self.event_loop = e;
+        self
+    }
+
+    /// See [`with_event_loop`](SessionConfig::with_event_loop).
+    pub fn event_loop(&self) -> EventLoop {
+        self.event_loop
+    }
+
+    /// The reactor a new session (or server) of this configuration runs on.
+    pub(crate) fn reactor(&self) -> std::io::Result<std::sync::Arc<crate::reactor::Reactor>> {
+        match self.event_loop {
+            EventLoop::LibraryThread => crate::reactor::get(),
+            EventLoop::SyncIo => crate::reactor::Reactor::threadless(),
+        }
+    }
+
     /// See [`with_log_in_timeout`](SessionConfig::with_log_in_timeout).
     pub fn log_in_timeout(&self) -> Duration {
         self.log_in_timeout
@@ -197,19 +257,19 @@ impl SessionConfig {
 
     /// The configuration of the session's channels (init and opened ones).
     pub fn channel_config(&self) -> ChannelConfig {
-        ChannelConfig::new()
+        let cfg = ChannelConfig::new()
             .with_fds(self.native_handles)
             .with_kind(self.channel_kind)
-            .with_wait_policy(self.wait_policy)
+            .with_wait_policy(self.wait_policy);
+        with_keep_alive(cfg, self.channel_keep_alive)
     }
 
     /// The configuration of the session's own (master) channel.
     pub(crate) fn master_config(&self) -> ChannelConfig {
-        let cfg = ChannelConfig::new().with_max_frame(4 << 20);
-        match self.keep_alive {
-            Some((ping, idle)) => cfg.with_auto_ping(Some(ping)).with_idle_timeout(Some(idle)),
-            None => cfg,
-        }
+        with_keep_alive(
+            ChannelConfig::new().with_max_frame(4 << 20),
+            self.keep_alive,
+        )
     }
 
     pub(crate) fn shm_code(&self) -> u8 {
@@ -226,4 +286,13 @@ impl SessionConfig {
             ChannelKind::PosixMq => 2,
         }
     }
+}
+
+/// `cfg` with the keep-alive `k` (ping period, idle timeout); `None`: neither.
+pub(crate) fn with_keep_alive(
+    cfg: ChannelConfig,
+    k: Option<(Duration, Duration)>,
+) -> ChannelConfig {
+    let (ping, idle) = k.unzip();
+    cfg.with_auto_ping(ping).with_idle_timeout(idle)
 }

@@ -16,7 +16,8 @@ use super::pools::Pools;
 use super::{Error, Metadata, SessionConfig};
 use crate::hosing::{Hosing, Report};
 use crate::msg::{Backing, MsgChannel, MsgIn};
-use crate::reactor::{self, Notifier, Registration, Source, Wait};
+use crate::poll::Interest;
+use crate::reactor::{Notifier, Reactor, Registration, Source, Wait};
 use crate::schemas::session_capnp::master;
 use crate::shm::{Arena, LendBlob, ShmHandle, ShmSafe};
 use crate::struc::{self, MsgType};
@@ -110,6 +111,8 @@ impl Events {
 
 /// The live parts of an open session.
 struct Link {
+    /// What drives the session: the library thread, or (sync_io) its owner.
+    reactor: Arc<Reactor>,
     master: Arc<struc::AsyncChannel<Master>>,
     /// From the master's handlers, and errors a call meets (the call returns it; the error
     /// handler must hear of it too).
@@ -201,6 +204,7 @@ impl Session {
         arenas: (Option<Arena>, Option<Arena>),
         lends: Lends,
     ) -> Result<Session, Error> {
+        let reactor = config.reactor().map_err(Error::Io)?;
         let lends = Arc::new(lends);
         let events = Arc::new(Events {
             queue: Mutex::default(),
@@ -258,12 +262,13 @@ impl Session {
             master.expect_msgs(MsgType::of::<Master>(other)?, |_, _| {})?;
         }
         let tx_err = events.clone();
-        master.start(move |e| tx_err.push(Event::Error(e.into())))?;
+        master.start_in(&reactor, move |e| tx_err.push(Event::Error(e.into())))?;
         pools.set_master(&master);
         // The pools past 0 of an app-scope arena that grew before this session.
         pools.announce_all()?;
         Ok(Session {
             link: Some(Link {
+                reactor,
                 master,
                 events,
                 dispatcher: Mutex::new(None),
@@ -313,7 +318,7 @@ impl Session {
                 closing: link.closing.clone(),
             }),
         });
-        let reg = reactor::get().map_err(Error::Io)?.register(dispatcher);
+        let reg = link.reactor.register(dispatcher);
         let _ = link.events.dispatcher.set(reg.notifier());
         // Events pushed before the notifier was set may have missed the first turn.
         reg.notify();
@@ -372,21 +377,19 @@ impl Session {
     /// Waits for the peer's answer (up to the configured open timeout). Not fatal when it fails:
     /// [`Error::PassiveOpenRejected`] if the peer has no passive-open handler,
     /// [`Error::OpenTimeout`] without an answer. From a handler (on the library thread) the
-    /// library thread serves the other channels and sessions while this waits.
+    /// library thread serves the other channels and sessions while this waits; in a sync_io
+    /// session this call drives the session while it waits.
     pub fn open_channel(&self, metadata: Option<&Metadata>) -> Result<transport::Channel, Error> {
+        let mut opts = OpenOptions::new();
+        opts.metadata = metadata.cloned();
+        self.open_channel_with(&opts)
+    }
+
+    /// [`open_channel`](Session::open_channel) with options: metadata, and this end's
+    /// keep-alive.
+    pub fn open_channel_with(&self, opts: &OpenOptions) -> Result<transport::Channel, Error> {
         let link = self.link()?;
-        if self.is_hosed() {
-            return Err(Error::Hosed);
-        }
-        let (mine, theirs) = UnixStream::pair().map_err(Error::Io)?;
-        let mut req = link.master.create_msg();
-        {
-            let mut o = req.init_root().init_open_channel();
-            if let Some(m) = metadata {
-                o.set_metadata(m.as_bytes());
-            }
-        }
-        req.set_fd(OwnedFd::from(theirs));
+        let (mine, mut req) = self.open_request(link, opts)?;
         let rsp = link
             .master
             .sync_request(&mut req, None, Some(self.config.open_timeout()))
@@ -395,21 +398,93 @@ impl Session {
                 e => self.report(e.into()),
             })?;
         drop(req); // our copy of the peer's end
-        let accepted = match rsp.root().and_then(|r| Ok(r.which()?)) {
-            Ok(master::OpenChannelRsp(Ok(r))) => r.get_accepted(),
-            _ => {
-                return Err(Error::Protocol(
-                    "the answer to openChannel is not openChannelRsp",
-                ))
-            }
-        };
-        if !accepted {
-            return Err(Error::PassiveOpenRejected);
+        opened(&rsp, mine, self.open_config(opts))
+    }
+
+    /// The non-blocking form of [`open_channel_with`](Session::open_channel_with) (for the
+    /// async faces): `done` gets the channel (or why not) when the answer comes, on the thread
+    /// that drives the session. If the session ends first, `done` is dropped uncalled. Undo
+    /// with [`abandon_open`](Session::abandon_open) (a late answer is then dropped, and the
+    /// channel with it).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn start_open(
+        &self,
+        opts: &OpenOptions,
+        done: impl FnOnce(Result<transport::Channel, Error>) + Send + 'static,
+    ) -> Result<struc::ReqId, Error> {
+        let link = self.link()?;
+        let (mine, mut req) = self.open_request(link, opts)?;
+        let cfg = self.open_config(opts);
+        let mut done = Some(done);
+        let mut mine = Some(mine);
+        link.master
+            .async_request(&mut req, None, struc::Expect::OneOff, move |_, rsp| {
+                if let (Some(done), Some(mine)) = (done.take(), mine.take()) {
+                    done(opened(&rsp, mine, cfg.clone()));
+                }
+            })
+            .map_err(|e| self.report(e.into()))
+    }
+
+    /// Stops waiting for the answer of [`start_open`](Session::start_open).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn abandon_open(&self, req: struc::ReqId) {
+        if let Ok(link) = self.link() {
+            link.master.abandon_request_any(req);
         }
-        Ok(transport::Channel::from_stream(
-            mine,
-            self.config.channel_config(),
-        )?)
+    }
+
+    /// The request of an opening and our end of the new channel's socket.
+    fn open_request(
+        &self,
+        link: &Link,
+        opts: &OpenOptions,
+    ) -> Result<(UnixStream, crate::msg::MsgOut<Master>), Error> {
+        if self.is_hosed() {
+            return Err(Error::Hosed);
+        }
+        let (mine, theirs) = UnixStream::pair().map_err(Error::Io)?;
+        let mut req = link.master.create_msg();
+        {
+            let mut o = req.init_root().init_open_channel();
+            if let Some(m) = &opts.metadata {
+                o.set_metadata(m.as_bytes());
+            }
+        }
+        req.set_fd(OwnedFd::from(theirs));
+        Ok((mine, req))
+    }
+
+    /// The configuration of our end of a channel we open.
+    fn open_config(&self, opts: &OpenOptions) -> transport::ChannelConfig {
+        let cfg = self.config.channel_config();
+        match opts.keep_alive {
+            Some(k) => super::config::with_keep_alive(cfg, k),
+            None => cfg,
+        }
+    }
+
+    /// What the session's owner waits for, in a sync_io session (see
+    /// [`EventLoop::SyncIo`](super::EventLoop::SyncIo)); nothing for a session the library
+    /// thread drives.
+    pub(crate) fn interest(&self) -> Interest<'_> {
+        match &self.link {
+            Some(l) if !l.reactor.is_threaded() => l.reactor.interest(),
+            _ => Interest::none(),
+        }
+    }
+
+    /// Runs what is due of a sync_io session (its handlers among it), without blocking.
+    pub(crate) fn drive(&self) {
+        if let Some(l) = self.link.as_ref().filter(|l| !l.reactor.is_threaded()) {
+            l.reactor.drive();
+        }
+    }
+
+    /// The reactor of an open session.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn reactor(&self) -> Option<&Arc<Reactor>> {
+        self.link.as_ref().map(|l| &l.reactor)
     }
 
     /// A structured channel over `chan` (one of this session's channels), in the session-scope
@@ -524,6 +599,53 @@ impl Drop for Session {
         drop(master);
         drop(dispatcher);
     }
+}
+
+/// Options of [`Session::open_channel_with`].
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    metadata: Option<Metadata>,
+    keep_alive: Option<Option<(std::time::Duration, std::time::Duration)>>,
+}
+
+impl OpenOptions {
+    /// No metadata; the session's [channel keep-alive](SessionConfig::with_channel_keep_alive).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Metadata for the peer's passive-open handler.
+    pub fn metadata(mut self, m: Metadata) -> Self {
+        self.metadata = Some(m);
+        self
+    }
+
+    /// `(ping period, idle timeout)` of our end of this channel (`None`: none), instead of
+    /// the session's [channel keep-alive](SessionConfig::with_channel_keep_alive).
+    pub fn keep_alive(mut self, k: Option<(std::time::Duration, std::time::Duration)>) -> Self {
+        self.keep_alive = Some(k);
+        self
+    }
+}
+
+/// The channel an accepted opening makes of `mine`, from the peer's answer `rsp`.
+fn opened(
+    rsp: &MsgIn<Master>,
+    mine: UnixStream,
+    cfg: transport::ChannelConfig,
+) -> Result<transport::Channel, Error> {
+    let accepted = match rsp.root().and_then(|r| Ok(r.which()?)) {
+        Ok(master::OpenChannelRsp(Ok(r))) => r.get_accepted(),
+        _ => {
+            return Err(Error::Protocol(
+                "the answer to openChannel is not openChannelRsp",
+            ))
+        }
+    };
+    if !accepted {
+        return Err(Error::PassiveOpenRejected);
+    }
+    Ok(transport::Channel::from_stream(mine, cfg)?)
 }
 
 /// The channel a peer's `openChannel` request carries, and its metadata (`None`: no usable fd).

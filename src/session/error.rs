@@ -223,7 +223,6 @@ impl From<struc::Error> for Error {
             struc::Error::Msg(msg::Error::Transport(t)) => match t {
                 transport::Error::PeerGone
                 | transport::Error::Reset
-                | transport::Error::EndOfStream
                 | transport::Error::Truncated { .. } => Error::PeerGone,
                 transport::Error::IdleTimeout => Error::IdleTimeout,
                 transport::Error::Hosed => Error::Hosed,
@@ -249,6 +248,18 @@ impl From<shm::Error> for Error {
 /// The errors that end a session: the peer gone or silent, a protocol breach, and the master
 /// channel's own hosing errors.
 impl crate::hosing::HosingError for Error {
+    const TARGET: &'static str = "flowipc::session";
+
+    /// A session's end is news at the session's level too (its master channel logged the
+    /// transport's detail): the peer gone is info, the rest a warning.
+    fn log_level(&self) -> Option<log::Level> {
+        match self {
+            Error::Hosed => None,
+            Error::PeerGone => Some(log::Level::Info),
+            _ => Some(log::Level::Warn),
+        }
+    }
+
     fn is_hosing(&self) -> bool {
         match self {
             Error::PeerGone | Error::IdleTimeout | Error::Protocol(_) | Error::Hosed => true,

@@ -222,12 +222,21 @@ fn answer(
                 made.arenas.clone(),
                 Lends::server(&made.arenas),
             ) {
-                Ok(session) => Answer::Accepted(ServerSession::new(
-                    session,
-                    made.client_app,
-                    made.init,
-                    made.metadata,
-                )),
+                Ok(session) => {
+                    // A session of a sync_io server is driven by the server's turns until
+                    // `accept` hands it over (its keep-alive, the client's openings).
+                    let carried = session
+                        .reactor()
+                        .filter(|r| !r.is_threaded())
+                        .map(|r| shared.reactor.carry(r.clone()));
+                    Answer::Accepted(ServerSession::new(
+                        session,
+                        made.client_app,
+                        made.init,
+                        made.metadata,
+                        carried,
+                    ))
+                }
                 Err(e) => Answer::Failed(e),
             }
         }
@@ -274,6 +283,7 @@ fn try_answer(
                 r.set_detail(detail.as_str());
             }
             let _ = core.send(&mut rsp, Some(req_msg));
+            log::warn!(target: "flowipc::session", "log-in refused ({reason:?}): {detail}");
             return Ok(Err(Error::LogInRejected { reason, detail }));
         }
     };

@@ -105,7 +105,7 @@
 //! c.send(&mut msg, None)?;
 //! # s.start(|_| {})?;
 //! # let got = loop {
-//! #     if let Some(m) = s.take_cached(flowipc::struc::MsgType::of::<cool_msg::Owned>("helloThere")?)? { break m; }
+//! #     if let Some(m) = s.take_cached(flowipc::schemas::test_msgs_capnp::CoolMsgKind::HelloThere)? { break m; }
 //! #     s.run_for(Duration::from_millis(10))?;
 //! # };
 //! # assert!(got.is_zero_copy());
@@ -125,13 +125,14 @@ mod metadata;
 mod pools;
 mod proto;
 mod server;
+mod sync_io;
 
 /// What a session's channels are made of: the transport's kinds (both sides must agree).
 pub use crate::transport::{ChannelKind, WaitPolicy};
 pub use app::{default_run_dir, App, ClientApp, ClientApps, Permissions, ServerApp};
 pub use client::{ClientSession, ConnectOptions};
-pub use config::{SessionConfig, ShmKind};
-pub use core::{InitChannels, Scope, Session};
+pub use config::{EventLoop, SessionConfig, ShmKind};
+pub use core::{InitChannels, OpenOptions, Scope, Session};
 pub use error::{Error, Rejection};
 pub use metadata::{Metadata, MAX_METADATA};
 pub use server::{

@@ -194,9 +194,13 @@ impl Pools {
         if known() || !arena.pool_claimed(id) {
             return known();
         }
-        if crate::reactor::on_reactor_thread() {
-            // The library thread brings it: serve the others while waiting.
-            return crate::reactor::nested_until(known, Some(deadline));
+        let reactor = lock(&self.master)
+            .upgrade()
+            .and_then(|m| m.reactor().cloned());
+        if let Some(r) = reactor.filter(|r| r.must_drive()) {
+            // On the library thread (a handler), or a sync_io session: the master channel
+            // brings it in this thread's turns; serve the others while waiting.
+            return r.nested_until(known, Some(deadline));
         }
         let mut guard = lock(&self.known);
         while !known() {

@@ -1,13 +1,11 @@
 //! The session protocol's pieces both sides use: the log-in request, waiting for a message
-//! during log-in (a step at a time, or blocking), the executable check.
+//! during log-in (a step at a time), the executable check.
 
 use std::path::Path;
-use std::time::Instant;
 
 use super::core::Master;
 use super::{Error, Metadata, Rejection};
 use crate::msg::MsgIn;
-use crate::poll::Pollable;
 use crate::schemas::session_capnp::master;
 use crate::struc::{self, MsgType};
 
@@ -42,34 +40,19 @@ pub(crate) fn poll_for(
         }
         Ok(core.take_cached(which)?)
     };
-    // What already came first: the peer may have closed the connection right after sending
-    // it (a session dropped as soon as accepted), and reading on would meet that end.
-    if let Some(m) = cached(core)? {
-        return Ok(Some(m));
-    }
     // Hosing errors come back from these calls themselves (the log-in channel's `on_error`
     // is never given one).
     core.flush()?;
-    core.process_ready_returning()?;
-    cached(core)
-}
-
-/// [`poll_for`] until it gets the message or `deadline` passes ([`Error::LogInTimeout`]),
-/// blocking the calling thread (a client's `sync_connect`).
-pub(crate) fn wait_for(
-    core: &mut struc::Channel<Master>,
-    which: MsgType,
-    others: &[MsgType],
-    deadline: Instant,
-) -> Result<MsgIn<Master>, Error> {
+    // An event at a time, looking after each: the peer may close the connection right after
+    // sending what we wait for (a session dropped as soon as accepted), and reading on would
+    // meet that end first.
     loop {
-        if let Some(m) = poll_for(core, which, others)? {
-            return Ok(m);
+        if let Some(m) = cached(core)? {
+            return Ok(Some(m));
         }
-        if Instant::now() >= deadline {
-            return Err(Error::LogInTimeout);
+        if !core.step_ready()? {
+            return Ok(None);
         }
-        crate::poll::wait(core.interest(), true, Some(deadline)).map_err(Error::Io)?;
     }
 }
 

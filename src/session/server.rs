@@ -19,7 +19,7 @@ use super::{
     ClientApp, ClientApps, Error, InitChannels, Metadata, ServerApp, Session, SessionConfig,
 };
 use crate::poll::Interest;
-use crate::reactor::{self, Notifier, Registration, Source, Wait};
+use crate::reactor::{Notifier, Reactor, Registration, Source, Wait};
 use crate::shm::Arena;
 use crate::sync::lock;
 use crate::sys;
@@ -83,12 +83,19 @@ pub(super) struct Shared {
     next_log_in: AtomicU64,
     /// Runs the `async_accept` handlers (set once the server is started).
     dispatcher: OnceLock<Notifier>,
+    /// What drives the server: the library thread, or (sync_io) its owner.
+    pub(super) reactor: Arc<Reactor>,
+    /// Tasks waiting for `queue` to change (the tokio face's `accept`).
+    wakers: Mutex<Vec<std::task::Waker>>,
 }
 
 impl Shared {
     /// `queue` changed: `accept` calls and the dispatcher look again.
     fn changed(&self) {
         self.changed.notify_all();
+        for w in std::mem::take(&mut *lock(&self.wakers)) {
+            w.wake();
+        }
         if let Some(d) = self.dispatcher.get() {
             d.notify();
         }
@@ -155,9 +162,17 @@ impl SessionServerBuilder {
         self
     }
 
+    /// The server runs on its own loop (for the tokio face).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn sync_io(mut self) -> Self {
+        self.config = self.config.with_event_loop(super::EventLoop::SyncIo);
+        self
+    }
+
     /// Starts serving: takes the PID file's lock ([`Error::AlreadyRunning`] if another instance
     /// holds it; a dead instance's files are taken over), listens on the socket, and accepts
-    /// clients on a library thread.
+    /// clients on the library thread (or, with [`EventLoop::SyncIo`](super::EventLoop::SyncIo),
+    /// in its owner's loop).
     pub fn build(self) -> Result<SessionServer, Error> {
         SessionServer::start(self)
     }
@@ -298,7 +313,7 @@ impl SessionServer {
             Ok(listener)
         };
         let listener = listen()?;
-        let reactor = reactor::get().map_err(Error::Io)?;
+        let reactor = b.config.reactor().map_err(Error::Io)?;
         let shared = Arc::new(Shared {
             app: b.app,
             clients: b.clients,
@@ -312,6 +327,8 @@ impl SessionServer {
             logins: Mutex::new(BTreeMap::new()),
             next_log_in: AtomicU64::new(0),
             dispatcher: OnceLock::new(),
+            reactor: reactor.clone(),
+            wakers: Mutex::default(),
         });
         let dispatcher = reactor.register(Arc::new(Dispatcher(shared.clone())));
         let _ = shared.dispatcher.set(dispatcher.notifier());
@@ -349,14 +366,15 @@ impl SessionServer {
     /// wait, and the library thread serves the log-ins meanwhile.
     pub fn accept(&self, timeout: Option<Duration>) -> Result<ServerSession, Error> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        if reactor::on_reactor_thread() {
-            // From a handler: the library thread serves the log-ins while this waits.
+        if self.shared.reactor.must_drive() {
+            // From a handler (the library thread), or a threadless server: this thread serves
+            // the log-ins while it waits.
             let mut got = None;
             // (The next result is taken even if other handlers wait: they are served by the
             // dispatcher, whose turn may be the one up the stack, running this handler.)
-            reactor::nested_until(
+            self.shared.reactor.nested_until(
                 || {
-                    got = lock(&self.shared.queue).ready.pop_front();
+                    got = lock(&self.shared.queue).ready.pop_front().map(hand_over);
                     got.is_some() || self.shared.stop.load(Ordering::Acquire)
                 },
                 deadline,
@@ -371,7 +389,8 @@ impl SessionServer {
         loop {
             if q.waiters.is_empty() {
                 if let Some(r) = q.ready.pop_front() {
-                    return r;
+                    drop(q);
+                    return hand_over(r);
                 }
             }
             if self.shared.stop.load(Ordering::Acquire) {
@@ -396,6 +415,38 @@ impl SessionServer {
                 }
             };
         }
+    }
+
+    /// What drives the server.
+    pub(crate) fn reactor(&self) -> &Arc<Reactor> {
+        &self.shared.reactor
+    }
+
+    /// The next result no `async_accept` handler waits for, without waiting; for the tokio
+    /// face: `cx` is woken when there may be one (or the server stops).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn poll_accept(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<ServerSession, Error>> {
+        let mut q = lock(&self.shared.queue);
+        if q.waiters.is_empty() {
+            if let Some(r) = q.ready.pop_front() {
+                drop(q);
+                return std::task::Poll::Ready(hand_over(r));
+            }
+        }
+        if self.shared.stop.load(Ordering::Acquire) {
+            return std::task::Poll::Ready(Err(Error::Aborted));
+        }
+        // (Under the queue's lock: a change after this look wakes the task. One entry per
+        // task: a pending accept polled again, or a new one of the same task, is not added
+        // twice.)
+        let mut wakers = lock(&self.shared.wakers);
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        std::task::Poll::Pending
     }
 
     /// The app-scope arena of client app `name` (made at its first log-in; `None` before, or in
@@ -511,7 +562,7 @@ impl Source for Dispatcher {
             }
             if let (Some(w), Some(r)) = (q.waiters.pop_front(), q.ready.pop_front()) {
                 drop(q);
-                w(r);
+                w(hand_over(r));
             }
         }
     }
@@ -563,10 +614,7 @@ impl Source for Acceptor {
             let id = shared.next_log_in.fetch_add(1, Ordering::Relaxed);
             match LogIn::new(shared.clone(), id, stream) {
                 Ok(log_in) => {
-                    let Ok(reactor) = reactor::get() else {
-                        shared.log_in_done(Err(Error::Aborted));
-                        continue;
-                    };
+                    let reactor = &shared.reactor;
                     // Registered under the lock: a log-in done in its first turn removes
                     // itself only after it is there.
                     let log_in = Arc::new(log_in);
@@ -584,6 +632,9 @@ impl Source for Acceptor {
 /// usable once [`init_handlers`](ServerSession::init_handlers) is called (before it, the
 /// session's keep-alive runs and the client's channel openings wait).
 pub struct ServerSession {
+    /// Until handed over (sync_io): the server drives the session (see `Reactor::carry`).
+    /// Declared first: dropped before the session.
+    carried: Option<Registration>,
     session: Session,
     client_app: ClientApp,
     init: InitChannels,
@@ -596,8 +647,10 @@ impl ServerSession {
         client_app: ClientApp,
         init: InitChannels,
         client_metadata: Option<Metadata>,
+        carried: Option<Registration>,
     ) -> Self {
         ServerSession {
+            carried,
             session,
             client_app,
             init,
@@ -653,6 +706,23 @@ impl ServerSession {
     pub fn client_metadata(&self) -> Option<&Metadata> {
         self.client_metadata.as_ref()
     }
+}
+
+impl ServerSession {
+    pub(super) fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Handed over to the user: its owner drives it from now on.
+    fn taken(mut self) -> ServerSession {
+        self.carried = None;
+        self
+    }
+}
+
+/// A result handed over (see [`ServerSession::taken`]).
+fn hand_over(r: Accepted) -> Accepted {
+    r.map(ServerSession::taken)
 }
 
 impl Deref for ServerSession {

@@ -2,7 +2,7 @@
 //! receives and runs the handlers, one turn of the core at a time; every method may be called
 //! from any thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -10,10 +10,10 @@ use capnp::dynamic_value;
 use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
-use super::{Channel, Error, Expect, MsgType, ReqId};
+use super::{Channel, Error, Expect, KindOf, ReqId};
 use crate::msg::{MsgIn, MsgOut};
 use crate::poll::Pollable;
-use crate::reactor::{self, Registration, Source, Wait};
+use crate::reactor::{self, Reactor, Registration, Source, Wait};
 use crate::sync::lock;
 
 type Done = Box<dyn FnOnce(Result<(), Error>) + Send>;
@@ -26,9 +26,9 @@ struct Shared<M: Owned> {
     stop: AtomicBool,
     /// The channel is hosed and its error handled: its turns only complete end-sending.
     dead: AtomicBool,
-    /// A turn holds the core's lock (set and cleared by the library thread only): a call
-    /// from that thread now comes from one of the channel's handlers.
-    in_turn: AtomicBool,
+    /// A turn holds the core's lock: the [`reactor::thread_tag`] of the thread running it
+    /// (0: none). A call from that thread now comes from one of the channel's handlers.
+    in_turn: AtomicU64,
     /// A hosing error met on the library thread, for the user's `on_error`, which runs after
     /// the core is unlocked (so that it may call this channel). Shared with the core's own
     /// `on_error` (not the whole `Shared`: the core is in it, and a cycle would never be freed).
@@ -58,13 +58,13 @@ fn io(e: std::io::Error) -> Error {
 /// ```
 /// use std::time::{Duration, Instant};
 /// use flowipc::msg::Backing;
-/// use flowipc::schemas::test_msgs_capnp::cool_msg;
-/// use flowipc::struc::{AsyncChannel, Channel, MsgType};
+/// use flowipc::schemas::test_msgs_capnp::{cool_msg, CoolMsgKind};
+/// use flowipc::struc::{AsyncChannel, Channel};
 /// use flowipc::transport::{self, ChannelConfig};
 ///
 /// let (a, b) = transport::Channel::pair(ChannelConfig::new())?;
 /// let server = AsyncChannel::new(Channel::<cool_msg::Owned>::new(b, Backing::Heap)?)?;
-/// server.expect_msgs(MsgType::of::<cool_msg::Owned>("sumRequest")?, |chan, req| {
+/// server.expect_msgs(CoolMsgKind::SumRequest, |chan, req| {
 ///     let mut rsp = chan.create_msg();
 ///     rsp.init_root().init_sum_response().set_sum(42);
 ///     chan.send(&mut rsp, Some(&req)).unwrap();
@@ -76,7 +76,7 @@ fn io(e: std::io::Error) -> Error {
 /// let mut req = client.create_msg();
 /// req.init_root().init_sum_request();
 /// let rsp = client.sync_request(&mut req, None, Some(Duration::from_secs(10)))?;
-/// assert!(matches!(rsp.root()?.which()?, cool_msg::SumResponse(Ok(s)) if s.get_sum() == 42));
+/// assert!(matches!(rsp.which()?, cool_msg::SumResponse(Ok(s)) if s.get_sum() == 42));
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct AsyncChannel<M: Owned> {
@@ -106,7 +106,7 @@ where
                 ending: Mutex::new(Vec::new()),
                 stop: AtomicBool::new(false),
                 dead: AtomicBool::new(false),
-                in_turn: AtomicBool::new(false),
+                in_turn: AtomicU64::new(0),
                 error: Arc::new(Mutex::new(None)),
                 on_error: Mutex::new(None),
             }),
@@ -117,7 +117,7 @@ where
     /// The core, locked; [`Error::InOwnHandler`] if the caller is one of this channel's
     /// handlers, whose turn holds the lock already (waiting for it would never end).
     fn try_core(&self) -> Result<MutexGuard<'_, Channel<M>>, Error> {
-        if self.shared.in_turn.load(Ordering::Relaxed) && reactor::on_reactor_thread() {
+        if self.shared.in_turn.load(Ordering::Relaxed) == reactor::thread_tag() {
             return Err(Error::InOwnHandler);
         }
         Ok(lock(&self.shared.core))
@@ -160,7 +160,15 @@ where
     /// channel). `on_error` gets the hosing error met while receiving (one met by a call is
     /// returned by it instead): at most once.
     pub fn start(&self, on_error: impl FnOnce(Error) + Send + 'static) -> Result<(), Error> {
-        let reactor = reactor::get().map_err(io)?;
+        self.start_in(&reactor::get().map_err(io)?, on_error)
+    }
+
+    /// [`start`](Self::start) on `reactor` (a threadless one: its owner drives the channel).
+    pub(crate) fn start_in(
+        &self,
+        reactor: &std::sync::Arc<Reactor>,
+        on_error: impl FnOnce(Error) + Send + 'static,
+    ) -> Result<(), Error> {
         let slot = self.shared.error.clone();
         // The core's own start refuses a second one (AlreadyStarted).
         self.core().start(move |e| *lock(&slot) = Some(e))?;
@@ -201,12 +209,14 @@ where
                 let _ = tx.try_send(rsp);
             })
         })?;
-        let got = if reactor::on_reactor_thread() {
-            // From a handler of another channel: the library thread runs the other channels
-            // (this one included) while this waits.
+        let reactor = self.reg.get().map(|r| r.reactor());
+        let got = if let Some(reactor) = reactor.filter(|r| r.must_drive()) {
+            // From a handler of another channel (on the library thread), or on a threadless
+            // reactor: this thread runs the reactor's other sources (this channel included)
+            // while it waits.
             let deadline = timeout.map(|t| Instant::now() + t);
             let mut got = Err(true);
-            reactor::nested_until(
+            reactor.nested_until(
                 || match rx.try_recv() {
                     Ok(rsp) => {
                         got = Ok(rsp);
@@ -240,6 +250,8 @@ where
                 }
                 if timed_out && !core.is_hosed() {
                     Err(Error::Timeout)
+                } else if core.is_peer_ended() {
+                    Err(Error::PeerEnded)
                 } else {
                     Err(Error::Hosed)
                 }
@@ -267,7 +279,7 @@ where
     /// thread; later ones on the library thread).
     pub fn expect_msg(
         &self,
-        which: MsgType,
+        which: impl KindOf<M>,
         handler: impl FnOnce(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.with_core(|c| c.expect_msg(which, handler))
@@ -276,14 +288,14 @@ where
     /// See [`Channel::expect_msgs`] (cached messages are handed over inside this call).
     pub fn expect_msgs(
         &self,
-        which: MsgType,
+        which: impl KindOf<M>,
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.with_core(|c| c.expect_msgs(which, handler))
     }
 
     /// See [`Channel::undo_expect_msgs`].
-    pub fn undo_expect_msgs(&self, which: MsgType) -> Result<bool, Error> {
+    pub fn undo_expect_msgs(&self, which: impl KindOf<M>) -> Result<bool, Error> {
         self.try_core()?.undo_expect_msgs(which)
     }
 
@@ -298,7 +310,7 @@ where
     /// See [`Channel::set_remote_unexpected_response_handler`].
     pub fn set_remote_unexpected_response_handler(
         &self,
-        handler: impl FnMut(u64) + Send + 'static,
+        handler: impl FnMut(u64, &str) + Send + 'static,
     ) {
         self.core().set_remote_unexpected_response_handler(handler)
     }
@@ -318,6 +330,17 @@ where
         self.core().is_hosed()
     }
 
+    /// See [`Channel::is_peer_ended`].
+    pub fn is_peer_ended(&self) -> bool {
+        self.core().is_peer_ended()
+    }
+
+    /// See [`Channel::set_peer_end_handler`] (it runs on the library thread; inside this call
+    /// if the peer has ended already).
+    pub fn set_peer_end_handler(&self, handler: impl FnOnce(&mut Channel<M>) + Send + 'static) {
+        self.core().set_peer_end_handler(handler)
+    }
+
     /// Ends sending gracefully; `on_done` runs (on the library thread) once everything sent so
     /// far and the end are written. It gets [`Error::Hosed`] if the channel is hosed first, and
     /// `Error::Msg(msg::Error::Transport(transport::Error::Aborted))` if this `AsyncChannel` is
@@ -335,19 +358,35 @@ where
     }
 }
 
+impl<M: Owned> AsyncChannel<M> {
+    /// The reactor that drives the channel, once started.
+    pub(crate) fn reactor(&self) -> Option<&std::sync::Arc<Reactor>> {
+        self.reg.get().map(|r| r.reactor())
+    }
+
+    /// Stops waiting for `req`'s responses: a late one is dropped quietly (as a timed-out
+    /// `sync_request`'s is). (Not from one of the channel's own handlers: nothing is done.)
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn abandon_request_any(&self, req: ReqId) {
+        if self.shared.in_turn.load(Ordering::Relaxed) != reactor::thread_tag() {
+            lock(&self.shared.core).abandon_request(req);
+        }
+    }
+}
+
 /// Marks a turn holding the core; unmarks when dropped (a panicking handler included).
-struct InTurn<'a>(&'a AtomicBool);
+struct InTurn<'a>(&'a AtomicU64);
 
 impl<'a> InTurn<'a> {
-    fn enter(flag: &'a AtomicBool) -> Self {
-        flag.store(true, Ordering::Relaxed);
+    fn enter(flag: &'a AtomicU64) -> Self {
+        flag.store(reactor::thread_tag(), Ordering::Relaxed);
         InTurn(flag)
     }
 }
 
 impl Drop for InTurn<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Relaxed);
+        self.0.store(0, Ordering::Relaxed);
     }
 }
 

@@ -24,6 +24,11 @@ pub enum Error {
     Decode(capnp::Error),
     /// `sync_request` got no response in time (not hosing; a late response is dropped).
     Timeout,
+    /// The peer ended its sending (its graceful end, see
+    /// [`Channel::is_peer_ended`](super::Channel::is_peer_ended)), so a request can get no
+    /// response: a `sync_request` waiting, or a request made after the end. Not hosing: this
+    /// side may go on sending.
+    PeerEnded,
     /// The channel is not started yet, so nothing can be received (see
     /// [`start`](super::Channel::start)).
     NotStarted,
@@ -47,6 +52,7 @@ impl Error {
             Error::NoRootUnion
             | Error::NoSuchMsgType(_)
             | Error::Timeout
+            | Error::PeerEnded
             | Error::NotStarted
             | Error::AlreadyStarted
             | Error::InOwnHandler => false,
@@ -70,6 +76,7 @@ impl fmt::Display for Error {
             }
             Error::Decode(_) => f.write_str("message from the peer could not be read"),
             Error::Timeout => f.write_str("no response within the timeout"),
+            Error::PeerEnded => f.write_str("the peer ended its sending: no response can come"),
             Error::NotStarted => f.write_str("channel not started: nothing can be received yet"),
             Error::AlreadyStarted => f.write_str("channel already started"),
             Error::InOwnHandler => f.write_str(
@@ -108,8 +115,18 @@ impl From<crate::transport::Error> for Error {
 }
 
 impl crate::hosing::HosingError for Error {
+    const TARGET: &'static str = "flowipc::struc";
+
     fn is_hosing(&self) -> bool {
         Error::is_hosing(self)
+    }
+
+    /// The message layer's errors were logged there.
+    fn log_level(&self) -> Option<log::Level> {
+        match self {
+            Error::Msg(_) | Error::Hosed => None,
+            _ => Some(log::Level::Warn),
+        }
     }
 
     fn hosed() -> Self {

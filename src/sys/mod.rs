@@ -19,6 +19,7 @@ use nix::libc;
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
+pub(crate) mod epoll;
 pub(crate) mod futex;
 pub(crate) mod mq;
 
@@ -724,4 +725,17 @@ impl Waker {
     pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
         self.rx.as_fd()
     }
+}
+
+/// Registers `fd` (ours alone) with the current tokio runtime, for `interest`.
+#[cfg(feature = "tokio")]
+pub(crate) fn tokio_fd(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: tokio's contract: the fd stays open, the same file description, and `as_raw_fd`
+    // returns it, for the whole life of the `AsyncFd`. The `AsyncFd` owns `fd` (an `OwnedFd`,
+    // which nothing else can close), and an `OwnedFd`'s number never changes.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(|e| e.into_parts().1)
 }

@@ -14,6 +14,7 @@ use crate::sync::lock;
 const BATCH: usize = 64;
 
 type EndHandler = Box<dyn FnOnce(Result<(), Error>) + Send>;
+type PeerEndHandler = Box<dyn FnOnce() + Send>;
 
 struct State {
     chan: Channel,
@@ -24,6 +25,8 @@ struct State {
     end_waiters: Vec<EndHandler>,
     /// Handlers whose result is known, to run on the library thread.
     ready: Vec<(EndHandler, Result<(), Error>)>,
+    /// The user's handler of the peer's end, until it runs (after the frames before the end).
+    on_peer_end: Option<PeerEndHandler>,
     /// Off the library thread for good (a handler panicked): no turn runs completions.
     gone: bool,
 }
@@ -54,9 +57,10 @@ impl Shared {
 ///
 /// [`start`](AsyncChannel::start) hands the channel to the process's library thread (one
 /// thread serves every async channel and session of the process), which runs `on_frame` for
-/// each received frame, in order, and `on_error` once with the hosing error (including
-/// [`Error::EndOfStream`], which is how the user learns that the peer ended its sending), after
-/// which it reads no more. Sends are made from any thread: they take a lock around the core,
+/// each received frame, in order, and `on_error` once with the hosing error, after which it
+/// reads no more. The peer's graceful end is no error: it reads no more either, and runs the
+/// handler given to [`on_peer_end`](AsyncChannel::on_peer_end), if any, after the last frame;
+/// sending goes on. Sends are made from any thread: they take a lock around the core,
 /// write directly when the socket takes the bytes, and otherwise queue them for the library
 /// thread to write when the socket is writable.
 ///
@@ -118,6 +122,7 @@ impl AsyncChannel {
                 polling_out: true,
                 end_waiters: Vec::new(),
                 ready: Vec::new(),
+                on_peer_end: None,
                 gone: false,
             }),
             handlers: Mutex::new(Handlers {
@@ -197,6 +202,25 @@ impl AsyncChannel {
         self.shared.lock().chan.is_hosed()
     }
 
+    /// Whether the peer ended its sending and every frame before its end has been received
+    /// (see [`Channel::is_peer_ended`]).
+    pub fn is_peer_ended(&self) -> bool {
+        self.shared.lock().chan.is_peer_ended()
+    }
+
+    /// Sets the handler of the peer's graceful end ([`Channel::end_sending`] on its side): it
+    /// runs once, on the library thread, after `on_frame` got every frame sent before the end
+    /// (at the next turn if the end came already). Replaces a handler that has not run yet.
+    pub fn on_peer_end(&self, handler: impl FnOnce() + Send + 'static) {
+        let mut st = self.shared.lock();
+        st.on_peer_end = Some(Box::new(handler));
+        let due = st.chan.is_peer_ended();
+        drop(st);
+        if due {
+            self.notify();
+        }
+    }
+
     /// Bytes waiting in the send queue.
     pub fn queued_bytes(&self) -> usize {
         self.shared.lock().chan.queued_bytes()
@@ -236,13 +260,14 @@ impl Source for Shared {
     }
 
     /// One turn: timers, flush, up to `BATCH` frames; then, outside the state's lock, the
-    /// frame handlers in order, the end-sending completions and the hosing error.
+    /// frame handlers in order, the peer's end, the end-sending completions and the hosing
+    /// error.
     fn on_ready(&self) -> Wait {
         let mut h = lock(&self.handlers);
         let h = &mut *h;
         let mut err = None;
         let stopped = || self.stop.load(Ordering::Acquire);
-        let (done, wait, more) = {
+        let (done, peer_end, wait, more) = {
             let mut st = self.lock();
             if stopped() {
                 return Wait::idle();
@@ -259,6 +284,12 @@ impl Source for Shared {
                     }
                 }
             }
+            // The peer's end, once the frames before it are all taken.
+            let peer_end = if st.chan.is_peer_ended() && h.frames.len() < BATCH {
+                st.on_peer_end.take()
+            } else {
+                None
+            };
             let mut done = std::mem::take(&mut st.ready);
             if st.chan.is_send_done() {
                 done.extend(st.end_waiters.drain(..).map(|h| (h, Ok(()))));
@@ -268,7 +299,7 @@ impl Source for Shared {
             // (Both say nothing of a hosed channel: it wants no write, and no fd or timer.)
             st.polling_out = st.chan.wants_write();
             let wait = Wait::from(st.chan.interest());
-            (done, wait, h.frames.len() == BATCH)
+            (done, peer_end, wait, h.frames.len() == BATCH)
         };
         // Handlers, outside the lock, in order: frames received before the error first. A
         // handler may drop the channel: then no handler runs any more (the end-sending
@@ -278,6 +309,9 @@ impl Source for Shared {
                 break;
             }
             (h.on_frame)(f);
+        }
+        if let Some(cb) = peer_end.filter(|_| !stopped()) {
+            cb();
         }
         let stop = stopped();
         for (cb, r) in done {

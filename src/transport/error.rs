@@ -35,11 +35,9 @@ pub enum Error {
     /// while data was still in flight). Hosing.
     Reset,
     /// The peer closed the connection (end of stream at a frame boundary) without ending its
-    /// sending gracefully first. Hosing.
+    /// sending gracefully first. Hosing. (A graceful end is no error: see
+    /// [`Channel::is_peer_ended`](super::Channel::is_peer_ended).)
     PeerGone,
-    /// The peer ended its sending gracefully ([`Channel::end_sending`](super::Channel::end_sending)):
-    /// every frame it sent before has been delivered. Hosing (the channel is finished).
-    EndOfStream,
     /// The stream ended in the middle of a frame. Hosing.
     Truncated {
         /// Bytes the frame should have had: the 16-byte header plus the payload length it
@@ -120,7 +118,6 @@ impl Error {
             | Error::BadQueue(_)
             | Error::Reset
             | Error::PeerGone
-            | Error::EndOfStream
             | Error::Truncated { .. }
             | Error::BadFrame(_)
             | Error::UnexpectedFd
@@ -157,7 +154,6 @@ impl fmt::Display for Error {
             Error::BadQueue(what) => write!(f, "bad ring or message queue: {what}"),
             Error::Reset => f.write_str("connection reset by peer"),
             Error::PeerGone => f.write_str("peer closed the connection"),
-            Error::EndOfStream => f.write_str("peer ended its sending"),
             Error::Truncated { expected, got } => write!(
                 f,
                 "stream ended inside a frame: {got} of its {expected} bytes arrived"
@@ -197,8 +193,18 @@ impl std::error::Error for Error {
 }
 
 impl crate::hosing::HosingError for Error {
+    const TARGET: &'static str = "flowipc::transport";
+
     fn is_hosing(&self) -> bool {
         Error::is_hosing(self)
+    }
+
+    /// The peer gone is ordinary news (info); anything else is a warning.
+    fn log_level(&self) -> Option<log::Level> {
+        Some(match self {
+            Error::PeerGone | Error::Reset => log::Level::Info,
+            _ => log::Level::Warn,
+        })
     }
 
     fn hosed() -> Self {
@@ -213,7 +219,6 @@ mod tests {
     #[test]
     fn hosing_classification() {
         assert!(Error::PeerGone.is_hosing());
-        assert!(Error::EndOfStream.is_hosing());
         assert!(!Error::Hosed.is_hosing());
         assert!(!Error::SendingEnded.is_hosing());
         assert!(!Error::HighWater {

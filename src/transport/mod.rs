@@ -39,9 +39,10 @@
 //! assert_eq!(text, "behind the fd");
 //!
 //! assert_eq!(&*b.recv_blocking(None)?.unwrap().payload, b"two parts");
-//! // The peer ended its sending: reported once, then the channel is hosed.
-//! assert!(matches!(b.recv_blocking(None), Err(Error::EndOfStream)));
-//! assert!(matches!(b.try_recv(), Err(Error::Hosed)));
+//! // The peer ended its sending: no error, nothing more to receive (and `b` may still send).
+//! assert!(b.recv_blocking(None)?.is_none());
+//! assert!(b.is_peer_ended() && !b.is_hosed());
+//! b.send(b"bye")?;
 //! # Ok::<(), Error>(())
 //! ```
 //!
@@ -163,7 +164,7 @@
 //! # Errors
 //!
 //! A *hosing* error ([`Error::is_hosing`]: the peer vanished or reset, bad input, idle timeout,
-//! I/O failure, the peer's graceful end) ends the channel. It is reported exactly once, by the
+//! I/O failure) ends the channel. It is reported exactly once, by the
 //! call that ran into it; every later call returns [`Error::Hosed`] and makes no system call.
 //! The send queue and receive buffers are dropped at that point (the socket stays open until the
 //! channel is dropped). Refusals ([`Error::HighWater`], [`Error::FrameTooLarge`] on send,
@@ -172,10 +173,13 @@
 //! # Graceful end, keep-alive
 //!
 //! [`Channel::end_sending`] queues an END frame; once it and everything before it are written,
-//! the socket is shut down for writing. The peer delivers every earlier frame and then reports
-//! [`Error::EndOfStream`] (which, like every receive error, ends the channel on that side; the
-//! ending side keeps receiving until the peer closes). End of stream without an END frame is
-//! [`Error::PeerGone`]; in the middle of a frame, [`Error::Truncated`].
+//! the socket (of the socket kind) is shut down for writing
+//! ([`end_sending_blocking`](Channel::end_sending_blocking) waits for that). The peer delivers
+//! every earlier frame, then its receives answer `Ok(None)` for good and
+//! [`Channel::is_peer_ended`] says why: the graceful end is not an error, and not hosing (the
+//! peer may answer, and end its own sending; the ending side keeps receiving until then, or
+//! until the peer closes). The idle timeout stops counting then. End of stream without an END
+//! frame is [`Error::PeerGone`]; in the middle of a frame, [`Error::Truncated`].
 //!
 //! With [`ChannelConfig::with_auto_ping`], a ping frame is sent whenever nothing was sent for the
 //! period; with [`ChannelConfig::with_idle_timeout`], the channel fails with [`Error::IdleTimeout`]

@@ -317,3 +317,32 @@ pub fn closed_everywhere(probe: &mut UnixStream) -> bool {
     }
     false
 }
+
+/// One round of a test's own poll loop: waits (up to `max`) until an fd of `interests` is
+/// ready or the earliest of their deadlines comes (the caller then calls each `on_ready`).
+pub fn poll_interests(interests: &[flowipc::poll::Interest<'_>], max: Duration) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    let mut deadline = Instant::now() + max;
+    let mut fds = Vec::new();
+    for i in interests {
+        for (fd, r, w) in i.fds() {
+            let mut ev = PollFlags::empty();
+            ev.set(PollFlags::POLLIN, r);
+            ev.set(PollFlags::POLLOUT, w);
+            fds.push(PollFd::new(fd, ev));
+        }
+        if let Some(d) = i.deadline() {
+            deadline = deadline.min(d);
+        }
+    }
+    let ms = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis();
+    let t = PollTimeout::from(ms.min(60_000) as u16);
+    let _ = nix::poll::poll(&mut fds, t);
+}
+
+/// The threads of this process now.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}

@@ -23,7 +23,12 @@ pub fn chan_over(sock: UnixStream, backing: Backing) -> Chan {
 /// Makes `m` a blob of `n` data chunks of 20,000 bytes (more than the 8 KiB first segment, so
 /// the message has several segments), chunk `c` filled with `tag + c`.
 pub fn chunks(m: &mut MsgOut<cool_msg::Owned>, n: u32, tag: u8) {
-    let mut blob = m.init_root().init_blob();
+    blob_into(m.init_root(), n, tag);
+}
+
+/// [`chunks`] for any builder's root.
+pub fn blob_into(root: cool_msg::Builder<'_>, n: u32, tag: u8) {
+    let mut blob = root.init_blob();
     blob.set_tag(tag as u64);
     let mut list = blob.init_chunks(n);
     for c in 0..n {

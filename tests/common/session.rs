@@ -128,6 +128,51 @@ pub fn connect(s: &mut ClientSession, opts: ConnectOptions) -> usize {
     }
 }
 
+/// The variable that tells a child the channel kind of its sessions (`socket`, `shm_queue`,
+/// `posix_mq`).
+pub const KIND_ENV: &str = "FLOWIPC_TEST_KIND";
+
+/// Every channel kind, by the name `KIND_ENV` carries.
+pub const KINDS: [(&str, flowipc::transport::ChannelKind); 3] = [
+    ("socket", flowipc::transport::ChannelKind::SocketStream),
+    ("shm_queue", flowipc::transport::ChannelKind::ShmQueue),
+    ("posix_mq", flowipc::transport::ChannelKind::PosixMq),
+];
+
+/// In a child: the channel kind the parent gave (see [`KIND_ENV`]).
+pub fn env_kind() -> flowipc::transport::ChannelKind {
+    let k = std::env::var(KIND_ENV).expect("kind in the environment");
+    KINDS.iter().find(|(n, _)| *n == k).expect("known kind").1
+}
+
+/// A session's life across processes, over each channel kind: the `server` role says 1 when
+/// it serves, the `client` role says 2 when done and waits; the client is killed; the server
+/// says 3 once it saw the end, and exits cleanly.
+pub fn life_over_every_kind(server: &str, client: &str) {
+    use std::io::Read;
+    for (name, _) in KINDS {
+        let dir = RunDir::new();
+        let mut env = dir.env().to_vec();
+        env.push((KIND_ENV, std::ffi::OsStr::new(name)));
+        let mut srv = super::spawn_env(server, &env);
+        assert_eq!(super::recv_u64(&mut srv.sock), 1, "{name}: server ready");
+        let mut cli = super::spawn_env(client, &env);
+        let mut b = [0u8; 8];
+        if cli.sock.read_exact(&mut b).is_err() {
+            panic!("{name}: client failed: {:?}", cli.child.wait());
+        }
+        assert_eq!(u64::from_le_bytes(b), 2, "{name}: client done");
+        // The client dies without a word: the server learns it, once.
+        cli.child.kill().unwrap();
+        cli.child.wait().unwrap();
+        if srv.sock.read_exact(&mut b).is_err() {
+            panic!("{name}: server failed: {:?}", srv.child.wait());
+        }
+        assert_eq!(u64::from_le_bytes(b), 3, "{name}: server saw the end once");
+        super::wait_ok(srv);
+    }
+}
+
 /// Holds `MAX_PENDING_LOG_INS + beyond` connections to `server`'s socket that never say a word
 /// while `client` logs in, and checks that it gets its session, that the oldest silent ones
 /// were dropped to make room (reported to accept as log-in timeouts, their connections closed)

@@ -65,7 +65,7 @@ fn hear(chan: &mut Chan) -> (String, i64) {
         .recv_blocking(T)
         .unwrap()
         .expect("a message within 60 s");
-    let Ok(cool_msg::HelloThere(Ok(h))) = m.root().unwrap().which() else {
+    let Ok(cool_msg::HelloThere(Ok(h))) = m.which() else {
         panic!("expected helloThere");
     };
     (h.get_greeting().unwrap().to_string().unwrap(), h.get_num())
@@ -151,7 +151,7 @@ fn child_fd() {
     let fd = msg.take_fd().expect("an fd with the message");
     let mut text = String::new();
     std::fs::File::from(fd).read_to_string(&mut text).unwrap();
-    let Ok(cool_msg::HelloThere(Ok(h))) = msg.root().unwrap().which() else {
+    let Ok(cool_msg::HelloThere(Ok(h))) = msg.which() else {
         panic!()
     };
     let greeting = h.get_greeting().unwrap().to_string().unwrap();
@@ -189,7 +189,7 @@ fn child_cow() {
     let second = chan.recv_blocking(T).unwrap().unwrap();
     let third = chan.recv_blocking(T).unwrap().unwrap();
     assert_eq!(check_blob(first.root().unwrap()), (1, 100_000, 1));
-    let tag = |m: &flowipc::msg::MsgIn<cool_msg::Owned>| match m.root().unwrap().which() {
+    let tag = |m: &flowipc::msg::MsgIn<cool_msg::Owned>| match m.which() {
         Ok(cool_msg::Blob(Ok(b))) => b.get_tag(),
         _ => panic!(),
     };
@@ -517,10 +517,28 @@ fn garbage_message_frames() {
             "segment sizes exceed the frame",
         ),
     ];
+    // Unexpected-response notices: kind 4, id 0, the answered id, then a UTF-8 description of
+    // at most 512 bytes.
+    let notice = |answers: u8, text: &[u8]| {
+        let mut f = vec![4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        f.extend_from_slice(&[answers, 0, 0, 0, 0, 0, 0, 0]);
+        f.extend_from_slice(text);
+        f
+    };
+    let mut cases: Vec<(Vec<u8>, &str)> = cases.iter().map(|(b, w)| (b.to_vec(), *w)).collect();
+    cases.push((notice(0, b""), "malformed unexpected-response notice"));
+    cases.push((notice(3, &[b'x'; 513]), "malformed unexpected-response notice"));
+    cases.push((
+        notice(3, &[0xff, 0xfe]),
+        "unexpected-response notice text is not UTF-8",
+    ));
     for (bytes, what) in cases {
         let (mut a, b) = Channel::pair(channel_config()).unwrap();
         let mut rx = MsgChannel::<cool_msg::Owned>::new(b, Backing::Heap);
-        a.send(bytes).unwrap();
+        // A well-formed notice (no message for a plain channel: skipped), then the bad frame.
+        a.send(&notice(3, "sumResponse 1 answers message 3".as_bytes()))
+            .unwrap();
+        a.send(&bytes).unwrap();
         let first = rx.recv_blocking(T).unwrap_err();
         assert!(
             matches!(first, Error::BadMessage(w) if w == what),
@@ -664,7 +682,7 @@ fn a_pool_learned_late_is_still_announced_before_use() {
         tx.send(&mut m, None).unwrap();
         let got = rx.recv_blocking(T).unwrap().unwrap();
         assert!(
-            matches!(got.root().unwrap().which(), Ok(cool_msg::HelloThere(Ok(h))) if h.get_num() == n)
+            matches!(got.which(), Ok(cool_msg::HelloThere(Ok(h))) if h.get_num() == n)
         );
     };
     send(&mut p2_to_p1, &mut p1_from_p2, &a2, 1); // a1 learns pool 2
@@ -703,7 +721,7 @@ fn channels_of_a_session_carry_its_token_and_refuse_others() {
             hello(&mut msg, n);
             tx.send(&mut msg, None).unwrap();
             let got = rx.recv_blocking(T).unwrap().unwrap();
-            match got.root().unwrap().which().unwrap() {
+            match got.which().unwrap() {
                 cool_msg::HelloThere(Ok(h)) => assert_eq!(h.get_num(), n),
                 _ => panic!("not helloThere"),
             }
@@ -790,7 +808,7 @@ fn heap_messages_of_one_to_many_segments_cross_intact() {
         let got = rx.recv_blocking(T).unwrap().unwrap();
         assert_eq!(got.segment_count(), segs);
         assert!(matches!(
-            got.root().unwrap().which().unwrap(),
+            got.which().unwrap(),
             cool_msg::Ping(())
         ));
     }
@@ -810,7 +828,7 @@ fn heap_messages_of_one_to_many_segments_cross_intact() {
         tx.send(&mut msg, None).unwrap();
         let got = rx.recv_blocking(T).unwrap().unwrap();
         assert_eq!(got.segment_count(), segs);
-        let cool_msg::Blob(Ok(b)) = got.root().unwrap().which().unwrap() else {
+        let cool_msg::Blob(Ok(b)) = got.which().unwrap() else {
             panic!("not a blob");
         };
         let list = b.get_chunks().unwrap();

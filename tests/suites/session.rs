@@ -11,19 +11,15 @@ use common::session::*;
 use common::*;
 use flowipc::msg::{MsgIn, MsgOut};
 use flowipc::schemas::session_capnp::{log_in, log_in_rsp, master};
-use flowipc::schemas::test_msgs_capnp::{channel_mdt, cool_msg};
+use flowipc::schemas::test_msgs_capnp::{channel_mdt, cool_msg, CoolMsgKind};
 use flowipc::session::{
     App, ClientApp, ClientApps, ClientSession, ConnectOptions, Error, Metadata, Rejection, Scope,
     ServerApp, SessionConfig, SessionServer, ShmKind,
 };
-use flowipc::struc::{self, MsgType};
+use flowipc::struc;
 use flowipc::transport::{self, OutFrame};
 
 type Cool = struc::Channel<cool_msg::Owned>;
-
-fn ty(name: &str) -> MsgType {
-    MsgType::of::<cool_msg::Owned>(name).unwrap()
-}
 
 fn mdt(purpose: &str, n: u32) -> Metadata {
     Metadata::build::<channel_mdt::Owned>(|mut m| {
@@ -39,14 +35,14 @@ fn read_mdt(m: Option<&Metadata>) -> (String, u32) {
     (m.get_purpose().unwrap().to_string().unwrap(), m.get_n())
 }
 
-/// The next message of type `name` on a started sync_io channel.
-fn recv_type(c: &mut Cool, name: &str) -> MsgIn<cool_msg::Owned> {
+/// The next message of type `kind` on a started sync_io channel.
+fn recv_type(c: &mut Cool, kind: CoolMsgKind) -> MsgIn<cool_msg::Owned> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(m) = c.take_cached(ty(name)).unwrap() {
+        if let Some(m) = c.take_cached(kind).unwrap() {
             return m;
         }
-        assert!(Instant::now() < deadline, "no {name} in time");
+        assert!(Instant::now() < deadline, "no {kind:?} in time");
         c.run_for(Duration::from_millis(5)).unwrap();
     }
 }
@@ -62,7 +58,7 @@ fn hello(c: &Cool, num: i64) -> MsgOut<cool_msg::Owned> {
 }
 
 fn num_of(m: &MsgIn<cool_msg::Owned>) -> i64 {
-    match m.root().unwrap().which().unwrap() {
+    match m.which().unwrap() {
         cool_msg::HelloThere(Ok(h)) => h.get_num(),
         _ => panic!("not helloThere"),
     }
@@ -79,7 +75,7 @@ fn blobs_msg(c: &Cool, blobs: &[flowipc::shm::LendBlob]) -> MsgOut<cool_msg::Own
 }
 
 fn blobs_of(m: &MsgIn<cool_msg::Owned>) -> Vec<flowipc::shm::LendBlob> {
-    let cool_msg::Blob(Ok(b)) = m.root().unwrap().which().unwrap() else {
+    let cool_msg::Blob(Ok(b)) = m.which().unwrap() else {
         panic!("not a blob");
     };
     b.get_chunks()
@@ -194,7 +190,7 @@ fn srv_life() {
             s.structured(init.by_client.into_iter().next().unwrap())
                 .unwrap(),
         );
-        let m = recv_type(&mut c0, "helloThere");
+        let m = recv_type(&mut c0, CoolMsgKind::HelloThere);
         assert!(m.is_zero_copy());
         assert_eq!(num_of(&m), 1);
         drop(m);
@@ -208,7 +204,7 @@ fn srv_life() {
         }
         let rsp = s0.sync_request(&mut req, None, T).unwrap();
         assert!(
-            matches!(rsp.root().unwrap().which().unwrap(), cool_msg::SumResponse(Ok(r)) if r.get_sum() == 6)
+            matches!(rsp.which().unwrap(), cool_msg::SumResponse(Ok(r)) if r.get_sum() == 6)
         );
 
         // 3. An unstructured one, with an fd riding on a frame.
@@ -225,7 +221,7 @@ fn srv_life() {
         let (ch, m) = open_rx.recv_timeout(Duration::from_secs(30)).unwrap();
         assert_eq!(read_mdt(m.as_ref()), ("client-opened".into(), 7));
         let mut opened = started(s.structured(ch).unwrap());
-        let m = recv_type(&mut opened, "helloThere");
+        let m = recv_type(&mut opened, CoolMsgKind::HelloThere);
         assert!(m.is_zero_copy());
         assert_eq!(num_of(&m), 3);
         assert!(server.app_arena("cli").unwrap().stats().blocks_in_use > 0);
@@ -254,7 +250,7 @@ fn srv_life() {
         ];
         let mut msg = blobs_msg(&c0, &blobs);
         c0.send(&mut msg, None).unwrap();
-        let back = recv_type(&mut c0, "blob");
+        let back = recv_type(&mut c0, CoolMsgKind::Blob);
         let theirs = s.borrow_object::<u64>(&blobs_of(&back)[0]).unwrap();
         assert_eq!(*theirs, CLIENT_VALUE);
         drop((theirs, back, msg));
@@ -284,7 +280,7 @@ fn srv_life() {
             s2.structured(open_rx.recv_timeout(Duration::from_secs(30)).unwrap())
                 .unwrap(),
         );
-        let req = recv_type(&mut c, "helloThere");
+        let req = recv_type(&mut c, CoolMsgKind::HelloThere);
         assert_eq!(num_of(&req), 9);
         let mut h = hello(&c, 10);
         c.send(&mut h, Some(&req)).unwrap();
@@ -332,7 +328,7 @@ fn cli_life() {
     c0.send(&mut h, None).unwrap();
     // 2. Serve the sum request on a library thread.
     let s0 = struc::AsyncChannel::new(s.structured::<cool_msg::Owned>(s0).unwrap()).unwrap();
-    s0.expect_msgs(ty("sumRequest"), |chan, req| {
+    s0.expect_msgs(CoolMsgKind::SumRequest, |chan, req| {
         common::msgs::answer_sum(chan, req).unwrap()
     })
     .unwrap();
@@ -354,13 +350,13 @@ fn cli_life() {
     let (ch, m) = open_rx.recv_timeout(Duration::from_secs(30)).unwrap();
     assert_eq!(read_mdt(m.as_ref()), ("server-opened".into(), 8));
     let mut theirs = started(s.structured(ch).unwrap());
-    let req = recv_type(&mut theirs, "helloThere");
+    let req = recv_type(&mut theirs, CoolMsgKind::HelloThere);
     assert!(req.is_zero_copy());
     assert_eq!(num_of(&req), 4);
     let mut h5 = hello(&theirs, 5);
     theirs.send(&mut h5, Some(&req)).unwrap();
     // 6.
-    let m = recv_type(&mut c0, "blob");
+    let m = recv_type(&mut c0, CoolMsgKind::Blob);
     let blobs = blobs_of(&m);
     assert_eq!(*s.borrow_object::<u64>(&blobs[0]).unwrap(), SESSION_VALUE);
     assert_eq!(*s.borrow_object::<u64>(&blobs[1]).unwrap(), APP_VALUE);
@@ -825,7 +821,7 @@ fn a_vanilla_session_copies_and_has_no_arenas() {
     let mut cc = started(c.structured(cch).unwrap());
     let mut h = hello(&sc, 11);
     sc.send(&mut h, None).unwrap();
-    let m = recv_type(&mut cc, "helloThere");
+    let m = recv_type(&mut cc, CoolMsgKind::HelloThere);
     assert!(!m.is_zero_copy());
     assert_eq!(num_of(&m), 11);
     // Without fd passing, a message with an fd is refused (not fatal).
@@ -903,16 +899,16 @@ fn session_round(dir: &Path) {
     let mut cc = started(c.structured(cch).unwrap());
     let mut h = hello(&sc, 1);
     sc.send(&mut h, None).unwrap();
-    let m = recv_type(&mut cc, "helloThere");
+    let m = recv_type(&mut cc, CoolMsgKind::HelloThere);
     assert!(m.is_zero_copy());
     assert_eq!(num_of(&m), 1);
     drop(m);
     h.init_root().init_hello_there().set_num(2);
     sc.send(&mut h, None).unwrap();
-    assert_eq!(num_of(&recv_type(&mut cc, "helloThere")), 2);
+    assert_eq!(num_of(&recv_type(&mut cc, CoolMsgKind::HelloThere)), 2);
     let mut back = hello(&cc, 3);
     cc.send(&mut back, None).unwrap();
-    assert_eq!(num_of(&recv_type(&mut sc, "helloThere")), 3);
+    assert_eq!(num_of(&recv_type(&mut sc, CoolMsgKind::HelloThere)), 3);
     for scope in [Scope::Session, Scope::App] {
         let x = c.arena(scope).unwrap().construct(41u64).unwrap();
         assert_eq!(
@@ -964,7 +960,7 @@ fn a_process_can_be_server_in_one_split_and_client_in_another() {
         c2.structured(rx.recv_timeout(Duration::from_secs(30)).unwrap())
             .unwrap(),
     );
-    let m = recv_type(&mut ch, "helloThere");
+    let m = recv_type(&mut ch, CoolMsgKind::HelloThere);
     assert!(m.is_zero_copy());
     assert_eq!(num_of(&m), 21);
     drop(m);

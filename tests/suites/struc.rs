@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use flowipc::msg::{Backing, MsgIn};
 use flowipc::schemas::perf_demo_capnp::body;
-use flowipc::schemas::test_msgs_capnp::{cool_msg, no_union};
+use flowipc::schemas::test_msgs_capnp::{cool_msg, no_union, CoolMsgKind};
 use flowipc::shm::{Arena, ArenaConfig};
-use flowipc::struc::{Channel, Error, Expect, MsgType};
+use flowipc::struc::{Channel, Error, Expect, MsgType, Root};
 use common::channel_config;
 use flowipc::transport;
 
@@ -51,7 +51,7 @@ fn hello(chan: &mut Cool, num: i64, originating: Option<&MsgIn<cool_msg::Owned>>
 }
 
 fn num_of(m: &MsgIn<cool_msg::Owned>) -> i64 {
-    match m.root().unwrap().which().unwrap() {
+    match m.which().unwrap() {
         cool_msg::HelloThere(h) => h.unwrap().get_num(),
         cool_msg::SumResponse(s) => s.unwrap().get_sum(),
         cool_msg::MyBestShot(s) => s.unwrap().get_num() as i64,
@@ -76,8 +76,12 @@ fn a_root_without_a_union_is_refused() {
         MsgType::of::<cool_msg::Owned>("noSuchField"),
         Err(Error::NoSuchMsgType(n)) if n == "noSuchField"
     ));
+    // The string form (unchecked) names the same types as the generated kinds.
     assert_eq!(ty("helloThere"), MsgType(0));
-    assert_eq!(ty("ping"), MsgType(6));
+    assert_eq!(ty("helloThere"), CoolMsgKind::HelloThere.into());
+    assert_eq!(ty("ping"), CoolMsgKind::Ping.into());
+    assert_eq!(<cool_msg::Owned as Root>::kind(MsgType(6)), Some(CoolMsgKind::Ping));
+    assert_eq!(<cool_msg::Owned as Root>::kind(MsgType(7)), None);
 }
 
 #[test]
@@ -92,12 +96,12 @@ fn early_messages_are_cached_and_delivered_in_order() {
         assert!(matches!(b.run_for(SHORT), Err(Error::NotStarted)));
         b.start(|e| panic!("{e}")).unwrap();
         b.run_for(SHORT).unwrap();
-        assert_eq!(b.cached(ty("helloThere")), 3, "{mode}");
+        assert_eq!(b.cached(CoolMsgKind::HelloThere), 3, "{mode}");
         // A one-off expectation takes the first cached one, synchronously.
         let got = log();
         let g = got.clone();
         assert!(b
-            .expect_msg(ty("helloThere"), move |_, m| g
+            .expect_msg(CoolMsgKind::HelloThere, move |_, m| g
                 .lock()
                 .unwrap()
                 .push(num_of(&m)))
@@ -106,31 +110,31 @@ fn early_messages_are_cached_and_delivered_in_order() {
         // expect_msgs drains the rest in order, then gets live ones.
         let g = got.clone();
         assert!(b
-            .expect_msgs(ty("helloThere"), move |_, m| g
+            .expect_msgs(CoolMsgKind::HelloThere, move |_, m| g
                 .lock()
                 .unwrap()
                 .push(num_of(&m)))
             .unwrap());
         assert_eq!(*got.lock().unwrap(), [1, 2, 3]);
         // Already expected: refused, nothing registered.
-        assert!(!b.expect_msg(ty("helloThere"), |_, _| panic!()).unwrap());
+        assert!(!b.expect_msg(CoolMsgKind::HelloThere, |_, _| panic!()).unwrap());
         hello(&mut a, 4, None);
         b.run_for(SHORT).unwrap();
         assert_eq!(*got.lock().unwrap(), [1, 2, 3, 4]);
         // Undone: cached again.
-        assert!(b.undo_expect_msgs(ty("helloThere")).unwrap());
-        assert!(!b.undo_expect_msgs(ty("helloThere")).unwrap());
+        assert!(b.undo_expect_msgs(CoolMsgKind::HelloThere).unwrap());
+        assert!(!b.undo_expect_msgs(CoolMsgKind::HelloThere).unwrap());
         hello(&mut a, 5, None);
         b.run_for(SHORT).unwrap();
-        assert_eq!(b.cached(ty("helloThere")), 1, "{mode}");
+        assert_eq!(b.cached(CoolMsgKind::HelloThere), 1, "{mode}");
         assert_eq!(got.lock().unwrap().len(), 4);
     }
 }
 
 /// The server side of the page's example: sums, and best shots for as long as asked.
 fn serve(chan: &mut Cool) {
-    chan.expect_msgs(ty("sumRequest"), |chan, req| {
-        let Ok(cool_msg::SumRequest(Ok(r))) = req.root().unwrap().which() else {
+    chan.expect_msgs(CoolMsgKind::SumRequest, |chan, req| {
+        let Ok(cool_msg::SumRequest(Ok(r))) = req.which() else {
             panic!("not a sum request")
         };
         let sum: i64 = r.get_terms_to_add().unwrap().iter().sum();
@@ -141,7 +145,7 @@ fn serve(chan: &mut Cool) {
         chan.send(&mut rsp, Some(&req)).unwrap();
     })
     .unwrap();
-    chan.expect_msgs(ty("hitMeWithYourBestShot"), |chan, req| {
+    chan.expect_msgs(CoolMsgKind::HitMeWithYourBestShot, |chan, req| {
         for shot in 1..=3 {
             let mut rsp = chan.create_msg();
             let mut s = rsp.init_root().init_my_best_shot();
@@ -169,9 +173,11 @@ fn requests_responses_and_unexpected_responses() {
     for (mode, ab, bb) in backings() {
         let (mut client, mut server) = started(ab, bb);
         serve(&mut server);
-        let remote_unexpected = log();
+        let remote_unexpected: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
         let r = remote_unexpected.clone();
-        server.set_remote_unexpected_response_handler(move |id| r.lock().unwrap().push(id as i64));
+        server.set_remote_unexpected_response_handler(move |id, what| {
+            r.lock().unwrap().push((id, what.to_string()))
+        });
         let server = std::thread::spawn(move || {
             server.run_for(Duration::from_millis(1500)).unwrap();
             server
@@ -211,11 +217,21 @@ fn requests_responses_and_unexpected_responses() {
         assert!(!client.undo_expect_responses(id).unwrap());
         let mut server = server.join().unwrap();
         server.run_for(SHORT).unwrap();
-        assert_eq!(remote_unexpected.lock().unwrap().len(), 2, "{mode}");
+        // Told with the id of each of our messages and the peer's description of it: the
+        // second and third best shots, answers to the client's one-off request (its message 2).
+        let remote = remote_unexpected.lock().unwrap().clone();
+        assert_eq!(remote.len(), 2, "{mode}");
+        for (id, what) in &remote {
+            assert_eq!(
+                what,
+                &format!("myBestShot {id} answers message 2, which expects no response (any more)"),
+                "{mode}"
+            );
+        }
         // A response to a message the client never sent as a request: unexpected, not hosing.
         hello(&mut client, 7, None);
         server
-            .expect_msg(ty("helloThere"), |chan, m| {
+            .expect_msg(CoolMsgKind::HelloThere, |chan, m| {
                 let mut rsp = chan.create_msg();
                 rsp.init_root().init_hello_there().set_num(8);
                 chan.send(&mut rsp, Some(&m)).unwrap();
@@ -271,7 +287,7 @@ fn an_fd_rides_on_a_structured_message() {
     drop(r);
     let text = Arc::new(Mutex::new(String::new()));
     let t = text.clone();
-    b.expect_msg(ty("helloThere"), move |_, mut m| {
+    b.expect_msg(CoolMsgKind::HelloThere, move |_, mut m| {
         let fd = m.take_fd().expect("an fd");
         std::fs::File::from(fd)
             .read_to_string(&mut t.lock().unwrap())
@@ -280,6 +296,43 @@ fn an_fd_rides_on_a_structured_message() {
     .unwrap();
     b.run_for(SHORT).unwrap();
     assert_eq!(*text.lock().unwrap(), "via fd");
+
+    // A request with an fd, answered with one: the server reads the client's pipe and answers
+    // its length, with a pipe of its own.
+    b.expect_msgs(CoolMsgKind::SumRequest, |chan, mut req| {
+        let mut got = String::new();
+        std::fs::File::from(req.take_fd().expect("the request's fd"))
+            .read_to_string(&mut got)
+            .unwrap();
+        let (r, mut w) = std::io::pipe().unwrap();
+        w.write_all(got.to_uppercase().as_bytes()).unwrap();
+        drop(w);
+        let mut rsp = chan.create_msg();
+        rsp.init_root().init_sum_response().set_sum(got.len() as i64);
+        chan.send_with_fd(&mut rsp, Some(&req), Some(r.as_fd()))
+            .unwrap();
+    })
+    .unwrap();
+    let server = std::thread::spawn(move || {
+        b.run_for(Duration::from_millis(300)).unwrap();
+        b
+    });
+    let (r, mut w) = std::io::pipe().unwrap();
+    w.write_all(b"sync with fd").unwrap();
+    drop(w);
+    let mut req = a.create_msg();
+    req.init_root().init_sum_request();
+    let mut rsp = a
+        .sync_request_with_fd(&mut req, None, Some(r.as_fd()), Some(Duration::from_secs(10)))
+        .unwrap();
+    drop(r);
+    assert_eq!(num_of(&rsp), 12);
+    let mut back = String::new();
+    std::fs::File::from(rsp.take_fd().expect("the response's fd"))
+        .read_to_string(&mut back)
+        .unwrap();
+    assert_eq!(back, "SYNC WITH FD");
+    drop(server.join().unwrap());
 }
 
 #[test]
@@ -292,7 +345,7 @@ fn a_hosing_error_is_reported_once_then_calls_answer_hosed() {
     a.start(|_| {}).unwrap();
     let fired = Arc::new(Mutex::new(0));
     let f = fired.clone();
-    b.expect_msgs(ty("helloThere"), move |_, _| *f.lock().unwrap() += 1)
+    b.expect_msgs(CoolMsgKind::HelloThere, move |_, _| *f.lock().unwrap() += 1)
         .unwrap();
     hello(&mut a, 1, None);
     drop(a);
@@ -316,7 +369,7 @@ fn a_hosing_error_is_reported_once_then_calls_answer_hosed() {
     m.init_root().set_ping(());
     assert!(matches!(b.send(&mut m, None), Err(Error::Hosed)));
     assert!(matches!(
-        b.expect_msg(ty("ping"), |_, _| {}),
+        b.expect_msg(CoolMsgKind::Ping, |_, _| {}),
         Err(Error::Hosed)
     ));
     assert_eq!(errors.lock().unwrap().len(), 1);
@@ -412,7 +465,7 @@ fn pages_scenario(shm: bool) {
     let greeting = log();
     let g = greeting.clone();
     client
-        .expect_msg(ty("helloThere"), move |_, m| {
+        .expect_msg(CoolMsgKind::HelloThere, move |_, m| {
             g.lock().unwrap().push(num_of(&m))
         })
         .unwrap();
@@ -452,7 +505,7 @@ fn child_struc_server(shm: bool) {
     let done = Arc::new(Mutex::new(false));
     let d = done.clone();
     server
-        .expect_msg(ty("ping"), move |_, _| *d.lock().unwrap() = true)
+        .expect_msg(CoolMsgKind::Ping, move |_, _| *d.lock().unwrap() = true)
         .unwrap();
     let mut greeted = false;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -491,7 +544,7 @@ fn a_message_owns_its_fd_and_it_rides_every_send() {
     a.send(&mut m, None).unwrap();
     let fds = Arc::new(Mutex::new(Vec::new()));
     let f = fds.clone();
-    b.expect_msgs(ty("helloThere"), move |_, mut m| {
+    b.expect_msgs(CoolMsgKind::HelloThere, move |_, mut m| {
         f.lock()
             .unwrap()
             .push(m.take_fd().expect("an fd each time"))
@@ -526,7 +579,7 @@ fn an_unchanged_message_is_resent_on_two_channels_without_a_copy() {
     let got = Arc::new(Mutex::new(Vec::new()));
     for b in [&mut b1, &mut b2] {
         let g = got.clone();
-        b.expect_msgs(ty("helloThere"), move |_, m| g.lock().unwrap().push(m))
+        b.expect_msgs(CoolMsgKind::HelloThere, move |_, m| g.lock().unwrap().push(m))
             .unwrap();
         b.run_for(SHORT).unwrap();
     }
@@ -557,7 +610,7 @@ fn display_is_capnp_text_cut_short() {
     a.send(&mut m, None).unwrap();
     let seen = Arc::new(Mutex::new(String::new()));
     let s = seen.clone();
-    b.expect_msg(ty("helloThere"), move |_, m| {
+    b.expect_msg(CoolMsgKind::HelloThere, move |_, m| {
         *s.lock().unwrap() = format!("{m:#}")
     })
     .unwrap();
@@ -573,9 +626,9 @@ fn big_requests_and_responses_go_in_place() {
     let (mut client, mut server) =
         started(Backing::Shm(arena.clone()), Backing::Shm(arena.clone()));
     server
-        .expect_msgs(ty("blob"), |chan, req| {
+        .expect_msgs(CoolMsgKind::Blob, |chan, req| {
             assert!(req.is_zero_copy());
-            let Ok(cool_msg::Blob(Ok(b))) = req.root().unwrap().which() else {
+            let Ok(cool_msg::Blob(Ok(b))) = req.which() else {
                 panic!()
             };
             let first = b.get_chunks().unwrap().get(0).get_data().unwrap();
@@ -594,7 +647,7 @@ fn big_requests_and_responses_go_in_place() {
         .sync_request(&mut req, None, Some(Duration::from_secs(60)))
         .unwrap();
     assert!(rsp.is_zero_copy());
-    let Ok(cool_msg::Blob(Ok(b))) = rsp.root().unwrap().which() else {
+    let Ok(cool_msg::Blob(Ok(b))) = rsp.which() else {
         panic!()
     };
     let data = b.get_chunks().unwrap().get(0).get_data().unwrap();
@@ -662,7 +715,7 @@ fn concurrent_sync_requests_from_several_threads() {
     for (mode, ab, bb) in backings() {
         let (client, server) = async_pair(ab, bb);
         server
-            .expect_msgs(ty("sumRequest"), |chan, req| {
+            .expect_msgs(CoolMsgKind::SumRequest, |chan, req| {
                 common::msgs::answer_sum(chan, req).unwrap()
             })
             .unwrap();
@@ -704,7 +757,7 @@ fn async_timeout_end_sending_and_death() {
     let got = log();
     let g = got.clone();
     server
-        .expect_msgs(ty("helloThere"), move |_, m| {
+        .expect_msgs(CoolMsgKind::HelloThere, move |_, m| {
             g.lock().unwrap().push(num_of(&m))
         })
         .unwrap();
@@ -776,19 +829,19 @@ fn sync_io_start_and_poll_and_take_cached() {
     hello(&mut a, 2, None);
     std::thread::sleep(Duration::from_millis(20));
     b.start_and_poll(|e| panic!("{e}")).unwrap();
-    assert_eq!(b.cached(ty("helloThere")), 2);
-    let first = b.take_cached(ty("helloThere")).unwrap().unwrap();
+    assert_eq!(b.cached(CoolMsgKind::HelloThere), 2);
+    let first = b.take_cached(CoolMsgKind::HelloThere).unwrap().unwrap();
     assert_eq!(num_of(&first), 1);
-    let second = b.take_cached(ty("helloThere")).unwrap().unwrap();
+    let second = b.take_cached(CoolMsgKind::HelloThere).unwrap().unwrap();
     assert_eq!(num_of(&second), 2);
-    assert!(b.take_cached(ty("helloThere")).unwrap().is_none());
+    assert!(b.take_cached(CoolMsgKind::HelloThere).unwrap().is_none());
     let (r, _w) = std::io::pipe().unwrap();
     let mut m = a.create_msg_with_fd(r.into());
     m.init_root().set_ping(());
     a.send(&mut m, None).unwrap();
     b.run_for(SHORT).unwrap();
     assert!(b
-        .take_cached(ty("ping"))
+        .take_cached(CoolMsgKind::Ping)
         .unwrap()
         .unwrap()
         .take_fd()
@@ -831,10 +884,10 @@ fn unexpected_response_handlers_can_be_unset() {
     a.set_unexpected_response_handler(move |_, m| l.lock().unwrap().push(num_of(&m)));
     let remote = log();
     let r = remote.clone();
-    b.set_remote_unexpected_response_handler(move |id| r.lock().unwrap().push(id as i64));
+    b.set_remote_unexpected_response_handler(move |id, _| r.lock().unwrap().push(id as i64));
     // b answers a's notification twice: both unexpected at a.
     hello(&mut a, 1, None);
-    b.expect_msg(ty("helloThere"), |chan, m| {
+    b.expect_msg(CoolMsgKind::HelloThere, |chan, m| {
         for n in [2, 3] {
             let mut rsp = chan.create_msg();
             rsp.init_root().init_hello_there().set_num(n);
@@ -904,7 +957,7 @@ fn a_dropped_async_channel_closes_its_socket_and_frees_its_messages() {
     drop(a);
     let got = log();
     let g = got.clone();
-    b.expect_msgs(ty("helloThere"), move |_, m| {
+    b.expect_msgs(CoolMsgKind::HelloThere, move |_, m| {
         g.lock().unwrap().push(num_of(&m))
     })
     .unwrap();

@@ -74,6 +74,20 @@ fn recv(c: &mut Channel) -> Frame {
 
 /// The error the channel reports next (frames before it are skipped), checking that it is
 /// reported once: the next call says `Hosed`.
+/// Receives the peer's graceful end (within the bound): `Ok(None)`, no error, not hosed,
+/// and every later receive answers `Ok(None)` at once.
+fn assert_peer_ended(c: &mut Channel) {
+    match c.recv_blocking(WAIT) {
+        Ok(Some(f)) => panic!("an extra frame of {} bytes", f.payload.len()),
+        Ok(None) => {}
+        Err(e) => panic!("{e}"),
+    }
+    assert!(c.is_peer_ended(), "no end within the bound");
+    assert!(!c.is_hosed());
+    assert!(c.try_recv().unwrap().is_none());
+    assert!(c.recv_blocking(None).unwrap().is_none());
+}
+
 fn next_error(c: &mut Channel) -> Error {
     let e = loop {
         match c.recv_blocking(WAIT) {
@@ -146,9 +160,13 @@ fn child_echo() {
                     None => c.send(&payload).unwrap(),
                 }
             }
-            Err(Error::EndOfStream | Error::PeerGone | Error::Reset) => break,
+            // The parent's end (no timeout: the only `None`), or the parent gone.
+            Ok(None) => {
+                assert!(c.is_peer_ended());
+                break;
+            }
+            Err(Error::PeerGone | Error::Reset) => break,
             Err(e) => panic!("echo child: {e}"),
-            Ok(None) => unreachable!("no timeout"),
         }
     }
 }
@@ -233,7 +251,7 @@ fn a_flood_to_a_reader_that_is_away_is_queued_then_delivered_in_order() {
         for i in 0..FLOOD {
             check_flood(&recv(&mut c), i);
         }
-        assert!(matches!(next_error(&mut c), Error::EndOfStream));
+        assert_peer_ended(&mut c);
         wait_ok(peer);
     });
 }
@@ -254,11 +272,12 @@ fn duplex_side(c: &mut Channel) {
 fn child_duplex() {
     let mut c = child_channel(channel_config());
     duplex_side(&mut c);
-    // Wait for the parent to finish too (it closes).
-    assert!(matches!(
-        c.recv_blocking(WAIT),
-        Err(Error::PeerGone | Error::EndOfStream)
-    ));
+    // Wait for the parent to finish too (it ends its sending and closes).
+    match c.recv_blocking(WAIT) {
+        Ok(None) => assert!(c.is_peer_ended()),
+        Err(Error::PeerGone) => {}
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -402,9 +421,12 @@ fn child_slow_echo() {
                 }
                 c.send(&f.payload).unwrap();
             }
-            Err(Error::EndOfStream | Error::PeerGone | Error::Reset) => break,
+            Ok(None) => {
+                assert!(c.is_peer_ended());
+                break;
+            }
+            Err(Error::PeerGone | Error::Reset) => break,
             Err(e) => panic!("slow echo child: {e}"),
-            Ok(None) => unreachable!("no timeout"),
         }
     }
     assert!(c.flush_blocking(WAIT).unwrap_or(false) || c.is_hosed());
@@ -783,14 +805,14 @@ fn child_end_async() {
 }
 
 #[test]
-fn end_sending_delivers_everything_then_end_of_stream_once() {
+fn end_sending_delivers_everything_then_the_end_which_is_no_error() {
     within(120, "end sending", || {
         let mut peer = spawn_plain("end_async");
         let mut c = parent_channel(&mut peer, channel_config());
         for i in 0..END_FRAMES {
             check_flood(&recv(&mut c), i);
         }
-        assert!(matches!(next_error(&mut c), Error::EndOfStream));
+        assert_peer_ended(&mut c);
         drop(c);
         wait_ok(peer);
     });
@@ -805,8 +827,11 @@ fn child_keepalive(ping: Option<Duration>) {
     loop {
         match c.recv_blocking(None) {
             Ok(Some(_)) => {}
-            Ok(None) => unreachable!("no timeout"),
-            Err(Error::EndOfStream | Error::PeerGone | Error::Reset) => break,
+            Ok(None) => {
+                assert!(c.is_peer_ended());
+                break;
+            }
+            Err(Error::PeerGone | Error::Reset) => break,
             Err(e) => panic!("keep-alive child: {e}"),
         }
     }
@@ -880,7 +905,7 @@ fn child_async_echo() {
     c.send(b"ready").unwrap();
     let e = err_rx.recv().unwrap();
     assert!(
-        matches!(e, Error::PeerGone | Error::Reset | Error::EndOfStream),
+        matches!(e, Error::PeerGone | Error::Reset),
         "{e:?}"
     );
 }

@@ -11,6 +11,8 @@
 //!   loom models, or a race test). Exits 0 when every mutation is caught, 1 (with the table)
 //!   when one survives. See `mutants.rs` for the list.
 //!
+//! * `fuzz build | seeds | run <target> | ci`: the fuzz targets of `fuzz/` (see `fuzz.rs`).
+//!
 //! All fail (exit 2) on errors, such as a schema that does not compile or a schema with no
 //! `pub mod <stem>_capnp;` line in `src/schemas/mod.rs` (that file is never rewritten).
 
@@ -20,6 +22,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod fuzz;
 mod mutants;
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
@@ -34,7 +37,12 @@ tasks:
   mutants          check that every listed mutation of a lock-free protocol is caught
                    (exit 0: all caught, 1: one survived, 2: error)
   mutants --ci     the same for the dozen most important (the others are only checked to
-                   still apply): what .ci/run runs";
+                   still apply): what .ci/run runs
+{FUZZ}";
+
+fn usage() -> String {
+    USAGE.replace("{FUZZ}", fuzz::USAGE)
+}
 
 /// Where the schemas live, relative to the workspace root.
 const SCHEMA_DIR: &str = "schemas";
@@ -67,12 +75,22 @@ fn main() -> ExitCode {
                 }
             };
         }
+        ["fuzz", rest @ ..] => {
+            return match workspace_root().and_then(|root| fuzz::run(&root, rest)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("xtask fuzz: error: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         ["help" | "-h" | "--help"] => {
-            println!("{USAGE}");
+            println!("{}", usage());
             return ExitCode::SUCCESS;
         }
         _ => {
-            eprintln!("{USAGE}");
+            eprintln!("{}", usage());
             return ExitCode::from(2);
         }
     };
@@ -272,28 +290,30 @@ fn generated_files(generated_dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Compiles the schemas and generates their Rust code into `out_dir`.
+/// Compiles the schemas and generates their Rust code into `out_dir` (capnpc's, and the message
+/// kinds flowipc-build adds, naming flowipc as `crate`).
 fn generate(schema_dir: &Path, schemas: &[Schema], out_dir: &Path) -> Result<()> {
-    let mut compile = capnpc_embedded::CompileCommand::new();
-    // The prefix makes the file names recorded in the output (`// source:` and the schema nodes'
-    // display names) relative, so the output does not depend on where the checkout is.
-    compile.src_prefix(schema_dir);
-    // Our schemas import none of the standard `/capnp/*.capnp` files (some distributions' `capnp`
-    // packages do not ship them, and users may compile these schemas with such a tool): keep it
-    // that way by not offering them.
-    compile.no_standard_import();
-    for schema in schemas {
-        compile.file(&schema.path);
-    }
-    let request = compile
-        .compile()
-        .map_err(|e| format!("capnp compile failed: {e}"))?;
-
-    capnpc::codegen::CodeGenerationCommand::new()
+    let mut build = flowipc_build::Schemas::new();
+    // The embedded compiler (`capnpc-embedded`, pinned here); the prefix makes the file names
+    // recorded in the output (`// source:` and the schema nodes' display names) relative, so
+    // the output does not depend on where the checkout is.
+    build
+        .compiler(flowipc_build::Compiler::Embedded)
+        .src_prefix(schema_dir)
+        // Our schemas import none of the standard `/capnp/*.capnp` files (some distributions'
+        // `capnp` packages do not ship them, and users may compile these schemas with such a
+        // tool): keep it that way by not offering them.
+        .no_standard_import()
         .output_directory(out_dir)
         .default_parent_module(vec![PARENT_MODULE.into()])
-        .run(&request[..])
-        .map_err(|e| format!("capnpc code generation failed: {e}"))?;
+        .capnp_root("::capnp")
+        .flowipc_root("crate");
+    for schema in schemas {
+        build.file(&schema.path);
+    }
+    build
+        .run()
+        .map_err(|e| format!("code generation failed: {e}"))?;
 
     for schema in schemas {
         if !out_dir.join(schema.file_name()).is_file() {

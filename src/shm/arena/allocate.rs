@@ -142,6 +142,11 @@ impl Arena {
         // the counter run past the limit.
         let Some(id) = claim_pool_id(&hdr.next_pool_id, max) else {
             unclaim();
+            log::warn!(
+                target: "flowipc::shm",
+                "arena {:#x} is full: {max} pools (max_pools), a block of {size} bytes refused",
+                self.shared.id
+            );
             return Err(Error::OutOfMemory { requested: size });
         };
         let pool = Pool::create(id, self.shared.id, capacity, self.shared.config.trim, limit)
@@ -151,6 +156,11 @@ impl Arena {
         self.insert(pool).inspect_err(|_| {
             unclaim();
         })?;
+        log::info!(
+            target: "flowipc::shm",
+            "arena {:#x} grew: pool {id} of {capacity} bytes (for a block of {size} bytes)",
+            self.shared.id
+        );
         let pool = self.pool(id).ok_or(Error::UnknownPool(id))?;
         self.shared.hint.store(id, Ordering::Relaxed);
         self.grew();

@@ -149,6 +149,11 @@ impl Arena {
         let pool = Pool::open(fd, self.shared.config.trim)?;
         let id = pool.id();
         self.insert(pool)?;
+        log::debug!(
+            target: "flowipc::shm",
+            "arena {:#x}: joined pool {id}, added by another process",
+            self.shared.id
+        );
         Ok(id)
     }
 

@@ -40,8 +40,11 @@
 //! * `heap`: heap segments ([`HeapSeg`]) and their per-thread recycling;
 //! * `table`: the shared side ([`SegTable`]: a table or a one-segment handle; adoption and
 //!   release by any process; [`ShmSegments`], what a reader reads in place);
-//! * `out`: the writer side ([`OutMsg`]: build, freeze to share, thaw to write again).
+//! * `out`: the writer side ([`OutMsg`]: build, freeze to share, thaw to write again);
+//! * `adopt`: a message built elsewhere ([`Adopted`]: a capnp `Builder` of any allocator) and
+//!   its flat copy into an arena.
 
+mod adopt;
 mod heap;
 mod out;
 mod seg_alloc;
@@ -49,6 +52,7 @@ mod table;
 #[cfg(test)]
 mod tests;
 
+pub use self::adopt::Adopted;
 pub use self::heap::HeapSeg;
 pub use self::out::OutMsg;
 pub use self::seg_alloc::SegAlloc;

@@ -5,22 +5,16 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use capnp::dynamic_struct;
-use capnp::dynamic_value;
-use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
 use super::{Channel, Expect, Handler, Request};
 use crate::hosing::Report;
 use crate::msg::channel::Incoming;
 use crate::msg::MsgIn;
+use crate::struc::kind::{arm_name, discriminant};
 use crate::struc::{Error, MsgType};
 
-impl<M> Channel<M>
-where
-    M: Owned + Introspect,
-    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
-{
+impl<M: Owned> Channel<M> {
     /// Marks the channel hosed if `e` hoses it (its handlers are dropped then); returns `e`
     /// for the caller to report.
     pub(super) fn hose(&mut self, e: Error) -> Error {
@@ -49,6 +43,7 @@ where
         self.sync_arrived.clear();
         self.on_unexpected = None;
         self.on_remote_unexpected = None;
+        self.on_peer_end = None;
     }
 
     /// A hosing error met while receiving goes to `on_error`; the caller sees `Hosed`. (One
@@ -89,10 +84,14 @@ where
                 self.dispatch(m)?;
                 Ok(true)
             }
-            Ok(Some(Incoming::UnexpectedResponse(id))) => {
+            Ok(Some(Incoming::UnexpectedResponse(id, text))) => {
                 if let Some(h) = self.on_remote_unexpected.as_mut() {
-                    h(id);
+                    h(id, &text);
                 }
+                Ok(true)
+            }
+            Ok(None) if !self.peer_ended && self.msgs.is_peer_ended() => {
+                self.peer_end();
                 Ok(true)
             }
             Ok(None) => Ok(false),
@@ -100,19 +99,27 @@ where
         }
     }
 
-    fn dispatch(&mut self, m: MsgIn<M>) -> Result<(), Error> {
+    /// The peer's graceful end, met once: nothing more comes, so requests still waiting for a
+    /// response are dropped (a waiting `sync_request` sees the flag), then the handler runs.
+    fn peer_end(&mut self) {
+        self.peer_ended = true;
+        self.requests.clear();
+        if let Some(h) = self.on_peer_end.take() {
+            h(self);
+        }
+    }
+
+    fn dispatch(&mut self, mut m: MsgIn<M>) -> Result<(), Error> {
         let answers = m.answers();
         if answers != 0 {
             return self.dispatch_response(answers, m);
         }
-        let which = match m
-            .segment0()
-            .and_then(|s| root_discriminant(s, self.union_at))
-        {
-            Some(d) if d < self.union_len => MsgType(d),
-            Some(_) => return Err(Error::UnknownMsgType),
-            None => msg_type(&m)?,
+        let which = match discriminant(&m, self.union_at) {
+            Ok(d) if d < self.union_len => MsgType(d),
+            Ok(_) => return Err(Error::UnknownMsgType),
+            Err(e) => return Err(Error::Decode(e)),
         };
+        m.set_union_arm(which.0);
         if let Some(h) = self.expect_one.remove(&which.0) {
             h(self, m);
             return Ok(());
@@ -180,8 +187,15 @@ where
         if self.timed_out.remove(&answers) {
             return Ok(()); // a late response to a timed-out sync_request: dropped quietly
         }
-        // Unexpected: dropped; our handler hears of it, and so does the sender.
+        // Unexpected: dropped; our handler hears of it, and so does the sender (with what it
+        // was, as Flow-IPC says it).
         let id = m.id();
+        let arm = discriminant(&m, self.union_at)
+            .ok()
+            .and_then(|d| arm_name::<M>(MsgType(d)))
+            .unwrap_or_else(|| "message of an unknown type".into());
+        let text =
+            format!("{arm} {id} answers message {answers}, which expects no response (any more)");
         if let Some(mut h) = self.on_unexpected.take() {
             h(self, m);
             if self.on_unexpected.is_none() && !self.hosing.is_hosed() {
@@ -189,7 +203,7 @@ where
             }
         }
         if !self.hosing.is_hosed() {
-            match self.msgs.send_unexpected_notice(id) {
+            match self.msgs.send_unexpected_notice(id, &text) {
                 Ok(()) => {}
                 // Not hosing (e.g. sending was ended): the notice is a courtesy, skip it.
                 Err(e) if !e.is_hosing() => {}
@@ -238,46 +252,5 @@ where
                 *slot = Some(h);
             }
         }
-    }
-}
-
-/// The root union's discriminant read straight from segment 0 when the root pointer is a plain
-/// struct pointer there (as our builders make it), `None` otherwise (e.g. a far pointer: the
-/// caller then asks capnp's dynamic reader). Every access is bounds-checked.
-pub(super) fn root_discriminant(seg0: &[u8], at: u32) -> Option<u16> {
-    let ptr = u64::from_le_bytes(seg0.get(..8)?.try_into().ok()?);
-    if ptr == 0 || ptr & 3 != 0 {
-        return None; // null root or not a struct pointer
-    }
-    // Bits 2..32: signed offset in words from the end of the pointer to the data section;
-    // bits 32..48: data section size in words.
-    let offset = i64::from((ptr as u32 as i32) >> 2);
-    let data_words = (ptr >> 32) as u16 as u64;
-    let start = 8 + offset * 8;
-    if start < 8 {
-        return None;
-    }
-    if (start as u64).checked_add(data_words * 8)? > seg0.len() as u64 {
-        return None; // the struct is not (wholly) in segment 0: let capnp's reader judge it
-    }
-    let field = u64::from(at) * 2;
-    if field + 2 > data_words * 8 {
-        return Some(0); // beyond the data section: the default, 0
-    }
-    let at = usize::try_from(start as u64 + field).ok()?;
-    Some(u16::from_le_bytes(seg0.get(at..at + 2)?.try_into().ok()?))
-}
-
-/// The type of a received message: its root union's discriminant.
-fn msg_type<M>(m: &MsgIn<M>) -> Result<MsgType, Error>
-where
-    M: Owned,
-    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
-{
-    let root = m.root().map_err(Error::Decode)?;
-    let dynamic: dynamic_struct::Reader<'_> = root.into().downcast();
-    match dynamic.which() {
-        Ok(Some(field)) => Ok(MsgType(field.get_proto().get_discriminant_value())),
-        Ok(None) | Err(_) => Err(Error::UnknownMsgType),
     }
 }

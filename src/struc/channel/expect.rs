@@ -4,37 +4,51 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
 
-use capnp::dynamic_value;
-use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
 use super::{Channel, Expect, Handler, ReqId, Request};
 use crate::msg::{MsgIn, MsgOut};
-use crate::struc::{Error, MsgType};
+use crate::struc::{Error, KindOf, MsgType};
 
-impl<M> Channel<M>
-where
-    M: Owned + Introspect,
-    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
-{
+impl<M: Owned> Channel<M> {
     /// Sends a request and blocks for its one response (up to `timeout`; `None`: no limit),
     /// handling other incoming messages meanwhile. [`Error::Timeout`] is not hosing; a response
-    /// arriving later is dropped quietly (not an unexpected response).
+    /// arriving later is dropped quietly (not an unexpected response). [`Error::PeerEnded`]
+    /// (not hosing) if the peer ends its sending first, or has already (then nothing is sent).
     pub fn sync_request(
         &mut self,
         msg: &mut MsgOut<M>,
         originating: Option<&MsgIn<M>>,
         timeout: Option<Duration>,
     ) -> Result<MsgIn<M>, Error> {
+        self.sync_request_with_fd(msg, originating, None, timeout)
+    }
+
+    /// [`sync_request`](Channel::sync_request) with an fd riding along, as
+    /// [`send_with_fd`](Channel::send_with_fd) (`None`: the message's own, if any).
+    pub fn sync_request_with_fd(
+        &mut self,
+        msg: &mut MsgOut<M>,
+        originating: Option<&MsgIn<M>>,
+        fd: Option<BorrowedFd<'_>>,
+        timeout: Option<Duration>,
+    ) -> Result<MsgIn<M>, Error> {
         self.check_started()?;
+        if self.peer_ended {
+            return Err(Error::PeerEnded);
+        }
         let deadline = timeout.map(|t| Instant::now() + t);
-        let id = self.send_with_fd(msg, originating, None)?;
+        let id = self.send_with_fd(msg, originating, fd)?;
         self.sync_waiting.push(id);
         let r = loop {
             if let Some(i) = self.sync_arrived.iter().position(|(a, _)| *a == id) {
                 break Ok(self.sync_arrived.swap_remove(i).1);
+            }
+            if self.peer_ended {
+                break Err(Error::PeerEnded);
             }
             let left = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()) {
@@ -62,7 +76,9 @@ where
     }
 
     /// Sends a request; `handler` gets its response(s): the first only ([`Expect::OneOff`]) or
-    /// every one until [`undo_expect_responses`](Channel::undo_expect_responses).
+    /// every one until [`undo_expect_responses`](Channel::undo_expect_responses) or the peer's
+    /// end (see [`is_peer_ended`](Channel::is_peer_ended): the handler is dropped then). After
+    /// the peer's end, [`Error::PeerEnded`] and nothing is sent.
     pub fn async_request(
         &mut self,
         msg: &mut MsgOut<M>,
@@ -70,7 +86,24 @@ where
         expect: Expect,
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<ReqId, Error> {
-        let id = self.send_with_fd(msg, originating, None)?;
+        self.async_request_with_fd(msg, originating, None, expect, handler)
+    }
+
+    /// [`async_request`](Channel::async_request) with an fd riding along, as
+    /// [`send_with_fd`](Channel::send_with_fd).
+    pub fn async_request_with_fd(
+        &mut self,
+        msg: &mut MsgOut<M>,
+        originating: Option<&MsgIn<M>>,
+        fd: Option<BorrowedFd<'_>>,
+        expect: Expect,
+        handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
+    ) -> Result<ReqId, Error> {
+        self.check()?;
+        if self.peer_ended {
+            return Err(Error::PeerEnded);
+        }
+        let id = self.send_with_fd(msg, originating, fd)?;
         self.requests.insert(
             id,
             Request {
@@ -94,10 +127,11 @@ where
     /// expected.
     pub fn expect_msg(
         &mut self,
-        which: MsgType,
+        which: impl KindOf<M>,
         handler: impl FnOnce(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.check()?;
+        let which = which.msg_type();
         if self.is_expected(which) {
             return Ok(false);
         }
@@ -114,10 +148,11 @@ where
     /// once, in the order they were sent. `Ok(false)` if `which` is already expected.
     pub fn expect_msgs(
         &mut self,
-        which: MsgType,
+        which: impl KindOf<M>,
         handler: impl FnMut(&mut Channel<M>, MsgIn<M>) + Send + 'static,
     ) -> Result<bool, Error> {
         self.check()?;
+        let which = which.msg_type();
         if self.is_expected(which) {
             return Ok(false);
         }
@@ -139,9 +174,9 @@ where
 
     /// Stops [`expect_msgs`](Channel::expect_msgs) for `which`; later ones are cached again.
     /// Returns whether it was expected.
-    pub fn undo_expect_msgs(&mut self, which: MsgType) -> Result<bool, Error> {
+    pub fn undo_expect_msgs(&mut self, which: impl KindOf<M>) -> Result<bool, Error> {
         self.check()?;
-        Ok(self.expect_many.remove(&which.0).is_some())
+        Ok(self.expect_many.remove(&which.msg_type().0).is_some())
     }
 
     fn is_expected(&self, which: MsgType) -> bool {
@@ -151,14 +186,17 @@ where
     /// The sync_io way to expect one message: the oldest cached message of type `which`, if
     /// any, handed back directly (no handler); `None` if none is cached (then register with
     /// [`expect_msg`](Channel::expect_msg) to get the next one).
-    pub fn take_cached(&mut self, which: MsgType) -> Result<Option<MsgIn<M>>, Error> {
+    pub fn take_cached(&mut self, which: impl KindOf<M>) -> Result<Option<MsgIn<M>>, Error> {
         self.check()?;
-        Ok(self.cache.get_mut(&which.0).and_then(VecDeque::pop_front))
+        Ok(self
+            .cache
+            .get_mut(&which.msg_type().0)
+            .and_then(VecDeque::pop_front))
     }
 
     /// Messages of type `which` waiting in the cache.
-    pub fn cached(&self, which: MsgType) -> usize {
-        self.cache.get(&which.0).map_or(0, VecDeque::len)
+    pub fn cached(&self, which: impl KindOf<M>) -> usize {
+        self.cache.get(&which.msg_type().0).map_or(0, VecDeque::len)
     }
 
     /// Called with each response nothing expected (after it is dropped from dispatch).
@@ -170,10 +208,11 @@ where
     }
 
     /// Called with the id of each of our messages that the peer received as an unexpected
-    /// response.
+    /// response, and the peer's description of it (e.g. `"sumResponse 7 answers message 3,
+    /// which expects no response (any more)"`; at most 512 bytes).
     pub fn set_remote_unexpected_response_handler(
         &mut self,
-        handler: impl FnMut(u64) + Send + 'static,
+        handler: impl FnMut(u64, &str) + Send + 'static,
     ) {
         self.on_remote_unexpected = Some(Box::new(handler));
     }
@@ -188,6 +227,9 @@ where
     pub fn unset_remote_unexpected_response_handler(&mut self) {
         self.on_remote_unexpected = None;
     }
+}
+
+impl<M: Owned> Channel<M> {
     /// Stops expecting responses to `req` like
     /// [`undo_expect_responses`](Channel::undo_expect_responses), and drops any that still
     /// arrive quietly (for a request whose waiter gave up: not unexpected responses).

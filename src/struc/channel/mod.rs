@@ -20,8 +20,6 @@ use std::hash::BuildHasherDefault;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use capnp::dynamic_value;
-use capnp::introspect::Introspect;
 use capnp::traits::Owned;
 
 use self::expect::{ByType, IdHasher, TimedOut};
@@ -54,6 +52,8 @@ struct Request<M: Owned> {
     queued: VecDeque<MsgIn<M>>,
 }
 type OneOff<M> = Box<dyn FnOnce(&mut Channel<M>, MsgIn<M>) + Send>;
+type RemoteUnexpected = Box<dyn FnMut(u64, &str) + Send>;
+type PeerEnd<M> = Box<dyn FnOnce(&mut Channel<M>) + Send>;
 
 /// A structured channel of root type `M` (see the [module docs](super)).
 pub struct Channel<M: Owned> {
@@ -79,7 +79,10 @@ pub struct Channel<M: Owned> {
     /// Requests whose `sync_request` timed out: their late responses are dropped quietly.
     timed_out: TimedOut,
     on_unexpected: Option<Handler<M>>,
-    on_remote_unexpected: Option<Box<dyn FnMut(u64) + Send>>,
+    on_remote_unexpected: Option<RemoteUnexpected>,
+    /// The peer ended its sending, and everything it sent before has been dispatched.
+    peer_ended: bool,
+    on_peer_end: Option<PeerEnd<M>>,
 }
 
 impl<M: Owned> fmt::Debug for Channel<M> {
@@ -88,6 +91,7 @@ impl<M: Owned> fmt::Debug for Channel<M> {
             .field("msgs", &self.msgs)
             .field("started", &self.started)
             .field("hosed", &self.hosing.is_hosed())
+            .field("peer_ended", &self.peer_ended)
             .field("pending_requests", &self.requests.len())
             .field(
                 "cached",
@@ -103,11 +107,7 @@ impl<M: Owned> fmt::Debug for Channel<M> {
     }
 }
 
-impl<M> Channel<M>
-where
-    M: Owned + Introspect,
-    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
-{
+impl<M: Owned> Channel<M> {
     /// Takes over an unstructured channel; new messages use `backing`. Fails with
     /// [`Error::NoRootUnion`] if `M` has no anonymous union at its root.
     pub fn new(chan: transport::Channel, backing: Backing) -> Result<Self, Error> {
@@ -140,6 +140,8 @@ where
             timed_out: TimedOut::default(),
             on_unexpected: None,
             on_remote_unexpected: None,
+            peer_ended: false,
+            on_peer_end: None,
         })
     }
 
@@ -260,21 +262,35 @@ where
         }
     }
 
-    /// [`process_ready`](Channel::process_ready) for a caller that handles a hosing error
-    /// itself: it is returned (once; `Hosed` after), not handed to `on_error`.
-    pub(crate) fn process_ready_returning(&mut self) -> Result<(), Error> {
-        self.check_started()?;
-        while self.step(Some(Duration::ZERO))? {}
-        Ok(())
+    /// Its transport's keep-alive: `(auto_ping, idle_timeout)` (see
+    /// [`transport::Channel::keep_alive`]).
+    pub fn keep_alive(&self) -> (Option<Duration>, Option<Duration>) {
+        self.msgs.channel_ref().keep_alive()
     }
 
-    /// Waits for and handles messages for `duration` (a blocking user's event loop).
+    /// Changes its transport's keep-alive (see [`transport::Channel::set_keep_alive`]): a
+    /// peer silent for `idle_timeout` then hoses the channel with the transport's
+    /// [`IdleTimeout`](transport::Error::IdleTimeout), reported once.
+    pub fn set_keep_alive(&mut self, auto_ping: Option<Duration>, idle_timeout: Option<Duration>) {
+        self.msgs.channel().set_keep_alive(auto_ping, idle_timeout)
+    }
+
+    /// Receives and dispatches the next event that has arrived, if any, without waiting:
+    /// `Ok(false)` if none had (for callers that look for what an event brought after each
+    /// one, before reading on to a close behind it). Hosing errors are returned (not given to `on_error`).
+    pub(crate) fn step_ready(&mut self) -> Result<bool, Error> {
+        self.check_started()?;
+        self.step(Some(Duration::ZERO))
+    }
+
+    /// Waits for and handles messages for `duration` (a blocking user's event loop); returns
+    /// early, `Ok`, once the peer has ended its sending (nothing more can come).
     pub fn run_for(&mut self, duration: Duration) -> Result<(), Error> {
         self.check_started()?;
         let deadline = Instant::now() + duration;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || self.peer_ended {
                 return Ok(());
             }
             if let Err(e) = self.step_inner(Some(left)) {
@@ -284,14 +300,50 @@ where
     }
 
     /// Ends sending gracefully: everything sent so far goes out, then the peer learns of the
-    /// end ([`transport::Error::EndOfStream`], hosing on its side, reported once). Later sends
-    /// fail with the transport's `SendingEnded`. [`is_send_done`](Channel::is_send_done) tells
-    /// when it is all written; [`flush`](Channel::flush) pushes it along.
+    /// end (its [`is_peer_ended`](Channel::is_peer_ended) turns true and its peer-end handler
+    /// runs, after every message sent before: no error on its side). Later sends fail with the
+    /// transport's `SendingEnded`; receiving goes on. [`is_send_done`](Channel::is_send_done)
+    /// tells when it is all written; [`flush`](Channel::flush) pushes it along, and
+    /// [`end_sending_blocking`](Channel::end_sending_blocking) waits for it.
     pub fn end_sending(&mut self) -> Result<(), Error> {
         self.check()?;
         match self.msgs.channel().end_sending() {
             Ok(()) => Ok(()),
             Err(e) => Err(self.hose(e.into())),
+        }
+    }
+
+    /// [`end_sending`](Channel::end_sending) (unless called before), then waits up to
+    /// `timeout` (`None`: no limit) until the end and everything before it are written:
+    /// `Ok(true)` then, `Ok(false)` at the timeout (the rest stays queued: call again, or
+    /// [`flush`](Channel::flush)). It does not receive meanwhile (a peer blocked sending to
+    /// this side while its own socket is full would wait too: run the poll loop instead).
+    pub fn end_sending_blocking(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        self.check()?;
+        match self.msgs.channel().end_sending_blocking(timeout) {
+            Ok(done) => Ok(done),
+            Err(e) => Err(self.hose(e.into())),
+        }
+    }
+
+    /// Whether the peer ended its sending (its [`end_sending`](Channel::end_sending)) and
+    /// every message it sent before has been dispatched: the graceful end, not an error. Nothing
+    /// more will be received ([`run`](Channel::run) returns `Ok`, the fd is no longer watched
+    /// for reading); requests still waiting for a response fail with [`Error::PeerEnded`] (a
+    /// `sync_request`) or are dropped (an `async_request`'s handler); sending goes on.
+    pub fn is_peer_ended(&self) -> bool {
+        self.peer_ended
+    }
+
+    /// Sets the handler of the peer's graceful end: it runs once, inside the receive that meets
+    /// the end (after every message sent before it was dispatched), with the channel to answer
+    /// or end its own sending. If the peer has ended already, it runs at once, inside this
+    /// call. Never called for a hosing error (that goes to `on_error`).
+    pub fn set_peer_end_handler(&mut self, handler: impl FnOnce(&mut Channel<M>) + Send + 'static) {
+        if self.peer_ended {
+            handler(self);
+        } else {
+            self.on_peer_end = Some(Box::new(handler));
         }
     }
 
@@ -337,11 +389,16 @@ where
         self.msgs.channel().wants_write()
     }
 
-    /// Handles messages until the channel is hosed (a server's loop); returns that error the
-    /// way [`process_ready`](Channel::process_ready) does. Each wait is one blocking `recvmsg`.
+    /// Handles messages until the peer ends its sending (`Ok`: the graceful end, see
+    /// [`is_peer_ended`](Channel::is_peer_ended)) or the channel is hosed (that error, returned
+    /// the way [`process_ready`](Channel::process_ready) does): a server's loop. Each wait is
+    /// one blocking receive.
     pub fn run(&mut self) -> Result<(), Error> {
         self.check_started()?;
         loop {
+            if self.peer_ended {
+                return Ok(());
+            }
             if let Err(e) = self.step_inner(None) {
                 return Err(self.report(e));
             }
@@ -349,11 +406,7 @@ where
     }
 }
 
-impl<M> Pollable for Channel<M>
-where
-    M: Owned + Introspect,
-    for<'a> M::Reader<'a>: Into<dynamic_value::Reader<'a>>,
-{
+impl<M: Owned> Pollable for Channel<M> {
     type Error = Error;
 
     /// The transport's, except that the socket is watched for reading only once

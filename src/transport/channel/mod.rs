@@ -77,8 +77,11 @@ pub struct Channel {
     hosing: Hosing,
     /// `end_sending` was called.
     ended: bool,
-    /// The END frame is written and the socket shut down for writing.
+    /// The END frame is written (and, on the socket kind, the socket shut down for writing).
     send_done: bool,
+    /// The peer's END frame was received: every frame it sent has been delivered, and
+    /// receiving is over (not an error: see [`is_peer_ended`](Channel::is_peer_ended)).
+    peer_ended: bool,
     /// Bytes written to the socket so far (headers included).
     written: u64,
     last_tx: Instant,
@@ -108,6 +111,7 @@ impl fmt::Debug for Channel {
             .field("hosed", &self.hosing.is_hosed())
             .field("sending_ended", &self.ended)
             .field("send_done", &self.send_done)
+            .field("peer_ended", &self.peer_ended)
             .field("kind", &self.cfg.kind)
             .field("config", &self.cfg)
             .finish_non_exhaustive()
@@ -170,6 +174,7 @@ impl Channel {
             hosing: Hosing::default(),
             ended: false,
             send_done: false,
+            peer_ended: false,
             written: 0,
             last_tx: now,
             last_rx: now,
@@ -191,6 +196,24 @@ impl Channel {
     /// The configuration.
     pub fn config(&self) -> &ChannelConfig {
         &self.cfg
+    }
+
+    /// The keep-alive now: `(auto_ping, idle_timeout)` (see
+    /// [`ChannelConfig::with_auto_ping`] and [`ChannelConfig::with_idle_timeout`]).
+    pub fn keep_alive(&self) -> (Option<Duration>, Option<Duration>) {
+        (self.cfg.auto_ping, self.cfg.idle_timeout)
+    }
+
+    /// Changes the keep-alive (`None`: off). Both periods count from this call: the first ping
+    /// goes out `auto_ping` from now if nothing is sent meanwhile, and the idle timeout needs
+    /// `idle_timeout` of silence from now. A poll loop should ask for the
+    /// [`interest`](crate::poll::Pollable::interest) again (its deadline moved).
+    pub fn set_keep_alive(&mut self, auto_ping: Option<Duration>, idle_timeout: Option<Duration>) {
+        let now = Instant::now();
+        self.cfg.auto_ping = auto_ping;
+        self.cfg.idle_timeout = idle_timeout;
+        self.last_tx = now;
+        self.last_rx = now;
     }
 
     /// Whether a hosing error ended the channel.
@@ -255,10 +278,14 @@ impl Channel {
         }
     }
 
-    /// The END frame is out: no more writing on this socket.
+    /// The END frame is out: no more writing on this socket. A ring or queue channel leaves
+    /// its socket open for writing: it still rings the peer's doorbell there when it makes room
+    /// in the peer's ring (the peer may go on sending after our end).
     fn finish_sending(&mut self) {
-        // The peer may be gone already; there is nothing left to do about that here.
-        let _ = self.sock.shutdown(Shutdown::Write);
+        if self.link.is_none() {
+            // The peer may be gone already; there is nothing left to do about that here.
+            let _ = self.sock.shutdown(Shutdown::Write);
+        }
         self.send_done = true;
     }
 
@@ -348,8 +375,9 @@ impl Channel {
     /// Ends the sending side gracefully: queues an END frame after everything sent so far (and
     /// writes it if it can). Later sends fail with [`Error::SendingEnded`]; once the END frame
     /// is written the socket is shut down for writing ([`is_send_done`](Channel::is_send_done)).
-    /// The peer receives every earlier frame, then [`Error::EndOfStream`]. Receiving on this
-    /// channel goes on.
+    /// The peer receives every earlier frame, then the end: its receives answer `Ok(None)`
+    /// from then on and its [`is_peer_ended`](Channel::is_peer_ended) is true (not an error;
+    /// it may go on sending to this side). Receiving on this channel goes on.
     pub fn end_sending(&mut self) -> Result<(), Error> {
         self.hosing.check::<Error>()?;
         if self.ended {
@@ -357,6 +385,17 @@ impl Channel {
         }
         self.ended = true;
         self.submit(FLAG_END, OutFrame::new(&[]), Kind::End)
+    }
+
+    /// [`end_sending`](Channel::end_sending) (unless called before), then waits up to `timeout`
+    /// (`None`: no limit) for the END frame and everything before it to be written, like
+    /// [`flush_blocking`](Channel::flush_blocking): `Ok(true)` once written, `Ok(false)` at the
+    /// timeout (the rest stays queued; call again, or [`flush`](Channel::flush)).
+    pub fn end_sending_blocking(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        if !self.ended {
+            self.end_sending()?;
+        }
+        self.flush_blocking(timeout)
     }
 
     /// Whether [`end_sending`](Channel::end_sending) was called.
@@ -371,11 +410,11 @@ impl Channel {
 
     // -- receiving ------------------------------------------------------------------------
 
-    /// Receives the next frame if one is complete, without blocking (`Ok(None)`: nothing yet).
-    /// Keep-alive pings are consumed here.
+    /// Receives the next frame if one is complete, without blocking (`Ok(None)`: nothing yet,
+    /// or nothing ever again once the peer ended its sending: see
+    /// [`is_peer_ended`](Channel::is_peer_ended)). Keep-alive pings are consumed here.
     ///
-    /// Hosing errors: [`Error::EndOfStream`] (after every frame the peer sent before ending),
-    /// [`Error::PeerGone`], [`Error::Reset`], [`Error::Truncated`], [`Error::BadFrame`],
+    /// Hosing errors: [`Error::PeerGone`], [`Error::Reset`], [`Error::Truncated`], [`Error::BadFrame`],
     /// [`Error::FrameTooLarge`], [`Error::UnexpectedFd`], [`Error::MissingFd`],
     /// [`Error::TooManyFds`], [`Error::Io`].
     pub fn try_recv(&mut self) -> Result<Option<Frame>, Error> {
@@ -392,6 +431,9 @@ impl Channel {
     /// After the hello, the data socket is read with plain `recv` (no control buffer: cheaper
     /// in the kernel than `recvmsg`); fds come from the side socket (see `Rx::take_fd`).
     fn recv_inner(&mut self, wait: bool) -> Result<Option<Frame>, Error> {
+        if self.peer_ended {
+            return Ok(None);
+        }
         if !self.rx.hello_done {
             if let Some(link) = &self.link {
                 link.settle();
@@ -424,7 +466,12 @@ impl Channel {
                 match self.rx.parse(self.cfg.max_frame, self.cfg.fds)? {
                     Some(Parsed::Frame(f)) => return Ok(Some(f)),
                     Some(Parsed::Ping) | Some(Parsed::BigStarted) => continue,
-                    Some(Parsed::End) => return Err(Error::EndOfStream),
+                    Some(Parsed::End) => {
+                        self.peer_ended = true;
+                        // Nothing follows the END frame: what the buffer holds is done with.
+                        self.rx.release_buffers();
+                        return Ok(None);
+                    }
                     None => {}
                 }
             }
@@ -451,9 +498,11 @@ impl Channel {
         if self.hosing.is_hosed() {
             return None;
         }
+        // Nothing arrives after the peer's end: the idle timeout no longer applies.
         let idle = self
             .cfg
             .idle_timeout
+            .filter(|_| !self.peer_ended)
             .and_then(|t| self.last_rx.checked_add(t));
         let ping = if self.ended {
             None
@@ -472,7 +521,7 @@ impl Channel {
     /// socket count as received). Early calls do nothing.
     pub fn on_timer(&mut self, now: Instant) -> Result<(), Error> {
         self.hosing.check::<Error>()?;
-        if let Some(idle) = self.cfg.idle_timeout {
+        if let Some(idle) = self.cfg.idle_timeout.filter(|_| !self.peer_ended) {
             if now.saturating_duration_since(self.last_rx) >= idle {
                 let mut p = [PollFd::new(self.sock.as_fd(), true, false)];
                 let pending = match sys::poll(&mut p, Some(Duration::ZERO)) {
@@ -504,8 +553,19 @@ impl Channel {
 
     // -- blocking conveniences ------------------------------------------------------------
 
+    /// Whether the peer ended its sending ([`end_sending`](Channel::end_sending) on its side)
+    /// and its END frame has been received: every frame it sent before has been delivered,
+    /// nothing more will come, and receives answer `Ok(None)` at once. This is the graceful
+    /// end, not an error: the channel is not hosed, and this side may go on sending (and end
+    /// its own sending when done).
+    pub fn is_peer_ended(&self) -> bool {
+        self.peer_ended
+    }
+
     /// Waits (`poll`) for the next frame, at most `timeout` (`None`: no limit); `Ok(None)` on
-    /// timeout. While waiting it keeps flushing the send queue and runs the timers, so two
+    /// timeout, or at once when the peer has ended its sending
+    /// ([`is_peer_ended`](Channel::is_peer_ended); with no timeout, that is the only `None`).
+    /// While waiting it keeps flushing the send queue and runs the timers, so two
     /// peers that flood each other while receiving this way never deadlock.
     pub fn recv_blocking(&mut self, timeout: Option<Duration>) -> Result<Option<Frame>, Error> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
@@ -525,6 +585,9 @@ impl Channel {
             self.run_due_timers()?;
             if let Some(f) = self.try_recv()? {
                 return Ok(Some(f));
+            }
+            if self.peer_ended {
+                return Ok(None);
             }
             if self.wants_write() {
                 self.flush()?;
@@ -651,15 +714,17 @@ impl Channel {
 impl Pollable for Channel {
     type Error = Error;
 
-    /// The socket for reading (until hosed), the `write_fd` for writing
-    /// while [`wants_write`](Channel::wants_write), the [`next_deadline`](Channel::next_deadline).
+    /// The socket for reading (until hosed, or until the peer ended its sending), the
+    /// `write_fd` for writing while [`wants_write`](Channel::wants_write), the
+    /// [`next_deadline`](Channel::next_deadline).
     fn interest(&self) -> Interest<'_> {
         if self.hosing.is_hosed() {
             return Interest::none();
         }
+        let reading = !self.peer_ended;
         let Some(link) = &self.link else {
             return Interest::new(
-                Some(self.sock.as_fd()),
+                reading.then(|| self.sock.as_fd()),
                 self.wants_write().then(|| self.write_fd()),
                 self.next_deadline(),
             );
@@ -680,7 +745,10 @@ impl Pollable for Channel {
         } else {
             write
         };
-        Interest::new(Some(read), write, deadline)
+        // Once the peer ended, the socket still brings a ring's wake-ups for room (while a
+        // send waits for it); nothing else is read.
+        let read = (reading || (writing && write.is_none())).then_some(read);
+        Interest::new(read, write, deadline)
     }
 
     /// Runs the due timers and writes what the socket takes; receiving is

@@ -199,6 +199,14 @@ impl Rx {
         Ok(true)
     }
 
+    /// Frees the receive buffer (nothing more will be read: the peer ended its sending).
+    pub(super) fn release_buffers(&mut self) {
+        self.buf = Vec::new();
+        self.start = 0;
+        self.end = 0;
+        self.big = None;
+    }
+
     /// The error for end of stream now.
     pub(super) fn eof_error(&self) -> Error {
         if let Some(b) = &self.big {

@@ -1,5 +1,7 @@
-//! The one library thread of a process: it drives every async face's core (transport and
-//! structured `AsyncChannel`s, sessions, the session server) through one contract, [`Source`].
+//! The reactors: the one library thread of a process, which drives every async face's core
+//! (transport and structured `AsyncChannel`s, sessions, the session server) through one
+//! contract, [`Source`]; and threadless reactors with the same sources, which their owner drives
+//! (a sync_io session in a user's poll loop, the tokio face): see [`threadless`](Reactor::threadless).
 //!
 //! A registered source is only ever called through [`Source::on_ready`], on the reactor thread,
 //! one source at a time. `on_ready` does whatever work is ready without blocking, runs the
@@ -25,6 +27,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, ThreadId};
+
+mod driven;
+pub(crate) use driven::Driven;
 use std::time::{Duration, Instant};
 
 use crate::poll::Interest;
@@ -95,70 +100,90 @@ impl Entry {
 struct Table {
     entries: HashMap<u64, Entry>,
     next_token: u64,
-    /// The sources whose `on_ready` runs now: more than one in nested rounds (a handler of
-    /// the last one waits, see [`nested_until`]).
-    running: Vec<u64>,
+    /// The sources whose `on_ready` runs now, and on which thread: more than one in nested
+    /// rounds (a handler of the last one waits, see [`Reactor::nested_until`]), or when several
+    /// threads drive a threadless reactor.
+    running: Vec<(u64, ThreadId)>,
+    /// Drops waiting for a turn to end (see `turn_done`).
+    dropping: usize,
+    /// The fds some source waits for changed since a threadless reactor's set was mirrored
+    /// (a source came, went, or wants other fds).
+    fds_changed: bool,
 }
 
-/// The process's reactor (see the module docs).
+impl Table {
+    fn is_running(&self, token: u64) -> bool {
+        self.running.iter().any(|&(t, _)| t == token)
+    }
+}
+
+/// A reactor (see the module docs): the process's library thread, or a threadless one.
 pub(crate) struct Reactor {
     table: Mutex<Table>,
     /// Signalled each time an `on_ready` returns (for drops waiting on it).
     turn_done: Condvar,
     waker: Waker,
-    thread: ThreadId,
+    /// A wake-up was sent since the waker was last drained (a threadless reactor's `drive`
+    /// drains it only then).
+    woken: std::sync::atomic::AtomicBool,
+    /// The library thread, which drives this reactor for good; `None`: a threadless reactor,
+    /// driven by its owner (and by the blocking calls made on its sources).
+    thread: Option<ThreadId>,
+    /// A threadless reactor's one fd for its owner's poll loop.
+    driven: Option<Driven>,
 }
 
-/// The reactor of this process, started at the first call (a forked child starts its own: the
-/// parent's thread does not exist in it).
-pub(crate) fn get() -> std::io::Result<&'static Reactor> {
-    static REACTOR: Mutex<Option<(u32, &'static Reactor)>> = Mutex::new(None);
+/// The reactor of this process with its library thread, started at the first call (a forked
+/// child starts its own: the parent's thread does not exist in it).
+pub(crate) fn get() -> std::io::Result<Arc<Reactor>> {
+    static REACTOR: Mutex<Option<(u32, Arc<Reactor>)>> = Mutex::new(None);
     let mut r = lock(&REACTOR);
-    match *r {
-        Some((pid, reactor)) if pid == std::process::id() => Ok(reactor),
+    match &*r {
+        Some((pid, reactor)) if *pid == std::process::id() => Ok(reactor.clone()),
         _ => {
             let reactor = start()?;
-            *r = Some((std::process::id(), reactor));
+            *r = Some((std::process::id(), reactor.clone()));
             Ok(reactor)
         }
     }
 }
 
-fn start() -> std::io::Result<&'static Reactor> {
+fn start() -> std::io::Result<Arc<Reactor>> {
     let waker = Waker::new()?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<&'static Reactor>(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Reactor>>(1);
     let thread = thread::Builder::new()
         .name("flowipc-reactor".into())
         .spawn(move || {
             if let Ok(r) = rx.recv() {
-                ON_REACTOR.with(|c| c.set(true));
                 r.run()
             }
         })?;
-    // Lives as long as the process: its thread runs for good.
-    let reactor: &'static Reactor = Box::leak(Box::new(Reactor {
+    // Lives as long as the process: its thread runs for good (and holds it).
+    let reactor = Arc::new(Reactor {
         table: Mutex::new(Table::default()),
         turn_done: Condvar::new(),
         waker,
-        thread: thread.thread().id(),
-    }));
-    let _ = tx.send(reactor);
+        woken: Default::default(),
+        thread: Some(thread.thread().id()),
+        driven: None,
+    });
+    let _ = tx.send(reactor.clone());
     Ok(reactor)
 }
 
-/// Whether the caller runs on a reactor thread (inside some source's `on_ready`, so inside a
-/// user's handler): waiting there for something the reactor must do would wait forever.
-pub(crate) fn on_reactor_thread() -> bool {
-    ON_REACTOR.with(|c| c.get())
-}
-
-thread_local! {
-    static ON_REACTOR: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// A number of the calling thread's own, never 0 (for "this thread runs that turn" flags).
+pub(crate) fn thread_tag() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TAG: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TAG.with(|t| *t)
 }
 
 /// A source's place in the reactor; dropping it takes the source out (see the module docs).
 pub(crate) struct Registration {
-    reactor: &'static Reactor,
+    reactor: Arc<Reactor>,
     token: u64,
     /// The process that registered it: a forked child inherits the registration, not the
     /// thread (whose table it must not touch: its lock may have been held at the fork).
@@ -178,8 +203,46 @@ impl Reactor {
         lock(&self.table)
     }
 
+    /// A reactor without a thread: its owner drives it ([`drive`](Reactor::drive) when the fd
+    /// of [`interest`](Reactor::interest) is ready or its deadline passes), and so does every
+    /// blocking call made on one of its sources, from whatever thread (see
+    /// [`must_drive`](Reactor::must_drive)). Several threads may drive it at once: each
+    /// source still runs one turn at a time.
+    pub(crate) fn threadless() -> std::io::Result<Arc<Reactor>> {
+        let waker = Waker::new()?;
+        let driven = Driven::new(&waker)?;
+        Ok(Arc::new(Reactor {
+            table: Mutex::new(Table::default()),
+            turn_done: Condvar::new(),
+            waker,
+            woken: Default::default(),
+            thread: None,
+            driven: Some(driven),
+        }))
+    }
+
+    /// Wakes whoever waits on the reactor (its thread, or its owner's loop).
+    fn wake(&self) {
+        // The byte first, then the flag: a `drive` that sees the flag finds the byte (one
+        // that comes between the two leaves the byte, and the readable fd brings the owner
+        // back to a drive that sees the flag; never a byte with the flag down for good).
+        self.waker.wake();
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a blocking call on the calling thread must run this reactor's turns itself while
+    /// it waits: the reactor has no thread, or the caller is its thread (a handler waiting).
+    pub(crate) fn must_drive(&self) -> bool {
+        self.thread.map_or(true, |t| t == thread::current().id())
+    }
+
+    /// Whether the reactor has a thread of its own (the library thread).
+    pub(crate) fn is_threaded(&self) -> bool {
+        self.thread.is_some()
+    }
+
     /// Adds `source`; its `on_ready` runs at once.
-    pub(crate) fn register(&'static self, source: Arc<dyn Source>) -> Registration {
+    pub(crate) fn register(self: &Arc<Self>, source: Arc<dyn Source>) -> Registration {
         let mut t = self.table();
         let token = t.next_token;
         t.next_token += 1;
@@ -191,17 +254,18 @@ impl Reactor {
                 due: true,
             },
         );
+        t.fds_changed = true;
         drop(t);
-        self.waker.wake();
+        self.wake();
         Registration {
-            reactor: self,
+            reactor: self.clone(),
             token,
             pid: std::process::id(),
         }
     }
 
     /// The reactor thread: runs the sources that are due, one at a time, then polls; for good.
-    fn run(&'static self) {
+    fn run(&self) {
         let mut scratch = Scratch::default();
         loop {
             self.run_due(&mut scratch);
@@ -219,7 +283,7 @@ impl Reactor {
                 entries, running, ..
             } = &*t;
             for (&token, e) in entries.iter() {
-                if running.contains(&token) {
+                if running.iter().any(|&(t, _)| t == token) {
                     continue;
                 }
                 if e.is_due(now) {
@@ -244,7 +308,7 @@ impl Reactor {
             let mut deadline = until;
             let mut pending = false;
             for (&token, e) in t.entries.iter() {
-                if t.running.contains(&token) {
+                if t.is_running(token) {
                     continue;
                 }
                 pending |= e.due;
@@ -265,6 +329,8 @@ impl Reactor {
         match sys::poll_raw(&mut s.fds, timeout) {
             Ok(_) => {
                 if s.fds[0].ready().any() {
+                    self.woken
+                        .store(false, std::sync::atomic::Ordering::Release);
                     self.waker.drain();
                 }
                 let mut t = self.table();
@@ -301,7 +367,7 @@ impl Reactor {
                 }
                 _ => return,
             };
-            t.running.push(token);
+            t.running.push((token, thread::current().id()));
             source
         };
         let wait = catch_unwind(AssertUnwindSafe(|| source.on_ready()));
@@ -309,13 +375,28 @@ impl Reactor {
         let mut t = self.table();
         let gone = match wait {
             Ok(wait) => {
+                let mut changed = false;
                 if let Some(e) = t.entries.get_mut(&token) {
+                    changed = e.wait.fds != wait.fds;
                     e.wait = wait;
+                }
+                if changed {
+                    t.fds_changed = true;
+                }
+                // A threadless reactor's turn outside its owner's `drive` (a blocking call's
+                // nested round, on any thread): what the owner's loop waits on may be stale
+                // (new fds, a new deadline, a notification the owner's drive skipped while
+                // this turn ran), so it must look again.
+                if self.driven.is_some() && !driven::in_drive(self) {
+                    self.wake();
                 }
                 None
             }
             // A user's handler panicked: only its own source stops.
-            Err(_) => t.entries.remove(&token),
+            Err(_) => {
+                t.fds_changed = true;
+                t.entries.remove(&token)
+            }
         };
         drop(t);
         if let Some(e) = &gone {
@@ -325,8 +406,14 @@ impl Reactor {
         // Outside the table's lock (the source's drop may take locks of its own), and before
         // the turn is marked over.
         drop(gone);
-        self.table().running.retain(|&r| r != token);
-        self.turn_done.notify_all();
+        let me = thread::current().id();
+        let mut t = self.table();
+        t.running.retain(|&r| r != (token, me));
+        // (Under the lock, which a drop holds from its look at `running` to its wait: no
+        // wake-up is lost. Without waiters, no system call.)
+        if t.dropping > 0 {
+            self.turn_done.notify_all();
+        }
     }
 }
 
@@ -343,35 +430,39 @@ struct Scratch {
 /// run the others' turns (it gives up at once, as at its deadline).
 const MAX_NESTING: usize = 16;
 
-/// For a blocking call made on the reactor thread (from a handler): runs the reactor's other
-/// sources until `done()` or `deadline`, whichever is first, so that what the call waits for
-/// (a response, from a peer served by this very thread perhaps) can arrive; returns the last
-/// `done()`. The sources whose turns are running further up the stack are left out (their
-/// state is locked by those turns), so a call waiting on its own channel from that channel's
-/// handler waits out its deadline.
-pub(crate) fn nested_until(mut done: impl FnMut() -> bool, deadline: Option<Instant>) -> bool {
-    debug_assert!(on_reactor_thread());
-    let Ok(reactor) = get() else {
-        return done();
-    };
-    if reactor.table().running.len() > MAX_NESTING {
-        // Handlers waiting inside handlers, this deep: refuse rather than grow the stack.
-        return done();
-    }
-    let mut scratch = Scratch::default();
-    loop {
-        if done() {
-            return true;
+impl Reactor {
+    /// For a blocking call that must drive this reactor ([`must_drive`](Reactor::must_drive):
+    /// made on its thread from a handler, or on any thread for a threadless reactor): runs the
+    /// reactor's sources until `done()` or `deadline`, whichever is first, so that what the
+    /// call waits for (a response, from a peer served by this very reactor perhaps) can arrive;
+    /// returns the last `done()`. The sources whose turns are running (further up the stack, or
+    /// on another thread) are left out (their state is locked by those turns), so a call waiting
+    /// on its own channel from that channel's handler waits out its deadline.
+    pub(crate) fn nested_until(
+        &self,
+        mut done: impl FnMut() -> bool,
+        deadline: Option<Instant>,
+    ) -> bool {
+        debug_assert!(self.must_drive());
+        if self.table().running.len() > MAX_NESTING {
+            // Handlers waiting inside handlers, this deep: refuse rather than grow the stack.
+            return done();
         }
-        if deadline.is_some_and(|d| d <= Instant::now()) {
-            return false;
+        let mut scratch = Scratch::default();
+        loop {
+            if done() {
+                return true;
+            }
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                return false;
+            }
+            self.run_due(&mut scratch);
+            // A turn just run may be what it waits for: check before waiting for more.
+            if done() {
+                return true;
+            }
+            self.poll(&mut scratch, deadline);
         }
-        reactor.run_due(&mut scratch);
-        // A turn just run may be what it waits for: check before waiting for more.
-        if done() {
-            return true;
-        }
-        reactor.poll(&mut scratch, deadline);
     }
 }
 
@@ -387,21 +478,22 @@ impl Registration {
     /// registration there would keep the source registered for good).
     pub(crate) fn notifier(&self) -> Notifier {
         Notifier {
-            reactor: self.reactor,
+            reactor: Arc::downgrade(&self.reactor),
             token: self.token,
         }
     }
 
-    /// Whether the caller is the reactor thread this source runs on.
-    pub(crate) fn on_its_thread(&self) -> bool {
-        thread::current().id() == self.reactor.thread
+    /// The reactor the source is on.
+    pub(crate) fn reactor(&self) -> &Arc<Reactor> {
+        &self.reactor
     }
 }
 
 /// Notifies a source (see [`Registration::notifier`]); does nothing once it is taken out.
-#[derive(Clone, Copy)]
+/// (A weak hold: sources keep notifiers, and a threadless reactor's table keeps its sources.)
+#[derive(Clone)]
 pub(crate) struct Notifier {
-    reactor: &'static Reactor,
+    reactor: std::sync::Weak<Reactor>,
     token: u64,
 }
 
@@ -416,12 +508,15 @@ impl std::fmt::Debug for Notifier {
 impl Notifier {
     /// See [`Registration::notify`].
     pub(crate) fn notify(&self) {
-        let mut t = self.reactor.table();
+        let Some(reactor) = self.reactor.upgrade() else {
+            return;
+        };
+        let mut t = reactor.table();
         if let Some(e) = t.entries.get_mut(&self.token) {
             e.due = true;
         }
         drop(t);
-        self.reactor.waker.wake();
+        reactor.wake();
     }
 }
 
@@ -431,24 +526,30 @@ impl Drop for Registration {
             // Inherited by a forked child: the source never runs here; leave it be.
             return;
         }
-        let on_reactor = self.on_its_thread();
+        // A turn of the source running on this thread (a handler dropping its own channel)
+        // ends by itself; one on another thread is waited for.
+        let me = thread::current().id();
         let mut t = self.reactor.table();
         let gone = t.entries.remove(&self.token);
-        if !on_reactor {
-            while t.running.contains(&self.token) {
+        t.fds_changed = true;
+        if !t.running.contains(&(self.token, me)) {
+            while t.is_running(self.token) {
+                t.dropping += 1;
                 t = self
                     .reactor
                     .turn_done
                     .wait(t)
                     .unwrap_or_else(|e| e.into_inner());
+                t.dropping -= 1;
             }
         }
         drop(t);
         // The source (and its fds) may be dropped here: outside the table's lock.
         drop(gone);
         // The thread may be in `poll` with the source's fds: the kernel holds their files for
-        // the call, so they stay open (the peer sees no end) until it returns. Wake it.
-        self.reactor.waker.wake();
+        // the call, so they stay open (the peer sees no end) until it returns. Wake it. (A
+        // threadless reactor's owner takes the fds out of its set at its next turn.)
+        self.reactor.wake();
     }
 }
 

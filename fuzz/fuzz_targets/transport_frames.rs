@@ -1,0 +1,4 @@
+//! The `transport_frames` target: see `flowipc_fuzz::transport`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(init: flowipc_fuzz::init(), |data: &[u8]| flowipc_fuzz::transport::run_frames(data));
