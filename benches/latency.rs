@@ -33,7 +33,7 @@ fn label(size: usize) -> String {
     match size {
         s if s >= 1 << 30 => format!("{}GiB", s >> 30),
         s if s >= 1 << 20 => format!("{}MiB", s >> 20),
-        s if s >= 1 << 10 => format!("{}KiB", s >> 10),
+        s if s >= 1 << 10 && s % (1 << 10) == 0 => format!("{}KiB", s >> 10),
         s => format!("{s}B"),
     }
 }
@@ -136,16 +136,18 @@ fn inline(c: &mut Criterion) {
     g.sample_size(20);
     g.warm_up_time(Duration::from_secs(1));
     g.measurement_time(Duration::from_secs(2));
-    for size in [
+    let sizes = [
         64,
         512,
         1 << 10,
+        1536,
         2 << 10,
+        3 << 10,
         4 << 10,
         8 << 10,
-        16 << 10,
         32 << 10,
-    ] {
+    ];
+    for size in sizes {
         for (i, (mode, _)) in peer::SEND_MODES.iter().enumerate() {
             g.bench_with_input(BenchmarkId::new(*mode, label(size)), &size, |b, &size| {
                 timed(b, || {

@@ -3,8 +3,9 @@
 //!
 //! The measuring process (client) binds an abstract Unix socket and re-executes its own binary
 //! with [`PEER_ENV`] set; that process (server) connects: a raw socket for the ping-pong floor,
-//! a zero-copy (arena-backed) message channel and a heap (copying) one, two arena-backed ones
-//! that send every message in place and inline ([`Client::send_mode_rtt`]), two structured channels,
+//! a zero-copy (arena-backed, every message in place) message channel and a heap (copying)
+//! one, two arena-backed ones that send every message in place and inline
+//! ([`Client::send_mode_rtt`]), two structured channels (default inline limit),
 //! and a sink that reads and drops what the client sends ([`Client::sink`]). Like
 //! Flow-IPC's perf_demo, a request names a size and the response carries that many bytes in
 //! 16 KiB parts (`GetCacheRsp.fileParts`). The server builds each size's response once and
@@ -170,7 +171,7 @@ pub fn serve_if_peer() {
                     shm_queue,
                     Backing::Shm(arena),
                     kind_config(ChannelKind::ShmQueue, WaitPolicy::default()),
-                    flowipc::msg::DEFAULT_INLINE_MAX,
+                    0,
                 )
             }
         }),
@@ -261,8 +262,10 @@ fn serve_spin(s: UnixStream) {
     }
 }
 
+/// Serves round trips; an arena-backed channel sends every response in place, however small
+/// (the zero-copy figures are of the handle path, as their names say).
 fn serve_msgs(s: UnixStream, backing: Backing) {
-    serve_msgs_with(s, backing, config(), flowipc::msg::DEFAULT_INLINE_MAX)
+    serve_msgs_with(s, backing, config(), 0)
 }
 
 fn serve_msgs_with(s: UnixStream, backing: Backing, cfg: ChannelConfig, inline: usize) {
@@ -402,7 +405,7 @@ pub fn start() -> Client {
         .expect("send the spin words");
     Client {
         raw,
-        shm: MsgChannel::new(chan(shm, config()), Backing::Shm(arena.clone())),
+        shm: MsgChannel::new(chan(shm, config()), Backing::Shm(arena.clone())).with_inline_max(0),
         heap: MsgChannel::new(chan(heap, config()), Backing::Heap),
         struc_shm: structured(struc_shm, Backing::Shm(arena.clone()), config()),
         struc_heap: structured(struc_heap, Backing::Heap, config()),
@@ -417,10 +420,11 @@ pub fn start() -> Client {
                 kind_config(ChannelKind::ShmQueue, WaitPolicy::default()),
             ),
             Backing::Shm(arena.clone()),
-        ),
+        )
+        .with_inline_max(0),
         spin,
         spin_seq: 0,
-        sink: MsgChannel::new(chan(sink, config()), Backing::Heap),
+        sink: MsgChannel::new(chan(sink, config()), Backing::Heap).with_inline_max(0),
         struc_spare: Some(
             struc::Channel::new(chan(spare, config()), Backing::Shm(arena.clone()))
                 .expect("struc channel"),

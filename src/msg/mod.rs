@@ -8,9 +8,9 @@
 //! (for a one-segment message, the segment block itself); the last one dropped, in whichever
 //! process, frees every segment.
 //!
-//! A small arena-backed message (up to 4 KiB by default, see
-//! [`MsgChannel::with_inline_max`]) is copied into its frame instead: below that size the copy
-//! costs less than the handle, and a message waiting for a peer that does not read holds only
+//! A small arena-backed message (up to 1.5 KiB by default, see
+//! [`MsgChannel::with_inline_max`]) is copied into its frame instead: up to that size the copy
+//! costs what the handle does, and a message waiting for a peer that does not read holds only
 //! its bytes, no arena block.
 //!
 //! A sent message is *frozen* while a receiver holds it: writing to the `MsgOut` again copies it

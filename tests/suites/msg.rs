@@ -866,3 +866,60 @@ fn a_many_segment_message_that_never_left_is_freed_whole() {
     assert_eq!(arena.stats().blocks_in_use, 0, "segments leaked");
     drop(rx);
 }
+
+/// Small arena-backed messages go inline (copied into the frame: no freeze, no arena block held
+/// while they wait, not zero-copy there); larger ones in place; a limit of 0 sends every one in
+/// place, and a message the arena could not hold still goes inline if it is small.
+#[test]
+fn small_arena_messages_go_inline_larger_ones_in_place() {
+    let arena = Arena::create(ArenaConfig::new().pool_size(16 << 20)).unwrap();
+    let (a, b) = Channel::pair(channel_config()).unwrap();
+    let mut tx = Chan::new(a, Backing::Shm(arena.clone()));
+    let mut rx = Chan::new(b, Backing::Heap);
+    assert_eq!(tx.inline_max(), flowipc::msg::DEFAULT_INLINE_MAX);
+    // Small: a POSIX queue holds 8 messages, so no more wait unread.
+    for i in 0..6 {
+        let mut m = tx.create_msg();
+        hello(&mut m, i);
+        tx.send(&mut m, None).unwrap();
+        assert!(!m.is_shared() && m.shared_refs().is_none(), "not frozen");
+    }
+    assert_eq!(arena.stats().blocks_in_use, 0, "nothing held while they wait");
+    for i in 0..6 {
+        let got = rx.recv_blocking(T).unwrap().unwrap();
+        assert!(!got.is_zero_copy());
+        assert!(matches!(got.root().unwrap().which(), Ok(cool_msg::HelloThere(Ok(h))) if h.get_num() == i));
+    }
+    // Past the limit: in place.
+    let mut big = tx.create_msg();
+    build_blob(&mut big, 1, flowipc::msg::DEFAULT_INLINE_MAX, 3);
+    tx.send(&mut big, None).unwrap();
+    let got = rx.recv_blocking(T).unwrap().unwrap();
+    assert!(got.is_zero_copy());
+    assert_eq!(check_blob(got.root().unwrap()), (1, flowipc::msg::DEFAULT_INLINE_MAX, 3));
+    assert_eq!(big.shared_refs(), Some(2));
+    drop((got, big));
+    // A limit of 0: every message in place.
+    let mut tx = tx.with_inline_max(0);
+    let mut m = tx.create_msg();
+    hello(&mut m, 7);
+    tx.send(&mut m, None).unwrap();
+    let got = rx.recv_blocking(T).unwrap().unwrap();
+    assert!(got.is_zero_copy());
+    drop((got, m));
+    assert_eq!(arena.stats().blocks_in_use, 0);
+    // A small message built while its arena was full still goes, inline.
+    let full = Arena::create(ArenaConfig::new().pool_size(1 << 20).max_pools(1)).unwrap();
+    let mut hog = Vec::new();
+    while let Ok(b) = full.alloc(4096) {
+        hog.push(b);
+    }
+    let mut m = MsgOut::<cool_msg::Owned>::new_in(&full);
+    hello(&mut m, 8);
+    assert!(m.alloc_failure().is_some());
+    let mut tx = tx.with_inline_max(flowipc::msg::DEFAULT_INLINE_MAX);
+    tx.send(&mut m, None).unwrap();
+    let got = rx.recv_blocking(T).unwrap().unwrap();
+    assert!(matches!(got.root().unwrap().which(), Ok(cool_msg::HelloThere(Ok(h))) if h.get_num() == 8));
+    drop((got, m, hog));
+}
