@@ -311,8 +311,9 @@ fn the_tokio_tutorial_runs() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     for line in [
-        "client: sum = 6 (zero-copy: true)",
-        "client: sum = 12 (zero-copy: true)",
+        // (Small answers are copied into their frames: zero-copy or not is the channel's call.)
+        "client: sum = 6 (zero-copy: ",
+        "client: sum = 12 (zero-copy: ",
         "client: hello 2 from the server",
         "server: session over: the session's peer is gone",
     ] {
@@ -350,10 +351,18 @@ fn accept_and_open_channel_are_cancel_safe() {
         }
         let mut live = 0;
         for mut t in theirs {
-            t.send(b"x").ok();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            // (The abandoned one: the peer gone, or the send's reset before it.)
-            if matches!(t.try_recv(), Ok(None)) {
+            // (The abandoned one: the peer gone, or the send's reset before it; a live one
+            // stays quiet. Looked at for a while: a loaded machine may be slow to say.)
+            let _ = t.send(b"x");
+            let mut dead = false;
+            for _ in 0..40 {
+                if !matches!(t.try_recv(), Ok(None)) {
+                    dead = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            if !dead {
                 live += 1;
             }
         }
