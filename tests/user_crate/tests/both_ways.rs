@@ -2,9 +2,7 @@
 //! and the `capnp` tool (when one was found at build time; skipped, saying so, when not). Both
 //! give the same kinds, and messages built with one are read with the other.
 
-use flowipc::msg::{Backing, MsgChannel};
 use flowipc::struc::{MsgType, Root};
-use flowipc::transport::{Channel, ChannelConfig};
 use flowipc_user_crate::calc_capnp::{msg, MsgKind};
 
 #[test]
@@ -26,6 +24,8 @@ fn the_embedded_compilers_kinds_match_the_schema() {
 #[cfg(capnp_tool)]
 #[test]
 fn the_capnp_tool_gives_the_same_kinds_and_messages() {
+    use flowipc::msg::{Backing, MsgChannel};
+    use flowipc::transport::{Channel, ChannelConfig};
     use flowipc_user_crate::tool::calc_capnp as tool;
     println!("built with {}", flowipc_user_crate::CAPNP_TOOL);
     let pairs = [

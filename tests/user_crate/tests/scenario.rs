@@ -16,7 +16,8 @@ fn the_users_program_runs_end_to_end() {
     // (A small answer is copied into its frame, in place or not is the channel's call: see
     // `MsgChannel::with_inline_max`.)
     assert!(
-        text.lines().any(|l| l.starts_with("client: 40 + 2 = 42 (zero-copy: ")),
+        text.lines()
+            .any(|l| l.starts_with("client: 40 + 2 = 42 (zero-copy: ")),
         "no answer in:\n{text}"
     );
     for line in [
