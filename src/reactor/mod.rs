@@ -133,6 +133,14 @@ pub(crate) struct Reactor {
     driven: Option<Driven>,
 }
 
+impl std::fmt::Debug for Reactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reactor")
+            .field("threaded", &self.thread.is_some())
+            .finish()
+    }
+}
+
 /// The reactor of this process with its library thread, started at the first call (a forked
 /// child starts its own: the parent's thread does not exist in it).
 pub(crate) fn get() -> std::io::Result<Arc<Reactor>> {

@@ -69,12 +69,6 @@ impl Driven {
     }
 }
 
-impl std::fmt::Debug for Reactor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Reactor")
-    }
-}
-
 /// Starts the task that drives `reactor` (in the current runtime).
 fn drive(reactor: Arc<Reactor>) -> std::io::Result<Driver> {
     // (A copy of the fd for tokio, which it owns: the same epoll set.)

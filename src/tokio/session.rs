@@ -117,7 +117,8 @@ impl ClientSession {
 
     /// [`open_channel`](ClientSession::open_channel) with options.
     pub async fn open_channel_with(&self, opts: &OpenOptions) -> Result<transport::Channel, Error> {
-        open_channel(&self.inner, opts).await
+        let driven = self.driven.as_ref().ok_or(Error::NotStarted)?;
+        open_channel(driven, &self.inner, opts).await
     }
 
     /// The blocking API's session (init channels, server metadata).
@@ -141,8 +142,14 @@ fn with_metadata(metadata: Option<&Metadata>) -> OpenOptions {
     }
 }
 
-/// The one implementation of opening a channel asynchronously.
-async fn open_channel(s: &Session, opts: &OpenOptions) -> Result<transport::Channel, Error> {
+/// The one implementation of opening a channel asynchronously (in a session `driven` drives:
+/// its task runs in this runtime first).
+async fn open_channel(
+    driven: &Driven,
+    s: &Session,
+    opts: &OpenOptions,
+) -> Result<transport::Channel, Error> {
+    driven.ensure().map_err(Error::Io)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let id = s.start_open(opts, move |r| {
         let _ = tx.send(r);
@@ -229,8 +236,7 @@ impl ServerSession {
 
     /// [`open_channel`](ServerSession::open_channel) with options.
     pub async fn open_channel_with(&self, opts: &OpenOptions) -> Result<transport::Channel, Error> {
-        self.driven.ensure().map_err(Error::Io)?;
-        open_channel(&self.inner, opts).await
+        open_channel(&self.driven, &self.inner, opts).await
     }
 }
 
