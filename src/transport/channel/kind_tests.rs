@@ -5,6 +5,7 @@
 use super::tests::{drain, pattern, read_tag, tagged_fd};
 use super::wire::{Header, FLAG_HELLO, HEADER_LEN};
 use super::*;
+use crate::sys::PollFd;
 
 fn encode_header(flags: u32, len: u64) -> [u8; HEADER_LEN] {
     Header::new(flags, len).encode()
