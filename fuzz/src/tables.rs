@@ -6,14 +6,12 @@
 //! picks): the last one walks the scribbled table to free the segments.
 //!
 //! The scribbles go through the pool's memfd (`pwrite`), as the other process's writes would
-//! land. The arena is kept from input to input only when the input flipped no bit (or left no
-//! block behind: a corrupt entry leaks its segment by design); otherwise the next input gets a
-//! new arena. A scribbled count, prefix, entry or word can leave bytes in a block that is freed
-//! as zeroed (the protocol breach `SegTable`'s drop describes), and capnp's builder trusts the
-//! zeroed blocks it is given, so a later input's *sender* would build on the garbage (seen: capnp
-//! panics in `zero_object` under `init_hello_there`, on a far pointer to a segment that does not
-//! exist). That is the scribbling peer breaking its own side's contract, not a parser's fault;
-//! the receiver's reading is what this target checks.
+//! land. The arena is kept from input to input unless an input left a block behind (a corrupt
+//! entry leaks its segment by design), so later inputs' senders build on the blocks scribbled
+//! messages were freed into. That once crashed: a scribbled used length let the last holder
+//! free a dirty block as zeroed, and capnp's builder followed the garbage (a panic in
+//! `zero_object`); the claim now only sizes the clearing (`SegTable`'s drop), with a regression
+//! test in the library (`an_understated_used_length_still_frees_zeroed_blocks`).
 //!
 //! Oracles: no panic; receive errors are hosing and reported once.
 
@@ -107,13 +105,11 @@ pub fn run(data: &[u8]) {
         } else {
             16 + 24 * msg.segment_count().max(1)
         } as u64;
-        let mut dirty = false;
         // The scribbles: each an offset in the span and a masked run.
         while inp.more() {
             let at = u64::from(inp.u16()) % span;
             let n = usize::from(inp.u8() % 32).min((span - at) as usize);
             let mask = inp.bytes(n);
-            dirty |= mask.iter().any(|&b| b != 0);
             let at = blob.offset() + at;
             let mut cur = vec![0u8; mask.len()];
             st.pool.read_exact_at(&mut cur, at).expect("pread");
@@ -146,7 +142,7 @@ pub fn run(data: &[u8]) {
             drop(msg);
         }
         drop((tx, rx));
-        if dirty || st.arena.stats().blocks_in_use != 0 {
+        if st.arena.stats().blocks_in_use != 0 {
             *slot = None;
         }
     });

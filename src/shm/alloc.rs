@@ -28,8 +28,11 @@
 //!   is freed: fresh memfd pages are zero, and a block carries a CLEAN flag meaning "payload
 //!   all zero", set on fresh space, on a free that zeroed what it wrote
 //!   ([`Block::release_zeroed_prefix`](super::Block::release_zeroed_prefix): capnp knows how many
-//!   words it wrote), and on a trimmed extent. A zeroed allocation clears the payload only when
-//!   the block is not clean. Why at free: the freer knows exactly what was written (an
+//!   words it wrote), and on a trimmed extent. A sent message's last holder knows what was
+//!   written only from the message's table, shared memory a peer can falsify: it clears the
+//!   whole block, the table's claim deciding only how cheaply
+//!   (`Pool::clear_payload`). A zeroed allocation clears the payload only when
+//!   the block is not clean. Why at free: the freer knows what was written (an
 //!   allocation would have to clear the whole capacity), and the build that follows writes
 //!   each byte once instead of twice (clear, then fill), so it stays near a `memset` of its
 //!   bytes; a drop costs about that `memset`. Measured for 256 MiB (a warm `memset`: 26 ms):
@@ -195,6 +198,33 @@ impl Pool {
         }
         self.zero(off + BLOCK_HDR, PAGE - BLOCK_HDR);
         true
+    }
+
+    /// Makes the whole payload of the block at `off` (payload capacity `cap`) zero before it
+    /// is freed as clean, when by its writer's word only its first `claimed` bytes can be
+    /// non-zero, and that word is shared memory a peer can write (a message's segment table,
+    /// a one-segment prefix). The claim decides only the cost, never the result: the bytes up
+    /// to the end of the page the claim ends in are cleared with stores (a small block's whole
+    /// payload), and a large block's whole pages after them are given back to the kernel,
+    /// which costs next to nothing for pages never touched (the tail of an honestly claimed
+    /// segment) and clears those a false claim hid. So a peer that under-states what it wrote
+    /// cannot hand dirty memory to a later zeroed allocation, whose capnp builder would follow
+    /// the garbage as pointers (a finding of the `shm_tables` fuzz target).
+    pub(crate) fn clear_payload(&self, off: u64, cap: u64, claimed: u64) {
+        /// Payloads up to this size are cleared with stores alone (a few pages).
+        const BY_STORES: u64 = 16 * PAGE;
+        let start = off + BLOCK_HDR;
+        let stores = if cap <= BY_STORES || !self.trims() {
+            cap
+        } else {
+            let end = (start + claimed.min(cap)).next_multiple_of(PAGE);
+            (end - start).min(cap)
+        };
+        self.zero(start, stores);
+        let rest = cap - stores;
+        if rest > 0 && crate::sys::punch_hole(self.file(), start + stores, rest).is_err() {
+            self.zero(start + stores, rest);
+        }
     }
 
     /// Zeroes `len` payload bytes at `off`. Callers own those bytes.

@@ -28,6 +28,9 @@
 //! socket* — pool fds, lend blobs, offsets — are validated, so that a forged, stale, truncated or
 //! mistyped one is an [`Error`], never undefined behaviour or a crash, and that allocator metadata
 //! is read only through atomics (a scribbled free list is reported as [`Error::Corrupt`]).
+//! Beyond that, what a peer writes in a message it sent (its segment table, its used lengths)
+//! is checked before it is followed, and cannot make a later zeroed allocation dirty: a block
+//! freed as zeroed is cleared whatever the table claims.
 //!
 //! # Processes
 //! Share an arena over a Unix socket with [`Arena::send_to`]; the other process

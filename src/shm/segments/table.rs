@@ -251,26 +251,22 @@ impl Drop for SegTable {
             // `block_from_raw` is refused as stale; the self-reference is skipped above.
             // `block_from_raw` validates `r` and `len`.
             if let Ok(block) = unsafe { self.arena.block_from_raw(r, len) } {
-                // SAFETY: capnp wrote at most the `used` bytes the table recorded (its output
-                // prefix) of a segment that was allocated zeroed, after the `skip` bytes of a
-                // first segment's prefix (cleared with them).
-                unsafe { block.release_zeroed_prefix(len) };
+                // `used` is the table's word, shared memory: it sizes the clearing, and the
+                // whole block is zero afterwards whatever it says.
+                block.release_claimed_prefix(len);
             }
         });
         match released {
             Released::Held => {}
             Released::LastSolo { used } => {
-                // Last reference to a one-segment message: clear the prefix and what capnp
-                // wrote after it, and free the block as clean. That is
-                // `Block::release_zeroed_prefix`'s promise, made here through the pool directly
-                // (the block is the handle itself), on the same grounds: the segment was
-                // allocated zeroed, and capnp wrote at most the `used` bytes the prefix
-                // records, which was frozen (no writer) since it was sent. A peer that
-                // scribbles past `used` anyway breaks the protocol: a later zeroed allocation
-                // of this block would then see its bytes (garbage in a message, never memory
-                // unsafety: shared bytes are only read as bytes). `used` is clamped, so the
-                // clearing stays within the block whatever the prefix says.
-                pool.zero(p, PREFIX + used);
+                // Last reference to a one-segment message (the block is the handle itself):
+                // clear it and free it as clean. `used` is the prefix's word, which a peer can
+                // write: it sizes the clearing, and the whole payload is zero afterwards
+                // whatever it says (`Pool::clear_payload`).
+                // The block's own capacity (its header's), which may exceed what the message
+                // was given: a writer could have written there too.
+                let cap = pool.block_at(self.off).map_or(self.cap, |(_, cap)| cap);
+                pool.clear_payload(self.off, cap, PREFIX + used);
                 let _ = pool.free_block(self.off, true);
             }
             Released::LastTable => {

@@ -418,3 +418,57 @@ fn the_next_message_of_the_same_shape_gets_each_segments_block_back() {
     assert_eq!(arena.stats().blocks_in_use, 0);
     arena.verify().unwrap();
 }
+
+/// Whether the block whose payload is at `offset` comes back, all zero, to a zeroed allocation
+/// of its capacity (the free lists are stacks: it is the next one handed out).
+fn comes_back_zeroed(arena: &Arena, pool: u32, offset: u64, cap: u64) {
+    let b = arena.alloc_zeroed(cap as usize).unwrap();
+    assert_eq!((b.block_ref().pool, b.block_ref().offset), (pool, offset));
+    let dirty = b.as_slice().iter().position(|&x| x != 0);
+    assert_eq!(dirty, None, "a dirty byte in a block handed out as zeroed");
+}
+
+/// A fuzzing finding (`shm_tables`): the last holder of a message frees its segments as clean
+/// after clearing the used length the message's table (or one-segment prefix) claims, and that
+/// claim is shared memory a peer can under-state. The next zeroed allocation of such a block
+/// then held the message's bytes, which a capnp builder followed as pointers (a panic, or a
+/// write out of bounds). Now the claim only sizes the clearing: the block comes back all zero,
+/// for a small block (cleared by stores) and a large one (its untouched pages given back).
+#[test]
+fn an_understated_used_length_still_frees_zeroed_blocks() {
+    let arena = arena();
+    // A table of two segments: the root, and 100 KB of data in a large block.
+    let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+    fill(&mut msg, 100_000, 0xAB);
+    let blob = msg.share_shm().unwrap();
+    let pool = arena.pool(blob.pool()).unwrap();
+    let word = |i: u64, w: u64| pool.word(blob.offset() + T_ENTRIES + i * T_ENTRY + 8 * w);
+    let seg1 = word(1, 1).load(Ordering::Relaxed);
+    let (_, cap1) = pool.block_at(seg1 - BLOCK_HDR).unwrap();
+    assert!(cap1 > 64 << 10, "a large block: {cap1}");
+    word(1, 2).store(8, Ordering::Relaxed); // "one word used"
+    drop(msg);
+    arena.release_blob(&blob).unwrap();
+    assert_eq!(arena.stats().blocks_in_use, 0);
+    comes_back_zeroed(&arena, blob.pool(), seg1, cap1);
+
+    // A one-segment message whose prefix says nothing was written.
+    let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+    fill(&mut msg, 2_000, 0xCD);
+    let blob = msg.share_shm().unwrap();
+    assert_eq!(blob.type_tag(), SOLO_TAG);
+    let (_, cap) = pool.block_at(blob.offset() - BLOCK_HDR).unwrap();
+    pool.word(blob.offset() + 8).store(0, Ordering::Relaxed);
+    drop(msg);
+    arena.release_blob(&blob).unwrap();
+    comes_back_zeroed(&arena, blob.pool(), blob.offset(), cap);
+
+    // And a builder on the reused blocks works as on fresh ones.
+    let mut msg = OutMsg::new(Some(arena.clone()), SegmentSizes::default());
+    fill(&mut msg, 100_000, 1);
+    let segs = arena.borrow_segments(&msg.share_shm().unwrap()).unwrap();
+    assert_eq!(read_first(segs), vec![1; 100_000]);
+    drop(msg);
+    assert_eq!(arena.stats().blocks_in_use, 0);
+    arena.verify().unwrap();
+}
