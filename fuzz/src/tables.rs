@@ -28,10 +28,11 @@ use crate::fixture::Lender;
 use crate::msg_frames::read_all;
 use crate::{Input, Program, Seed};
 
-/// The arena messages are made in, its pool's file, and a real sender whose frames are caught.
+/// The arena messages are made in, its pools' files (by pool id, opened as messages land in
+/// them), and a real sender whose frames are caught.
 struct State {
     arena: Arena,
-    pool: File,
+    pools: Vec<Option<File>>,
     lender: Lender,
     /// The type tag of a one-segment message's blob (a message of one segment whose segment
     /// has no prefix is sent as a table of one entry instead).
@@ -41,8 +42,6 @@ struct State {
 impl State {
     fn new() -> State {
         let arena = Arena::create(ArenaConfig::new().pool_size(1 << 20)).expect("an arena");
-        let fd = arena.pool_fd(0).expect("pool 0").try_clone_to_owned();
-        let pool = File::from(fd.expect("a duplicate fd"));
         let mut lender = Lender::new(&arena);
         let mut probe = MsgOut::<cool_msg::Owned>::new_in(&arena);
         probe.init_root().init_hello_there().set_num(1);
@@ -50,7 +49,7 @@ impl State {
         arena.release_blob(&blob).expect("an unborrowed lend");
         State {
             arena,
-            pool,
+            pools: Vec::new(),
             lender,
             solo_tag: blob.type_tag(),
         }
@@ -105,6 +104,15 @@ pub fn run(data: &[u8]) {
         } else {
             16 + 24 * msg.segment_count().max(1)
         } as u64;
+        // The file of the pool the handle is in (the arena grows: not always pool 0).
+        let id = blob.pool() as usize;
+        if st.pools.len() <= id {
+            st.pools.resize_with(id + 1, || None);
+        }
+        let pool = st.pools[id].get_or_insert_with(|| {
+            let fd = st.arena.pool_fd(blob.pool()).expect("the blob's pool");
+            File::from(fd.try_clone_to_owned().expect("a duplicate fd"))
+        });
         // The scribbles: each an offset in the span and a masked run.
         while inp.more() {
             let at = u64::from(inp.u16()) % span;
@@ -112,11 +120,11 @@ pub fn run(data: &[u8]) {
             let mask = inp.bytes(n);
             let at = blob.offset() + at;
             let mut cur = vec![0u8; mask.len()];
-            st.pool.read_exact_at(&mut cur, at).expect("pread");
+            pool.read_exact_at(&mut cur, at).expect("pread");
             for (c, m) in cur.iter_mut().zip(mask) {
                 *c ^= m;
             }
-            st.pool.write_all_at(&cur, at).expect("pwrite");
+            pool.write_all_at(&cur, at).expect("pwrite");
         }
         // The receiver: a channel that knows the arena, and the frame as the sender sent it.
         let (mut tx, b) = Channel::pair(ChannelConfig::new().with_fds(false)).expect("a pair");
