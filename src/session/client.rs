@@ -226,7 +226,7 @@ impl ClientSession {
         self.server.validate()?;
         let config = self.session.config().clone();
         let stream = self.reach_server()?;
-        let chan = transport::Channel::from_stream(stream, config.master_config())?;
+        let chan = transport::Channel::from_stream(stream, config.log_in_config())?;
         let mut core = struc::Channel::<Master>::new(chan, Backing::Heap)?;
         core.start(|_| {})?;
         let (pid, uid) = (std::process::id() as i32, sys::effective_ids());

@@ -150,7 +150,9 @@ impl SessionConfig {
     /// was sent for the period, and the session is over ([`Error::IdleTimeout`]) when nothing
     /// came for the timeout. `None`: neither. Not compared at log-in, but the two sides work
     /// together: each side's idle timeout counts on the other's pings, so keep every ping
-    /// period well under the peer's idle timeout (the defaults, 1 s and 5 s, do).
+    /// period well under the peer's idle timeout (the defaults, 1 s and 5 s, do). It runs from
+    /// the moment the session opens; a log-in is bounded by
+    /// [`with_log_in_timeout`](SessionConfig::with_log_in_timeout) alone.
     ///
     /// [`Error::IdleTimeout`]: super::Error::IdleTimeout
     pub fn with_keep_alive(mut self, k: Option<(Duration, Duration)>) -> Self {
@@ -264,12 +266,13 @@ impl SessionConfig {
         with_keep_alive(cfg, self.channel_keep_alive)
     }
 
-    /// The configuration of the session's own (master) channel.
-    pub(crate) fn master_config(&self) -> ChannelConfig {
-        with_keep_alive(
-            ChannelConfig::new().with_max_frame(4 << 20),
-            self.keep_alive,
-        )
+    /// The configuration of the session's own (master) channel during the log-in: no
+    /// keep-alive, whose timers the log-in does not run (its own deadline bounds it). The
+    /// session's keep-alive is set when the session opens ([`Session::open`]).
+    ///
+    /// [`Session::open`]: super::core::Session::open
+    pub(crate) fn log_in_config(&self) -> ChannelConfig {
+        ChannelConfig::new().with_max_frame(4 << 20)
     }
 
     pub(crate) fn shm_code(&self) -> u8 {

@@ -197,13 +197,18 @@ impl Session {
     /// thread at once (keep-alive, channel-open requests), the user's handlers come with
     /// [`install_handlers`](Session::install_handlers).
     pub(crate) fn open(
-        core: struc::Channel<Master>,
+        mut core: struc::Channel<Master>,
         token: u128,
         config: SessionConfig,
         peer_app: String,
         arenas: (Option<Arena>, Option<Arena>),
         lends: Lends,
     ) -> Result<Session, Error> {
+        // The keep-alive starts with the session: a log-in channel has none, its timers being
+        // nobody's to run while it logs in (a due ping's deadline, never cleared, made every
+        // wait of the log-in return at once: a spin from the first ping interval on).
+        let (ping, idle) = config.keep_alive().unzip();
+        core.set_keep_alive(ping, idle);
         let reactor = config.reactor().map_err(Error::Io)?;
         let lends = Arc::new(lends);
         let events = Arc::new(Events {

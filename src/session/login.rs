@@ -67,7 +67,7 @@ impl LogIn {
         // listening socket: its `SO_PEERCRED` is the client's own, unlike a socketpair's).
         let creds = sys::peer_credentials(stream.as_fd()).map_err(Error::Io)?;
         let cfg = &shared.config;
-        let chan = transport::Channel::from_stream(stream, cfg.master_config())?;
+        let chan = transport::Channel::from_stream(stream, cfg.log_in_config())?;
         let mut core = struc::Channel::<Master>::new(chan, Backing::Heap)?;
         core.start(|_| {})?;
         let deadline = Instant::now() + cfg.log_in_timeout();
