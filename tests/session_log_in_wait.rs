@@ -5,6 +5,8 @@
 //! log-in timeout. A slow server's client, and a server holding a silent connection, spun.)
 //!
 //! Each test compares CPU time with the time it waited: a spin would burn the whole wait.
+//! (Also found there: a server that ended its sending before the log-in was whole left the
+//! client spinning on its socket's end until the log-in timeout; now that is the server gone.)
 
 mod common;
 
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::session::{universe, RunDir};
 use flowipc::session::{ClientSession, Error, SessionConfig, SessionServer};
+use flowipc::transport::{self, ChannelConfig};
 use nix::sys::resource::{getrusage, UsageWho};
 
 /// One test at a time: the server's check counts the whole process's CPU time.
@@ -89,4 +92,38 @@ fn a_server_holding_a_silent_connection_does_not_spin() {
     });
     drop((silent, server));
     assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
+}
+
+/// A "server" that ends its sending gracefully (the END frame) and closes, before answering:
+/// the log-in fails at once as the server's absence, not by its timeout (30 s here), and the
+/// socket's end, readable for good, is not waited on.
+#[test]
+fn a_server_that_ends_before_answering_is_absent_at_once() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = RunDir::new();
+    let u = universe(&dir.0);
+    let listener = UnixListener::bind(u.srv.socket_path()).unwrap();
+    std::fs::write(u.srv.pid_file(), std::process::id().to_string()).unwrap();
+    let server = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let cfg = ChannelConfig::new().with_max_frame(4 << 20);
+        let mut chan = transport::Channel::from_stream(conn, cfg).unwrap();
+        assert!(chan
+            .end_sending_blocking(Some(Duration::from_secs(10)))
+            .unwrap());
+    });
+    let cfg = config().with_log_in_timeout(Duration::from_secs(30));
+    let mut client = ClientSession::new(&u.cli, &u.srv, |_| {}).config(cfg);
+    let (t0, c0) = (Instant::now(), cpu(UsageWho::RUSAGE_THREAD));
+    let r = client.sync_connect();
+    assert!(matches!(r, Err(Error::ServerAbsent(_))), "{r:?}");
+    let spent = cpu(UsageWho::RUSAGE_THREAD) - c0;
+    assert!(
+        spent < Duration::from_secs(1),
+        "{spent:?} of CPU over {:?}",
+        t0.elapsed()
+    );
+    server.join().unwrap();
+    std::fs::remove_file(u.srv.pid_file()).unwrap();
+    std::fs::remove_file(u.srv.socket_path()).unwrap();
 }

@@ -433,6 +433,10 @@ impl Connecting {
         self.timer = core.interest().deadline();
         match r? {
             true => Ok(true),
+            // The server ended its sending before the log-in was whole (everything it sent
+            // before its end was read above): nothing more will come, and its socket, at its
+            // end, would stay readable for every wait.
+            false if core.is_peer_ended() => Err(Error::PeerGone),
             false if Instant::now() >= self.deadline => Err(Error::LogInTimeout),
             false => Ok(false),
         }
