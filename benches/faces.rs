@@ -9,8 +9,11 @@
 //! * `sync_io_core/poll_loop`: the same core driven the way a user's poll loop drives it
 //!   (`async_request`, then `poll` on its interest and `on_ready`), the event-driven model the
 //!   tokio face shares.
-//! * `tokio`: `flowipc::tokio::Channel::request(..).await` on a current-thread runtime (the
-//!   face's task drives the channel through `AsyncFd`).
+//! * `tokio/block_on` and `tokio/task`: `flowipc::tokio::Channel::request(..).await` on a
+//!   current-thread runtime (the face's task drives the channel through `AsyncFd`), awaited
+//!   in the `block_on` future itself, and in a spawned task. They differ by tokio's
+//!   scheduler alone: a `block_on` future woken by another task (here the face's) costs a
+//!   zero-timeout `epoll_wait` before it is polled again; a task woken so runs next.
 //!
 //! Run: `cargo bench --features tokio --bench faces`.
 
@@ -62,27 +65,42 @@ fn faces(c: &mut Criterion) {
             t.elapsed()
         })
     });
-    g.bench_function("tokio", |b| {
+    let chan = std::sync::Arc::new(chan);
+    g.bench_function("tokio/block_on", |b| {
+        b.iter_custom(|iters| rt.block_on(tokio_rtts(&chan, iters)))
+    });
+    g.bench_function("tokio/task", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(async {
-                let t = Instant::now();
-                for _ in 0..iters {
-                    let mut req = chan.create_msg();
-                    let mut terms = req.init_root().init_sum_request().init_terms_to_add(2);
-                    terms.set(0, 20);
-                    terms.set(1, 22);
-                    let rsp = chan.request(&mut req, None, None).await.expect("response");
-                    match rsp.root().expect("root").which() {
-                        Ok(cool_msg::SumResponse(Ok(s))) => assert_eq!(s.get_sum(), 42),
-                        _ => panic!("not a sumResponse"),
-                    }
-                }
-                t.elapsed()
+            let chan = chan.clone();
+            rt.block_on(async move {
+                tokio::spawn(async move { tokio_rtts(&chan, iters).await })
+                    .await
+                    .expect("the task")
             })
         })
     });
     g.finish();
     rt.block_on(async { drop(chan) });
+}
+
+/// `iters` round trips of the tokio face, timed.
+async fn tokio_rtts(chan: &flowipc::tokio::Channel<cool_msg::Owned>, iters: u64) -> Duration {
+    let t = Instant::now();
+    for _ in 0..iters {
+        let mut req = chan.create_msg();
+        {
+            // (The builder is not `Send`: gone before the await.)
+            let mut terms = req.init_root().init_sum_request().init_terms_to_add(2);
+            terms.set(0, 20);
+            terms.set(1, 22);
+        }
+        let rsp = chan.request(&mut req, None, None).await.expect("response");
+        match rsp.root().expect("root").which() {
+            Ok(cool_msg::SumResponse(Ok(s))) => assert_eq!(s.get_sum(), 42),
+            _ => panic!("not a sumResponse"),
+        }
+    }
+    t.elapsed()
 }
 
 /// A round trip the way a user's own poll loop makes it: `async_request`, then `poll` on the
