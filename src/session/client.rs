@@ -264,7 +264,6 @@ impl ClientSession {
             wants_write: core.wants_write(),
             core: Mutex::new(core),
             fd,
-            timer: None,
             n_cli: opts.init_channels,
             config,
             deadline,
@@ -380,9 +379,9 @@ struct Connecting {
     /// A copy of the log-in socket's fd, what the log-in waits for (the core is behind the
     /// lock) ...
     fd: OwnedFd,
-    /// ... for writing too when the core has bytes to write; and the core's timer.
+    /// ... for writing too when the core has bytes to write. (No timer of the core's: a log-in
+    /// channel has no keep-alive, see `SessionConfig::log_in_config`.)
     wants_write: bool,
-    timer: Option<Instant>,
     config: SessionConfig,
     n_cli: u32,
     deadline: Instant,
@@ -413,9 +412,8 @@ struct Opened {
 impl Connecting {
     /// What the log-in waits for: its socket, and its deadline.
     fn interest(&self) -> Interest<'_> {
-        let deadline = self.timer.map_or(self.deadline, |d| d.min(self.deadline));
         let fd = Some(self.fd.as_fd());
-        Interest::new(fd, fd.filter(|_| self.wants_write), Some(deadline))
+        Interest::new(fd, fd.filter(|_| self.wants_write), Some(self.deadline))
     }
 
     /// Takes the log-in as far as it can without waiting: `true` once everything came (then
@@ -430,7 +428,6 @@ impl Connecting {
             &mut self.accepted,
         );
         self.wants_write = core.wants_write();
-        self.timer = core.interest().deadline();
         match r? {
             true => Ok(true),
             // The server ended its sending before the log-in was whole (everything it sent

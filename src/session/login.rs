@@ -153,16 +153,17 @@ impl Source for LogIn {
         };
         match step {
             Step::Next(phase) => {
-                let i = match &phase {
-                    Phase::Waiting { core, .. } => core.interest(),
-                    // Only writing now: what the client sends is not read any more.
-                    Phase::Telling { core, .. } => {
+                // The log-in's own deadline alone: its channel has no keep-alive timers (see
+                // `SessionConfig::log_in_config`).
+                let (read, write) = match &phase {
+                    Phase::Waiting { core, .. } => {
                         let i = core.interest();
-                        Interest::new(None, i.write_fd(), i.deadline())
+                        (i.read_fd(), i.write_fd())
                     }
+                    // Only writing now: what the client sends is not read any more.
+                    Phase::Telling { core, .. } => (None, core.interest().write_fd()),
                 };
-                let deadline = i.deadline().map_or(self.deadline, |d| d.min(self.deadline));
-                let wait = Wait::from(Interest::new(i.read_fd(), i.write_fd(), Some(deadline)));
+                let wait = Wait::from(Interest::new(read, write, Some(self.deadline)));
                 *slot = Some(phase);
                 wait
             }
