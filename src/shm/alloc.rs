@@ -31,7 +31,7 @@
 //!   words it wrote), and on a trimmed extent. A sent message's last holder knows what was
 //!   written only from the message's table, shared memory a peer can falsify: it clears the
 //!   whole block, the table's claim deciding only how cheaply
-//!   (`Pool::clear_payload`). A zeroed allocation clears the payload only when
+//!   (`Pool::free_cleared`). A zeroed allocation clears the payload only when
 //!   the block is not clean. Why at free: the freer knows what was written (an
 //!   allocation would have to clear the whole capacity), and the build that follows writes
 //!   each byte once instead of twice (clear, then fill), so it stays near a `memset` of its
@@ -209,8 +209,11 @@ impl Pool {
     /// which costs next to nothing for pages never touched (the tail of an honestly claimed
     /// segment) and clears those a false claim hid. So a peer that under-states what it wrote
     /// cannot hand dirty memory to a later zeroed allocation, whose capnp builder would follow
-    /// the garbage as pointers (a finding of the `shm_tables` fuzz target).
-    pub(crate) fn clear_payload(&self, off: u64, cap: u64, claimed: u64) {
+    /// the garbage as pointers (found looking into the `shm_tables` fuzz target).
+    ///
+    /// Then frees the block, as clean. An error means a peer scribbled on the header: the
+    /// block is leaked, not freed.
+    pub(crate) fn free_cleared(&self, off: u64, cap: u64, claimed: u64) {
         /// Payloads up to this size are cleared with stores alone (a few pages).
         const BY_STORES: u64 = 16 * PAGE;
         let start = off + BLOCK_HDR;
@@ -225,6 +228,7 @@ impl Pool {
         if rest > 0 && crate::sys::punch_hole(self.file(), start + stores, rest).is_err() {
             self.zero(start + stores, rest);
         }
+        let _ = self.free_block(off, true);
     }
 
     /// Zeroes `len` payload bytes at `off`. Callers own those bytes.

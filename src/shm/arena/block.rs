@@ -117,14 +117,12 @@ impl Block<'_> {
     /// Frees the block as clean, after making its whole payload zero, when only its first
     /// `claimed` bytes should be non-zero by a word a peer could have falsified (a message's
     /// segment table): the claim makes the clearing cheap, not correct (see
-    /// `Pool::clear_payload`). Unlike [`release_zeroed_prefix`](Self::release_zeroed_prefix),
+    /// `Pool::free_cleared`). Unlike [`release_zeroed_prefix`](Self::release_zeroed_prefix),
     /// it promises nothing.
     pub(crate) fn release_claimed_prefix(self, claimed: usize) {
         let (pool, off, cap) = (self.pool, self.grant.off, self.grant.capacity);
         std::mem::forget(self);
-        pool.clear_payload(off, cap, claimed as u64);
-        // An error means a peer scribbled on the header: the block is leaked, not freed.
-        let _ = pool.free_block(off, true);
+        pool.free_cleared(off, cap, claimed as u64);
     }
 }
 

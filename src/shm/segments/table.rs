@@ -262,12 +262,11 @@ impl Drop for SegTable {
                 // Last reference to a one-segment message (the block is the handle itself):
                 // clear it and free it as clean. `used` is the prefix's word, which a peer can
                 // write: it sizes the clearing, and the whole payload is zero afterwards
-                // whatever it says (`Pool::clear_payload`).
+                // whatever it says (`Pool::free_cleared`).
                 // The block's own capacity (its header's), which may exceed what the message
                 // was given: a writer could have written there too.
                 let cap = pool.block_at(self.off).map_or(self.cap, |(_, cap)| cap);
-                pool.clear_payload(self.off, cap, PREFIX + used);
-                let _ = pool.free_block(self.off, true);
+                pool.free_cleared(self.off, cap, PREFIX + used);
             }
             Released::LastTable => {
                 let _ = pool.free_block(self.off, false);
